@@ -1,0 +1,1 @@
+"""Shared runtime used by every Azora service: settings, logging, errors, auth, storage, server."""

@@ -1,0 +1,261 @@
+"""Authentication and authorisation of every request.
+
+Credentials: a JWT bearer token (HS256, signed with JWT_SECRET, tenant and scopes in claims,
+expiry required) or an API key (``azk_...``, as a bearer token or in ``x-api-key``). API keys
+are owned by the domain service; other services resolve them over gRPC through an
+`ApiKeyResolver` and cache the answer briefly (revocation takes effect within that TTL).
+
+Each rpc's access rule is declared in its proto (`azora.iam.v1.access`) and read here from the
+descriptor, so the rule is written once, next to the rpc.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import jwt
+from azora.iam.v1 import options_pb2
+from google.protobuf import descriptor_pool
+
+from services.core.context import Principal
+from services.core.errors import PermissionDenied, Unauthenticated
+from services.core.settings import DEV_TENANT_ID, Settings
+
+API_KEY_PREFIX = "azk_"
+ALL_SCOPES = frozenset(
+    {
+        "domains:read",
+        "domains:write",
+        "smtp:read",
+        "smtp:write",
+        "emails:read",
+        "emails:send",
+        "emails:write",
+        "api_keys:manage",
+    }
+)
+_MAX_CREDENTIAL_LENGTH = 8192
+
+
+def hash_api_key(secret: str) -> str:
+    """The stored form of an API key secret (SHA-256; the secret has 256 bits of entropy)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_api_key_secret() -> str:
+    """A fresh API key secret."""
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def constant_time_equal(a: str, b: str) -> bool:
+    """Compare secrets (or their hashes) without leaking where they differ."""
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def issue_jwt(
+    *,
+    secret: str,
+    tenant_id: str,
+    subject: str,
+    scopes: Iterable[str],
+    ttl_seconds: float = 3600.0,
+    now: float | None = None,
+    issuer: str = "",
+    audience: str = "",
+) -> str:
+    """Sign a token the services accept (used by tests, tooling and trusted issuers)."""
+    issued = int(now if now is not None else time.time())
+    claims: dict[str, object] = {
+        "sub": subject,
+        "tenant": tenant_id,
+        "scope": " ".join(sorted(scopes)),
+        "iat": issued,
+        "exp": issued + int(ttl_seconds),
+    }
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+class ApiKeyResolver(Protocol):
+    """Turns an API key secret into its principal."""
+
+    async def resolve(self, *, secret: str) -> Principal | None:
+        """Return the key's principal, or None if the key is unknown, revoked or expired.
+
+        Raises:
+            Unavailable: the key owner cannot be asked right now.
+        """
+        ...
+
+
+class CachingApiKeyResolver:
+    """Remembers answers (valid or not) for `ttl` seconds to spare the owner a call per request."""
+
+    def __init__(self, inner: ApiKeyResolver, *, ttl: float, max_entries: int = 10_000) -> None:
+        self._inner = inner
+        self._ttl = ttl
+        self._max = max_entries
+        self._entries: dict[str, tuple[float, Principal | None]] = {}
+
+    async def resolve(self, *, secret: str) -> Principal | None:
+        """Return a cached answer younger than the TTL, else ask the inner resolver."""
+        key = hash_api_key(secret)  # keep no raw secrets in memory structures
+        now = time.monotonic()
+        cached = self._entries.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        principal = await self._inner.resolve(secret=secret)
+        if len(self._entries) >= self._max:
+            self._entries.clear()
+        self._entries[key] = (now + self._ttl, principal)
+        return principal
+
+
+@dataclass(frozen=True, slots=True)
+class MethodRule:
+    """Access rule of one rpc."""
+
+    required_scope: str = ""
+    allow_anonymous: bool = False
+
+
+class MethodRules:
+    """Reads `azora.iam.v1.access` options of rpcs from the descriptor pool, once per method."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool | None = None) -> None:
+        self._pool = pool or descriptor_pool.Default()
+        self._cache: dict[str, MethodRule] = {}
+
+    def rule(self, full_method: str) -> MethodRule:
+        """The rule for "/package.Service/Method"; gRPC's own services need no credentials."""
+        cached = self._cache.get(full_method)
+        if cached is not None:
+            return cached
+        service, _, method = full_method.lstrip("/").partition("/")
+        if service.startswith("grpc."):
+            rule = MethodRule(allow_anonymous=True)  # health checks and reflection
+        else:
+            try:
+                descriptor = self._pool.FindMethodByName(f"{service}.{method}")
+            except KeyError:
+                rule = MethodRule()
+            else:
+                options = descriptor.GetOptions()
+                if options.HasExtension(options_pb2.access):
+                    access = options.Extensions[options_pb2.access]
+                    rule = MethodRule(access.required_scope, access.allow_anonymous)
+                else:
+                    rule = MethodRule()
+        self._cache[full_method] = rule
+        return rule
+
+
+class Authenticator:
+    """Finds and checks the credentials of a request."""
+
+    def __init__(self, settings: Settings, api_keys: ApiKeyResolver) -> None:
+        self._settings = settings
+        self._api_keys = api_keys
+
+    async def authenticate(self, metadata: Mapping[str, str]) -> Principal | None:
+        """Return the request's principal, or None when it carries no credentials.
+
+        Raises:
+            Unauthenticated: credentials are present but malformed, expired, forged or revoked.
+        """
+        authorization = metadata.get("authorization", "").strip()
+        api_key = metadata.get("x-api-key", "").strip()
+        if not authorization and not api_key:
+            return None
+        if len(authorization) > _MAX_CREDENTIAL_LENGTH or len(api_key) > _MAX_CREDENTIAL_LENGTH:
+            raise Unauthenticated("credentials too long", reason="MALFORMED_CREDENTIALS")
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                raise Unauthenticated(
+                    "Authorization must be 'Bearer <token>'", reason="MALFORMED_CREDENTIALS"
+                )
+            if token.startswith(API_KEY_PREFIX):
+                return await self._from_api_key(token, authorization)
+            return self._from_jwt(token, authorization)
+        return await self._from_api_key(api_key, f"Bearer {api_key}")
+
+    async def _from_api_key(self, secret: str, credentials: str) -> Principal:
+        if not secret.startswith(API_KEY_PREFIX):
+            raise Unauthenticated("malformed API key", reason="MALFORMED_CREDENTIALS")
+        principal = await self._api_keys.resolve(secret=secret)
+        if principal is None:
+            raise Unauthenticated("API key unknown, revoked or expired", reason="INVALID_API_KEY")
+        return Principal(principal.tenant_id, principal.subject, principal.scopes, credentials)
+
+    def _from_jwt(self, token: str, credentials: str) -> Principal:
+        options: dict[str, object] = {"require": ["exp", "sub"]}
+        try:
+            claims = jwt.decode(
+                token,
+                self._settings.jwt_secret,
+                algorithms=["HS256"],
+                options=options,  # type: ignore[arg-type]
+                issuer=self._settings.jwt_issuer or None,
+                audience=self._settings.jwt_audience or None,
+                leeway=30,
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token expired", reason="TOKEN_EXPIRED") from None
+        except jwt.InvalidTokenError:
+            raise Unauthenticated("invalid token", reason="INVALID_TOKEN") from None
+        tenant = claims.get("tenant", claims.get("tenant_id"))
+        if not isinstance(tenant, str) or not tenant:
+            raise Unauthenticated("token has no tenant claim", reason="INVALID_TOKEN")
+        scopes = _scopes_from_claims(claims)
+        return Principal(tenant, f"user:{claims['sub']}", scopes, credentials)
+
+    def development_principal(self) -> Principal:
+        """The built-in development tenant used for requests without credentials."""
+        return Principal(DEV_TENANT_ID, "dev", frozenset({"*"}))
+
+    async def authorize(self, rule: MethodRule, metadata: Mapping[str, str]) -> Principal | None:
+        """Authenticate and check the method's scope.
+
+        Returns:
+            The principal, or None for an anonymous call to a method that allows it.
+
+        Raises:
+            Unauthenticated: no or bad credentials where they are required.
+            PermissionDenied: the principal lacks the required scope.
+        """
+        principal = await self.authenticate(metadata)
+        if principal is None:
+            if rule.allow_anonymous:
+                return None
+            if not self._settings.allow_anonymous_development:
+                raise Unauthenticated("credentials required", reason="CREDENTIALS_MISSING")
+            principal = self.development_principal()
+        if not rule.allow_anonymous and not principal.has_scope(rule.required_scope):
+            raise PermissionDenied(
+                f"this call requires the scope {rule.required_scope!r}",
+                reason="MISSING_SCOPE",
+                metadata={"requiredScope": rule.required_scope},
+            )
+        return principal
+
+
+def _scopes_from_claims(claims: Mapping[str, object]) -> frozenset[str]:
+    scope = claims.get("scope")
+    listed = claims.get("scopes")
+    found: set[str] = set()
+    if isinstance(scope, str):
+        found.update(s for s in scope.split() if s)
+    if isinstance(listed, list):
+        found.update(s for s in listed if isinstance(s, str) and s)
+    return frozenset(found)

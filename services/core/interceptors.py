@@ -1,0 +1,172 @@
+"""Server interceptors shared by all services.
+
+`ErrorMappingInterceptor` (outermost) gives every call its request id and log context, applies
+the caller's deadline to database calls, turns typed errors into rich gRPC statuses, shields
+callers from internals, and writes one access log line. `AuthInterceptor` (inside it) establishes
+the principal and checks the rpc's declared scope. Only unary-unary handlers of our own services
+are wrapped; gRPC's health and reflection services pass through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pymongo
+from google.protobuf.message import DecodeError
+from grpc_status import rpc_status
+from pymongo.errors import PyMongoError
+
+from services.core.auth import Authenticator, MethodRules
+from services.core.context import new_request_id, principal_var, request_id_var
+from services.core.errors import AzoraError, DeadlineExceeded, InvalidArgument, Unimplemented
+from services.core.mongo import translate_error
+from services.core.status import internal_status, to_status
+
+log = logging.getLogger("azora.access")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+# Quoted: grpc's runtime classes are not generic, only their type stubs are.
+Continuation = Callable[
+    [grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]
+]
+
+
+class _MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so we can answer INVALID_ARGUMENT."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            found[key.lower()] = value
+    return found
+
+
+def _service_domain(method: str) -> str:
+    """ErrorInfo.domain for "/azora.domain.v1.DomainService/X" is "domain.azora.dev"."""
+    parts = method.lstrip("/").split(".")
+    return f"{parts[1]}.azora.dev" if len(parts) > 2 and parts[0] == "azora" else "azora.dev"
+
+
+def _wrap_unary(handler: Any, wrap: Callable[[Behavior], Behavior]) -> Any:
+    if handler is None or handler.unary_unary is None:
+        return handler
+    return handler._replace(unary_unary=wrap(handler.unary_unary))
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Request context, deadline propagation, error mapping and access logging."""
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """Wrap the unary handler of an azora rpc."""
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith("/azora.") or handler.unary_unary is None:
+            return handler  # type: ignore[return-value]
+        deserialize = handler.request_deserializer
+
+        def safe_deserialize(data: bytes) -> Any:
+            # grpc answers INTERNAL when a deserializer raises; we want INVALID_ARGUMENT.
+            try:
+                return deserialize(data) if deserialize else data
+            except (DecodeError, ValueError, TypeError) as exc:
+                return _MalformedRequest(exc)
+
+        domain = _service_domain(method)
+
+        def wrap(behavior: Behavior) -> Behavior:
+            async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                metadata = _metadata(context)
+                incoming = metadata.get("x-request-id", "")
+                request_id = incoming if _REQUEST_ID_RE.match(incoming) else new_request_id()
+                request_id_var.set(request_id)
+                started = time.perf_counter()
+                code = grpc.StatusCode.OK
+                remaining = context.time_remaining()
+                deadline = remaining if remaining is not None and remaining < 1e8 else None
+                try:
+                    await context.send_initial_metadata((("x-request-id", request_id),))
+                    if isinstance(request, _MalformedRequest):
+                        raise InvalidArgument.single("request", "the request body is malformed")
+                    if deadline is not None and deadline <= 0:
+                        raise DeadlineExceeded("the deadline expired before the call started")
+                    # The caller's deadline bounds every database call made for this request.
+                    with pymongo.timeout(deadline):
+                        return await behavior(request, context)
+                except AzoraError as exc:
+                    code, status = to_status(exc, service_domain=domain)
+                except PyMongoError as exc:
+                    mapped = translate_error(exc, deadline_active=deadline is not None)
+                    code, status = to_status(mapped, service_domain=domain)
+                except NotImplementedError:
+                    # Generated base servicers raise this for rpcs a service does not serve yet.
+                    unimplemented = Unimplemented(f"{method} is not implemented by this build")
+                    code, status = to_status(unimplemented, service_domain=domain)
+                except grpc.aio.AbortError:
+                    code = grpc.StatusCode.ABORTED  # a servicer aborted by itself
+                    raise
+                except Exception:
+                    log.exception("unhandled error", extra={"fields": {"method": method}})
+                    code, status = internal_status(service_domain=domain)
+                finally:
+                    log.info(
+                        "rpc",
+                        extra={
+                            "fields": {
+                                "method": method,
+                                "code": code.name,
+                                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                            }
+                        },
+                    )
+                await context.abort(
+                    code,
+                    status.message,
+                    trailing_metadata=rpc_status.to_status(status).trailing_metadata,
+                )
+
+            return handle
+
+        wrapped = _wrap_unary(handler, wrap)
+        return wrapped._replace(request_deserializer=safe_deserialize)  # type: ignore[no-any-return]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates the caller and enforces the scope each rpc declares in its proto."""
+
+    def __init__(self, authenticator: Authenticator, rules: MethodRules | None = None) -> None:
+        self._authenticator = authenticator
+        self._rules = rules or MethodRules()
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """Wrap the unary handler of an azora rpc with the access check."""
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith("/azora."):
+            return handler  # type: ignore[return-value]
+        rule = self._rules.rule(method)
+        authenticator = self._authenticator
+
+        def wrap(behavior: Behavior) -> Behavior:
+            async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                principal = await authenticator.authorize(rule, _metadata(context))
+                principal_var.set(principal)
+                return await behavior(request, context)
+
+            return handle
+
+        return _wrap_unary(handler, wrap)  # type: ignore[no-any-return]

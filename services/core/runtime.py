@@ -1,0 +1,156 @@
+"""Start-up and shutdown shared by every service process.
+
+Settings, logging, database, server start-up, background loops and the graceful-shutdown main
+loop. Each service's `app.py` only wires its own managers and servicers and calls into here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
+
+from services.core.auth import ApiKeyResolver, Authenticator
+from services.core.interceptors import AuthInterceptor, ErrorMappingInterceptor
+from services.core.logs import configure_logging
+from services.core.mongo import Document, IndexSpec, create_client, ensure_indexes
+from services.core.server import Registrar, ServiceServer, create_server, run_until_signalled
+from services.core.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Database:
+    """The process's Mongo client and database (closed on shutdown)."""
+
+    client: AsyncMongoClient[Document]
+    db: AsyncDatabase[Document]
+
+    @classmethod
+    def connect(cls, settings: Settings) -> Database:
+        """Create the client (lazily connecting) inside the running event loop."""
+        client = create_client(settings)
+        return cls(client, client[settings.mongodb_database])
+
+    async def close(self) -> None:
+        """Close the client."""
+        await self.client.close()
+
+
+@dataclass
+class RunningService:
+    """A started service: its server plus what must be closed when it stops."""
+
+    server: ServiceServer
+    database: Database
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return self.server.port
+
+    async def close_resources(self) -> None:
+        """Close outgoing channels and the database client (after the server stopped)."""
+        for channel in self.channels:
+            await channel.close()
+        await self.database.close()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop serving (health first, then draining calls), then close resources."""
+        await self.server.stop(grace)
+        await self.close_resources()
+
+
+async def prepare_database(db: AsyncDatabase[Document], indexes: Sequence[IndexSpec]) -> None:
+    """Wait until the database answers, then create the declared indexes.
+
+    Retries with a capped backoff so a service started before its database (compose, k8s,
+    `make run`) becomes ready by itself instead of crashing.
+    """
+    delay = 0.2
+    while True:
+        try:
+            await ensure_indexes(db, indexes)
+            return
+        except PyMongoError as exc:
+            log.warning(
+                "database not ready; retrying",
+                extra={"fields": {"error": str(exc)[:200], "retry_in_s": delay}},
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def start_service(
+    *,
+    settings: Settings,
+    database: Database,
+    bind: str,
+    service_names: Sequence[str],
+    registrars: Sequence[Registrar],
+    api_keys: ApiKeyResolver,
+    indexes: Sequence[IndexSpec],
+) -> ServiceServer:
+    """Start a server with the shared interceptors; it reports SERVING once indexes exist."""
+    server = await create_server(
+        bind=bind,
+        service_names=service_names,
+        registrars=registrars,
+        interceptors=[
+            ErrorMappingInterceptor(),
+            AuthInterceptor(Authenticator(settings, api_keys)),
+        ],
+    )
+    await prepare_database(database.db, indexes)
+    await server.set_serving(True)
+    log.info(
+        "serving",
+        extra={"fields": {"port": server.port, "services": list(service_names)}},
+    )
+    return server
+
+
+def run_periodically(
+    name: str, interval: float, job: Callable[[], Awaitable[object]]
+) -> asyncio.Task[None]:
+    """Run `job` every `interval` seconds until cancelled; a failing run is logged, not fatal."""
+
+    async def loop() -> None:
+        while True:
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background job failed", extra={"fields": {"job": name}})
+            await asyncio.sleep(interval)
+
+    return asyncio.create_task(loop(), name=name)
+
+
+def main(service_name: str, build: Callable[[Settings], Awaitable[RunningService]]) -> None:
+    """Entry point of a service process: settings, logging, build, serve until SIGTERM."""
+    try:
+        settings = Settings.from_env(os.environ, service_name=service_name)
+    except SettingsError as exc:
+        print(f"{service_name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(service=service_name, level=settings.log_level)
+
+    async def serve() -> None:
+        running = await build(settings)
+        await run_until_signalled(
+            running.server, grace=settings.shutdown_grace, on_stop=running.close_resources
+        )
+
+    asyncio.run(serve())

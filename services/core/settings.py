@@ -1,0 +1,276 @@
+"""Typed settings read once from the environment and passed down from each composition root.
+
+The product spec's variables keep their names and defaults (PORT, MONGODB_URI, JWT_SECRET,
+LOG_LEVEL, SMTP_TIMEOUT, MAX_ATTACHMENT_SIZE, RATE_LIMIT_WINDOW, RATE_LIMIT_MAX); the rest are
+ours and prefixed ``AZORA_``. Nothing here is a module-level singleton: `Settings.from_env` is
+called by `app.py` of each service (and by tests with their own mapping).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+DEV_JWT_SECRET = "azora-development-jwt-secret-not-for-production"  # noqa: S105 - dev only
+# 32 zero-free bytes, base64; refused in production like the JWT default.
+DEV_SECRETS_KEY = base64.b64encode(b"azora-dev-secrets-key-32-bytes!!").decode()
+DEV_TENANT_ID = "dev"
+
+
+class Environment(enum.StrEnum):
+    """Where the suite runs; production refuses missing or default secrets."""
+
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the process must not start."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """All configuration of the suite. Durations are seconds unless the name says otherwise."""
+
+    environment: Environment = Environment.DEVELOPMENT
+    service_name: str = "azora"
+    version: str = "0.1.0"
+    # REST gateway port (product spec: PORT, default 3006).
+    port: int = 3006
+    host: str = "127.0.0.1"
+    domain_grpc_port: int = 50051
+    smtp_grpc_port: int = 50052
+    mail_grpc_port: int = 50053
+    # Where each service reaches the others (host:port).
+    domain_service_target: str = "127.0.0.1:50051"
+    smtp_service_target: str = "127.0.0.1:50052"
+    mail_service_target: str = "127.0.0.1:50053"
+    mongodb_uri: str = "mongodb://127.0.0.1:27017/"
+    mongodb_database: str = "azora"
+    mongodb_server_selection_timeout: float = 5.0
+    jwt_secret: str = DEV_JWT_SECRET
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    secrets_key: str = DEV_SECRETS_KEY
+    log_level: str = "info"
+    # Product spec names, kept in its units: SMTP_TIMEOUT and RATE_LIMIT_WINDOW in milliseconds.
+    smtp_timeout_ms: int = 30_000
+    max_attachment_size: int = 10 * 1024 * 1024
+    rate_limit_window_ms: int = 15 * 60 * 1000
+    rate_limit_max: int = 100
+    shutdown_grace: float = 10.0
+    # Verification DNS: empty nameservers = the system resolver.
+    dns_nameservers: tuple[str, ...] = ()
+    dns_port: int = 53
+    dns_timeout: float = 5.0
+    verification_window: float = 72 * 3600.0
+    recheck_interval: float = 3600.0
+    suspension_grace: float = 72 * 3600.0
+    lifecycle_sweep_interval: float = 60.0
+    api_key_cache_ttl: float = 30.0
+    max_page_size: int = 200
+    default_page_size: int = 50
+    max_domains_per_tenant: int = 1000
+    max_dns_records_per_domain: int = 500
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_production(self) -> bool:
+        """Whether production rules (mandatory secrets, no anonymous access) apply."""
+        return self.environment is Environment.PRODUCTION
+
+    @property
+    def allow_anonymous_development(self) -> bool:
+        """Requests without credentials act as the development tenant outside production."""
+        return not self.is_production
+
+    @property
+    def smtp_timeout(self) -> float:
+        """SMTP_TIMEOUT in seconds."""
+        return self.smtp_timeout_ms / 1000.0
+
+    def secrets_key_bytes(self) -> bytes:
+        """The master key for secrets at rest (32 bytes, decoded from base64)."""
+        return _decode_key(self.secrets_key)
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (tests, per-service names)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, service_name: str = "azora") -> Settings:
+        """Read settings from an environment mapping and validate them.
+
+        Raises:
+            SettingsError: a value is malformed, or production lacks a required secret.
+        """
+        reader = _Reader(env)
+        raw_env = env.get("AZORA_ENV") or env.get("NODE_ENV") or "development"
+        try:
+            environment = Environment(raw_env.strip().lower())
+        except ValueError:
+            raise SettingsError(
+                f"AZORA_ENV/NODE_ENV must be one of {[e.value for e in Environment]}, "
+                f"got {raw_env!r}"
+            ) from None
+        defaults = cls()
+        nameservers = tuple(
+            s.strip() for s in env.get("AZORA_DNS_NAMESERVERS", "").split(",") if s.strip()
+        )
+        settings = cls(
+            environment=environment,
+            service_name=service_name,
+            version=env.get("AZORA_VERSION", defaults.version),
+            port=reader.port("PORT", defaults.port),
+            host=env.get("AZORA_HOST", defaults.host),
+            domain_grpc_port=reader.port("AZORA_DOMAIN_GRPC_PORT", defaults.domain_grpc_port),
+            smtp_grpc_port=reader.port("AZORA_SMTP_GRPC_PORT", defaults.smtp_grpc_port),
+            mail_grpc_port=reader.port("AZORA_MAIL_GRPC_PORT", defaults.mail_grpc_port),
+            domain_service_target=env.get(
+                "AZORA_DOMAIN_SERVICE_TARGET",
+                f"127.0.0.1:{reader.port('AZORA_DOMAIN_GRPC_PORT', defaults.domain_grpc_port)}",
+            ),
+            smtp_service_target=env.get(
+                "AZORA_SMTP_SERVICE_TARGET",
+                f"127.0.0.1:{reader.port('AZORA_SMTP_GRPC_PORT', defaults.smtp_grpc_port)}",
+            ),
+            mail_service_target=env.get(
+                "AZORA_MAIL_SERVICE_TARGET",
+                f"127.0.0.1:{reader.port('AZORA_MAIL_GRPC_PORT', defaults.mail_grpc_port)}",
+            ),
+            mongodb_uri=env.get("MONGODB_URI", defaults.mongodb_uri),
+            mongodb_database=env.get("AZORA_MONGODB_DATABASE", defaults.mongodb_database),
+            jwt_secret=env.get("JWT_SECRET", ""),
+            jwt_issuer=env.get("AZORA_JWT_ISSUER", ""),
+            jwt_audience=env.get("AZORA_JWT_AUDIENCE", ""),
+            secrets_key=env.get("AZORA_SECRETS_KEY", ""),
+            log_level=reader.choice(
+                "LOG_LEVEL", defaults.log_level, ("debug", "info", "warn", "warning", "error")
+            ),
+            smtp_timeout_ms=reader.integer("SMTP_TIMEOUT", defaults.smtp_timeout_ms, minimum=1),
+            max_attachment_size=reader.integer(
+                "MAX_ATTACHMENT_SIZE", defaults.max_attachment_size, minimum=1
+            ),
+            rate_limit_window_ms=reader.integer(
+                "RATE_LIMIT_WINDOW", defaults.rate_limit_window_ms, minimum=1
+            ),
+            rate_limit_max=reader.integer("RATE_LIMIT_MAX", defaults.rate_limit_max, minimum=1),
+            shutdown_grace=reader.number("AZORA_SHUTDOWN_GRACE", defaults.shutdown_grace),
+            dns_nameservers=nameservers,
+            dns_port=reader.port("AZORA_DNS_PORT", defaults.dns_port),
+            dns_timeout=reader.number("AZORA_DNS_TIMEOUT", defaults.dns_timeout),
+            verification_window=reader.number(
+                "AZORA_VERIFICATION_WINDOW", defaults.verification_window
+            ),
+            recheck_interval=reader.number("AZORA_RECHECK_INTERVAL", defaults.recheck_interval),
+            suspension_grace=reader.number("AZORA_SUSPENSION_GRACE", defaults.suspension_grace),
+            lifecycle_sweep_interval=reader.number(
+                "AZORA_LIFECYCLE_SWEEP_INTERVAL", defaults.lifecycle_sweep_interval
+            ),
+            api_key_cache_ttl=reader.number("AZORA_API_KEY_CACHE_TTL", defaults.api_key_cache_ttl),
+            max_page_size=reader.integer("AZORA_MAX_PAGE_SIZE", defaults.max_page_size, minimum=1),
+            max_domains_per_tenant=reader.integer(
+                "AZORA_MAX_DOMAINS_PER_TENANT", defaults.max_domains_per_tenant, minimum=1
+            ),
+            max_dns_records_per_domain=reader.integer(
+                "AZORA_MAX_DNS_RECORDS", defaults.max_dns_records_per_domain, minimum=1
+            ),
+            extra={k: v for k, v in env.items() if k.startswith("AZORA_X_")},
+        )
+        reader.raise_if_errors()
+        return _apply_secret_defaults(settings)
+
+
+def _apply_secret_defaults(settings: Settings) -> Settings:
+    """Fill development secrets outside production; refuse weak or missing ones in production."""
+    if settings.is_production:
+        problems = []
+        if len(settings.jwt_secret) < 32 or settings.jwt_secret == DEV_JWT_SECRET:
+            problems.append("JWT_SECRET must be set to a random value of at least 32 characters")
+        if not settings.secrets_key or settings.secrets_key == DEV_SECRETS_KEY:
+            problems.append("AZORA_SECRETS_KEY must be set (32 random bytes, base64)")
+        if problems:
+            raise SettingsError("production mode refuses to start: " + "; ".join(problems))
+    else:
+        settings = replace(
+            settings,
+            jwt_secret=settings.jwt_secret or DEV_JWT_SECRET,
+            secrets_key=settings.secrets_key or DEV_SECRETS_KEY,
+        )
+    _decode_key(settings.secrets_key)  # fail at start-up, not on first use
+    return settings
+
+
+def _decode_key(value: str) -> bytes:
+    try:
+        key = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise SettingsError("AZORA_SECRETS_KEY must be base64") from None
+    if len(key) != 32:
+        raise SettingsError("AZORA_SECRETS_KEY must decode to exactly 32 bytes")
+    return key
+
+
+class _Reader:
+    """Parses typed values and collects every problem, so one start-up error lists them all."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.errors: list[str] = []
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        return value.strip() if value is not None and value.strip() else None
+
+    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self.errors.append(f"{name} must be an integer, got {raw!r}")
+            return default
+        if value < minimum:
+            self.errors.append(f"{name} must be >= {minimum}, got {value}")
+        return value
+
+    def port(self, name: str, default: int) -> int:
+        value = self.integer(name, default)
+        if not 0 <= value <= 65535:
+            self.errors.append(f"{name} must be a port number (0-65535), got {value}")
+        return value
+
+    def number(self, name: str, default: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.errors.append(f"{name} must be a number, got {raw!r}")
+            return default
+        if value < 0:
+            self.errors.append(f"{name} must not be negative")
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() not in allowed:
+            self.errors.append(f"{name} must be one of {allowed}, got {raw!r}")
+            return default
+        return raw.lower()
+
+    def raise_if_errors(self) -> None:
+        if self.errors:
+            raise SettingsError("invalid settings: " + "; ".join(self.errors))
+
+
+__all__ = ["DEV_TENANT_ID", "Environment", "Settings", "SettingsError", "fields"]

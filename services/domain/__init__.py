@@ -1,0 +1,1 @@
+"""Domain service: registration, DNS records, ownership verification and lifecycle of domains."""

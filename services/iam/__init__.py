@@ -1,0 +1,1 @@
+"""Identity and access: API keys of tenants (served by the domain service's process)."""

@@ -1,0 +1,1 @@
+"""Mail service: durable queue, DKIM-signed delivery, retries, scheduling and tracking."""

@@ -1,0 +1,1 @@
+"""SMTP service: per-domain relay configuration, connection tests, DKIM, SPF and DMARC."""

@@ -1,0 +1,1 @@
+"""Azora Email Hosting test suite."""

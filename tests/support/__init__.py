@@ -1,0 +1,1 @@
+"""Shared test helpers: real loopback servers (DNS) and their pytest fixtures."""

@@ -1,0 +1,1 @@
+"""Unit tests: pure functions and classes, no database, network or gRPC server."""

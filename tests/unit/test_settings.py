@@ -1,0 +1,98 @@
+"""Settings from the environment.
+
+The product spec's names and defaults, validation, and production's refusal to start
+without secrets.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from services.core.settings import DEV_JWT_SECRET, Environment, Settings, SettingsError
+
+GOOD_KEY = "c2VjcmV0cy1rZXktZm9yLXRoZS10ZXN0LXN1aXRlISE="
+
+
+def test_defaults_follow_the_product_spec() -> None:
+    # With nothing set we run in development with the spec's defaults.
+    settings = Settings.from_env({})
+    assert settings.environment is Environment.DEVELOPMENT
+    assert settings.port == 3006
+    assert settings.log_level == "info"
+    assert settings.smtp_timeout == 30.0
+    assert settings.max_attachment_size == 10 * 1024 * 1024
+    assert settings.rate_limit_window_ms == 900_000
+    assert settings.rate_limit_max == 100
+    assert settings.jwt_secret == DEV_JWT_SECRET
+    assert len(settings.secrets_key_bytes()) == 32
+
+
+def test_spec_variables_are_read() -> None:
+    # Every product-spec variable keeps its name.
+    settings = Settings.from_env(
+        {
+            "PORT": "8080",
+            "MONGODB_URI": "mongodb://db:27017/",
+            "JWT_SECRET": "s" * 40,
+            "LOG_LEVEL": "DEBUG",
+            "SMTP_TIMEOUT": "5000",
+            "MAX_ATTACHMENT_SIZE": "1024",
+            "RATE_LIMIT_WINDOW": "60000",
+            "RATE_LIMIT_MAX": "7",
+        }
+    )
+    assert (settings.port, settings.mongodb_uri, settings.jwt_secret) == (
+        8080,
+        "mongodb://db:27017/",
+        "s" * 40,
+    )
+    assert settings.log_level == "debug"
+    assert settings.smtp_timeout == 5.0
+    assert (settings.max_attachment_size, settings.rate_limit_window_ms) == (1024, 60000)
+    assert settings.rate_limit_max == 7
+
+
+def test_node_env_is_an_alias() -> None:
+    # NODE_ENV selects the environment when AZORA_ENV is absent.
+    assert Settings.from_env({"NODE_ENV": "test"}).environment is Environment.TEST
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    # Malformed values fail start-up with one message naming each variable.
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"PORT": "abc", "RATE_LIMIT_MAX": "0", "LOG_LEVEL": "loud"})
+    message = str(caught.value)
+    for name in ("PORT", "RATE_LIMIT_MAX", "LOG_LEVEL"):
+        assert name in message
+
+
+def test_unknown_environment_is_refused() -> None:
+    # A typo in the environment name must not silently mean development.
+    with pytest.raises(SettingsError, match="NODE_ENV"):
+        Settings.from_env({"NODE_ENV": "prod"})
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"JWT_SECRET": "short", "AZORA_SECRETS_KEY": GOOD_KEY},
+        {"JWT_SECRET": DEV_JWT_SECRET, "AZORA_SECRETS_KEY": GOOD_KEY},
+        {"JWT_SECRET": "j" * 40},
+        {"JWT_SECRET": "j" * 40, "AZORA_SECRETS_KEY": "not base64!"},
+        {"JWT_SECRET": "j" * 40, "AZORA_SECRETS_KEY": "c2hvcnQ="},
+    ],
+)
+def test_production_refuses_missing_or_weak_secrets(env: dict[str, str]) -> None:
+    # Production will not start with a missing, short, default or malformed secret.
+    with pytest.raises(SettingsError):
+        Settings.from_env({"AZORA_ENV": "production", **env})
+
+
+def test_production_starts_with_proper_secrets() -> None:
+    # Strong secrets are accepted as given.
+    settings = Settings.from_env(
+        {"NODE_ENV": "production", "JWT_SECRET": "j" * 40, "AZORA_SECRETS_KEY": GOOD_KEY}
+    )
+    assert settings.is_production
+    assert not settings.allow_anonymous_development
