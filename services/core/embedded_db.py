@@ -33,6 +33,7 @@ import pymongo.errors
 __all__ = [
     "EmbeddedFerretDB",
     "EmbeddedFerretDBError",
+    "die_with_parent_preexec",
     "find_ferretdb_binary",
     "pick_free_port",
 ]
@@ -89,13 +90,14 @@ def pick_free_port(host: str = LOOPBACK) -> int:
         return port
 
 
-def _die_with_parent_preexec() -> Callable[[], None] | None:
+def die_with_parent_preexec() -> Callable[[], None] | None:
     """Return a preexec_fn that makes the child get SIGTERM when this process dies.
 
     Without it, a SIGKILLed or crashed parent (pytest, run_suite) never runs its teardown and
-    FerretDB keeps running, holding its port and its SQLite files. Linux only (prctl). The signal
-    fires when the *thread* that spawned the child exits, so start FerretDB from a long-lived
-    thread. Same approach as the Knot fixture in tests/support/dns_server.py.
+    FerretDB keeps running, holding its port and its SQLite files. Linux only (prctl); None
+    elsewhere. The signal fires when the *thread* that spawned the child exits, so start children
+    from a long-lived thread. Same approach as the Knot fixture in tests/support/dns_server.py;
+    scripts/run_suite.py uses it for the services too.
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -137,7 +139,9 @@ class EmbeddedFerretDB:
         port: int = 0,
         log_path: pathlib.Path | None = None,
     ) -> None:
-        self.binary = binary
+        # FerretDB runs with data_dir as its working directory, so a relative path must be made
+        # absolute now; a bare name ("ferretdb") is left for the PATH lookup.
+        self.binary = binary if os.sep not in str(binary) else binary.resolve()
         self.data_dir = data_dir.resolve()
         self.host = host
         self.port = port
@@ -184,24 +188,25 @@ class EmbeddedFerretDB:
             RuntimeError: Already started.
             EmbeddedFerretDBError: FerretDB exited or did not answer in time.
         """
-        if self._proc is not None:
+        if self.running:
             raise RuntimeError("EmbeddedFerretDB already started")
+        self.stop()  # forget a process that exited on its own
         # FerretDB requires the SQLite directory to exist (it does not create it).
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "state").mkdir(exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
 
-        attempts = _START_ATTEMPTS if self._requested_port == 0 else 1
-        for attempt in range(1, attempts + 1):
+        for attempt in range(1, _START_ATTEMPTS + 1):
             self.port = self._requested_port or pick_free_port(self.host)
             self._debug_port = pick_free_port(LOOPBACK)
             try:
                 self._spawn()
                 self._wait_until_ready(timeout)
-            except EmbeddedFerretDBError as err:
+            except BaseException as err:
+                retry = attempt < _START_ATTEMPTS and self._lost_port_race(err)
+                # Also on KeyboardInterrupt: never leave a half-started FerretDB behind.
                 self.stop()
-                # Only a lost race for a port we picked ourselves is worth another try.
-                if attempt == attempts or "address already in use" not in str(err):
+                if not retry:
                     raise
             else:
                 return self.uri
@@ -255,6 +260,13 @@ class EmbeddedFerretDB:
 
     # ------------------------------------------------------------------ internals
 
+    def _lost_port_race(self, err: BaseException) -> bool:
+        """Whether `err` is FerretDB failing to bind a port that we picked (worth a retry)."""
+        if not isinstance(err, EmbeddedFerretDBError) or "address already in use" not in str(err):
+            return False
+        # A port the caller asked for stays taken however often we retry.
+        return self._requested_port == 0 or f"{self.host}:{self.port}:" not in str(err)
+
     def _argv(self) -> list[str]:
         # The SQLite "URL" is a directory and must end with "/"; quote the path so a space or
         # "?" in it is not taken for URL syntax (FerretDB parses it with net/url).
@@ -292,7 +304,7 @@ class EmbeddedFerretDB:
                 # Own process group: Ctrl+C in a terminal reaches only our parent, which then
                 # stops FerretDB last, after the services that still use it.
                 process_group=0,
-                preexec_fn=_die_with_parent_preexec(),
+                preexec_fn=die_with_parent_preexec(),
             )
 
     def _wait_until_ready(self, timeout: float) -> None:

@@ -1,0 +1,186 @@
+# Azora Email Hosting — developer and CI entry points. `make help` lists the targets.
+#
+# Every target that needs tools depends on `deps`, which is idempotent and quick once done, so a
+# fresh clone needs nothing but `make test` (or `make run`). Only package registries are used:
+# Debian packages (apt), Python packages (pip, pinned by requirements/lock.txt), buf (npm,
+# pinned by package-lock.json), FerretDB, grpcurl and code generators (Go modules at pinned
+# versions).
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+# Targets run in the order they are listed (deps before generate before lint before tests), even
+# under `make -j`: several of them write the same files.
+.NOTPARALLEL:
+MAKEFLAGS += --no-builtin-rules
+
+# Debian packages the tests and the local suite need. knot: authoritative DNS server for the
+# domain-verification tests (tests/support/dns_server.py).
+APT_PACKAGES := knot
+
+PYTHON3 ?= python3
+ifndef GO
+GO := $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+endif
+GRPCURL_VERSION := v1.9.3
+
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := node_modules/.bin/buf
+# Written after a successful `pip install`; lives inside the venv so that deleting .venv also
+# forgets it (and `make clean` does not force a reinstall).
+VENV_STAMP := $(VENV)/.azora-installed
+# googleapis protos imported by protos/, vendored from the pinned googleapis-common-protos wheel.
+GOOGLEAPIS_PROTOS := \
+	google/api/annotations.proto google/api/http.proto google/api/httpbody.proto \
+	google/api/field_behavior.proto \
+	google/rpc/status.proto google/rpc/code.proto google/rpc/error_details.proto
+
+# Tests and the local suite find bin/ferretdb, bin/grpcurl and knotd (in /usr/sbin) on PATH.
+RUN_ENV := PATH="$(CURDIR)/bin:/usr/sbin:$$PATH"
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z0-9_.-]+:.*## / { printf "  %-16s %s\n", $$1, $$2 }' \
+		$(MAKEFILE_LIST)
+
+# --------------------------------------------------------------------------- dependencies
+
+.PHONY: deps
+deps: apt-packages $(VENV_STAMP) $(BUF) ferretdb grpcurl go-tools ## Install everything a fresh machine needs (idempotent)
+
+.PHONY: apt-packages
+apt-packages: ## Install missing Debian packages (the APT_PACKAGES list)
+	@scripts/install_debian_packages.sh $(APT_PACKAGES)
+
+$(PY):
+	$(PYTHON3) -m venv $(VENV)
+
+$(VENV_STAMP): $(PY) pyproject.toml requirements/lock.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e '.[dev]'
+	touch $@
+
+.PHONY: lock
+lock: $(PY) ## Regenerate requirements/lock.txt from the packages installed in .venv
+	@mkdir -p requirements
+	{ echo "# Exact versions of every package in .venv except the project itself."; \
+	  echo "# Used as a pip constraints file by \`make deps\`; regenerate with \`make lock\`."; \
+	  $(PY) -m pip freeze --all --exclude-editable --disable-pip-version-check; \
+	} >requirements/lock.txt.tmp
+	mv requirements/lock.txt.tmp requirements/lock.txt
+
+$(BUF): package.json package-lock.json
+	@# `npm ci` refuses a lock file that lacks an entry for any optional dependency, and a lock
+	@# written where the registry serves only buf's Linux packages lacks the darwin/win32/armv7
+	@# ones. Fall back to `npm install --no-save` (installs the locked versions, never rewrites
+	@# the lock) and then insist that the installed buf is exactly the locked version.
+	npm ci --no-audit --no-fund || npm install --no-audit --no-fund --no-save
+	@want="$$(node -p 'require("./package-lock.json").packages["node_modules/@bufbuild/buf"].version')"; \
+	got="$$($(BUF) --version)"; \
+	if [[ "$$got" != "$$want" ]]; then \
+		echo "buf $$got installed, but package-lock.json pins $$want" >&2; exit 1; \
+	fi
+	@# npm may keep the old file times; make must see the tool as newer than the lock file.
+	touch $@
+
+.PHONY: ferretdb
+ferretdb: ## Build bin/ferretdb at the version pinned in tools/ferretdb/go.mod
+	@GO="$(GO)" scripts/build_ferretdb.sh
+
+.PHONY: grpcurl
+grpcurl: ## Install bin/grpcurl at GRPCURL_VERSION
+	@# grpcurl built by `go install` prints "dev build" for -version; the module version is only
+	@# in the build info, so ask `go version -m`. Its output is captured rather than piped into
+	@# `grep -q`, which would exit early and fail the pipeline (pipefail) with SIGPIPE.
+	@info="$$("$(GO)" version -m bin/grpcurl 2>/dev/null || true)"; \
+	if ! grep -qP '^\tmod\tgithub.com/fullstorydev/grpcurl\t\Q$(GRPCURL_VERSION)\E\t' <<<"$$info"; then \
+		echo "installing grpcurl $(GRPCURL_VERSION) into bin/" >&2; \
+		GOBIN="$(CURDIR)/bin" "$(GO)" install \
+			github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION); \
+	fi
+
+.PHONY: go-tools
+go-tools: ## Install the Go code generators pinned in scripts/build_go_tools.sh into bin/
+	@GO="$(GO)" scripts/build_go_tools.sh
+
+# --------------------------------------------------------------------------- generated code
+
+.PHONY: generate
+generate: $(VENV_STAMP) $(BUF) go-tools ## Regenerate gen/ (stubs, descriptor set, ...) from protos/
+	@# buf.gen.yaml runs plugins from .venv (grpc_tools.protoc, protoc-gen-mypy*) and bin/.
+	rm -rf gen/python
+	$(BUF) generate
+	$(BUF) build -o gen/azora.binpb
+
+.PHONY: vendor-protos
+vendor-protos: $(VENV_STAMP) ## Re-copy the googleapis protos into third_party/ from the pinned wheel
+	@site="$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"; \
+	for proto in $(GOOGLEAPIS_PROTOS); do \
+		install -D -m 644 "$$site/$$proto" "third_party/googleapis/$$proto"; \
+	done
+
+.PHONY: check-generated
+check-generated: vendor-protos generate ## Fail if generated or vendored files differ from the repository
+	@changes="$$(git status --porcelain --untracked-files=all -- gen third_party)"; \
+	if [[ -n "$$changes" ]]; then \
+		echo "Generated or vendored files are stale or not committed:" >&2; \
+		echo "$$changes" >&2; \
+		echo "Run \`make vendor-protos generate\` and commit the result." >&2; \
+		exit 1; \
+	fi
+
+# --------------------------------------------------------------------------- quality
+
+.PHONY: lint
+lint: $(VENV_STAMP) $(BUF) ## buf lint + breaking, ruff check + format check, mypy
+	$(BUF) lint
+	@# No baseline to compare with until `main` has a commit containing protos/.
+	@if git rev-parse --verify -q main >/dev/null && git cat-file -e main:protos 2>/dev/null; then \
+		echo "$(BUF) breaking --against '.git#branch=main'"; \
+		$(BUF) breaking --against '.git#branch=main'; \
+	else \
+		echo "buf breaking: skipped (branch main has no commit with protos/ yet)"; \
+	fi
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services tests scripts
+
+.PHONY: format
+format: $(VENV_STAMP) ## Format and auto-fix Python code (ruff)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# --------------------------------------------------------------------------- tests
+
+.PHONY: test
+test: deps check-generated lint ## Everything CI runs: deps, generated-code check, lint, tests
+	$(RUN_ENV) $(PY) -m pytest
+
+.PHONY: coverage
+coverage: deps ## Run the tests with branch coverage (terminal + build/coverage.xml)
+	@mkdir -p build
+	$(RUN_ENV) $(PY) -m pytest --cov --cov-report=term --cov-report=xml:build/coverage.xml
+
+# --------------------------------------------------------------------------- running
+
+.PHONY: run
+run: deps ## Run the three services (+ embedded FerretDB unless MONGODB_URI is set)
+	$(RUN_ENV) $(PY) scripts/run_suite.py
+
+.PHONY: dev
+dev: deps ## Like `run`, restarting the suite when Python code changes
+	@# watchfiles stops the suite with SIGINT; run_suite needs up to ~25 s to drain the
+	@# services (15 s grace) and stop FerretDB, so do not SIGKILL it after the default 5 s.
+	$(RUN_ENV) $(VENV)/bin/watchfiles --filter python --sigint-timeout 30 \
+		'$(PY) scripts/run_suite.py' services gen/python
+
+# --------------------------------------------------------------------------- cleaning
+
+.PHONY: clean
+clean: ## Remove build output, built tools and local data (build/, bin/, var/)
+	rm -rf build bin var tools/ferretdb/vendor
+
+.PHONY: distclean
+distclean: clean ## Also remove .venv and node_modules
+	rm -rf $(VENV) node_modules

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Build bin/ferretdb at the version pinned in tools/ferretdb/go.mod (called by `make deps`).
+#
+# Why not `go install github.com/FerretDB/FerretDB/cmd/ferretdb@v1.24.0`: that form asks the Go
+# module proxy for the module's version list, which some build machines cannot get (it answers 403
+# here). Instead tools/ferretdb is a tiny module that requires FerretDB at an exact version, with a
+# committed go.sum; vendoring it only downloads the pinned, checksummed module zips.
+#
+# Idempotent: does nothing when bin/ferretdb already reports the pinned version.
+# Environment: GO (go command, default: `go` on PATH, else /usr/local/go/bin/go).
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+tools_dir="$repo_root/tools/ferretdb"
+bin_dir="$repo_root/bin"
+binary="$bin_dir/ferretdb"
+module="github.com/FerretDB/FerretDB"
+
+GO="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
+if ! "$GO" version >/dev/null 2>&1; then
+  echo "build_ferretdb: Go toolchain not found (set GO=/path/to/go)" >&2
+  exit 1
+fi
+
+# The pinned version is whatever go.mod requires; go.mod is the single place to change it.
+version="$(awk -v m="$module" '
+  $1 == m { print $2; exit }                     # inside a require ( ... ) block
+  $1 == "require" && $2 == m { print $3; exit }  # one-line require
+' "$tools_dir/go.mod")"
+if [[ ! "$version" =~ ^v[0-9]+\.[0-9]+\.[0-9]+ ]]; then
+  echo "build_ferretdb: cannot read the $module version from $tools_dir/go.mod" >&2
+  exit 1
+fi
+
+# True when $binary exists and reports $version. The output is captured first, not piped into
+# `grep -q`: grep exits at the first match, ferretdb then dies of SIGPIPE, and under pipefail
+# the check would fail at random.
+has_version() {
+  local output
+  output="$("$binary" --version 2>/dev/null)" || return 1
+  grep -qx "version: $version" <<<"$output"
+}
+
+if [[ -x "$binary" ]] && has_version; then
+  exit 0
+fi
+
+echo "build_ferretdb: building FerretDB $version into $binary (takes a minute or two)" >&2
+cd "$tools_dir"
+# vendor/ is gitignored and rebuilt from go.mod/go.sum each time, so it never drifts.
+rm -rf vendor
+"$GO" mod vendor
+
+# FerretDB embeds build/version/*.txt and panics at start-up ("Invalid build/version/version.txt
+# file content") unless version.txt holds a `v<major>.<minor>.<patch>` version. Upstream generates
+# that file with `bin/task gen-version`, it is gitignored there, and so it is absent from the
+# module zip the Go toolchain downloads. Write it into the vendored copy before building.
+printf '%s\n' "$version" >"vendor/$module/build/version/version.txt"
+
+mkdir -p "$bin_dir"
+GOBIN="$bin_dir" "$GO" install -mod=vendor "$module/cmd/ferretdb"
+# The vendored tree (~240 MB) is only needed for this build.
+rm -rf vendor
+
+if ! has_version; then
+  echo "build_ferretdb: built $binary does not report version $version:" >&2
+  "$binary" --version >&2 || true
+  exit 1
+fi
+echo "build_ferretdb: built $binary ($version)" >&2

@@ -1,0 +1,173 @@
+"""Run the whole suite locally: FerretDB (unless MONGODB_URI is set) and the three gRPC services.
+
+Used by ``make run`` and ``make dev`` (which restarts it on code changes); ``make deps`` has
+already built everything. Configuration is the services' own environment, passed through:
+
+- ``MONGODB_URI`` unset: an embedded FerretDB is started with its data in ``var/ferretdb/``
+  (kept across runs), on port 27017 if that is free, else on any free port, and its URI is
+  given to the services as ``MONGODB_URI``.
+- ``AZORA_DOMAIN_GRPC_PORT``, ``AZORA_SMTP_GRPC_PORT``, ``AZORA_MAIL_GRPC_PORT`` (defaults
+  50051, 50052, 50053) and ``AZORA_HOST`` only decide what is printed here; the services read
+  them themselves.
+
+SIGTERM or SIGINT stops the services (SIGTERM, then SIGKILL after a grace period) and then
+FerretDB, which the services need while they drain. If any child exits on its own, everything
+is stopped and the script exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+from services.core.embedded_db import (
+    EmbeddedFerretDB,
+    die_with_parent_preexec,
+    find_ferretdb_binary,
+)
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+FERRETDB_DATA_DIR = REPO_ROOT / "var" / "ferretdb"
+FERRETDB_DEFAULT_PORT = 27017
+# How long the services get to finish in-flight calls after SIGTERM before they are killed.
+SHUTDOWN_GRACE_S = 15.0
+# (name, python module, port variable, default port)
+SERVICES = (
+    ("domain", "services.domain", "AZORA_DOMAIN_GRPC_PORT", 50051),
+    ("smtp", "services.smtp", "AZORA_SMTP_GRPC_PORT", 50052),
+    ("mail", "services.mail", "AZORA_MAIL_GRPC_PORT", 50053),
+)
+
+
+def log(level: str, msg: str, **fields: Any) -> None:
+    """Write one JSON line to stderr, in the same shape as the services' logs."""
+    entry = {
+        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "level": level,
+        "service": "run_suite",
+        "msg": msg,
+        **fields,
+    }
+    print(json.dumps(entry, default=str), file=sys.stderr, flush=True)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Return whether a TCP listener could bind `host:port` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def start_ferretdb() -> EmbeddedFerretDB:
+    """Start FerretDB on var/ferretdb/, preferring MongoDB's usual port."""
+    port = FERRETDB_DEFAULT_PORT if port_is_free("127.0.0.1", FERRETDB_DEFAULT_PORT) else 0
+    db = EmbeddedFerretDB(
+        binary=find_ferretdb_binary(REPO_ROOT), data_dir=FERRETDB_DATA_DIR, port=port
+    )
+    db.start()
+    log("info", "FerretDB listening", uri=db.uri, data_dir=str(db.data_dir), log=str(db.log_path))
+    return db
+
+
+def start_service(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start `python -m module` with the suite's environment; its output goes to ours."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        # Own process group: Ctrl+C in the terminal reaches only this script, which then stops
+        # the services first and FerretDB last, instead of everything dying at once.
+        process_group=0,
+        # ...and if this script is SIGKILLed, the services still get SIGTERM.
+        preexec_fn=die_with_parent_preexec(),
+    )
+
+
+def stop_services(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every running service, wait up to the grace period, then SIGKILL the rest."""
+    for proc in children.values():
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + SHUTDOWN_GRACE_S
+    for name, proc in children.items():
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log("warn", "service did not stop in time; killing it", child=name)
+            proc.kill()
+            proc.wait()
+
+
+def main() -> int:
+    """Run the suite until a signal arrives or a child exits; return the exit status."""
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    env = dict(os.environ)
+    db: EmbeddedFerretDB | None = None
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    status = 0
+    try:
+        if not env.get("MONGODB_URI"):
+            db = start_ferretdb()
+            env["MONGODB_URI"] = db.uri
+        else:
+            log("info", "using MONGODB_URI from the environment; no embedded FerretDB")
+
+        host = env.get("AZORA_HOST", "127.0.0.1")
+        for name, module, port_var, default_port in SERVICES:
+            if stop.is_set():
+                break
+            children[name] = start_service(module, env)
+            port = env.get(port_var, str(default_port))
+            log(
+                "info", "service started", child=name, pid=children[name].pid, grpc=f"{host}:{port}"
+            )
+
+        while not stop.wait(0.2):
+            exited = {name: p.returncode for name, p in children.items() if p.poll() is not None}
+            if db is not None and db.poll() is not None:
+                exited["ferretdb"] = db.poll()
+            if exited:
+                log("error", "child exited unexpectedly; stopping the suite", exited=exited)
+                status = 1
+                break
+        if received:
+            log("info", "stopping the suite", signal=received[0])
+    except Exception as err:
+        log("error", "suite failed to start", error=str(err))
+        status = 1
+    finally:
+        # A second Ctrl+C during shutdown must not skip stopping FerretDB.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_services(children)
+        if db is not None:
+            db.stop()
+        log("info", "suite stopped", status=status)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
