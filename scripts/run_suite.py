@@ -1,4 +1,6 @@
-"""Run the whole suite locally: FerretDB (unless MONGODB_URI is set) and the three gRPC services.
+"""Run the whole suite locally.
+
+FerretDB (unless MONGODB_URI is set), the three gRPC services and the local REST gateway.
 
 Used by ``make run`` and ``make dev`` (which restarts it on code changes); ``make deps`` has
 already built everything. Configuration is the services' own environment, passed through:
@@ -46,6 +48,8 @@ SERVICES = (
     ("domain", "services.domain", "AZORA_DOMAIN_GRPC_PORT", 50051),
     ("smtp", "services.smtp", "AZORA_SMTP_GRPC_PORT", 50052),
     ("mail", "services.mail", "AZORA_MAIL_GRPC_PORT", 50053),
+    # The local REST gateway (HTTP, not gRPC) transcodes to the three services above.
+    ("gateway", "gateway", "PORT", 3006),
 )
 
 
@@ -142,7 +146,11 @@ def main() -> int:
             children[name] = start_service(module, env)
             port = env.get(port_var, str(default_port))
             log(
-                "info", "service started", child=name, pid=children[name].pid, grpc=f"{host}:{port}"
+                "info",
+                "service started",
+                child=name,
+                pid=children[name].pid,
+                listen=f"{host}:{port}",
             )
 
         while not stop.wait(0.2):
