@@ -15,8 +15,10 @@ SHELL := bash
 MAKEFLAGS += --no-builtin-rules
 
 # Debian packages the tests and the local suite need. knot: authoritative DNS server for the
-# domain-verification tests (tests/support/dns_server.py).
-APT_PACKAGES := knot
+# domain-verification tests (tests/support/dns_server.py); chromium: headless browser for the
+# Swagger UI test (tests/gateway/test_swagger_ui.py, driven by Playwright, never downloaded);
+# opendkim: an independent DKIM verifier for the signing tests (tests/smtp).
+APT_PACKAGES := knot chromium opendkim
 
 PYTHON3 ?= python3
 ifndef GO
@@ -109,9 +111,13 @@ go-tools: ## Install the Go code generators pinned in scripts/build_go_tools.sh 
 .PHONY: generate
 generate: $(VENV_STAMP) $(BUF) go-tools ## Regenerate gen/ (stubs, descriptor set, ...) from protos/
 	@# buf.gen.yaml runs plugins from .venv (grpc_tools.protoc, protoc-gen-mypy*) and bin/.
-	rm -rf gen/python
+	rm -rf gen/python gen/openapi
 	$(BUF) generate
 	$(BUF) build -o gen/azora.binpb
+	@# Title, version, security and HttpBody responses the generator cannot know (see the script).
+	$(PY) scripts/postprocess_openapi.py gen/openapi/azora.swagger.json --descriptor-set gen/azora.binpb
+	@# Kubernetes gets gateway/envoy.yaml verbatim through a generated ConfigMap.
+	$(PY) scripts/gen_k8s_envoy_config.py
 
 .PHONY: vendor-protos
 vendor-protos: $(VENV_STAMP) ## Re-copy the googleapis protos into third_party/ from the pinned wheel
@@ -122,7 +128,7 @@ vendor-protos: $(VENV_STAMP) ## Re-copy the googleapis protos into third_party/ 
 
 .PHONY: check-generated
 check-generated: vendor-protos generate ## Fail if generated or vendored files differ from the repository
-	@changes="$$(git status --porcelain --untracked-files=all -- gen third_party)"; \
+	@changes="$$(git status --porcelain --untracked-files=all -- gen third_party k8s)"; \
 	if [[ -n "$$changes" ]]; then \
 		echo "Generated or vendored files are stale or not committed:" >&2; \
 		echo "$$changes" >&2; \
@@ -144,7 +150,7 @@ lint: $(VENV_STAMP) $(BUF) ## buf lint + breaking, ruff check + format check, my
 	fi
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services tests scripts
+	$(VENV)/bin/mypy services gateway tests scripts
 
 .PHONY: format
 format: $(VENV_STAMP) ## Format and auto-fix Python code (ruff)

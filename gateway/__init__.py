@@ -23,11 +23,13 @@ Behaviour, and where it follows an Envoy setting rather than Envoy's default (th
   ``ignore_unknown_query_parameters: false`` with
   ``request_validation_options.reject_unknown_query_parameters: true``; without the latter
   Envoy passes such a request through untranscoded).
-* Body: unknown JSON fields are 400 (Envoy rejects them too); a path or query value that
+* Body: unknown JSON fields are dropped silently, as Envoy 1.39's transcoder does (no option
+  changes that; tests/deploy checks it against a real Envoy); a path or query value that
   contradicts the body is 400 (``reject_binding_body_field_collisions: true``; Envoy's default
   lets the body win). An empty body is an empty message.
-* Oversized body (``AZORA_GATEWAY_MAX_BODY_BYTES``, default 12 MiB): 413, as Envoy answers
-  when a body exceeds the transcoder's buffer (``max_request_body_size``).
+* Oversized body (``AZORA_GATEWAY_MAX_BODY_BYTES``, default 64 MiB = the services' gRPC
+  receive limit, like Envoy's ``max_request_body_size``): 400 INVALID_ARGUMENT, which is what
+  Envoy's local_reply_config in gateway/envoy.yaml turns its 413 into.
 * Malformed JSON, invalid UTF-8, wrong types: 400 with a google.rpc.Status JSON body
   (code 3, an ErrorInfo in domain ``gateway.azora.dev``, a BadRequest field violation). Envoy
   sends its own local replies for these as text/plain unless a ``local_reply_config`` formats

@@ -161,7 +161,7 @@ class Gateway:
         return web.Response(body=payload, status=200, headers={"Content-Type": content_type})
 
     async def _read_body(self, request: web.Request) -> bytes:
-        """The whole body, refused with 413 as soon as it exceeds the limit."""
+        """The whole body, refused with 400 as soon as it exceeds the limit."""
         limit = self.config.max_body_bytes
         declared = request.content_length
         if declared is not None and declared > limit:
@@ -200,13 +200,13 @@ class Gateway:
 
 
 def _too_large(limit: int) -> GatewayError:
-    # Envoy answers 413 when a body exceeds the transcoder's buffer; the Status code stays
-    # INVALID_ARGUMENT (there is no gRPC code whose HTTP mapping is 413).
+    # Envoy's 413 for a body over max_request_body_size becomes a 400 INVALID_ARGUMENT Status
+    # through gateway/envoy.yaml's local_reply_config; answer the same here.
     return GatewayError(
         code_pb2.INVALID_ARGUMENT,
         f"the request body exceeds the gateway's limit of {limit} bytes",
         reason="REQUEST_BODY_TOO_LARGE",
-        http_status=413,
+        http_status=400,
         metadata={"limit_bytes": str(limit)},
         violations=[("body", f"larger than {limit} bytes")],
     )

@@ -11,13 +11,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from services.core.server import MAX_MESSAGE_BYTES
 from services.core.settings import Settings, SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DESCRIPTOR_PATH = REPO_ROOT / "gen" / "azora.binpb"
 DEFAULT_OPENAPI_PATH = REPO_ROOT / "gen" / "openapi" / "azora.swagger.json"
 DEFAULT_SWAGGER_UI_DIR = REPO_ROOT / "node_modules" / "swagger-ui-dist"
-DEFAULT_MAX_BODY_BYTES = 12 * 1024 * 1024
+# The services' gRPC receive limit (and Envoy's max_request_body_size): a JSON body is never
+# smaller than its protobuf encoding, so nothing accepted here is refused by a service.
+DEFAULT_MAX_BODY_BYTES = MAX_MESSAGE_BYTES
 DEFAULT_DEADLINE_SECONDS = 30.0
 
 

@@ -189,7 +189,10 @@ class Transcoder:
             for field in reversed(target_fields):
                 document = {field.name: document}
         try:
-            json_format.ParseDict(document, request, descriptor_pool=self._pool)
+            # Unknown body fields are dropped, as Envoy's transcoder does.
+            json_format.ParseDict(
+                document, request, ignore_unknown_fields=True, descriptor_pool=self._pool
+            )
         except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
             field_name, message = _json_problem(exc, default_field=binding.body)
             raise GatewayError.invalid(

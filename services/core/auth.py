@@ -28,6 +28,8 @@ from services.core.errors import PermissionDenied, Unauthenticated
 from services.core.settings import DEV_TENANT_ID, Settings
 
 API_KEY_PREFIX = "azk_"
+# Subjects of service JWTs, which services mint for each other (e.g. "service:mail").
+SERVICE_SUBJECT_PREFIX = "service:"
 ALL_SCOPES = frozenset(
     {
         "domains:read",
@@ -40,7 +42,8 @@ ALL_SCOPES = frozenset(
         "api_keys:manage",
     }
 )
-_MAX_CREDENTIAL_LENGTH = 8192
+# Below gRPC's 8 KiB metadata soft limit, where grpc starts rejecting calls at random.
+_MAX_CREDENTIAL_LENGTH = 4096
 
 
 def hash_api_key(secret: str) -> str:
@@ -126,6 +129,8 @@ class MethodRule:
 
     required_scope: str = ""
     allow_anonymous: bool = False
+    # Only service JWTs (subject "service:...") may call: internal plumbing between services.
+    internal_only: bool = False
 
 
 class MethodRules:
@@ -152,7 +157,9 @@ class MethodRules:
                 options = descriptor.GetOptions()
                 if options.HasExtension(options_pb2.access):
                     access = options.Extensions[options_pb2.access]
-                    rule = MethodRule(access.required_scope, access.allow_anonymous)
+                    rule = MethodRule(
+                        access.required_scope, access.allow_anonymous, access.internal_only
+                    )
                 else:
                     rule = MethodRule()
         self._cache[full_method] = rule
@@ -218,7 +225,12 @@ class Authenticator:
         if not isinstance(tenant, str) or not tenant:
             raise Unauthenticated("token has no tenant claim", reason="INVALID_TOKEN")
         scopes = _scopes_from_claims(claims)
-        return Principal(tenant, f"user:{claims['sub']}", scopes, credentials)
+        sub = str(claims["sub"])
+        # Services mint tokens for each other with sub "service:<name>" (only holders of
+        # JWT_SECRET can); every other subject is a user and is namespaced so that no user
+        # subject can ever look like a service.
+        subject = sub if sub.startswith(SERVICE_SUBJECT_PREFIX) else f"user:{sub}"
+        return Principal(tenant, subject, scopes, credentials)
 
     def development_principal(self) -> Principal:
         """The built-in development tenant used for requests without credentials."""
@@ -232,9 +244,20 @@ class Authenticator:
 
         Raises:
             Unauthenticated: no or bad credentials where they are required.
-            PermissionDenied: the principal lacks the required scope.
+            PermissionDenied: the principal lacks the required scope, or the method is internal
+                and the principal is not a service.
         """
         principal = await self.authenticate(metadata)
+        # Checked before anything else: an internal rpc hands out secrets (relay passwords,
+        # DKIM private keys), so neither anonymity, the development tenant, a user token nor
+        # an API key with "*" may reach it, whatever the other flags say.
+        if rule.internal_only and (
+            principal is None or not principal.subject.startswith(SERVICE_SUBJECT_PREFIX)
+        ):
+            raise PermissionDenied(
+                "this call is internal to the Azora services",
+                reason="INTERNAL_ONLY",
+            )
         if principal is None:
             if rule.allow_anonymous:
                 return None

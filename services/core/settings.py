@@ -78,6 +78,46 @@ class Settings:
     max_domains_per_tenant: int = 1000
     max_dns_records_per_domain: int = 500
     extra: Mapping[str, str] = field(default_factory=dict)
+    # SMTP service
+    # SSRF guard: may relay hosts resolve to loopback, private, link-local, CGNAT or metadata
+    # addresses? from_env makes it true outside production (local relays, tests), false in it.
+    smtp_allow_private_hosts: bool = True
+    # A PEM file of extra CA certificates trusted for relay TLS, besides the system store.
+    smtp_ca_file: str = ""
+    # How long a replaced DKIM key stays RETIRING (its record must stay published meanwhile).
+    dkim_rotation_overlap: float = 7 * 24 * 3600.0
+    # How often the lifecycle loop looks the DKIM records of a domain up again.
+    dkim_check_interval: float = 600.0
+    # How long the SMTP service trusts an answer of the domain service about a domain.
+    domain_cache_ttl: float = 5.0
+    # Former AZORA_SECRETS_KEY values (base64, comma-separated): still decrypt, never encrypt.
+    secrets_previous_keys: tuple[str, ...] = ()
+    # Mail service
+    # Most recipients (to + cc + bcc) of one email.
+    mail_max_recipients: int = 50
+    # Largest built message (headers, bodies, encoded attachments) in bytes.
+    mail_max_message_size: int = 30 * 1024 * 1024
+    # How far ahead sendAt may be.
+    mail_schedule_horizon: float = 30 * 24 * 3600.0
+    # How long an idempotency key is remembered.
+    mail_idempotency_ttl: float = 24 * 3600.0
+    # Retry schedule after a temporary failure (Postfix defaults: 300 s doubling to 4000 s,
+    # give up after 5 days; RFC 5321 4.5.4.1 wants these configurable). Jitter is a fraction.
+    mail_retry_min_backoff: float = 300.0
+    mail_retry_max_backoff: float = 4000.0
+    mail_retry_jitter: float = 0.2
+    mail_max_lifetime: float = 5 * 24 * 3600.0
+    # How long a worker holds a claimed email before another worker may take it over.
+    mail_lease: float = 120.0
+    # How often an idle worker looks for due emails.
+    mail_poll_interval: float = 1.0
+    # Deliveries one worker runs at once, and SMTP connections it opens per relay.
+    mail_worker_concurrency: int = 16
+    mail_relay_connections: int = 4
+    # Whether the mail service process runs delivery workers itself (besides separate ones).
+    mail_run_workers: bool = True
+    # Built messages larger than this go to GridFS instead of the queue document.
+    mail_inline_content_limit: int = 256 * 1024
 
     @property
     def is_production(self) -> bool:
@@ -181,6 +221,54 @@ class Settings:
                 "AZORA_MAX_DNS_RECORDS", defaults.max_dns_records_per_domain, minimum=1
             ),
             extra={k: v for k, v in env.items() if k.startswith("AZORA_X_")},
+            # SMTP service
+            smtp_allow_private_hosts=reader.flag(
+                "AZORA_SMTP_ALLOW_PRIVATE_HOSTS", environment is not Environment.PRODUCTION
+            ),
+            smtp_ca_file=env.get("AZORA_SMTP_CA_FILE", defaults.smtp_ca_file).strip(),
+            dkim_rotation_overlap=reader.number(
+                "AZORA_DKIM_ROTATION_OVERLAP", defaults.dkim_rotation_overlap
+            ),
+            dkim_check_interval=reader.number(
+                "AZORA_DKIM_CHECK_INTERVAL", defaults.dkim_check_interval
+            ),
+            domain_cache_ttl=reader.number("AZORA_DOMAIN_CACHE_TTL", defaults.domain_cache_ttl),
+            secrets_previous_keys=reader.keys("AZORA_SECRETS_PREVIOUS_KEYS"),
+            # Mail service
+            mail_max_recipients=reader.integer(
+                "AZORA_MAIL_MAX_RECIPIENTS", defaults.mail_max_recipients, minimum=1
+            ),
+            mail_max_message_size=reader.integer(
+                "AZORA_MAIL_MAX_MESSAGE_SIZE", defaults.mail_max_message_size, minimum=1
+            ),
+            mail_schedule_horizon=reader.number(
+                "AZORA_MAIL_SCHEDULE_HORIZON", defaults.mail_schedule_horizon
+            ),
+            mail_idempotency_ttl=reader.number(
+                "AZORA_MAIL_IDEMPOTENCY_TTL", defaults.mail_idempotency_ttl
+            ),
+            mail_retry_min_backoff=reader.number(
+                "AZORA_MAIL_RETRY_MIN_BACKOFF", defaults.mail_retry_min_backoff
+            ),
+            mail_retry_max_backoff=reader.number(
+                "AZORA_MAIL_RETRY_MAX_BACKOFF", defaults.mail_retry_max_backoff
+            ),
+            mail_retry_jitter=reader.number("AZORA_MAIL_RETRY_JITTER", defaults.mail_retry_jitter),
+            mail_max_lifetime=reader.number("AZORA_MAIL_MAX_LIFETIME", defaults.mail_max_lifetime),
+            mail_lease=reader.number("AZORA_MAIL_LEASE", defaults.mail_lease),
+            mail_poll_interval=reader.number(
+                "AZORA_MAIL_POLL_INTERVAL", defaults.mail_poll_interval
+            ),
+            mail_worker_concurrency=reader.integer(
+                "AZORA_MAIL_WORKER_CONCURRENCY", defaults.mail_worker_concurrency, minimum=1
+            ),
+            mail_relay_connections=reader.integer(
+                "AZORA_MAIL_RELAY_CONNECTIONS", defaults.mail_relay_connections, minimum=1
+            ),
+            mail_run_workers=reader.flag("AZORA_MAIL_RUN_WORKERS", defaults.mail_run_workers),
+            mail_inline_content_limit=reader.integer(
+                "AZORA_MAIL_INLINE_CONTENT_LIMIT", defaults.mail_inline_content_limit
+            ),
         )
         reader.raise_if_errors()
         return _apply_secret_defaults(settings)
@@ -267,6 +355,27 @@ class _Reader:
             self.errors.append(f"{name} must be one of {allowed}, got {raw!r}")
             return default
         return raw.lower()
+
+    # SMTP service
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        self.errors.append(f"{name} must be true or false, got {raw!r}")
+        return default
+
+    def keys(self, name: str) -> tuple[str, ...]:
+        found = tuple(k.strip() for k in self.env.get(name, "").split(",") if k.strip())
+        for key in found:
+            try:
+                _decode_key(key)
+            except SettingsError as exc:
+                self.errors.append(f"{name}: {exc}")
+        return found
 
     def raise_if_errors(self) -> None:
         if self.errors:

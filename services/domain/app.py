@@ -21,6 +21,7 @@ from azora.smtp.v1 import smtp_pb2
 from services.core.clock import Clock, SystemClock
 from services.core.runtime import Database, RunningService, run_periodically, start_service
 from services.core.settings import Settings
+from services.domain.cascade import SmtpDataCascade
 from services.domain.manager import DomainManager, DomainPolicy
 from services.domain.repository import INDEXES as DOMAIN_INDEXES
 from services.domain.repository import MongoClaimRepository, MongoDomainRepository
@@ -78,6 +79,7 @@ async def build(
     """
     clock = clock or SystemClock()
     database = Database.connect(settings)
+    smtp_channel = grpc.aio.insecure_channel(settings.smtp_service_target)
     manager = DomainManager(
         domains=MongoDomainRepository(database.db),
         claims=MongoClaimRepository(database.db),
@@ -89,6 +91,15 @@ async def build(
         ),
         clock=clock,
         policy=policy_from(settings),
+        # The SMTP service owns relay configs and DKIM keys: it purges them on deletion.
+        on_deleted=[
+            SmtpDataCascade(
+                smtp_channel,
+                jwt_secret=settings.jwt_secret,
+                jwt_issuer=settings.jwt_issuer,
+                jwt_audience=settings.jwt_audience,
+            )
+        ],
     )
     api_keys = ApiKeyManager(
         keys=MongoApiKeyRepository(database.db),
@@ -96,7 +107,6 @@ async def build(
         default_page_size=settings.default_page_size,
         max_page_size=settings.max_page_size,
     )
-    smtp_channel = grpc.aio.insecure_channel(settings.smtp_service_target)
     mail_channel = grpc.aio.insecure_channel(settings.mail_service_target)
     health = SuiteHealthServicer(
         services={

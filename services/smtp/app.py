@@ -1,38 +1,143 @@
 """Composition root of the SMTP service process.
 
-The SMTP service's contract (azora.smtp.v1) is defined and served with health and reflection;
-its rpcs answer UNIMPLEMENTED until the SMTP issue implements them.
+Serves azora.smtp.v1.SmtpService (relay configs and live tests, DKIM keys with rotation, SPF,
+DMARC, DNS checks) with health and reflection, and runs the DKIM lifecycle loop (DNS checks,
+auto-activation, retirement after the overlap) in the background. Domains and API keys belong
+to the domain service and are asked of it over one gRPC channel.
 """
 
 from __future__ import annotations
 
-from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
+from dataclasses import dataclass
+from datetime import timedelta
 
-from services.core.runtime import Database, RunningService, start_service
+import grpc
+from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
+from publicsuffixlist import PublicSuffixList
+
+from services.core.clock import Clock, SystemClock
+from services.core.dns import DnsResolver
+from services.core.runtime import Database, RunningService, run_periodically, start_service
+from services.core.secrets_box import SecretsBox
 from services.core.settings import Settings
 from services.iam.servicer import remote_api_key_resolver
+from services.smtp.connection_test import RelayTester
+from services.smtp.dmarc import DmarcBuilder
+from services.smtp.dns_check import RecordChecker
+from services.smtp.domains_client import GrpcDomainDirectory
+from services.smtp.manager import SmtpManager, SmtpPolicy
+from services.smtp.netguard import (
+    AddressPolicy,
+    DnsHostResolver,
+    HostResolver,
+    SystemHostResolver,
+)
+from services.smtp.repository import INDEXES as SMTP_INDEXES
+from services.smtp.repository import (
+    MongoAuthRecordRepository,
+    MongoDkimKeyringRepository,
+    MongoSmtpConfigRepository,
+)
+from services.smtp.servicer import SmtpServicer
+from services.smtp.spf import SpfBuilder
 
 SERVICE_NAME = "smtp-service"
 SMTP_SERVICE = smtp_pb2.DESCRIPTOR.services_by_name["SmtpService"].full_name
 
 
-async def build(settings: Settings, *, bind: str | None = None) -> RunningService:
-    """Wire and start the SMTP service process."""
+@dataclass
+class SmtpApp:
+    """The running process: server and use cases (tests drive the lifecycle through them)."""
+
+    running: RunningService
+    smtp: SmtpManager
+
+
+def policy_from(settings: Settings) -> SmtpPolicy:
+    """Rules of the SMTP service from settings."""
+    return SmtpPolicy(
+        default_timeout=timedelta(milliseconds=settings.smtp_timeout_ms),
+        rotation_overlap=timedelta(seconds=settings.dkim_rotation_overlap),
+        check_interval=timedelta(seconds=settings.dkim_check_interval),
+    )
+
+
+async def build_app(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    bind: str | None = None,
+    run_lifecycle: bool = True,
+) -> SmtpApp:
+    """Wire and start the SMTP service process, returning its use cases too.
+
+    Args:
+        settings: configuration.
+        clock: time source (tests pass a manual clock).
+        bind: "host:port" to listen on; defaults to the configured host and SMTP port.
+        run_lifecycle: whether to start the background DKIM lifecycle loop (tests drive it).
+    """
+    clock = clock or SystemClock()
     database = Database.connect(settings)
     api_keys, domain_channel = remote_api_key_resolver(settings)
+    dns = DnsResolver.from_settings(settings)
+    address_policy = AddressPolicy(allow_private=settings.smtp_allow_private_hosts)
+    # Relay names resolve where ownership records do when nameservers are configured (one DNS
+    # view for the whole service); otherwise the OS resolver, which also reads /etc/hosts.
+    host_resolver: HostResolver = (
+        DnsHostResolver(dns) if settings.dns_nameservers else SystemHostResolver()
+    )
+    manager = SmtpManager(
+        domains=GrpcDomainDirectory(
+            domain_channel,
+            jwt_secret=settings.jwt_secret,
+            jwt_issuer=settings.jwt_issuer,
+            jwt_audience=settings.jwt_audience,
+            cache_ttl=settings.domain_cache_ttl,
+        ),
+        configs=MongoSmtpConfigRepository(database.db),
+        keyrings=MongoDkimKeyringRepository(database.db),
+        auth_records=MongoAuthRecordRepository(database.db),
+        secrets=SecretsBox.from_settings(settings),
+        tester=RelayTester(
+            resolver=host_resolver, policy=address_policy, ca_file=settings.smtp_ca_file
+        ),
+        checker=RecordChecker(dns=dns, clock=clock),
+        spf=SpfBuilder(dns),
+        dmarc=DmarcBuilder(PublicSuffixList()),
+        address_policy=address_policy,
+        clock=clock,
+        policy=policy_from(settings),
+    )
     server = await start_service(
         settings=settings,
         database=database,
         bind=bind or f"{settings.host}:{settings.smtp_grpc_port}",
         service_names=(SMTP_SERVICE,),
         registrars=(
-            lambda s: smtp_pb2_grpc.add_SmtpServiceServicer_to_server(
-                # The generated base answers UNIMPLEMENTED for every rpc (see module doc).
-                smtp_pb2_grpc.SmtpServiceServicer(),  # type: ignore[abstract]
-                s,
-            ),
+            lambda s: smtp_pb2_grpc.add_SmtpServiceServicer_to_server(SmtpServicer(manager), s),
         ),
         api_keys=api_keys,
-        indexes=(),
+        indexes=SMTP_INDEXES,
     )
-    return RunningService(server, database, [domain_channel])
+    if run_lifecycle:
+        server.background.append(
+            run_periodically(
+                "dkim-lifecycle", settings.lifecycle_sweep_interval, manager.run_lifecycle_once
+            )
+        )
+    channels: list[grpc.aio.Channel] = [domain_channel]
+    return SmtpApp(RunningService(server, database, channels), manager)
+
+
+async def build(settings: Settings, *, bind: str | None = None) -> RunningService:
+    """Start the process and return only its server (what suites of several services use)."""
+    return (await build_app(settings, bind=bind)).running
+
+
+async def build_running(settings: Settings) -> RunningService:
+    """`build` for the process entry point."""
+    return await build(settings)
+
+
+__all__ = ["SERVICE_NAME", "SMTP_SERVICE", "SmtpApp", "build", "build_app", "build_running"]

@@ -506,7 +506,7 @@ def test_configuration(descriptors: DescriptorSet) -> None:
     targets = upstream_targets(settings)
     assert {b.service for b in descriptors.bindings} <= set(targets)
     assert targets["azora.smtp.v1.SmtpService"] == "127.0.0.1:6000"
-    assert GatewayConfig().max_body_bytes == DEFAULT_MAX_BODY_BYTES == 12 * 1024 * 1024
+    assert GatewayConfig().max_body_bytes == DEFAULT_MAX_BODY_BYTES == 64 * 1024 * 1024
     config = GatewayConfig.from_env(
         {"AZORA_GATEWAY_MAX_BODY_BYTES": "2048", "AZORA_GATEWAY_DEADLINE": "2.5"}
     )

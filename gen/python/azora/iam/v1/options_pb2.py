@@ -25,13 +25,13 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61zora/iam/v1/options.proto\x12\x0c\x61zora.iam.v1\x1a google/protobuf/descriptor.proto\"^\n\x0cMethodAccess\x12%\n\x0erequired_scope\x18\x01 \x01(\tR\rrequiredScope\x12\'\n\x0f\x61llow_anonymous\x18\x02 \x01(\x08R\x0e\x61llowAnonymous:T\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xb4\x87\x03 \x01(\x0b\x32\x1a.azora.iam.v1.MethodAccessR\x06\x61\x63\x63\x65ssb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61zora/iam/v1/options.proto\x12\x0c\x61zora.iam.v1\x1a google/protobuf/descriptor.proto\"\x83\x01\n\x0cMethodAccess\x12%\n\x0erequired_scope\x18\x01 \x01(\tR\rrequiredScope\x12\'\n\x0f\x61llow_anonymous\x18\x02 \x01(\x08R\x0e\x61llowAnonymous\x12#\n\rinternal_only\x18\x03 \x01(\x08R\x0cinternalOnly:T\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xb4\x87\x03 \x01(\x0b\x32\x1a.azora.iam.v1.MethodAccessR\x06\x61\x63\x63\x65ssb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'azora.iam.v1.options_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METHODACCESS']._serialized_start=78
-  _globals['_METHODACCESS']._serialized_end=172
+  _globals['_METHODACCESS']._serialized_start=79
+  _globals['_METHODACCESS']._serialized_end=210
 # @@protoc_insertion_point(module_scope)

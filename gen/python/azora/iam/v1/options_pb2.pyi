@@ -28,21 +28,29 @@ class MethodAccess(_message.Message):
 
     REQUIRED_SCOPE_FIELD_NUMBER: _builtins.int
     ALLOW_ANONYMOUS_FIELD_NUMBER: _builtins.int
+    INTERNAL_ONLY_FIELD_NUMBER: _builtins.int
     required_scope: _builtins.str
     """Scope the principal must hold (e.g. "domains:write"). Empty with allow_anonymous unset
     means any authenticated principal may call.
     """
     allow_anonymous: _builtins.bool
     """The rpc needs no credentials at all (liveness and readiness probes)."""
+    internal_only: _builtins.bool
+    """Only other Azora services may call: the principal must be a service JWT (subject starting
+    with "service:"). Anonymous, development, user and API-key principals get PERMISSION_DENIED,
+    whatever their scopes. Such rpcs carry no google.api.http binding, so the gateway never
+    exposes them either.
+    """
     def __init__(
         self,
         *,
         required_scope: _builtins.str = ...,
         allow_anonymous: _builtins.bool = ...,
+        internal_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_anonymous", b"allow_anonymous", "required_scope", b"required_scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_anonymous", b"allow_anonymous", "internal_only", b"internal_only", "required_scope", b"required_scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

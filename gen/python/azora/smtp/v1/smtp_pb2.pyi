@@ -241,6 +241,8 @@ class SmtpConfig(_message.Message):
     CLIENT_HOSTNAME_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    TLS_SKIP_VERIFY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain this relay sends for."""
     host: _builtins.str
@@ -257,6 +259,10 @@ class SmtpConfig(_message.Message):
     """Whether a password is stored (the password itself is never returned)."""
     client_hostname: _builtins.str
     """Name sent in EHLO; empty uses the service's host name."""
+    tls_skip_verify: _builtins.bool
+    """Accept the relay's TLS certificate without verifying it (self-signed relays on private
+    networks). Off by default: certificates are verified against the system trust store.
+    """
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Connection and command timeout (default SMTP_TIMEOUT)."""
@@ -264,6 +270,10 @@ class SmtpConfig(_message.Message):
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the configuration last changed."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the configuration was first stored."""
 
     def __init__(
         self,
@@ -278,10 +288,12 @@ class SmtpConfig(_message.Message):
         client_hostname: _builtins.str = ...,
         timeout: _duration_pb2.Duration | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        tls_skip_verify: _builtins.bool = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_hostname", b"client_hostname", "domain_id", b"domain_id", "host", b"host", "password_set", b"password_set", "port", b"port", "secure", b"secure", "security", b"security", "timeout", b"timeout", "update_time", b"update_time", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_hostname", b"client_hostname", "create_time", b"create_time", "domain_id", b"domain_id", "host", b"host", "password_set", b"password_set", "port", b"port", "secure", b"secure", "security", b"security", "timeout", b"timeout", "tls_skip_verify", b"tls_skip_verify", "update_time", b"update_time", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -324,6 +336,7 @@ class UpdateSmtpConfigRequest(_message.Message):
     PASSWORD_FIELD_NUMBER: _builtins.int
     CLIENT_HOSTNAME_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    TLS_SKIP_VERIFY_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain's id."""
     host: _builtins.str
@@ -340,9 +353,11 @@ class UpdateSmtpConfigRequest(_message.Message):
     """Password for SMTP AUTH; unset keeps the stored password, "" removes it."""
     client_hostname: _builtins.str
     """Name sent in EHLO."""
+    tls_skip_verify: _builtins.bool
+    """Accept the relay's TLS certificate without verifying it."""
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """Connection and command timeout."""
+        """Connection and command timeout (1 ms to 5 minutes; unset uses SMTP_TIMEOUT)."""
 
     def __init__(
         self,
@@ -356,10 +371,11 @@ class UpdateSmtpConfigRequest(_message.Message):
         password: _builtins.str | None = ...,
         client_hostname: _builtins.str = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        tls_skip_verify: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_password", b"_password", "password", b"password", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_password", b"_password", "client_hostname", b"client_hostname", "domain_id", b"domain_id", "host", b"host", "password", b"password", "port", b"port", "secure", b"secure", "security", b"security", "timeout", b"timeout", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_password", b"_password", "client_hostname", b"client_hostname", "domain_id", b"domain_id", "host", b"host", "password", b"password", "port", b"port", "secure", b"secure", "security", b"security", "timeout", b"timeout", "tls_skip_verify", b"tls_skip_verify", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__password: _TypeAlias = _typing.Literal["password"]  # noqa: Y015
     _WhichOneofArgType__password: _TypeAlias = _typing.Literal["_password", b"_password"]  # noqa: Y015
@@ -369,7 +385,10 @@ Global___UpdateSmtpConfigRequest: _TypeAlias = UpdateSmtpConfigRequest  # noqa: 
 
 @_typing.final
 class TestSmtpConnectionRequest(_message.Message):
-    """TestSmtpConnectionRequest names the relay to test."""
+    """TestSmtpConnectionRequest names the relay to test: the stored configuration of `domain_id`,
+    or the ad-hoc `config`. With both, the ad-hoc settings are tested and, when `config` has no
+    password, the domain's stored password is used (so a form can test edits before saving).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -379,7 +398,7 @@ class TestSmtpConnectionRequest(_message.Message):
     """Test the stored configuration of this domain..."""
     @_builtins.property
     def config(self) -> Global___UpdateSmtpConfigRequest:
-        """...or this ad-hoc configuration (domain_id then ignored for the settings)."""
+        """...or this ad-hoc configuration (its own domain_id is ignored)."""
 
     def __init__(
         self,
@@ -409,6 +428,8 @@ class TestStep(_message.Message):
     EXTENSIONS_FIELD_NUMBER: _builtins.int
     AUTH_MECHANISMS_FIELD_NUMBER: _builtins.int
     TLS_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    AUTH_MECHANISM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Step name: "resolve", "connect", "banner", "ehlo", "starttls", "auth", "quit"."""
     ok: _builtins.bool
@@ -417,6 +438,8 @@ class TestStep(_message.Message):
     """SMTP reply code, when the step got one."""
     detail: _builtins.str
     """SMTP reply text or other detail (never the password)."""
+    auth_mechanism: _builtins.str
+    """For "auth": the mechanism used (e.g. "PLAIN")."""
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """How long the step took."""
@@ -433,6 +456,10 @@ class TestStep(_message.Message):
     def tls(self) -> Global___TlsInfo:
         """TLS facts after STARTTLS or implicit TLS."""
 
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For "resolve" the addresses found, for "connect" the address connected to."""
+
     def __init__(
         self,
         *,
@@ -444,10 +471,12 @@ class TestStep(_message.Message):
         extensions: _abc.Iterable[_builtins.str] | None = ...,
         auth_mechanisms: _abc.Iterable[_builtins.str] | None = ...,
         tls: Global___TlsInfo | None = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+        auth_mechanism: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "tls", b"tls"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_mechanisms", b"auth_mechanisms", "detail", b"detail", "duration", b"duration", "extensions", b"extensions", "name", b"name", "ok", b"ok", "reply_code", b"reply_code", "tls", b"tls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "auth_mechanism", b"auth_mechanism", "auth_mechanisms", b"auth_mechanisms", "detail", b"detail", "duration", b"duration", "extensions", b"extensions", "name", b"name", "ok", b"ok", "reply_code", b"reply_code", "tls", b"tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -465,6 +494,8 @@ class TlsInfo(_message.Message):
     PEER_ISSUER_FIELD_NUMBER: _builtins.int
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    SUBJECT_ALT_NAMES_FIELD_NUMBER: _builtins.int
     protocol: _builtins.str
     """Protocol version, e.g. "TLSv1.3"."""
     cipher: _builtins.str
@@ -473,6 +504,8 @@ class TlsInfo(_message.Message):
     """Certificate subject."""
     peer_issuer: _builtins.str
     """Certificate issuer."""
+    verified: _builtins.bool
+    """Whether the certificate chain and host name were verified (false with tls_skip_verify)."""
     @_builtins.property
     def not_before(self) -> _timestamp_pb2.Timestamp:
         """Certificate validity start."""
@@ -480,6 +513,10 @@ class TlsInfo(_message.Message):
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp:
         """Certificate validity end."""
+
+    @_builtins.property
+    def subject_alt_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """DNS names and addresses the certificate is valid for."""
 
     def __init__(
         self,
@@ -490,10 +527,12 @@ class TlsInfo(_message.Message):
         peer_issuer: _builtins.str = ...,
         not_before: _timestamp_pb2.Timestamp | None = ...,
         not_after: _timestamp_pb2.Timestamp | None = ...,
+        verified: _builtins.bool = ...,
+        subject_alt_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after", "not_before", b"not_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher", b"cipher", "not_after", b"not_after", "not_before", b"not_before", "peer_issuer", b"peer_issuer", "peer_subject", b"peer_subject", "protocol", b"protocol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher", b"cipher", "not_after", b"not_after", "not_before", b"not_before", "peer_issuer", b"peer_issuer", "peer_subject", b"peer_subject", "protocol", b"protocol", "subject_alt_names", b"subject_alt_names", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -509,10 +548,16 @@ class TestSmtpConnectionResponse(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     FAILED_STEP_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
+    REPLY_CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     """Whether every step succeeded."""
     failed_step: _builtins.str
     """Name of the step that failed, if any."""
+    reply_code: _builtins.int
+    """SMTP reply code of the failure, when the server gave one (e.g. 421, 535)."""
+    message: _builtins.str
+    """One-line summary of the outcome (never the password)."""
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___TestStep]:
         """The steps in order."""
@@ -528,10 +573,12 @@ class TestSmtpConnectionResponse(_message.Message):
         steps: _abc.Iterable[Global___TestStep] | None = ...,
         failed_step: _builtins.str = ...,
         duration: _duration_pb2.Duration | None = ...,
+        reply_code: _builtins.int = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "failed_step", b"failed_step", "ok", b"ok", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "failed_step", b"failed_step", "message", b"message", "ok", b"ok", "reply_code", b"reply_code", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -555,6 +602,10 @@ class DkimKey(_message.Message):
     ACTIVATE_TIME_FIELD_NUMBER: _builtins.int
     RETIRE_TIME_FIELD_NUMBER: _builtins.int
     DNS_CHECK_FIELD_NUMBER: _builtins.int
+    REPLACE_TIME_FIELD_NUMBER: _builtins.int
+    SCHEDULED_RETIRE_TIME_FIELD_NUMBER: _builtins.int
+    AUTO_ACTIVATE_FIELD_NUMBER: _builtins.int
+    SIGNING_ALGORITHM_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain the key signs for."""
     selector: _builtins.str
@@ -569,6 +620,10 @@ class DkimKey(_message.Message):
     """Owner name of the TXT record: <selector>._domainkey.<domain>."""
     record_value: _builtins.str
     """TXT value to publish: "v=DKIM1; k=...; p=..."."""
+    auto_activate: _builtins.bool
+    """Whether the key becomes active by itself once its record is seen in DNS."""
+    signing_algorithm: _builtins.str
+    """The DKIM signature algorithm the key signs with: "rsa-sha256" or "ed25519-sha256"."""
     @_builtins.property
     def record_strings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The value split into strings of at most 255 octets."""
@@ -589,6 +644,14 @@ class DkimKey(_message.Message):
     def dns_check(self) -> Global___RecordCheck:
         """Latest DNS check of the key's record."""
 
+    @_builtins.property
+    def replace_time(self) -> _timestamp_pb2.Timestamp:
+        """When a newer key replaced it (it became RETIRING)."""
+
+    @_builtins.property
+    def scheduled_retire_time(self) -> _timestamp_pb2.Timestamp:
+        """When a RETIRING key becomes RETIRED (the end of the overlap)."""
+
     def __init__(
         self,
         *,
@@ -604,10 +667,14 @@ class DkimKey(_message.Message):
         activate_time: _timestamp_pb2.Timestamp | None = ...,
         retire_time: _timestamp_pb2.Timestamp | None = ...,
         dns_check: Global___RecordCheck | None = ...,
+        replace_time: _timestamp_pb2.Timestamp | None = ...,
+        scheduled_retire_time: _timestamp_pb2.Timestamp | None = ...,
+        auto_activate: _builtins.bool = ...,
+        signing_algorithm: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activate_time", b"activate_time", "create_time", b"create_time", "dns_check", b"dns_check", "retire_time", b"retire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activate_time", b"activate_time", "create_time", b"create_time", "dns_check", b"dns_check", "replace_time", b"replace_time", "retire_time", b"retire_time", "scheduled_retire_time", b"scheduled_retire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activate_time", b"activate_time", "algorithm", b"algorithm", "create_time", b"create_time", "dns_check", b"dns_check", "domain_id", b"domain_id", "key_bits", b"key_bits", "record_name", b"record_name", "record_strings", b"record_strings", "record_value", b"record_value", "retire_time", b"retire_time", "selector", b"selector", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activate_time", b"activate_time", "algorithm", b"algorithm", "auto_activate", b"auto_activate", "create_time", b"create_time", "dns_check", b"dns_check", "domain_id", b"domain_id", "key_bits", b"key_bits", "record_name", b"record_name", "record_strings", b"record_strings", "record_value", b"record_value", "replace_time", b"replace_time", "retire_time", b"retire_time", "scheduled_retire_time", b"scheduled_retire_time", "selector", b"selector", "signing_algorithm", b"signing_algorithm", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -623,6 +690,7 @@ class GenerateDkimKeyRequest(_message.Message):
     SELECTOR_FIELD_NUMBER: _builtins.int
     ALGORITHM_FIELD_NUMBER: _builtins.int
     KEY_BITS_FIELD_NUMBER: _builtins.int
+    AUTO_ACTIVATE_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain's id."""
     selector: _builtins.str
@@ -630,7 +698,11 @@ class GenerateDkimKeyRequest(_message.Message):
     algorithm: Global___DkimAlgorithm.ValueType
     """Key algorithm (default RSA)."""
     key_bits: _builtins.int
-    """RSA key size: 1024, 2048 (default), 3072 or 4096."""
+    """RSA key size: 1024, 2048 (default), 3072 or 4096; 0 (or unset) for Ed25519."""
+    auto_activate: _builtins.bool
+    """Activate the key by itself once its record is seen in DNS (the background check runs
+    every AZORA_DKIM_CHECK_INTERVAL); otherwise call ActivateDkimKey.
+    """
     def __init__(
         self,
         *,
@@ -638,10 +710,11 @@ class GenerateDkimKeyRequest(_message.Message):
         selector: _builtins.str = ...,
         algorithm: Global___DkimAlgorithm.ValueType = ...,
         key_bits: _builtins.int = ...,
+        auto_activate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "domain_id", b"domain_id", "key_bits", b"key_bits", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "auto_activate", b"auto_activate", "domain_id", b"domain_id", "key_bits", b"key_bits", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -654,16 +727,20 @@ class ListDkimKeysRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DOMAIN_ID_FIELD_NUMBER: _builtins.int
+    CHECK_DNS_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain's id."""
+    check_dns: _builtins.bool
+    """Look every non-retired key's record up now instead of showing the last background check."""
     def __init__(
         self,
         *,
         domain_id: _builtins.str = ...,
+        check_dns: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_dns", b"check_dns", "domain_id", b"domain_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -765,12 +842,15 @@ class GenerateSpfRecordRequest(_message.Message):
     MECHANISMS_FIELD_NUMBER: _builtins.int
     ALL_FIELD_NUMBER: _builtins.int
     REDIRECT_FIELD_NUMBER: _builtins.int
+    EXCLUDE_RELAY_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain's id."""
     all: Global___SpfQualifier.ValueType
     """Qualifier of the final "all" (default SOFTFAIL)."""
     redirect: _builtins.str
     """Redirect to another domain's policy instead of "all"."""
+    exclude_relay: _builtins.bool
+    """Do not add the mechanism derived from the domain's relay ("a:<host>", "ip4:..." ...)."""
     @_builtins.property
     def mechanisms(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpfMechanism]:
         """Extra mechanisms after those derived from the relay."""
@@ -782,10 +862,11 @@ class GenerateSpfRecordRequest(_message.Message):
         mechanisms: _abc.Iterable[Global___SpfMechanism] | None = ...,
         all: Global___SpfQualifier.ValueType = ...,
         redirect: _builtins.str = ...,
+        exclude_relay: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "domain_id", b"domain_id", "mechanisms", b"mechanisms", "redirect", b"redirect"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "domain_id", b"domain_id", "exclude_relay", b"exclude_relay", "mechanisms", b"mechanisms", "redirect", b"redirect"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -801,6 +882,8 @@ class SpfRecord(_message.Message):
     RECORD_VALUE_FIELD_NUMBER: _builtins.int
     DNS_LOOKUPS_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    RECORD_STRINGS_FIELD_NUMBER: _builtins.int
+    PUBLISHED_RECORDS_FIELD_NUMBER: _builtins.int
     record_name: _builtins.str
     """Owner name (the domain)."""
     record_value: _builtins.str
@@ -811,6 +894,14 @@ class SpfRecord(_message.Message):
     def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Warnings (e.g. more than one SPF record published)."""
 
+    @_builtins.property
+    def record_strings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The value split into strings of at most 255 octets."""
+
+    @_builtins.property
+    def published_records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """SPF records currently published at the domain."""
+
     def __init__(
         self,
         *,
@@ -818,10 +909,12 @@ class SpfRecord(_message.Message):
         record_value: _builtins.str = ...,
         dns_lookups: _builtins.int = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        record_strings: _abc.Iterable[_builtins.str] | None = ...,
+        published_records: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dns_lookups", b"dns_lookups", "record_name", b"record_name", "record_value", b"record_value", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dns_lookups", b"dns_lookups", "published_records", b"published_records", "record_name", b"record_name", "record_strings", b"record_strings", "record_value", b"record_value", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -905,6 +998,8 @@ class DmarcRecord(_message.Message):
     RECORD_NAME_FIELD_NUMBER: _builtins.int
     RECORD_VALUE_FIELD_NUMBER: _builtins.int
     EXTERNAL_AUTHORIZATIONS_FIELD_NUMBER: _builtins.int
+    RECORD_STRINGS_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     record_name: _builtins.str
     """Owner name: _dmarc.<domain>."""
     record_value: _builtins.str
@@ -913,16 +1008,26 @@ class DmarcRecord(_message.Message):
     def external_authorizations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExternalAuthorization]:
         """Extra records needed, e.g. "<domain>._report._dmarc.<report domain>" for external reports."""
 
+    @_builtins.property
+    def record_strings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The value split into strings of at most 255 octets."""
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Advice that does not make the record invalid (e.g. more than two report addresses)."""
+
     def __init__(
         self,
         *,
         record_name: _builtins.str = ...,
         record_value: _builtins.str = ...,
         external_authorizations: _abc.Iterable[Global___ExternalAuthorization] | None = ...,
+        record_strings: _abc.Iterable[_builtins.str] | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["external_authorizations", b"external_authorizations", "record_name", b"record_name", "record_value", b"record_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["external_authorizations", b"external_authorizations", "record_name", b"record_name", "record_strings", b"record_strings", "record_value", b"record_value", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -936,19 +1041,23 @@ class ExternalAuthorization(_message.Message):
 
     RECORD_NAME_FIELD_NUMBER: _builtins.int
     RECORD_VALUE_FIELD_NUMBER: _builtins.int
+    REPORT_DOMAIN_FIELD_NUMBER: _builtins.int
     record_name: _builtins.str
     """Owner name of the record."""
     record_value: _builtins.str
     """TXT value ("v=DMARC1")."""
+    report_domain: _builtins.str
+    """The domain that receives the reports and must publish the record."""
     def __init__(
         self,
         *,
         record_name: _builtins.str = ...,
         record_value: _builtins.str = ...,
+        report_domain: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["record_name", b"record_name", "record_value", b"record_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record_name", b"record_name", "record_value", b"record_value", "report_domain", b"report_domain"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -967,8 +1076,11 @@ class RecordCheck(_message.Message):
     FOUND_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     CHECK_TIME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
     purpose: _builtins.str
-    """What the record is for: "verification", "dkim", "spf", "dmarc", "mx"."""
+    """What the record is for: "verification", "dkim", "spf", "dmarc", "mx" or
+    "dmarc_report_authorization".
+    """
     type: _builtins.str
     """Record type."""
     record_name: _builtins.str
@@ -977,6 +1089,8 @@ class RecordCheck(_message.Message):
     """Expected value."""
     status: Global___RecordCheckStatus.ValueType
     """Result."""
+    detail: _builtins.str
+    """What was wrong, or what the lookup itself reported."""
     @_builtins.property
     def found(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Values found."""
@@ -995,10 +1109,11 @@ class RecordCheck(_message.Message):
         found: _abc.Iterable[_builtins.str] | None = ...,
         status: Global___RecordCheckStatus.ValueType = ...,
         check_time: _timestamp_pb2.Timestamp | None = ...,
+        detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["check_time", b"check_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_time", b"check_time", "expected", b"expected", "found", b"found", "purpose", b"purpose", "record_name", b"record_name", "status", b"status", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_time", b"check_time", "detail", b"detail", "expected", b"expected", "found", b"found", "purpose", b"purpose", "record_name", b"record_name", "status", b"status", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1053,3 +1168,185 @@ class CheckDnsRecordsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckDnsRecordsResponse: _TypeAlias = CheckDnsRecordsResponse  # noqa: Y015
+
+@_typing.final
+class GetRelayCredentialsRequest(_message.Message):
+    """GetRelayCredentialsRequest names the domain whose relay a service delivers through.
+    Internal: never exposed through the gateway.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    domain_id: _builtins.str
+    """The domain's id."""
+    tenant_id: _builtins.str
+    """The tenant owning the domain; when set it must equal the service token's tenant claim
+    (a consistency check: the token's tenant is what scopes the lookup).
+    """
+    def __init__(
+        self,
+        *,
+        domain_id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRelayCredentialsRequest: _TypeAlias = GetRelayCredentialsRequest  # noqa: Y015
+
+@_typing.final
+class RelayCredentials(_message.Message):
+    """RelayCredentials is a domain's relay with its password in clear text, for delivery only.
+    Internal: never exposed through the gateway.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_ID_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    SECURITY_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    CLIENT_HOSTNAME_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    TLS_SKIP_VERIFY_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    domain_id: _builtins.str
+    """The domain this relay sends for."""
+    host: _builtins.str
+    """Relay host name (lowercase A-label) or address."""
+    port: _builtins.int
+    """Relay port (1..65535)."""
+    security: Global___SecurityMode.ValueType
+    """Connection security (never UNSPECIFIED here)."""
+    username: _builtins.str
+    """User name for SMTP AUTH; empty for none."""
+    password: _builtins.str
+    """The decrypted password for SMTP AUTH; empty when none is stored."""
+    client_hostname: _builtins.str
+    """Name sent in EHLO; empty uses the sender's host name."""
+    tls_skip_verify: _builtins.bool
+    """Accept the relay's TLS certificate without verifying it."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Connection and command timeout."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the configuration last changed (lets a cache notice a new relay)."""
+
+    def __init__(
+        self,
+        *,
+        domain_id: _builtins.str = ...,
+        host: _builtins.str = ...,
+        port: _builtins.int = ...,
+        security: Global___SecurityMode.ValueType = ...,
+        username: _builtins.str = ...,
+        password: _builtins.str = ...,
+        client_hostname: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        tls_skip_verify: _builtins.bool = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_hostname", b"client_hostname", "domain_id", b"domain_id", "host", b"host", "password", b"password", "port", b"port", "security", b"security", "timeout", b"timeout", "tls_skip_verify", b"tls_skip_verify", "update_time", b"update_time", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayCredentials: _TypeAlias = RelayCredentials  # noqa: Y015
+
+@_typing.final
+class GetSigningKeyRequest(_message.Message):
+    """GetSigningKeyRequest names the domain whose mail is about to be signed.
+    Internal: never exposed through the gateway.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_ID_FIELD_NUMBER: _builtins.int
+    domain_id: _builtins.str
+    """The domain's id."""
+    def __init__(
+        self,
+        *,
+        domain_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSigningKeyRequest: _TypeAlias = GetSigningKeyRequest  # noqa: Y015
+
+@_typing.final
+class SigningKey(_message.Message):
+    """SigningKey is the key that signs a domain's mail now, with its private key.
+    Internal: never exposed through the gateway.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_ID_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    PRIVATE_KEY_PEM_FIELD_NUMBER: _builtins.int
+    domain_id: _builtins.str
+    """The domain's id."""
+    domain: _builtins.str
+    """The signing domain (d=), lowercase A-label."""
+    selector: _builtins.str
+    """Selector (s=)."""
+    algorithm: _builtins.str
+    """Signature algorithm (a=): "rsa-sha256" or "ed25519-sha256"."""
+    private_key_pem: _builtins.bytes
+    """The private key as PKCS#8 PEM."""
+    def __init__(
+        self,
+        *,
+        domain_id: _builtins.str = ...,
+        domain: _builtins.str = ...,
+        selector: _builtins.str = ...,
+        algorithm: _builtins.str = ...,
+        private_key_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "domain", b"domain", "domain_id", b"domain_id", "private_key_pem", b"private_key_pem", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SigningKey: _TypeAlias = SigningKey  # noqa: Y015
+
+@_typing.final
+class DeleteDomainDataRequest(_message.Message):
+    """DeleteDomainDataRequest names a deleted domain whose SMTP data must go.
+    Internal: never exposed through the gateway.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_ID_FIELD_NUMBER: _builtins.int
+    domain_id: _builtins.str
+    """The deleted domain's id."""
+    def __init__(
+        self,
+        *,
+        domain_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDomainDataRequest: _TypeAlias = DeleteDomainDataRequest  # noqa: Y015

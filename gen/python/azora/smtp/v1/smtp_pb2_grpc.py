@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from azora.smtp.v1 import smtp_pb2 as azora_dot_smtp_dot_v1_dot_smtp__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -82,6 +83,21 @@ class SmtpServiceStub:
                 request_serializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.CheckDnsRecordsRequest.SerializeToString,
                 response_deserializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.CheckDnsRecordsResponse.FromString,
                 _registered_method=True)
+        self.GetRelayCredentials = channel.unary_unary(
+                '/azora.smtp.v1.SmtpService/GetRelayCredentials',
+                request_serializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.GetRelayCredentialsRequest.SerializeToString,
+                response_deserializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.RelayCredentials.FromString,
+                _registered_method=True)
+        self.GetSigningKey = channel.unary_unary(
+                '/azora.smtp.v1.SmtpService/GetSigningKey',
+                request_serializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.GetSigningKeyRequest.SerializeToString,
+                response_deserializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.SigningKey.FromString,
+                _registered_method=True)
+        self.DeleteDomainData = channel.unary_unary(
+                '/azora.smtp.v1.SmtpService/DeleteDomainData',
+                request_serializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.DeleteDomainDataRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class SmtpServiceServicer:
@@ -99,28 +115,40 @@ class SmtpServiceServicer:
 
     def UpdateSmtpConfig(self, request, context):
         """Creates or replaces the relay configuration of a domain. Omitting the password keeps the
-        stored one.
+        stored one; an empty password removes it. The password is encrypted at rest and never
+        returned (`password_set` says whether one is stored).
+        Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, ...),
+        NOT_FOUND (domain), ABORTED (changed concurrently).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def TestSmtpConnection(self, request, context):
-        """Connects to a relay (a stored configuration or an ad-hoc one) and reports every step.
+        """Connects to a relay (a stored configuration or an ad-hoc one) and reports every step with
+        its duration: resolve, connect, tls (implicit TLS), banner, ehlo, starttls, auth, quit.
+        A failing relay is a normal answer (ok = false, failed_step, reply_code), not an error.
+        Hosts resolving to loopback, private, link-local, CGNAT or metadata addresses are refused
+        unless AZORA_SMTP_ALLOW_PRIVATE_HOSTS is set (the default outside production).
+        Errors: INVALID_ARGUMENT (neither domain_id nor config, or a bad config), NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GenerateDkimKey(self, request, context):
-        """Generates a DKIM key pair for a domain and returns the TXT record to publish.
+        """Generates a DKIM key pair for a domain and returns the TXT record to publish. The key is
+        PENDING (it never signs) until it is activated after its record is seen in DNS.
+        Errors: INVALID_ARGUMENT (selector, key_bits, algorithm), NOT_FOUND (domain),
+        ALREADY_EXISTS (selector used before), FAILED_PRECONDITION (too many live keys).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDkimKeys(self, request, context):
-        """Lists a domain's DKIM keys, newest first.
+        """Lists a domain's DKIM keys, newest first, with times and the latest DNS check.
+        Errors: NOT_FOUND (domain).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,22 +163,66 @@ class SmtpServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateSpfRecord(self, request, context):
-        """Builds and validates the domain's SPF record.
+        """Builds and validates the domain's SPF record: the relay's mechanism, the caller's
+        mechanisms and the final all (or redirect). DNS lookups are counted through nested
+        includes. Errors: INVALID_ARGUMENT (e.g. `mechanisms[2].value`, `redirect`, `all`, or
+        `mechanisms` when more than 10 DNS lookups are needed), NOT_FOUND (domain).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GenerateDmarcRecord(self, request, context):
-        """Builds and validates the domain's DMARC record.
+        """Builds and validates the domain's DMARC record and lists the authorisation records that
+        report domains outside the domain's organisation must publish.
+        Errors: INVALID_ARGUMENT (policy, percent, report URIs, failure_options, report_interval),
+        NOT_FOUND (domain).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CheckDnsRecords(self, request, context):
-        """Looks up every record the domain should publish and reports each as ok, missing or
-        different.
+        """Looks up every record the domain should publish (ownership token, every DKIM key that is
+        not retired, SPF, DMARC, DMARC report authorisations, MX) and reports each as ok, missing
+        or different, with what was found. Errors: NOT_FOUND (domain).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRelayCredentials(self, request, context):
+        """--- Internal rpcs ---------------------------------------------------------------------------
+        The rpcs below serve other Azora services only (the mail service's delivery workers, the
+        domain service's deletion cascade). They have no google.api.http binding, so the gateway
+        and the OpenAPI document never expose them, and `internal_only` makes the auth interceptor
+        refuse every principal that is not a service JWT. The tenant is the service token's tenant
+        claim, so a service only ever reaches the data of the tenant it minted the token for.
+
+        Returns a domain's relay configuration including the decrypted password, for delivering
+        mail through it. Internal: never exposed through the gateway.
+        Errors: NOT_FOUND (domain or relay configuration), FAILED_PRECONDITION (the stored password
+        cannot be decrypted), PERMISSION_DENIED (not a service principal).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSigningKey(self, request, context):
+        """Returns the domain's ACTIVE DKIM key with its private key, for signing outgoing mail.
+        Internal: never exposed through the gateway.
+        Errors: NOT_FOUND (no active key), FAILED_PRECONDITION (the private key cannot be
+        decrypted), PERMISSION_DENIED (not a service principal).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDomainData(self, request, context):
+        """Purges a deleted domain's relay configuration, DKIM keys and generated records.
+        Idempotent: purging a domain with nothing stored succeeds. Called by the domain service
+        after a domain is deleted. Internal: never exposed through the gateway.
+        Errors: PERMISSION_DENIED (not a service principal).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -203,6 +275,21 @@ def add_SmtpServiceServicer_to_server(servicer, server):
                     servicer.CheckDnsRecords,
                     request_deserializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.CheckDnsRecordsRequest.FromString,
                     response_serializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.CheckDnsRecordsResponse.SerializeToString,
+            ),
+            'GetRelayCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRelayCredentials,
+                    request_deserializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.GetRelayCredentialsRequest.FromString,
+                    response_serializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.RelayCredentials.SerializeToString,
+            ),
+            'GetSigningKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSigningKey,
+                    request_deserializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.GetSigningKeyRequest.FromString,
+                    response_serializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.SigningKey.SerializeToString,
+            ),
+            'DeleteDomainData': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDomainData,
+                    request_deserializer=azora_dot_smtp_dot_v1_dot_smtp__pb2.DeleteDomainDataRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -451,6 +538,87 @@ class SmtpService:
             '/azora.smtp.v1.SmtpService/CheckDnsRecords',
             azora_dot_smtp_dot_v1_dot_smtp__pb2.CheckDnsRecordsRequest.SerializeToString,
             azora_dot_smtp_dot_v1_dot_smtp__pb2.CheckDnsRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRelayCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.smtp.v1.SmtpService/GetRelayCredentials',
+            azora_dot_smtp_dot_v1_dot_smtp__pb2.GetRelayCredentialsRequest.SerializeToString,
+            azora_dot_smtp_dot_v1_dot_smtp__pb2.RelayCredentials.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSigningKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.smtp.v1.SmtpService/GetSigningKey',
+            azora_dot_smtp_dot_v1_dot_smtp__pb2.GetSigningKeyRequest.SerializeToString,
+            azora_dot_smtp_dot_v1_dot_smtp__pb2.SigningKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDomainData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.smtp.v1.SmtpService/DeleteDomainData',
+            azora_dot_smtp_dot_v1_dot_smtp__pb2.DeleteDomainDataRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ isort:skip_file
 
 from azora.smtp.v1 import smtp_pb2 as _smtp_pb2
 from collections import abc as _abc
+from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -40,25 +41,74 @@ class SmtpServiceStub:
     """Returns the relay configuration of a domain. Errors: NOT_FOUND (domain or configuration)."""
     UpdateSmtpConfig: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.UpdateSmtpConfigRequest, _smtp_pb2.SmtpConfig]
     """Creates or replaces the relay configuration of a domain. Omitting the password keeps the
-    stored one.
+    stored one; an empty password removes it. The password is encrypted at rest and never
+    returned (`password_set` says whether one is stored).
+    Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, ...),
+    NOT_FOUND (domain), ABORTED (changed concurrently).
     """
     TestSmtpConnection: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.TestSmtpConnectionRequest, _smtp_pb2.TestSmtpConnectionResponse]
-    """Connects to a relay (a stored configuration or an ad-hoc one) and reports every step."""
+    """Connects to a relay (a stored configuration or an ad-hoc one) and reports every step with
+    its duration: resolve, connect, tls (implicit TLS), banner, ehlo, starttls, auth, quit.
+    A failing relay is a normal answer (ok = false, failed_step, reply_code), not an error.
+    Hosts resolving to loopback, private, link-local, CGNAT or metadata addresses are refused
+    unless AZORA_SMTP_ALLOW_PRIVATE_HOSTS is set (the default outside production).
+    Errors: INVALID_ARGUMENT (neither domain_id nor config, or a bad config), NOT_FOUND.
+    """
     GenerateDkimKey: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.GenerateDkimKeyRequest, _smtp_pb2.DkimKey]
-    """Generates a DKIM key pair for a domain and returns the TXT record to publish."""
+    """Generates a DKIM key pair for a domain and returns the TXT record to publish. The key is
+    PENDING (it never signs) until it is activated after its record is seen in DNS.
+    Errors: INVALID_ARGUMENT (selector, key_bits, algorithm), NOT_FOUND (domain),
+    ALREADY_EXISTS (selector used before), FAILED_PRECONDITION (too many live keys).
+    """
     ListDkimKeys: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.ListDkimKeysRequest, _smtp_pb2.ListDkimKeysResponse]
-    """Lists a domain's DKIM keys, newest first."""
+    """Lists a domain's DKIM keys, newest first, with times and the latest DNS check.
+    Errors: NOT_FOUND (domain).
+    """
     ActivateDkimKey: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.ActivateDkimKeyRequest, _smtp_pb2.DkimKey]
     """Makes a pending key active once its record is seen in DNS; the previous active key
     becomes RETIRING for the overlap period. Errors: FAILED_PRECONDITION (record not seen).
     """
     GenerateSpfRecord: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.GenerateSpfRecordRequest, _smtp_pb2.SpfRecord]
-    """Builds and validates the domain's SPF record."""
+    """Builds and validates the domain's SPF record: the relay's mechanism, the caller's
+    mechanisms and the final all (or redirect). DNS lookups are counted through nested
+    includes. Errors: INVALID_ARGUMENT (e.g. `mechanisms[2].value`, `redirect`, `all`, or
+    `mechanisms` when more than 10 DNS lookups are needed), NOT_FOUND (domain).
+    """
     GenerateDmarcRecord: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.GenerateDmarcRecordRequest, _smtp_pb2.DmarcRecord]
-    """Builds and validates the domain's DMARC record."""
+    """Builds and validates the domain's DMARC record and lists the authorisation records that
+    report domains outside the domain's organisation must publish.
+    Errors: INVALID_ARGUMENT (policy, percent, report URIs, failure_options, report_interval),
+    NOT_FOUND (domain).
+    """
     CheckDnsRecords: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.CheckDnsRecordsRequest, _smtp_pb2.CheckDnsRecordsResponse]
-    """Looks up every record the domain should publish and reports each as ok, missing or
-    different.
+    """Looks up every record the domain should publish (ownership token, every DKIM key that is
+    not retired, SPF, DMARC, DMARC report authorisations, MX) and reports each as ok, missing
+    or different, with what was found. Errors: NOT_FOUND (domain).
+    """
+    GetRelayCredentials: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.GetRelayCredentialsRequest, _smtp_pb2.RelayCredentials]
+    """--- Internal rpcs ---------------------------------------------------------------------------
+    The rpcs below serve other Azora services only (the mail service's delivery workers, the
+    domain service's deletion cascade). They have no google.api.http binding, so the gateway
+    and the OpenAPI document never expose them, and `internal_only` makes the auth interceptor
+    refuse every principal that is not a service JWT. The tenant is the service token's tenant
+    claim, so a service only ever reaches the data of the tenant it minted the token for.
+
+    Returns a domain's relay configuration including the decrypted password, for delivering
+    mail through it. Internal: never exposed through the gateway.
+    Errors: NOT_FOUND (domain or relay configuration), FAILED_PRECONDITION (the stored password
+    cannot be decrypted), PERMISSION_DENIED (not a service principal).
+    """
+    GetSigningKey: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.GetSigningKeyRequest, _smtp_pb2.SigningKey]
+    """Returns the domain's ACTIVE DKIM key with its private key, for signing outgoing mail.
+    Internal: never exposed through the gateway.
+    Errors: NOT_FOUND (no active key), FAILED_PRECONDITION (the private key cannot be
+    decrypted), PERMISSION_DENIED (not a service principal).
+    """
+    DeleteDomainData: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.DeleteDomainDataRequest, _empty_pb2.Empty]
+    """Purges a deleted domain's relay configuration, DKIM keys and generated records.
+    Idempotent: purging a domain with nothing stored succeeds. Called by the domain service
+    after a domain is deleted. Internal: never exposed through the gateway.
+    Errors: PERMISSION_DENIED (not a service principal).
     """
 
 @_typing.type_check_only
@@ -73,25 +123,74 @@ class SmtpServiceAsyncStub(SmtpServiceStub):
     """Returns the relay configuration of a domain. Errors: NOT_FOUND (domain or configuration)."""
     UpdateSmtpConfig: _aio.UnaryUnaryMultiCallable[_smtp_pb2.UpdateSmtpConfigRequest, _smtp_pb2.SmtpConfig]  # type: ignore[assignment]
     """Creates or replaces the relay configuration of a domain. Omitting the password keeps the
-    stored one.
+    stored one; an empty password removes it. The password is encrypted at rest and never
+    returned (`password_set` says whether one is stored).
+    Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, ...),
+    NOT_FOUND (domain), ABORTED (changed concurrently).
     """
     TestSmtpConnection: _aio.UnaryUnaryMultiCallable[_smtp_pb2.TestSmtpConnectionRequest, _smtp_pb2.TestSmtpConnectionResponse]  # type: ignore[assignment]
-    """Connects to a relay (a stored configuration or an ad-hoc one) and reports every step."""
+    """Connects to a relay (a stored configuration or an ad-hoc one) and reports every step with
+    its duration: resolve, connect, tls (implicit TLS), banner, ehlo, starttls, auth, quit.
+    A failing relay is a normal answer (ok = false, failed_step, reply_code), not an error.
+    Hosts resolving to loopback, private, link-local, CGNAT or metadata addresses are refused
+    unless AZORA_SMTP_ALLOW_PRIVATE_HOSTS is set (the default outside production).
+    Errors: INVALID_ARGUMENT (neither domain_id nor config, or a bad config), NOT_FOUND.
+    """
     GenerateDkimKey: _aio.UnaryUnaryMultiCallable[_smtp_pb2.GenerateDkimKeyRequest, _smtp_pb2.DkimKey]  # type: ignore[assignment]
-    """Generates a DKIM key pair for a domain and returns the TXT record to publish."""
+    """Generates a DKIM key pair for a domain and returns the TXT record to publish. The key is
+    PENDING (it never signs) until it is activated after its record is seen in DNS.
+    Errors: INVALID_ARGUMENT (selector, key_bits, algorithm), NOT_FOUND (domain),
+    ALREADY_EXISTS (selector used before), FAILED_PRECONDITION (too many live keys).
+    """
     ListDkimKeys: _aio.UnaryUnaryMultiCallable[_smtp_pb2.ListDkimKeysRequest, _smtp_pb2.ListDkimKeysResponse]  # type: ignore[assignment]
-    """Lists a domain's DKIM keys, newest first."""
+    """Lists a domain's DKIM keys, newest first, with times and the latest DNS check.
+    Errors: NOT_FOUND (domain).
+    """
     ActivateDkimKey: _aio.UnaryUnaryMultiCallable[_smtp_pb2.ActivateDkimKeyRequest, _smtp_pb2.DkimKey]  # type: ignore[assignment]
     """Makes a pending key active once its record is seen in DNS; the previous active key
     becomes RETIRING for the overlap period. Errors: FAILED_PRECONDITION (record not seen).
     """
     GenerateSpfRecord: _aio.UnaryUnaryMultiCallable[_smtp_pb2.GenerateSpfRecordRequest, _smtp_pb2.SpfRecord]  # type: ignore[assignment]
-    """Builds and validates the domain's SPF record."""
+    """Builds and validates the domain's SPF record: the relay's mechanism, the caller's
+    mechanisms and the final all (or redirect). DNS lookups are counted through nested
+    includes. Errors: INVALID_ARGUMENT (e.g. `mechanisms[2].value`, `redirect`, `all`, or
+    `mechanisms` when more than 10 DNS lookups are needed), NOT_FOUND (domain).
+    """
     GenerateDmarcRecord: _aio.UnaryUnaryMultiCallable[_smtp_pb2.GenerateDmarcRecordRequest, _smtp_pb2.DmarcRecord]  # type: ignore[assignment]
-    """Builds and validates the domain's DMARC record."""
+    """Builds and validates the domain's DMARC record and lists the authorisation records that
+    report domains outside the domain's organisation must publish.
+    Errors: INVALID_ARGUMENT (policy, percent, report URIs, failure_options, report_interval),
+    NOT_FOUND (domain).
+    """
     CheckDnsRecords: _aio.UnaryUnaryMultiCallable[_smtp_pb2.CheckDnsRecordsRequest, _smtp_pb2.CheckDnsRecordsResponse]  # type: ignore[assignment]
-    """Looks up every record the domain should publish and reports each as ok, missing or
-    different.
+    """Looks up every record the domain should publish (ownership token, every DKIM key that is
+    not retired, SPF, DMARC, DMARC report authorisations, MX) and reports each as ok, missing
+    or different, with what was found. Errors: NOT_FOUND (domain).
+    """
+    GetRelayCredentials: _aio.UnaryUnaryMultiCallable[_smtp_pb2.GetRelayCredentialsRequest, _smtp_pb2.RelayCredentials]  # type: ignore[assignment]
+    """--- Internal rpcs ---------------------------------------------------------------------------
+    The rpcs below serve other Azora services only (the mail service's delivery workers, the
+    domain service's deletion cascade). They have no google.api.http binding, so the gateway
+    and the OpenAPI document never expose them, and `internal_only` makes the auth interceptor
+    refuse every principal that is not a service JWT. The tenant is the service token's tenant
+    claim, so a service only ever reaches the data of the tenant it minted the token for.
+
+    Returns a domain's relay configuration including the decrypted password, for delivering
+    mail through it. Internal: never exposed through the gateway.
+    Errors: NOT_FOUND (domain or relay configuration), FAILED_PRECONDITION (the stored password
+    cannot be decrypted), PERMISSION_DENIED (not a service principal).
+    """
+    GetSigningKey: _aio.UnaryUnaryMultiCallable[_smtp_pb2.GetSigningKeyRequest, _smtp_pb2.SigningKey]  # type: ignore[assignment]
+    """Returns the domain's ACTIVE DKIM key with its private key, for signing outgoing mail.
+    Internal: never exposed through the gateway.
+    Errors: NOT_FOUND (no active key), FAILED_PRECONDITION (the private key cannot be
+    decrypted), PERMISSION_DENIED (not a service principal).
+    """
+    DeleteDomainData: _aio.UnaryUnaryMultiCallable[_smtp_pb2.DeleteDomainDataRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Purges a deleted domain's relay configuration, DKIM keys and generated records.
+    Idempotent: purging a domain with nothing stored succeeds. Called by the domain service
+    after a domain is deleted. Internal: never exposed through the gateway.
+    Errors: PERMISSION_DENIED (not a service principal).
     """
 
 class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -115,7 +214,10 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_smtp_pb2.SmtpConfig, _abc.Awaitable[_smtp_pb2.SmtpConfig]]:
         """Creates or replaces the relay configuration of a domain. Omitting the password keeps the
-        stored one.
+        stored one; an empty password removes it. The password is encrypted at rest and never
+        returned (`password_set` says whether one is stored).
+        Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, ...),
+        NOT_FOUND (domain), ABORTED (changed concurrently).
         """
 
     @_abc_1.abstractmethod
@@ -124,7 +226,13 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _smtp_pb2.TestSmtpConnectionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_smtp_pb2.TestSmtpConnectionResponse, _abc.Awaitable[_smtp_pb2.TestSmtpConnectionResponse]]:
-        """Connects to a relay (a stored configuration or an ad-hoc one) and reports every step."""
+        """Connects to a relay (a stored configuration or an ad-hoc one) and reports every step with
+        its duration: resolve, connect, tls (implicit TLS), banner, ehlo, starttls, auth, quit.
+        A failing relay is a normal answer (ok = false, failed_step, reply_code), not an error.
+        Hosts resolving to loopback, private, link-local, CGNAT or metadata addresses are refused
+        unless AZORA_SMTP_ALLOW_PRIVATE_HOSTS is set (the default outside production).
+        Errors: INVALID_ARGUMENT (neither domain_id nor config, or a bad config), NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def GenerateDkimKey(
@@ -132,7 +240,11 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _smtp_pb2.GenerateDkimKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_smtp_pb2.DkimKey, _abc.Awaitable[_smtp_pb2.DkimKey]]:
-        """Generates a DKIM key pair for a domain and returns the TXT record to publish."""
+        """Generates a DKIM key pair for a domain and returns the TXT record to publish. The key is
+        PENDING (it never signs) until it is activated after its record is seen in DNS.
+        Errors: INVALID_ARGUMENT (selector, key_bits, algorithm), NOT_FOUND (domain),
+        ALREADY_EXISTS (selector used before), FAILED_PRECONDITION (too many live keys).
+        """
 
     @_abc_1.abstractmethod
     def ListDkimKeys(
@@ -140,7 +252,9 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _smtp_pb2.ListDkimKeysRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_smtp_pb2.ListDkimKeysResponse, _abc.Awaitable[_smtp_pb2.ListDkimKeysResponse]]:
-        """Lists a domain's DKIM keys, newest first."""
+        """Lists a domain's DKIM keys, newest first, with times and the latest DNS check.
+        Errors: NOT_FOUND (domain).
+        """
 
     @_abc_1.abstractmethod
     def ActivateDkimKey(
@@ -158,7 +272,11 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _smtp_pb2.GenerateSpfRecordRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_smtp_pb2.SpfRecord, _abc.Awaitable[_smtp_pb2.SpfRecord]]:
-        """Builds and validates the domain's SPF record."""
+        """Builds and validates the domain's SPF record: the relay's mechanism, the caller's
+        mechanisms and the final all (or redirect). DNS lookups are counted through nested
+        includes. Errors: INVALID_ARGUMENT (e.g. `mechanisms[2].value`, `redirect`, `all`, or
+        `mechanisms` when more than 10 DNS lookups are needed), NOT_FOUND (domain).
+        """
 
     @_abc_1.abstractmethod
     def GenerateDmarcRecord(
@@ -166,7 +284,11 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _smtp_pb2.GenerateDmarcRecordRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_smtp_pb2.DmarcRecord, _abc.Awaitable[_smtp_pb2.DmarcRecord]]:
-        """Builds and validates the domain's DMARC record."""
+        """Builds and validates the domain's DMARC record and lists the authorisation records that
+        report domains outside the domain's organisation must publish.
+        Errors: INVALID_ARGUMENT (policy, percent, report URIs, failure_options, report_interval),
+        NOT_FOUND (domain).
+        """
 
     @_abc_1.abstractmethod
     def CheckDnsRecords(
@@ -174,8 +296,52 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _smtp_pb2.CheckDnsRecordsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_smtp_pb2.CheckDnsRecordsResponse, _abc.Awaitable[_smtp_pb2.CheckDnsRecordsResponse]]:
-        """Looks up every record the domain should publish and reports each as ok, missing or
-        different.
+        """Looks up every record the domain should publish (ownership token, every DKIM key that is
+        not retired, SPF, DMARC, DMARC report authorisations, MX) and reports each as ok, missing
+        or different, with what was found. Errors: NOT_FOUND (domain).
+        """
+
+    @_abc_1.abstractmethod
+    def GetRelayCredentials(
+        self,
+        request: _smtp_pb2.GetRelayCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_smtp_pb2.RelayCredentials, _abc.Awaitable[_smtp_pb2.RelayCredentials]]:
+        """--- Internal rpcs ---------------------------------------------------------------------------
+        The rpcs below serve other Azora services only (the mail service's delivery workers, the
+        domain service's deletion cascade). They have no google.api.http binding, so the gateway
+        and the OpenAPI document never expose them, and `internal_only` makes the auth interceptor
+        refuse every principal that is not a service JWT. The tenant is the service token's tenant
+        claim, so a service only ever reaches the data of the tenant it minted the token for.
+
+        Returns a domain's relay configuration including the decrypted password, for delivering
+        mail through it. Internal: never exposed through the gateway.
+        Errors: NOT_FOUND (domain or relay configuration), FAILED_PRECONDITION (the stored password
+        cannot be decrypted), PERMISSION_DENIED (not a service principal).
+        """
+
+    @_abc_1.abstractmethod
+    def GetSigningKey(
+        self,
+        request: _smtp_pb2.GetSigningKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_smtp_pb2.SigningKey, _abc.Awaitable[_smtp_pb2.SigningKey]]:
+        """Returns the domain's ACTIVE DKIM key with its private key, for signing outgoing mail.
+        Internal: never exposed through the gateway.
+        Errors: NOT_FOUND (no active key), FAILED_PRECONDITION (the private key cannot be
+        decrypted), PERMISSION_DENIED (not a service principal).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteDomainData(
+        self,
+        request: _smtp_pb2.DeleteDomainDataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Purges a deleted domain's relay configuration, DKIM keys and generated records.
+        Idempotent: purging a domain with nothing stored succeeds. Called by the domain service
+        after a domain is deleted. Internal: never exposed through the gateway.
+        Errors: PERMISSION_DENIED (not a service principal).
         """
 
 def add_SmtpServiceServicer_to_server(servicer: SmtpServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,133 @@
+"""Which domains exist and whose they are: asked of the domain service, never read from its data.
+
+The domain service owns the ``domains`` collection; the SMTP service confirms that a domain
+exists and belongs to the caller's tenant by calling ``azora.domain.v1.DomainService/GetDomain``
+with a short-lived service token minted for that tenant (services share JWT_SECRET), so the
+domain service applies its own tenant filter. Answers are cached for a few seconds: a burst of
+calls about one domain costs one round trip, and a deletion is noticed within the TTL.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+from azora.domain.v1 import domain_pb2, domain_pb2_grpc
+
+from services.core.auth import issue_jwt
+from services.core.errors import NotFound, Unavailable
+from services.core.ids import check_id
+
+SERVICE_SUBJECT = "service:smtp"
+_TOKEN_TTL_SECONDS = 60
+# Re-mint tokens well before they expire so a token never dies in flight.
+_TOKEN_REUSE_SECONDS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class DomainInfo:
+    """What the SMTP service needs to know about a domain."""
+
+    id: str
+    tenant_id: str
+    name: str  # A-label form
+    status: str  # pending, active, suspended, expired
+    verification_token: str
+
+
+class DomainDirectory(Protocol):
+    """Looks a tenant's domain up at its owner."""
+
+    async def get(self, *, tenant_id: str, domain_id: str) -> DomainInfo:
+        """The tenant's domain.
+
+        Raises:
+            InvalidArgument: the id is malformed (field ``domain_id``).
+            NotFound: no such domain in this tenant.
+            Unavailable: the domain service cannot answer right now.
+        """
+        ...
+
+
+class GrpcDomainDirectory:
+    """`DomainDirectory` over the domain service's gRPC API, with a short cache."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        jwt_secret: str,
+        jwt_issuer: str = "",
+        jwt_audience: str = "",
+        cache_ttl: float = 5.0,
+        timeout: float = 5.0,
+        max_entries: int = 10_000,
+    ) -> None:
+        self._stub = domain_pb2_grpc.DomainServiceStub(channel)
+        self._secret = jwt_secret
+        self._issuer = jwt_issuer
+        self._audience = jwt_audience
+        self._ttl = cache_ttl
+        self._timeout = timeout
+        self._max = max_entries
+        self._cache: dict[tuple[str, str], tuple[float, DomainInfo]] = {}
+        self._tokens: dict[str, tuple[float, str]] = {}
+
+    async def get(self, *, tenant_id: str, domain_id: str) -> DomainInfo:
+        """See `DomainDirectory.get`."""
+        check_id(domain_id, field="domain_id")
+        now = time.monotonic()
+        cached = self._cache.get((tenant_id, domain_id))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            reply = await self._stub.GetDomain(
+                domain_pb2.GetDomainRequest(id=domain_id),
+                metadata=(("authorization", f"Bearer {self._token(tenant_id, now)}"),),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                # Unknown, malformed or another tenant's id: all look the same to the caller.
+                self._cache.pop((tenant_id, domain_id), None)
+                raise NotFound("Domain", domain_id) from None
+            raise Unavailable(
+                f"the domain service did not answer ({exc.code().name})",
+                reason="DOMAIN_SERVICE_UNAVAILABLE",
+            ) from None
+        info = DomainInfo(
+            id=reply.id,
+            tenant_id=tenant_id,
+            name=reply.name,
+            status=domain_pb2.DomainStatus.Name(reply.status)
+            .removeprefix("DOMAIN_STATUS_")
+            .lower(),
+            verification_token=reply.verification_token,
+        )
+        if len(self._cache) >= self._max:
+            self._cache.clear()
+        self._cache[(tenant_id, domain_id)] = (now + self._ttl, info)
+        return info
+
+    def _token(self, tenant_id: str, now: float) -> str:
+        cached = self._tokens.get(tenant_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        token = issue_jwt(
+            secret=self._secret,
+            tenant_id=tenant_id,
+            subject=SERVICE_SUBJECT,
+            scopes=["domains:read"],
+            ttl_seconds=_TOKEN_TTL_SECONDS,
+            issuer=self._issuer,
+            audience=self._audience,
+        )
+        if len(self._tokens) >= self._max:
+            self._tokens.clear()
+        self._tokens[tenant_id] = (now + _TOKEN_REUSE_SECONDS, token)
+        return token
+
+
+__all__ = ["SERVICE_SUBJECT", "DomainDirectory", "DomainInfo", "GrpcDomainDirectory"]

@@ -1,0 +1,282 @@
+# Intent: k8s/ manifests are schema-valid, hardened, probed, wired, and ship gateway/envoy.yaml.
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.deploy.conftest import ENVOY_YAML, K8S_DIR, PROCESSES, REPO_ROOT, DeployTools
+
+# Oldest supported release (the preStop `sleep` action is on by default from 1.30) and the
+# newest release whose schemas kubernetes-validate bundles.
+K8S_VERSIONS = ("1.30", "1.37")
+SECRET_NAME = "azora-secrets"
+SECRET_KEYS = {"JWT_SECRET", "AZORA_SECRETS_KEY", "MONGODB_URI"}
+APP_IMAGE = "azora-email-hosting"
+GENERATOR = REPO_ROOT / "scripts" / "gen_k8s_envoy_config.py"
+
+
+def manifest_files() -> list[str]:
+    """The manifests: every k8s/*.yaml except the kustomization."""
+    return sorted(p.name for p in K8S_DIR.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+@pytest.fixture(scope="module")
+def objects(deploy_tools: DeployTools) -> list[dict[str, Any]]:
+    """Every object of every manifest, in file order."""
+    result = []
+    for name in manifest_files():
+        for document in deploy_tools.yaml(K8S_DIR / name):
+            assert isinstance(document, dict), name
+            document["__file__"] = name
+            result.append(document)
+    return result
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    """Objects of one kind by name."""
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def pod_specs(objects: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(Deployment name, pod spec) of every Deployment."""
+    for name, deployment in of_kind(objects, "Deployment").items():
+        yield name, deployment["spec"]["template"]["spec"]
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Whether a matchLabels-style selector selects a set of labels."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_manifests_match_kubernetes_schemas(deploy_tools: DeployTools, version: str) -> None:
+    errors = deploy_tools.check("k8s-schema", version, *(K8S_DIR / n for n in manifest_files()))
+    assert errors == []
+
+
+def test_schema_check_is_strict(deploy_tools: DeployTools, tmp_path: Any) -> None:
+    # Unknown fields are errors (strict schemas), not silently ignored as `kubectl apply` might.
+    broken = tmp_path / "domain.yaml"
+    broken.write_text(
+        (K8S_DIR / "domain.yaml").read_text().replace("readOnlyRootFilesystem", "readOnlyRoot", 1)
+    )
+    (error,) = deploy_tools.check("k8s-schema", K8S_VERSIONS[0], broken)
+    assert "readOnlyRoot" in error
+
+
+def test_kustomization_lists_every_manifest(deploy_tools: DeployTools) -> None:
+    (kustomization,) = deploy_tools.yaml(K8S_DIR / "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == manifest_files()
+    assert kustomization["namespace"] == "azora"
+    assert [i["name"] for i in kustomization["images"]] == [APP_IMAGE]
+
+
+def test_namespace_enforces_the_restricted_pod_security_profile(
+    objects: list[dict[str, Any]],
+) -> None:
+    namespace = of_kind(objects, "Namespace")["azora"]
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for obj in objects:
+        assert obj["metadata"].get("namespace", "azora") == "azora", obj["metadata"]["name"]
+
+
+def test_every_container_is_hardened_and_bounded(objects: list[dict[str, Any]]) -> None:
+    for deployment, spec in pod_specs(objects):
+        pod_security = spec["securityContext"]
+        assert pod_security["runAsNonRoot"] is True, deployment
+        assert pod_security["runAsUser"] > 0, deployment
+        assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}, deployment
+        assert spec["automountServiceAccountToken"] is False, deployment
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            where = f"{deployment}/{container['name']}"
+            security = container["securityContext"]
+            assert security["runAsNonRoot"] is True, where
+            assert security["runAsUser"] > 0, where
+            assert security["readOnlyRootFilesystem"] is True, where
+            assert security["allowPrivilegeEscalation"] is False, where
+            assert security.get("privileged", False) is False, where
+            assert security["capabilities"] == {"drop": ["ALL"]}, where
+            assert security["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            resources = container["resources"]
+            for bound in ("requests", "limits"):
+                assert set(resources[bound]) >= {"cpu", "memory"}, (where, bound)
+        for container in spec["containers"]:
+            # A writable /tmp on the read-only root filesystem.
+            tmp_mounts = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]  # noqa: S108
+            assert tmp_mounts, f"{deployment}/{container['name']} has no /tmp"
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            assert "emptyDir" in volumes[tmp_mounts[0]["name"]], deployment
+
+
+def test_every_container_has_probes_and_app_containers_use_grpc(
+    objects: list[dict[str, Any]],
+) -> None:
+    probed = set()
+    for deployment, spec in pod_specs(objects):
+        for container in spec["containers"]:
+            where = f"{deployment}/{container['name']}"
+            assert "readinessProbe" in container, where
+            assert "livenessProbe" in container, where
+            command = container.get("command", [])
+            if command[:2] != ["python", "-m"] or not command[2].startswith("services."):
+                continue
+            (process,) = [p for p, spec_ in PROCESSES.items() if spec_[0] == command[2]]
+            _, _, port, served = PROCESSES[process]
+            assert [p["containerPort"] for p in container["ports"]] == [port], where
+            readiness = container["readinessProbe"]["grpc"]
+            assert readiness == {"port": port, "service": served[0]}, where
+            # Liveness asks the server (""), so a database outage never restarts pods.
+            assert container["livenessProbe"]["grpc"] == {"port": port}, where
+            assert container["startupProbe"]["grpc"]["port"] == port, where
+            probed.add(process)
+    assert probed == set(PROCESSES)
+
+
+def test_secrets_are_only_referenced(objects: list[dict[str, Any]]) -> None:
+    assert not of_kind(objects, "Secret"), "Secrets are created out of band (k8s/README.md)"
+    for deployment, spec in pod_specs(objects):
+        for container in spec["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            for name, entry in env.items():
+                reference = entry.get("valueFrom", {}).get("secretKeyRef")
+                if name in SECRET_KEYS:
+                    assert reference == {"name": SECRET_NAME, "key": name}, (deployment, name)
+                if reference:
+                    assert reference["name"] == SECRET_NAME, (deployment, name)
+            command = container.get("command", [])
+            if len(command) == 3 and command[2].startswith("services."):
+                assert set(env) >= SECRET_KEYS, deployment
+    config = of_kind(objects, "ConfigMap")["azora-config"]["data"]
+    assert not set(config) & SECRET_KEYS
+    assert config["AZORA_ENV"] == "production"
+
+
+def test_services_select_deployments(
+    objects: list[dict[str, Any]], envoy_facts: dict[str, Any]
+) -> None:
+    deployments = of_kind(objects, "Deployment")
+    config = of_kind(objects, "ConfigMap")["azora-config"]["data"]
+    endpoints = {(e["address"], e["port"]) for c in envoy_facts["clusters"] for e in c["endpoints"]}
+    for name, service in of_kind(objects, "Service").items():
+        selector = service["spec"]["selector"]
+        selected = [
+            d
+            for d in deployments.values()
+            if matches(selector, d["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(selected) == 1, f"Service {name} selects {len(selected)} Deployments"
+        ports = {
+            p["name"]: p["containerPort"]
+            for c in selected[0]["spec"]["template"]["spec"]["containers"]
+            for p in c["ports"]
+        }
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports, (name, port)
+            assert ports[port["targetPort"]] == port["port"], (name, port)
+            if name != "envoy":
+                # Envoy's upstreams: headless, so STRICT_DNS sees every pod.
+                assert service["spec"]["clusterIP"] == "None", name
+                assert (name, port["port"]) in endpoints, (name, port)
+    for process, (_, _, port, _) in PROCESSES.items():
+        target = config[f"AZORA_{process.upper()}_SERVICE_TARGET"]
+        assert target == f"dns:///{process}:{port}", target
+
+
+def test_deployment_selectors_match_their_pods(objects: list[dict[str, Any]]) -> None:
+    for name, deployment in of_kind(objects, "Deployment").items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert matches(deployment["spec"]["selector"]["matchLabels"], labels), name
+
+
+def test_hpa_scales_the_mail_workers(objects: list[dict[str, Any]]) -> None:
+    (hpa,) = of_kind(objects, "HorizontalPodAutoscaler").values()
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        "apps/v1",
+        "Deployment",
+        "mail",
+    )
+    assert "mail" in of_kind(objects, "Deployment")
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    assert hpa["spec"]["metrics"]
+    # The autoscaler owns the replica count; a fixed one would be reset on every apply.
+    assert "replicas" not in of_kind(objects, "Deployment")["mail"]["spec"]
+
+
+def test_disruption_budgets_select_existing_pods(objects: list[dict[str, Any]]) -> None:
+    budgets = of_kind(objects, "PodDisruptionBudget")
+    assert budgets
+    deployments = of_kind(objects, "Deployment")
+    for name, budget in budgets.items():
+        assert budget["apiVersion"] == "policy/v1"
+        selector = budget["spec"]["selector"]["matchLabels"]
+        selected = [
+            d
+            for d in deployments.values()
+            if matches(selector, d["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(selected) == 1, name
+        replicas = selected[0]["spec"].get("replicas")
+        if "minAvailable" in budget["spec"] and replicas is not None:
+            assert budget["spec"]["minAvailable"] < replicas, f"{name} would block every drain"
+    assert {"domain", "smtp", "mail", "envoy"} <= set(budgets)
+
+
+def test_envoy_configmap_is_generated_from_gateway_envoy_yaml(
+    objects: list[dict[str, Any]],
+) -> None:
+    # Stale? Run: python scripts/gen_k8s_envoy_config.py
+    config_map = of_kind(objects, "ConfigMap")["envoy-config"]
+    assert config_map["data"]["envoy.yaml"] == ENVOY_YAML.read_text()
+    result = subprocess.run(
+        [sys.executable, str(GENERATOR), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_envoy_deployment_mounts_config_and_the_images_descriptor(
+    objects: list[dict[str, Any]], envoy_facts: dict[str, Any], compose: dict[str, Any]
+) -> None:
+    deployment = of_kind(objects, "Deployment")["envoy"]
+    spec = deployment["spec"]["template"]["spec"]
+    (envoy,) = spec["containers"]
+    assert envoy["image"] == compose["services"]["envoy"]["image"]
+    mounts = {m["mountPath"]: m for m in envoy["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    config = mounts["/etc/envoy/envoy.yaml"]
+    assert volumes[config["name"]]["configMap"]["name"] == "envoy-config"
+    assert config["subPath"] == "envoy.yaml"
+    descriptor = mounts["/etc/envoy/azora.binpb"]
+    assert "emptyDir" in volumes[descriptor["name"]]
+    # The init container copies the descriptor set out of the services' image.
+    (init,) = spec["initContainers"]
+    assert init["image"].split(":")[0] == APP_IMAGE
+    app_images = {
+        c["image"]
+        for _, pod in pod_specs(objects)
+        for c in pod["containers"]
+        if c["image"].startswith(APP_IMAGE + ":")
+    }
+    assert app_images == {init["image"]}
+    assert init["command"][-2:] == ["/app/gen/azora.binpb", f"/descriptor/{descriptor['subPath']}"]
+    assert any(m["name"] == descriptor["name"] for m in init["volumeMounts"])
+    # Pods roll when the config changes.
+    annotation = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert re.fullmatch(r"[0-9a-f]{64}", annotation["azora.dev/envoy-config-sha256"])
+    # Probes hit the listeners envoy.yaml defines; the admin port is never exposed.
+    ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
+    listener_ports = {listener["port"] for listener in envoy_facts["listeners"]}
+    assert set(ports.values()) <= listener_ports
+    assert envoy_facts["admin"]["port"] not in ports.values()
+    assert envoy["readinessProbe"]["httpGet"]["path"] == "/ready"

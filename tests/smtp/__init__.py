@@ -1,0 +1,1 @@
+"""SMTP service tests: relays, connection tests, DKIM, SPF, DMARC, DNS checks."""
