@@ -19,6 +19,7 @@ from azora.mail.v1 import mail_pb2
 from azora.smtp.v1 import smtp_pb2
 
 from services.core.clock import Clock, SystemClock
+from services.core.dns import DnsResolver
 from services.core.runtime import Database, RunningService, run_periodically, start_service
 from services.core.settings import Settings
 from services.domain.cascade import SmtpDataCascade
@@ -83,12 +84,7 @@ async def build(
     manager = DomainManager(
         domains=MongoDomainRepository(database.db),
         claims=MongoClaimRepository(database.db),
-        checker=OwnershipVerifier(
-            nameservers=settings.dns_nameservers,
-            port=settings.dns_port,
-            timeout=settings.dns_timeout,
-            clock=clock,
-        ),
+        checker=OwnershipVerifier(resolver=DnsResolver.from_settings(settings), clock=clock),
         clock=clock,
         policy=policy_from(settings),
         # The SMTP service owns relay configs and DKIM keys: it purges them on deletion.

@@ -1,22 +1,26 @@
 """Ownership lookups: is ``azora-verify=<token>`` published as a TXT record at the domain?
 
-dnspython's async resolver, pointed at the configured nameservers (port and timeout
-configurable so tests use their own authoritative server), or the system resolver when none
-are configured. Every DNS outcome becomes a `VerificationCheck`; nothing here raises for a
-lookup that failed, because "what was found" is the answer the user needs.
+The lookup itself is the shared `services.core.dns.DnsResolver` (configured nameservers, port
+and timeout, so tests use their own authoritative server); this module only turns what it found
+into a `VerificationCheck`. Nothing here raises for a lookup that failed, because "what was
+found" is the answer the user needs.
 """
 
 from __future__ import annotations
 
-import dns.asyncresolver
-import dns.exception
-import dns.rdatatype
-import dns.resolver
-
 from services.core.clock import Clock
+from services.core.dns import DnsResolver, LookupOutcome
 from services.domain.models import VerificationCheck, VerificationOutcome
 
 TOKEN_PREFIX = "azora-verify="  # noqa: S105 - a record prefix, not a secret
+
+# Lookup failures map one to one; FOUND is decided by comparing the values.
+_FAILED_LOOKUPS = {
+    LookupOutcome.NO_RECORDS: VerificationOutcome.NO_RECORD,
+    LookupOutcome.NXDOMAIN: VerificationOutcome.NXDOMAIN,
+    LookupOutcome.TIMEOUT: VerificationOutcome.TIMEOUT,
+    LookupOutcome.ERROR: VerificationOutcome.ERROR,
+}
 
 
 def expected_record(token: str) -> str:
@@ -27,61 +31,19 @@ def expected_record(token: str) -> str:
 class OwnershipVerifier:
     """Looks up a domain's ownership TXT record."""
 
-    def __init__(
-        self, *, nameservers: tuple[str, ...], port: int, timeout: float, clock: Clock
-    ) -> None:
-        self._nameservers = nameservers
-        self._port = port
-        self._timeout = timeout
+    def __init__(self, *, resolver: DnsResolver, clock: Clock) -> None:
+        self._resolver = resolver
         self._clock = clock
-
-    def _resolver(self) -> dns.asyncresolver.Resolver:
-        # A fresh resolver per lookup: no cache, so a record published a second ago is seen.
-        resolver = dns.asyncresolver.Resolver(configure=not self._nameservers)
-        if self._nameservers:
-            resolver.nameservers = list(self._nameservers)
-            resolver.port = self._port
-        resolver.lifetime = self._timeout
-        resolver.timeout = self._timeout
-        resolver.cache = None
-        return resolver
 
     async def check(self, *, name: str, token: str) -> VerificationCheck:
         """Look up the TXT records at `name` and compare them with the expected token."""
         expected = expected_record(token)
         now = self._clock.now()
-        try:
-            answer = await self._resolver().resolve(name, dns.rdatatype.TXT, search=False)
-        except dns.resolver.NXDOMAIN:
-            return VerificationCheck(
-                VerificationOutcome.NXDOMAIN, now, name, (), f"{name} does not exist in DNS"
-            )
-        except dns.resolver.NoAnswer:
-            return VerificationCheck(
-                VerificationOutcome.NO_RECORD, now, name, (), f"{name} has no TXT records"
-            )
-        except dns.resolver.LifetimeTimeout:
-            return VerificationCheck(
-                VerificationOutcome.TIMEOUT,
-                now,
-                name,
-                (),
-                f"no nameserver answered within {self._timeout:g}s",
-            )
-        except dns.resolver.NoNameservers as exc:
-            return VerificationCheck(
-                VerificationOutcome.ERROR, now, name, (), _short(f"no usable answer: {exc}")
-            )
-        except dns.exception.DNSException as exc:
-            return VerificationCheck(
-                VerificationOutcome.ERROR, now, name, (), _short(f"lookup failed: {exc}")
-            )
-        values = []
-        for rdata in answer:
-            strings = getattr(rdata, "strings", ())
-            values.append(b"".join(strings).decode("utf-8", errors="replace"))
-        ours = [v for v in values if v.startswith(TOKEN_PREFIX)]
-        found = tuple(ours + [v for v in values if not v.startswith(TOKEN_PREFIX)])[:20]
+        lookup = await self._resolver.txt(name)
+        if lookup.outcome is not LookupOutcome.FOUND:
+            return VerificationCheck(_FAILED_LOOKUPS[lookup.outcome], now, name, (), lookup.detail)
+        ours = [v for v in lookup.values if v.startswith(TOKEN_PREFIX)]
+        found = tuple(ours + [v for v in lookup.values if not v.startswith(TOKEN_PREFIX)])[:20]
         if expected in ours:
             return VerificationCheck(
                 VerificationOutcome.MATCHED, now, name, found, "ownership record found"
@@ -99,9 +61,5 @@ class OwnershipVerifier:
             now,
             name,
             found,
-            f"{len(values)} TXT record(s) found, none is {expected}",
+            f"{len(lookup.values)} TXT record(s) found, none is {expected}",
         )
-
-
-def _short(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
