@@ -150,7 +150,7 @@ lint: $(VENV_STAMP) $(BUF) ## buf lint + breaking, ruff check + format check, my
 	fi
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services gateway tests scripts
+	$(VENV)/bin/mypy services gateway tests scripts bench
 
 .PHONY: format
 format: $(VENV_STAMP) ## Format and auto-fix Python code (ruff)

@@ -216,10 +216,17 @@ class SmtpManager:
         everywhere else, so a deleted domain stops being deliverable within the cache TTL.
 
         Raises:
-            NotFound: no such domain in this tenant, or no relay configured.
-            FailedPrecondition: the stored password cannot be decrypted.
+            NotFound: no such domain in this tenant.
+            FailedPrecondition: the domain has no relay configured (reason
+                RELAY_NOT_CONFIGURED: the sender tells "cannot deliver yet" from "no such
+                domain"), or the stored password cannot be decrypted.
         """
-        config = await self.get_config(tenant_id=tenant_id, domain_id=domain_id)
+        await self._domains.get(tenant_id=tenant_id, domain_id=domain_id)
+        config = await self._configs.find(tenant_id=tenant_id, domain_id=domain_id)
+        if config is None:
+            raise FailedPrecondition(
+                "no relay configured for this domain", reason="RELAY_NOT_CONFIGURED"
+            )
         return config, self._password(config)
 
     def _password(self, config: SmtpConfig) -> str | None:

@@ -54,8 +54,12 @@ async def rest_stack(
         run_lifecycle=False,
     )
     smtp = smtp_app.running
+    # The mail service asks the SMTP service for relays and signing keys.
     mail = await build_mail(
-        settings.with_overrides(domain_service_target=resolver), bind="127.0.0.1:0"
+        settings.with_overrides(
+            domain_service_target=resolver, smtp_service_target=f"127.0.0.1:{smtp.port}"
+        ),
+        bind="127.0.0.1:0",
     )
     targets = {
         "smtp_service_target": f"127.0.0.1:{smtp.port}",

@@ -201,8 +201,9 @@ class SmtpServiceServicer:
 
         Returns a domain's relay configuration including the decrypted password, for delivering
         mail through it. Internal: never exposed through the gateway.
-        Errors: NOT_FOUND (domain or relay configuration), FAILED_PRECONDITION (the stored password
-        cannot be decrypted), PERMISSION_DENIED (not a service principal).
+        Errors: NOT_FOUND (domain), FAILED_PRECONDITION (reason RELAY_NOT_CONFIGURED: no relay
+        configured; SECRET_UNREADABLE: the stored password cannot be decrypted), PERMISSION_DENIED
+        (not a service principal).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -95,8 +95,9 @@ class SmtpServiceStub:
 
     Returns a domain's relay configuration including the decrypted password, for delivering
     mail through it. Internal: never exposed through the gateway.
-    Errors: NOT_FOUND (domain or relay configuration), FAILED_PRECONDITION (the stored password
-    cannot be decrypted), PERMISSION_DENIED (not a service principal).
+    Errors: NOT_FOUND (domain), FAILED_PRECONDITION (reason RELAY_NOT_CONFIGURED: no relay
+    configured; SECRET_UNREADABLE: the stored password cannot be decrypted), PERMISSION_DENIED
+    (not a service principal).
     """
     GetSigningKey: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.GetSigningKeyRequest, _smtp_pb2.SigningKey]
     """Returns the domain's ACTIVE DKIM key with its private key, for signing outgoing mail.
@@ -177,8 +178,9 @@ class SmtpServiceAsyncStub(SmtpServiceStub):
 
     Returns a domain's relay configuration including the decrypted password, for delivering
     mail through it. Internal: never exposed through the gateway.
-    Errors: NOT_FOUND (domain or relay configuration), FAILED_PRECONDITION (the stored password
-    cannot be decrypted), PERMISSION_DENIED (not a service principal).
+    Errors: NOT_FOUND (domain), FAILED_PRECONDITION (reason RELAY_NOT_CONFIGURED: no relay
+    configured; SECRET_UNREADABLE: the stored password cannot be decrypted), PERMISSION_DENIED
+    (not a service principal).
     """
     GetSigningKey: _aio.UnaryUnaryMultiCallable[_smtp_pb2.GetSigningKeyRequest, _smtp_pb2.SigningKey]  # type: ignore[assignment]
     """Returns the domain's ACTIVE DKIM key with its private key, for signing outgoing mail.
@@ -316,8 +318,9 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Returns a domain's relay configuration including the decrypted password, for delivering
         mail through it. Internal: never exposed through the gateway.
-        Errors: NOT_FOUND (domain or relay configuration), FAILED_PRECONDITION (the stored password
-        cannot be decrypted), PERMISSION_DENIED (not a service principal).
+        Errors: NOT_FOUND (domain), FAILED_PRECONDITION (reason RELAY_NOT_CONFIGURED: no relay
+        configured; SECRET_UNREADABLE: the stored password cannot be decrypted), PERMISSION_DENIED
+        (not a service principal).
         """
 
     @_abc_1.abstractmethod
