@@ -9,6 +9,7 @@ that the lookup itself failed (timeout, SERVFAIL) and says nothing about the rec
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from services.core.clock import Clock
 from services.core.dns import DnsResolver, Lookup, LookupOutcome
@@ -123,75 +124,79 @@ class RecordChecker:
 
     async def spf(self, domain: str, expected: str | None) -> RecordCheck:
         """Is exactly one SPF record published (the generated one, if one was generated)?"""
-        lookup = await self._dns.txt(domain)
-        shown = expected or "v=spf1 ... (one SPF record)"
-        if not lookup.outcome.definite:
-            return self._failed("spf", "TXT", lookup, shown)
-        records = tuple(v for v in lookup.values if is_spf_record(v))
-        if not records:
-            return self._result(
-                "spf", "TXT", lookup, shown, CheckStatus.MISSING, (), "no SPF record"
-            )
-        if len(records) > 1:
-            return self._result(
-                "spf",
-                "TXT",
-                lookup,
-                shown,
-                CheckStatus.DIFFERENT,
-                records,
-                f"{len(records)} SPF records are published; receivers need exactly one",
-            )
-        if expected is not None and _normalize_spf(records[0]) != _normalize_spf(expected):
-            return self._result(
-                "spf",
-                "TXT",
-                lookup,
-                shown,
-                CheckStatus.DIFFERENT,
-                records,
-                "the published SPF record is not the one generated last",
-            )
-        return self._result("spf", "TXT", lookup, shown, CheckStatus.OK, records, "published")
+        return await self._single_policy(
+            purpose="spf",
+            name=domain,
+            expected=expected,
+            placeholder="v=spf1 ... (one SPF record)",
+            is_record=is_spf_record,
+            same=lambda a, b: _normalize_spf(a) == _normalize_spf(b),
+            missing_found_all=False,
+            several="receivers need exactly one",
+        )
 
     async def dmarc(self, domain: str, expected: str | None) -> RecordCheck:
         """Is exactly one DMARC record published (the generated one, if one was generated)?"""
-        lookup = await self._dns.txt(f"_dmarc.{domain}")
-        shown = expected or "v=DMARC1; p=... (one DMARC record)"
+        return await self._single_policy(
+            purpose="dmarc",
+            name=f"_dmarc.{domain}",
+            expected=expected,
+            placeholder="v=DMARC1; p=... (one DMARC record)",
+            is_record=_is_dmarc,
+            same=lambda a, b: _dmarc_tags(a) == _dmarc_tags(b),
+            missing_found_all=True,
+            several="receivers ignore them all",
+        )
+
+    async def _single_policy(
+        self,
+        *,
+        purpose: str,
+        name: str,
+        expected: str | None,
+        placeholder: str,
+        is_record: Callable[[str], bool],
+        same: Callable[[str, str], bool],
+        missing_found_all: bool,
+        several: str,
+    ) -> RecordCheck:
+        """Check the one-policy-record rule that SPF and DMARC share.
+
+        Exactly one policy TXT record at `name`, equal to the last generated one when there is
+        one. `missing_found_all` shows the other TXT values found when the policy is missing.
+        """
+        lookup = await self._dns.txt(name)
+        shown = expected or placeholder
         if not lookup.outcome.definite:
-            return self._failed("dmarc", "TXT", lookup, shown)
-        records = tuple(v for v in lookup.values if _is_dmarc(v))
+            return self._failed(purpose, "TXT", lookup, shown)
+        records = tuple(v for v in lookup.values if is_record(v))
+        label = purpose.upper()
         if not records:
+            found = lookup.values if missing_found_all else ()
             return self._result(
-                "dmarc",
-                "TXT",
-                lookup,
-                shown,
-                CheckStatus.MISSING,
-                lookup.values,
-                "no DMARC record",
+                purpose, "TXT", lookup, shown, CheckStatus.MISSING, found, f"no {label} record"
             )
         if len(records) > 1:
             return self._result(
-                "dmarc",
+                purpose,
                 "TXT",
                 lookup,
                 shown,
                 CheckStatus.DIFFERENT,
                 records,
-                f"{len(records)} DMARC records are published; receivers ignore them all",
+                f"{len(records)} {label} records are published; {several}",
             )
-        if expected is not None and _dmarc_tags(records[0]) != _dmarc_tags(expected):
+        if expected is not None and not same(records[0], expected):
             return self._result(
-                "dmarc",
+                purpose,
                 "TXT",
                 lookup,
                 shown,
                 CheckStatus.DIFFERENT,
                 records,
-                "the published DMARC record is not the one generated last",
+                f"the published {label} record is not the one generated last",
             )
-        return self._result("dmarc", "TXT", lookup, shown, CheckStatus.OK, records, "published")
+        return self._result(purpose, "TXT", lookup, shown, CheckStatus.OK, records, "published")
 
     async def report_authorization(self, name: str) -> RecordCheck:
         """Does a report domain authorise our reports (``v=DMARC1`` at `name`)?"""
