@@ -31,6 +31,7 @@ from gateway.errors import (
     retry_after_seconds,
 )
 from gateway.keys import REQUEST_ID_KEY, ROUTE_KEY, RPC_KEY
+from gateway.observability import configure_process, observe_request, upstream_metadata
 from gateway.router import Router
 from gateway.transcode import Transcoder, parse_query
 from gateway.upstream import Upstreams
@@ -94,26 +95,29 @@ class Gateway:
         request[REQUEST_ID_KEY] = request_id
         token = request_id_var.set(request_id)
         status = 499  # what the log says if the client goes away mid-request
-        try:
-            response = await self._answer(request, handler)
-            status = response.status
-            response.headers["x-request-id"] = request.get(REQUEST_ID_KEY, request_id)
-            return response
-        finally:
-            access_log.info(
-                "http",
-                extra={
-                    "fields": {
-                        "method": request.method,
-                        "route": request.get(ROUTE_KEY),
-                        "rpc": request.get(RPC_KEY),
-                        "status": status,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                        "request_id": request.get(REQUEST_ID_KEY, request_id),
-                    }
-                },
-            )
-            request_id_var.reset(token)
+        # A span (current while the request is answered and logged) and the REST metrics.
+        with observe_request(request) as observation:
+            try:
+                response = await self._answer(request, handler)
+                status = response.status
+                response.headers["x-request-id"] = request.get(REQUEST_ID_KEY, request_id)
+                return response
+            finally:
+                observation.finish(status)
+                access_log.info(
+                    "http",
+                    extra={
+                        "fields": {
+                            "method": request.method,
+                            "route": request.get(ROUTE_KEY),
+                            "rpc": request.get(RPC_KEY),
+                            "status": status,
+                            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                            "request_id": request.get(REQUEST_ID_KEY, request_id),
+                        }
+                    },
+                )
+                request_id_var.reset(token)
 
     async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
@@ -150,7 +154,8 @@ class Gateway:
             body=body,
             content_type=request.headers.get("Content-Type", ""),
         )
-        result = await self.upstreams.call(binding, message, self._metadata(request))
+        metadata = upstream_metadata(self._metadata(request))
+        result = await self.upstreams.call(binding, message, metadata)
         upstream_id = result.initial_metadata.get("x-request-id", "")
         if _REQUEST_ID.match(upstream_id):
             request[REQUEST_ID_KEY] = upstream_id
@@ -234,6 +239,7 @@ async def create_app(
         DescriptorSetError: the descriptor set's HTTP rules cannot be routed.
     """
     config = config or GatewayConfig()
+    configure_process(settings)
     if descriptor_path is not None:
         config = config.with_overrides(descriptor_path=descriptor_path)
     descriptors = DescriptorSet.load(config.descriptor_path)

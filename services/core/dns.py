@@ -17,8 +17,11 @@ import dns.asyncresolver
 import dns.exception
 import dns.rdatatype
 import dns.resolver
+from opentelemetry.trace import SpanKind
 
+from services.core.metrics import DNS_LOOKUPS
 from services.core.settings import Settings
+from services.core.tracing import tracer
 
 _MAX_DETAIL = 300
 
@@ -117,6 +120,18 @@ class DnsResolver:
         return lookup, hosts
 
     async def _lookup(self, name: str, rdtype: str) -> Lookup:
+        # One span per query (name and outcome as attributes) and the outcome counter.
+        with tracer().start_as_current_span(
+            f"dns {rdtype}",
+            kind=SpanKind.CLIENT,
+            attributes={"dns.question.name": name, "dns.question.type": rdtype},
+        ) as span:
+            lookup = await self._query(name, rdtype)
+            span.set_attribute("dns.outcome", lookup.outcome.value)
+        DNS_LOOKUPS.labels(lookup.outcome.value).inc()
+        return lookup
+
+    async def _query(self, name: str, rdtype: str) -> Lookup:
         try:
             answer = await self.resolver().resolve(
                 name, dns.rdatatype.from_text(rdtype), search=False

@@ -10,6 +10,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
 
 
 class ErrorKind(enum.Enum):
@@ -53,10 +57,14 @@ class AzoraError(Exception):
         reason: an UPPER_SNAKE machine-readable reason, sent as google.rpc.ErrorInfo.reason.
         message: a human-readable message, safe to show to the caller (never holds secrets).
         metadata: extra string facts for ErrorInfo.metadata.
+        details: extra messages for google.rpc.Status.details, packed after the standard ones
+            (e.g. the health report that explains an UNAVAILABLE).
     """
 
     kind: ErrorKind = ErrorKind.FAILED_PRECONDITION
     default_reason: str = "FAILED_PRECONDITION"
+    # Class default too, so a subclass that skips this __init__ still has no extra details.
+    details: Sequence[Message] = ()
 
     def __init__(
         self,
@@ -64,11 +72,13 @@ class AzoraError(Exception):
         *,
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        details: Sequence[Message] = (),
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata: dict[str, str] = dict(metadata or {})
+        self.details = tuple(details)
 
 
 class InvalidArgument(AzoraError):
@@ -190,10 +200,15 @@ class Unavailable(AzoraError):
     default_reason = "DEPENDENCY_UNAVAILABLE"
 
     def __init__(
-        self, message: str, *, retry_after_seconds: float = 1.0, reason: str | None = None
+        self,
+        message: str,
+        *,
+        retry_after_seconds: float = 1.0,
+        reason: str | None = None,
+        details: Sequence[Message] = (),
     ) -> None:
         self.retry_after_seconds = retry_after_seconds
-        super().__init__(message, reason=reason)
+        super().__init__(message, reason=reason, details=details)
 
 
 class DeadlineExceeded(AzoraError):

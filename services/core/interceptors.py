@@ -1,8 +1,10 @@
 """Server interceptors shared by all services.
 
-`ErrorMappingInterceptor` (outermost) gives every call its request id and log context, applies
-the caller's deadline to database calls, turns typed errors into rich gRPC statuses, shields
-callers from internals, and writes one access log line. `AuthInterceptor` (inside it) establishes
+`ErrorMappingInterceptor` (outermost) gives every call its request id, log context and server
+span (child of the caller's W3C ``traceparent``), applies the caller's deadline to database
+calls, turns typed errors into rich gRPC statuses, shields callers from internals, and records
+the call once: an access log line plus the ``azora_grpc_requests_total`` counter and the
+``azora_grpc_request_duration_seconds`` histogram. `AuthInterceptor` (inside it) establishes
 the principal and checks the rpc's declared scope. Only unary-unary handlers of our own services
 are wrapped; gRPC's health and reflection services pass through untouched.
 """
@@ -24,8 +26,10 @@ from pymongo.errors import PyMongoError
 from services.core.auth import Authenticator, MethodRules
 from services.core.context import new_request_id, principal_var, request_id_var
 from services.core.errors import AzoraError, DeadlineExceeded, InvalidArgument, Unimplemented
+from services.core.metrics import GRPC_REQUEST_DURATION, GRPC_REQUESTS
 from services.core.mongo import translate_error
 from services.core.status import internal_status, to_status
+from services.core.tracing import server_span, set_rpc_code
 
 log = logging.getLogger("azora.access")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -85,57 +89,64 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 return _MalformedRequest(exc)
 
         domain = _service_domain(method)
+        rpc_service, _, rpc_method = method.lstrip("/").partition("/")
 
         def wrap(behavior: Behavior) -> Behavior:
             async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 metadata = _metadata(context)
-                incoming = metadata.get("x-request-id", "")
-                request_id = incoming if _REQUEST_ID_RE.match(incoming) else new_request_id()
-                request_id_var.set(request_id)
-                started = time.perf_counter()
-                code = grpc.StatusCode.OK
-                remaining = context.time_remaining()
-                deadline = remaining if remaining is not None and remaining < 1e8 else None
-                try:
-                    await context.send_initial_metadata((("x-request-id", request_id),))
-                    if isinstance(request, _MalformedRequest):
-                        raise InvalidArgument.single("request", "the request body is malformed")
-                    if deadline is not None and deadline <= 0:
-                        raise DeadlineExceeded("the deadline expired before the call started")
-                    # The caller's deadline bounds every database call made for this request.
-                    with pymongo.timeout(deadline):
-                        return await behavior(request, context)
-                except AzoraError as exc:
-                    code, status = to_status(exc, service_domain=domain)
-                except PyMongoError as exc:
-                    mapped = translate_error(exc, deadline_active=deadline is not None)
-                    code, status = to_status(mapped, service_domain=domain)
-                except NotImplementedError:
-                    # Generated base servicers raise this for rpcs a service does not serve yet.
-                    unimplemented = Unimplemented(f"{method} is not implemented by this build")
-                    code, status = to_status(unimplemented, service_domain=domain)
-                except grpc.aio.AbortError:
-                    code = grpc.StatusCode.ABORTED  # a servicer aborted by itself
-                    raise
-                except Exception:
-                    log.exception("unhandled error", extra={"fields": {"method": method}})
-                    code, status = internal_status(service_domain=domain)
-                finally:
-                    log.info(
-                        "rpc",
-                        extra={
-                            "fields": {
-                                "method": method,
-                                "code": code.name,
-                                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                            }
-                        },
+                # One SERVER span per rpc, child of the caller's `traceparent` (if any).
+                with server_span(method, metadata) as span:
+                    incoming = metadata.get("x-request-id", "")
+                    request_id = incoming if _REQUEST_ID_RE.match(incoming) else new_request_id()
+                    request_id_var.set(request_id)
+                    started = time.perf_counter()
+                    code = grpc.StatusCode.OK
+                    remaining = context.time_remaining()
+                    deadline = remaining if remaining is not None and remaining < 1e8 else None
+                    try:
+                        await context.send_initial_metadata((("x-request-id", request_id),))
+                        if isinstance(request, _MalformedRequest):
+                            raise InvalidArgument.single("request", "the request body is malformed")
+                        if deadline is not None and deadline <= 0:
+                            raise DeadlineExceeded("the deadline expired before the call started")
+                        # The caller's deadline bounds every database call made for this request.
+                        with pymongo.timeout(deadline):
+                            return await behavior(request, context)
+                    except AzoraError as exc:
+                        code, status = to_status(exc, service_domain=domain)
+                    except PyMongoError as exc:
+                        mapped = translate_error(exc, deadline_active=deadline is not None)
+                        code, status = to_status(mapped, service_domain=domain)
+                    except NotImplementedError:
+                        # Generated base servicers raise this for rpcs a service does not serve yet.
+                        unimplemented = Unimplemented(f"{method} is not implemented by this build")
+                        code, status = to_status(unimplemented, service_domain=domain)
+                    except grpc.aio.AbortError:
+                        code = grpc.StatusCode.ABORTED  # a servicer aborted by itself
+                        raise
+                    except Exception:
+                        log.exception("unhandled error", extra={"fields": {"method": method}})
+                        code, status = internal_status(service_domain=domain)
+                    finally:
+                        elapsed = time.perf_counter() - started
+                        set_rpc_code(span, code)
+                        GRPC_REQUESTS.labels(rpc_service, rpc_method, code.name).inc()
+                        GRPC_REQUEST_DURATION.labels(rpc_service, rpc_method).observe(elapsed)
+                        log.info(
+                            "rpc",
+                            extra={
+                                "fields": {
+                                    "method": method,
+                                    "code": code.name,
+                                    "duration_ms": round(elapsed * 1000, 2),
+                                }
+                            },
+                        )
+                    await context.abort(
+                        code,
+                        status.message,
+                        trailing_metadata=rpc_status.to_status(status).trailing_metadata,
                     )
-                await context.abort(
-                    code,
-                    status.message,
-                    trailing_metadata=rpc_status.to_status(status).trailing_metadata,
-                )
 
             return handle
 

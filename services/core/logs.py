@@ -1,5 +1,8 @@
 """JSON logging: one object per line with timestamp, level, service, request id and message.
 
+When a span is active (see `services.core.tracing`) the line also carries ``trace_id`` and
+``span_id``, so a log line leads to its trace and back.
+
 Configured once per process by `configure_logging`. Extra fields are passed with
 ``logger.info("...", extra={"fields": {...}})``. Secrets never reach a log call: principals have
 a redacting repr and credentials are never put into `fields`.
@@ -13,6 +16,8 @@ import sys
 import traceback
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from opentelemetry import trace
 
 from services.core.context import principal_var, request_id_var
 
@@ -44,6 +49,10 @@ class JsonFormatter(logging.Formatter):
         request_id = request_id_var.get()
         if request_id:
             entry["request_id"] = request_id
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            entry["trace_id"] = trace.format_trace_id(span_context.trace_id)
+            entry["span_id"] = trace.format_span_id(span_context.span_id)
         principal = principal_var.get()
         if principal is not None:
             entry["tenant_id"] = principal.tenant_id

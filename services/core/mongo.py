@@ -3,16 +3,24 @@
 PyMongo's asyncio API (`AsyncMongoClient`); the client is bound to the event loop that creates
 it, so each service builds it inside its composition root. Everything used here works on
 MongoDB 7 and on FerretDB 1.24 (the embedded default): no transactions, no change streams.
+
+Every client carries a `CommandObserver` (PyMongo command monitoring): one CLIENT span per
+database command, child of the span active when the command was issued, and the
+``azora_db_command_duration_seconds{command,outcome}`` histogram. Neither records the command's
+arguments (they hold tenant data), only its name, database and collection.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pymongo import AsyncMongoClient
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
     AutoReconnect,
@@ -27,7 +35,9 @@ from pymongo.errors import (
 )
 
 from services.core.errors import AzoraError, DeadlineExceeded, Unavailable
+from services.core.metrics import DB_COMMAND_DURATION
 from services.core.settings import Settings
+from services.core.tracing import tracer
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +55,65 @@ class IndexSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+class CommandObserver(monitoring.CommandListener):
+    """A span and a latency sample per database command (PyMongo command monitoring).
+
+    PyMongo calls `started` in the task that issued the command, so the span's parent is that
+    task's active span (the rpc's server span); `succeeded`/`failed` end it. Commands issued
+    outside any trace (readiness pings, worker polls) only feed the histogram: a root span
+    per poll would bury the traces that matter.
+    """
+
+    def __init__(self) -> None:
+        self._spans: dict[tuple[object, int], Span] = {}
+        self._lock = threading.Lock()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        """Open the command's span (only inside a trace: background polls make no root spans)."""
+        if not trace.get_current_span().get_span_context().is_valid:
+            return
+        name = event.command_name
+        target = event.command.get(name)
+        attributes: dict[str, str] = {
+            "db.system": "mongodb",
+            "db.operation.name": name,
+            "db.namespace": event.database_name,
+        }
+        if isinstance(target, str):
+            attributes["db.collection.name"] = target
+        span = tracer().start_span(f"mongodb {name}", kind=SpanKind.CLIENT, attributes=attributes)
+        with self._lock:
+            self._spans[(event.connection_id, event.request_id)] = span
+
+    def _finish(
+        self, event: monitoring.CommandSucceededEvent | monitoring.CommandFailedEvent, outcome: str
+    ) -> Span | None:
+        DB_COMMAND_DURATION.labels(event.command_name, outcome).observe(
+            event.duration_micros / 1_000_000
+        )
+        with self._lock:
+            return self._spans.pop((event.connection_id, event.request_id), None)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        """Close the command's span."""
+        span = self._finish(event, "ok")
+        if span is not None:
+            span.end()
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        """Close the command's span as failed (the error code only, never the message)."""
+        span = self._finish(event, "error")
+        if span is not None:
+            code = event.failure.get("code") if isinstance(event.failure, dict) else None
+            span.set_status(Status(StatusCode.ERROR, f"code {code}" if code else "failed"))
+            span.end()
+
+
 def create_client(settings: Settings) -> AsyncMongoClient[Document]:
     """A client for the configured server (call inside the running event loop)."""
     return AsyncMongoClient(
         settings.mongodb_uri,
+        event_listeners=[CommandObserver()],
         serverSelectionTimeoutMS=int(settings.mongodb_server_selection_timeout * 1000),
         connectTimeoutMS=5000,
         tz_aware=True,

@@ -19,11 +19,14 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from services.core.auth import ApiKeyResolver, Authenticator
+from services.core.errors import AzoraError
 from services.core.interceptors import AuthInterceptor, ErrorMappingInterceptor
 from services.core.logs import configure_logging
-from services.core.mongo import Document, IndexSpec, create_client, ensure_indexes
+from services.core.metrics import start_exposition
+from services.core.mongo import Document, IndexSpec, create_client, ensure_indexes, ping
 from services.core.server import Registrar, ServiceServer, create_server, run_until_signalled
 from services.core.settings import Settings, SettingsError
+from services.core.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,12 @@ async def start_service(
     api_keys: ApiKeyResolver,
     indexes: Sequence[IndexSpec],
 ) -> ServiceServer:
-    """Start a server with the shared interceptors; it reports SERVING once indexes exist."""
+    """Start a server with the shared interceptors; it reports SERVING once indexes exist.
+
+    From then on a background task pings the database every ``readiness_interval`` seconds and
+    flips the grpc.health.v1 status to NOT_SERVING while it is unreachable (and back), so
+    Kubernetes gRPC probes and ``/health/ready`` agree.
+    """
     server = await create_server(
         bind=bind,
         service_names=service_names,
@@ -113,11 +121,42 @@ async def start_service(
     )
     await prepare_database(database.db, indexes)
     await server.set_serving(True)
+    server.background.append(
+        asyncio.create_task(
+            watch_readiness(server, database.db, settings.readiness_interval),
+            name="readiness",
+        )
+    )
     log.info(
         "serving",
         extra={"fields": {"port": server.port, "services": list(service_names)}},
     )
     return server
+
+
+async def watch_readiness(
+    server: ServiceServer, db: AsyncDatabase[Document], interval: float
+) -> None:
+    """Keep the server's health status equal to "the database answers a ping" until cancelled.
+
+    Indexes exist (start-up waited for them); shutting down is handled by the health servicer,
+    which ignores changes once graceful shutdown has begun.
+    """
+    serving = True
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.wait_for(ping(db), timeout=max(interval, 1.0))
+            reachable = True
+        except (AzoraError, TimeoutError, PyMongoError):
+            reachable = False
+        if reachable != serving:
+            serving = reachable
+            await server.set_serving(serving)
+            log.warning(
+                "readiness changed",
+                extra={"fields": {"serving": serving, "reason": "database ping"}},
+            )
 
 
 def run_periodically(
@@ -146,6 +185,10 @@ def main(service_name: str, build: Callable[[Settings], Awaitable[RunningService
         print(f"{service_name}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(service=service_name, level=settings.log_level)
+    configure_tracing(
+        service=service_name, version=settings.version, otlp_endpoint=settings.otel_endpoint
+    )
+    start_exposition(settings.metrics_host, settings.metrics_port)
 
     async def serve() -> None:
         running = await build(settings)

@@ -118,6 +118,16 @@ class Settings:
     mail_run_workers: bool = True
     # Built messages larger than this go to GridFS instead of the queue document.
     mail_inline_content_limit: int = 256 * 1024
+    # Observability
+    # OTLP/HTTP collector base URL (OTEL_EXPORTER_OTLP_ENDPOINT); empty = tracing off.
+    otel_endpoint: str = ""
+    # Where this process serves its Prometheus registry for scraping; port 0 = not served.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    # Other processes' metrics URLs ("name=http://host:port/metrics") that GET /metrics merges.
+    metrics_peers: tuple[str, ...] = ()
+    # How often each service re-checks its database for its grpc.health.v1 status.
+    readiness_interval: float = 5.0
 
     @property
     def is_production(self) -> bool:
@@ -269,6 +279,14 @@ class Settings:
             mail_inline_content_limit=reader.integer(
                 "AZORA_MAIL_INLINE_CONTENT_LIMIT", defaults.mail_inline_content_limit
             ),
+            # Observability
+            otel_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip(),
+            metrics_host=env.get("AZORA_METRICS_HOST", defaults.metrics_host).strip(),
+            metrics_port=_metrics_port(reader, service_name),
+            metrics_peers=reader.peers("AZORA_METRICS_PEERS"),
+            readiness_interval=reader.number(
+                "AZORA_READINESS_INTERVAL", defaults.readiness_interval
+            ),
         )
         reader.raise_if_errors()
         return _apply_secret_defaults(settings)
@@ -302,6 +320,21 @@ def _decode_key(value: str) -> bytes:
     if len(key) != 32:
         raise SettingsError("AZORA_SECRETS_KEY must decode to exactly 32 bytes")
     return key
+
+
+# Observability: each process's metrics port variable and default (0 = not served).
+METRICS_PORTS = {
+    "domain-service": ("AZORA_METRICS_PORT_DOMAIN", 9101),
+    "smtp-service": ("AZORA_METRICS_PORT_SMTP", 9102),
+    "mail-service": ("AZORA_METRICS_PORT_MAIL", 9103),
+    "gateway": ("AZORA_METRICS_PORT_GATEWAY", 9104),
+    "mail-worker": ("AZORA_METRICS_PORT_MAIL_WORKER", 9105),
+}
+
+
+def _metrics_port(reader: _Reader, service_name: str) -> int:
+    variable, default = METRICS_PORTS.get(service_name, ("", 0))
+    return reader.port(variable, default) if variable else 0
 
 
 class _Reader:
@@ -375,6 +408,15 @@ class _Reader:
                 _decode_key(key)
             except SettingsError as exc:
                 self.errors.append(f"{name}: {exc}")
+        return found
+
+    # Observability
+    def peers(self, name: str) -> tuple[str, ...]:
+        found = tuple(p.strip() for p in self.env.get(name, "").split(",") if p.strip())
+        for peer in found:
+            label, sep, url = peer.partition("=")
+            if not sep or not label.strip() or not url.strip().startswith(("http://", "https://")):
+                self.errors.append(f"{name}: expected name=http://host:port/metrics, got {peer!r}")
         return found
 
     def raise_if_errors(self) -> None:

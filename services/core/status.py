@@ -3,6 +3,7 @@
 Every status carries an ErrorInfo (reason, domain, metadata). InvalidArgument adds BadRequest
 field violations, NotFound/AlreadyExists a ResourceInfo, FailedPrecondition a
 PreconditionFailure, ResourceExhausted a QuotaFailure and RetryInfo, Unavailable a RetryInfo.
+An error's own `details` (e.g. a health report) come last.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def to_status(
         details.append(_pack(_retry_info(error.retry_after_seconds)))
     elif isinstance(error, Unavailable):
         details.append(_pack(_retry_info(error.retry_after_seconds)))
+    details.extend(_pack(extra) for extra in error.details)
     status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
     return code, status
 

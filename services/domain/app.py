@@ -20,8 +20,10 @@ from azora.smtp.v1 import smtp_pb2
 
 from services.core.clock import Clock, SystemClock
 from services.core.dns import DnsResolver
+from services.core.metrics import Peer
 from services.core.runtime import Database, RunningService, run_periodically, start_service
 from services.core.settings import Settings
+from services.core.tracing import traced_channel
 from services.domain.cascade import SmtpDataCascade
 from services.domain.manager import DomainManager, DomainPolicy
 from services.domain.repository import INDEXES as DOMAIN_INDEXES
@@ -80,7 +82,7 @@ async def build(
     """
     clock = clock or SystemClock()
     database = Database.connect(settings)
-    smtp_channel = grpc.aio.insecure_channel(settings.smtp_service_target)
+    smtp_channel = traced_channel(settings.smtp_service_target)
     manager = DomainManager(
         domains=MongoDomainRepository(database.db),
         claims=MongoClaimRepository(database.db),
@@ -112,6 +114,8 @@ async def build(
         db=database.db,
         clock=clock,
         version=settings.version,
+        process=SERVICE_NAME,
+        metrics_peers=[Peer.parse(peer) for peer in settings.metrics_peers],
     )
     server = await start_service(
         settings=settings,
@@ -133,6 +137,8 @@ async def build(
     # The suite health report includes this process too, asked the same way as the others.
     self_channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     health.watch(SERVICE_NAME, self_channel, DOMAIN_SERVICE)
+    # Keeps the azora_domains gauge current on the per-process scrape port, too.
+    server.background.append(run_periodically("domain-gauge", 60.0, health.refresh_domain_counts))
     if run_lifecycle:
         server.background.append(
             run_periodically(

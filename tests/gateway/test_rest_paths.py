@@ -197,25 +197,6 @@ async def test_health_paths(http: aiohttp.ClientSession, rest_base_url: str) -> 
     assert RFC3339.match(ping.json["time"])
 
 
-# /health/metrics and /metrics are UNIMPLEMENTED until the observability issue (which replaces
-# this test with real figures): exactly 501 with the health service's Status.
-@pytest.mark.parametrize(
-    ("path", "rpc"), [("/health/metrics", "GetHealthMetrics"), ("/metrics", "GetMetrics")]
-)
-async def test_metrics_paths_are_unimplemented(
-    http: aiohttp.ClientSession,
-    rest_base_url: str,
-    caplog: pytest.LogCaptureFixture,
-    path: str,
-    rpc: str,
-) -> None:
-    caplog.set_level(logging.INFO, logger="azora.gateway.access")
-    reply = await call(http, "GET", f"{rest_base_url}{path}")
-    assert_status_json(reply, http_status=501, code=12)
-    assert reply.error_info["domain"] == "health.azora.dev"
-    assert access_line(caplog)["rpc"] == f"azora.health.v1.SuiteHealthService/{rpc}"
-
-
 # (method, path, body, rpc) of every SMTP and mail path of the table (+ the additional binding);
 # {domain} is a registered domain of the test's tenant, e1 an email id.
 CONTRACT_PATHS = [
