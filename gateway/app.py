@@ -33,6 +33,7 @@ from gateway.errors import (
 from gateway.keys import REQUEST_ID_KEY, ROUTE_KEY, RPC_KEY
 from gateway.observability import configure_process, observe_request, upstream_metadata
 from gateway.router import Router
+from gateway.security import security_middleware
 from gateway.transcode import Transcoder, parse_query
 from gateway.upstream import Upstreams
 from services.core.context import new_request_id, request_id_var
@@ -257,7 +258,10 @@ async def create_app(
         upstreams=Upstreams(descriptors, targets, deadline_seconds=config.deadline_seconds),
         printer=StatusPrinter(descriptors.pool),
     )
-    app = web.Application(middlewares=[gateway.observe], client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=[security_middleware(config.cors_origins), gateway.observe],
+        client_max_size=config.max_body_bytes,
+    )
     app[GATEWAY_KEY] = gateway
     ApiDocs(openapi_path=config.openapi_path, swagger_ui_dir=config.swagger_ui_dir).add_routes(app)
     # Everything else is transcoded: the descriptor set's http rules are the routing table.

@@ -35,6 +35,8 @@ class GatewayConfig:
         swagger_ui_dir: the swagger-ui-dist package directory (AZORA_SWAGGER_UI_DIR).
         max_body_bytes: largest accepted request body (AZORA_GATEWAY_MAX_BODY_BYTES).
         deadline_seconds: deadline of every upstream call (AZORA_GATEWAY_DEADLINE, seconds).
+        cors_origins: origins allowed to call from a browser (AZORA_CORS_ORIGINS, comma-
+            separated, exact match); empty = CORS off.
         upstreams: gRPC service full name -> "host:port" of the process serving it; None
             takes the targets of `Settings` (see `upstream_targets`). A service of the
             descriptor set without a target answers 501.
@@ -46,6 +48,7 @@ class GatewayConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     deadline_seconds: float = DEFAULT_DEADLINE_SECONDS
     upstreams: Mapping[str, str] | None = None
+    cors_origins: tuple[str, ...] = ()
 
     def with_overrides(self, **changes: object) -> GatewayConfig:
         """A copy with some fields changed (tests)."""
@@ -87,6 +90,11 @@ class GatewayConfig:
             ),
             deadline_seconds=number(
                 "AZORA_GATEWAY_DEADLINE", DEFAULT_DEADLINE_SECONDS, integer=False
+            ),
+            cors_origins=tuple(
+                o.strip().rstrip("/")
+                for o in env.get("AZORA_CORS_ORIGINS", "").split(",")
+                if o.strip()
             ),
         )
         if errors:

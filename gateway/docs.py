@@ -35,7 +35,13 @@ INDEX_HTML = """<!DOCTYPE html>
   <div id="swagger-ui"></div>
   <script src="./swagger-ui-bundle.js" charset="UTF-8"></script>
   <script src="./swagger-ui-standalone-preset.js" charset="UTF-8"></script>
-  <script>
+  <script>{init_script}</script>
+</body>
+</html>
+"""
+"""Our page; `{init_script}` is `INIT_SCRIPT`, whose hash the Content-Security-Policy allows."""
+
+INIT_SCRIPT = """
     window.onload = function () {
       window.ui = SwaggerUIBundle({
         url: "/api-docs/openapi.json",
@@ -47,10 +53,7 @@ INDEX_HTML = """<!DOCTYPE html>
         layout: "StandaloneLayout"
       });
     };
-  </script>
-</body>
-</html>
-"""
+  """
 
 # Asset names are plain file names of the package; anything else is not ours to serve.
 _ASSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -92,7 +95,8 @@ class ApiDocs:
         """The Swagger UI page."""
         request[ROUTE_KEY] = ROUTE_INDEX
         self._require_assets()
-        return web.Response(text=INDEX_HTML, content_type="text/html", charset="utf-8")
+        page = INDEX_HTML.replace("{init_script}", INIT_SCRIPT)
+        return web.Response(text=page, content_type="text/html", charset="utf-8")
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         """The generated OpenAPI document."""
