@@ -1,38 +1,198 @@
-"""Composition root of the mail service process.
+"""Composition root of the mail service process (and of separate delivery workers).
 
-The mail service's contract (azora.mail.v1) is defined and served with health and reflection;
-its rpcs answer UNIMPLEMENTED until the mail delivery issue implements them.
+Serves azora.mail.v1.MailService with health and reflection, and runs delivery workers plus
+the idempotency sweeper in the background. Domains are asked of the domain service; relay
+settings and DKIM keys of the SMTP service (both over gRPC with service tokens).
 """
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import grpc
 from azora.mail.v1 import mail_pb2, mail_pb2_grpc
 
-from services.core.runtime import Database, RunningService, start_service
+from services.core.clock import Clock, SystemClock
+from services.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_DUE_AGE
+from services.core.runtime import Database, RunningService, run_periodically, start_service
 from services.core.settings import Settings
 from services.iam.servicer import remote_api_key_resolver
+from services.mail.compose import Limits
+from services.mail.delivery import DeliveryWorker, RelayLookup, RelayPool, RetryPolicy
+from services.mail.manager import MailManager, MailPolicy
+from services.mail.relay_lookup import smtp_service_relays
+from services.mail.repository import INDEXES as MAIL_INDEXES
+from services.mail.repository import (
+    EmailRepository,
+    MongoEmailRepository,
+    MongoIdempotencyRepository,
+)
+from services.mail.senders import GrpcSenderDirectory, SenderDirectory
+from services.mail.servicer import MailServicer
 
 SERVICE_NAME = "mail-service"
 MAIL_SERVICE = mail_pb2.DESCRIPTOR.services_by_name["MailService"].full_name
+# How often expired idempotency keys are swept.
+IDEMPOTENCY_SWEEP_INTERVAL = 600.0
+# How often the queue gauges (depth, oldest due age) are refreshed.
+QUEUE_METRICS_INTERVAL = 15.0
 
 
-async def build(settings: Settings, *, bind: str | None = None) -> RunningService:
-    """Wire and start the mail service process."""
+@dataclass
+class MailApp:
+    """The running process: server, use cases and the in-process worker (if any)."""
+
+    running: RunningService
+    mail: MailManager
+    emails: EmailRepository
+    worker: DeliveryWorker | None
+
+
+def policy_from(settings: Settings) -> MailPolicy:
+    """Rules of the mail service from settings."""
+    return MailPolicy(
+        limits=Limits(
+            max_recipients=settings.mail_max_recipients,
+            max_attachment_size=settings.max_attachment_size,
+            max_message_size=settings.mail_max_message_size,
+            schedule_horizon=timedelta(seconds=settings.mail_schedule_horizon),
+        ),
+        retry=retry_policy_from(settings),
+        idempotency_ttl=timedelta(seconds=settings.mail_idempotency_ttl),
+        default_page_size=settings.default_page_size,
+        max_page_size=settings.max_page_size,
+    )
+
+
+def retry_policy_from(settings: Settings) -> RetryPolicy:
+    """The retry schedule from settings."""
+    return RetryPolicy(
+        min_backoff=timedelta(seconds=settings.mail_retry_min_backoff),
+        max_backoff=timedelta(seconds=settings.mail_retry_max_backoff),
+        jitter=min(settings.mail_retry_jitter, 1.0),
+        max_lifetime=timedelta(seconds=settings.mail_max_lifetime),
+    )
+
+
+def remote_relays(settings: Settings) -> tuple[RelayLookup, grpc.aio.Channel]:
+    """Relay settings and signing keys from the SMTP service, with the channel to close."""
+    return smtp_service_relays(settings)
+
+
+def make_worker(
+    settings: Settings,
+    *,
+    emails: EmailRepository,
+    relays: RelayLookup,
+    clock: Clock,
+    worker_id: str | None = None,
+    rng: random.Random | None = None,
+) -> DeliveryWorker:
+    """A delivery worker configured from settings."""
+    return DeliveryWorker(
+        emails=emails,
+        relays=relays,
+        pool=RelayPool(
+            max_per_relay=settings.mail_relay_connections, ca_file=settings.smtp_ca_file
+        ),
+        clock=clock,
+        policy=retry_policy_from(settings),
+        lease=timedelta(seconds=settings.mail_lease),
+        concurrency=settings.mail_worker_concurrency,
+        poll_interval=settings.mail_poll_interval,
+        worker_id=worker_id,
+        rng=rng,
+    )
+
+
+async def build_app(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    bind: str | None = None,
+    senders: SenderDirectory | None = None,
+    relays: RelayLookup | None = None,
+    run_workers: bool | None = None,
+) -> MailApp:
+    """Wire and start the mail service process, returning its use cases too.
+
+    Args:
+        settings: configuration.
+        clock: time source (tests pass a manual clock).
+        bind: "host:port" to listen on; defaults to the configured host and mail port.
+        senders: where sender domains are looked up (default: the domain service).
+        relays: where relays and DKIM keys come from (default: the SMTP service).
+        run_workers: run delivery workers in this process (default: the setting).
+    """
+    clock = clock or SystemClock()
     database = Database.connect(settings)
     api_keys, domain_channel = remote_api_key_resolver(settings)
+    channels: list[grpc.aio.Channel] = [domain_channel]
+    if senders is None:
+        senders = GrpcSenderDirectory(
+            domain_channel,
+            jwt_secret=settings.jwt_secret,
+            jwt_issuer=settings.jwt_issuer,
+            jwt_audience=settings.jwt_audience,
+            cache_ttl=settings.domain_cache_ttl,
+        )
+    if relays is None:
+        relays, smtp_channel = remote_relays(settings)
+        channels.append(smtp_channel)
+    emails = MongoEmailRepository(database.db, inline_limit=settings.mail_inline_content_limit)
+    manager = MailManager(
+        emails=emails,
+        idempotency=MongoIdempotencyRepository(database.db),
+        senders=senders,
+        relays=relays,
+        clock=clock,
+        policy=policy_from(settings),
+    )
     server = await start_service(
         settings=settings,
         database=database,
         bind=bind or f"{settings.host}:{settings.mail_grpc_port}",
         service_names=(MAIL_SERVICE,),
         registrars=(
-            lambda s: mail_pb2_grpc.add_MailServiceServicer_to_server(
-                # The generated base answers UNIMPLEMENTED for every rpc (see module doc).
-                mail_pb2_grpc.MailServiceServicer(),  # type: ignore[abstract]
-                s,
-            ),
+            lambda s: mail_pb2_grpc.add_MailServiceServicer_to_server(MailServicer(manager), s),
         ),
         api_keys=api_keys,
-        indexes=(),
+        indexes=MAIL_INDEXES,
     )
-    return RunningService(server, database, [domain_channel])
+    worker: DeliveryWorker | None = None
+    if settings.mail_run_workers if run_workers is None else run_workers:
+        worker = make_worker(settings, emails=emails, relays=relays, clock=clock)
+        # Cancelled by the server's stop: the worker hands back what it holds (see delivery).
+        server.background.append(run_periodically("mail-worker", 1.0, worker.run))
+    server.background.append(
+        run_periodically("idempotency-sweep", IDEMPOTENCY_SWEEP_INTERVAL, manager.sweep_idempotency)
+    )
+
+    async def measure_queue() -> None:
+        depth, age = await emails.queue_health(now=clock.now())
+        QUEUE_DEPTH.set(depth)
+        QUEUE_OLDEST_DUE_AGE.set(age)
+
+    server.background.append(
+        run_periodically("queue-metrics", QUEUE_METRICS_INTERVAL, measure_queue)
+    )
+    return MailApp(RunningService(server, database, channels), manager, emails, worker)
+
+
+async def build(settings: Settings, *, bind: str | None = None) -> RunningService:
+    """Start the process and return only its server (what suites of several services use)."""
+    return (await build_app(settings, bind=bind)).running
+
+
+__all__ = [
+    "MAIL_SERVICE",
+    "SERVICE_NAME",
+    "MailApp",
+    "build",
+    "build_app",
+    "make_worker",
+    "policy_from",
+    "retry_policy_from",
+]

@@ -78,7 +78,8 @@ class MailServiceServicer:
 
     def SendEmail(self, request, context):
         """Accepts an email for delivery and returns at once with status QUEUED or SCHEDULED.
-        Errors: INVALID_ARGUMENT (field named), FAILED_PRECONDITION (domain not active or no relay).
+        Errors: INVALID_ARGUMENT (field named), FAILED_PRECONDITION (domain not active or no relay),
+        ALREADY_EXISTS (idempotency key reused within 24 hours for a different request).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,7 +39,8 @@ class MailServiceStub:
     def __new__(cls, channel: _aio.Channel) -> MailServiceAsyncStub: ...
     SendEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.SendEmailRequest, _mail_pb2.Email]
     """Accepts an email for delivery and returns at once with status QUEUED or SCHEDULED.
-    Errors: INVALID_ARGUMENT (field named), FAILED_PRECONDITION (domain not active or no relay).
+    Errors: INVALID_ARGUMENT (field named), FAILED_PRECONDITION (domain not active or no relay),
+    ALREADY_EXISTS (idempotency key reused within 24 hours for a different request).
     """
     ListEmails: _grpc.UnaryUnaryMultiCallable[_mail_pb2.ListEmailsRequest, _mail_pb2.ListEmailsResponse]
     """Lists emails, newest first, with filters."""
@@ -62,7 +63,8 @@ class MailServiceAsyncStub(MailServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SendEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.SendEmailRequest, _mail_pb2.Email]  # type: ignore[assignment]
     """Accepts an email for delivery and returns at once with status QUEUED or SCHEDULED.
-    Errors: INVALID_ARGUMENT (field named), FAILED_PRECONDITION (domain not active or no relay).
+    Errors: INVALID_ARGUMENT (field named), FAILED_PRECONDITION (domain not active or no relay),
+    ALREADY_EXISTS (idempotency key reused within 24 hours for a different request).
     """
     ListEmails: _aio.UnaryUnaryMultiCallable[_mail_pb2.ListEmailsRequest, _mail_pb2.ListEmailsResponse]  # type: ignore[assignment]
     """Lists emails, newest first, with filters."""
@@ -88,7 +90,8 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_mail_pb2.Email, _abc.Awaitable[_mail_pb2.Email]]:
         """Accepts an email for delivery and returns at once with status QUEUED or SCHEDULED.
-        Errors: INVALID_ARGUMENT (field named), FAILED_PRECONDITION (domain not active or no relay).
+        Errors: INVALID_ARGUMENT (field named), FAILED_PRECONDITION (domain not active or no relay),
+        ALREADY_EXISTS (idempotency key reused within 24 hours for a different request).
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,379 @@
+"""Validating a send request and building its message once, at submit.
+
+Every problem is collected and reported together, each naming its proto field (``to[2]``,
+``attachments[0].content``, ``headers[1].name``). Addresses follow RFC 5322 (display names,
+quoted local parts) with IDN domains converted to A-labels; CR, LF and NUL are refused in
+anything that ends up in a header, which is what stops header injection. Bodies may contain any
+line endings: they are normalised to CRLF by the MIME writer.
+
+The built message is stored as bytes and never rebuilt: workers only prepend a DKIM signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mimetypes
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email import policy as email_policy
+from email.message import EmailMessage
+from email.utils import format_datetime, formataddr, getaddresses
+
+import idna
+
+from services.core.errors import FieldViolation, InvalidArgument
+
+# Headers we write ourselves or that would change routing/structure if a caller set them.
+RESERVED_HEADERS = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "content-disposition",
+        "dkim-signature",
+        "sender",
+        "return-path",
+        "received",
+    }
+)
+_HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext: printable, no colon
+_LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
+_CONTENT_ID_RE = re.compile(r"^[!-~]{1,200}$")
+_FORBIDDEN = ("\r", "\n", "\0")
+MAX_SUBJECT = 998
+MAX_TAGS = 20
+MAX_METADATA = 50
+MAX_IDEMPOTENCY_KEY = 255
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentInput:
+    """One attachment of a request."""
+
+    filename: str
+    content_type: str
+    content: bytes
+    content_id: str = ""
+    inline: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SendInput:
+    """A send request, independent of protobuf."""
+
+    from_address: str
+    to: list[str] = field(default_factory=list)
+    cc: list[str] = field(default_factory=list)
+    bcc: list[str] = field(default_factory=list)
+    reply_to: list[str] = field(default_factory=list)
+    subject: str = ""
+    text: str = ""
+    html: str = ""
+    attachments: list[AttachmentInput] = field(default_factory=list)
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    send_at: datetime | None = None
+    idempotency_key: str = ""
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical request (everything but the idempotency key)."""
+        canonical = {
+            "from": self.from_address,
+            "to": self.to,
+            "cc": self.cc,
+            "bcc": self.bcc,
+            "reply_to": self.reply_to,
+            "subject": self.subject,
+            "text": self.text,
+            "html": self.html,
+            "attachments": [
+                [
+                    a.filename,
+                    a.content_type,
+                    hashlib.sha256(a.content).hexdigest(),
+                    a.content_id,
+                    a.inline,
+                ]
+                for a in self.attachments
+            ],
+            "headers": self.headers,
+            "tags": self.tags,
+            "metadata": sorted(self.metadata.items()),
+            "send_at": self.send_at.isoformat() if self.send_at else None,
+        }
+        raw = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    """A parsed address: header form (display name kept) and the SMTP addr-spec."""
+
+    header: str
+    addr_spec: str
+    domain: str  # A-label, lower case
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Validation limits from settings."""
+
+    max_recipients: int
+    max_attachment_size: int
+    max_message_size: int
+    schedule_horizon: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class ValidRequest:
+    """A request that passed validation, with its addresses parsed."""
+
+    request: SendInput
+    sender: Mailbox
+    to: list[Mailbox]
+    cc: list[Mailbox]
+    bcc: list[Mailbox]
+    reply_to: list[Mailbox]
+
+
+def parse_mailbox(value: str, field_name: str) -> Mailbox:
+    """Parse one RFC 5322 mailbox (``Name <local@domain>`` or ``local@domain``).
+
+    Raises:
+        InvalidArgument: the value is not exactly one valid mailbox (naming `field_name`).
+    """
+    if any(ch in value for ch in _FORBIDDEN):
+        raise InvalidArgument.single(field_name, "must not contain CR, LF or NUL characters")
+    if not value.strip():
+        raise InvalidArgument.single(field_name, "must be an email address")
+    pairs = getaddresses([value])
+    if len(pairs) != 1 or not pairs[0][1] or "@" not in pairs[0][1]:
+        raise InvalidArgument.single(field_name, f"{value!r} is not a valid email address")
+    name, addr = pairs[0]
+    local, _, domain = addr.rpartition("@")
+    if not _LOCAL_RE.match(local) or local.startswith(".") or local.endswith(".") or ".." in local:
+        raise InvalidArgument.single(field_name, f"{value!r} has an invalid local part")
+    try:
+        a_label = idna.encode(domain.rstrip("."), uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError):
+        raise InvalidArgument.single(field_name, f"{value!r} has an invalid domain") from None
+    if "." not in a_label or len(a_label) > 253:
+        raise InvalidArgument.single(field_name, f"{value!r} has an invalid domain")
+    addr_spec = f"{local}@{a_label}"
+    # formataddr quotes or RFC 2047-encodes the display name as needed.
+    header = formataddr((name, addr_spec)) if name else addr_spec
+    return Mailbox(header=header, addr_spec=addr_spec, domain=a_label)
+
+
+def validate(request: SendInput, *, limits: Limits, now: datetime) -> ValidRequest:
+    """Check everything that does not need other services.
+
+    Raises:
+        InvalidArgument: every violation, each naming its field.
+    """
+    violations: list[FieldViolation] = []
+
+    def mailboxes(values: list[str], name: str) -> list[Mailbox]:
+        out = []
+        for i, value in enumerate(values):
+            try:
+                out.append(parse_mailbox(value, f"{name}[{i}]"))
+            except InvalidArgument as exc:
+                violations.extend(exc.violations)
+        return out
+
+    sender: Mailbox | None = None
+    try:
+        sender = parse_mailbox(request.from_address, "from")
+    except InvalidArgument as exc:
+        violations.extend(exc.violations)
+    to = mailboxes(request.to, "to")
+    cc = mailboxes(request.cc, "cc")
+    bcc = mailboxes(request.bcc, "bcc")
+    reply_to = mailboxes(request.reply_to, "reply_to")
+    count = len(request.to) + len(request.cc) + len(request.bcc)
+    if count == 0:
+        violations.append(FieldViolation("to", "at least one recipient (to, cc or bcc) is needed"))
+    elif count > limits.max_recipients:
+        violations.append(
+            FieldViolation("to", f"{count} recipients; at most {limits.max_recipients} allowed")
+        )
+    if any(ch in request.subject for ch in _FORBIDDEN):
+        violations.append(FieldViolation("subject", "must not contain CR, LF or NUL characters"))
+    elif len(request.subject) > MAX_SUBJECT:
+        violations.append(FieldViolation("subject", f"at most {MAX_SUBJECT} characters"))
+    if not request.text and not request.html:
+        violations.append(FieldViolation("text", "text or html is required"))
+    for name, body in (("text", request.text), ("html", request.html)):
+        if "\0" in body:
+            violations.append(FieldViolation(name, "must not contain NUL characters"))
+    for i, (hname, hvalue) in enumerate(request.headers):
+        if not _HEADER_NAME_RE.match(hname):
+            violations.append(
+                FieldViolation(f"headers[{i}].name", "must be printable ASCII without ':'")
+            )
+        elif hname.lower() in RESERVED_HEADERS:
+            violations.append(
+                FieldViolation(f"headers[{i}].name", f"{hname} is set by the service")
+            )
+        if any(ch in hvalue for ch in _FORBIDDEN):
+            violations.append(
+                FieldViolation(f"headers[{i}].value", "must not contain CR, LF or NUL characters")
+            )
+    estimated = len(request.text.encode()) + len(request.html.encode())
+    for i, att in enumerate(request.attachments):
+        prefix = f"attachments[{i}]"
+        if not att.filename or any(ch in att.filename for ch in _FORBIDDEN):
+            violations.append(
+                FieldViolation(f"{prefix}.filename", "required, without CR, LF or NUL")
+            )
+        if att.content_type and (
+            any(ch in att.content_type for ch in _FORBIDDEN) or att.content_type.count("/") != 1
+        ):
+            violations.append(FieldViolation(f"{prefix}.content_type", "must be type/subtype"))
+        if att.content_id and not _CONTENT_ID_RE.match(att.content_id.strip("<>")):
+            violations.append(FieldViolation(f"{prefix}.content_id", "must be printable ASCII"))
+        if len(att.content) > limits.max_attachment_size:
+            violations.append(
+                FieldViolation(
+                    f"{prefix}.content",
+                    f"{len(att.content)} bytes; at most {limits.max_attachment_size} allowed",
+                )
+            )
+        # Base64 grows content by 4/3 plus line breaks.
+        estimated += len(att.content) * 4 // 3 * 78 // 76 + 512
+    if estimated > limits.max_message_size:
+        violations.append(
+            FieldViolation(
+                "attachments",
+                f"the message would be about {estimated} bytes; at most "
+                f"{limits.max_message_size} allowed",
+            )
+        )
+    if len(request.tags) > MAX_TAGS:
+        violations.append(FieldViolation("tags", f"at most {MAX_TAGS} tags"))
+    for i, tag in enumerate(request.tags):
+        if not tag or len(tag) > 100 or any(ch in tag for ch in _FORBIDDEN):
+            violations.append(FieldViolation(f"tags[{i}]", "1-100 characters, no CR/LF"))
+    if len(request.metadata) > MAX_METADATA:
+        violations.append(FieldViolation("metadata", f"at most {MAX_METADATA} entries"))
+    if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        violations.append(
+            FieldViolation("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters")
+        )
+    if request.send_at is not None and request.send_at > now + limits.schedule_horizon:
+        violations.append(
+            FieldViolation(
+                "send_at",
+                f"at most {int(limits.schedule_horizon.total_seconds())} seconds in the future",
+            )
+        )
+    if violations or sender is None:
+        raise InvalidArgument(violations)
+    return ValidRequest(request, sender, to, cc, bcc, reply_to)
+
+
+def _normalise(body: str) -> str:
+    # Bare CR or LF become one line break; the SMTP policy writes every break as CRLF.
+    return body.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def build_message(
+    valid: ValidRequest, *, email_id: str, domain: str, now: datetime
+) -> tuple[bytes, str]:
+    """The complete RFC 5322 message (without Bcc) and its Message-ID.
+
+    Structure: text or html alone; multipart/alternative for both; html with inline parts
+    becomes multipart/related; downloads make the whole multipart/mixed.
+    """
+    request = valid.request
+    message_id = f"<{email_id}@{domain}>"
+    msg = EmailMessage(policy=email_policy.SMTP)
+    msg["From"] = valid.sender.header
+    if valid.to:
+        msg["To"] = ", ".join(m.header for m in valid.to)
+    if valid.cc:
+        msg["Cc"] = ", ".join(m.header for m in valid.cc)
+    if valid.reply_to:
+        msg["Reply-To"] = ", ".join(m.header for m in valid.reply_to)
+    msg["Subject"] = request.subject
+    msg["Date"] = format_datetime(now)
+    msg["Message-ID"] = message_id
+    for name, value in request.headers:
+        msg[name] = value
+    text, html = _normalise(request.text), _normalise(request.html)
+    if text and html:
+        msg.set_content(text)
+        msg.add_alternative(html, subtype="html")
+    elif html:
+        msg.set_content(html, subtype="html")
+    else:
+        msg.set_content(text)
+    html_part = _html_part(msg) if html else None
+    for att in request.attachments:
+        maintype, subtype = _content_type(att)
+        cid = f"<{att.content_id.strip('<>')}>" if att.content_id else None
+        if att.inline and cid and html_part is not None:
+            html_part.add_related(
+                att.content,
+                maintype,
+                subtype,
+                cid=cid,
+                filename=att.filename,
+                disposition="inline",
+            )
+        else:
+            msg.add_attachment(
+                att.content,
+                maintype,
+                subtype,
+                filename=att.filename,
+                cid=cid,
+                disposition="inline" if att.inline else "attachment",
+            )
+    return msg.as_bytes(), message_id
+
+
+def _html_part(msg: EmailMessage) -> EmailMessage:
+    if msg.get_content_type() == "text/html":
+        return msg
+    for part in msg.iter_parts():
+        if isinstance(part, EmailMessage) and part.get_content_type() == "text/html":
+            return part
+    return msg
+
+
+def _content_type(att: AttachmentInput) -> tuple[str, str]:
+    content_type = att.content_type or mimetypes.guess_type(att.filename)[0]
+    content_type = content_type or "application/octet-stream"
+    maintype, _, subtype = content_type.partition("/")
+    return maintype.strip().lower(), subtype.strip().lower()
+
+
+def content_type_of(att: AttachmentInput) -> str:
+    """The MIME type an attachment is sent with."""
+    return "/".join(_content_type(att))
+
+
+__all__ = [
+    "AttachmentInput",
+    "Limits",
+    "Mailbox",
+    "SendInput",
+    "ValidRequest",
+    "build_message",
+    "content_type_of",
+    "parse_mailbox",
+    "validate",
+]

@@ -1,0 +1,403 @@
+"""Use cases of the mail service: send, track, cancel/delete, resend, statistics.
+
+Submitting validates, finds the sender's active domain and its relay, builds the message once
+and stores it durably before answering; delivery happens later, in the workers
+(`services.mail.delivery`). Idempotency is insert-first: the key's record reserves the email's
+id, and the email itself is inserted under that id, so concurrent duplicates meet on a unique
+``_id`` twice and exactly one email exists per key (same key + different request: ALREADY_EXISTS,
+HTTP 409, like a conflicting resource).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from services.core.clock import Clock
+from services.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PreconditionViolation,
+)
+from services.core.ids import check_id, decode_page_token, encode_page_token, new_id, page_size
+from services.core.metrics import EMAILS_ACCEPTED
+from services.mail.compose import (
+    Limits,
+    SendInput,
+    build_message,
+    content_type_of,
+    validate,
+)
+from services.mail.delivery import RelayLookup, RetryPolicy
+from services.mail.models import (
+    AttachmentInfo,
+    Email,
+    EmailFilter,
+    EmailPage,
+    EmailStats,
+    EmailStatus,
+    Event,
+    EventType,
+    Recipient,
+    RecipientKind,
+    RecipientStatus,
+)
+from services.mail.repository import EmailRepository, IdempotencyRecord, IdempotencyRepository
+from services.mail.senders import SenderDirectory
+
+RESENDABLE = frozenset({EmailStatus.FAILED, EmailStatus.BOUNCED, EmailStatus.PARTIALLY_SENT})
+_MESSAGE_ID_RE = re.compile(rb"^Message-ID: [^\r\n]*\r\n", re.MULTILINE | re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class MailPolicy:
+    """Rules of the mail service from settings."""
+
+    limits: Limits
+    retry: RetryPolicy
+    idempotency_ttl: timedelta = timedelta(hours=24)
+    default_page_size: int = 50
+    max_page_size: int = 200
+
+
+class MailManager:
+    """The mail service's use cases."""
+
+    def __init__(
+        self,
+        *,
+        emails: EmailRepository,
+        idempotency: IdempotencyRepository,
+        senders: SenderDirectory,
+        relays: RelayLookup,
+        clock: Clock,
+        policy: MailPolicy,
+    ) -> None:
+        self._emails = emails
+        self._idempotency = idempotency
+        self._senders = senders
+        self._relays = relays
+        self._clock = clock
+        self._policy = policy
+
+    async def send(self, *, tenant_id: str, request: SendInput) -> Email:
+        """Accept an email: validate, store the built message, answer queued or scheduled.
+
+        Raises:
+            InvalidArgument: a field is invalid (each violation names it).
+            FailedPrecondition: the sender's domain is not an active domain of the tenant, or
+                it has no relay (subject ``from``).
+            AlreadyExists: the idempotency key was used with a different request.
+            Unavailable: the domain or SMTP service cannot answer.
+        """
+        now = self._clock.now()
+        valid = validate(request, limits=self._policy.limits, now=now)
+        domain = await self._senders.active_domain(tenant_id=tenant_id, name=valid.sender.domain)
+        if domain is None:
+            raise FailedPrecondition(
+                f"{valid.sender.domain} is not an active domain of this tenant",
+                reason="SENDER_DOMAIN_NOT_ACTIVE",
+                violations=[
+                    PreconditionViolation(
+                        "DOMAIN_NOT_ACTIVE",
+                        "from",
+                        "the sender's domain must be registered, verified and active",
+                    )
+                ],
+                metadata={"field": "from", "domain": valid.sender.domain},
+            )
+        try:
+            await self._relays.endpoint(tenant_id=tenant_id, domain_id=domain.id)
+        except NotFound:
+            # The relay lookup reports a domain without relay as NotFound (relay_lookup).
+            raise FailedPrecondition(
+                f"{domain.name} has no SMTP relay configured",
+                reason="RELAY_NOT_CONFIGURED",
+                violations=[
+                    PreconditionViolation(
+                        "RELAY_NOT_CONFIGURED",
+                        "from",
+                        "configure the domain's relay (PUT /api/v1/domains/{id}/smtp) first",
+                    )
+                ],
+                metadata={"field": "from", "domainId": domain.id},
+            ) from None
+        email_id = new_id()
+        if request.idempotency_key:
+            record = await self._idempotency.reserve(
+                record=IdempotencyRecord(
+                    tenant_id,
+                    request.idempotency_key,
+                    request.fingerprint(),
+                    email_id,
+                    now + self._policy.idempotency_ttl,
+                ),
+                now=now,
+            )
+            if record.fingerprint != request.fingerprint():
+                raise AlreadyExists(
+                    "IdempotencyKey",
+                    request.idempotency_key,
+                    message="this idempotency key was used with a different request "
+                    "in the last 24 hours",
+                )
+            email_id = record.email_id
+            try:
+                return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
+            except NotFound:
+                pass  # first request still in flight or crashed before storing: store it
+        content, message_id = build_message(valid, email_id=email_id, domain=domain.name, now=now)
+        if len(content) > self._policy.limits.max_message_size:
+            raise InvalidArgument.single(
+                "attachments",
+                f"the message is {len(content)} bytes; at most "
+                f"{self._policy.limits.max_message_size} allowed",
+            )
+        scheduled = request.send_at is not None and request.send_at > now
+        start = request.send_at if scheduled and request.send_at else now
+        events = [Event(EventType.ACCEPTED, now)]
+        if scheduled:
+            events.append(Event(EventType.SCHEDULED, now, detail=start.isoformat()))
+        recipients = (
+            [Recipient(m.addr_spec, RecipientKind.TO, updated_at=now) for m in valid.to]
+            + [Recipient(m.addr_spec, RecipientKind.CC, updated_at=now) for m in valid.cc]
+            + [Recipient(m.addr_spec, RecipientKind.BCC, updated_at=now) for m in valid.bcc]
+        )
+        email = Email(
+            id=email_id,
+            tenant_id=tenant_id,
+            domain_id=domain.id,
+            domain_name=domain.name,
+            from_address=valid.sender.header,
+            envelope_from=valid.sender.addr_spec,
+            to=[m.header for m in valid.to],
+            cc=[m.header for m in valid.cc],
+            bcc=[m.header for m in valid.bcc],
+            reply_to=[m.header for m in valid.reply_to],
+            subject=request.subject,
+            message_id=message_id.strip("<>"),
+            size=len(content),
+            recipients=_dedupe(recipients),
+            status=EmailStatus.SCHEDULED if scheduled else EmailStatus.QUEUED,
+            created_at=now,
+            updated_at=now,
+            next_attempt_at=start,
+            expires_at=start + self._policy.retry.max_lifetime,
+            tags=list(request.tags),
+            metadata=dict(request.metadata),
+            attachments=[
+                AttachmentInfo(
+                    a.filename,
+                    content_type_of(a),
+                    len(a.content),
+                    a.content_id.strip("<>"),
+                    a.inline,
+                )
+                for a in request.attachments
+            ],
+            send_at=request.send_at if scheduled else None,
+            events=events,
+            idempotency_key=request.idempotency_key,
+            content=content,
+        )
+        if not await self._emails.insert(email=email):
+            # A concurrent duplicate (same key, same request) stored it first.
+            return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
+        EMAILS_ACCEPTED.inc()
+        email.content = None
+        return email
+
+    async def get(self, *, tenant_id: str, email_id: str) -> Email:
+        """The tenant's email.
+
+        Raises:
+            InvalidArgument: malformed id.
+            NotFound: no such email in this tenant.
+        """
+        check_id(email_id)
+        return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
+
+    async def list_emails(
+        self, *, tenant_id: str, filter: EmailFilter, size: int, page_token: str
+    ) -> EmailPage:
+        """A page of the tenant's emails, newest first.
+
+        Raises:
+            InvalidArgument: bad page size, page token or filter.
+        """
+        if filter.domain_id:
+            check_id(filter.domain_id, field="domain_id")
+        limit = page_size(
+            size, default=self._policy.default_page_size, maximum=self._policy.max_page_size
+        )
+        query = {
+            "status": filter.status.value if filter.status else "",
+            "domain": filter.domain_id or "",
+            "recipient": filter.recipient or "",
+            "tag": filter.tag or "",
+            "start": filter.start.isoformat() if filter.start else "",
+            "end": filter.end.isoformat() if filter.end else "",
+        }
+        after = decode_page_token(page_token, query)
+        emails = await self._emails.page(
+            tenant_id=tenant_id, filter=filter, before_id=after, limit=limit + 1
+        )
+        next_token = ""
+        if len(emails) > limit:
+            emails = emails[:limit]
+            next_token = encode_page_token(emails[-1].id, query)
+        return EmailPage(emails, next_token)
+
+    async def delete(self, *, tenant_id: str, email_id: str) -> None:
+        """Cancel an unfinished email (recorded on its timeline) or remove a finished one.
+
+        Raises:
+            NotFound: no such email in this tenant.
+            FailedPrecondition: a worker is delivering it right now (retry shortly).
+        """
+        check_id(email_id)
+        now = self._clock.now()
+        cancelled = await self._emails.cancel(
+            tenant_id=tenant_id,
+            email_id=email_id,
+            event=Event(EventType.CANCELLED, now, detail="cancelled by the API"),
+        )
+        if cancelled is not None:
+            return
+        if await self._emails.delete(tenant_id=tenant_id, email_id=email_id) is not None:
+            return
+        email = await self._emails.get(tenant_id=tenant_id, email_id=email_id)
+        raise FailedPrecondition(
+            f"email {email.id} is being delivered right now; try again in a moment",
+            reason="EMAIL_BEING_DELIVERED",
+            violations=[PreconditionViolation("EMAIL_SENDING", "id", "a worker holds it")],
+        )
+
+    async def resend(self, *, tenant_id: str, email_id: str) -> Email:
+        """A new delivery of a failed, bounced or partially sent email to its unsent recipients.
+
+        The new email has its own id and Message-ID, links to the original (`resent_from_id`),
+        and both timelines get a RESENT event.
+
+        Raises:
+            NotFound: no such email in this tenant.
+            FailedPrecondition: the email is not failed, bounced or partially sent.
+        """
+        check_id(email_id)
+        original = await self._emails.get(tenant_id=tenant_id, email_id=email_id)
+        if original.status not in RESENDABLE:
+            raise FailedPrecondition(
+                f"only failed, bounced or partially sent emails can be resent; this one is "
+                f"{original.status.value}",
+                reason="EMAIL_NOT_RESENDABLE",
+                violations=[PreconditionViolation("EMAIL_STATUS", "id", original.status.value)],
+            )
+        now = self._clock.now()
+        new_email_id = new_id()
+        message_id = f"{new_email_id}@{original.domain_name}"
+        content = await self._emails.content(email=original)
+        # Same message, new Message-ID: receivers must not drop it as a duplicate.
+        content = _MESSAGE_ID_RE.sub(
+            f"Message-ID: <{message_id}>\r\n".encode().replace(b"\\", b"\\\\"), content, count=1
+        )
+        recipients = [
+            Recipient(r.address, r.kind, updated_at=now)
+            for r in original.recipients
+            if r.status != RecipientStatus.SENT
+        ]
+        email = Email(
+            id=new_email_id,
+            tenant_id=tenant_id,
+            domain_id=original.domain_id,
+            domain_name=original.domain_name,
+            from_address=original.from_address,
+            envelope_from=original.envelope_from,
+            to=original.to,
+            cc=original.cc,
+            bcc=original.bcc,
+            reply_to=original.reply_to,
+            subject=original.subject,
+            message_id=message_id,
+            size=len(content),
+            recipients=recipients,
+            status=EmailStatus.QUEUED,
+            created_at=now,
+            updated_at=now,
+            next_attempt_at=now,
+            expires_at=now + self._policy.retry.max_lifetime,
+            tags=original.tags,
+            metadata=original.metadata,
+            attachments=original.attachments,
+            events=[
+                Event(EventType.ACCEPTED, now),
+                Event(EventType.RESENT, now, detail=f"resend of {original.id}"),
+            ],
+            resent_from_id=original.id,
+            content=content,
+        )
+        await self._emails.insert(email=email)
+        EMAILS_ACCEPTED.inc()
+        await self._emails.add_event(
+            tenant_id=tenant_id,
+            email_id=original.id,
+            event=Event(EventType.RESENT, now, detail=f"resent as {new_email_id}"),
+        )
+        email.content = None
+        return email
+
+    async def stats(
+        self,
+        *,
+        tenant_id: str,
+        start: datetime | None,
+        end: datetime | None,
+        domain_id: str | None,
+    ) -> EmailStats:
+        """Counts per status and per domain of emails accepted in the window, plus the queue.
+
+        Raises:
+            InvalidArgument: the window is empty or reversed, or the domain id is malformed.
+        """
+        if domain_id:
+            check_id(domain_id, field="domain_id")
+        now = self._clock.now()
+        end = end or now
+        start = start or end - timedelta(hours=24)
+        if start >= end:
+            raise InvalidArgument.single("start_time", "must be before end_time")
+        rows = await self._emails.stats(
+            tenant_id=tenant_id, start=start, end=end, domain_id=domain_id
+        )
+        counts: dict[EmailStatus, int] = {}
+        per_domain: dict[str, dict[EmailStatus, int]] = {}
+        for row_domain, status, n in rows:
+            s = EmailStatus(status)
+            counts[s] = counts.get(s, 0) + n
+            per_domain.setdefault(row_domain, {})[s] = n
+        depth, oldest = await self._emails.queue(tenant_id=tenant_id, now=now, domain_id=domain_id)
+        age = (now - oldest).total_seconds() if oldest is not None else 0.0
+        return EmailStats(start, end, counts, per_domain, depth, max(age, 0.0))
+
+    async def sweep_idempotency(self) -> int:
+        """Forget idempotency keys older than their window (and old claim bookkeeping)."""
+        now = self._clock.now()
+        await self._emails.sweep_claims(before=now - timedelta(hours=1))
+        return await self._idempotency.sweep(now=now)
+
+
+def _dedupe(recipients: list[Recipient]) -> list[Recipient]:
+    # One envelope recipient per address (RCPT TO twice would deliver twice).
+    seen: set[str] = set()
+    out = []
+    for r in recipients:
+        key = r.address.lower()
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+__all__ = ["RESENDABLE", "MailManager", "MailPolicy"]

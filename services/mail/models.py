@@ -1,0 +1,186 @@
+"""Plain data of the mail service: emails, recipients, timeline events (no bson, no protobuf)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class EmailStatus(enum.StrEnum):
+    """Overall state of an email (stored as these strings)."""
+
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    SENDING = "sending"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    PARTIALLY_SENT = "partially_sent"
+    BOUNCED = "bounced"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# States a worker may still pick up (SENDING only once its lease has expired).
+UNFINISHED = frozenset(
+    {EmailStatus.QUEUED, EmailStatus.SCHEDULED, EmailStatus.SENDING, EmailStatus.DEFERRED}
+)
+FINISHED = frozenset(set(EmailStatus) - UNFINISHED)
+
+
+class RecipientKind(enum.StrEnum):
+    """Which header a recipient came from."""
+
+    TO = "to"
+    CC = "cc"
+    BCC = "bcc"
+
+
+class RecipientStatus(enum.StrEnum):
+    """Delivery state of one recipient."""
+
+    PENDING = "pending"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    BOUNCED = "bounced"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# Recipients a delivery attempt still has to try.
+OPEN_RECIPIENTS = frozenset({RecipientStatus.PENDING, RecipientStatus.DEFERRED})
+
+
+class EventType(enum.StrEnum):
+    """Kinds of timeline entries."""
+
+    ACCEPTED = "accepted"
+    SCHEDULED = "scheduled"
+    CLAIMED = "claimed"
+    SENT = "sent"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RESENT = "resent"
+    RESCHEDULED = "rescheduled"
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpReply:
+    """A relay's answer (code 0 = no answer: connection failure or timeout)."""
+
+    code: int
+    enhanced_code: str
+    text: str
+
+
+@dataclass(slots=True)
+class Recipient:
+    """One envelope recipient and its delivery state."""
+
+    address: str  # addr-spec with an A-label domain: what RCPT TO gets
+    kind: RecipientKind
+    status: RecipientStatus = RecipientStatus.PENDING
+    last_reply: SmtpReply | None = None
+    attempts: int = 0
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One timeline entry."""
+
+    type: EventType
+    time: datetime
+    recipient: str = ""
+    reply: SmtpReply | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentInfo:
+    """What is kept about an attachment once it is inside the built message."""
+
+    filename: str
+    content_type: str
+    size: int
+    content_id: str = ""
+    inline: bool = False
+
+
+@dataclass(slots=True)
+class Email:
+    """An accepted email: its envelope, built message reference and delivery state."""
+
+    id: str
+    tenant_id: str
+    domain_id: str
+    domain_name: str  # A-label; the DKIM d= and Message-ID domain
+    from_address: str  # as written in the From header
+    envelope_from: str  # addr-spec for MAIL FROM
+    to: list[str]
+    cc: list[str]
+    bcc: list[str]
+    reply_to: list[str]
+    subject: str
+    message_id: str
+    size: int
+    recipients: list[Recipient]
+    status: EmailStatus
+    created_at: datetime
+    updated_at: datetime
+    next_attempt_at: datetime | None
+    # When retries stop: the acceptance (or scheduled) time plus the maximum lifetime.
+    expires_at: datetime
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    attachments: list[AttachmentInfo] = field(default_factory=list)
+    send_at: datetime | None = None
+    attempts: int = 0
+    events: list[Event] = field(default_factory=list)
+    resent_from_id: str = ""
+    idempotency_key: str = ""
+    # Built message: inline bytes, or the GridFS file id when large.
+    content: bytes | None = None
+    content_file_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """An email a worker holds, with the token that fences its writes."""
+
+    email: Email
+    lease_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class EmailFilter:
+    """ListEmails filters (None = any)."""
+
+    status: EmailStatus | None = None
+    domain_id: str | None = None
+    recipient: str | None = None
+    tag: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmailPage:
+    """One page of emails."""
+
+    emails: list[Email]
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class EmailStats:
+    """Counts over a window plus queue health."""
+
+    start: datetime
+    end: datetime
+    counts: dict[EmailStatus, int]
+    per_domain: dict[str, dict[EmailStatus, int]]
+    queue_depth: int
+    oldest_due_age_seconds: float

@@ -1,0 +1,127 @@
+"""Which active domain a sender address belongs to: asked of the domain service.
+
+A send request names only the From address, so the mail service lists the tenant's ACTIVE
+domains (``DomainService/ListDomains`` with a short-lived service token minted for that tenant,
+as the SMTP service does) and matches the address's domain by name. The answer is cached per
+tenant for a few seconds: a burst of sends costs one round trip, and a suspension or deletion
+is noticed within the TTL.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+from azora.domain.v1 import domain_pb2, domain_pb2_grpc
+
+from services.core.auth import issue_jwt
+from services.core.errors import Unavailable
+
+SERVICE_SUBJECT = "service:mail"
+_TOKEN_TTL_SECONDS = 60
+_MAX_PAGES = 50
+
+
+@dataclass(frozen=True, slots=True)
+class SenderDomain:
+    """An active domain of a tenant."""
+
+    id: str
+    name: str  # A-label
+
+
+class SenderDirectory(Protocol):
+    """Finds the tenant's active domain for a sender's domain name."""
+
+    async def active_domain(self, *, tenant_id: str, name: str) -> SenderDomain | None:
+        """The tenant's ACTIVE domain called `name` (A-label), or None.
+
+        Raises:
+            Unavailable: the domain service cannot answer right now.
+        """
+        ...
+
+
+class GrpcSenderDirectory:
+    """`SenderDirectory` over DomainService/ListDomains, cached per tenant."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        jwt_secret: str,
+        jwt_issuer: str = "",
+        jwt_audience: str = "",
+        cache_ttl: float = 5.0,
+        timeout: float = 5.0,
+        max_entries: int = 10_000,
+    ) -> None:
+        self._stub = domain_pb2_grpc.DomainServiceStub(channel)
+        self._secret = jwt_secret
+        self._issuer = jwt_issuer
+        self._audience = jwt_audience
+        self._ttl = cache_ttl
+        self._timeout = timeout
+        self._max = max_entries
+        self._cache: dict[str, tuple[float, dict[str, SenderDomain]]] = {}
+
+    async def active_domain(self, *, tenant_id: str, name: str) -> SenderDomain | None:
+        """See `SenderDirectory.active_domain`."""
+        now = time.monotonic()
+        cached = self._cache.get(tenant_id)
+        if cached is None or cached[0] <= now:
+            domains = await self._fetch(tenant_id)
+            if len(self._cache) >= self._max:
+                self._cache.clear()
+            cached = (now + self._ttl, domains)
+            self._cache[tenant_id] = cached
+        return cached[1].get(name.lower())
+
+    async def _fetch(self, tenant_id: str) -> dict[str, SenderDomain]:
+        token = issue_jwt(
+            secret=self._secret,
+            tenant_id=tenant_id,
+            subject=SERVICE_SUBJECT,
+            scopes=["domains:read"],
+            ttl_seconds=_TOKEN_TTL_SECONDS,
+            issuer=self._issuer,
+            audience=self._audience,
+        )
+        found: dict[str, SenderDomain] = {}
+        page_token = ""
+        try:
+            for _ in range(_MAX_PAGES):
+                reply = await self._stub.ListDomains(
+                    domain_pb2.ListDomainsRequest(
+                        status=domain_pb2.DOMAIN_STATUS_ACTIVE, page_size=200, page_token=page_token
+                    ),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                    timeout=self._timeout,
+                )
+                for domain in reply.domains:
+                    found[domain.name.lower()] = SenderDomain(domain.id, domain.name.lower())
+                page_token = reply.next_page_token
+                if not page_token:
+                    break
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(
+                f"the domain service did not answer ({exc.code().name})",
+                reason="DOMAIN_SERVICE_UNAVAILABLE",
+            ) from None
+        return found
+
+
+class StaticSenderDirectory:
+    """`SenderDirectory` from a fixed table (unit tests and benchmarks without a domain service)."""
+
+    def __init__(self, domains: dict[tuple[str, str], SenderDomain] | None = None) -> None:
+        self.domains = dict(domains or {})
+
+    async def active_domain(self, *, tenant_id: str, name: str) -> SenderDomain | None:
+        """See `SenderDirectory.active_domain`."""
+        return self.domains.get((tenant_id, name.lower()))
+
+
+__all__ = ["GrpcSenderDirectory", "SenderDirectory", "SenderDomain", "StaticSenderDirectory"]

@@ -1,0 +1,82 @@
+"""gRPC servicer of azora.mail.v1.MailService: translates, calls the manager, translates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from azora.mail.v1 import mail_pb2, mail_pb2_grpc
+from google.protobuf import empty_pb2
+
+from services.core.context import current_principal
+from services.core.protobuf import from_timestamp
+from services.mail import mapping
+from services.mail.manager import MailManager
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class MailServicer(mail_pb2_grpc.MailServiceServicer):
+    """MailService over a `MailManager`."""
+
+    def __init__(self, manager: MailManager) -> None:
+        self._manager = manager
+
+    async def SendEmail(
+        self, request: mail_pb2.SendEmailRequest, context: Context
+    ) -> mail_pb2.Email:
+        """See the proto."""
+        email = await self._manager.send(
+            tenant_id=current_principal().tenant_id, request=mapping.send_from_proto(request)
+        )
+        return mapping.email_to_proto(email)
+
+    async def ListEmails(
+        self, request: mail_pb2.ListEmailsRequest, context: Context
+    ) -> mail_pb2.ListEmailsResponse:
+        """See the proto."""
+        page = await self._manager.list_emails(
+            tenant_id=current_principal().tenant_id,
+            filter=mapping.filter_from_proto(request),
+            size=request.page_size,
+            page_token=request.page_token,
+        )
+        return mail_pb2.ListEmailsResponse(
+            emails=[mapping.email_to_proto(e) for e in page.emails],
+            next_page_token=page.next_page_token,
+        )
+
+    async def GetEmailStats(
+        self, request: mail_pb2.GetEmailStatsRequest, context: Context
+    ) -> mail_pb2.EmailStats:
+        """See the proto."""
+        stats = await self._manager.stats(
+            tenant_id=current_principal().tenant_id,
+            start=from_timestamp(request.start_time) if request.HasField("start_time") else None,
+            end=from_timestamp(request.end_time) if request.HasField("end_time") else None,
+            domain_id=request.domain_id or None,
+        )
+        return mapping.stats_to_proto(stats)
+
+    async def GetEmail(self, request: mail_pb2.GetEmailRequest, context: Context) -> mail_pb2.Email:
+        """See the proto."""
+        email = await self._manager.get(
+            tenant_id=current_principal().tenant_id, email_id=request.id
+        )
+        return mapping.email_to_proto(email)
+
+    async def ResendEmail(
+        self, request: mail_pb2.ResendEmailRequest, context: Context
+    ) -> mail_pb2.Email:
+        """See the proto."""
+        email = await self._manager.resend(
+            tenant_id=current_principal().tenant_id, email_id=request.id
+        )
+        return mapping.email_to_proto(email)
+
+    async def DeleteEmail(
+        self, request: mail_pb2.DeleteEmailRequest, context: Context
+    ) -> empty_pb2.Empty:
+        """See the proto."""
+        await self._manager.delete(tenant_id=current_principal().tenant_id, email_id=request.id)
+        return empty_pb2.Empty()

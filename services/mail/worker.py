@@ -1,0 +1,75 @@
+"""`python -m services.mail.worker`: a delivery worker process without an API.
+
+Scale-out is more of these on the same database; leases are the only coordination. On SIGTERM
+(or SIGINT) the worker stops claiming, finishes the deliveries it is in for up to
+AZORA_SHUTDOWN_GRACE seconds, hands back whatever it still holds, and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from services.core.clock import SystemClock
+from services.core.logs import configure_logging
+from services.core.runtime import Database, prepare_database
+from services.core.settings import Settings, SettingsError
+from services.mail.app import make_worker
+from services.mail.relay_lookup import smtp_service_relays
+from services.mail.repository import INDEXES, MongoEmailRepository
+
+SERVICE_NAME = "mail-worker"
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings) -> None:
+    """Run one worker until SIGTERM/SIGINT."""
+    database = Database.connect(settings)
+    relays, channel = smtp_service_relays(settings)
+    try:
+        await prepare_database(database.db, INDEXES)
+        emails = MongoEmailRepository(database.db, inline_limit=settings.mail_inline_content_limit)
+        worker = make_worker(
+            settings,
+            emails=emails,
+            relays=relays,
+            clock=SystemClock(),
+            worker_id=os.environ.get("AZORA_MAIL_WORKER_ID") or None,
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        task = asyncio.create_task(worker.run())
+        log.info("worker started", extra={"fields": {"worker": worker.worker_id}})
+        stopping = asyncio.create_task(worker.wait_stopping())
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            # Deliveries in progress get the grace period; then they are cancelled, which
+            # releases their leases.
+            await asyncio.wait_for(asyncio.shield(task), timeout=settings.shutdown_grace)
+        except TimeoutError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        stopping.cancel()
+        log.info("worker stopped", extra={"fields": {"worker": worker.worker_id}})
+    finally:
+        await channel.close()
+        await database.close()
+
+
+def main() -> None:
+    """Entry point."""
+    try:
+        settings = Settings.from_env(os.environ, service_name=SERVICE_NAME)
+    except SettingsError as exc:
+        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(service=SERVICE_NAME, level=settings.log_level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

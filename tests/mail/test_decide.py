@@ -1,0 +1,146 @@
+"""Pure rules of delivery: the retry schedule and how replies become states (no I/O)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.mail.delivery import RetryPolicy, decide
+from services.mail.models import (
+    Claimed,
+    Email,
+    EmailStatus,
+    EventType,
+    Recipient,
+    RecipientKind,
+    RecipientStatus,
+    SmtpReply,
+)
+
+
+def seeded(seed: int) -> random.Random:
+    """A reproducible generator (jitter only; nothing secret)."""
+    return random.Random(seed)  # noqa: S311
+
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+POLICY = RetryPolicy(
+    min_backoff=timedelta(minutes=5),
+    max_backoff=timedelta(seconds=4000),
+    jitter=0.0,
+    max_lifetime=timedelta(days=5),
+)
+
+
+def claimed(*addresses: str, attempts: int = 1, expires: datetime | None = None) -> Claimed:
+    email = Email(
+        id="e" * 24,
+        tenant_id="t",
+        domain_id="d" * 24,
+        domain_name="x.example",
+        from_address="a@x.example",
+        envelope_from="a@x.example",
+        to=list(addresses),
+        cc=[],
+        bcc=[],
+        reply_to=[],
+        subject="s",
+        message_id="m@x.example",
+        size=10,
+        recipients=[Recipient(a, RecipientKind.TO) for a in addresses],
+        status=EmailStatus.SENDING,
+        created_at=NOW,
+        updated_at=NOW,
+        next_attempt_at=None,
+        expires_at=expires or NOW + timedelta(days=5),
+        attempts=attempts,
+    )
+    return Claimed(email, "token")
+
+
+def test_default_schedule_follows_postfix() -> None:
+    # 300 s doubling (Postfix minimal_backoff_time) up to 4000 s (maximal_backoff_time).
+    rng = seeded(1)
+    waits = [POLICY.delay(n, rng).total_seconds() for n in range(1, 7)]
+    assert waits == [300, 600, 1200, 2400, 4000, 4000]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_jitter_only_shortens_within_its_fraction(seed: int) -> None:
+    # With 20 % jitter every wait lies in [80 %, 100 %] of the unjittered one.
+    policy = RetryPolicy(jitter=0.2)
+    rng = seeded(seed)
+    for attempt in range(1, 8):
+        wait = policy.delay(attempt, rng).total_seconds()
+        full = min(300 * 2 ** (attempt - 1), 4000)
+        assert 0.8 * full <= wait <= full
+
+
+@pytest.mark.parametrize(
+    ("codes", "status"),
+    [
+        ((250, 250), EmailStatus.SENT),
+        ((550, 554), EmailStatus.BOUNCED),
+        ((250, 550), EmailStatus.PARTIALLY_SENT),
+        ((250, 451), EmailStatus.DEFERRED),
+        ((550, 0), EmailStatus.DEFERRED),
+    ],
+)
+def test_overall_status_from_recipient_replies(codes: tuple[int, int], status: EmailStatus) -> None:
+    # Per-recipient classes combine into one status; anything temporary keeps it in the queue.
+    c = claimed("a@y.example", "b@y.example")
+    replies = {
+        r.address: SmtpReply(code, "", "x")
+        for r, code in zip(c.email.recipients, codes, strict=True)
+    }
+    outcome = decide(c, replies, now=NOW, policy=POLICY, rng=seeded(0))
+    assert outcome.status == status
+    assert (outcome.next_attempt_at is not None) == (status == EmailStatus.DEFERRED)
+
+
+def test_temporary_failure_after_the_lifetime_fails_with_the_last_diagnostic() -> None:
+    # Past expires_at a 4xx is final: FAILED, with the relay's words in the event.
+    c = claimed("a@y.example", expires=NOW)
+    outcome = decide(
+        c,
+        {"a@y.example": SmtpReply(451, "4.3.0", "4.3.0 try later")},
+        now=NOW,
+        policy=POLICY,
+        rng=seeded(0),
+    )
+    assert outcome.status == EmailStatus.FAILED
+    assert outcome.recipients[0].status == RecipientStatus.FAILED
+    assert outcome.events[0].type == EventType.FAILED
+    assert "smtp; 451 4.3.0 try later" in outcome.events[0].detail
+
+
+def test_next_attempt_never_passes_the_give_up_time() -> None:
+    # A wait that would end after expires_at is cut to it, so the last try happens on time.
+    c = claimed("a@y.example", attempts=6, expires=NOW + timedelta(minutes=10))
+    outcome = decide(
+        c,
+        {"a@y.example": SmtpReply(0, "", "timeout")},
+        now=NOW,
+        policy=POLICY,
+        rng=seeded(0),
+    )
+    assert outcome.next_attempt_at == NOW + timedelta(minutes=10)
+
+
+def test_decided_recipients_are_left_alone() -> None:
+    # A recipient already sent in an earlier attempt is neither retried nor counted again.
+    c = claimed("a@y.example", "b@y.example")
+    c.email.recipients[0].status = RecipientStatus.SENT
+    c.email.recipients[0].attempts = 1
+    outcome = decide(
+        c,
+        {"b@y.example": SmtpReply(250, "", "ok")},
+        now=NOW,
+        policy=POLICY,
+        rng=seeded(0),
+    )
+    assert outcome.status == EmailStatus.SENT
+    assert [r.attempts for r in outcome.recipients] == [1, 1]
+    assert [e.recipient for e in outcome.events] == ["b@y.example"]
