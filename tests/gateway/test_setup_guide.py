@@ -13,7 +13,7 @@ from __future__ import annotations
 import aiohttp
 
 from tests.conftest import unique_domain
-from tests.gateway.rest import assert_status_json, call
+from tests.gateway.rest import call
 from tests.support.dns_server import KnotServer
 
 
@@ -52,9 +52,7 @@ async def test_domain_setup_guide(
     assert verified.json["check"]["outcome"] == "VERIFICATION_OUTCOME_MATCHED"
     assert verified.json["check"]["found"] == [txt["value"]]
 
-    # Step 4: configure SMTP: 200 with the stored configuration (never the password) once the
-    # SMTP service implements the rpc, a clear Status (501) while it is a contract. Never a 404.
-    # The SMTP issue's own tests tighten this to the 200 branch.
+    # Step 4: configure SMTP: the stored configuration comes back, never the password.
     smtp = await call(
         http,
         "PUT",
@@ -68,18 +66,11 @@ async def test_domain_setup_guide(
         },
         headers=auth,
     )
-    assert smtp.status != 404, smtp.json
-    if smtp.status == 200:
-        assert smtp.json["host"] == "smtp.example.com"
-        assert smtp.json["passwordSet"] is True
-        assert "password" not in smtp.json
-    else:
-        assert_status_json(smtp, http_status=smtp.status, code=smtp.json["code"])
-        assert "UpdateSmtpConfig" in smtp.json["message"] or smtp.json["code"] != 12
-
-    # Step 5: send: a clear Status until the mail issue lands (501 while the rpc is a contract,
-    # FAILED_PRECONDITION 400 if the domain cannot send yet), then 200 with a queued email; the
-    # mail issue tightens this assertion. Never a 404.
+    assert smtp.status == 200, smtp.json
+    assert smtp.json["host"] == "smtp.example.com"
+    assert smtp.json["passwordSet"] is True
+    assert "password" not in smtp.json
+    # Step 5: send: accepted and queued at once; delivery is asynchronous.
     sent = await call(
         http,
         "POST",
@@ -93,10 +84,8 @@ async def test_domain_setup_guide(
         },
         headers=auth,
     )
-    assert sent.status != 404, sent.json
-    if sent.status == 200:
-        assert sent.json["from"] == f"noreply@{name}"
-        assert sent.json["status"] in ("EMAIL_STATUS_QUEUED", "EMAIL_STATUS_SENT")
-    else:
-        assert_status_json(sent, http_status=sent.status, code=sent.json["code"])
-        assert sent.status in (400, 501), sent.json
+    assert sent.status == 200, sent.json
+    assert sent.json["from"] == f"noreply@{name}"
+    assert sent.json["to"] == ["user@example.com"]
+    assert sent.json["status"] in ("EMAIL_STATUS_QUEUED", "EMAIL_STATUS_SENDING")
+    assert sent.json["messageId"].endswith(f"@{name}")
