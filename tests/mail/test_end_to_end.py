@@ -342,3 +342,51 @@ async def _count_at_least(messages: list[bytes], n: int) -> bool:
 async def _all_sent(e2e: EndToEnd) -> bool:
     db = e2e.app.running.database.db
     return await db["emails"].count_documents({"status": {"$ne": "sent"}}) == 0
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "process"))
+            found[(sample.name, labels)] = sample.value
+    return found
+
+
+async def test_a_delivered_email_moves_the_right_counters(
+    e2e: EndToEnd, domain_app: DomainApp
+) -> None:
+    # GET /metrics (SuiteHealthService.GetMetrics, parsed with Prometheus' text parser): one
+    # delivered email adds one accepted, one sent and one DKIM signature, and no label carries
+    # an address or an id.
+    from azora.health.v1 import health_pb2, health_pb2_grpc
+
+    async def scrape() -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{domain_app.running.port}") as channel:
+            body = await health_pb2_grpc.SuiteHealthServiceStub(channel).GetMetrics(
+                health_pb2.GetMetricsRequest()
+            )
+        assert body.content_type.startswith("text/plain")
+        text = body.data.decode()
+        return text, _samples(text)
+
+    accepted = ("azora_emails_accepted_total", ())
+    sent = ("azora_email_deliveries_total", (("outcome", "sent"),))
+    signed = ("azora_dkim_signatures_total", (("outcome", "signed"),))
+    _, before = await scrape()
+    email_sent = await e2e.send(to=["jane@example.org"], subject="Counted", text="hi")
+    worker = make_worker(
+        e2e.settings,
+        emails=e2e.app.emails,
+        relays=smtp_service_relays(e2e.settings)[0],
+        clock=e2e.clock,
+    )
+    assert await worker.run_once() == 1
+    text, after = await scrape()
+    for key in (accepted, sent, signed):
+        assert after.get(key, 0) - before.get(key, 0) == 1, key
+    assert "jane@example.org" not in text
+    assert email_sent.id not in text
+    assert e2e.domain not in text
