@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-import grpc
 from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 from azora.health.v1 import health_pb2 as suite_pb2
 from azora.health.v1 import health_pb2_grpc as suite_pb2_grpc
@@ -105,7 +104,7 @@ async def build(
         default_page_size=settings.default_page_size,
         max_page_size=settings.max_page_size,
     )
-    mail_channel = grpc.aio.insecure_channel(settings.mail_service_target)
+    mail_channel = traced_channel(settings.mail_service_target)
     health = SuiteHealthServicer(
         services={
             "smtp-service": (smtp_channel, SMTP_SERVICE),
@@ -135,7 +134,7 @@ async def build(
         indexes=(*DOMAIN_INDEXES, *API_KEY_INDEXES),
     )
     # The suite health report includes this process too, asked the same way as the others.
-    self_channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    self_channel = traced_channel(f"127.0.0.1:{server.port}")
     health.watch(SERVICE_NAME, self_channel, DOMAIN_SERVICE)
     # Keeps the azora_domains gauge current on the per-process scrape port, too.
     server.background.append(run_periodically("domain-gauge", 60.0, health.refresh_domain_counts))

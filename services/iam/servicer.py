@@ -12,6 +12,7 @@ from services.core.context import Principal, current_principal
 from services.core.errors import Unauthenticated, Unavailable
 from services.core.protobuf import from_timestamp, to_timestamp
 from services.core.settings import Settings
+from services.core.tracing import traced_channel
 from services.iam.api_keys import ApiKey, ApiKeyManager
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -107,7 +108,7 @@ class GrpcApiKeyResolver:
 
 def remote_api_key_resolver(settings: Settings) -> tuple[CachingApiKeyResolver, grpc.aio.Channel]:
     """The resolver a service other than the key owner uses, with the channel to close later."""
-    channel = grpc.aio.insecure_channel(settings.domain_service_target)
+    channel = traced_channel(settings.domain_service_target)
     return CachingApiKeyResolver(
         GrpcApiKeyResolver(channel), ttl=settings.api_key_cache_ttl
     ), channel

@@ -13,6 +13,7 @@ import grpc
 
 from services.core.errors import FailedPrecondition, NotFound
 from services.core.settings import Settings
+from services.core.tracing import traced_channel
 from services.mail.delivery import MessageSigner, RelayEndpoint
 from services.mail.dkim_signer import DkimSigner
 from services.mail.relay_directory import RELAY_NOT_CONFIGURED, GrpcRelayDirectory, RelayDirectory
@@ -61,7 +62,7 @@ class DirectoryRelayLookup:
 
 def smtp_service_relays(settings: Settings) -> tuple[DirectoryRelayLookup, grpc.aio.Channel]:
     """The production lookup (SMTP service over gRPC) and its channel, to close on shutdown."""
-    channel = grpc.aio.insecure_channel(settings.smtp_service_target)
+    channel = traced_channel(settings.smtp_service_target)
     directory = GrpcRelayDirectory(channel, settings, cache_ttl=settings.domain_cache_ttl)
     return DirectoryRelayLookup(directory), channel
 
