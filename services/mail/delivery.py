@@ -40,6 +40,7 @@ from services.core.metrics import (
     DKIM_SIGNATURES,
     EMAIL_DELIVERIES,
 )
+from services.core.tracing import delivery_span
 from services.mail.models import (
     OPEN_RECIPIENTS,
     Claimed,
@@ -460,6 +461,19 @@ class DeliveryWorker:
         """One delivery attempt of a claimed email, recorded (None if the lease was lost)."""
         email = claimed.email
         started = time.perf_counter()
+        with delivery_span(
+            email_id=email.id,
+            domain=email.domain_name,
+            attempt=email.attempts + 1,
+            carrier=email.trace_context,
+        ) as span:
+            outcome = await self._deliver_in_span(claimed, started)
+            if outcome is not None:
+                span.set_attribute("azora.delivery.outcome", outcome.status.value)
+            return outcome
+
+    async def _deliver_in_span(self, claimed: Claimed, started: float) -> Outcome | None:
+        email = claimed.email
         try:
             open_rcpts = [r.address for r in email.recipients if r.status in OPEN_RECIPIENTS]
             replies = await self._attempt(claimed, open_rcpts)

@@ -24,6 +24,7 @@ from services.core.errors import (
 )
 from services.core.ids import check_id, decode_page_token, encode_page_token, new_id, page_size
 from services.core.metrics import EMAILS_ACCEPTED
+from services.core.tracing import trace_carrier
 from services.mail.compose import (
     Limits,
     SendInput,
@@ -202,6 +203,7 @@ class MailManager:
             events=events,
             idempotency_key=request.idempotency_key,
             content=content,
+            trace_context=trace_carrier(),
         )
         if not await self._emails.insert(email=email):
             # A concurrent duplicate (same key, same request) stored it first.

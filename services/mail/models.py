@@ -144,6 +144,9 @@ class Email:
     # Built message: inline bytes, or the GridFS file id when large.
     content: bytes | None = None
     content_file_id: str = ""
+    # W3C trace context of the request that accepted the email, so delivery attempts made
+    # later by a worker (any process) join the same trace.
+    trace_context: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

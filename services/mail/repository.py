@@ -287,6 +287,7 @@ def _to_doc(email: Email) -> Document:
         "idempotency_key": email.idempotency_key,
         "content": Binary(email.content) if email.content is not None else None,
         "content_file_id": email.content_file_id,
+        "trace_context": dict(email.trace_context),
         "lease_token": "",
         "claims": 0,
     }
@@ -327,6 +328,7 @@ def _from_doc(doc: Document) -> Email:
         events=[_event(e) for e in doc.get("events", [])],
         resent_from_id=doc.get("resent_from_id", ""),
         idempotency_key=doc.get("idempotency_key", ""),
+        trace_context=dict(doc.get("trace_context") or {}),
         content=bytes(content) if content is not None else None,
         content_file_id=doc.get("content_file_id", ""),
     )

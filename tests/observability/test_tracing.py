@@ -21,6 +21,7 @@ from services.core.tracing import delivery_span, trace_carrier, traced_channel, 
 from tests.conftest import Tenant, unique_domain
 from tests.gateway.conftest import RestStack
 from tests.gateway.rest import call
+from tests.support.dns_server import KnotServer
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 
@@ -157,3 +158,58 @@ async def test_delivery_span_continues_the_stored_trace(spans: InMemorySpanExpor
     assert attempt.attributes is not None
     assert attempt.attributes["azora.email.id"] == "e1"
     assert attempt.attributes["azora.email.domain"] == "example.org"
+
+
+# POST /api/v1/emails and the later SMTP delivery attempt by a worker are one trace: the
+# worker's "smtp deliver" span continues the context stored with the email at acceptance.
+async def test_send_request_and_smtp_delivery_are_one_trace(
+    http: aiohttp.ClientSession,
+    rest_base_url: str,
+    tenant: Tenant,
+    spans: InMemorySpanExporter,
+    knot_server: KnotServer,
+) -> None:
+    auth = {"Authorization": f"Bearer {tenant.token}"}
+    name = unique_domain()
+    created = await call(
+        http, "POST", f"{rest_base_url}/api/v1/domains", json={"name": name}, headers=auth
+    )
+    domain_id = created.json["id"]
+    knot_server.set_zone(
+        name, [("@", "TXT", f'"azora-verify={created.json["verificationToken"]}"')]
+    )
+    await call(http, "POST", f"{rest_base_url}/api/v1/domains/{domain_id}/verify", headers=auth)
+    relay = {"host": "127.0.0.1", "port": 9, "secure": False}  # nothing listens: deferred
+    configured = await call(
+        http, "PUT", f"{rest_base_url}/api/v1/domains/{domain_id}/smtp", json=relay, headers=auth
+    )
+    assert configured.status == 200, configured.json
+    sent = await call(
+        http,
+        "POST",
+        f"{rest_base_url}/api/v1/emails",
+        json={"from": f"noreply@{name}", "to": ["user@example.com"], "subject": "t", "text": "t"},
+        headers=auth,
+    )
+    assert sent.status == 200, sent.json
+    deliveries: list[ReadableSpan] = []
+    for _ in range(100):  # the service's own workers poll every second
+        deliveries = [
+            s
+            for s in spans.get_finished_spans()
+            if s.name == "smtp deliver"
+            and s.attributes is not None
+            and s.attributes.get("azora.email.id") == sent.json["id"]
+        ]
+        if deliveries:
+            break
+        await asyncio.sleep(0.1)
+    assert deliveries, "no delivery attempt was traced"
+    finished = list(spans.get_finished_spans())
+    (gateway,) = [s for s in finished if s.name == "POST /api/v1/emails"]
+    (service,) = children(finished, gateway)
+    assert service.name == "azora.mail.v1.MailService/SendEmail"
+    assert deliveries[0].context.trace_id == gateway.context.trace_id
+    assert deliveries[0].kind == SpanKind.CLIENT
+    assert deliveries[0].attributes is not None
+    assert deliveries[0].attributes["azora.email.domain"] == name
