@@ -88,6 +88,58 @@ def issue_jwt(
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
+class ServiceTokens:
+    """Service JWTs a process mints to call another service on behalf of a tenant.
+
+    Subject ``service:<name>`` (only holders of JWT_SECRET can mint them, which is what
+    `internal_only` rpcs rely on). A token lives a minute and is reused for half of that, so a
+    busy worker does not sign one per call.
+    """
+
+    TTL_SECONDS = 60
+    REUSE_SECONDS = 30.0
+
+    def __init__(
+        self,
+        *,
+        secret: str,
+        subject: str,
+        scopes: Iterable[str],
+        issuer: str = "",
+        audience: str = "",
+        max_entries: int = 10_000,
+    ) -> None:
+        if not subject.startswith(SERVICE_SUBJECT_PREFIX):
+            raise ValueError(f"service subjects start with {SERVICE_SUBJECT_PREFIX!r}")
+        self._secret = secret
+        self._subject = subject
+        self._scopes = tuple(scopes)
+        self._issuer = issuer
+        self._audience = audience
+        self._max = max_entries
+        self._tokens: dict[str, tuple[float, str]] = {}
+
+    def metadata(self, tenant_id: str) -> tuple[tuple[str, str], ...]:
+        """Call metadata authenticating this service for `tenant_id`."""
+        now = time.monotonic()
+        cached = self._tokens.get(tenant_id)
+        if cached is None or cached[0] <= now:
+            token = issue_jwt(
+                secret=self._secret,
+                tenant_id=tenant_id,
+                subject=self._subject,
+                scopes=self._scopes,
+                ttl_seconds=self.TTL_SECONDS,
+                issuer=self._issuer,
+                audience=self._audience,
+            )
+            if len(self._tokens) >= self._max:
+                self._tokens.clear()
+            cached = (now + self.REUSE_SECONDS, token)
+            self._tokens[tenant_id] = cached
+        return (("authorization", f"Bearer {cached[1]}"),)
+
+
 class ApiKeyResolver(Protocol):
     """Turns an API key secret into its principal."""
 

@@ -20,13 +20,12 @@ import logging
 import grpc
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 
-from services.core.auth import issue_jwt
+from services.core.auth import ServiceTokens
 from services.domain.models import Domain
 
 log = logging.getLogger(__name__)
 
 SERVICE_SUBJECT = "service:domain"
-_TOKEN_TTL_SECONDS = 60
 
 
 class SmtpDataCascade:
@@ -42,27 +41,22 @@ class SmtpDataCascade:
         timeout: float = 5.0,
     ) -> None:
         self._stub = smtp_pb2_grpc.SmtpServiceStub(channel)
-        self._secret = jwt_secret
-        self._issuer = jwt_issuer
-        self._audience = jwt_audience
+        self._tokens = ServiceTokens(
+            secret=jwt_secret,
+            subject=SERVICE_SUBJECT,
+            scopes=["smtp:write"],
+            issuer=jwt_issuer,
+            audience=jwt_audience,
+        )
         # Bounded: the user's DELETE waits for this call, and the lifecycle loop is the backstop.
         self._timeout = timeout
 
     async def __call__(self, domain: Domain) -> None:
         """Purge `domain`'s SMTP data; failures are logged, never raised."""
-        token = issue_jwt(
-            secret=self._secret,
-            tenant_id=domain.tenant_id,
-            subject=SERVICE_SUBJECT,
-            scopes=["smtp:write"],
-            ttl_seconds=_TOKEN_TTL_SECONDS,
-            issuer=self._issuer,
-            audience=self._audience,
-        )
         try:
             await self._stub.DeleteDomainData(
                 smtp_pb2.DeleteDomainDataRequest(domain_id=domain.id),
-                metadata=(("authorization", f"Bearer {token}"),),
+                metadata=self._tokens.metadata(domain.tenant_id),
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as exc:

@@ -27,16 +27,13 @@ from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from services.core.auth import issue_jwt
+from services.core.auth import ServiceTokens
 from services.core.errors import FailedPrecondition, NotFound, Unavailable
 from services.core.settings import Settings
 from services.mail.dkim_signer import DkimSigner
 
 SERVICE_SUBJECT = "service:mail"
 DEFAULT_CACHE_TTL = 10.0
-_TOKEN_TTL_SECONDS = 60
-# Re-mint tokens well before they expire so a token never dies in flight.
-_TOKEN_REUSE_SECONDS = 30.0
 RELAY_NOT_CONFIGURED = "RELAY_NOT_CONFIGURED"
 
 
@@ -146,7 +143,13 @@ class GrpcRelayDirectory:
         self._cache: dict[tuple[str, str, str], _Entry] = {}
         # One call in flight per key: a burst of workers for a cold domain makes one request.
         self._inflight: dict[tuple[str, str, str], asyncio.Future[_Entry]] = {}
-        self._tokens: dict[str, tuple[float, str]] = {}
+        self._tokens = ServiceTokens(
+            secret=settings.jwt_secret,
+            subject=SERVICE_SUBJECT,
+            scopes=["smtp:read"],
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
 
     async def relay_for(self, *, tenant_id: str, domain_id: str) -> RelaySettings:
         """See `RelayDirectory.relay_for`."""
@@ -191,7 +194,7 @@ class GrpcRelayDirectory:
         try:
             reply = await self._stub.GetRelayCredentials(
                 smtp_pb2.GetRelayCredentialsRequest(domain_id=domain_id, tenant_id=tenant_id),
-                metadata=self._metadata(tenant_id),
+                metadata=self._tokens.metadata(tenant_id),
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as exc:
@@ -217,7 +220,7 @@ class GrpcRelayDirectory:
         try:
             reply = await self._stub.GetSigningKey(
                 smtp_pb2.GetSigningKeyRequest(domain_id=domain_id),
-                metadata=self._metadata(tenant_id),
+                metadata=self._tokens.metadata(tenant_id),
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as exc:
@@ -235,25 +238,6 @@ class GrpcRelayDirectory:
             private_key_pem=reply.private_key_pem,
         )
         return _Entry(expires, key)
-
-    def _metadata(self, tenant_id: str) -> tuple[tuple[str, str], ...]:
-        now = time.monotonic()
-        cached = self._tokens.get(tenant_id)
-        if cached is None or cached[0] <= now:
-            token = issue_jwt(
-                secret=self._settings.jwt_secret,
-                tenant_id=tenant_id,
-                subject=SERVICE_SUBJECT,
-                scopes=["smtp:read"],
-                ttl_seconds=_TOKEN_TTL_SECONDS,
-                issuer=self._settings.jwt_issuer,
-                audience=self._settings.jwt_audience,
-            )
-            if len(self._tokens) >= self._max:
-                self._tokens.clear()
-            cached = (now + _TOKEN_REUSE_SECONDS, token)
-            self._tokens[tenant_id] = cached
-        return (("authorization", f"Bearer {cached[1]}"),)
 
 
 def _error_of(exc: grpc.aio.AioRpcError, *, resource: tuple[str, str]) -> Callable[[], Exception]:

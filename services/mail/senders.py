@@ -16,11 +16,10 @@ from typing import Protocol
 import grpc
 from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 
-from services.core.auth import issue_jwt
+from services.core.auth import ServiceTokens
 from services.core.errors import Unavailable
 
 SERVICE_SUBJECT = "service:mail"
-_TOKEN_TTL_SECONDS = 60
 _MAX_PAGES = 50
 
 
@@ -59,9 +58,13 @@ class GrpcSenderDirectory:
         max_entries: int = 10_000,
     ) -> None:
         self._stub = domain_pb2_grpc.DomainServiceStub(channel)
-        self._secret = jwt_secret
-        self._issuer = jwt_issuer
-        self._audience = jwt_audience
+        self._tokens = ServiceTokens(
+            secret=jwt_secret,
+            subject=SERVICE_SUBJECT,
+            scopes=["domains:read"],
+            issuer=jwt_issuer,
+            audience=jwt_audience,
+        )
         self._ttl = cache_ttl
         self._timeout = timeout
         self._max = max_entries
@@ -80,15 +83,6 @@ class GrpcSenderDirectory:
         return cached[1].get(name.lower())
 
     async def _fetch(self, tenant_id: str) -> dict[str, SenderDomain]:
-        token = issue_jwt(
-            secret=self._secret,
-            tenant_id=tenant_id,
-            subject=SERVICE_SUBJECT,
-            scopes=["domains:read"],
-            ttl_seconds=_TOKEN_TTL_SECONDS,
-            issuer=self._issuer,
-            audience=self._audience,
-        )
         found: dict[str, SenderDomain] = {}
         page_token = ""
         try:
@@ -97,7 +91,7 @@ class GrpcSenderDirectory:
                     domain_pb2.ListDomainsRequest(
                         status=domain_pb2.DOMAIN_STATUS_ACTIVE, page_size=200, page_token=page_token
                     ),
-                    metadata=(("authorization", f"Bearer {token}"),),
+                    metadata=self._tokens.metadata(tenant_id),
                     timeout=self._timeout,
                 )
                 for domain in reply.domains:

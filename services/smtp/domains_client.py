@@ -16,14 +16,11 @@ from typing import Protocol
 import grpc
 from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 
-from services.core.auth import issue_jwt
+from services.core.auth import ServiceTokens
 from services.core.errors import NotFound, Unavailable
 from services.core.ids import check_id
 
 SERVICE_SUBJECT = "service:smtp"
-_TOKEN_TTL_SECONDS = 60
-# Re-mint tokens well before they expire so a token never dies in flight.
-_TOKEN_REUSE_SECONDS = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +63,17 @@ class GrpcDomainDirectory:
         max_entries: int = 10_000,
     ) -> None:
         self._stub = domain_pb2_grpc.DomainServiceStub(channel)
-        self._secret = jwt_secret
-        self._issuer = jwt_issuer
-        self._audience = jwt_audience
+        self._tokens = ServiceTokens(
+            secret=jwt_secret,
+            subject=SERVICE_SUBJECT,
+            scopes=["domains:read"],
+            issuer=jwt_issuer,
+            audience=jwt_audience,
+        )
         self._ttl = cache_ttl
         self._timeout = timeout
         self._max = max_entries
         self._cache: dict[tuple[str, str], tuple[float, DomainInfo]] = {}
-        self._tokens: dict[str, tuple[float, str]] = {}
 
     async def get(self, *, tenant_id: str, domain_id: str) -> DomainInfo:
         """See `DomainDirectory.get`."""
@@ -85,7 +85,7 @@ class GrpcDomainDirectory:
         try:
             reply = await self._stub.GetDomain(
                 domain_pb2.GetDomainRequest(id=domain_id),
-                metadata=(("authorization", f"Bearer {self._token(tenant_id, now)}"),),
+                metadata=self._tokens.metadata(tenant_id),
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as exc:
@@ -110,24 +110,6 @@ class GrpcDomainDirectory:
             self._cache.clear()
         self._cache[(tenant_id, domain_id)] = (now + self._ttl, info)
         return info
-
-    def _token(self, tenant_id: str, now: float) -> str:
-        cached = self._tokens.get(tenant_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        token = issue_jwt(
-            secret=self._secret,
-            tenant_id=tenant_id,
-            subject=SERVICE_SUBJECT,
-            scopes=["domains:read"],
-            ttl_seconds=_TOKEN_TTL_SECONDS,
-            issuer=self._issuer,
-            audience=self._audience,
-        )
-        if len(self._tokens) >= self._max:
-            self._tokens.clear()
-        self._tokens[tenant_id] = (now + _TOKEN_REUSE_SECONDS, token)
-        return token
 
 
 __all__ = ["SERVICE_SUBJECT", "DomainDirectory", "DomainInfo", "GrpcDomainDirectory"]
