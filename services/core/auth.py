@@ -119,6 +119,19 @@ class ServiceTokens:
         self._max = max_entries
         self._tokens: dict[str, tuple[float, str]] = {}
 
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, subject: str, scopes: Iterable[str]
+    ) -> ServiceTokens:
+        """Tokens signed with JWT_SECRET (and the configured issuer and audience)."""
+        return cls(
+            secret=settings.jwt_secret,
+            subject=subject,
+            scopes=scopes,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+
     def metadata(self, tenant_id: str) -> tuple[tuple[str, str], ...]:
         """Call metadata authenticating this service for `tenant_id`."""
         now = time.monotonic()

@@ -92,9 +92,7 @@ async def build(
         on_deleted=[
             SmtpDataCascade(
                 smtp_channel,
-                jwt_secret=settings.jwt_secret,
-                jwt_issuer=settings.jwt_issuer,
-                jwt_audience=settings.jwt_audience,
+                settings=settings,
             )
         ],
     )

@@ -21,6 +21,7 @@ import grpc
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 
 from services.core.auth import ServiceTokens
+from services.core.settings import Settings
 from services.domain.models import Domain
 
 log = logging.getLogger(__name__)
@@ -35,18 +36,12 @@ class SmtpDataCascade:
         self,
         channel: grpc.aio.Channel,
         *,
-        jwt_secret: str,
-        jwt_issuer: str = "",
-        jwt_audience: str = "",
+        settings: Settings,
         timeout: float = 5.0,
     ) -> None:
         self._stub = smtp_pb2_grpc.SmtpServiceStub(channel)
-        self._tokens = ServiceTokens(
-            secret=jwt_secret,
-            subject=SERVICE_SUBJECT,
-            scopes=["smtp:write"],
-            issuer=jwt_issuer,
-            audience=jwt_audience,
+        self._tokens = ServiceTokens.from_settings(
+            settings, subject=SERVICE_SUBJECT, scopes=["smtp:write"]
         )
         # Bounded: the user's DELETE waits for this call, and the lifecycle loop is the backstop.
         self._timeout = timeout

@@ -133,9 +133,7 @@ async def build_app(
     if senders is None:
         senders = GrpcSenderDirectory(
             domain_channel,
-            jwt_secret=settings.jwt_secret,
-            jwt_issuer=settings.jwt_issuer,
-            jwt_audience=settings.jwt_audience,
+            settings=settings,
             cache_ttl=settings.domain_cache_ttl,
         )
     if relays is None:

@@ -143,12 +143,8 @@ class GrpcRelayDirectory:
         self._cache: dict[tuple[str, str, str], _Entry] = {}
         # One call in flight per key: a burst of workers for a cold domain makes one request.
         self._inflight: dict[tuple[str, str, str], asyncio.Future[_Entry]] = {}
-        self._tokens = ServiceTokens(
-            secret=settings.jwt_secret,
-            subject=SERVICE_SUBJECT,
-            scopes=["smtp:read"],
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
+        self._tokens = ServiceTokens.from_settings(
+            settings, subject=SERVICE_SUBJECT, scopes=["smtp:read"]
         )
 
     async def relay_for(self, *, tenant_id: str, domain_id: str) -> RelaySettings:

@@ -18,6 +18,7 @@ from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 
 from services.core.auth import ServiceTokens
 from services.core.errors import Unavailable
+from services.core.settings import Settings
 
 SERVICE_SUBJECT = "service:mail"
 _MAX_PAGES = 50
@@ -50,20 +51,14 @@ class GrpcSenderDirectory:
         self,
         channel: grpc.aio.Channel,
         *,
-        jwt_secret: str,
-        jwt_issuer: str = "",
-        jwt_audience: str = "",
+        settings: Settings,
         cache_ttl: float = 5.0,
         timeout: float = 5.0,
         max_entries: int = 10_000,
     ) -> None:
         self._stub = domain_pb2_grpc.DomainServiceStub(channel)
-        self._tokens = ServiceTokens(
-            secret=jwt_secret,
-            subject=SERVICE_SUBJECT,
-            scopes=["domains:read"],
-            issuer=jwt_issuer,
-            audience=jwt_audience,
+        self._tokens = ServiceTokens.from_settings(
+            settings, subject=SERVICE_SUBJECT, scopes=["domains:read"]
         )
         self._ttl = cache_ttl
         self._timeout = timeout

@@ -90,9 +90,7 @@ async def build_app(
     manager = SmtpManager(
         domains=GrpcDomainDirectory(
             domain_channel,
-            jwt_secret=settings.jwt_secret,
-            jwt_issuer=settings.jwt_issuer,
-            jwt_audience=settings.jwt_audience,
+            settings=settings,
             cache_ttl=settings.domain_cache_ttl,
         ),
         configs=MongoSmtpConfigRepository(database.db),

@@ -240,7 +240,7 @@ async def test_deletion_cascade_purges_the_smtp_data(
     await domains_stub.DeleteDomain(
         domain_pb2.DeleteDomainRequest(id=domain.id), metadata=tenant.metadata
     )
-    cascade = SmtpDataCascade(smtp_channel, jwt_secret=smtp_settings.jwt_secret)
+    cascade = SmtpDataCascade(smtp_channel, settings=smtp_settings)
     await cascade(as_model(domain, tenant.id))
     purged = await failure_of(
         smtp_stub.GetRelayCredentials(
@@ -267,7 +267,7 @@ async def test_deletion_cascade_survives_an_unreachable_smtp_service(
 
     domain = await register(domains_stub, tenant)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{pick_free_port()}") as channel:
-        cascade = SmtpDataCascade(channel, jwt_secret=smtp_settings.jwt_secret, timeout=2.0)
+        cascade = SmtpDataCascade(channel, settings=smtp_settings, timeout=2.0)
         with caplog.at_level(logging.WARNING, logger="services.domain.cascade"):
             await cascade(as_model(domain, tenant.id))
     assert any("not purged" in r.getMessage() for r in caplog.records)
