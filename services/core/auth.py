@@ -23,6 +23,7 @@ import jwt
 from azora.iam.v1 import options_pb2
 from google.protobuf import descriptor_pool
 
+from services.core.cache import TtlCache
 from services.core.context import Principal
 from services.core.errors import PermissionDenied, Unauthenticated
 from services.core.settings import DEV_TENANT_ID, Settings
@@ -116,8 +117,8 @@ class ServiceTokens:
         self._scopes = tuple(scopes)
         self._issuer = issuer
         self._audience = audience
-        self._max = max_entries
-        self._tokens: dict[str, tuple[float, str]] = {}
+        # Reused for half their lifetime: a token handed out is always valid for 30 s more.
+        self._tokens: TtlCache[str, str] = TtlCache(ttl=self.REUSE_SECONDS, max_entries=max_entries)
 
     @classmethod
     def from_settings(
@@ -134,23 +135,21 @@ class ServiceTokens:
 
     def metadata(self, tenant_id: str) -> tuple[tuple[str, str], ...]:
         """Call metadata authenticating this service for `tenant_id`."""
-        now = time.monotonic()
-        cached = self._tokens.get(tenant_id)
-        if cached is None or cached[0] <= now:
-            token = issue_jwt(
-                secret=self._secret,
-                tenant_id=tenant_id,
-                subject=self._subject,
-                scopes=self._scopes,
-                ttl_seconds=self.TTL_SECONDS,
-                issuer=self._issuer,
-                audience=self._audience,
+        token = self._tokens.get(tenant_id)
+        if token is None:
+            token = self._tokens.put(
+                tenant_id,
+                issue_jwt(
+                    secret=self._secret,
+                    tenant_id=tenant_id,
+                    subject=self._subject,
+                    scopes=self._scopes,
+                    ttl_seconds=self.TTL_SECONDS,
+                    issuer=self._issuer,
+                    audience=self._audience,
+                ),
             )
-            if len(self._tokens) >= self._max:
-                self._tokens.clear()
-            cached = (now + self.REUSE_SECONDS, token)
-            self._tokens[tenant_id] = cached
-        return (("authorization", f"Bearer {cached[1]}"),)
+        return (("authorization", f"Bearer {token}"),)
 
 
 class ApiKeyResolver(Protocol):
@@ -170,22 +169,18 @@ class CachingApiKeyResolver:
 
     def __init__(self, inner: ApiKeyResolver, *, ttl: float, max_entries: int = 10_000) -> None:
         self._inner = inner
-        self._ttl = ttl
-        self._max = max_entries
-        self._entries: dict[str, tuple[float, Principal | None]] = {}
+        # Answers are wrapped in a 1-tuple so that a cached "no such key" (None) is a hit.
+        self._answers: TtlCache[str, tuple[Principal | None]] = TtlCache(
+            ttl=ttl, max_entries=max_entries
+        )
 
     async def resolve(self, *, secret: str) -> Principal | None:
         """Return a cached answer younger than the TTL, else ask the inner resolver."""
         key = hash_api_key(secret)  # keep no raw secrets in memory structures
-        now = time.monotonic()
-        cached = self._entries.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        principal = await self._inner.resolve(secret=secret)
-        if len(self._entries) >= self._max:
-            self._entries.clear()
-        self._entries[key] = (now + self._ttl, principal)
-        return principal
+        cached = self._answers.get(key)
+        if cached is None:
+            cached = self._answers.put(key, (await self._inner.resolve(secret=secret),))
+        return cached[0]
 
 
 @dataclass(frozen=True, slots=True)

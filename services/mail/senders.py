@@ -9,7 +9,6 @@ is noticed within the TTL.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +16,7 @@ import grpc
 from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 
 from services.core.auth import ServiceTokens
+from services.core.cache import TtlCache
 from services.core.errors import Unavailable
 from services.core.settings import Settings
 
@@ -60,22 +60,17 @@ class GrpcSenderDirectory:
         self._tokens = ServiceTokens.from_settings(
             settings, subject=SERVICE_SUBJECT, scopes=["domains:read"]
         )
-        self._ttl = cache_ttl
         self._timeout = timeout
-        self._max = max_entries
-        self._cache: dict[str, tuple[float, dict[str, SenderDomain]]] = {}
+        self._cache: TtlCache[str, dict[str, SenderDomain]] = TtlCache(
+            ttl=cache_ttl, max_entries=max_entries
+        )
 
     async def active_domain(self, *, tenant_id: str, name: str) -> SenderDomain | None:
         """See `SenderDirectory.active_domain`."""
-        now = time.monotonic()
-        cached = self._cache.get(tenant_id)
-        if cached is None or cached[0] <= now:
-            domains = await self._fetch(tenant_id)
-            if len(self._cache) >= self._max:
-                self._cache.clear()
-            cached = (now + self._ttl, domains)
-            self._cache[tenant_id] = cached
-        return cached[1].get(name.lower())
+        domains = self._cache.get(tenant_id)
+        if domains is None:
+            domains = self._cache.put(tenant_id, await self._fetch(tenant_id))
+        return domains.get(name.lower())
 
     async def _fetch(self, tenant_id: str) -> dict[str, SenderDomain]:
         found: dict[str, SenderDomain] = {}

@@ -9,7 +9,6 @@ calls about one domain costs one round trip, and a deletion is noticed within th
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +16,7 @@ import grpc
 from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 
 from services.core.auth import ServiceTokens
+from services.core.cache import TtlCache
 from services.core.errors import NotFound, Unavailable
 from services.core.ids import check_id
 from services.core.settings import Settings
@@ -65,18 +65,17 @@ class GrpcDomainDirectory:
         self._tokens = ServiceTokens.from_settings(
             settings, subject=SERVICE_SUBJECT, scopes=["domains:read"]
         )
-        self._ttl = cache_ttl
         self._timeout = timeout
-        self._max = max_entries
-        self._cache: dict[tuple[str, str], tuple[float, DomainInfo]] = {}
+        self._cache: TtlCache[tuple[str, str], DomainInfo] = TtlCache(
+            ttl=cache_ttl, max_entries=max_entries
+        )
 
     async def get(self, *, tenant_id: str, domain_id: str) -> DomainInfo:
         """See `DomainDirectory.get`."""
         check_id(domain_id, field="domain_id")
-        now = time.monotonic()
         cached = self._cache.get((tenant_id, domain_id))
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if cached is not None:
+            return cached
         try:
             reply = await self._stub.GetDomain(
                 domain_pb2.GetDomainRequest(id=domain_id),
@@ -86,7 +85,7 @@ class GrpcDomainDirectory:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 # Unknown, malformed or another tenant's id: all look the same to the caller.
-                self._cache.pop((tenant_id, domain_id), None)
+                self._cache.forget((tenant_id, domain_id))
                 raise NotFound("Domain", domain_id) from None
             raise Unavailable(
                 f"the domain service did not answer ({exc.code().name})",
@@ -101,10 +100,7 @@ class GrpcDomainDirectory:
             .lower(),
             verification_token=reply.verification_token,
         )
-        if len(self._cache) >= self._max:
-            self._cache.clear()
-        self._cache[(tenant_id, domain_id)] = (now + self._ttl, info)
-        return info
+        return self._cache.put((tenant_id, domain_id), info)
 
 
 __all__ = ["SERVICE_SUBJECT", "DomainDirectory", "DomainInfo", "GrpcDomainDirectory"]
