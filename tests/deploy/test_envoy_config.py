@@ -726,18 +726,19 @@ def test_envoy_serves_health_metrics_and_docs_routes(envoy: RunningEnvoy) -> Non
         status, headers, body = envoy.request("GET", path)
         assert status == 200, (path, body)
         assert isinstance(json.loads(body), dict)
-    # Metrics may answer UNIMPLEMENTED before the observability work; routed all the same.
+    # /metrics is a google.api.HttpBody (Prometheus text), /health/metrics JSON figures.
     for path in ("/health/metrics", "/metrics"):
         request_id = "req-" + secrets.token_hex(8)
         status, headers, body = envoy.request("GET", path, headers={"x-request-id": request_id})
-        assert status in (200, 501), (path, body)
+        assert status == 200, (path, body)
         assert envoy.access_log_entry(request_id)["upstream_cluster"] == "domain_service"
         content_type = {k.lower(): v for k, v in headers.items()}["content-type"]
-        if path == "/metrics" and status == 200:
-            assert content_type.startswith("text/plain"), content_type  # google.api.HttpBody
+        if path == "/metrics":
+            assert content_type.startswith("text/plain"), content_type
+            assert b"azora_grpc_requests_total" in body
         else:
             assert content_type.startswith("application/json"), content_type
-            assert isinstance(json.loads(body), dict)
+            assert isinstance(json.loads(body)["values"], dict)
     status, _, body = envoy.request("GET", "/api-docs")
     assert (status, body) == (200, b"<html>docs</html>")
     status, _, body = envoy.request("GET", "/api-docs/openapi.json")
