@@ -168,6 +168,13 @@ coverage: deps ## Run the tests with branch coverage (terminal + build/coverage.
 	@mkdir -p build
 	$(RUN_ENV) $(PY) -m pytest --cov --cov-report=term --cov-report=xml:build/coverage.xml
 
+FUZZ_EXAMPLES ?= 1000
+
+.PHONY: fuzz
+fuzz: deps ## Long API fuzzing run (FUZZ_EXAMPLES generated requests per operation and mode)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(RUN_ENV) $(PY) -m pytest --timeout=0 \
+		tests/security/test_api_fuzzing.py
+
 # --------------------------------------------------------------------------- running
 
 .PHONY: run
