@@ -83,7 +83,7 @@ def load_schema() -> Any:
 
 
 def operation_labels(schema: Any) -> list[str]:
-    """ "METHOD /path" of every operation the document declares."""
+    """Labels ("METHOD /path") of every operation the document declares."""
     return sorted(
         f"{result.ok().method.upper()} {result.ok().path}" for result in schema.get_all_operations()
     )

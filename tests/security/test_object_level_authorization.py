@@ -1,0 +1,530 @@
+"""Object-level authorization (OWASP API1) on every rpc of the API, enumerated from the descriptor.
+
+Tenant A owns one of everything: a verified domain, its relay config, a DKIM key, SPF and DMARC
+records, a queued email and an API key. Tenant B, with every scope, aims each rpc at them: an
+object rpc answers NOT_FOUND exactly as for an id that does not exist (never PERMISSION_DENIED,
+which would confirm the object exists), a list never shows them, a create cannot borrow them,
+an internal rpc refuses B's user token and finds nothing for a service token minted for B.
+After every case A's objects are unchanged.
+
+The rpcs come from gen/azora.binpb, so a new rpc without a case here fails this test. Narrower
+versions of some cases live in tests/integration/test_tenant_isolation.py (DomainService over
+gRPC) and tests/smtp/test_tenant_isolation.py (SmtpService, one rpc per parameter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from azora.domain.v1 import domain_pb2
+from azora.health.v1 import health_pb2, health_pb2_grpc
+from azora.iam.v1 import api_keys_pb2
+from azora.mail.v1 import mail_pb2
+from azora.smtp.v1 import smtp_pb2
+from google.protobuf import descriptor_pb2, json_format
+from google.protobuf.message import Message
+
+from services.core.auth import ServiceTokens
+from services.core.ids import new_id
+from services.core.settings import Settings
+from tests.conftest import REPO_ROOT, Tenant, new_tenant, unique_domain
+from tests.security.conftest import GrpcStubs, RestStack
+from tests.support.dns_server import KnotServer
+from tests.support.grpc_errors import RpcFailure, decode, failure_of
+
+DESCRIPTOR_SET = Path(REPO_ROOT) / "gen" / "azora.binpb"
+
+
+def api_rpcs() -> list[str]:
+    """Full names ("package.Service.Method") of every rpc in the generated descriptor set."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_SET.read_bytes())
+    return sorted(
+        f"{file.package}.{service.name}.{method.name}"
+        for file in files.file
+        if file.package.startswith("azora.")
+        for service in file.service
+        for method in service.method
+    )
+
+
+@dataclass
+class Victim:
+    """Tenant A and what it owns."""
+
+    tenant: Tenant
+    domain: domain_pb2.Domain
+    selector: str
+    email_id: str
+    api_key_id: str
+    api_key_secret: str
+    relay_host: str
+
+
+@dataclass
+class Attack:
+    """What a case gets: the services, the victim, the intruder and its service credentials."""
+
+    stubs: GrpcStubs
+    health: health_pb2_grpc.SuiteHealthServiceAsyncStub
+    victim: Victim
+    intruder: Tenant
+    service_tokens: ServiceTokens
+    settings: Settings
+
+    @property
+    def b(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata of the intruder."""
+        return self.intruder.metadata
+
+    def b_service(self) -> tuple[tuple[str, str], ...]:
+        """A service token minted for the intruder's tenant (what a service would send)."""
+        return self.service_tokens.metadata(self.intruder.id)
+
+
+async def not_found_like_unknown(
+    call: Callable[[str], Awaitable[Any]], victim_id: str
+) -> RpcFailure:
+    """NOT_FOUND for the victim's id, with the same code and resource type as for a fresh id."""
+    failure = await failure_of(call(victim_id))
+    unknown = await failure_of(call(new_id()))
+    assert failure.code == grpc.StatusCode.NOT_FOUND, failure
+    assert unknown.code == grpc.StatusCode.NOT_FOUND, unknown
+    assert failure.reason == unknown.reason
+    assert (failure.resource or ("", ""))[0] == (unknown.resource or ("", ""))[0]
+    return failure
+
+
+async def outcome(call: Awaitable[Any]) -> tuple[Any, RpcFailure | None]:
+    """(answer, None) when the call succeeds, (None, failure) when it fails."""
+    try:
+        return await call, None
+    except grpc.aio.AioRpcError as error:
+        return None, decode(error)
+
+
+async def internal_refused(attack: Attack, call: Callable[[Any], Awaitable[Any]]) -> None:
+    """A user's token is refused outright; a service token minted for B finds nothing of A's."""
+    refused = await failure_of(call(attack.b))
+    assert refused.code == grpc.StatusCode.PERMISSION_DENIED
+    assert refused.reason == "INTERNAL_ONLY"
+    hidden = await failure_of(call(attack.b_service()))
+    assert hidden.code == grpc.StatusCode.NOT_FOUND, hidden
+
+
+def mentions_victim(message: Message | str | bytes, victim: Victim) -> list[str]:
+    """Identifiers of the victim that appear in an answer."""
+    if isinstance(message, Message):
+        text = json_format.MessageToJson(message)
+    elif isinstance(message, bytes):
+        text = message.decode(errors="replace")
+    else:
+        text = message
+    secrets = {
+        "tenant id": victim.tenant.id,
+        "domain id": victim.domain.id,
+        "domain name": victim.domain.name,
+        "email id": victim.email_id,
+        "api key id": victim.api_key_id,
+        "relay host": victim.relay_host,
+    }
+    return [label for label, value in secrets.items() if value in text]
+
+
+# --- one case per rpc ----------------------------------------------------------------------
+
+Case = Callable[[Attack], Awaitable[None]]
+CASES: dict[str, Case] = {}
+
+
+def case(*rpcs: str) -> Callable[[Case], Case]:
+    """Register a case for the named rpcs (full names)."""
+
+    def register(function: Case) -> Case:
+        for rpc in rpcs:
+            assert rpc not in CASES, rpc
+            CASES[rpc] = function
+        return function
+
+    return register
+
+
+D, H, K, M, S = (
+    "azora.domain.v1.DomainService.",
+    "azora.health.v1.SuiteHealthService.",
+    "azora.iam.v1.ApiKeyService.",
+    "azora.mail.v1.MailService.",
+    "azora.smtp.v1.SmtpService.",
+)
+
+
+@case(D + "ListDomains")
+async def _list_domains(a: Attack) -> None:
+    listed = await a.stubs.domains.ListDomains(domain_pb2.ListDomainsRequest(), metadata=a.b)
+    assert [d.id for d in listed.domains] == []
+    assert listed.total_size == 0
+
+
+@case(D + "CreateDomain")
+async def _create_domain(a: Attack) -> None:
+    # B may register the same name (ownership is proven by DNS), but gets its own pending
+    # domain, never A's; or is refused without learning who holds the name.
+    created, failure = await outcome(
+        a.stubs.domains.CreateDomain(
+            domain_pb2.CreateDomainRequest(name=a.victim.domain.name), metadata=a.b
+        )
+    )
+    if failure is not None:
+        assert failure.code == grpc.StatusCode.ALREADY_EXISTS
+        assert mentions_victim(failure.message, a.victim) in ([], ["domain name"])
+        assert a.victim.tenant.id not in repr(failure)
+        assert a.victim.domain.id not in repr(failure)
+    else:
+        assert created.id != a.victim.domain.id
+        assert created.status == domain_pb2.DOMAIN_STATUS_PENDING
+        assert created.verification_token != a.victim.domain.verification_token
+
+
+@case(D + "GetDomain", D + "UpdateDnsRecords", D + "VerifyDomain", D + "DeleteDomain")
+async def _domain_object(a: Attack) -> None:
+    stub, b = a.stubs.domains, a.b
+    record = domain_pb2.DnsRecord(type=domain_pb2.DNS_RECORD_TYPE_A, name="x", value="192.0.2.1")
+    calls: list[Callable[[str], Awaitable[Any]]] = [
+        lambda i: stub.GetDomain(domain_pb2.GetDomainRequest(id=i), metadata=b),
+        lambda i: stub.UpdateDnsRecords(
+            domain_pb2.UpdateDnsRecordsRequest(id=i, records=[record]), metadata=b
+        ),
+        lambda i: stub.VerifyDomain(domain_pb2.VerifyDomainRequest(id=i), metadata=b),
+        lambda i: stub.DeleteDomain(domain_pb2.DeleteDomainRequest(id=i), metadata=b),
+    ]
+    for call in calls:
+        await not_found_like_unknown(call, a.victim.domain.id)
+
+
+@case(D + "ExportZoneFile")
+async def _export_zone(a: Attack) -> None:
+    await not_found_like_unknown(
+        lambda i: a.stubs.domains.ExportZoneFile(
+            domain_pb2.ExportZoneFileRequest(id=i), metadata=a.b
+        ),
+        a.victim.domain.id,
+    )
+
+
+@case(H + "GetHealth", H + "GetReadiness", H + "GetHealthMetrics", H + "Ping", H + "GetMetrics")
+async def _health(a: Attack) -> None:
+    # Anonymous probes and metrics: nothing in them identifies a tenant or its objects.
+    answers: list[Message] = [
+        await a.health.GetHealth(health_pb2.GetHealthRequest()),
+        await a.health.GetReadiness(health_pb2.GetReadinessRequest()),
+        await a.health.GetHealthMetrics(health_pb2.GetHealthMetricsRequest()),
+        await a.health.Ping(health_pb2.PingRequest()),
+    ]
+    metrics = await a.health.GetMetrics(health_pb2.GetMetricsRequest())
+    for answer in answers:
+        assert mentions_victim(answer, a.victim) == [], type(answer).__name__
+    assert mentions_victim(metrics.data, a.victim) == []
+
+
+@case(K + "CreateApiKey")
+async def _create_api_key(a: Attack) -> None:
+    # A key B creates acts as B: it finds none of A's objects.
+    created = await a.stubs.api_keys.CreateApiKey(
+        api_keys_pb2.CreateApiKeyRequest(name="intruder", scopes=["domains:read"]), metadata=a.b
+    )
+    with_key = (("authorization", f"Bearer {created.secret}"),)
+    await not_found_like_unknown(
+        lambda i: a.stubs.domains.GetDomain(domain_pb2.GetDomainRequest(id=i), metadata=with_key),
+        a.victim.domain.id,
+    )
+
+
+@case(K + "ListApiKeys")
+async def _list_api_keys(a: Attack) -> None:
+    listed = await a.stubs.api_keys.ListApiKeys(api_keys_pb2.ListApiKeysRequest(), metadata=a.b)
+    assert a.victim.api_key_id not in [k.id for k in listed.api_keys]
+
+
+@case(K + "RevokeApiKey")
+async def _revoke_api_key(a: Attack) -> None:
+    await not_found_like_unknown(
+        lambda i: a.stubs.api_keys.RevokeApiKey(
+            api_keys_pb2.RevokeApiKeyRequest(id=i), metadata=a.b
+        ),
+        a.victim.api_key_id,
+    )
+
+
+@case(K + "ResolveApiKey")
+async def _resolve_api_key(a: Attack) -> None:
+    # Anonymous by design (the other services call it before they know any principal), with no
+    # REST binding: it answers only for the exact secret, which already is the credential, and
+    # tells B nothing about A's key from B's own credentials or a near-miss secret.
+    near_miss = a.victim.api_key_secret[:-1] + ("A" if a.victim.api_key_secret[-1] != "A" else "B")
+    for secret, metadata in ((near_miss, a.b), (near_miss, ()), ("", a.b)):
+        failure = await failure_of(
+            a.stubs.api_keys.ResolveApiKey(
+                api_keys_pb2.ResolveApiKeyRequest(secret=secret), metadata=metadata
+            )
+        )
+        assert failure.code == grpc.StatusCode.UNAUTHENTICATED
+        assert mentions_victim(failure.message, a.victim) == []
+    own = await a.stubs.api_keys.CreateApiKey(
+        api_keys_pb2.CreateApiKeyRequest(name="b", scopes=["domains:read"]), metadata=a.b
+    )
+    resolved = await a.stubs.api_keys.ResolveApiKey(
+        api_keys_pb2.ResolveApiKeyRequest(secret=own.secret), metadata=a.b
+    )
+    assert resolved.tenant_id == a.intruder.id
+
+
+@case(M + "SendEmail")
+async def _send_email(a: Attack) -> None:
+    # B cannot send as A's verified domain.
+    failure = await failure_of(
+        a.stubs.mail.SendEmail(
+            mail_pb2.SendEmailRequest(
+                from_address=f"ceo@{a.victim.domain.name}", to=["x@example.org"], text="hi"
+            ),
+            metadata=a.b,
+        )
+    )
+    assert failure.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+    assert a.victim.tenant.id not in failure.message
+    listed = await a.stubs.mail.ListEmails(mail_pb2.ListEmailsRequest(), metadata=a.b)
+    assert list(listed.emails) == []
+
+
+@case(M + "ListEmails")
+async def _list_emails(a: Attack) -> None:
+    for request in (
+        mail_pb2.ListEmailsRequest(),
+        mail_pb2.ListEmailsRequest(domain_id=a.victim.domain.id),
+    ):
+        listed, failure = await outcome(a.stubs.mail.ListEmails(request, metadata=a.b))
+        if failure is not None:
+            assert failure.code == grpc.StatusCode.NOT_FOUND
+        else:
+            assert list(listed.emails) == []
+
+
+@case(M + "GetEmailStats")
+async def _email_stats(a: Attack) -> None:
+    for request in (
+        mail_pb2.GetEmailStatsRequest(),
+        mail_pb2.GetEmailStatsRequest(domain_id=a.victim.domain.id),
+    ):
+        stats, failure = await outcome(a.stubs.mail.GetEmailStats(request, metadata=a.b))
+        if failure is not None:
+            assert failure.code == grpc.StatusCode.NOT_FOUND
+        else:
+            assert sum(c.count for c in stats.counts) == 0
+            assert list(stats.domains) == []
+            assert mentions_victim(stats, a.victim) == []
+
+
+@case(M + "GetEmail", M + "ResendEmail", M + "DeleteEmail")
+async def _email_object(a: Attack) -> None:
+    stub, b = a.stubs.mail, a.b
+    calls: list[Callable[[str], Awaitable[Any]]] = [
+        lambda i: stub.GetEmail(mail_pb2.GetEmailRequest(id=i), metadata=b),
+        lambda i: stub.ResendEmail(mail_pb2.ResendEmailRequest(id=i), metadata=b),
+        lambda i: stub.DeleteEmail(mail_pb2.DeleteEmailRequest(id=i), metadata=b),
+    ]
+    for call in calls:
+        await not_found_like_unknown(call, a.victim.email_id)
+
+
+@case(
+    S + "GetSmtpConfig",
+    S + "UpdateSmtpConfig",
+    S + "TestSmtpConnection",
+    S + "GenerateDkimKey",
+    S + "ListDkimKeys",
+    S + "ActivateDkimKey",
+    S + "GenerateSpfRecord",
+    S + "GenerateDmarcRecord",
+    S + "CheckDnsRecords",
+)
+async def _smtp_domain_object(a: Attack) -> None:
+    stub, b, selector = a.stubs.smtp, a.b, a.victim.selector
+    calls: list[Callable[[str], Awaitable[Any]]] = [
+        lambda d: stub.GetSmtpConfig(smtp_pb2.GetSmtpConfigRequest(domain_id=d), metadata=b),
+        lambda d: stub.UpdateSmtpConfig(
+            smtp_pb2.UpdateSmtpConfigRequest(domain_id=d, host="smtp.example.com", port=587),
+            metadata=b,
+        ),
+        lambda d: stub.TestSmtpConnection(
+            smtp_pb2.TestSmtpConnectionRequest(domain_id=d), metadata=b
+        ),
+        lambda d: stub.GenerateDkimKey(smtp_pb2.GenerateDkimKeyRequest(domain_id=d), metadata=b),
+        lambda d: stub.ListDkimKeys(smtp_pb2.ListDkimKeysRequest(domain_id=d), metadata=b),
+        lambda d: stub.ActivateDkimKey(
+            smtp_pb2.ActivateDkimKeyRequest(domain_id=d, selector=selector), metadata=b
+        ),
+        lambda d: stub.GenerateSpfRecord(
+            smtp_pb2.GenerateSpfRecordRequest(domain_id=d), metadata=b
+        ),
+        lambda d: stub.GenerateDmarcRecord(
+            smtp_pb2.GenerateDmarcRecordRequest(domain_id=d, policy=smtp_pb2.DMARC_POLICY_NONE),
+            metadata=b,
+        ),
+        lambda d: stub.CheckDnsRecords(smtp_pb2.CheckDnsRecordsRequest(domain_id=d), metadata=b),
+    ]
+    for call in calls:
+        await not_found_like_unknown(call, a.victim.domain.id)
+
+
+@case(S + "GetRelayCredentials", S + "GetSigningKey", S + "DeleteDomainData")
+async def _smtp_internal(a: Attack) -> None:
+    stub, domain_id = a.stubs.smtp, a.victim.domain.id
+    await internal_refused(
+        a,
+        lambda m: stub.GetRelayCredentials(
+            smtp_pb2.GetRelayCredentialsRequest(domain_id=domain_id), metadata=m
+        ),
+    )
+    # Naming A's tenant in the request does not widen a service token minted for B.
+    hidden = await failure_of(
+        stub.GetRelayCredentials(
+            smtp_pb2.GetRelayCredentialsRequest(domain_id=domain_id, tenant_id=a.victim.tenant.id),
+            metadata=a.b_service(),
+        )
+    )
+    assert hidden.code == grpc.StatusCode.NOT_FOUND
+    await internal_refused(
+        a,
+        lambda m: stub.GetSigningKey(
+            smtp_pb2.GetSigningKeyRequest(domain_id=domain_id), metadata=m
+        ),
+    )
+    # DeleteDomainData for a domain B does not own must delete nothing (checked by `intact`);
+    # it may answer NOT_FOUND or succeed as a no-op.
+    refused = await failure_of(
+        stub.DeleteDomainData(smtp_pb2.DeleteDomainDataRequest(domain_id=domain_id), metadata=a.b)
+    )
+    assert refused.code == grpc.StatusCode.PERMISSION_DENIED
+    _, failure = await outcome(
+        stub.DeleteDomainData(
+            smtp_pb2.DeleteDomainDataRequest(domain_id=domain_id), metadata=a.b_service()
+        )
+    )
+    assert failure is None or failure.code == grpc.StatusCode.NOT_FOUND
+
+
+# --- fixtures and the test -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def victim(
+    settings: Settings, stack_stubs: GrpcStubs, knot_server: KnotServer
+) -> AsyncIterator[Victim]:
+    """Tenant A with a verified domain, relay, DKIM key, SPF, DMARC, an email and an API key."""
+    owner = new_tenant(settings)
+    stubs, m = stack_stubs, owner.metadata
+    name = unique_domain("isolation.test")
+    domain = await stubs.domains.CreateDomain(domain_pb2.CreateDomainRequest(name=name), metadata=m)
+    knot_server.set_zone(name, [("@", "TXT", f'"azora-verify={domain.verification_token}"')])
+    verified = await stubs.domains.VerifyDomain(
+        domain_pb2.VerifyDomainRequest(id=domain.id), metadata=m
+    )
+    assert verified.domain.status == domain_pb2.DOMAIN_STATUS_ACTIVE
+    relay_host = f"relay-{new_id()}.example.net"
+    await stubs.smtp.UpdateSmtpConfig(
+        smtp_pb2.UpdateSmtpConfigRequest(
+            domain_id=domain.id, host=relay_host, port=587, username="a", password="pw-of-a"
+        ),
+        metadata=m,
+    )
+    key = await stubs.smtp.GenerateDkimKey(
+        smtp_pb2.GenerateDkimKeyRequest(
+            domain_id=domain.id, algorithm=smtp_pb2.DKIM_ALGORITHM_ED25519
+        ),
+        metadata=m,
+    )
+    await stubs.smtp.GenerateSpfRecord(
+        smtp_pb2.GenerateSpfRecordRequest(domain_id=domain.id), metadata=m
+    )
+    await stubs.smtp.GenerateDmarcRecord(
+        smtp_pb2.GenerateDmarcRecordRequest(domain_id=domain.id, policy=smtp_pb2.DMARC_POLICY_NONE),
+        metadata=m,
+    )
+    email = await stubs.mail.SendEmail(
+        mail_pb2.SendEmailRequest(
+            from_address=f"app@{name}", to=["someone@example.org"], subject="s", text="t"
+        ),
+        metadata=m,
+    )
+    api_key = await stubs.api_keys.CreateApiKey(
+        api_keys_pb2.CreateApiKeyRequest(name="owner", scopes=["domains:read"]), metadata=m
+    )
+    yield Victim(
+        tenant=owner,
+        domain=verified.domain,
+        selector=key.selector,
+        email_id=email.id,
+        api_key_id=api_key.api_key.id,
+        api_key_secret=api_key.secret,
+        relay_host=relay_host,
+    )
+    knot_server.remove_zone(name)
+
+
+async def intact(stubs: GrpcStubs, victim: Victim) -> None:
+    """A's objects are all still there, unchanged."""
+    m = victim.tenant.metadata
+    domain = await stubs.domains.GetDomain(
+        domain_pb2.GetDomainRequest(id=victim.domain.id), metadata=m
+    )
+    assert domain.status == domain_pb2.DOMAIN_STATUS_ACTIVE
+    assert list(domain.dns_records) == list(victim.domain.dns_records)
+    config = await stubs.smtp.GetSmtpConfig(
+        smtp_pb2.GetSmtpConfigRequest(domain_id=victim.domain.id), metadata=m
+    )
+    assert config.host == victim.relay_host
+    assert config.password_set
+    keys = await stubs.smtp.ListDkimKeys(
+        smtp_pb2.ListDkimKeysRequest(domain_id=victim.domain.id), metadata=m
+    )
+    assert [k.selector for k in keys.keys] == [victim.selector]
+    email = await stubs.mail.GetEmail(mail_pb2.GetEmailRequest(id=victim.email_id), metadata=m)
+    assert email.resent_from_id == ""
+    resends = await stubs.mail.ListEmails(mail_pb2.ListEmailsRequest(), metadata=m)
+    assert [e.id for e in resends.emails] == [victim.email_id]
+    listed = await stubs.api_keys.ListApiKeys(api_keys_pb2.ListApiKeysRequest(), metadata=m)
+    (key,) = [k for k in listed.api_keys if k.id == victim.api_key_id]
+    assert not key.HasField("revoke_time")
+
+
+def test_every_rpc_has_a_case() -> None:
+    # A new rpc must come with its isolation case (and a stale case names a removed rpc).
+    assert set(api_rpcs()) == set(CASES)
+
+
+@pytest.mark.parametrize("rpc", api_rpcs())
+async def test_tenant_b_cannot_reach_tenant_a_objects(
+    rpc: str,
+    victim: Victim,
+    stack_stubs: GrpcStubs,
+    rest_stack: RestStack,
+    settings: Settings,
+) -> None:
+    # Each rpc aimed at another tenant's objects finds nothing and changes nothing.
+    assert rpc in CASES, f"no object-level authorization case for {rpc}"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{rest_stack.domain.running.port}") as channel:
+        attack = Attack(
+            stubs=stack_stubs,
+            health=health_pb2_grpc.SuiteHealthServiceStub(channel),
+            victim=victim,
+            intruder=new_tenant(settings),
+            service_tokens=ServiceTokens.from_settings(
+                settings, subject="service:mail", scopes=["smtp:read", "smtp:write"]
+            ),
+            settings=settings,
+        )
+        await CASES[rpc](attack)
+    await intact(stack_stubs, victim)
