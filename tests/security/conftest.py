@@ -14,19 +14,29 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from azora.domain.v1 import domain_pb2_grpc
+from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 from azora.iam.v1 import api_keys_pb2_grpc
 from azora.mail.v1 import mail_pb2_grpc
-from azora.smtp.v1 import smtp_pb2_grpc
+from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.core.mongo import Document
 from services.core.settings import Settings
-from tests.conftest import Tenant, new_tenant
+from tests.conftest import Tenant, new_tenant, unique_domain
 from tests.gateway.conftest import RestStack, bearer, http, rest_base_url, rest_stack
+from tests.support.dns_server import KnotServer
 
-__all__ = ["GrpcStubs", "RestStack", "bearer", "http", "rest_base_url", "rest_stack"]
+__all__ = [
+    "GrpcStubs",
+    "RestStack",
+    "bearer",
+    "sending_domain",
+    "verified_domain",
+    "http",
+    "rest_base_url",
+    "rest_stack",
+]
 
 
 @dataclass(frozen=True)
@@ -73,3 +83,42 @@ def tenant_a(settings: Settings) -> Tenant:
 def tenant_b(settings: Settings) -> Tenant:
     """Another fresh tenant: the attacker."""
     return new_tenant(settings)
+
+
+async def verified_domain(
+    stubs: GrpcStubs, knot_server: KnotServer, tenant: Tenant, suffix: str = "security.test"
+) -> domain_pb2.Domain:
+    """A new domain of `tenant`, verified through the ownership TXT record published in Knot.
+
+    The zone stays in Knot (names are unique, so it bothers nobody).
+    """
+    name = unique_domain(suffix)
+    domain = await stubs.domains.CreateDomain(
+        domain_pb2.CreateDomainRequest(name=name), metadata=tenant.metadata
+    )
+    knot_server.set_zone(name, [("@", "TXT", f'"azora-verify={domain.verification_token}"')])
+    verified = await stubs.domains.VerifyDomain(
+        domain_pb2.VerifyDomainRequest(id=domain.id), metadata=tenant.metadata
+    )
+    assert verified.domain.status == domain_pb2.DOMAIN_STATUS_ACTIVE
+    return verified.domain
+
+
+async def sending_domain(
+    stubs: GrpcStubs, knot_server: KnotServer, tenant: Tenant, *, relay_port: int = 9
+) -> domain_pb2.Domain:
+    """A verified domain of `tenant` that may send: its relay is 127.0.0.1:`relay_port`.
+
+    The default port (discard) refuses connections, so mail stays queued or deferred.
+    """
+    domain = await verified_domain(stubs, knot_server, tenant)
+    await stubs.smtp.UpdateSmtpConfig(
+        smtp_pb2.UpdateSmtpConfigRequest(
+            domain_id=domain.id,
+            host="127.0.0.1",
+            port=relay_port,
+            security=smtp_pb2.SECURITY_MODE_NONE,
+        ),
+        metadata=tenant.metadata,
+    )
+    return domain
