@@ -51,6 +51,12 @@ def make_settings(mongodb_uri: str, database: str, **env: str) -> Settings:
             "AZORA_MONGODB_DATABASE": database,
             "JWT_SECRET": TEST_JWT_SECRET,
             "LOG_LEVEL": "warn",
+            # Every test client is 127.0.0.1: the suite's traffic must not trip the rate limits
+            # (tests/security sets its own small budgets on services of their own).
+            "RATE_LIMIT_MAX": "1000000",
+            "AZORA_SEND_RATE_LIMIT_MAX": "1000000",
+            "AZORA_QUOTA_EMAILS_PER_HOUR": "0",
+            "AZORA_QUOTA_EMAILS_PER_DAY": "0",
             **env,
         },
         service_name="test",

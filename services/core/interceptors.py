@@ -5,16 +5,20 @@ span (child of the caller's W3C ``traceparent``), applies the caller's deadline 
 calls, turns typed errors into rich gRPC statuses, shields callers from internals, and records
 the call once: an access log line plus the ``azora_grpc_requests_total`` counter and the
 ``azora_grpc_request_duration_seconds`` histogram. `AuthInterceptor` (inside it) establishes
-the principal and checks the rpc's declared scope. Only unary-unary handlers of our own services
-are wrapped; gRPC's health and reflection services pass through untouched.
+the principal and checks the rpc's declared scope. `RateLimitInterceptor` (inside that)
+applies the rate limits and sending quotas of `services.core.ratelimit`. Only unary-unary
+handlers of our own services are wrapped; gRPC's health and reflection services pass through
+untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -23,15 +27,20 @@ from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 from pymongo.errors import PyMongoError
 
-from services.core.auth import Authenticator, MethodRules
+from services.core.auth import SERVICE_SUBJECT_PREFIX, Authenticator, MethodRules
 from services.core.context import new_request_id, principal_var, request_id_var
 from services.core.errors import AzoraError, DeadlineExceeded, InvalidArgument, Unimplemented
 from services.core.metrics import GRPC_REQUEST_DURATION, GRPC_REQUESTS
 from services.core.mongo import translate_error
+from services.core.ratelimit import RateLimiter, RateLimitExceeded
 from services.core.status import internal_status, to_status
 from services.core.tracing import server_span, set_rpc_code
 
 log = logging.getLogger("azora.access")
+# Initial metadata of the running rpc, collected by the interceptors and sent with the answer.
+response_metadata_var: contextvars.ContextVar[list[tuple[str, str]] | None] = (
+    contextvars.ContextVar("response_metadata", default=None)
+)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
@@ -60,6 +69,21 @@ def _service_domain(method: str) -> str:
     """ErrorInfo.domain for "/azora.domain.v1.DomainService/X" is "domain.azora.dev"."""
     parts = method.lstrip("/").split(".")
     return f"{parts[1]}.azora.dev" if len(parts) > 2 and parts[0] == "azora" else "azora.dev"
+
+
+async def _send_headers(
+    context: grpc.aio.ServicerContext[Any, Any], headers: list[tuple[str, str]]
+) -> None:
+    # UsageError: the servicer sent its own initial metadata already.
+    with contextlib.suppress(grpc.aio.UsageError):
+        await context.send_initial_metadata(tuple(headers))
+
+
+def add_response_metadata(entries: Iterable[tuple[str, str]]) -> None:
+    """Add headers (initial metadata) to the answer of the running rpc."""
+    headers = response_metadata_var.get()
+    if headers is not None:
+        headers.extend(entries)
 
 
 def _wrap_unary(handler: Any, wrap: Callable[[Behavior], Behavior]) -> Any:
@@ -103,15 +127,20 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     code = grpc.StatusCode.OK
                     remaining = context.time_remaining()
                     deadline = remaining if remaining is not None and remaining < 1e8 else None
+                    # Inner interceptors add response headers (RateLimit-*) to this list; it
+                    # is sent just before the answer, success or error.
+                    headers = [("x-request-id", request_id)]
+                    response_metadata_var.set(headers)
                     try:
-                        await context.send_initial_metadata((("x-request-id", request_id),))
                         if isinstance(request, _MalformedRequest):
                             raise InvalidArgument.single("request", "the request body is malformed")
                         if deadline is not None and deadline <= 0:
                             raise DeadlineExceeded("the deadline expired before the call started")
                         # The caller's deadline bounds every database call made for this request.
                         with pymongo.timeout(deadline):
-                            return await behavior(request, context)
+                            response = await behavior(request, context)
+                        await _send_headers(context, headers)
+                        return response
                     except AzoraError as exc:
                         code, status = to_status(exc, service_domain=domain)
                     except PyMongoError as exc:
@@ -142,6 +171,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                                 }
                             },
                         )
+                    await _send_headers(context, headers)
                     await context.abort(
                         code,
                         status.message,
@@ -177,6 +207,64 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 principal = await authenticator.authorize(rule, _metadata(context))
                 principal_var.set(principal)
                 return await behavior(request, context)
+
+            return handle
+
+        return _wrap_unary(handler, wrap)  # type: ignore[no-any-return]
+
+
+# Rpcs no budget applies to: the REST health routes and /metrics (probes and scrapers must
+# always get through; grpc.health.v1 and reflection are not wrapped at all).
+_UNLIMITED_SERVICES = frozenset({"azora.health.v1.SuiteHealthService"})
+# Rpcs that need this scope send email: the send budget and the tenant quotas apply to them.
+SEND_SCOPE = "emails:send"
+
+
+class RateLimitInterceptor(grpc.aio.ServerInterceptor):
+    """Admits each call against the rate limits and quotas (inside `AuthInterceptor`).
+
+    It runs after authentication because calls between our services (service JWTs) are never
+    limited and because the principal is one of the two keys counted (the other is the client
+    address). Calls that fail authentication are not counted. Every limited answer carries
+    ``ratelimit-*`` headers; a refusal is RESOURCE_EXHAUSTED with RetryInfo (HTTP 429 with
+    Retry-After through either gateway).
+    """
+
+    def __init__(self, limiter: RateLimiter, rules: MethodRules | None = None) -> None:
+        self._limiter = limiter
+        self._rules = rules or MethodRules()
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """Wrap the unary handler of a limited azora rpc."""
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        service = method.lstrip("/").partition("/")[0]
+        if handler is None or not method.startswith("/azora.") or service in _UNLIMITED_SERVICES:
+            return handler  # type: ignore[return-value]
+        send = self._rules.rule(method).required_scope == SEND_SCOPE
+        limiter = self._limiter
+
+        def wrap(behavior: Behavior) -> Behavior:
+            async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                principal = principal_var.get()
+                if principal is not None and principal.subject.startswith(SERVICE_SUBJECT_PREFIX):
+                    return await behavior(request, context)
+                metadata = _metadata(context)
+                ip = limiter.client_ip(context.peer() or "", metadata.get("x-forwarded-for", ""))
+                try:
+                    decision = limiter.admit(send=send, ip=ip, principal=principal)
+                except RateLimitExceeded as exc:
+                    add_response_metadata(
+                        (*exc.decision.headers(), ("retry-after", str(exc.decision.reset_seconds)))
+                    )
+                    raise
+                add_response_metadata(decision.headers())
+                response = await behavior(request, context)
+                if send and principal is not None:
+                    limiter.record_send(principal)
+                return response
 
             return handle
 

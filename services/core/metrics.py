@@ -162,6 +162,23 @@ DKIM_SIGNATURES = Counter(
 )
 """Mail service: ``DKIM_SIGNATURES.labels(outcome="signed").inc()`` per signed message."""
 
+# -- rate limits -----------------------------------------------------------------------------
+
+RATE_LIMIT_REFUSALS = Counter(
+    "azora_rate_limit_refusals",
+    "Requests refused by a rate limit or sending quota, by budget (api, send, quota-hour, "
+    "quota-day) and scope (ip, user, tenant).",
+    ("budget", "scope"),
+)
+"""Incremented by `services.core.ratelimit.RateLimiter.admit` for each refusal."""
+
+RATE_LIMIT_SYNCS = Counter(
+    "azora_rate_limit_syncs",
+    "Exchanges of rate-limit counts with the database, by outcome (ok, error).",
+    ("outcome",),
+)
+"""Incremented by `services.core.ratelimit.SharedCounters.run` after each sync."""
+
 # -- aggregation -----------------------------------------------------------------------------
 
 PEER_UP = Gauge(

@@ -20,10 +20,16 @@ from pymongo.errors import PyMongoError
 
 from services.core.auth import ApiKeyResolver, Authenticator
 from services.core.errors import AzoraError
-from services.core.interceptors import AuthInterceptor, ErrorMappingInterceptor
+from services.core.interceptors import (
+    AuthInterceptor,
+    ErrorMappingInterceptor,
+    RateLimitInterceptor,
+)
 from services.core.logs import configure_logging
 from services.core.metrics import start_exposition
 from services.core.mongo import Document, IndexSpec, create_client, ensure_indexes, ping
+from services.core.ratelimit import COLLECTION as RATE_LIMIT_COLLECTION
+from services.core.ratelimit import RateLimiter
 from services.core.server import Registrar, ServiceServer, create_server, run_until_signalled
 from services.core.settings import Settings, SettingsError
 from services.core.tracing import configure_tracing
@@ -110,6 +116,7 @@ async def start_service(
     flips the grpc.health.v1 status to NOT_SERVING while it is unreachable (and back), so
     Kubernetes gRPC probes and ``/health/ready`` agree.
     """
+    limiter = RateLimiter.from_settings(settings, database.db[RATE_LIMIT_COLLECTION])
     server = await create_server(
         bind=bind,
         service_names=service_names,
@@ -117,10 +124,15 @@ async def start_service(
         interceptors=[
             ErrorMappingInterceptor(),
             AuthInterceptor(Authenticator(settings, api_keys)),
+            RateLimitInterceptor(limiter),
         ],
+        max_message_bytes=settings.grpc_max_message_bytes,
     )
+    server.rate_limiter = limiter
     await prepare_database(database.db, indexes)
     await server.set_serving(True)
+    # Rate-limit counts are exchanged with the other replicas through the database.
+    server.background.append(asyncio.create_task(limiter.counters.run(), name="rate-limits"))
     server.background.append(
         asyncio.create_task(
             watch_readiness(server, database.db, settings.readiness_interval),

@@ -14,15 +14,20 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+if TYPE_CHECKING:
+    from services.core.ratelimit import RateLimiter
+
 log = logging.getLogger(__name__)
 
 Registrar = Callable[[grpc.aio.Server], None]
-# Largest request a service accepts; bigger messages fail with RESOURCE_EXHAUSTED in gRPC.
+# Default of the largest message a service accepts (AZORA_GRPC_MAX_MESSAGE_BYTES); a bigger
+# request fails with RESOURCE_EXHAUSTED before any of our code sees it.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -35,6 +40,8 @@ class ServiceServer:
     health: health.aio.HealthServicer
     service_names: Sequence[str]
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    # The rate limiter of the service's interceptors (tests sync it explicitly).
+    rate_limiter: RateLimiter | None = None
 
     async def set_serving(self, serving: bool) -> None:
         """Report every service (and the overall server) as SERVING or NOT_SERVING."""
@@ -61,6 +68,7 @@ async def create_server(
     service_names: Sequence[str],
     registrars: Sequence[Registrar],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> ServiceServer:
     """Build, bind and start a server.
 
@@ -70,6 +78,7 @@ async def create_server(
             reflection (e.g. "azora.domain.v1.DomainService").
         registrars: functions adding servicers to the server (the generated add_*_to_server).
         interceptors: server interceptors, outermost first.
+        max_message_bytes: largest request (and answer) message in bytes.
 
     Returns:
         The started server with its bound port.
@@ -77,8 +86,8 @@ async def create_server(
     server = grpc.aio.server(
         interceptors=list(interceptors),
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )

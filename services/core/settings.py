@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -61,8 +62,23 @@ class Settings:
     # Product spec names, kept in its units: SMTP_TIMEOUT and RATE_LIMIT_WINDOW in milliseconds.
     smtp_timeout_ms: int = 30_000
     max_attachment_size: int = 10 * 1024 * 1024
+    # Rate limits and quotas (services.core.ratelimit; docs/operations.md "Rate limits").
+    # RATE_LIMIT_MAX requests per RATE_LIMIT_WINDOW per client IP and per principal, for every
+    # rpc except the sending ones, which have their own budget (AZORA_SEND_RATE_LIMIT_*).
     rate_limit_window_ms: int = 15 * 60 * 1000
     rate_limit_max: int = 100
+    send_rate_limit_window_ms: int = 60 * 1000
+    send_rate_limit_max: int = 100
+    # Emails a tenant may submit per clock hour and per UTC day (0 = unlimited).
+    quota_emails_per_hour: int = 1000
+    quota_emails_per_day: int = 10_000
+    # How often each process publishes its counts to the database and reads the others'.
+    rate_limit_sync_interval: float = 0.25
+    # Peers whose x-forwarded-for is believed (CIDRs): the gateway's addresses. Anyone else's
+    # header is ignored, so a direct gRPC caller cannot pick the IP it is counted under.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    # Largest gRPC message a service accepts (AZORA_GRPC_MAX_MESSAGE_BYTES).
+    grpc_max_message_bytes: int = 64 * 1024 * 1024
     shutdown_grace: float = 10.0
     # Verification DNS: empty nameservers = the system resolver.
     dns_nameservers: tuple[str, ...] = ()
@@ -210,6 +226,25 @@ class Settings:
                 "RATE_LIMIT_WINDOW", defaults.rate_limit_window_ms, minimum=1
             ),
             rate_limit_max=reader.integer("RATE_LIMIT_MAX", defaults.rate_limit_max, minimum=1),
+            send_rate_limit_window_ms=reader.integer(
+                "AZORA_SEND_RATE_LIMIT_WINDOW", defaults.send_rate_limit_window_ms, minimum=1
+            ),
+            send_rate_limit_max=reader.integer(
+                "AZORA_SEND_RATE_LIMIT_MAX", defaults.send_rate_limit_max, minimum=1
+            ),
+            quota_emails_per_hour=reader.integer(
+                "AZORA_QUOTA_EMAILS_PER_HOUR", defaults.quota_emails_per_hour
+            ),
+            quota_emails_per_day=reader.integer(
+                "AZORA_QUOTA_EMAILS_PER_DAY", defaults.quota_emails_per_day
+            ),
+            rate_limit_sync_interval=reader.number(
+                "AZORA_RATE_LIMIT_SYNC_INTERVAL", defaults.rate_limit_sync_interval
+            ),
+            trusted_proxies=reader.networks("AZORA_TRUSTED_PROXIES", defaults.trusted_proxies),
+            grpc_max_message_bytes=reader.integer(
+                "AZORA_GRPC_MAX_MESSAGE_BYTES", defaults.grpc_max_message_bytes, minimum=1024
+            ),
             shutdown_grace=reader.number("AZORA_SHUTDOWN_GRACE", defaults.shutdown_grace),
             dns_nameservers=nameservers,
             dns_port=reader.port("AZORA_DNS_PORT", defaults.dns_port),
@@ -408,6 +443,19 @@ class _Reader:
                 _decode_key(key)
             except SettingsError as exc:
                 self.errors.append(f"{name}: {exc}")
+        return found
+
+    # Rate limits
+    def networks(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        raw = self.env.get(name)
+        if raw is None:
+            return default
+        found = tuple(n.strip() for n in raw.split(",") if n.strip())
+        for network in found:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                self.errors.append(f"{name}: expected IP networks (CIDR), got {network!r}")
         return found
 
     # Observability
