@@ -28,8 +28,12 @@ Behaviour, and where it follows an Envoy setting rather than Envoy's default (th
   contradicts the body is 400 (``reject_binding_body_field_collisions: true``; Envoy's default
   lets the body win). An empty body is an empty message.
 * Oversized body (``AZORA_GATEWAY_MAX_BODY_BYTES``, default 64 MiB = the services' gRPC
-  receive limit, like Envoy's ``max_request_body_size``): 400 INVALID_ARGUMENT, which is what
-  Envoy's local_reply_config in gateway/envoy.yaml turns its 413 into.
+  receive limit, like Envoy's ``max_request_body_size``): 413 with an INVALID_ARGUMENT Status
+  (reason ``REQUEST_BODY_TOO_LARGE``), which is what Envoy's local_reply_config in
+  gateway/envoy.yaml makes of its own 413.
+* Rate limits are the services' (services/core/ratelimit.py): their ``ratelimit-*`` and
+  ``retry-after`` response metadata become HTTP headers; the client address reaches them as
+  ``x-forwarded-for`` with the peer appended.
 * Malformed JSON, invalid UTF-8, wrong types: 400 with a google.rpc.Status JSON body
   (code 3, an ErrorInfo in domain ``gateway.azora.dev``, a BadRequest field violation). Envoy
   sends its own local replies for these as text/plain unless a ``local_reply_config`` formats

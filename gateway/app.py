@@ -47,6 +47,15 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Headers that travel to the services as metadata. Envoy forwards every header; the local
 # gateway forwards what the services read (credentials, request id, W3C trace context).
 FORWARDED_HEADERS = ("authorization", "x-api-key", "traceparent", "tracestate")
+# Response metadata of the services copied to the HTTP answer (Envoy copies all of it): the
+# rate-limit state of services.core.ratelimit, as express-rate-limit's standardHeaders.
+RESPONSE_HEADERS = (
+    "ratelimit-policy",
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+    "retry-after",
+)
 # gRPC metadata values (non -bin) are printable ASCII.
 _METADATA_VALUE = re.compile(r"^[\x20-\x7e]*$")
 _READ_CHUNK = 64 * 1024
@@ -161,13 +170,21 @@ class Gateway:
         if _REQUEST_ID.match(upstream_id):
             request[REQUEST_ID_KEY] = upstream_id
         if result.status is not None:
-            return self.status_response(result.status)
-        assert result.response is not None  # one of the two is always set
-        payload, content_type = self.transcoder.render_response(binding, result.response)
-        return web.Response(body=payload, status=200, headers={"Content-Type": content_type})
+            response = self.status_response(result.status)
+        else:
+            assert result.response is not None  # one of the two is always set
+            payload, content_type = self.transcoder.render_response(binding, result.response)
+            response = web.Response(
+                body=payload, status=200, headers={"Content-Type": content_type}
+            )
+        for name in RESPONSE_HEADERS:
+            value = result.initial_metadata.get(name)
+            if value is not None and name not in response.headers:
+                response.headers[name] = value
+        return response
 
     async def _read_body(self, request: web.Request) -> bytes:
-        """The whole body, refused with 400 as soon as it exceeds the limit."""
+        """The whole body, refused with 413 as soon as it exceeds the limit."""
         limit = self.config.max_body_bytes
         declared = request.content_length
         if declared is not None and declared > limit:
@@ -206,13 +223,13 @@ class Gateway:
 
 
 def _too_large(limit: int) -> GatewayError:
-    # Envoy's 413 for a body over max_request_body_size becomes a 400 INVALID_ARGUMENT Status
-    # through gateway/envoy.yaml's local_reply_config; answer the same here.
+    # HTTP 413 (Content Too Large) with an INVALID_ARGUMENT Status naming the body, the same
+    # answer gateway/envoy.yaml's local_reply_config gives for Envoy's max_request_body_size.
     return GatewayError(
         code_pb2.INVALID_ARGUMENT,
         f"the request body exceeds the gateway's limit of {limit} bytes",
         reason="REQUEST_BODY_TOO_LARGE",
-        http_status=400,
+        http_status=413,
         metadata={"limit_bytes": str(limit)},
         violations=[("body", f"larger than {limit} bytes")],
     )

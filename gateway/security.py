@@ -78,7 +78,10 @@ def security_middleware(
         response.headers["Server"] = "azora"
         if cors:
             response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Expose-Headers"] = "x-request-id, retry-after"
+            response.headers["Access-Control-Expose-Headers"] = (
+                "x-request-id, retry-after, ratelimit-policy, ratelimit-limit, "
+                "ratelimit-remaining, ratelimit-reset"
+            )
             response.headers["Vary"] = "Origin"
         return response
 

@@ -34,6 +34,7 @@ ENVOY_MODULES = (
     "envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2",
     "envoy.extensions.filters.http.grpc_json_transcoder.v3.transcoder_pb2",
     "envoy.extensions.filters.http.router.v3.router_pb2",
+    "envoy.extensions.filters.http.header_mutation.v3.header_mutation_pb2",
     "envoy.extensions.filters.http.health_check.v3.health_check_pb2",
     "envoy.extensions.filters.http.buffer.v3.buffer_pb2",
     "envoy.extensions.access_loggers.stream.v3.stream_pb2",

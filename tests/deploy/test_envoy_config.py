@@ -279,7 +279,7 @@ def test_envoy_local_replies_use_the_google_rpc_http_mapping(envoy_facts: dict[s
         401: (401, 16),  # UNAUTHENTICATED
         403: (403, 7),  # PERMISSION_DENIED
         404: (404, 5),  # NOT_FOUND
-        413: (400, 3),  # body over the limit: INVALID_ARGUMENT, as the local gateway answers
+        413: (413, 3),  # body over the limit: INVALID_ARGUMENT, as the local gateway answers
         429: (429, 8),  # RESOURCE_EXHAUSTED
         500: (500, 13),  # INTERNAL
         502: (502, 14),  # UNAVAILABLE
@@ -702,7 +702,7 @@ def test_envoy_own_errors_are_google_rpc_status_json(envoy: RunningEnvoy) -> Non
         "wrong body type": (400, 3),
         "body not an object": (400, 3),
         "malformed JSON": (400, 3),
-        "oversized body": (400, 3),
+        "oversized body": (413, 3),
     }
     # Enums by their exact name (or number) and proto field names in queries are accepted.
     for query in ("status=DOMAIN_STATUS_ACTIVE", "status=2", "page_size=3", "pageSize=3"):
@@ -769,19 +769,73 @@ def test_envoy_routes_each_service_to_its_process(
 
 
 def test_envoy_sets_the_same_security_headers_as_the_local_gateway(envoy: RunningEnvoy) -> None:
-    # Answers from the upstreams carry gateway/security.py's headers (a service's error too);
-    # the docs route its own CSP. Envoy's own local replies (transcoding errors) do not yet:
-    # route-level headers are not applied to them.
+    # Every answer carries gateway/security.py's headers: the upstreams' (a service's error
+    # too), the docs route's (with its own CSP) and Envoy's own local replies (unknown path,
+    # transcoding errors, oversized body, unknown gRPC path), through the header_mutation filter.
     from gateway.security import API_CSP, DOCS_CSP, SECURITY_HEADERS
 
-    cases = (
-        ("/health/ping", API_CSP),
-        ("/api/v1/domains/bad-id", API_CSP),
-        ("/api-docs", DOCS_CSP),
-    )
-    for path, csp in cases:
-        _, headers, _ = envoy.request("GET", path)
+    auth = _bearer(envoy)
+    cases = {
+        "upstream success": (envoy.request("GET", "/health/ping"), API_CSP),
+        "upstream error": (envoy.request("GET", "/api/v1/domains/bad-id"), API_CSP),
+        "docs": (envoy.request("GET", "/api-docs"), DOCS_CSP),
+        "unknown REST path": (envoy.request("GET", "/api/v1/nothing-here", headers=auth), API_CSP),
+        "unknown query parameter": (
+            envoy.request("GET", "/api/v1/domains?noSuchField=1", headers=auth),
+            API_CSP,
+        ),
+        "malformed JSON": (
+            envoy.request("POST", "/api/v1/domains", RawBody(b"{bad"), auth),
+            API_CSP,
+        ),
+        "oversized body": (
+            envoy.request("POST", "/api/v1/domains", {"name": "x" * TEST_MAX_BODY}, auth),
+            API_CSP,
+        ),
+        "direct response": (envoy.request("GET", "/no.such.Service/Method"), API_CSP),
+    }
+    statuses = {}
+    for case, ((status, headers, _), csp) in cases.items():
+        statuses[case] = status
         lowered = {k.lower(): v for k, v in headers.items()}
         for name, value in SECURITY_HEADERS.items():
-            assert lowered.get(name.lower()) == value, (path, name)
-        assert lowered["content-security-policy"] == csp, path
+            assert lowered.get(name.lower()) == value, (case, name, headers)
+        assert lowered["content-security-policy"] == csp, case
+    # The cases really are what they say: Envoy's own replies are errors it answered itself.
+    assert statuses["unknown REST path"] == 404
+    assert statuses["unknown query parameter"] == 400
+    assert statuses["malformed JSON"] == 400
+    assert statuses["oversized body"] == 413
+    assert statuses["direct response"] == 404
+
+
+def test_envoy_passes_rate_limit_headers_and_429_through(envoy: RunningEnvoy) -> None:
+    # The services' rate-limit response metadata become HTTP headers through the transcoder,
+    # and a refusal is 429 with Retry-After. The address counted is the one Envoy appends to
+    # x-forwarded-for (what the client put there itself is ignored), so this test uses up the
+    # budget (RATE_LIMIT_MAX, default 100) of every client of this Envoy: keep it last.
+    headers = {**_bearer(envoy), "x-forwarded-for": "198.51.100.7"}
+    remaining = []
+    for _ in range(2):
+        status, answer, body = envoy.request("GET", "/api/v1/domains", headers=headers)
+        assert status == 200, body
+        lowered = {k.lower(): v for k, v in answer.items()}
+        assert int(lowered["ratelimit-reset"]) > 0
+        assert lowered["ratelimit-policy"].startswith(lowered["ratelimit-limit"] + ";w=")
+        remaining.append(int(lowered["ratelimit-remaining"]))
+    assert remaining[1] == remaining[0] - 1
+    refused = None
+    for _ in range(remaining[1] + 1):
+        status, answer, body = envoy.request("GET", "/api/v1/domains", headers=headers)
+        if status != 200:
+            refused = (status, {k.lower(): v for k, v in answer.items()}, body)
+            break
+    assert refused is not None, "the budget was not enforced"
+    status, answer_headers, body = refused
+    assert status == 429, body
+    error = json.loads(body)
+    assert error["code"] == 8
+    reasons = [d.get("reason") for d in error["details"]]
+    assert "RATE_LIMIT_EXCEEDED" in reasons, error
+    assert int(answer_headers["retry-after"]) > 0
+    assert answer_headers["ratelimit-remaining"] == "0"

@@ -172,13 +172,13 @@ async def test_wrong_types_are_400(
         assert reply.error_info["reason"] == "INVALID_QUERY_PARAMETER"
 
 
-# A body over the limit is 400 (what Envoy's local reply answers), declared or streamed.
-async def test_oversized_body_is_400(
+# A body over the limit is 413 (what Envoy's local reply answers), declared or streamed.
+async def test_oversized_body_is_413(
     http: aiohttp.ClientSession, small_limit_url: str, auth: dict[str, str]
 ) -> None:
     big = b'{"name": "' + b"a" * 2048 + b'"}'
     declared = await call(http, "POST", domains(small_limit_url), data=big, headers=auth)
-    assert_status_json(declared, http_status=400, code=3)
+    assert_status_json(declared, http_status=413, code=3)
     assert declared.error_info["reason"] == "REQUEST_BODY_TOO_LARGE"
     assert declared.error_info["metadata"] == {"limit_bytes": "1024"}
 
@@ -187,7 +187,7 @@ async def test_oversized_body_is_400(
             yield big[start : start + 256]
 
     streamed = await call(http, "POST", domains(small_limit_url), data=chunks(), headers=auth)
-    assert_status_json(streamed, http_status=400, code=3)
+    assert_status_json(streamed, http_status=413, code=3)
     # Within the limit the same gateway transcodes normally.
     small = await call(
         http, "POST", domains(small_limit_url), json={"name": unique_domain()}, headers=auth
