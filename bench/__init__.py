@@ -1,0 +1,1 @@
+"""Benchmarks, soak and fault drills (not tests: they print figures and verdicts)."""

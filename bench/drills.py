@@ -1,0 +1,429 @@
+"""`make drills`: fault drills against the whole suite, each printing PASS/FAIL with evidence.
+
+Every drill starts a fresh suite (bench/suite.py: FerretDB, Knot, sink, services, gateway) with
+short retry settings so that it finishes in minutes: ``AZORA_MAIL_RETRY_MIN_BACKOFF=2``,
+``AZORA_MAIL_RETRY_MAX_BACKOFF=10`` (production defaults: 300 s doubling to 4000 s, give up
+after 5 days), ``AZORA_MAIL_LEASE`` = ``DRILL_LEASE`` (default 15 s; production 120 s).
+
+* ``kill9``: N emails, two worker processes, ``DRILL_KILLS`` SIGKILLs of a random worker at
+  random moments (each restarted at once);
+* ``database``: FerretDB stopped for ``DRILL_DB_DOWN_SECONDS`` under load, then restarted on
+  the same data directory and port; the services are not restarted;
+* ``relay-down``: the relay (sink) stopped for ``DRILL_RELAY_DOWN_SECONDS`` with mail queued;
+* ``relay-4xx``: the relay answers 451 to every RCPT for ``DRILL_TEMPFAIL_SECONDS``, and 550
+  always to ``reject-*`` recipients (undeliverable on purpose);
+* ``sigterm``: SIGTERM to every process of the suite under load, then everything restarted.
+
+Pass = every accepted email ends sent (or bounced/failed with a recorded reply where the drill
+makes it undeliverable); a message arrives twice only if it was claimed again after its lease
+was lost (the documented window: a worker dies between the relay's 250 and recording it);
+services recover without restart; no error reaches a client except UNAVAILABLE while the
+database is down (and, in the SIGTERM drill, while the servers are stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.harness import read_sink_log, write_json
+from bench.load import LoadResult, grpc_send
+from bench.run import git_commit, machine
+from bench.suite import REPO, Suite
+
+UNFINISHED = ("queued", "scheduled", "sending", "deferred")
+DRILLS = ("kill9", "database", "relay-down", "relay-4xx", "sigterm")
+
+
+def env_number(name: str, default: float) -> float:
+    """A numeric parameter from the environment (make variables end up there)."""
+    return float(os.environ.get(name) or default)
+
+
+class Drill:
+    """One drill's suite, evidence lines and verdict."""
+
+    def __init__(self, name: str, args: argparse.Namespace, run_dir: Path, **env: str) -> None:
+        self.name = name
+        self.args = args
+        self.evidence: list[str] = []
+        self.failures: list[str] = []
+        retry = {
+            "AZORA_MAIL_RETRY_MIN_BACKOFF": "2",
+            "AZORA_MAIL_RETRY_MAX_BACKOFF": "10",
+            "AZORA_MAIL_RETRY_JITTER": "0.2",
+            "AZORA_MAIL_LEASE": str(args.lease),
+            "AZORA_MAIL_POLL_INTERVAL": "0.2",
+            "AZORA_SHUTDOWN_GRACE": "10",
+        }
+        self.suite = Suite(run_dir / name, env_overrides={**retry, **env})
+        self.started = time.time()
+
+    def say(self, line: str) -> None:
+        """Record (and print) one line of evidence."""
+        self.evidence.append(line)
+        print(f"  [{self.name}] {line}", file=sys.stderr, flush=True)
+
+    def fail(self, line: str) -> None:
+        """Record a failed criterion."""
+        self.failures.append(line)
+        self.say("FAIL: " + line)
+
+    async def wait_finished(self, tag: str, wait_s: float) -> list[dict[str, Any]]:
+        """Wait until no email with `tag` is unfinished; return them all."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            emails = await asyncio.to_thread(self.suite.emails, tag)
+            if not [e for e in emails if e["status"] in UNFINISHED]:
+                return emails
+            if time.monotonic() > deadline:
+                left = Counter(e["status"] for e in emails if e["status"] in UNFINISHED)
+                self.fail(f"still unfinished after {wait_s:.0f} s: {dict(left)}")
+                return emails
+            await asyncio.sleep(1)
+
+    def check_outcome(
+        self,
+        emails: list[dict[str, Any]],
+        accepted_ids: list[str],
+        *,
+        undeliverable: str = "",
+    ) -> None:
+        """Every accepted email finished as expected; duplicates only inside the window."""
+        by_id = {str(e["_id"]): e for e in emails}
+        statuses = Counter(e["status"] for e in emails)
+        self.say(f"stored emails: {len(emails)}, statuses {dict(statuses)}")
+        lost = [i for i in accepted_ids if i not in by_id]
+        if lost:
+            self.fail(f"{len(lost)} accepted emails are not in the database: {lost[:3]}")
+        silent = len(set(by_id) - set(accepted_ids))
+        if silent:
+            self.say(f"{silent} emails were stored although their client saw an error")
+        wrong = []
+        for email_id in accepted_ids:
+            email = by_id.get(email_id)
+            if email is None:
+                continue
+            rcpt = " ".join(email.get("to", []))
+            if undeliverable and undeliverable in rcpt:
+                reasons = [
+                    ev for ev in email.get("events", []) if ev.get("type") in ("bounced", "failed")
+                ]
+                if email["status"] not in ("bounced", "failed") or not reasons:
+                    wrong.append((email_id, email["status"], "expected bounced with a reason"))
+                continue
+            if email["status"] != "sent":
+                wrong.append((email_id, email["status"], "expected sent"))
+        if wrong:
+            self.fail(f"{len(wrong)} accepted emails ended wrong: {wrong[:3]}")
+        arrivals = Counter(mid for _, mid, _, _ in read_sink_log(self.suite.sink_log)[0])
+        sent = [e for e in emails if e["status"] == "sent"]
+        missing = [e for e in sent if arrivals[str(e["message_id"])] < 1]
+        if missing:
+            self.fail(f"{len(missing)} emails marked sent never reached the relay")
+        duplicated = [e for e in emails if arrivals[str(e["message_id"])] > 1]
+        outside = [
+            e
+            for e in duplicated
+            if sum(1 for ev in e.get("events", []) if ev.get("type") == "claimed") < 2
+        ]
+        self.say(
+            f"relay received {sum(arrivals[str(e['message_id'])] for e in sent)} copies of "
+            f"{len(sent)} sent emails; duplicated: {len(duplicated)} "
+            f"(claimed again after a lost lease: {len(duplicated) - len(outside)})"
+        )
+        if outside:
+            self.fail(f"{len(outside)} duplicates without a second claim (outside the window)")
+        if not wrong and not lost and not missing:
+            self.say("every accepted email ended as expected")
+
+    def check_client_errors(
+        self, load: LoadResult, windows: list[tuple[float, float]], allowed: str = "UNAVAILABLE"
+    ) -> None:
+        """Errors clients saw: only `allowed`, only inside `windows` (wall-clock ranges)."""
+        self.say(
+            f"client: {load.ok} accepted, errors {dict(load.errors) or 'none'}, "
+            f"p50 {load.p(50):.0f} ms, p99 {load.p(99):.0f} ms"
+        )
+        bad = [
+            (t, code)
+            for t, code in load.error_times
+            if code != allowed or not any(a <= t <= b for a, b in windows)
+        ]
+        if bad:
+            when = [f"{code} at +{t - self.started:.1f}s" for t, code in bad[:5]]
+            self.fail(f"{len(bad)} client errors outside what is allowed: {when}")
+
+    def verdict(self) -> dict[str, Any]:
+        """PASS/FAIL line and the JSON record."""
+        ok = not self.failures
+        print(f"{'PASS' if ok else 'FAIL'}  {self.name}", flush=True)
+        for line in self.evidence:
+            print(f"      {line}", flush=True)
+        return {"drill": self.name, "pass": ok, "evidence": self.evidence}
+
+
+async def start(drill: Drill) -> None:
+    """Start the drill's suite and set the domain up."""
+    await asyncio.to_thread(drill.suite.start)
+    await drill.suite.setup_domain()
+
+
+async def kill9(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """SIGKILL of a delivery worker at random moments, several times."""
+    d = Drill("kill9", args, run_dir)
+    d.suite.mail_workers_in_process = False
+    try:
+        await start(d)
+        workers = ["worker1", "worker2"]
+        for w in workers:
+            d.suite.start_worker(w)
+        tag = "kill9"
+        d.say(f"{args.messages} emails (DRILL_MESSAGES; the issue asks 10,000), "
+              f"{args.kills} kills (DRILL_KILLS), 2 worker processes")  # fmt: skip
+        load_task = asyncio.create_task(grpc_send(d.suite.ports["mail"], args.messages, 16, tag))
+        rng = random.Random()  # noqa: S311 - moments of the kills, not secrets
+        kills = 0
+        while kills < args.kills:
+            await asyncio.sleep(rng.uniform(1.0, 6.0))
+            if load_task.done() and not await asyncio.to_thread(d.suite.queue_depth):
+                break
+            victim = rng.choice(workers)
+            d.suite.signal(victim, signal.SIGKILL)
+            d.suite.wait_exit(victim, 10)
+            kills += 1
+            d.say(f"kill -9 {victim} at +{time.time() - d.started:.1f}s; restarted")
+            d.suite.start_worker(victim)
+        if kills < args.kills:
+            d.fail(f"only {kills} kills happened before the queue drained (more messages?)")
+        load = await load_task
+        emails = await d.wait_finished(tag, args.timeout)
+        d.check_client_errors(load, [])
+        d.check_outcome(emails, load.ids)
+    finally:
+        await asyncio.to_thread(d.suite.stop)
+    return d.verdict()
+
+
+async def database(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """FerretDB stopped for a while under load, restarted on the same data; no service restart."""
+    d = Drill("database", args, run_dir)
+    try:
+        await start(d)
+        assert d.suite.ferret is not None
+        tag = "database"
+        before, down = 5.0, args.db_down
+        end = time.time() + before + down + 15
+        load_task = asyncio.create_task(
+            grpc_send(d.suite.ports["mail"], 100_000, 4, tag, rate=5, until=end, rpc_timeout=10)
+        )
+        await asyncio.sleep(before)
+        down_at = time.time()
+        await asyncio.to_thread(d.suite.ferret.stop)
+        d.say(f"FerretDB stopped at +{down_at - d.started:.1f}s for {down:.0f} s "
+              "(DRILL_DB_DOWN_SECONDS)")  # fmt: skip
+        await asyncio.sleep(down)
+        await asyncio.to_thread(d.suite.ferret.start)
+        up_at = time.time()
+        d.say(f"FerretDB restarted at +{up_at - d.started:.1f}s (same data dir and port)")
+        load = await load_task
+        # Recovery without restart: the same processes serve again.
+        exited = {n: p.returncode for n, p in d.suite.procs.items() if p.poll() is not None}
+        if exited:
+            d.fail(f"processes exited: {exited}")
+        probe_started = time.time()
+        recovered = False
+        while time.time() - probe_started < 60:
+            probe = await grpc_send(d.suite.ports["mail"], 1, 1, tag, start=10**6, rpc_timeout=10)
+            if probe.ok:
+                recovered = True
+                load.ids.extend(probe.ids)
+                break
+            await asyncio.sleep(1)
+        d.say(f"a new SendEmail succeeds {time.time() - up_at:.1f}s after the restart: {recovered}")
+        if not recovered:
+            d.fail("the mail service did not recover without restart")
+        ok_after = [t for t, _ in load.samples if t > up_at]
+        d.say(f"{len(ok_after)} sends accepted after the restart")
+        emails = await d.wait_finished(tag, args.timeout)
+        # UNAVAILABLE allowed from the stop until 15 s after the restart (reconnection).
+        d.check_client_errors(load, [(down_at - 1, up_at + 15)])
+        d.check_outcome(emails, load.ids)
+    finally:
+        await asyncio.to_thread(d.suite.stop)
+    return d.verdict()
+
+
+async def relay_down(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """The relay refuses connections for a while; mail waits and goes out when it is back."""
+    d = Drill("relay-down", args, run_dir)
+    try:
+        await start(d)
+        tag = "relay-down"
+        n = args.small
+        first = await grpc_send(d.suite.ports["mail"], n // 2, 8, tag)
+        d.suite.stop_sink()
+        down_at = time.time()
+        d.say(f"relay stopped at +{down_at - d.started:.1f}s for {args.relay_down:.0f} s "
+              "(DRILL_RELAY_DOWN_SECONDS)")  # fmt: skip
+        second = await grpc_send(d.suite.ports["mail"], n - n // 2, 8, tag, start=n)
+        await asyncio.sleep(max(0.0, down_at + args.relay_down - time.time()))
+        d.suite.start_sink()
+        d.say(f"relay back at +{time.time() - d.started:.1f}s")
+        emails = await d.wait_finished(tag, args.timeout)
+        deferred = sum(
+            1 for e in emails if any(ev.get("type") == "deferred" for ev in e.get("events", []))
+        )
+        d.say(f"{deferred} emails have a deferred event (retried after the outage)")
+        for load in (first, second):
+            d.check_client_errors(load, [])
+        d.check_outcome(emails, first.ids + second.ids)
+    finally:
+        await asyncio.to_thread(d.suite.stop)
+    return d.verdict()
+
+
+async def relay_4xx(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """The relay answers 451 for a while (then accepts); reject-* recipients always get 550."""
+    d = Drill("relay-4xx", args, run_dir)
+    try:
+        await start(d)
+        tag = "relay-4xx"
+        d.suite.stop_sink()
+        until = time.time() + args.tempfail
+        d.suite.start_sink(tempfail_until=until, reject_prefix="reject-")
+        d.say(f"relay answers 451 4.3.0 to every RCPT until +{until - d.started:.1f}s "
+              "(DRILL_TEMPFAIL_SECONDS), 550 5.1.1 to reject-* always")  # fmt: skip
+        good = await grpc_send(d.suite.ports["mail"], args.small, 8, tag)
+        bad = await grpc_send(d.suite.ports["mail"], 5, 5, tag, rcpt="reject", start=10**6)
+        emails = await d.wait_finished(tag, args.timeout + args.tempfail)
+        deferred = sum(
+            1 for e in emails if any(ev.get("type") == "deferred" for ev in e.get("events", []))
+        )
+        reasons = {
+            str((ev.get("reply") or {}).get("code", ""))
+            for e in emails
+            for ev in e.get("events", [])
+            if ev.get("type") in ("bounced", "failed")
+        }
+        d.say(f"{deferred} emails deferred at least once; bounce/fail reply codes: {reasons}")
+        for load in (good, bad):
+            d.check_client_errors(load, [])
+        d.check_outcome(emails, good.ids + bad.ids, undeliverable="reject-")
+    finally:
+        await asyncio.to_thread(d.suite.stop)
+    return d.verdict()
+
+
+async def sigterm(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """SIGTERM to every process under load; clean exits, nothing lost after the restart."""
+    d = Drill("sigterm", args, run_dir)
+    try:
+        await start(d)
+        d.suite.start_worker("worker1")
+        tag = "sigterm"
+        end = time.time() + 30
+        load_task = asyncio.create_task(
+            grpc_send(d.suite.ports["mail"], 100_000, 8, tag, rate=20, until=end, rpc_timeout=10)
+        )
+        await asyncio.sleep(8)
+        names = [n for n, p in d.suite.procs.items() if p.poll() is None]
+        term_at = time.time()
+        for name in names:
+            d.suite.signal(name, signal.SIGTERM)
+        d.say(f"SIGTERM to {', '.join(names)} at +{term_at - d.started:.1f}s")
+        for name in names:
+            code = d.suite.wait_exit(name, 30)
+            took = time.time() - term_at
+            d.say(f"{name} exited with {code} after {took:.1f}s")
+            if code is None:
+                d.fail(f"{name} did not exit within 30 s")
+                d.suite.signal(name, signal.SIGKILL)
+                d.suite.wait_exit(name, 10)
+            elif code != 0:
+                d.fail(f"{name} exited with status {code}")
+        down_until = time.time()
+        for name in names:
+            d.suite.restart(name)
+        await d.suite.wait_ready_async()
+        back_at = time.time()
+        d.say(f"suite started again after {back_at - term_at:.1f}s")
+        load = await load_task
+        emails = await d.wait_finished(tag, args.timeout)
+        d.check_client_errors(load, [(term_at, max(down_until, back_at) + 2)])
+        d.check_outcome(emails, load.ids)
+    finally:
+        await asyncio.to_thread(d.suite.stop)
+    return d.verdict()
+
+
+RUNNERS = {
+    "kill9": kill9,
+    "database": database,
+    "relay-down": relay_down,
+    "relay-4xx": relay_4xx,
+    "sigterm": sigterm,
+}
+
+
+async def run_all(args: argparse.Namespace, run_dir: Path) -> list[dict[str, Any]]:
+    """The selected drills, one after another."""
+    results = []
+    for name in args.drills:
+        print(f"drill {name} ...", file=sys.stderr, flush=True)
+        try:
+            results.append(await RUNNERS[name](args, run_dir))
+        except Exception as err:  # a drill that crashes is a failed drill, the others still run
+            print(f"FAIL  {name}\n      crashed: {err!r}", flush=True)
+            results.append({"drill": name, "pass": False, "evidence": [f"crashed: {err!r}"]})
+    return results
+
+
+def main() -> None:
+    """Entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--drills", default=",".join(DRILLS))
+    parser.add_argument("--messages", type=int, default=int(env_number("DRILL_MESSAGES", 300)))
+    parser.add_argument("--small", type=int, default=int(env_number("DRILL_SMALL_MESSAGES", 60)))
+    parser.add_argument("--kills", type=int, default=int(env_number("DRILL_KILLS", 3)))
+    parser.add_argument("--lease", type=float, default=env_number("DRILL_LEASE", 15))
+    parser.add_argument("--db-down", type=float, default=env_number("DRILL_DB_DOWN_SECONDS", 30))
+    parser.add_argument(
+        "--relay-down", type=float, default=env_number("DRILL_RELAY_DOWN_SECONDS", 60)
+    )
+    parser.add_argument("--tempfail", type=float, default=env_number("DRILL_TEMPFAIL_SECONDS", 30))
+    parser.add_argument("--timeout", type=float, default=env_number("DRILL_TIMEOUT", 300))
+    parser.add_argument("--out", default=os.environ.get("DRILL_OUT", ""))
+    args = parser.parse_args()
+    args.drills = [x for x in args.drills.split(",") if x]
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out) if args.out else REPO / "build" / "bench" / f"drills-{stamp}.json"
+    run_dir = REPO / "build" / "bench" / f"drills-run-{stamp}"
+    started = time.monotonic()
+    results = asyncio.run(run_all(args, run_dir))
+    passed = sum(1 for r in results if r["pass"])
+    print(f"\ndrills: {passed}/{len(results)} passed, commit {git_commit()}, "
+          f"{time.monotonic() - started:.0f} s")  # fmt: skip
+    payload = {
+        "kind": "drills",
+        "started": stamp,
+        "git_commit": git_commit(),
+        "machine": machine(),
+        "params": {k: v for k, v in vars(args).items() if k != "out"},
+        "drills": results,
+    }
+    print(f"JSON: {write_json(out, payload)}")
+    sys.exit(0 if passed == len(results) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Load generators: ghz for gRPC, bounded async clients (aiohttp for REST, grpc.aio for gRPC).
+
+Every generated email has a 2 KB text body, a unique recipient and the run's tag in ``tags``,
+so that a phase can find its own emails in the database afterwards. The async clients keep at
+most `concurrency` requests in flight and record every latency and every error code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+from azora.mail.v1 import mail_pb2, mail_pb2_grpc
+
+from bench.harness import percentile
+from bench.suite import DOMAIN, REPO
+
+BODY = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod. " * 28)[:2048]
+SEND = "azora.mail.v1.MailService/SendEmail"
+
+
+def send_json(
+    tag: str, number: str | int, *, domain: str = DOMAIN, rcpt: str = "user"
+) -> dict[str, Any]:
+    """The REST/JSON (and ghz) body of one SendEmail."""
+    return {
+        "from": f"Bench <bench@{domain}>",
+        "to": [f"{rcpt}-{tag}-{number}@sink.example"],
+        "subject": f"bench {tag} {number}",
+        "text": BODY,
+        "tags": [tag],
+    }
+
+
+@dataclass
+class LoadResult:
+    """What a client saw."""
+
+    requests: int
+    ok: int
+    elapsed_s: float
+    latencies_s: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    ids: list[str] = field(default_factory=list)
+    error_times: list[tuple[float, str]] = field(default_factory=list)
+    # (wall-clock end time, latency in seconds) of every successful request.
+    samples: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def per_s(self) -> float:
+        """Successful requests per second."""
+        return self.ok / self.elapsed_s if self.elapsed_s else 0.0
+
+    def p(self, pct: float) -> float:
+        """Latency percentile in milliseconds."""
+        return percentile(self.latencies_s, pct) * 1000.0
+
+
+def ghz_binary() -> str:
+    """bin/ghz (scripts/build_bench_tools.sh) or ghz on PATH."""
+    local = REPO / "bin" / "ghz"
+    found = str(local) if local.exists() else shutil.which("ghz")
+    if not found:
+        raise FileNotFoundError("ghz not installed: run scripts/build_bench_tools.sh")
+    return found
+
+
+def run_ghz(
+    port: int, *, total: int, concurrency: int, tag: str, connections: int = 4
+) -> LoadResult:
+    """SendEmail `total` times with ghz."""
+    data = send_json(tag, "{{.RequestNumber}}")
+    started = time.perf_counter()
+    out = subprocess.run(  # noqa: S603
+        [
+            # ghz's reflection client does not resolve our services; the descriptor set does.
+            ghz_binary(), "--insecure", "--protoset", str(REPO / "gen" / "azora.binpb"),
+            "--call", SEND, "-d", json.dumps(data),
+            "-n", str(total), "-c", str(concurrency), "--connections", str(connections),
+            "--timeout", "60s", "-O", "json", f"127.0.0.1:{port}",
+        ],
+        check=False, capture_output=True, text=True,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    if not out.stdout.strip():
+        raise RuntimeError(f"ghz failed: {out.stderr[-2000:]}")
+    report = json.loads(out.stdout)
+    details = report.get("details") or []
+    result = LoadResult(requests=total, ok=0, elapsed_s=report["total"] / 1e9 or elapsed)
+    for d in details:
+        if d.get("status") == "OK":
+            result.ok += 1
+            result.latencies_s.append(d["latency"] / 1e9)
+        else:
+            result.errors[d.get("status") or d.get("error", "error")] += 1
+    return result
+
+
+async def bounded(
+    total: int,
+    concurrency: int,
+    call: Callable[[int], Awaitable[str]],
+    *,
+    rate: float = 0.0,
+    until: float = 0.0,
+) -> LoadResult:
+    """Run `call(i)` for i < total with at most `concurrency` in flight (optionally paced).
+
+    `call` returns an id or raises; an exception's name (or gRPC code, HTTP status) is counted.
+    With `rate` > 0 requests start at that many per second (open loop, bounded in flight);
+    with `until` (a time.time() value) no request starts after it.
+    """
+    result = LoadResult(requests=total, ok=0, elapsed_s=0.0)
+    counter = iter(range(total))
+    started = time.perf_counter()
+
+    async def lane() -> None:
+        for i in counter:
+            if until and time.time() >= until:
+                return
+            if rate:
+                delay = started + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            t0 = time.perf_counter()
+            try:
+                ident = await call(i)
+            except grpc.aio.AioRpcError as err:
+                code = err.code().name
+                result.errors[code] += 1
+                result.error_times.append((time.time(), code))
+                continue
+            except (aiohttp.ClientError, OSError, TimeoutError, HttpError) as err:
+                name = str(err) if isinstance(err, HttpError) else type(err).__name__
+                result.errors[name] += 1
+                result.error_times.append((time.time(), name))
+                continue
+            latency = time.perf_counter() - t0
+            result.latencies_s.append(latency)
+            result.samples.append((time.time(), latency))
+            result.ok += 1
+            result.ids.append(ident)
+
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    result.elapsed_s = time.perf_counter() - started
+    result.requests = result.ok + sum(result.errors.values())
+    return result
+
+
+class HttpError(Exception):
+    """A non-2xx REST answer (the message is "HTTP <status> <grpc code>")."""
+
+
+async def grpc_send(
+    port: int,
+    total: int,
+    concurrency: int,
+    tag: str,
+    *,
+    rate: float = 0.0,
+    rcpt: str = "user",
+    rpc_timeout: float = 30.0,
+    until: float = 0.0,
+    start: int = 0,
+) -> LoadResult:
+    """SendEmail over gRPC from this process; ids are the returned email ids."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = mail_pb2_grpc.MailServiceStub(channel)
+
+        async def call(i: int) -> str:
+            body = send_json(tag, start + i, rcpt=rcpt)
+            request = mail_pb2.SendEmailRequest(
+                from_address=body["from"], to=body["to"], subject=body["subject"],
+                text=body["text"], tags=body["tags"],
+            )  # fmt: skip
+            reply = await stub.SendEmail(request, timeout=rpc_timeout)
+            return str(reply.id)
+
+        return await bounded(total, concurrency, call, rate=rate, until=until)
+
+
+async def grpc_get(port: int, total: int, concurrency: int, ids: list[str]) -> LoadResult:
+    """GetEmail over gRPC of random ids from `ids`."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = mail_pb2_grpc.MailServiceStub(channel)
+
+        async def call(i: int) -> str:
+            reply = await stub.GetEmail(
+                mail_pb2.GetEmailRequest(id=random.choice(ids)),  # noqa: S311
+                timeout=30,
+            )
+            return str(reply.id)
+
+        return await bounded(total, concurrency, call)
+
+
+async def rest_send(port: int, total: int, concurrency: int, tag: str) -> LoadResult:
+    """POST /api/v1/emails through the local gateway."""
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(
+        f"http://127.0.0.1:{port}", connector=connector, timeout=aiohttp.ClientTimeout(60)
+    ) as session:
+
+        async def call(i: int) -> str:
+            async with session.post("/api/v1/emails", json=send_json(tag, i)) as resp:
+                body = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise HttpError(f"HTTP {resp.status} {body.get('code', '')}")
+                return str(body["id"])
+
+        return await bounded(total, concurrency, call)
+
+
+async def rest_get(port: int, total: int, concurrency: int, ids: list[str]) -> LoadResult:
+    """GET /api/v1/emails/{id} through the local gateway."""
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(
+        f"http://127.0.0.1:{port}", connector=connector, timeout=aiohttp.ClientTimeout(60)
+    ) as session:
+
+        async def call(i: int) -> str:
+            email_id = random.choice(ids)  # noqa: S311
+            async with session.get(f"/api/v1/emails/{email_id}") as resp:
+                body = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise HttpError(f"HTTP {resp.status} {body.get('code', '')}")
+                return str(body["id"])
+
+        return await bounded(total, concurrency, call)
+
+
+def smtp_source(port: int, *, total: int, sessions: int, size: int = 2048) -> float:
+    """Postfix's smtp-source: `total` messages of `size` bytes; returns seconds taken."""
+    started = time.perf_counter()
+    subprocess.run(  # noqa: S603
+        [
+            "/usr/sbin/smtp-source", "-s", str(sessions), "-l", str(size), "-m", str(total),
+            "-f", f"bench@{DOMAIN}", "-t", "user@sink.example", f"127.0.0.1:{port}",
+        ],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return time.perf_counter() - started
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    """Helper for debugging output files."""
+    path.write_text("\n".join(lines) + "\n")

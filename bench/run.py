@@ -1,0 +1,584 @@
+"""`make bench`: Postfix side by side with our suite, scale-out, gateway overhead; one table.
+
+Phases (``--phases``, default all), everything on loopback, everything it starts stopped:
+
+* ``postfix``: smtp-source -> smtp-sink (Postfix's own tools, the physical reference);
+  smtp-source -> our counting sink; smtp-source -> a private Postfix -> sink; the same with
+  OpenDKIM (RSA-2048) as a milter (bench/postfix.py). Skipped (and said so) when Postfix is
+  not installed.
+* ``grpc`` and ``rest``: our suite (bench/suite.py, mail service with its in-process workers)
+  takes N emails (2 KB bodies, DKIM RSA-2048, unique recipients) from ghz over gRPC, or from a
+  bounded aiohttp client through the local gateway, and delivers them to the sink.
+* ``scale``: the mail service without in-process workers; N emails queued first, then 1, 2 and
+  4 worker processes (``python -m services.mail.worker``) drain them; py-spy profiles the
+  single worker and the mail API process while it accepts (when py-spy can attach).
+* ``gateway``: SendEmail and GetEmail directly over gRPC and through the gateway (REST), same
+  client style (bounded async), same counts.
+
+A row counts only if every message arrived exactly once at the sink (Message-IDs compared
+with the database). Prints the table and writes everything to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import postfix
+from bench.harness import (
+    ProcSampler,
+    Result,
+    check_exactly_once,
+    machine,
+    percentile,
+    read_sink_log,
+    render_table,
+    write_json,
+)
+from bench.load import (
+    LoadResult,
+    grpc_get,
+    grpc_send,
+    rest_get,
+    rest_send,
+    run_ghz,
+    smtp_source,
+)
+from bench.suite import REPO, Suite
+from services.core.embedded_db import pick_free_port
+
+PHASES = ("postfix", "grpc", "rest", "scale", "gateway")
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer parameter from the environment (make variables end up there)."""
+    return int(os.environ.get(name) or default)
+
+
+def git_commit() -> str:
+    """The commit the tree is at (+ "-dirty" when services/ has uncommitted changes)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],  # noqa: S607
+            cwd=REPO, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "services"],  # noqa: S607
+            cwd=REPO, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def versions() -> dict[str, str]:
+    """Versions of what was measured."""
+    found = {"python": platform.python_version()}
+    try:
+        found["postfix"] = subprocess.run(
+            ["/usr/sbin/postconf", "-d", "-h", "mail_version"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        found["opendkim"] = subprocess.run(
+            ["/usr/sbin/opendkim", "-V"], capture_output=True, text=True, check=False
+        ).stdout.splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        pass
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    for tool, module in (("ghz", "github.com/bojand/ghz"), ("ferretdb", "github.com/FerretDB")):
+        try:
+            info = subprocess.run(  # noqa: S603
+                [go, "version", "-m", str(REPO / "bin" / tool)],
+                capture_output=True, text=True, check=False,
+            ).stdout  # fmt: skip
+        except OSError:
+            continue
+        for line in info.splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] in ("mod", "dep") and parts[1].startswith(module):
+                found[tool] = parts[2]
+                break
+    return found
+
+
+def wait_sink(log: Path, offset: int, count: int, timeout: float) -> list[tuple[float, str]]:
+    """Wait until the sink logged `count` messages after `offset`; (arrival, Message-ID)."""
+    deadline = time.monotonic() + timeout
+    rows: list[tuple[float, str]] = []
+    while True:
+        new, offset = read_sink_log(log, offset)
+        rows.extend((t, mid) for t, mid, _, _ in new)
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- Postfix
+
+
+def postfix_phase(args: argparse.Namespace, run_dir: Path) -> list[Result]:
+    """The Postfix reference rows."""
+    if not postfix.installed():
+        print("postfix/opendkim not installed: Postfix rows skipped", file=sys.stderr)
+        return []
+    n, sessions = args.postfix_messages, args.postfix_sessions
+    results: list[Result] = []
+
+    # T0: Postfix's own source into Postfix's own sink. smtp-sink keeps no Message-IDs (only
+    # its slow -d dumps would), so "counted" here means smtp-source got 250 for every message
+    # (it aborts on anything else).
+    sink_port = pick_free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    sink = subprocess.Popen(  # noqa: S603
+        ["/usr/sbin/smtp-sink", *user, f"127.0.0.1:{sink_port}", "1024"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        postfix.wait_port(sink_port, 10)
+        with ProcSampler({"smtp-sink": sink.pid}) as sampler:
+            elapsed = smtp_source(sink_port, total=n, sessions=sessions)
+        results.append(
+            Result(
+                "smtp-source -> smtp-sink", n, n / elapsed, n / elapsed,
+                cpu_s=sampler.cpu_seconds(), peak_rss_kib=sampler.peak_rss,
+                exactly_once=True,
+                delivery=f"smtp-source got 250 for all {n} (smtp-sink keeps no Message-IDs)",
+            )
+        )  # fmt: skip
+    finally:
+        sink.terminate()
+        sink.wait(10)
+
+    variants: list[tuple[str, bool | None]] = [
+        ("smtp-source -> bench sink", None),
+        ("Postfix relay", False),
+        ("Postfix relay + OpenDKIM", True),
+    ]
+    for name, dkim in variants:
+        work = run_dir / name.replace(" ", "_").replace(">", "").replace("+", "")
+        work.mkdir(parents=True, exist_ok=True)
+        sink_port = pick_free_port()
+        sink_log = work / "sink.log"
+        sink_log.touch()
+        bench_sink = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "bench.sink", "--port", str(sink_port), "--log", str(sink_log)],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        milter: postfix.OpenDkim | None = None
+        instance: postfix.PrivatePostfix | None = None
+        try:
+            postfix.wait_port(sink_port, 10)
+            pids = {"sink": bench_sink.pid}
+            target = sink_port
+            if dkim is not None:
+                if dkim:
+                    milter = postfix.OpenDkim(work / "opendkim", pick_free_port(), "bench.example")
+                    milter.start()
+                    assert milter.proc is not None
+                    pids["opendkim"] = milter.proc.pid
+                instance = postfix.PrivatePostfix(
+                    work / "postfix", pick_free_port(), sink_port,
+                    milter_port=milter.port if milter else 0,
+                )  # fmt: skip
+                instance.start()
+                pids["postfix (all processes)"] = instance.master_pid()
+                target = instance.port
+            with ProcSampler(pids) as sampler:
+                started = time.time()
+                accept_s = smtp_source(target, total=n, sessions=sessions)
+                rows = wait_sink(sink_log, 0, n, args.timeout)
+            ids = [mid for _, mid in rows]
+            # smtp-source writes its own Message-Id (pid.session.count@host): unique per run.
+            expected = ids if len(set(ids)) == n else [*set(ids)]
+            delivery = check_exactly_once(expected, ids) if len(ids) == n else None
+            last = max((t for t, _ in rows), default=time.time())
+            result = Result(
+                name, n, n / accept_s, len(rows) / max(last - started, 1e-9),
+                cpu_s=sampler.cpu_seconds(), peak_rss_kib=sampler.peak_rss,
+                exactly_once=bool(delivery and delivery.exactly_once),
+                delivery=delivery.summary() if delivery else f"{len(rows)} of {n} arrived",
+            )  # fmt: skip
+            if instance is not None:
+                delays = instance.delays()
+                result.e2e_p50_ms = percentile(delays, 50) * 1000
+                result.e2e_p99_ms = percentile(delays, 99) * 1000
+                result.notes = "e2e latency = Postfix's own delay= (arrival to 250 at the sink)"
+            if dkim:
+                signed = sum(1 for r in read_sink_log(sink_log)[0] if r[3])
+                result.notes += f"; {signed} of {len(rows)} DKIM-signed"
+            results.append(result)
+        finally:
+            if instance is not None:
+                instance.stop()
+            if milter is not None:
+                milter.stop()
+            bench_sink.terminate()
+            bench_sink.wait(10)
+    return results
+
+
+# --------------------------------------------------------------------------- our suite
+
+
+async def wait_finished(suite: Suite, tag: str, count: int, wait_s: float) -> list[dict[str, Any]]:
+    """Wait until `count` emails with `tag` are finished (not queued/sending/deferred)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        emails = await asyncio.to_thread(suite.emails, tag)
+        unfinished = [
+            e for e in emails if e["status"] in ("queued", "scheduled", "sending", "deferred")
+        ]
+        if (len(emails) >= count and not unfinished) or time.monotonic() > deadline:
+            return emails
+        await asyncio.sleep(0.5)
+
+
+def suite_result(
+    name: str,
+    load: LoadResult,
+    emails: list[dict[str, Any]],
+    arrivals: list[tuple[float, str, str, bool]],
+    started: float,
+    sampler: ProcSampler,
+) -> Result:
+    """A row for our suite: delivery proven against the database's Message-IDs."""
+    expected = [str(e["message_id"]) for e in emails]
+    wanted = set(expected)
+    mine = [(t, mid, signed) for t, mid, _, signed in arrivals if mid in wanted]
+    delivery = check_exactly_once(expected, [mid for _, mid, _ in mine])
+    created = {str(e["message_id"]): e["created_at"] for e in emails}
+    e2e = [t - created[mid].replace(tzinfo=UTC).timestamp() for t, mid, _ in mine if mid in created]
+    last = max((t for t, _, _ in mine), default=time.time())
+    slow = sorted(
+        ((t - created[mid].replace(tzinfo=UTC).timestamp(), mid) for t, mid, _ in mine),
+        reverse=True,
+    )[:3]
+    events = {str(e["message_id"]): e.get("events", []) for e in emails}
+    slowest = [
+        {"message_id": mid, "e2e_s": round(s, 2), "events": events.get(mid, [])} for s, mid in slow
+    ]
+    counted = delivery.exactly_once and load.ok == load.requests and len(expected) == load.ok
+    return Result(
+        name,
+        load.requests,
+        load.per_s,
+        len(mine) / max(last - started, 1e-9),
+        submit_p50_ms=load.p(50),
+        submit_p99_ms=load.p(99),
+        e2e_p50_ms=percentile(e2e, 50) * 1000,
+        e2e_p99_ms=percentile(e2e, 99) * 1000,
+        cpu_s=sampler.cpu_seconds(),
+        peak_rss_kib=sampler.peak_rss,
+        exactly_once=counted,
+        delivery=delivery.summary(),
+        errors=dict(load.errors),
+        notes=f"{sum(1 for m in mine if m[2])} of {len(mine)} DKIM-signed",
+        slowest=slowest,
+    )
+
+
+async def submit_phase(suite: Suite, args: argparse.Namespace, via: str) -> Result:
+    """N emails over gRPC (ghz) or REST (gateway), delivered by the in-process workers."""
+    tag = f"{via}-{int(time.time())}"
+    _, offset = read_sink_log(suite.sink_log)
+    with ProcSampler(suite.pids()) as sampler:
+        started = time.time()
+        if via == "grpc":
+            load = await asyncio.to_thread(
+                run_ghz, suite.ports["mail"], total=args.messages,
+                concurrency=args.concurrency, tag=tag,
+            )  # fmt: skip
+        else:
+            load = await rest_send(suite.ports["gateway"], args.messages, args.concurrency, tag)
+        emails = await wait_finished(suite, tag, load.ok, args.timeout)
+        arrivals, _ = read_sink_log(suite.sink_log, offset)
+    label = "ours: gRPC (ghz)" if via == "grpc" else "ours: REST via gateway"
+    return suite_result(label, load, emails, arrivals, started, sampler)
+
+
+def py_spy() -> str | None:
+    """py-spy from the venv, if installed."""
+    candidate = Path(sys.executable).parent / "py-spy"
+    return str(candidate) if candidate.exists() else shutil.which("py-spy")
+
+
+def start_profile(pid: int, out: Path, seconds: int) -> list[subprocess.Popen[bytes]]:
+    """py-spy record of `pid`: a flame graph (svg) and collapsed stacks (txt)."""
+    spy = py_spy()
+    if spy is None:
+        return []
+    procs = []
+    for fmt, suffix in (("flamegraph", ".svg"), ("raw", ".txt")):
+        procs.append(
+            subprocess.Popen(  # noqa: S603
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(seconds),
+                    "--rate",
+                    "50",
+                    "--nonblocking",
+                    "--format",
+                    fmt,
+                    "--output",
+                    str(out.with_suffix(suffix)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
+    return procs
+
+
+def finish_profile(procs: list[subprocess.Popen[bytes]]) -> list[str]:
+    """Stop py-spy (SIGINT makes it write what it has); errors it reported."""
+    problems = []
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        if proc.returncode not in (0, -signal.SIGINT) and err:
+            problems.append(err.decode(errors="replace")[-500:])
+    return problems
+
+
+def top_frames(collapsed: Path, limit: int = 15) -> list[tuple[str, float]]:
+    """The functions with the most self time in a py-spy raw (collapsed stacks) file."""
+    from collections import Counter
+
+    selfs: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        selfs[stack.split(";")[-1]] += int(count)
+        total += int(count)
+    return [(frame, n / total) for frame, n in selfs.most_common(limit)] if total else []
+
+
+async def scale_phase(suite: Suite, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """Queue N, then drain with 1, 2, 4 worker processes; profile the 1-worker drain."""
+    # The mail service without in-process workers: only separate worker processes deliver.
+    suite.signal("mail", signal.SIGTERM)
+    suite.wait_exit("mail", 30)
+    suite.start_process("mail", "services.mail", AZORA_MAIL_RUN_WORKERS="false")
+    await suite.wait_ready_async(("mail",))
+    rows: list[dict[str, Any]] = []
+    profiles: list[str] = []
+    for workers in args.workers:
+        tag = f"scale{workers}-{int(time.time())}"
+        profile_api = workers == args.workers[0] and not args.no_profile
+        spy = (
+            start_profile(suite.procs["mail"].pid, out_dir / "profile-mail-api", 600)
+            if profile_api
+            else []
+        )
+        load = await grpc_send(suite.ports["mail"], args.scale_messages, args.concurrency, tag)
+        profiles += [] if not spy else [str(out_dir / "profile-mail-api.svg")]
+        finish_profile(spy)
+        _, offset = read_sink_log(suite.sink_log)
+        names = [f"worker{i + 1}" for i in range(workers)]
+        for name in names:
+            suite.start_worker(name)
+        # Rate = from the first delivery to the last, so that the workers' start-up (imports,
+        # connections) does not count; the profile starts then too.
+        first = await asyncio.to_thread(wait_sink, suite.sink_log, offset, 1, args.timeout)
+        started = first[0][0] if first else time.time()
+        spy = []
+        if workers == 1 and not args.no_profile:
+            spy = start_profile(suite.procs[names[0]].pid, out_dir / "profile-worker", 600)
+            profiles.append(str(out_dir / "profile-worker.svg"))
+        pids = {n: p for n, p in suite.pids().items() if n in (*names, "ferretdb", "sink", "smtp")}
+        with ProcSampler(pids) as sampler:
+            emails = await wait_finished(suite, tag, load.ok, args.timeout)
+            arrivals, _ = read_sink_log(suite.sink_log, offset)
+        problems = finish_profile(spy)
+        for name in names:
+            suite.signal(name, signal.SIGTERM)
+        for name in names:
+            if suite.wait_exit(name, 30) is None:
+                suite.signal(name, signal.SIGKILL)
+        result = suite_result(f"{workers} worker(s)", load, emails, arrivals, started, sampler)
+        rows.append(
+            {
+                "workers": workers,
+                "messages": load.ok,
+                "accepted_per_s": round(load.per_s, 2),
+                "delivered_per_s": round(result.delivered_per_s, 2),
+                "cpu_s": result.cpu_s,
+                "peak_rss_kib": result.peak_rss_kib,
+                "exactly_once": result.exactly_once,
+                "delivery": result.delivery,
+                "profile_errors": problems,
+            }
+        )
+        print(
+            f"  scale-out {workers} worker(s): {result.delivered_per_s:.1f} delivered/s, "
+            f"CPU {result.cpu_s}, exactly once: {result.exactly_once}",
+            file=sys.stderr,
+        )
+    tops = {}
+    for name in ("profile-worker", "profile-mail-api"):
+        raw = out_dir / f"{name}.txt"
+        if raw.exists() and raw.stat().st_size:
+            tops[name] = [(f, round(s, 4)) for f, s in top_frames(raw)]
+    return {"rows": rows, "profiles": profiles, "top_self_time": tops}
+
+
+async def gateway_phase(suite: Suite, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """SendEmail and GetEmail, gRPC directly vs REST through the gateway."""
+    rows = []
+    tag = f"gw-{int(time.time())}"
+    n, c = args.gateway_requests, args.concurrency
+    runs: list[tuple[str, str, LoadResult]] = []
+    sent = await grpc_send(suite.ports["mail"], n, c, tag + "-grpc")
+    runs.append(("SendEmail", "gRPC direct", sent))
+    runs.append(
+        ("SendEmail", "REST via gateway", await rest_send(suite.ports["gateway"], n, c, tag))
+    )
+    ids = sent.ids or ["missing"]
+    gets = n * 4
+    runs.append(("GetEmail", "gRPC direct", await grpc_get(suite.ports["mail"], gets, c, ids)))
+    runs.append(
+        ("GetEmail", "REST via gateway", await rest_get(suite.ports["gateway"], gets, c, ids))
+    )
+    for rpc, path, load in runs:
+        rows.append(
+            {
+                "rpc": rpc,
+                "path": path,
+                "requests": load.requests,
+                "ok": load.ok,
+                "per_s": round(load.per_s, 2),
+                "p50_ms": round(load.p(50), 2),
+                "p99_ms": round(load.p(99), 2),
+                "errors": dict(load.errors),
+            }
+        )
+    return rows
+
+
+def gateway_table(rows: list[dict[str, Any]]) -> str:
+    """Printed gateway comparison."""
+    lines = ["rpc        | path             | ok/requests | req/s   | p50 ms  | p99 ms"]
+    for r in rows:
+        lines.append(
+            f"{r['rpc']:10} | {r['path']:16} | {r['ok']:>5}/{r['requests']:<5} | "
+            f"{r['per_s']:7.1f} | {r['p50_ms']:7.1f} | {r['p99_ms']:7.1f}"
+        )
+    return "\n".join(lines)
+
+
+async def suite_phases(args: argparse.Namespace, run_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Everything that needs our suite, on one suite instance."""
+    found: dict[str, Any] = {"results": []}
+    suite = Suite(run_dir / "suite")
+    try:
+        await asyncio.to_thread(suite.start)
+        await suite.setup_domain()
+        for via in ("grpc", "rest"):
+            if via in args.phases:
+                print(f"phase {via}: {args.messages} emails", file=sys.stderr)
+                found["results"].append(await submit_phase(suite, args, via))
+        if "scale" in args.phases:
+            print(f"phase scale-out: {args.scale_messages} emails per run", file=sys.stderr)
+            found["scale_out"] = await scale_phase(suite, args, out_dir)
+        if "gateway" in args.phases:
+            print(f"phase gateway: {args.gateway_requests} sends", file=sys.stderr)
+            found["gateway"] = await gateway_phase(suite, args)
+    finally:
+        await asyncio.to_thread(suite.stop)
+    return found
+
+
+def main() -> None:
+    """Entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
+    parser.add_argument("--messages", type=int, default=env_int("BENCH_MESSAGES", 300))
+    parser.add_argument("--concurrency", type=int, default=env_int("BENCH_CONCURRENCY", 16))
+    parser.add_argument(
+        "--postfix-messages", type=int, default=env_int("BENCH_POSTFIX_MESSAGES", 2000)
+    )
+    parser.add_argument("--postfix-sessions", type=int, default=20)
+    parser.add_argument("--scale-messages", type=int, default=env_int("BENCH_SCALE_MESSAGES", 200))
+    parser.add_argument("--workers", default=os.environ.get("BENCH_WORKERS", "1,2,4"))
+    parser.add_argument(
+        "--gateway-requests", type=int, default=env_int("BENCH_GATEWAY_REQUESTS", 100)
+    )
+    parser.add_argument("--timeout", type=float, default=env_int("BENCH_TIMEOUT", 600))
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("BENCH_OUT", ""))
+    args = parser.parse_args()
+    args.phases = [p for p in args.phases.split(",") if p]
+    args.workers = [int(w) for w in args.workers.split(",") if w]
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out) if args.out else REPO / "build" / "bench" / f"bench-{stamp}.json"
+    out_dir = out.parent
+    run_dir = REPO / "build" / "bench" / f"run-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    references = postfix_phase(args, run_dir) if "postfix" in args.phases else []
+    found = asyncio.run(suite_phases(args, run_dir, out_dir))
+    results: list[Result] = [*references, *found["results"]]
+    print()
+    print(f"make bench: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {git_commit()}")
+    print(
+        render_table(
+            results,
+            [r for r in references if r.name.startswith("Postfix")],
+            found["results"],
+        )
+    )
+    for r in results:
+        print(f"  {r.name}: {r.delivery}{'; ' + r.notes if r.notes else ''}")
+    scale = found.get("scale_out")
+    if scale:
+        print("\nscale-out (queue filled first, then drained by N worker processes):")
+        for row in scale["rows"]:
+            print(
+                f"  {row['workers']} worker(s): {row['delivered_per_s']:.1f} delivered/s "
+                f"({row['messages']} emails, exactly once: {row['exactly_once']}); CPU s: "
+                f"{row['cpu_s']}"
+            )
+        for name, frames in scale["top_self_time"].items():
+            print(f"  {name}: top self time: " + "; ".join(f"{f} {s:.0%}" for f, s in frames[:5]))
+    if found.get("gateway"):
+        print("\ngateway overhead (same bounded async client style on both paths):")
+        print(gateway_table(found["gateway"]))
+    payload = {
+        "kind": "bench",
+        "started": stamp,
+        "seconds": round(time.monotonic() - started, 1),
+        "git_commit": git_commit(),
+        "machine": machine(),
+        "versions": versions(),
+        "params": {k: v for k, v in vars(args).items() if k != "out"},
+        "results": [r.to_json() for r in results],
+        "reference_names": [r.name for r in references if r.name.startswith("Postfix")],
+        "scale_out": scale,
+        "gateway": found.get("gateway"),
+    }
+    print(f"\nJSON: {write_json(out, payload)}")
+
+
+if __name__ == "__main__":
+    main()
