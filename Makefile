@@ -188,6 +188,67 @@ dev: deps ## Like `run`, restarting the suite when Python code changes
 	$(RUN_ENV) $(VENV)/bin/watchfiles --filter python --sigint-timeout 30 \
 		'$(PY) scripts/run_suite.py' services gen/python
 
+# --------------------------------------------------------------------------- benchmarks and drills
+
+# Debian packages only the benchmarks and drills need (not the tests): postfix (smtp-source,
+# smtp-sink, the Postfix relay), opendkim + opendkim-tools (milter and key generation).
+BENCH_APT_PACKAGES := postfix opendkim opendkim-tools
+# Counts and durations (docs/benchmarks.md): defaults finish in minutes on the current queue.
+BENCH_MESSAGES ?= 300
+BENCH_POSTFIX_MESSAGES ?= 2000
+BENCH_SCALE_MESSAGES ?= 200
+BENCH_WORKERS ?= 1,2,4
+BENCH_GATEWAY_REQUESTS ?= 100
+BENCH_CONCURRENCY ?= 16
+BENCH_OUT ?= build/bench/bench.json
+SOAK_SECONDS ?= 1800
+SOAK_RATE ?=
+SOAK_OUT ?= build/bench/soak.json
+DRILL_MESSAGES ?= 300
+DRILL_KILLS ?= 3
+DRILL_DB_DOWN_SECONDS ?= 30
+DRILL_RELAY_DOWN_SECONDS ?= 60
+DRILL_TEMPFAIL_SECONDS ?= 30
+DRILL_OUT ?= build/bench/drills.json
+BENCH_ENV := $(RUN_ENV) PYTHONPATH="$(CURDIR)" BENCH_MESSAGES=$(BENCH_MESSAGES) \
+	BENCH_POSTFIX_MESSAGES=$(BENCH_POSTFIX_MESSAGES) BENCH_SCALE_MESSAGES=$(BENCH_SCALE_MESSAGES) \
+	BENCH_WORKERS=$(BENCH_WORKERS) BENCH_GATEWAY_REQUESTS=$(BENCH_GATEWAY_REQUESTS) \
+	BENCH_CONCURRENCY=$(BENCH_CONCURRENCY) SOAK_SECONDS=$(SOAK_SECONDS) SOAK_RATE=$(SOAK_RATE) \
+	DRILL_MESSAGES=$(DRILL_MESSAGES) DRILL_KILLS=$(DRILL_KILLS) \
+	DRILL_DB_DOWN_SECONDS=$(DRILL_DB_DOWN_SECONDS) \
+	DRILL_RELAY_DOWN_SECONDS=$(DRILL_RELAY_DOWN_SECONDS) \
+	DRILL_TEMPFAIL_SECONDS=$(DRILL_TEMPFAIL_SECONDS)
+
+.PHONY: bench-tools
+bench-tools: deps ## Install Postfix, OpenDKIM (apt) and ghz (bin/) for the benchmarks
+	@GO="$(GO)" scripts/build_bench_tools.sh $(BENCH_APT_PACKAGES)
+
+.PHONY: bench
+bench: bench-tools ## Postfix vs our suite, scale-out, gateway overhead: one table + JSON + charts
+	$(BENCH_ENV) $(PY) -m bench.run --out $(BENCH_OUT)
+	$(PY) -m bench.charts $(BENCH_OUT) --out-dir $(dir $(BENCH_OUT))charts
+
+.PHONY: bench-postfix
+bench-postfix: bench-tools ## Only the Postfix reference rows of `make bench`
+	$(BENCH_ENV) $(PY) -m bench.run --phases postfix --out $(BENCH_OUT)
+
+.PHONY: bench-scale
+bench-scale: bench-tools ## Only the scale-out runs (1/2/4 workers) with their profile
+	$(BENCH_ENV) $(PY) -m bench.run --phases scale --out $(BENCH_OUT)
+
+.PHONY: bench-gateway
+bench-gateway: bench-tools ## Only GetEmail/SendEmail over gRPC vs through the gateway
+	$(BENCH_ENV) $(PY) -m bench.run --phases gateway --out $(BENCH_OUT)
+
+.PHONY: soak
+soak: bench-tools ## Steady load at half the measured maximum for SOAK_SECONDS (default 30 min)
+	$(BENCH_ENV) $(PY) -m bench.soak --out $(SOAK_OUT)
+	$(PY) -m bench.charts $(SOAK_OUT) --out-dir $(dir $(SOAK_OUT))charts
+
+.PHONY: drills
+drills: bench-tools ## Fault drills (kill -9, database down, relay down/4xx, SIGTERM): PASS/FAIL
+	$(BENCH_ENV) $(PY) -m bench.drills --out $(DRILL_OUT)
+
 # --------------------------------------------------------------------------- cleaning
 
 .PHONY: clean
