@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import grpc
 import pytest
-from azora.domain.v1 import domain_pb2
+from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 from azora.health.v1 import health_pb2 as suite_pb2
 from azora.health.v1 import health_pb2_grpc as suite_pb2_grpc
 from google.rpc import error_details_pb2
@@ -27,9 +28,15 @@ from services.core.context import Principal
 from services.core.ratelimit import COLLECTION, Budget, RateLimiter, SharedCounters
 from services.core.settings import Settings
 from tests.conftest import Tenant, new_tenant
-from tests.support.ratelimit_fixtures import LimitedDomain, LimitedServices, limited
+from tests.support.ratelimit_fixtures import (
+    LimitedDomain,
+    LimitedServices,
+    ServiceProcess,
+    limited,
+    service_processes,
+)
 
-__all__ = ["limited"]
+__all__ = ["limited", "service_processes"]
 
 LIST = domain_pb2.ListDomainsRequest()
 
@@ -343,3 +350,54 @@ def test_refusal_leaves_the_count_unchanged() -> None:
     now = limiter.counters.now_ms()
     assert limiter.counters.total(budget, "ip:192.0.2.3", now)[0] == 0
     assert limiter.counters.total(budget, "principal:t/user:x", now)[0] == 2
+
+
+SYNCS = "azora_rate_limit_syncs_total"
+
+
+async def _highest_count(collection: Any) -> int:
+    """The largest count any replica has published for any key of the API budget."""
+    docs = await collection.find({"window": {"$regex": "^api:"}}).to_list()
+    return max((int(v) for d in docs for v in d.get("counts", {}).values()), default=0)
+
+
+# Two domain service *processes* on one database, with their background sync: once the second
+# has synced after the first published its counts, it refuses the principal the first used up.
+async def test_two_service_processes_enforce_one_budget(
+    limited: LimitedServices,
+    service_processes: Callable[..., ServiceProcess],
+    settings: Settings,
+    http: aiohttp.ClientSession,
+) -> None:
+    shared = limited.settings()
+    env = {"RATE_LIMIT_MAX": "4", "AZORA_RATE_LIMIT_SYNC_INTERVAL": "0.1"}
+    first, second = service_processes(shared, **env), service_processes(shared, **env)
+    for process in (first, second):
+        await process.wait_serving("azora.domain.v1.DomainService")
+    tenant = new_tenant(settings)
+    metadata = _metadata(tenant, _address())
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as one,
+        grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as two,
+    ):
+        first_stub = domain_pb2_grpc.DomainServiceStub(one)
+        second_stub = domain_pb2_grpc.DomainServiceStub(two)
+        for _ in range(4):
+            await first_stub.ListDomains(LIST, metadata=metadata)
+        # Conditions, not durations: the first process's counts are in the database, then the
+        # second process completes two syncs (the second one began after that write).
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongodb_uri)
+        try:
+            collection = client[shared.mongodb_database][COLLECTION]
+            async with asyncio.timeout(60):
+                while await _highest_count(collection) < 4:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                start = await second.metric(http, SYNCS, 'outcome="ok"')
+                while await second.metric(http, SYNCS, 'outcome="ok"') < start + 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        finally:
+            await client.close()
+        for stub in (second_stub, first_stub):
+            error, details = await _refusal(stub.ListDomains(LIST, metadata=metadata))
+            assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert details["ErrorInfo"].reason == "RATE_LIMIT_EXCEEDED"

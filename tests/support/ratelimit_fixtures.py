@@ -5,21 +5,30 @@ these tests start their own: a domain service, or a mail service whose sender do
 from an in-memory directory, each on a fresh database of the session's FerretDB (the counts
 live in the database, so two tests never share them), optionally behind a local REST gateway.
 Everything started through `LimitedServices` is stopped, and its database dropped, at teardown.
+`service_processes` starts domain services as real processes instead (replicas on one database).
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import secrets
-from collections.abc import AsyncIterator
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import idna
 import pytest
 from aiohttp import web
 from azora.domain.v1 import domain_pb2_grpc
 from azora.mail.v1 import mail_pb2, mail_pb2_grpc
+from grpc_health.v1 import health_pb2
 from pymongo import AsyncMongoClient
 
 from gateway.app import create_app
@@ -33,7 +42,7 @@ from services.mail.app import build_app as build_mail
 from services.mail.relay_directory import InMemoryRelayDirectory, RelaySecurity, RelaySettings
 from services.mail.relay_lookup import DirectoryRelayLookup
 from services.mail.senders import SenderDomain, StaticSenderDirectory
-from tests.conftest import Tenant, make_settings, unique_domain
+from tests.conftest import REPO_ROOT, Tenant, make_settings, unique_domain
 
 
 def limiter_of(running: RunningService) -> RateLimiter:
@@ -172,3 +181,93 @@ async def limited(ferretdb: str) -> AsyncIterator[LimitedServices]:
     services = LimitedServices(ferretdb)
     yield services
     await services.close()
+
+
+@dataclass
+class ServiceProcess:
+    """A service started as its own process (``python -m services.<name>``) on loopback."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log: Path
+
+    async def wait_serving(self, service: str) -> None:
+        """Wait until grpc.health.v1 reports `service` SERVING (fails if the process exits)."""
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            async with asyncio.timeout(60):
+                while True:
+                    assert self.process.poll() is None, self.log.read_text()
+                    try:
+                        reply = await check(health_pb2.HealthCheckRequest(service=service))
+                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                            return
+                    except grpc.aio.AioRpcError:
+                        pass
+                    await asyncio.sleep(0.1)
+
+    async def metric(self, http: aiohttp.ClientSession, name: str, labels: str) -> float:
+        """One sample of the process's Prometheus exposition (0 when absent)."""
+        async with http.get(f"http://127.0.0.1:{self.metrics_port}/metrics") as response:
+            text = await response.text()
+        for line in text.splitlines():
+            if line.startswith(f"{name}{{{labels}}} "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not stop."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def service_processes(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start domain service processes with an environment on top of the test settings'."""
+    started: list[ServiceProcess] = []
+
+    def start(settings: Settings, **env: str) -> ServiceProcess:
+        port, metrics_port = _free_port(), _free_port()
+        log = tmp_path / f"domain-{len(started)}.log"
+        environment = {
+            **os.environ,
+            "AZORA_ENV": "test",
+            "AZORA_HOST": "127.0.0.1",
+            "MONGODB_URI": settings.mongodb_uri,
+            "AZORA_MONGODB_DATABASE": settings.mongodb_database,
+            "JWT_SECRET": settings.jwt_secret,
+            "LOG_LEVEL": "warn",
+            "AZORA_DOMAIN_GRPC_PORT": str(port),
+            "AZORA_METRICS_PORT_DOMAIN": str(metrics_port),
+            **env,
+        }
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "services.domain"],
+                cwd=REPO_ROOT,
+                env=environment,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        started.append(ServiceProcess(process, port, metrics_port, log))
+        return started[-1]
+
+    yield start
+    for service in started:
+        service.stop()
