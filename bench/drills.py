@@ -35,9 +35,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.harness import read_sink_log, write_json
+from bench.harness import machine, read_sink_log, write_json
 from bench.load import LoadResult, grpc_send
-from bench.run import git_commit, machine
+from bench.run import git_commit
 from bench.suite import REPO, Suite
 
 UNFINISHED = ("queued", "scheduled", "sending", "deferred")

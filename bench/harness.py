@@ -332,3 +332,69 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(mem_kib / 1024 / 1024, 1),
         "kernel": f"{uname.sysname} {uname.release}",
     }
+
+
+# --------------------------------------------------------------------------- soak verdicts
+
+
+def latency_windows(
+    samples: Sequence[tuple[float, float]], start: float, window_s: float
+) -> list[dict[str, float]]:
+    """Per-window p50/p99 (ms) and count of (end time, latency s) samples since `start`."""
+    buckets: dict[int, list[float]] = {}
+    for t, latency in samples:
+        buckets.setdefault(int((t - start) // window_s), []).append(latency)
+    return [
+        {
+            "t": round((i + 1) * window_s, 1),
+            "count": len(values),
+            "p50_ms": round(percentile(values, 50) * 1000, 2),
+            "p99_ms": round(percentile(values, 99) * 1000, 2),
+        }
+        for i, values in sorted(buckets.items())
+    ]
+
+
+def memory_verdict(
+    series: Sequence[tuple[float, Mapping[str, int]]],
+    *,
+    max_growth_mib: float = 32.0,
+    max_growth_fraction: float = 0.25,
+) -> tuple[bool, dict[str, str]]:
+    """Flat memory: per process, the peak of the last fifth vs the median of the second fifth.
+
+    The first fifth is warm-up (caches, pools, lazily imported modules). A process passes when
+    its growth is within `max_growth_mib` or within `max_growth_fraction` of its baseline.
+    """
+    names = sorted({name for _, rss in series for name in rss})
+    fifth = max(1, len(series) // 5)
+    ok = True
+    report = {}
+    for name in names:
+        early = sorted(rss[name] for _, rss in series[fifth : 2 * fifth] if name in rss)
+        late = [rss[name] for _, rss in series[-fifth:] if name in rss]
+        if not early or not late:
+            report[name] = "not enough samples"
+            continue
+        base = early[len(early) // 2]
+        growth = max(late) - base
+        passed = growth <= max_growth_mib * 1024 or growth <= max_growth_fraction * base
+        ok = ok and passed
+        report[name] = (
+            f"{base / 1024:.0f} -> {max(late) / 1024:.0f} MiB "
+            f"({growth / 1024:+.1f} MiB) {'ok' if passed else 'GROWS'}"
+        )
+    return ok, report
+
+
+def latency_verdict(
+    windows: Sequence[Mapping[str, float]], *, factor: float = 2.0, slack_ms: float = 50.0
+) -> tuple[bool, str]:
+    """Stable latency: p99 of the last quarter of windows within factor x first quarter + slack."""
+    if len(windows) < 4:
+        return False, f"only {len(windows)} latency windows (run longer)"
+    quarter = max(1, len(windows) // 4)
+    first = max(w["p99_ms"] for w in windows[:quarter])
+    last = max(w["p99_ms"] for w in windows[-quarter:])
+    ok = last <= first * factor + slack_ms
+    return ok, f"p99 first quarter {first:.0f} ms, last quarter {last:.0f} ms"

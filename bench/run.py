@@ -570,6 +570,8 @@ def main() -> None:
         "seconds": round(time.monotonic() - started, 1),
         "git_commit": git_commit(),
         "machine": machine(),
+        # Other work on the machine disturbs the figures; this says how busy it was.
+        "load_average_at_end": os.getloadavg(),
         "versions": versions(),
         "params": {k: v for k, v in vars(args).items() if k != "out"},
         "results": [r.to_json() for r in results],

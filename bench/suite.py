@@ -237,7 +237,8 @@ class Suite:
             return True
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             try:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                # grpcio-health-checking's stub is untyped (same ignore as services/health).
+                reply = await health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
                     health_pb2.HealthCheckRequest(), timeout=2
                 )
             except grpc.aio.AioRpcError:
