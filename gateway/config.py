@@ -33,7 +33,8 @@ class GatewayConfig:
         openapi_path: the generated OpenAPI document served at /api-docs/openapi.json
             (AZORA_GATEWAY_OPENAPI); read at request time, so it may appear later.
         swagger_ui_dir: the swagger-ui-dist package directory (AZORA_SWAGGER_UI_DIR).
-        max_body_bytes: largest accepted request body (AZORA_GATEWAY_MAX_BODY_BYTES).
+        max_body_bytes: largest accepted request body (AZORA_GATEWAY_MAX_BODY_BYTES; default
+            the services' AZORA_GRPC_MAX_MESSAGE_BYTES, itself 64 MiB by default).
         deadline_seconds: deadline of every upstream call (AZORA_GATEWAY_DEADLINE, seconds).
         cors_origins: origins allowed to call from a browser (AZORA_CORS_ORIGINS, comma-
             separated, exact match); empty = CORS off.
@@ -85,8 +86,14 @@ class GatewayConfig:
             descriptor_path=path("AZORA_GATEWAY_DESCRIPTOR", DEFAULT_DESCRIPTOR_PATH),
             openapi_path=path("AZORA_GATEWAY_OPENAPI", DEFAULT_OPENAPI_PATH),
             swagger_ui_dir=path("AZORA_SWAGGER_UI_DIR", DEFAULT_SWAGGER_UI_DIR),
+            # By default the services' own gRPC limit, so a body the gateway accepts is never
+            # refused by a service as RESOURCE_EXHAUSTED (which would read as a 429).
             max_body_bytes=int(
-                number("AZORA_GATEWAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, integer=True)
+                number(
+                    "AZORA_GATEWAY_MAX_BODY_BYTES",
+                    number("AZORA_GRPC_MAX_MESSAGE_BYTES", DEFAULT_MAX_BODY_BYTES, integer=True),
+                    integer=True,
+                )
             ),
             deadline_seconds=number(
                 "AZORA_GATEWAY_DEADLINE", DEFAULT_DEADLINE_SECONDS, integer=False

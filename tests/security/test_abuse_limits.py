@@ -183,3 +183,15 @@ def test_trusted_proxies_setting_is_validated() -> None:
         Settings.from_env({"AZORA_TRUSTED_PROXIES": "10.0.0.0/8,not-a-network"})
     settings: Any = Settings.from_env({"AZORA_TRUSTED_PROXIES": ""})
     assert settings.trusted_proxies == ()
+
+
+def test_gateway_body_limit_follows_the_services_limit() -> None:
+    # Unless set on its own, the gateway accepts exactly what the services accept, so a body it
+    # lets through is never refused by a service as RESOURCE_EXHAUSTED (a misleading 429).
+    from gateway.config import GatewayConfig
+
+    assert GatewayConfig.from_env({}).max_body_bytes == Settings().grpc_max_message_bytes
+    lowered = {"AZORA_GRPC_MAX_MESSAGE_BYTES": "5000"}
+    assert GatewayConfig.from_env(lowered).max_body_bytes == 5000
+    own = {**lowered, "AZORA_GATEWAY_MAX_BODY_BYTES": "100"}
+    assert GatewayConfig.from_env(own).max_body_bytes == 100
