@@ -193,8 +193,11 @@ async def kill9(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         load_task = asyncio.create_task(grpc_send(d.suite.ports["mail"], args.messages, 16, tag))
         rng = random.Random()  # noqa: S311 - moments of the kills, not secrets
         kills = 0
+        # Random moments while mail is being submitted and delivered (submission of the default
+        # 300 takes ~10 s today): the first after 2 s, then every 0.5-2.5 s.
+        await asyncio.sleep(2.0)
         while kills < args.kills:
-            await asyncio.sleep(rng.uniform(1.0, 6.0))
+            await asyncio.sleep(rng.uniform(0.5, 2.5))
             if load_task.done() and not await asyncio.to_thread(d.suite.queue_depth):
                 break
             victim = rng.choice(workers)
@@ -232,7 +235,7 @@ async def database(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         d.say(f"FerretDB stopped at +{down_at - d.started:.1f}s for {down:.0f} s "
               "(DRILL_DB_DOWN_SECONDS)")  # fmt: skip
         await asyncio.sleep(down)
-        await asyncio.to_thread(d.suite.ferret.start)
+        await asyncio.to_thread(d.suite.start_ferret)
         up_at = time.time()
         d.say(f"FerretDB restarted at +{up_at - d.started:.1f}s (same data dir and port)")
         load = await load_task

@@ -41,6 +41,7 @@ from bench.harness import (
     check_exactly_once,
     machine,
     percentile,
+    rate_until,
     read_sink_log,
     render_table,
     write_json,
@@ -204,6 +205,7 @@ def postfix_phase(args: argparse.Namespace, run_dir: Path) -> list[Result]:
             last = max((t for t, _ in rows), default=time.time())
             result = Result(
                 name, n, n / accept_s, len(rows) / max(last - started, 1e-9),
+                delivered_99_per_s=rate_until([t for t, _ in rows], started, 0.99),
                 cpu_s=sampler.cpu_seconds(), peak_rss_kib=sampler.peak_rss,
                 exactly_once=bool(delivery and delivery.exactly_once),
                 delivery=delivery.summary() if delivery else f"{len(rows)} of {n} arrived",
@@ -267,12 +269,14 @@ def suite_result(
     slowest = [
         {"message_id": mid, "e2e_s": round(s, 2), "events": events.get(mid, [])} for s, mid in slow
     ]
+    stalled = sum(1 for x in e2e if x > 60)
     counted = delivery.exactly_once and load.ok == load.requests and len(expected) == load.ok
     return Result(
         name,
         load.requests,
         load.per_s,
         len(mine) / max(last - started, 1e-9),
+        delivered_99_per_s=rate_until([t for t, _, _ in mine], started, 0.99),
         submit_p50_ms=load.p(50),
         submit_p99_ms=load.p(99),
         e2e_p50_ms=percentile(e2e, 50) * 1000,
@@ -282,7 +286,8 @@ def suite_result(
         exactly_once=counted,
         delivery=delivery.summary(),
         errors=dict(load.errors),
-        notes=f"{sum(1 for m in mine if m[2])} of {len(mine)} DKIM-signed",
+        notes=f"{sum(1 for m in mine if m[2])} of {len(mine)} DKIM-signed"
+        + (f"; {stalled} waited > 60 s (see `slowest`)" if stalled else ""),
         slowest=slowest,
     )
 
@@ -423,6 +428,7 @@ async def scale_phase(suite: Suite, args: argparse.Namespace, out_dir: Path) -> 
                 "messages": load.ok,
                 "accepted_per_s": round(load.per_s, 2),
                 "delivered_per_s": round(result.delivered_per_s, 2),
+                "delivered_99_per_s": round(result.delivered_99_per_s, 2),
                 "cpu_s": result.cpu_s,
                 "peak_rss_kib": result.peak_rss_kib,
                 "exactly_once": result.exactly_once,

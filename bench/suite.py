@@ -7,6 +7,11 @@ the database can be stopped and restarted on the same data and port), its own Kn
 domain's relay, and optionally separate delivery workers (``python -m services.mail.worker``).
 Every child's output goes to ``<run dir>/<name>.log``.
 
+Children are started without a ``preexec_fn``: once this process has used gRPC (whose threads
+are running), running Python code between fork and exec can crash the child (FerretDB
+restarted by the database drill died with SIGSEGV before exec). So children do not get
+PDEATHSIG; `stop` (always called in ``finally``) ends them, each in its own process group.
+
 `setup_domain` does what a customer does: create the domain, generate a DKIM key (RSA-2048),
 publish both records, verify the domain, activate the key, point the relay at the sink.
 """
@@ -14,11 +19,13 @@ publish both records, verify the domain, activate the key, point the relay at th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +36,10 @@ from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import services.core.embedded_db
 from bench.postfix import wait_port
-from services.core.embedded_db import (
-    EmbeddedFerretDB,
-    die_with_parent_preexec,
-    find_ferretdb_binary,
-    pick_free_port,
-)
+from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary, pick_free_port
+from tests.support import dns_server
 from tests.support.dns_server import KnotServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +52,22 @@ SERVICES = (
     ("mail", "services.mail", "AZORA_MAIL_GRPC_PORT"),
     ("gateway", "gateway", "PORT"),
 )
+
+
+@contextlib.contextmanager
+def _no_preexec() -> Iterator[None]:
+    """EmbeddedFerretDB and KnotServer start children with a preexec_fn; switch it off."""
+    ferret, knot = (
+        services.core.embedded_db.die_with_parent_preexec,
+        dns_server._die_with_parent_preexec,
+    )
+    services.core.embedded_db.die_with_parent_preexec = lambda: None
+    dns_server._die_with_parent_preexec = lambda: None
+    try:
+        yield
+    finally:
+        services.core.embedded_db.die_with_parent_preexec = ferret
+        dns_server._die_with_parent_preexec = knot
 
 
 @dataclass
@@ -75,9 +95,10 @@ class Suite:
             data_dir=self.workdir / "ferretdb",
             port=pick_free_port(),
         )
-        self.ferret.start()
+        self.start_ferret()
         self.knot = KnotServer(self.workdir / "knot")
-        self.knot.start()
+        with _no_preexec():
+            self.knot.start()
         self.sink_port = pick_free_port()
         self.sink_log = self.workdir / "sink.log"
         self.start_sink()
@@ -87,6 +108,12 @@ class Suite:
         for name, module, _variable in SERVICES:
             self.start_process(name, module)
         self.wait_ready()
+
+    def start_ferret(self) -> None:
+        """(Re)start FerretDB on the same data directory and port."""
+        assert self.ferret is not None
+        with _no_preexec():
+            self.ferret.start()
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment every child gets."""
@@ -108,9 +135,13 @@ class Suite:
                 "AZORA_METRICS_PORT_GATEWAY": "0",
                 "AZORA_METRICS_PORT_MAIL_WORKER": "0",
                 "PYTHONPATH": str(REPO),
-                # The gateway's per-client REST rate limit (product spec default: 100 per 15
-                # minutes) would turn a benchmark into a 429 test.
+                # Rate limits and sending quotas (product spec: 100 requests per 15 minutes;
+                # 100 sends a minute, 1,000 an hour, 10,000 a day per tenant) would turn a
+                # benchmark into a test of the limiter.
                 "RATE_LIMIT_MAX": "100000000",
+                "AZORA_SEND_RATE_LIMIT_MAX": "100000000",
+                "AZORA_QUOTA_EMAILS_PER_HOUR": "100000000",
+                "AZORA_QUOTA_EMAILS_PER_DAY": "100000000",
             }
         )
         env.update(self.env_overrides)
@@ -128,7 +159,6 @@ class Suite:
             stdout=log,
             stderr=subprocess.STDOUT,
             process_group=0,
-            preexec_fn=die_with_parent_preexec(),
         )
         log.close()
         self.procs[name] = proc
@@ -168,7 +198,7 @@ class Suite:
             ],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
-            preexec_fn=die_with_parent_preexec(),
+            process_group=0,
         )  # fmt: skip
         wait_port(self.sink_port, 10)
 

@@ -24,6 +24,7 @@ from bench.harness import (
     latency_windows,
     memory_verdict,
     percentile,
+    rate_until,
     ratios,
     read_sink_log,
     render_table,
@@ -62,6 +63,14 @@ def test_percentile_nearest_rank() -> None:
     assert percentile(samples, 99) == 99.0
     assert percentile(samples, 100) == 100.0
     assert math.isnan(percentile([], 50))
+
+
+def test_rate_until_ignores_stragglers() -> None:
+    # 99 messages in 9.9 s and one straggler at 120 s: the 99 % rate is the bulk's rate.
+    arrivals = [100.0 + 0.1 * (i + 1) for i in range(99)] + [220.0]
+    assert rate_until(arrivals, 100.0, 0.99) == pytest.approx(10.0)
+    assert rate_until(arrivals, 100.0, 1.0) == pytest.approx(100 / 120)
+    assert math.isnan(rate_until([], 0.0, 0.99))
 
 
 def _result(name: str, delivered: float, *, counted: bool = True) -> Result:
