@@ -401,3 +401,23 @@ async def test_two_service_processes_enforce_one_budget(
             error, details = await _refusal(stub.ListDomains(LIST, metadata=metadata))
             assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
             assert details["ErrorInfo"].reason == "RATE_LIMIT_EXCEEDED"
+
+
+# Other services resolve users' API keys at the domain service with a service identity, so the
+# lookups of all their users never use up the calling service's own address budget.
+async def test_api_key_lookups_between_services_are_not_limited(
+    limited: LimitedServices,
+) -> None:
+    from services.iam.servicer import remote_api_key_resolver
+
+    service = await _domain(limited, RATE_LIMIT_MAX="1")
+    caller = service.settings.with_overrides(
+        service_name="mail-service", domain_service_target=f"127.0.0.1:{service.running.port}"
+    )
+    resolver, channel = remote_api_key_resolver(caller)
+    try:
+        for _ in range(3):
+            # Unknown keys: answered "no such key" every time, never "unavailable".
+            assert await resolver.resolve(secret="azk_" + secrets.token_urlsafe(32)) is None
+    finally:
+        await channel.close()
