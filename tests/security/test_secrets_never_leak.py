@@ -8,6 +8,7 @@ its refusal), a connection test, a DKIM key, an API key used on every service an
 emails sent and delivered, and a series of failing requests. Then every log line, every error
 body and GET /metrics is searched for each secret (JWT secret, a JWT, the API key secret, the
 relay password, the DKIM private key, the secrets-at-rest key) and its base64 forms.
+The same production suite also shows that a request without credentials is refused.
 """
 
 from __future__ import annotations
@@ -346,3 +347,14 @@ async def test_no_secret_appears_in_logs_errors_or_metrics(
         if any(value in text for value in values)
     ]
     assert leaks == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v1/domains", "/api/v1/api-keys", "/api/v1/emails", "/api/v1/emails/stats"]
+)
+async def test_production_refuses_requests_without_credentials(suite: Suite, path: str) -> None:
+    # In production no request acts as the development tenant: no credentials is 401.
+    async with aiohttp.ClientSession() as http, http.get(suite.base_url + path) as response:
+        assert response.status == 401, await response.text()
+        answer = await response.json()
+        assert answer["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
