@@ -809,6 +809,16 @@ def test_envoy_sets_the_same_security_headers_as_the_local_gateway(envoy: Runnin
     assert statuses["direct response"] == 404
 
 
+def test_envoy_refuses_header_names_with_underscores(envoy: RunningEnvoy) -> None:
+    # headers_with_underscores_action: REJECT_REQUEST, answered before any service is called.
+    status, headers, body = envoy.request(
+        "GET", "/api/v1/domains", headers={**_bearer(envoy), "x_api_key": "azk_x"}
+    )
+    assert status == 400, body
+    lowered = {k.lower(): v for k, v in headers.items()}
+    assert lowered.get("x-content-type-options") == "nosniff", headers
+
+
 def test_envoy_passes_rate_limit_headers_and_429_through(envoy: RunningEnvoy) -> None:
     # The services' rate-limit response metadata become HTTP headers through the transcoder,
     # and a refusal is 429 with Retry-After. The address counted is the one Envoy appends to
@@ -839,3 +849,16 @@ def test_envoy_passes_rate_limit_headers_and_429_through(envoy: RunningEnvoy) ->
     assert "RATE_LIMIT_EXCEEDED" in reasons, error
     assert int(answer_headers["retry-after"]) > 0
     assert answer_headers["ratelimit-remaining"] == "0"
+
+
+def test_envoy_edge_limits(envoy_facts: dict[str, Any]) -> None:
+    # Header count and size bounded, underscores in header names refused, HTTP/2 bounded.
+    config = envoy_facts["config"]
+    (listener,) = [x for x in config["static_resources"]["listeners"] if x["name"] == "rest"]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["max_request_headers_kb"] == 60
+    assert hcm["common_http_protocol_options"]["max_headers_count"] == 100
+    assert hcm["common_http_protocol_options"]["headers_with_underscores_action"] == (
+        "REJECT_REQUEST"
+    )
+    assert hcm["http2_protocol_options"]["max_concurrent_streams"] == 100
