@@ -227,7 +227,15 @@ async def database(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         before, down = 5.0, args.db_down
         end = time.time() + before + down + 15
         load_task = asyncio.create_task(
-            grpc_send(d.suite.ports["mail"], 100_000, 4, tag, rate=5, until=end, rpc_timeout=10)
+            grpc_send(
+                d.suite.ports["mail"],
+                100_000,
+                4,
+                tag,
+                rate=5,
+                until=end,
+                rpc_timeout=args.rpc_timeout,
+            )
         )
         await asyncio.sleep(before)
         down_at = time.time()
@@ -246,7 +254,9 @@ async def database(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         probe_started = time.time()
         recovered = False
         while time.time() - probe_started < 60:
-            probe = await grpc_send(d.suite.ports["mail"], 1, 1, tag, start=10**6, rpc_timeout=10)
+            probe = await grpc_send(
+                d.suite.ports["mail"], 1, 1, tag, start=10**6, rpc_timeout=args.rpc_timeout
+            )
             if probe.ok:
                 recovered = True
                 load.ids.extend(probe.ids)
@@ -336,7 +346,15 @@ async def sigterm(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         tag = "sigterm"
         end = time.time() + 30
         load_task = asyncio.create_task(
-            grpc_send(d.suite.ports["mail"], 100_000, 8, tag, rate=20, until=end, rpc_timeout=10)
+            grpc_send(
+                d.suite.ports["mail"],
+                100_000,
+                8,
+                tag,
+                rate=20,
+                until=end,
+                rpc_timeout=args.rpc_timeout,
+            )
         )
         await asyncio.sleep(8)
         names = [n for n, p in d.suite.procs.items() if p.poll() is None]
@@ -405,6 +423,10 @@ def main() -> None:
     )
     parser.add_argument("--tempfail", type=float, default=env_number("DRILL_TEMPFAIL_SECONDS", 30))
     parser.add_argument("--timeout", type=float, default=env_number("DRILL_TIMEOUT", 300))
+    # The clients' deadline per SendEmail. While the database is down the service needs up to
+    # two server-selection timeouts (2 x 5 s) to answer UNAVAILABLE; a shorter deadline makes
+    # the client give up first with DEADLINE_EXCEEDED (docs/benchmarks.md, drills).
+    parser.add_argument("--rpc-timeout", type=float, default=env_number("DRILL_RPC_TIMEOUT", 30))
     parser.add_argument("--out", default=os.environ.get("DRILL_OUT", ""))
     args = parser.parse_args()
     args.drills = [x for x in args.drills.split(",") if x]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import time
 from typing import TextIO
@@ -113,6 +114,10 @@ async def main_async(args: argparse.Namespace) -> None:
             loop.add_signal_handler(sig, stop.set)
         async with server:
             await stop.wait()
+            # Leave at once, as a relay that goes down does: cancelling the open sessions one
+            # by one only makes asyncio print a traceback per connection.
+            log.flush()
+            os._exit(0)
 
 
 def main() -> None:
