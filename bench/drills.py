@@ -202,7 +202,7 @@ async def kill9(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
                 break
             victim = rng.choice(workers)
             d.suite.signal(victim, signal.SIGKILL)
-            d.suite.wait_exit(victim, 10)
+            await asyncio.to_thread(d.suite.wait_exit, victim, 10)
             kills += 1
             d.say(f"kill -9 {victim} at +{time.time() - d.started:.1f}s; restarted")
             d.suite.start_worker(victim)
@@ -363,13 +363,13 @@ async def sigterm(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
             d.suite.signal(name, signal.SIGTERM)
         d.say(f"SIGTERM to {', '.join(names)} at +{term_at - d.started:.1f}s")
         for name in names:
-            code = d.suite.wait_exit(name, 30)
+            code = await asyncio.to_thread(d.suite.wait_exit, name, 30)
             took = time.time() - term_at
             d.say(f"{name} exited with {code} after {took:.1f}s")
             if code is None:
                 d.fail(f"{name} did not exit within 30 s")
                 d.suite.signal(name, signal.SIGKILL)
-                d.suite.wait_exit(name, 10)
+                await asyncio.to_thread(d.suite.wait_exit, name, 10)
             elif code != 0:
                 d.fail(f"{name} exited with status {code}")
         down_until = time.time()
