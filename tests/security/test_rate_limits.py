@@ -8,6 +8,7 @@ from loopback (the default AZORA_TRUSTED_PROXIES): that is how the gateway reach
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -41,8 +42,13 @@ __all__ = ["limited", "service_processes"]
 LIST = domain_pb2.ListDomainsRequest()
 
 
+_ADDRESSES = itertools.count(1)
+
+
 def _address() -> str:
-    return f"203.0.113.{secrets.randbelow(254) + 1}"
+    """A client address no other call of this session uses (198.18.0.0/15, for testing)."""
+    n = next(_ADDRESSES)
+    return f"198.{18 + n // 65536 % 2}.{n // 256 % 256}.{n % 256}"
 
 
 def _metadata(tenant: Tenant, address: str | None = None) -> tuple[tuple[str, str], ...]:
