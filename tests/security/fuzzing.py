@@ -186,7 +186,7 @@ def _fuzz_operation(
         report.statuses[response.status_code] = report.statuses.get(response.status_code, 0) + 1
         try:
             case.validate_response(response, checks=CHECKS, headers=headers)
-        except Exception as exc:  # every failed check is a finding
+        except (Exception, BaseExceptionGroup) as exc:  # every failed check is a finding
             report.findings.append(
                 Finding(
                     operation=label,
