@@ -17,6 +17,7 @@ from publicsuffixlist import PublicSuffixList
 
 from services.core.clock import Clock, SystemClock
 from services.core.dns import DnsResolver
+from services.core.netguard import AddressPolicy, host_resolver
 from services.core.runtime import Database, RunningService, run_periodically, start_service
 from services.core.secrets_box import SecretsBox
 from services.core.settings import Settings
@@ -26,12 +27,6 @@ from services.smtp.dmarc import DmarcBuilder
 from services.smtp.dns_check import RecordChecker
 from services.smtp.domains_client import GrpcDomainDirectory
 from services.smtp.manager import SmtpManager, SmtpPolicy
-from services.smtp.netguard import (
-    AddressPolicy,
-    DnsHostResolver,
-    HostResolver,
-    SystemHostResolver,
-)
 from services.smtp.repository import INDEXES as SMTP_INDEXES
 from services.smtp.repository import (
     MongoAuthRecordRepository,
@@ -84,9 +79,7 @@ async def build_app(
     address_policy = AddressPolicy(allow_private=settings.smtp_allow_private_hosts)
     # Relay names resolve where ownership records do when nameservers are configured (one DNS
     # view for the whole service); otherwise the OS resolver, which also reads /etc/hosts.
-    host_resolver: HostResolver = (
-        DnsHostResolver(dns) if settings.dns_nameservers else SystemHostResolver()
-    )
+    relay_resolver = host_resolver(settings, dns=dns)
     manager = SmtpManager(
         domains=GrpcDomainDirectory(
             domain_channel,
@@ -98,7 +91,7 @@ async def build_app(
         auth_records=MongoAuthRecordRepository(database.db),
         secrets=SecretsBox.from_settings(settings),
         tester=RelayTester(
-            resolver=host_resolver, policy=address_policy, ca_file=settings.smtp_ca_file
+            resolver=relay_resolver, policy=address_policy, ca_file=settings.smtp_ca_file
         ),
         checker=RecordChecker(dns=dns, clock=clock),
         spf=SpfBuilder(dns),

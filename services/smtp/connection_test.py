@@ -27,19 +27,19 @@ from datetime import UTC, datetime
 import aiosmtplib
 from cryptography import x509
 
+from services.core.netguard import (
+    AddressPolicy,
+    HostResolver,
+    IPAddress,
+    ResolveError,
+    connect_checked,
+)
 from services.smtp.models import (
     ConnectionReport,
     ConnectionStep,
     RelaySettings,
     SecurityMode,
     TlsInfo,
-)
-from services.smtp.netguard import (
-    AddressPolicy,
-    HostResolver,
-    IPAddress,
-    ResolveError,
-    connect_checked,
 )
 from services.smtp.relay import parse_ip_literal
 

@@ -31,6 +31,7 @@ from services.core.errors import (
     PreconditionViolation,
     Unavailable,
 )
+from services.core.netguard import AddressPolicy
 from services.core.secrets_box import SecretsBox, SecretsError
 from services.smtp import dkim_keys
 from services.smtp.connection_test import RelayTester
@@ -54,7 +55,6 @@ from services.smtp.models import (
     SpfQualifier,
     SpfRecord,
 )
-from services.smtp.netguard import AddressPolicy
 from services.smtp.relay import normalize_relay
 from services.smtp.repository import (
     AuthRecordRepository,

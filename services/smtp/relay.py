@@ -12,9 +12,9 @@ import ipaddress
 from datetime import timedelta
 
 from services.core.errors import FieldViolation, InvalidArgument
+from services.core.netguard import AddressPolicy
 from services.domain.dns_records import normalize_domain_name
 from services.smtp.models import RelaySettings, RelaySettingsInput, SecurityMode
-from services.smtp.netguard import AddressPolicy
 
 MAX_TIMEOUT = timedelta(minutes=5)
 MAX_USERNAME_CHARS = 256

@@ -17,9 +17,9 @@ import pytest
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 
 from services.core.clock import ManualClock
+from services.core.netguard import AddressPolicy, SystemHostResolver, classify
 from services.core.settings import Settings
 from services.smtp.app import build_app
-from services.smtp.netguard import AddressPolicy, SystemHostResolver, classify
 from tests.conftest import Tenant
 from tests.smtp.conftest import StartServer, register
 from tests.support.dns_server import KnotServer

@@ -1,5 +1,8 @@
 """SSRF guard for outgoing SMTP connections: which addresses a relay may resolve to.
 
+Used by the SMTP service (connection tests) and by the mail service's delivery, so a relay
+name is judged again at every connection, not only when it was saved.
+
 A tenant chooses the relay host, so without a guard the service could be pointed at loopback
 services, the private network or a cloud metadata endpoint. The rule: resolve the host once,
 refuse it if ANY address is non-public (a rebinding name that mixes a public and a private
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.core.dns import DnsResolver, LookupOutcome
+from services.core.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -150,6 +154,37 @@ class SystemHostResolver:
         return _ordered(found)
 
 
+def host_resolver(settings: Settings, *, dns: DnsResolver | None = None) -> HostResolver:
+    """The resolver relay hosts go through.
+
+    The configured nameservers (one DNS view with ownership checks), else the operating
+    system's, which also reads /etc/hosts.
+    """
+    if settings.dns_nameservers:
+        return DnsHostResolver(dns or DnsResolver.from_settings(settings))
+    return SystemHostResolver()
+
+
+async def addresses_of(
+    host: str, *, resolver: HostResolver, policy: AddressPolicy
+) -> list[IPAddress]:
+    """The addresses to connect to for `host` (an address or a name), all of them allowed.
+
+    Raises:
+        ResolveError: the name does not resolve.
+        PermissionError: the policy refuses one of its addresses (the name is refused whole).
+    """
+    try:
+        found = [ipaddress.ip_address(host.strip("[]"))]
+    except ValueError:
+        found = await resolver.resolve(host)
+    for address in found:
+        refusal = policy.refusal(address)
+        if refusal is not None:
+            raise PermissionError(f"{host}: {refusal}")
+    return found
+
+
 def _ordered(addresses: Sequence[IPAddress]) -> list[IPAddress]:
     unique = list(dict.fromkeys(addresses))
     return [a for a in unique if a.version == 4] + [a for a in unique if a.version == 6]
@@ -190,10 +225,12 @@ __all__ = [
     "METADATA_ADDRESSES",
     "AddressPolicy",
     "DnsHostResolver",
+    "addresses_of",
     "HostResolver",
     "IPAddress",
     "ResolveError",
     "SystemHostResolver",
     "classify",
     "connect_checked",
+    "host_resolver",
 ]
