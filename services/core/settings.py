@@ -144,6 +144,8 @@ class Settings:
     metrics_peers: tuple[str, ...] = ()
     # How often each service re-checks its database for its grpc.health.v1 status.
     readiness_interval: float = 5.0
+    # GET /health reports the queue degraded once its oldest due email waited this long (s).
+    health_queue_max_age: float = 900.0
 
     @property
     def is_production(self) -> bool:
@@ -321,6 +323,9 @@ class Settings:
             metrics_peers=reader.peers("AZORA_METRICS_PEERS"),
             readiness_interval=reader.number(
                 "AZORA_READINESS_INTERVAL", defaults.readiness_interval
+            ),
+            health_queue_max_age=reader.number(
+                "AZORA_HEALTH_QUEUE_MAX_AGE", defaults.health_queue_max_age
             ),
         )
         reader.raise_if_errors()

@@ -29,6 +29,7 @@ from services.domain.repository import INDEXES as DOMAIN_INDEXES
 from services.domain.repository import MongoClaimRepository, MongoDomainRepository
 from services.domain.servicer import DomainServicer
 from services.domain.verifier import OwnershipVerifier
+from services.health.delivery import MailDeliveryProbe
 from services.health.servicer import SuiteHealthServicer
 from services.iam.api_keys import INDEXES as API_KEY_INDEXES
 from services.iam.api_keys import ApiKeyManager, MongoApiKeyRepository
@@ -113,6 +114,7 @@ async def build(
         version=settings.version,
         process=SERVICE_NAME,
         metrics_peers=[Peer.parse(peer) for peer in settings.metrics_peers],
+        delivery=MailDeliveryProbe(mail_channel, settings=settings),
     )
     server = await start_service(
         settings=settings,

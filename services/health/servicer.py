@@ -3,8 +3,8 @@
 Components: each service's grpc.health.v1 status (asked over gRPC, so the answer is what a
 Kubernetes gRPC probe would see) and MongoDB (a ping, with its latency). All are required:
 when one is down, GetHealth fails with UNAVAILABLE (HTTP 503) and the HealthReport travels in
-the google.rpc.Status details. Queue depth and SMTP relay outcomes are not components yet: the
-mail service owns that data and has no API exposing it (its metrics carry the figures).
+the google.rpc.Status details. The queue and the SMTP relays' last outcomes come from the mail
+service (`services.health.delivery`) as optional components: trouble there is ``degraded``.
 
 Readiness is about the answering process only (database reachable and its own grpc.health.v1
 SERVING: indexes ready, not shutting down), the same rule each service's grpc.health.v1 status
@@ -42,6 +42,7 @@ from services.core.mongo import Document, ping
 from services.core.protobuf import to_duration, to_timestamp
 from services.domain.models import DomainStatus
 from services.domain.repository import DOMAINS as DOMAINS_COLLECTION
+from services.health.delivery import MailDeliveryProbe
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class SuiteHealthServicer(suite_pb2_grpc.SuiteHealthServiceServicer):
         local_component: str = "domain-service",
         process: str = "domain-service",
         metrics_peers: Sequence[Peer] = (),
+        delivery: MailDeliveryProbe | None = None,
     ) -> None:
         """Build the servicer.
 
@@ -76,6 +78,7 @@ class SuiteHealthServicer(suite_pb2_grpc.SuiteHealthServiceServicer):
             local_component: the component that is this process (readiness looks at it).
             process: this process's name in the ``process`` label of GetMetrics.
             metrics_peers: other processes whose expositions GetMetrics merges.
+            delivery: where the queue and relay components come from (None: not reported).
         """
         self._services: dict[str, tuple[health_pb2_grpc.HealthStub, str]] = {}
         for name, (channel, service) in services.items():
@@ -88,6 +91,7 @@ class SuiteHealthServicer(suite_pb2_grpc.SuiteHealthServiceServicer):
         self._local = local_component
         self._process = process
         self._peers = tuple(metrics_peers)
+        self._delivery = delivery
 
     def watch(self, name: str, channel: grpc.aio.Channel, service: str) -> None:
         """Add a service component (used for the hosting process once its port is known)."""
@@ -129,16 +133,26 @@ class SuiteHealthServicer(suite_pb2_grpc.SuiteHealthServiceServicer):
         )
 
     async def _report(self, *, local_only: bool = False) -> suite_pb2.HealthReport:
-        # For readiness (local_only) the other services are listed but not required.
-        components = await asyncio.gather(
-            self._database_component(),
-            *(
-                self._service_component(
-                    name, stub, service, required=not local_only or name == self._local
-                )
-                for name, (stub, service) in self._services.items()
-            ),
+        # For readiness (local_only) the other services are listed but not required, and the
+        # mail service's queue and relays are left out (they say nothing about this process).
+        delivery = (
+            self._delivery.components(deadline=self._timeout)
+            if self._delivery is not None and not local_only
+            else _none()
         )
+        checked, extra = await asyncio.gather(
+            asyncio.gather(
+                self._database_component(),
+                *(
+                    self._service_component(
+                        name, stub, service, required=not local_only or name == self._local
+                    )
+                    for name, (stub, service) in self._services.items()
+                ),
+            ),
+            delivery,
+        )
+        components = [*checked, *extra]
         down = [c for c in components if c.status == _DOWN and c.required]
         degraded = [c for c in components if c.status != _UP]
         overall = "unhealthy" if down else "degraded" if degraded else "healthy"
@@ -214,6 +228,10 @@ class SuiteHealthServicer(suite_pb2_grpc.SuiteHealthServiceServicer):
     async def _exposition(self) -> bytes:
         await self.refresh_domain_counts()
         return await render_suite(self._process, self._peers, scrape_timeout=self._timeout)
+
+
+async def _none() -> list[suite_pb2.Component]:
+    return []
 
 
 def _down(components: Iterable[suite_pb2.Component]) -> str:

@@ -16,14 +16,17 @@ from azora.mail.v1 import mail_pb2, mail_pb2_grpc
 
 from services.core.clock import Clock, SystemClock
 from services.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_DUE_AGE
+from services.core.netguard import AddressPolicy, host_resolver
 from services.core.runtime import Database, RunningService, run_periodically, start_service
 from services.core.settings import Settings
 from services.iam.servicer import remote_api_key_resolver
 from services.mail.compose import Limits
 from services.mail.delivery import DeliveryWorker, RelayLookup, RelayPool, RetryPolicy
 from services.mail.manager import MailManager, MailPolicy
+from services.mail.relay_health import INDEXES as RELAY_HEALTH_INDEXES
+from services.mail.relay_health import RelayHealthStore
 from services.mail.relay_lookup import smtp_service_relays
-from services.mail.repository import INDEXES as MAIL_INDEXES
+from services.mail.repository import INDEXES as EMAIL_INDEXES
 from services.mail.repository import (
     EmailRepository,
     MongoEmailRepository,
@@ -38,6 +41,10 @@ MAIL_SERVICE = mail_pb2.DESCRIPTOR.services_by_name["MailService"].full_name
 IDEMPOTENCY_SWEEP_INTERVAL = 600.0
 # How often the queue gauges (depth, oldest due age) are refreshed.
 QUEUE_METRICS_INTERVAL = 15.0
+# Every collection the mail service (and its separate workers) use.
+MAIL_INDEXES = (*EMAIL_INDEXES, *RELAY_HEALTH_INDEXES)
+# A relay's unchanged outcome is written again after this long (see relay_health).
+RELAY_HEALTH_REFRESH = timedelta(seconds=30)
 
 
 @dataclass
@@ -89,13 +96,17 @@ def make_worker(
     clock: Clock,
     worker_id: str | None = None,
     rng: random.Random | None = None,
+    relay_health: RelayHealthStore | None = None,
 ) -> DeliveryWorker:
     """A delivery worker configured from settings."""
     return DeliveryWorker(
         emails=emails,
         relays=relays,
         pool=RelayPool(
-            max_per_relay=settings.mail_relay_connections, ca_file=settings.smtp_ca_file
+            max_per_relay=settings.mail_relay_connections,
+            ca_file=settings.smtp_ca_file,
+            policy=AddressPolicy(allow_private=settings.smtp_allow_private_hosts),
+            resolver=host_resolver(settings),
         ),
         clock=clock,
         policy=retry_policy_from(settings),
@@ -104,6 +115,7 @@ def make_worker(
         poll_interval=settings.mail_poll_interval,
         worker_id=worker_id,
         rng=rng,
+        relay_health=relay_health,
     )
 
 
@@ -140,8 +152,10 @@ async def build_app(
         relays, smtp_channel = remote_relays(settings)
         channels.append(smtp_channel)
     emails = MongoEmailRepository(database.db, inline_limit=settings.mail_inline_content_limit)
+    relay_health = RelayHealthStore(database.db, refresh=RELAY_HEALTH_REFRESH)
     manager = MailManager(
         emails=emails,
+        relay_health=relay_health,
         idempotency=MongoIdempotencyRepository(database.db),
         senders=senders,
         relays=relays,
@@ -161,7 +175,9 @@ async def build_app(
     )
     worker: DeliveryWorker | None = None
     if settings.mail_run_workers if run_workers is None else run_workers:
-        worker = make_worker(settings, emails=emails, relays=relays, clock=clock)
+        worker = make_worker(
+            settings, emails=emails, relays=relays, clock=clock, relay_health=relay_health
+        )
         # Cancelled by the server's stop: the worker hands back what it holds (see delivery).
         server.background.append(run_periodically("mail-worker", 1.0, worker.run))
     server.background.append(
@@ -185,7 +201,9 @@ async def build(settings: Settings, *, bind: str | None = None) -> RunningServic
 
 
 __all__ = [
+    "MAIL_INDEXES",
     "MAIL_SERVICE",
+    "RELAY_HEALTH_REFRESH",
     "SERVICE_NAME",
     "MailApp",
     "build",

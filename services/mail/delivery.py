@@ -1,10 +1,12 @@
 """Delivery workers: claim due emails, DKIM-sign, hand them to the domain's relay, record replies.
 
-A worker runs `concurrency` loops. Each claims one due email at a time (an atomic
-find-and-modify that sets a lease), delivers it and records the outcome with a write fenced by
-the lease token. A worker that dies holds nothing for longer than the lease: the email becomes
-due again when the lease expires and another worker retries it. The only duplicate this allows
-is a resend after a crash between the relay's 250 and our record of it (RFC 5321's window).
+A worker runs one claimer and `concurrency` delivery loops. The claimer takes due emails in
+batches, as many as there are idle delivery loops (each under a lease: see
+`MongoEmailRepository.claim_batch`), and hands them over; a delivery loop delivers one and
+records the outcome with a write fenced by the lease. A worker that dies holds nothing for
+longer than the lease: the email becomes due again when the lease expires and another worker
+retries it. The only duplicate this allows is a resend after a crash between the relay's 250
+and our record of it (RFC 5321's window).
 
 Replies are classified per recipient: 2xx sent, 5xx bounced (no retry), 4xx and transport
 failures (timeouts, dropped connections, TLS failures) deferred with exponential backoff and
@@ -23,6 +25,7 @@ import contextlib
 import logging
 import random
 import re
+import socket
 import ssl
 import time
 import uuid
@@ -40,6 +43,15 @@ from services.core.metrics import (
     DKIM_SIGNATURES,
     EMAIL_DELIVERIES,
 )
+from services.core.netguard import (
+    AddressPolicy,
+    HostResolver,
+    IPAddress,
+    ResolveError,
+    SystemHostResolver,
+    addresses_of,
+    connect_checked,
+)
 from services.core.tracing import delivery_span
 from services.mail.models import (
     OPEN_RECIPIENTS,
@@ -51,6 +63,7 @@ from services.mail.models import (
     RecipientStatus,
     SmtpReply,
 )
+from services.mail.relay_health import RelayHealthStore, RelayOutcome
 from services.mail.repository import EmailRepository
 
 log = logging.getLogger(__name__)
@@ -159,12 +172,28 @@ def _failure_reply(exc: BaseException) -> SmtpReply:
 
 
 class RelayPool:
-    """SMTP connections per relay: reused between emails, bounded per relay."""
+    """SMTP connections per relay: reused between emails, bounded per relay.
 
-    def __init__(self, *, max_per_relay: int, ca_file: str = "", max_idle: int = 8) -> None:
+    Every new connection goes through the SSRF guard (`services.core.netguard`): the relay
+    name is resolved here, refused whole if any address is not allowed (production: private,
+    loopback, link-local, metadata, ...), and the socket is connected to exactly the checked
+    address. Saving a relay checked its name once; DNS may answer differently later.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_per_relay: int,
+        ca_file: str = "",
+        max_idle: int = 8,
+        policy: AddressPolicy | None = None,
+        resolver: HostResolver | None = None,
+    ) -> None:
         self._max = max_per_relay
         self._ca_file = ca_file
         self._max_idle = max_idle
+        self._policy = policy or AddressPolicy(allow_private=True)
+        self._resolver = resolver or SystemHostResolver()
         self._idle: dict[tuple[object, ...], list[aiosmtplib.SMTP]] = {}
         self._limits: dict[tuple[object, ...], asyncio.Semaphore] = {}
 
@@ -185,9 +214,16 @@ class RelayPool:
             "none": False,
             "implicit_tls": False,
         }.get(endpoint.security, True)
+        try:
+            addresses = await addresses_of(
+                endpoint.host, resolver=self._resolver, policy=self._policy
+            )
+        except ResolveError as exc:
+            raise ConnectionError(str(exc)) from None  # temporary: DNS may recover
+        sock = await self._open(addresses, endpoint)
         smtp = aiosmtplib.SMTP(
-            hostname=endpoint.host,
-            port=endpoint.port,
+            hostname=endpoint.host,  # for SNI and certificate checks only: `sock` is connected
+            sock=sock,
             use_tls=implicit,
             start_tls=start_tls,
             tls_context=self._tls_context(endpoint) if implicit or start_tls is not False else None,
@@ -198,6 +234,18 @@ class RelayPool:
         )
         await smtp.connect()
         return smtp
+
+    async def _open(self, addresses: list[IPAddress], endpoint: RelayEndpoint) -> socket.socket:
+        """A TCP connection to the first of `addresses` that answers."""
+        last: OSError | None = None
+        for address in addresses:
+            try:
+                return await connect_checked(
+                    address, endpoint.port, policy=self._policy, seconds=endpoint.timeout
+                )
+            except OSError as exc:
+                last = exc
+        raise last or ConnectionError(f"{endpoint.host} has no addresses")
 
     async def send(
         self,
@@ -380,8 +428,10 @@ class DeliveryWorker:
         poll_interval: float,
         worker_id: str | None = None,
         rng: random.Random | None = None,
+        relay_health: RelayHealthStore | None = None,
     ) -> None:
         self._emails = emails
+        self._relay_health = relay_health
         self._relays = relays
         self._pool = pool
         self._clock = clock
@@ -395,13 +445,13 @@ class DeliveryWorker:
 
     async def claim(self) -> Claimed | None:
         """Take one due email."""
-        now = self._clock.now()
-        token = f"{self.worker_id}:{uuid.uuid4().hex}"
-        return await self._emails.claim(
-            now=now,
-            lease=self._lease,
-            token=token,
-            event=Event(EventType.CLAIMED, now, detail=self.worker_id),
+        batch = await self.claim_batch(1)
+        return batch[0] if batch else None
+
+    async def claim_batch(self, limit: int) -> list[Claimed]:
+        """Take up to `limit` due emails."""
+        return await self._emails.claim_batch(
+            now=self._clock.now(), lease=self._lease, worker_id=self.worker_id, limit=limit
         )
 
     async def run_once(self) -> int:
@@ -422,16 +472,22 @@ class DeliveryWorker:
 
     async def run(self) -> None:
         """Deliver until `stop` (or cancellation, which releases held emails)."""
-        tasks = [
-            asyncio.create_task(self._loop(), name=f"{self.worker_id}-{i}")
+        handed: asyncio.Queue[Claimed | None] = asyncio.Queue()
+        idle = asyncio.Semaphore(self._concurrency)
+        loops = [
+            asyncio.create_task(self._deliver_loop(handed, idle), name=f"{self.worker_id}-{i}")
             for i in range(self._concurrency)
         ]
         try:
-            await asyncio.gather(*tasks)
+            await self._claim_loop(handed, idle)
+            for _ in loops:
+                handed.put_nowait(None)  # each loop finishes what it holds, then returns
+            await asyncio.gather(*loops)
         finally:
-            for task in tasks:
+            for task in loops:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*loops, return_exceptions=True)
+            await self._release_all(handed)
             await self._pool.close()
 
     def stop(self) -> None:
@@ -442,20 +498,57 @@ class DeliveryWorker:
         """Return once `stop` was called."""
         await self._stopping.wait()
 
-    async def _loop(self) -> None:
+    async def _claim_loop(
+        self, handed: asyncio.Queue[Claimed | None], idle: asyncio.Semaphore
+    ) -> None:
         while not self._stopping.is_set():
+            # At least one delivery loop is idle; claim for every idle one (a claim never
+            # waits for a loop: its lease runs from the moment it is taken).
+            await idle.acquire()
+            free = 1
+            while not idle.locked():
+                await idle.acquire()
+                free += 1
             try:
-                claimed = await self.claim()
+                batch = await self.claim_batch(free)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("claim failed")
-                claimed = None
-            if claimed is None:
+                batch = []
+            for claimed in batch:
+                handed.put_nowait(claimed)
+            for _ in range(free - len(batch)):
+                idle.release()
+            if not batch:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=self._poll)
-                continue
-            await self.deliver(claimed)
+        # Stopping: what was claimed but not started yet goes back at once.
+        await self._release_all(handed)
+
+    async def _deliver_loop(
+        self, handed: asyncio.Queue[Claimed | None], idle: asyncio.Semaphore
+    ) -> None:
+        while True:
+            claimed = await handed.get()
+            if claimed is None:
+                return
+            try:
+                await self.deliver(claimed)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Not recorded: the lease expires and another attempt is made.
+                log.exception("delivery failed", extra={"fields": {"email": claimed.email.id}})
+            finally:
+                idle.release()
+
+    async def _release_all(self, handed: asyncio.Queue[Claimed | None]) -> None:
+        now = self._clock.now()
+        while not handed.empty():
+            claimed = handed.get_nowait()
+            if claimed is not None:
+                await self._emails.release(claimed=claimed, now=now)
 
     async def deliver(self, claimed: Claimed) -> Outcome | None:
         """One delivery attempt of a claimed email, recorded (None if the lease was lost)."""
@@ -476,7 +569,7 @@ class DeliveryWorker:
         email = claimed.email
         try:
             open_rcpts = [r.address for r in email.recipients if r.status in OPEN_RECIPIENTS]
-            replies = await self._attempt(claimed, open_rcpts)
+            replies, endpoint = await self._attempt(claimed, open_rcpts)
         except asyncio.CancelledError:
             # Shutdown mid-delivery: hand the email back so another worker takes it at once.
             # The release must complete even if the shutdown cancels us again meanwhile.
@@ -503,12 +596,26 @@ class DeliveryWorker:
         label = _METRIC_OUTCOME.get(outcome.status, "failed")
         EMAIL_DELIVERIES.labels(outcome=label).inc()
         DELIVERY_ATTEMPT_DURATION.labels(outcome=label).observe(time.perf_counter() - started)
+        if endpoint is not None and self._relay_health is not None and replies:
+            first = next(iter(replies.values()))
+            await self._relay_health.note(
+                RelayOutcome(
+                    f"{endpoint.host}:{endpoint.port}",
+                    label,
+                    first.code,
+                    any(r.code > 0 for r in replies.values()),
+                    now,
+                )
+            )
         return outcome
 
-    async def _attempt(self, claimed: Claimed, recipients: list[str]) -> dict[str, SmtpReply]:
+    async def _attempt(
+        self, claimed: Claimed, recipients: list[str]
+    ) -> tuple[dict[str, SmtpReply], RelayEndpoint | None]:
+        """The replies per recipient, and the relay they came from (None: none was tried)."""
         email = claimed.email
         if not recipients:
-            return {}
+            return {}, None
         try:
             content = await self._emails.content(email=email)
             endpoint = await self._relays.endpoint(
@@ -519,15 +626,16 @@ class DeliveryWorker:
             # No relay (removed meanwhile) or its owner unreachable: temporary on our side;
             # the lifetime limit turns it into a failure eventually.
             reply = SmtpReply(0, "", f"relay not available: {exc.message}"[:500])
-            return dict.fromkeys(recipients, reply)
+            return dict.fromkeys(recipients, reply), None
         if signer is not None:
             message = signer.sign(content) + content
             DKIM_SIGNATURES.labels(outcome="signed").inc()
         else:
             message = content
-        return await self._pool.send(
+        replies = await self._pool.send(
             endpoint, envelope_from=email.envelope_from, recipients=recipients, message=message
         )
+        return replies, endpoint
 
 
 __all__ = [

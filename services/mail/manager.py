@@ -46,11 +46,21 @@ from services.mail.models import (
     RecipientKind,
     RecipientStatus,
 )
+from services.mail.relay_health import RelayHealthStore, RelayOutcome
 from services.mail.repository import EmailRepository, IdempotencyRecord, IdempotencyRepository
 from services.mail.senders import SenderDirectory
 
 RESENDABLE = frozenset({EmailStatus.FAILED, EmailStatus.BOUNCED, EmailStatus.PARTIALLY_SENT})
 _MESSAGE_ID_RE = re.compile(rb"^Message-ID: [^\r\n]*\r\n", re.MULTILINE | re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryHealth:
+    """What the suite health report needs from the mail service."""
+
+    queue_depth: int
+    oldest_due_age_seconds: float
+    relays: list[RelayOutcome]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +81,7 @@ class MailManager:
         self,
         *,
         emails: EmailRepository,
+        relay_health: RelayHealthStore,
         idempotency: IdempotencyRepository,
         senders: SenderDirectory,
         relays: RelayLookup,
@@ -78,6 +89,7 @@ class MailManager:
         policy: MailPolicy,
     ) -> None:
         self._emails = emails
+        self._relay_health = relay_health
         self._idempotency = idempotency
         self._senders = senders
         self._relays = relays
@@ -220,7 +232,7 @@ class MailManager:
             NotFound: no such email in this tenant.
         """
         check_id(email_id)
-        return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
+        return await self._emails.get(tenant_id=tenant_id, email_id=email_id, now=self._clock.now())
 
     async def list_emails(
         self, *, tenant_id: str, filter: EmailFilter, size: int, page_token: str
@@ -271,11 +283,56 @@ class MailManager:
             return
         if await self._emails.delete(tenant_id=tenant_id, email_id=email_id) is not None:
             return
-        email = await self._emails.get(tenant_id=tenant_id, email_id=email_id)
+        email = await self._emails.get(tenant_id=tenant_id, email_id=email_id, now=now)
         raise FailedPrecondition(
             f"email {email.id} is being delivered right now; try again in a moment",
             reason="EMAIL_BEING_DELIVERED",
             violations=[PreconditionViolation("EMAIL_SENDING", "id", "a worker holds it")],
+        )
+
+    async def reschedule(self, *, tenant_id: str, email_id: str, send_at: datetime | None) -> Email:
+        """Move an unfinished email that no worker holds to `send_at` (past: now).
+
+        Its give-up time moves with it (the maximum lifetime counts from the new start).
+
+        Raises:
+            InvalidArgument: malformed id, `send_at` missing or beyond the horizon.
+            NotFound: no such email in this tenant.
+            FailedPrecondition: finished or cancelled, or being delivered right now.
+        """
+        check_id(email_id)
+        if send_at is None:
+            raise InvalidArgument.single("send_at", "required")
+        now = self._clock.now()
+        horizon = self._policy.limits.schedule_horizon
+        if send_at > now + horizon:
+            raise InvalidArgument.single(
+                "send_at", f"at most {int(horizon.total_seconds())} seconds in the future"
+            )
+        start = max(send_at, now)
+        event = Event(EventType.RESCHEDULED, now, detail=start.isoformat())
+        moved = await self._emails.reschedule(
+            tenant_id=tenant_id,
+            email_id=email_id,
+            start=start,
+            scheduled=send_at > now,
+            expires_at=start + self._policy.retry.max_lifetime,
+            event=event,
+        )
+        if moved is not None:
+            return moved
+        email = await self._emails.get(tenant_id=tenant_id, email_id=email_id, now=now)
+        if email.status == EmailStatus.SENDING:
+            raise FailedPrecondition(
+                f"email {email.id} is being delivered right now; try again in a moment",
+                reason="EMAIL_BEING_DELIVERED",
+                violations=[PreconditionViolation("EMAIL_SENDING", "id", "a worker holds it")],
+            )
+        raise FailedPrecondition(
+            f"only scheduled, queued or deferred emails can be rescheduled; this one is "
+            f"{email.status.value}",
+            reason="EMAIL_NOT_RESCHEDULABLE",
+            violations=[PreconditionViolation("EMAIL_STATUS", "id", email.status.value)],
         )
 
     async def resend(self, *, tenant_id: str, email_id: str) -> Email:
@@ -383,6 +440,11 @@ class MailManager:
         age = (now - oldest).total_seconds() if oldest is not None else 0.0
         return EmailStats(start, end, counts, per_domain, depth, max(age, 0.0))
 
+    async def delivery_health(self) -> DeliveryHealth:
+        """Queue depth and oldest due age over all tenants, and the relays' last outcomes."""
+        depth, age = await self._emails.queue_health(now=self._clock.now())
+        return DeliveryHealth(depth, age, await self._relay_health.recent())
+
     async def sweep_idempotency(self) -> int:
         """Forget idempotency keys older than their window (and old claim bookkeeping)."""
         now = self._clock.now()
@@ -402,4 +464,4 @@ def _dedupe(recipients: list[Recipient]) -> list[Recipient]:
     return out
 
 
-__all__ = ["RESENDABLE", "MailManager", "MailPolicy"]
+__all__ = ["RESENDABLE", "DeliveryHealth", "MailManager", "MailPolicy"]

@@ -7,6 +7,7 @@ from azora.mail.v1 import mail_pb2
 from services.core.errors import InvalidArgument
 from services.core.protobuf import from_timestamp, to_timestamp
 from services.mail.compose import AttachmentInput, SendInput
+from services.mail.manager import DeliveryHealth
 from services.mail.models import (
     Email,
     EmailFilter,
@@ -158,4 +159,22 @@ def stats_to_proto(stats: EmailStats) -> mail_pb2.EmailStats:
         ],
         queue_depth=stats.queue_depth,
         oldest_due_age_seconds=stats.oldest_due_age_seconds,
+    )
+
+
+def delivery_health_to_proto(health: DeliveryHealth) -> mail_pb2.DeliveryHealth:
+    """The mail service's part of the suite health report as a proto."""
+    return mail_pb2.DeliveryHealth(
+        queue_depth=health.queue_depth,
+        oldest_due_age_seconds=health.oldest_due_age_seconds,
+        relays=[
+            mail_pb2.RelayHealth(
+                relay=r.relay,
+                last_outcome=r.outcome,
+                last_code=r.code,
+                last_attempt_time=to_timestamp(r.at),
+                reachable=r.reachable,
+            )
+            for r in health.relays
+        ],
     )

@@ -151,10 +151,18 @@ class Email:
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
-    """An email a worker holds, with the token that fences its writes."""
+    """An email a worker holds: the lease it won and what to record with the attempt.
+
+    The lease is claim number `claim_no` of the email (see `MongoEmailRepository.claim_batch`);
+    `events` are the timeline entries of the claim itself (this one, and claims of workers whose
+    lease expired before they recorded anything), written together with the attempt's outcome.
+    """
 
     email: Email
     lease_token: str
+    claim_no: int = 0
+    lease_expires: datetime | None = None
+    events: tuple[Event, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,15 +4,16 @@ Collections (written only by the mail service):
 * ``emails``: one document per email: envelope, content (or its GridFS id), recipients,
   timeline. Writes after a claim filter on the claim's lease token, which fences out a worker
   whose lease was taken over.
-* ``email_queue``: one tiny entry per unfinished email, ``due`` = when a worker may take it.
-  A claim moves ``due`` to the lease's expiry, so one field finds both due emails and expired
-  leases (SQS-style "visible at"); the entry is removed when the email finishes.
+* ``email_queue``: one tiny entry per unfinished email: ``due`` (when a worker may take it) and
+  ``claims`` (the number of the next claim). Removed when the email finishes.
+* ``email_claims``: the leases, an append-only log: ``_id`` = email id + claim number, with the
+  holder's token and the lease's expiry. A unique insert decides which worker wins a claim; the
+  live lease of an email is its newest claim while unexpired (see
+  `MongoEmailRepository.claim_batch`). Swept after an hour.
 * ``email_idempotency``: ``_id`` = tenant + key; insert-first, so concurrent duplicates meet on
   the unique ``_id``. Expired records are removed by our sweeper (no TTL index: FerretDB).
-* ``email_claims``: ``_id`` = email id + claim number; the unique insert that decides which
-  worker wins a claim (see `MongoEmailRepository.claim`). Swept after an hour.
-FerretDB 1.24 has no transactions: the writes of one step go entry-then-email in an order
-where a crash between them leaves work to redo, never work lost.
+FerretDB 1.24 has no transactions: the writes of one step go in an order where a crash between
+them leaves work to redo, never work lost.
 * GridFS bucket ``email_content``: built messages above the inline limit (FerretDB 1.24 serves
   GridFS: it is two ordinary collections, ``files`` and ``chunks`` of 255 KiB).
 Timeline events are an array of flat documents (no nested arrays: FerretDB).
@@ -20,18 +21,22 @@ Timeline events are an array of flat documents (no nested arrays: FerretDB).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
-from collections.abc import Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from bson import Binary, ObjectId
 from gridfs.asynchronous import AsyncGridFSBucket
 from gridfs.errors import NoFile
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, DeleteOne, ReturnDocument, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
 
 from services.core.errors import NotFound
 from services.core.mongo import Document, IndexSpec, is_duplicate_key
@@ -59,11 +64,16 @@ _CANCELLABLE = (
     EmailStatus.SCHEDULED.value,
     EmailStatus.DEFERRED.value,
 )
+_Item = TypeVar("_Item")
 # A queue entry whose email does not exist after this long was left by a crashed submit.
 _ORPHAN_AGE = timedelta(minutes=1)
-# How many due emails a claimer looks at (and tries in random order).
-_CLAIM_CANDIDATES = 8
-_CLAIM_WINDOW = 64
+# Due entries one claim reads: per email it wants, plus a few, as spares for those that other
+# workers turn out to hold (this process skips the ones it knows are leased).
+_CLAIM_WINDOW_FACTOR = 4
+_CLAIM_WINDOW_EXTRA = 32
+# Insert rounds of one claim (spares for lost emails, next numbers for expired leases), and
+# expired leases followed in a row when reading who holds an email.
+_MAX_ROUNDS = 16
 CONTENT_BUCKET = "email_content"
 # Statuses a worker takes once next_attempt_at has passed (for SENDING: the lease expired).
 CLAIMABLE = [
@@ -101,8 +111,8 @@ class EmailRepository(Protocol):
         """Store a new email (content included). False when its id already exists."""
         ...
 
-    async def get(self, *, tenant_id: str, email_id: str) -> Email:
-        """The tenant's email, without content.
+    async def get(self, *, tenant_id: str, email_id: str, now: datetime | None = None) -> Email:
+        """The tenant's email, without content; SENDING while a live lease holds it at `now`.
 
         Raises:
             NotFound: no such email in this tenant.
@@ -119,10 +129,10 @@ class EmailRepository(Protocol):
         """The built message of an email."""
         ...
 
-    async def claim(
-        self, *, now: datetime, lease: timedelta, token: str, event: Event
-    ) -> Claimed | None:
-        """Atomically take the most overdue claimable email, if any."""
+    async def claim_batch(
+        self, *, now: datetime, lease: timedelta, worker_id: str, limit: int
+    ) -> list[Claimed]:
+        """Take up to `limit` due emails, the most overdue first, each under a lease."""
         ...
 
     async def finish_attempt(
@@ -147,7 +157,23 @@ class EmailRepository(Protocol):
         ...
 
     async def cancel(self, *, tenant_id: str, email_id: str, event: Event) -> Email | None:
-        """Cancel an email that is queued, scheduled or deferred; None if it is not."""
+        """Cancel an unfinished email that no live lease holds; None otherwise.
+
+        Queued, scheduled or deferred, and no worker delivering it at the event's time.
+        """
+        ...
+
+    async def reschedule(
+        self,
+        *,
+        tenant_id: str,
+        email_id: str,
+        start: datetime,
+        scheduled: bool,
+        expires_at: datetime,
+        event: Event,
+    ) -> Email | None:
+        """Move an unfinished email no live lease holds to `start`; None if it is not one."""
         ...
 
     async def delete(self, *, tenant_id: str, email_id: str) -> Email | None:
@@ -168,6 +194,10 @@ class EmailRepository(Protocol):
         self, *, tenant_id: str, now: datetime, domain_id: str | None
     ) -> tuple[int, datetime | None]:
         """How many of the tenant's emails are due now, and the oldest due time."""
+        ...
+
+    async def queue_health(self, *, now: datetime) -> tuple[int, float]:
+        """Entries due now in the whole queue, and how long the oldest has been due (s)."""
         ...
 
 
@@ -339,6 +369,65 @@ def _from_doc(doc: Document) -> Email:
 _NO_CONTENT = {"content": 0}
 
 
+class _GroupCommit(Generic[_Item]):
+    """Writes many callers' documents together: one batch per command instead of one each.
+
+    FerretDB (SQLite) pays mostly per command and per transaction: one insertMany of 50
+    documents costs about as much as two single inserts. Callers that arrive while a batch is
+    being written wait for the next one, so a lone caller is written at once and a burst
+    shares commands (group commit, as databases do with their log).
+    """
+
+    _MAX_BATCH = 256
+
+    def __init__(self, write: Callable[[list[_Item]], Awaitable[list[bool]]]) -> None:
+        self._write = write
+        self._pending: list[tuple[_Item, asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def submit(self, item: _Item) -> bool:
+        """Have `item` written with the next batch; the batch's verdict on it."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_all())
+        # Shielded: a caller that gives up (deadline, cancellation) does not cancel the write
+        # of the others' items; its own may still be written, as with a single command.
+        return await asyncio.shield(done)
+
+    async def _write_all(self) -> None:
+        while self._pending:
+            batch = self._pending[: self._MAX_BATCH]
+            del self._pending[: self._MAX_BATCH]
+            try:
+                verdicts = await self._write([item for item, _ in batch])
+            except Exception as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for (_, done), ok in zip(batch, verdicts, strict=True):
+                if not done.done():
+                    done.set_result(ok)
+
+
+async def _insert_many_unique(
+    collection: AsyncCollection[Document], docs: list[Document]
+) -> list[bool]:
+    """Insert `docs` in one command; which went in (False: the _id was taken already)."""
+    if not docs:
+        return []
+    try:
+        await collection.insert_many(docs, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(int(e.get("code", 0)) != 11000 for e in errors):
+            raise
+        failed = {int(e["index"]) for e in errors}
+        return [i not in failed for i in range(len(docs))]
+    return [True] * len(docs)
+
+
 class MongoEmailRepository:
     """`EmailRepository` on MongoDB/FerretDB, large content in GridFS."""
 
@@ -349,9 +438,20 @@ class MongoEmailRepository:
         self._rng = random.Random()  # noqa: S311 - load spreading, not security
         self._bucket = AsyncGridFSBucket(db, bucket_name=CONTENT_BUCKET)
         self._inline_limit = inline_limit
+        self._inserts = _GroupCommit(self._write_new)
+        self._outcomes = _GroupCommit(self._write_outcomes)
+        # Emails seen leased (by anyone, this process included) -> when that lease expires.
+        # Left out of the next claims' queries: FerretDB returns the first due entries in
+        # insertion order, and without this a window full of emails being delivered would
+        # hide every email behind them.
+        self._leased: dict[str, datetime] = {}
 
     async def insert(self, *, email: Email) -> bool:
-        """See `EmailRepository.insert`."""
+        """See `EmailRepository.insert`.
+
+        Concurrent inserts are written together (`_GroupCommit`): one ``insertMany`` per
+        collection for every email submitted while the previous batch was being written.
+        """
         content = email.content or b""
         file_id: ObjectId | None = None
         if len(content) > self._inline_limit:
@@ -360,42 +460,58 @@ class MongoEmailRepository:
             file_id = await self._bucket.upload_from_stream(f"{email.id}.eml", content)
             email.content_file_id = str(file_id)
             email.content = None
+        entry: Document | None = None
+        if email.status in UNFINISHED and email.next_attempt_at is not None:
+            entry = {"_id": email.id, "due": email.next_attempt_at, "claims": 0}
+            entry["created_at"] = email.created_at
         try:
-            if email.status in UNFINISHED and email.next_attempt_at is not None:
-                # Queue entry before the email: a crash in between leaves an entry without
-                # email (dropped by `claim`), never an email nobody will deliver.
-                try:
-                    await self._queue.update_one(
-                        {"_id": email.id},
-                        {
-                            "$setOnInsert": {
-                                "due": email.next_attempt_at,
-                                "claims": 0,
-                                "created_at": email.created_at,
-                            }
-                        },
-                        upsert=True,
-                    )
-                except Exception as exc:
-                    # A concurrent duplicate (same idempotency key) upserted it first; whether
-                    # this email is the one stored is decided by the email's own _id below.
-                    if not is_duplicate_key(exc):
-                        raise
-            await self._emails.insert_one(_to_doc(email))
-        except Exception as exc:
+            stored = await self._inserts.submit((entry, _to_doc(email)))
+        except Exception:
+            # (Not on cancellation: the shielded write may still store the email.)
             if file_id is not None:
                 await self._bucket.delete(file_id)
-            if is_duplicate_key(exc):
-                return False
             raise
-        return True
+        if not stored and file_id is not None:
+            await self._bucket.delete(file_id)
+        return stored
 
-    async def get(self, *, tenant_id: str, email_id: str) -> Email:
+    async def _write_new(self, batch: list[tuple[Document | None, Document]]) -> list[bool]:
+        # Entries before emails, as for a single email: a crash in between leaves entries
+        # without email (dropped by the claimer after `_ORPHAN_AGE`), never an email nobody
+        # will deliver. A taken entry _id is a concurrent duplicate (same idempotency key);
+        # whether this email is the one stored is decided by the email's own _id.
+        await _insert_many_unique(self._queue, [entry for entry, _ in batch if entry is not None])
+        return await _insert_many_unique(self._emails, [doc for _, doc in batch])
+
+    async def get(self, *, tenant_id: str, email_id: str, now: datetime | None = None) -> Email:
         """See `EmailRepository.get`."""
         doc = await self._own(tenant_id, email_id, _NO_CONTENT)
         if doc is None:
             raise NotFound("Email", email_id)
-        return _from_doc(doc)
+        email = _from_doc(doc)
+        if now is not None and email.status in UNFINISHED:
+            lease = await self._live_lease(email_id, now)
+            if lease is not None:
+                # Claims do not write the email (one write less per delivery); the lease is
+                # what says a worker is delivering it, and until when it may.
+                email.status = EmailStatus.SENDING
+                email.next_attempt_at = lease["expires_at"]
+        return email
+
+    async def _live_lease(self, email_id: str, now: datetime) -> Document | None:
+        """The unexpired newest claim of an unfinished email, if any."""
+        entry = await self._queue.find_one({"_id": email_id})
+        if entry is None:
+            return None
+        number = int(entry.get("claims", 0))
+        for _ in range(_MAX_ROUNDS):
+            claim = await self._claims.find_one({"_id": f"{email_id}:{number}"})
+            if claim is None:
+                return None
+            if claim["expires_at"] > now:
+                return claim
+            number += 1
+        return None
 
     async def _own(
         self, tenant_id: str, email_id: str, projection: Document | None = None
@@ -445,81 +561,119 @@ class MongoEmailRepository:
             raise NotFound("Email", email.id)
         return bytes(doc["content"])
 
-    async def claim(
-        self, *, now: datetime, lease: timedelta, token: str, event: Event
-    ) -> Claimed | None:
-        """See `EmailRepository.claim`.
+    async def claim_batch(
+        self, *, now: datetime, lease: timedelta, worker_id: str, limit: int
+    ) -> list[Claimed]:
+        """See `EmailRepository.claim_batch`.
 
-        Two FerretDB 1.24 (SQLite) facts shape this, both measured here:
-        * it does not isolate ``findAndModify`` or conditional updates (8 concurrent claimers
-          took 50 documents 123-157 times), but it does enforce unique keys. So the claim is
-          an insert of ``<email id>:<claim number>`` into ``email_claims``; only its winner
-          moves the entry and bumps ``claims``, so each claim number is won once. (On
-          MongoDB find-and-modify alone would do; this stays correct there.)
-        * it filters and sorts by scanning every document of a collection. So the queue is
-          its own collection of tiny entries that exist only while an email is unfinished,
-          instead of a filter over every email ever sent.
+        A claim is one insert, nothing else: claim number n of an email is the document
+        ``<email id>:<n>`` in ``email_claims``, and the queue entry says which n is next. Unique
+        ``_id``s decide between concurrent claimers (FerretDB 1.24 does not isolate
+        find-and-modify or conditional updates, measured: 8 claimers took 50 documents 123-157
+        times; unique keys do hold). Neither the entry nor the email is written at claim time:
+        each write by ``_id`` costs FerretDB 2-3 ms, and one claim insert per email goes into
+        a single ``insertMany`` for the whole batch.
+
+        * Claim n exists and is unexpired: another worker holds the email; skip it.
+        * Claim n exists but expired (its worker died or released it): try n+1. The expired
+          holder's late record is refused because n+1 exists (`finish_attempt`).
+        * The attempt's outcome moves the entry on (``due``, ``claims`` = n+1) or removes it.
+
+        The queue is its own small collection because FerretDB filters by scanning: a query
+        over every email ever sent would grow without bound.
         """
-        # No sort on the server: FerretDB sorts by scanning every entry (20 ms at 300), while
-        # a plain filter with a limit stops early. The oldest of a wider window go first.
-        cursor = self._queue.find({"due": {"$lte": now}}).limit(_CLAIM_WINDOW)
-        window = sorted([d async for d in cursor], key=lambda d: d["due"])
-        candidates = window[:_CLAIM_CANDIDATES]
-        # Concurrent workers would all fight over the head of the queue; spread them out.
-        self._rng.shuffle(candidates)
-        for entry in candidates:
-            email_id, number = entry["_id"], int(entry.get("claims", 0))
-            claim_id = f"{email_id}:{number}"
-            try:
-                await self._claims.insert_one({"_id": claim_id, "token": token, "created_at": now})
-            except Exception as exc:
-                if not is_duplicate_key(exc):
-                    raise
-                await self._drop_stale_claim(claim_id, now=now, lease=lease)
-                continue  # another worker won this claim
-            await self._queue.update_one(
-                {"_id": email_id}, {"$set": {"due": now + lease, "claims": number + 1}}
+        self._leased = {k: v for k, v in self._leased.items() if v > now}
+        query: Document = {"due": {"$lte": now}}
+        if self._leased:
+            query["_id"] = {"$nin": list(self._leased)}
+        # No sort on the server (FerretDB sorts by scanning everything); a plain filter with a
+        # limit stops early. The most overdue of the window go first; the head is shuffled so
+        # that concurrent claimers do not all fight over the same few emails.
+        size = limit * _CLAIM_WINDOW_FACTOR + _CLAIM_WINDOW_EXTRA
+        window = [d async for d in self._queue.find(query).limit(size)]
+        window.sort(key=lambda d: d["due"])
+        head = window[: limit * 2]
+        self._rng.shuffle(head)
+        untried = [(d["_id"], int(d.get("claims", 0))) for d in (*head, *window[limit * 2 :])]
+        untried.reverse()  # popped from the end
+        created = {d["_id"]: d.get("created_at", now) for d in window}
+        expired: dict[str, list[Event]] = {}
+        won: dict[str, tuple[int, str]] = {}
+        retry: dict[str, int] = {}  # expired leases: their next claim number
+        for _ in range(_MAX_ROUNDS):
+            wanted = dict(retry)
+            while untried and len(won) + len(wanted) < limit:
+                eid, number = untried.pop()
+                wanted.setdefault(eid, number)
+            if not wanted:
+                break
+            tokens = {eid: f"{worker_id}:{uuid.uuid4().hex}" for eid in wanted}
+            docs = [
+                {
+                    "_id": f"{eid}:{number}",
+                    "token": tokens[eid],
+                    "worker": worker_id,
+                    "created_at": now,
+                    "expires_at": now + lease,
+                }
+                for eid, number in wanted.items()
+            ]
+            taken = await _insert_many_unique(self._claims, docs)
+            lost: dict[str, int] = {}
+            for (eid, number), ok in zip(wanted.items(), taken, strict=True):
+                if ok:
+                    won[eid] = (number, tokens[eid])
+                else:
+                    lost[eid] = number
+            # Whoever holds the ones we lost: live (skip) or expired (take the next number).
+            holders = await asyncio.gather(
+                *(self._claims.find_one({"_id": f"{eid}:{n}"}) for eid, n in lost.items())
             )
-            # Read, check, write by _id (see `_own`): the claim record above already made this
-            # worker the only one writing this claim; a concurrent cancel is the one race left.
-            doc = await self._emails.find_one({"_id": email_id})
-            if doc is not None and doc["status"] in CLAIMABLE:
-                doc["status"] = EmailStatus.SENDING.value
-                doc["lease_token"] = token
-                doc["next_attempt_at"] = now + lease
-                doc["updated_at"] = now
-                doc["attempts"] = int(doc.get("attempts", 0)) + 1
-                await self._emails.update_one(
-                    {"_id": email_id},
-                    {
-                        "$set": {
-                            "status": doc["status"],
-                            "lease_token": token,
-                            "next_attempt_at": now + lease,
-                            "updated_at": now,
-                            "attempts": doc["attempts"],
-                        },
-                        "$push": {"events": event_doc(event)},
-                    },
+            retry = {}
+            for (eid, number), holder in zip(lost.items(), holders, strict=True):
+                if holder is None:
+                    continue  # swept meanwhile (an hour old): the next round of claims
+                if holder["expires_at"] > now:
+                    self._leased[eid] = holder["expires_at"]
+                    continue
+                expired.setdefault(eid, []).append(
+                    Event(
+                        EventType.CLAIMED,
+                        holder["created_at"],
+                        detail=f"{holder.get('worker', '')} (lease expired without a record)",
+                    )
                 )
-                doc["events"] = [*doc.get("events", []), event_doc(event)]
-                return Claimed(_from_doc(doc), token)
-            # Finished or cancelled meanwhile, or an entry whose email was never stored.
-            if doc is not None or entry.get("created_at", now) <= now - _ORPHAN_AGE:
-                await self._queue.delete_one({"_id": email_id})
-        return None
+                retry[eid] = number + 1
+        docs_by_id = await asyncio.gather(*(self._emails.find_one({"_id": eid}) for eid in won))
+        out: list[Claimed] = []
+        stale: list[str] = []
+        for (eid, (number, token)), doc in zip(won.items(), docs_by_id, strict=True):
+            if doc is None or doc["status"] not in CLAIMABLE:
+                # Finished or cancelled meanwhile (its entry outlived a crash), or an entry
+                # whose email was never stored (a submit that crashed in between).
+                if doc is not None or created.get(eid, now) <= now - _ORPHAN_AGE:
+                    stale.append(eid)
+                continue
+            self._leased[eid] = now + lease
+            email = _from_doc(doc)
+            # The attempt this claim is for; written with its outcome (`finish_attempt`).
+            email.attempts += 1
+            email.status = EmailStatus.SENDING
+            events = (
+                *expired.get(eid, ()),
+                Event(EventType.CLAIMED, now, detail=worker_id),
+            )
+            out.append(Claimed(email, token, number, now + lease, events))
+        if stale:
+            await self._queue.delete_many({"_id": {"$in": stale}})
+        return out
 
     async def _holds(self, claimed: Claimed) -> bool:
-        # The fence against a worker whose lease was taken over (read, then write by _id).
-        doc = await self._emails.find_one({"_id": claimed.email.id}, {"lease_token": 1})
-        return doc is not None and doc.get("lease_token") == claimed.lease_token
-
-    async def _drop_stale_claim(self, claim_id: str, *, now: datetime, lease: timedelta) -> None:
-        # A claimer that died between its insert and moving the entry would block that claim
-        # number forever; once a lease has passed its record is removed so it can be won again.
-        existing = await self._claims.find_one({"_id": claim_id})
-        if existing is not None and existing["created_at"] <= now - lease:
-            await self._claims.delete_one({"_id": claim_id, "token": existing["token"]})
+        # The fence against a worker whose lease expired and was taken over: the next claim
+        # number exists. (Read, then write by _id: FerretDB has no conditional update that is
+        # isolated, so a takeover between the two is the remaining, lease-sized, window.)
+        later = await self._claims.find_one({"_id": f"{claimed.email.id}:{claimed.claim_no + 1}"})
+        return later is None
 
     async def queue_health(self, *, now: datetime) -> tuple[int, float]:
         """Entries due now in the whole queue, and how long the oldest has been due (s)."""
@@ -531,7 +685,7 @@ class MongoEmailRepository:
         return depth, (now - oldest).total_seconds() if oldest is not None else 0.0
 
     async def sweep_claims(self, *, before: datetime) -> int:
-        """Remove claim records older than `before` (only needed for a moment after a claim)."""
+        """Remove claims older than `before` (far older than any lease: they decide nothing)."""
         result = await self._claims.delete_many({"created_at": {"$lt": before}})
         return int(result.deleted_count)
 
@@ -546,55 +700,57 @@ class MongoEmailRepository:
         now: datetime,
     ) -> bool:
         """See `EmailRepository.finish_attempt`."""
+        email_id = claimed.email.id
         if not await self._holds(claimed):
             return False
-        result = await self._emails.update_one(
-            {"_id": claimed.email.id},
-            {
-                "$set": {
-                    "recipients": [_recipient_doc(r) for r in recipients],
-                    "status": status.value,
-                    "next_attempt_at": next_attempt_at,
-                    "lease_token": "",
-                    "updated_at": now,
-                },
-                "$push": {"events": {"$each": [event_doc(e) for e in events]}},
+        update: Document = {
+            "$set": {
+                "recipients": [_recipient_doc(r) for r in recipients],
+                "status": status.value,
+                "next_attempt_at": next_attempt_at,
+                "attempts": claimed.email.attempts,
+                "lease_token": "",
+                "updated_at": now,
             },
-        )
-        if result.modified_count != 1:
-            return False
+            "$push": {"events": {"$each": [event_doc(e) for e in (*claimed.events, *events)]}},
+        }
+        entry: UpdateOne | DeleteOne
         if status in UNFINISHED and next_attempt_at is not None:
-            await self._queue.update_one(
-                {"_id": claimed.email.id}, {"$set": {"due": next_attempt_at}}
+            entry = UpdateOne(
+                {"_id": email_id},
+                {"$set": {"due": next_attempt_at, "claims": claimed.claim_no + 1}},
             )
         else:
-            await self._queue.delete_one({"_id": claimed.email.id})
+            entry = DeleteOne({"_id": email_id})
+        await self._outcomes.submit((UpdateOne({"_id": email_id}, update), entry))
+        self._leased.pop(email_id, None)
         return True
 
+    async def _write_outcomes(
+        self, batch: list[tuple[UpdateOne, UpdateOne | DeleteOne]]
+    ) -> list[bool]:
+        # Emails first, entries second: a crash in between leaves entries whose next claim
+        # sees the recorded outcome (finished: entry dropped; deferred: retried early), never
+        # an unrecorded delivery.
+        await self._emails.bulk_write([email for email, _ in batch], ordered=False)
+        await self._queue.bulk_write([entry for _, entry in batch], ordered=False)
+        return [True] * len(batch)
+
     async def release(self, *, claimed: Claimed, now: datetime) -> None:
-        """See `EmailRepository.release`."""
-        if not await self._holds(claimed):
-            return
-        await self._emails.update_one(
-            {"_id": claimed.email.id},
-            {
-                "$set": {
-                    "status": EmailStatus.QUEUED.value,
-                    "next_attempt_at": now,
-                    "lease_token": "",
-                    "updated_at": now,
-                },
-                # The claim did not turn into an attempt.
-                "$inc": {"attempts": -1},
-            },
-        )
-        await self._queue.update_one({"_id": claimed.email.id}, {"$set": {"due": now}})
+        """See `EmailRepository.release`: the lease ends now, nothing else was written."""
+        claim_id = f"{claimed.email.id}:{claimed.claim_no}"
+        claim = await self._claims.find_one({"_id": claim_id})
+        if claim is not None and claim.get("token") == claimed.lease_token:
+            await self._claims.update_one({"_id": claim_id}, {"$set": {"expires_at": now}})
+        self._leased.pop(claimed.email.id, None)
 
     async def cancel(self, *, tenant_id: str, email_id: str, event: Event) -> Email | None:
         """See `EmailRepository.cancel`."""
         doc = await self._own(tenant_id, email_id, _NO_CONTENT)
         if doc is None or doc["status"] not in _CANCELLABLE:
             return None
+        if await self._live_lease(email_id, event.time) is not None:
+            return None  # a worker is delivering it right now
         # Queue entry first: no worker takes the email from here on.
         await self._queue.delete_one({"_id": email_id})
         email = _from_doc(doc)
@@ -612,6 +768,51 @@ class MongoEmailRepository:
                     "next_attempt_at": None,
                     "updated_at": event.time,
                     "recipients": [_recipient_doc(r) for r in email.recipients],
+                },
+                "$push": {"events": event_doc(event)},
+            },
+        )
+        return email
+
+    async def reschedule(
+        self,
+        *,
+        tenant_id: str,
+        email_id: str,
+        start: datetime,
+        scheduled: bool,
+        expires_at: datetime,
+        event: Event,
+    ) -> Email | None:
+        """See `EmailRepository.reschedule`."""
+        doc = await self._own(tenant_id, email_id, _NO_CONTENT)
+        if doc is None or doc["status"] not in _CANCELLABLE:
+            return None
+        if await self._live_lease(email_id, event.time) is not None:
+            return None  # a worker is delivering it right now
+        email = _from_doc(doc)
+        email.status = EmailStatus.SCHEDULED if scheduled else EmailStatus.QUEUED
+        email.next_attempt_at = start
+        email.send_at = start if scheduled else None
+        email.expires_at = expires_at
+        email.updated_at = event.time
+        email.events.append(event)
+        # Entry first: a crash before the email's update can make the email late by its new
+        # time, never early (its document still shows the old time until then).
+        await self._queue.update_one(
+            {"_id": email_id},
+            {"$set": {"due": start}, "$setOnInsert": {"claims": 0, "created_at": event.time}},
+            upsert=True,
+        )
+        await self._emails.update_one(
+            {"_id": email_id},
+            {
+                "$set": {
+                    "status": email.status.value,
+                    "next_attempt_at": start,
+                    "send_at": email.send_at,
+                    "expires_at": expires_at,
+                    "updated_at": event.time,
                 },
                 "$push": {"events": event_doc(event)},
             },

@@ -74,6 +74,23 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):
         )
         return mapping.email_to_proto(email)
 
+    async def RescheduleEmail(
+        self, request: mail_pb2.RescheduleEmailRequest, context: Context
+    ) -> mail_pb2.Email:
+        """See the proto."""
+        email = await self._manager.reschedule(
+            tenant_id=current_principal().tenant_id,
+            email_id=request.id,
+            send_at=from_timestamp(request.send_at) if request.HasField("send_at") else None,
+        )
+        return mapping.email_to_proto(email)
+
+    async def GetDeliveryHealth(
+        self, request: mail_pb2.GetDeliveryHealthRequest, context: Context
+    ) -> mail_pb2.DeliveryHealth:
+        """See the proto."""
+        return mapping.delivery_health_to_proto(await self._manager.delivery_health())
+
     async def DeleteEmail(
         self, request: mail_pb2.DeleteEmailRequest, context: Context
     ) -> empty_pb2.Empty:

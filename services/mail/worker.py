@@ -17,9 +17,10 @@ from services.core.clock import SystemClock
 from services.core.logs import configure_logging
 from services.core.runtime import Database, prepare_database
 from services.core.settings import Settings, SettingsError
-from services.mail.app import make_worker
+from services.mail.app import MAIL_INDEXES, RELAY_HEALTH_REFRESH, make_worker
+from services.mail.relay_health import RelayHealthStore
 from services.mail.relay_lookup import smtp_service_relays
-from services.mail.repository import INDEXES, MongoEmailRepository
+from services.mail.repository import MongoEmailRepository
 
 SERVICE_NAME = "mail-worker"
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ async def serve(settings: Settings) -> None:
     database = Database.connect(settings)
     relays, channel = smtp_service_relays(settings)
     try:
-        await prepare_database(database.db, INDEXES)
+        await prepare_database(database.db, MAIL_INDEXES)
         emails = MongoEmailRepository(database.db, inline_limit=settings.mail_inline_content_limit)
         worker = make_worker(
             settings,
@@ -38,6 +39,7 @@ async def serve(settings: Settings) -> None:
             relays=relays,
             clock=SystemClock(),
             worker_id=os.environ.get("AZORA_MAIL_WORKER_ID") or None,
+            relay_health=RelayHealthStore(database.db, refresh=RELAY_HEALTH_REFRESH),
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -29,9 +29,10 @@ from azora.mail.v1 import mail_pb2, mail_pb2_grpc
 from services.core.clock import ManualClock
 from services.core.ids import new_id
 from services.core.settings import Settings
-from services.mail.app import MailApp, build_app, make_worker
+from services.mail.app import RELAY_HEALTH_REFRESH, MailApp, build_app, make_worker
 from services.mail.delivery import DeliveryWorker
 from services.mail.relay_directory import InMemoryRelayDirectory, RelaySecurity, RelaySettings
+from services.mail.relay_health import RelayHealthStore
 from services.mail.relay_lookup import DirectoryRelayLookup
 from services.mail.senders import SenderDomain, StaticSenderDirectory
 from tests.conftest import Tenant, make_settings, new_tenant, unique_domain
@@ -237,7 +238,15 @@ class LocalMail:
             settings = make_settings(
                 settings.mongodb_uri, settings.mongodb_database, **{**RETRY_ENV, **overrides}
             )
-        return make_worker(settings, emails=self.app.emails, relays=self.lookup, clock=self.clock)
+        return make_worker(
+            settings,
+            emails=self.app.emails,
+            relays=self.lookup,
+            clock=self.clock,
+            relay_health=RelayHealthStore(
+                self.app.running.database.db, refresh=RELAY_HEALTH_REFRESH
+            ),
+        )
 
     async def send(self, tenant: Tenant, **fields: object) -> mail_pb2.Email:
         """SendEmail as `tenant`."""

@@ -394,3 +394,27 @@ async def test_service_process_runs_its_own_workers_and_releases_on_stop(
     finally:
         await app.running.stop(None)
     assert (await local_mail.get(tenant, stuck)).status == E.EMAIL_STATUS_QUEUED
+
+
+async def test_delivery_refuses_relays_on_non_public_addresses_when_told_to(
+    local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
+) -> None:
+    # The SSRF guard at every connection (production's default): a relay on loopback is not
+    # connected to; the attempt is a temporary failure saying why, so fixing the relay's DNS
+    # lets the retry through before the email expires.
+    relay = await scripted_relay(Script())
+    _, name = local_mail.add_domain(tenant, port=relay.port)
+    email_id = await send_one(local_mail, tenant, name)
+    guarded = local_mail.worker(AZORA_SMTP_ALLOW_PRIVATE_HOSTS="false")
+    assert await guarded.run_once() == 1
+    email = await local_mail.get(tenant, email_id)
+    assert email.status == DEFERRED
+    reply = email.recipients[0].last_reply
+    assert reply.code == 0
+    assert "loopback" in reply.text, reply.text
+    assert relay.received == []
+    assert relay.connections == 0
+    # Allowed (the default outside production): the retry goes through.
+    local_mail.clock.advance(timedelta(hours=1))
+    assert await local_mail.worker().run_once() == 1
+    assert (await local_mail.get(tenant, email_id)).status == SENT

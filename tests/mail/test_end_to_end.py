@@ -38,7 +38,7 @@ from services.core.settings import Settings
 from services.domain.app import DomainApp
 from services.mail.app import MailApp, build_app, make_worker
 from services.mail.relay_lookup import smtp_service_relays
-from services.mail.repository import MongoEmailRepository
+from services.mail.repository import EMAILS, MongoEmailRepository
 from services.smtp.app import SmtpApp
 from tests.conftest import REPO_ROOT, Tenant, make_settings, unique_domain
 from tests.mail.conftest import RETRY_ENV, START
@@ -239,10 +239,18 @@ async def test_delivered_over_starttls_with_auth_signed_and_verified(
 
 
 async def test_two_workers_deliver_each_message_exactly_once(e2e: EndToEnd) -> None:
-    # 100 emails, two workers with their own database clients racing for them: every
-    # Message-ID reaches the relay exactly once and every email ends SENT.
-    ids = [(await e2e.send(to=[f"r{i}@example.org"])).message_id for i in range(100)]
+    # 2,000 emails, two workers (their production loop, batch claims) with their own database
+    # clients racing for them: every Message-ID reaches the relay exactly once, every email
+    # ends SENT, and each worker delivered a real share (told by the CLAIMED events).
+    total = 2000
+    ids: list[str] = []
+    for start in range(0, total, 100):
+        sent = await asyncio.gather(
+            *(e2e.send(to=[f"r{i}@example.org"]) for i in range(start, start + 100))
+        )
+        ids.extend(e.message_id for e in sent)
     second = Database.connect(e2e.settings)
+    db = e2e.app.running.database.db
     try:
         relays = smtp_service_relays(e2e.settings)
         workers = [
@@ -254,12 +262,25 @@ async def test_two_workers_deliver_each_message_exactly_once(e2e: EndToEnd) -> N
                 clock=e2e.clock,
             ),
         ]
-        done = await asyncio.gather(*(w.run_once() for w in workers))
+        running = [asyncio.create_task(w.run()) for w in workers]
+        try:
+            async with asyncio.timeout(900):  # a bound against hanging, not a speed check
+                # Polling the database: there is no event to wait on across two workers.
+                while await db[EMAILS].count_documents({"status": "sent"}) < total:  # noqa: ASYNC110
+                    await asyncio.sleep(1)
+        finally:
+            for worker in workers:
+                worker.stop()
+            await asyncio.gather(*running)
         await relays[1].close()
     finally:
         await second.close()
-    assert sum(done) == 100
-    assert all(n > 0 for n in done)  # both took part
+    claims: Counter[str] = Counter()
+    async for doc in db[EMAILS].find({}, {"events": 1}):
+        claims.update(e["detail"] for e in doc["events"] if e["type"] == "claimed")
+    assert sum(claims.values()) == total  # one claim per email: nothing delivered twice
+    share = [claims[w.worker_id] for w in workers]
+    assert min(share) >= total // 10, share
     received = Counter(
         email.message_from_bytes(m, policy=policy.default)["Message-ID"] for m in e2e.received
     )

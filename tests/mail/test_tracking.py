@@ -165,6 +165,120 @@ async def test_scheduled_email_is_delivered_when_due(
     assert len(relay.received) == 1
 
 
+async def test_reschedule_moves_the_send_time_both_ways(
+    local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
+) -> None:
+    # Later: nothing at the old time, delivered at the new one; earlier (a time in the past):
+    # due at once. Each move is on the timeline and moves the give-up time with it.
+    relay = await scripted_relay(Script())
+    _, name = local_mail.add_domain(tenant, port=relay.port)
+    stub, md = local_mail.stub, tenant.metadata
+    start = local_mail.clock.now()
+    email = await send(local_mail, tenant, name, send_at=ts(start + timedelta(minutes=10)))
+    moved = await stub.RescheduleEmail(
+        E.RescheduleEmailRequest(id=email.id, send_at=ts(start + timedelta(hours=2))),
+        metadata=md,
+    )
+    assert moved.status == E.EMAIL_STATUS_SCHEDULED
+    assert moved.next_attempt_time.ToDatetime() == (start + timedelta(hours=2)).replace(tzinfo=None)
+    local_mail.clock.advance(timedelta(minutes=30))
+    assert await local_mail.worker().run_once() == 0  # the old time passed: nothing
+    local_mail.clock.advance(timedelta(hours=1, minutes=30))
+    assert await local_mail.worker().run_once() == 1
+    sent = await local_mail.get(tenant, email.id)
+    assert sent.status == E.EMAIL_STATUS_SENT
+    assert [e.type for e in sent.events][:3] == [
+        E.EVENT_TYPE_ACCEPTED,
+        E.EVENT_TYPE_SCHEDULED,
+        E.EVENT_TYPE_RESCHEDULED,
+    ]
+
+    now = local_mail.clock.now()
+    later = await send(local_mail, tenant, name, send_at=ts(now + timedelta(days=3)))
+    sooner = await stub.RescheduleEmail(
+        E.RescheduleEmailRequest(id=later.id, send_at=ts(now - timedelta(minutes=5))),
+        metadata=md,
+    )
+    assert sooner.status == E.EMAIL_STATUS_QUEUED
+    assert await local_mail.worker().run_once() == 1
+    assert (await local_mail.get(tenant, later.id)).status == E.EMAIL_STATUS_SENT
+    assert len(relay.received) == 2
+
+
+async def test_reschedule_refusals_name_the_problem(
+    local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
+) -> None:
+    # Beyond the horizon or missing: INVALID_ARGUMENT on send_at; finished or cancelled:
+    # FAILED_PRECONDITION; unknown, malformed or another tenant's: NOT_FOUND/INVALID_ARGUMENT.
+    relay = await scripted_relay(Script())
+    _, name = local_mail.add_domain(tenant, port=relay.port)
+    stub, md = local_mail.stub, tenant.metadata
+    now = local_mail.clock.now()
+    email = await send(local_mail, tenant, name, send_at=ts(now + timedelta(hours=1)))
+    too_far = await failure_of(
+        stub.RescheduleEmail(
+            E.RescheduleEmailRequest(id=email.id, send_at=ts(now + timedelta(days=31))),
+            metadata=md,
+        )
+    )
+    assert too_far.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "send_at" in too_far.field_violations
+    missing = await failure_of(
+        stub.RescheduleEmail(E.RescheduleEmailRequest(id=email.id), metadata=md)
+    )
+    assert missing.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "send_at" in missing.field_violations
+    unchanged = await local_mail.get(tenant, email.id)
+    assert unchanged.status == E.EMAIL_STATUS_SCHEDULED
+    assert [e.type for e in unchanged.events] == [E.EVENT_TYPE_ACCEPTED, E.EVENT_TYPE_SCHEDULED]
+
+    await stub.DeleteEmail(E.DeleteEmailRequest(id=email.id), metadata=md)
+    cancelled = await failure_of(
+        stub.RescheduleEmail(
+            E.RescheduleEmailRequest(id=email.id, send_at=ts(now + timedelta(hours=3))),
+            metadata=md,
+        )
+    )
+    assert cancelled.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert cancelled.reason == "EMAIL_NOT_RESCHEDULABLE"
+    assert (await local_mail.get(tenant, email.id)).status == E.EMAIL_STATUS_CANCELLED
+
+    unknown = await failure_of(
+        stub.RescheduleEmail(E.RescheduleEmailRequest(id=new_id(), send_at=ts(now)), metadata=md)
+    )
+    assert unknown.code == grpc.StatusCode.NOT_FOUND
+    malformed = await failure_of(
+        stub.RescheduleEmail(E.RescheduleEmailRequest(id="x", send_at=ts(now)), metadata=md)
+    )
+    assert malformed.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "id" in malformed.field_violations
+
+
+async def test_reschedule_of_an_email_being_delivered_is_refused(
+    local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
+) -> None:
+    # A worker holds it (its relay hangs after DATA): FAILED_PRECONDITION, nothing changed.
+    relay = await scripted_relay(Script(final="HANG"))
+    _, name = local_mail.add_domain(tenant, port=relay.port, timeout=30)
+    email = await send(local_mail, tenant, name)
+    worker = local_mail.worker()
+    claimed = await worker.claim()
+    assert claimed is not None
+    failure = await failure_of(
+        local_mail.stub.RescheduleEmail(
+            E.RescheduleEmailRequest(
+                id=email.id, send_at=ts(local_mail.clock.now() + timedelta(hours=1))
+            ),
+            metadata=tenant.metadata,
+        )
+    )
+    assert failure.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert failure.reason == "EMAIL_BEING_DELIVERED"
+    held = await local_mail.get(tenant, email.id)
+    assert held.status == E.EMAIL_STATUS_SENDING
+    assert E.EVENT_TYPE_RESCHEDULED not in [e.type for e in held.events]
+
+
 async def test_resend_creates_a_linked_new_delivery(
     local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
 ) -> None:

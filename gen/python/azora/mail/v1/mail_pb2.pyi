@@ -767,6 +767,36 @@ class ResendEmailRequest(_message.Message):
 Global___ResendEmailRequest: _TypeAlias = ResendEmailRequest  # noqa: Y015
 
 @_typing.final
+class RescheduleEmailRequest(_message.Message):
+    """RescheduleEmailRequest names the email and its new send time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SEND_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The email's id."""
+    @_builtins.property
+    def send_at(self) -> _timestamp_pb2.Timestamp:
+        """When to send it; at most the scheduling horizon (AZORA_MAIL_SCHEDULE_HORIZON, 30 days by
+        default) ahead. A time not in the future sends it as soon as a worker is free.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        send_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["send_at", b"send_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "send_at", b"send_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RescheduleEmailRequest: _TypeAlias = RescheduleEmailRequest  # noqa: Y015
+
+@_typing.final
 class DeleteEmailRequest(_message.Message):
     """DeleteEmailRequest names the email to delete or cancel."""
 
@@ -925,3 +955,94 @@ class EmailStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EmailStats: _TypeAlias = EmailStats  # noqa: Y015
+
+@_typing.final
+class GetDeliveryHealthRequest(_message.Message):
+    """GetDeliveryHealthRequest has no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeliveryHealthRequest: _TypeAlias = GetDeliveryHealthRequest  # noqa: Y015
+
+@_typing.final
+class DeliveryHealth(_message.Message):
+    """DeliveryHealth is the state of delivery across tenants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    OLDEST_DUE_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    RELAYS_FIELD_NUMBER: _builtins.int
+    queue_depth: _builtins.int
+    """Emails due now, those being delivered right now included."""
+    oldest_due_age_seconds: _builtins.float
+    """How long the most overdue of them has been due, in seconds."""
+    @_builtins.property
+    def relays(self) -> _containers.RepeatedCompositeFieldContainer[Global___RelayHealth]:
+        """Relays with a recorded attempt, most recent first."""
+
+    def __init__(
+        self,
+        *,
+        queue_depth: _builtins.int = ...,
+        oldest_due_age_seconds: _builtins.float = ...,
+        relays: _abc.Iterable[Global___RelayHealth] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["oldest_due_age_seconds", b"oldest_due_age_seconds", "queue_depth", b"queue_depth", "relays", b"relays"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryHealth: _TypeAlias = DeliveryHealth  # noqa: Y015
+
+@_typing.final
+class RelayHealth(_message.Message):
+    """RelayHealth is the last recorded delivery outcome through one relay."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELAY_FIELD_NUMBER: _builtins.int
+    LAST_OUTCOME_FIELD_NUMBER: _builtins.int
+    LAST_CODE_FIELD_NUMBER: _builtins.int
+    LAST_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    relay: _builtins.str
+    """"host:port"."""
+    last_outcome: _builtins.str
+    """"sent", "deferred", "bounced" or "failed": the attempt's overall outcome."""
+    last_code: _builtins.int
+    """The SMTP code of the reply that decided it; 0 for a transport failure (no reply)."""
+    reachable: _builtins.bool
+    """Whether the relay was reachable and answered (any SMTP reply), as opposed to a
+    connection, TLS or timeout failure.
+    """
+    @_builtins.property
+    def last_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When that attempt ended."""
+
+    def __init__(
+        self,
+        *,
+        relay: _builtins.str = ...,
+        last_outcome: _builtins.str = ...,
+        last_code: _builtins.int = ...,
+        last_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        reachable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_attempt_time", b"last_attempt_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_attempt_time", b"last_attempt_time", "last_code", b"last_code", "last_outcome", b"last_outcome", "reachable", b"reachable", "relay", b"relay"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayHealth: _TypeAlias = RelayHealth  # noqa: Y015

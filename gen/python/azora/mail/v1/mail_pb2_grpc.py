@@ -63,6 +63,16 @@ class MailServiceStub:
                 request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.ResendEmailRequest.SerializeToString,
                 response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.Email.FromString,
                 _registered_method=True)
+        self.RescheduleEmail = channel.unary_unary(
+                '/azora.mail.v1.MailService/RescheduleEmail',
+                request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.RescheduleEmailRequest.SerializeToString,
+                response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.Email.FromString,
+                _registered_method=True)
+        self.GetDeliveryHealth = channel.unary_unary(
+                '/azora.mail.v1.MailService/GetDeliveryHealth',
+                request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.GetDeliveryHealthRequest.SerializeToString,
+                response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.DeliveryHealth.FromString,
+                _registered_method=True)
         self.DeleteEmail = channel.unary_unary(
                 '/azora.mail.v1.MailService/DeleteEmail',
                 request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.DeleteEmailRequest.SerializeToString,
@@ -113,6 +123,26 @@ class MailServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RescheduleEmail(self, request, context):
+        """Moves a scheduled, queued or deferred email to a new send time, within the scheduling
+        horizon; a time not in the future means "now". Recorded on the timeline (RESCHEDULED).
+        Errors: INVALID_ARGUMENT (send_at missing or beyond the horizon), NOT_FOUND,
+        FAILED_PRECONDITION (finished or cancelled, or being delivered right now).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeliveryHealth(self, request, context):
+        """Returns the delivery queue's depth and oldest due age over all tenants, and the last
+        delivery outcome per SMTP relay, as recorded by the workers (no connection is opened).
+        Internal: asked by the suite health report; never exposed through the gateway.
+        Errors: PERMISSION_DENIED (not a service principal).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteEmail(self, request, context):
         """Cancels a queued or scheduled email; removes a finished email and its content.
         """
@@ -147,6 +177,16 @@ def add_MailServiceServicer_to_server(servicer, server):
                     servicer.ResendEmail,
                     request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.ResendEmailRequest.FromString,
                     response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.Email.SerializeToString,
+            ),
+            'RescheduleEmail': grpc.unary_unary_rpc_method_handler(
+                    servicer.RescheduleEmail,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.RescheduleEmailRequest.FromString,
+                    response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.Email.SerializeToString,
+            ),
+            'GetDeliveryHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeliveryHealth,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.GetDeliveryHealthRequest.FromString,
+                    response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.DeliveryHealth.SerializeToString,
             ),
             'DeleteEmail': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteEmail,
@@ -292,6 +332,60 @@ class MailService:
             '/azora.mail.v1.MailService/ResendEmail',
             azora_dot_mail_dot_v1_dot_mail__pb2.ResendEmailRequest.SerializeToString,
             azora_dot_mail_dot_v1_dot_mail__pb2.Email.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RescheduleEmail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.MailService/RescheduleEmail',
+            azora_dot_mail_dot_v1_dot_mail__pb2.RescheduleEmailRequest.SerializeToString,
+            azora_dot_mail_dot_v1_dot_mail__pb2.Email.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeliveryHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.MailService/GetDeliveryHealth',
+            azora_dot_mail_dot_v1_dot_mail__pb2.GetDeliveryHealthRequest.SerializeToString,
+            azora_dot_mail_dot_v1_dot_mail__pb2.DeliveryHealth.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,18 @@ class MailServiceStub:
     """Returns one email with its recipients and timeline."""
     ResendEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.ResendEmailRequest, _mail_pb2.Email]
     """Creates a new delivery of a failed or bounced email, linked to the original."""
+    RescheduleEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.RescheduleEmailRequest, _mail_pb2.Email]
+    """Moves a scheduled, queued or deferred email to a new send time, within the scheduling
+    horizon; a time not in the future means "now". Recorded on the timeline (RESCHEDULED).
+    Errors: INVALID_ARGUMENT (send_at missing or beyond the horizon), NOT_FOUND,
+    FAILED_PRECONDITION (finished or cancelled, or being delivered right now).
+    """
+    GetDeliveryHealth: _grpc.UnaryUnaryMultiCallable[_mail_pb2.GetDeliveryHealthRequest, _mail_pb2.DeliveryHealth]
+    """Returns the delivery queue's depth and oldest due age over all tenants, and the last
+    delivery outcome per SMTP relay, as recorded by the workers (no connection is opened).
+    Internal: asked by the suite health report; never exposed through the gateway.
+    Errors: PERMISSION_DENIED (not a service principal).
+    """
     DeleteEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.DeleteEmailRequest, _empty_pb2.Empty]
     """Cancels a queued or scheduled email; removes a finished email and its content."""
 
@@ -74,6 +86,18 @@ class MailServiceAsyncStub(MailServiceStub):
     """Returns one email with its recipients and timeline."""
     ResendEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.ResendEmailRequest, _mail_pb2.Email]  # type: ignore[assignment]
     """Creates a new delivery of a failed or bounced email, linked to the original."""
+    RescheduleEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.RescheduleEmailRequest, _mail_pb2.Email]  # type: ignore[assignment]
+    """Moves a scheduled, queued or deferred email to a new send time, within the scheduling
+    horizon; a time not in the future means "now". Recorded on the timeline (RESCHEDULED).
+    Errors: INVALID_ARGUMENT (send_at missing or beyond the horizon), NOT_FOUND,
+    FAILED_PRECONDITION (finished or cancelled, or being delivered right now).
+    """
+    GetDeliveryHealth: _aio.UnaryUnaryMultiCallable[_mail_pb2.GetDeliveryHealthRequest, _mail_pb2.DeliveryHealth]  # type: ignore[assignment]
+    """Returns the delivery queue's depth and oldest due age over all tenants, and the last
+    delivery outcome per SMTP relay, as recorded by the workers (no connection is opened).
+    Internal: asked by the suite health report; never exposed through the gateway.
+    Errors: PERMISSION_DENIED (not a service principal).
+    """
     DeleteEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.DeleteEmailRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Cancels a queued or scheduled email; removes a finished email and its content."""
 
@@ -125,6 +149,30 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_mail_pb2.Email, _abc.Awaitable[_mail_pb2.Email]]:
         """Creates a new delivery of a failed or bounced email, linked to the original."""
+
+    @_abc_1.abstractmethod
+    def RescheduleEmail(
+        self,
+        request: _mail_pb2.RescheduleEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mail_pb2.Email, _abc.Awaitable[_mail_pb2.Email]]:
+        """Moves a scheduled, queued or deferred email to a new send time, within the scheduling
+        horizon; a time not in the future means "now". Recorded on the timeline (RESCHEDULED).
+        Errors: INVALID_ARGUMENT (send_at missing or beyond the horizon), NOT_FOUND,
+        FAILED_PRECONDITION (finished or cancelled, or being delivered right now).
+        """
+
+    @_abc_1.abstractmethod
+    def GetDeliveryHealth(
+        self,
+        request: _mail_pb2.GetDeliveryHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mail_pb2.DeliveryHealth, _abc.Awaitable[_mail_pb2.DeliveryHealth]]:
+        """Returns the delivery queue's depth and oldest due age over all tenants, and the last
+        delivery outcome per SMTP relay, as recorded by the workers (no connection is opened).
+        Internal: asked by the suite health report; never exposed through the gateway.
+        Errors: PERMISSION_DENIED (not a service principal).
+        """
 
     @_abc_1.abstractmethod
     def DeleteEmail(
