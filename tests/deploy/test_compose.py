@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from services.core.metrics import Peer
+from services.core.settings import METRICS_PORTS
 from tests.deploy.conftest import (
     COMPOSE_FILE,
     DESCRIPTOR_SET,
@@ -250,3 +252,19 @@ def test_the_images_install_step_provides_every_commands_imports(
         check=False,
     )
     assert imported.returncode == 0, imported.stderr[-4000:]
+
+
+def test_every_service_exposes_its_metrics_port(compose: dict[str, Any]) -> None:
+    # Issue 6: each service process serves its registry on its METRICS_PORTS port on the compose
+    # network, and /metrics (answered by the domain service) merges the other two.
+    expected = {}
+    for name in APP_SERVICES:
+        service = compose["services"][name]
+        _, port = METRICS_PORTS[f"{name}-service"]
+        assert service["environment"]["AZORA_METRICS_HOST"] == "0.0.0.0", name  # noqa: S104
+        assert str(port) in [str(p) for p in service.get("expose", [])], name
+        expected[name] = port
+    peers = compose["services"]["domain"]["environment"]["AZORA_METRICS_PEERS"].split(",")
+    assert {Peer.parse(p).url for p in peers} == {
+        f"http://{name}:{port}/metrics" for name, port in expected.items() if name != "domain"
+    }

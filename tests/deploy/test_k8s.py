@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from services.core.metrics import Peer
+from services.core.settings import METRICS_PORTS
 from tests.deploy.conftest import ENVOY_YAML, K8S_DIR, PROCESSES, REPO_ROOT, DeployTools
 
 # Oldest supported release (the preStop `sleep` action is on by default from 1.30) and the
@@ -280,3 +282,29 @@ def test_envoy_deployment_mounts_config_and_the_images_descriptor(
     assert set(ports.values()) <= listener_ports
     assert envoy_facts["admin"]["port"] not in ports.values()
     assert envoy["readinessProbe"]["httpGet"]["path"] == "/ready"
+
+
+def test_every_service_pod_is_scrapeable_by_prometheus(objects: list[dict[str, Any]]) -> None:
+    # Issue 6: each pod serves its own registry on its METRICS_PORTS port, on every interface,
+    # and says so in the annotations Prometheus's pod discovery reads; /metrics's peers point
+    # at those ports.
+    config = of_kind(objects, "ConfigMap")["azora-config"]["data"]
+    assert config["AZORA_METRICS_HOST"] == "0.0.0.0"  # noqa: S104
+    deployments = of_kind(objects, "Deployment")
+    scrape_ports = {}
+    for process in PROCESSES:
+        _, port = METRICS_PORTS[f"{process}-service"]
+        template = deployments[process]["spec"]["template"]
+        annotations = template["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", process
+        assert annotations["prometheus.io/port"] == str(port), process
+        assert annotations["prometheus.io/path"] == "/metrics", process
+        [container] = [c for c in template["spec"]["containers"] if c["name"] == process]
+        assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in container["ports"]
+        scrape_ports[process] = port
+    peers = [Peer.parse(p) for p in config["AZORA_METRICS_PEERS"].split(",")]
+    assert {p.url for p in peers} == {
+        f"http://{process}:{port}/metrics"
+        for process, port in scrape_ports.items()
+        if process != "domain"  # the domain process answers /metrics and adds its own
+    }
