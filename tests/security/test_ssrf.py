@@ -308,15 +308,6 @@ async def system_dns_is_knot(
     monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "services/mail/delivery.py connects to the stored relay host through the system "
-        "resolver with no address policy: the SMTP service stores relay names unresolved "
-        "(names are judged only when TestSmtpConnection connects), so in production a name "
-        "resolving to loopback/private/link-local addresses is connected to by delivery"
-    ),
-)
 @pytest.mark.usefixtures("system_dns_is_knot")
 @pytest.mark.parametrize("label", ["loop", "mapped"])
 async def test_delivery_never_connects_to_names_resolving_to_loopback(
