@@ -744,13 +744,23 @@ class MongoEmailRepository:
             await self._claims.update_one({"_id": claim_id}, {"$set": {"expires_at": now}})
         self._leased.pop(claimed.email.id, None)
 
-    async def cancel(self, *, tenant_id: str, email_id: str, event: Event) -> Email | None:
-        """See `EmailRepository.cancel`."""
+    async def _waiting(self, tenant_id: str, email_id: str, now: datetime) -> Document | None:
+        """The tenant's email if it waits for an attempt and no worker holds it at `now`.
+
+        Queued, scheduled or deferred: what cancel and reschedule may change.
+        """
         doc = await self._own(tenant_id, email_id, _NO_CONTENT)
         if doc is None or doc["status"] not in _CANCELLABLE:
             return None
-        if await self._live_lease(email_id, event.time) is not None:
+        if await self._live_lease(email_id, now) is not None:
             return None  # a worker is delivering it right now
+        return doc
+
+    async def cancel(self, *, tenant_id: str, email_id: str, event: Event) -> Email | None:
+        """See `EmailRepository.cancel`."""
+        doc = await self._waiting(tenant_id, email_id, event.time)
+        if doc is None:
+            return None
         # Queue entry first: no worker takes the email from here on.
         await self._queue.delete_one({"_id": email_id})
         email = _from_doc(doc)
@@ -785,11 +795,9 @@ class MongoEmailRepository:
         event: Event,
     ) -> Email | None:
         """See `EmailRepository.reschedule`."""
-        doc = await self._own(tenant_id, email_id, _NO_CONTENT)
-        if doc is None or doc["status"] not in _CANCELLABLE:
+        doc = await self._waiting(tenant_id, email_id, event.time)
+        if doc is None:
             return None
-        if await self._live_lease(email_id, event.time) is not None:
-            return None  # a worker is delivering it right now
         email = _from_doc(doc)
         email.status = EmailStatus.SCHEDULED if scheduled else EmailStatus.QUEUED
         email.next_attempt_at = start
