@@ -270,9 +270,11 @@ async def system_dns_is_knot(
 ) -> None:
     """Let the event loop's getaddrinfo answer names of the hostile zone from Knot.
 
-    In production the system resolver asks public DNS, where an attacker controls the answers
-    for their own names; here Knot plays that part for the hostile zone only (every other name
-    goes to the real getaddrinfo).
+    Delivery resolves relay names with the configured resolver (Knot here) before it applies
+    the address policy; this makes the system resolver give the same answers, so the test
+    still catches a delivery path that hands the name to the OS (getaddrinfo) unchecked. In
+    production an attacker controls the public DNS answers for their own names; Knot plays
+    that part for the hostile zone only (every other name goes to the real getaddrinfo).
     """
     import socket
 
