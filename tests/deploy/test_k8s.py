@@ -129,7 +129,9 @@ def test_every_container_has_probes_and_app_containers_use_grpc(
                 continue
             (process,) = [p for p, spec_ in PROCESSES.items() if spec_[0] == command[2]]
             _, _, port, served = PROCESSES[process]
-            assert [p["containerPort"] for p in container["ports"]] == [port], where
+            # gRPC first; the metrics port is checked by the scrape test below.
+            assert container["ports"][0]["containerPort"] == port, where
+            assert {p["name"] for p in container["ports"]} <= {"grpc", "metrics"}, where
             readiness = container["readinessProbe"]["grpc"]
             assert readiness == {"port": port, "service": served[0]}, where
             # Liveness asks the server (""), so a database outage never restarts pods.
