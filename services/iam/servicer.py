@@ -105,8 +105,8 @@ class GrpcApiKeyResolver:
 
     async def resolve(self, *, secret: str) -> Principal | None:
         """See `services.core.auth.ApiKeyResolver`."""
-        # The rpc allows anonymous callers, but anonymous calls are rate-limited per address:
-        # a service identity keeps every user's key lookups off this service's own budget.
+        # The rpc is internal (only service principals); the service identity also keeps
+        # every user's key lookups off this service's own rate-limit budget.
         metadata = self._tokens.metadata(self._LOOKUP_TENANT) if self._tokens else ()
         try:
             reply = await self._stub.ResolveApiKey(

@@ -262,25 +262,18 @@ async def _revoke_api_key(a: Attack) -> None:
 
 @case(K + "ResolveApiKey")
 async def _resolve_api_key(a: Attack) -> None:
-    # Anonymous by design (the other services call it before they know any principal), with no
-    # REST binding: it answers only for the exact secret, which already is the credential, and
-    # tells B nothing about A's key from B's own credentials or a near-miss secret.
+    # Internal (the other services call it with a service token): neither B's credentials nor
+    # an anonymous caller learns which tenant a secret belongs to, even with the exact secret.
     near_miss = a.victim.api_key_secret[:-1] + ("A" if a.victim.api_key_secret[-1] != "A" else "B")
-    for secret, metadata in ((near_miss, a.b), (near_miss, ()), ("", a.b)):
-        failure = await failure_of(
-            a.stubs.api_keys.ResolveApiKey(
-                api_keys_pb2.ResolveApiKeyRequest(secret=secret), metadata=metadata
+    for secret in (a.victim.api_key_secret, near_miss, ""):
+        for metadata in (a.b, ()):
+            failure = await failure_of(
+                a.stubs.api_keys.ResolveApiKey(
+                    api_keys_pb2.ResolveApiKeyRequest(secret=secret), metadata=metadata
+                )
             )
-        )
-        assert failure.code == grpc.StatusCode.UNAUTHENTICATED
-        assert mentions_victim(failure.message, a.victim) == []
-    own = await a.stubs.api_keys.CreateApiKey(
-        api_keys_pb2.CreateApiKeyRequest(name="b", scopes=["domains:read"]), metadata=a.b
-    )
-    resolved = await a.stubs.api_keys.ResolveApiKey(
-        api_keys_pb2.ResolveApiKeyRequest(secret=own.secret), metadata=a.b
-    )
-    assert resolved.tenant_id == a.intruder.id
+            assert failure.code == grpc.StatusCode.PERMISSION_DENIED
+            assert mentions_victim(failure.message, a.victim) == []
 
 
 @case(M + "SendEmail")

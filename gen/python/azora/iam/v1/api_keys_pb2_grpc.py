@@ -88,7 +88,9 @@ class ApiKeyServiceServicer:
 
     def ResolveApiKey(self, request, context):
         """Resolves an API key secret to its principal. Internal: the SMTP and mail services call it
-        to authenticate API keys (the domain service owns the key collection). No REST binding.
+        with a service token to authenticate API keys (the domain service owns the key collection);
+        nobody else learns which tenant a secret belongs to. No REST binding.
+        Errors: UNAUTHENTICATED (no such live key), PERMISSION_DENIED (not a service principal).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,7 +44,9 @@ class ApiKeyServiceStub:
     """Revokes an API key: every later request made with it is UNAUTHENTICATED. Idempotent."""
     ResolveApiKey: _grpc.UnaryUnaryMultiCallable[_api_keys_pb2.ResolveApiKeyRequest, _api_keys_pb2.ResolveApiKeyResponse]
     """Resolves an API key secret to its principal. Internal: the SMTP and mail services call it
-    to authenticate API keys (the domain service owns the key collection). No REST binding.
+    with a service token to authenticate API keys (the domain service owns the key collection);
+    nobody else learns which tenant a secret belongs to. No REST binding.
+    Errors: UNAUTHENTICATED (no such live key), PERMISSION_DENIED (not a service principal).
     """
 
 @_typing.type_check_only
@@ -63,7 +65,9 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     """Revokes an API key: every later request made with it is UNAUTHENTICATED. Idempotent."""
     ResolveApiKey: _aio.UnaryUnaryMultiCallable[_api_keys_pb2.ResolveApiKeyRequest, _api_keys_pb2.ResolveApiKeyResponse]  # type: ignore[assignment]
     """Resolves an API key secret to its principal. Internal: the SMTP and mail services call it
-    to authenticate API keys (the domain service owns the key collection). No REST binding.
+    with a service token to authenticate API keys (the domain service owns the key collection);
+    nobody else learns which tenant a secret belongs to. No REST binding.
+    Errors: UNAUTHENTICATED (no such live key), PERMISSION_DENIED (not a service principal).
     """
 
 class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -103,7 +107,9 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_api_keys_pb2.ResolveApiKeyResponse, _abc.Awaitable[_api_keys_pb2.ResolveApiKeyResponse]]:
         """Resolves an API key secret to its principal. Internal: the SMTP and mail services call it
-        to authenticate API keys (the domain service owns the key collection). No REST binding.
+        with a service token to authenticate API keys (the domain service owns the key collection);
+        nobody else learns which tenant a secret belongs to. No REST binding.
+        Errors: UNAUTHENTICATED (no such live key), PERMISSION_DENIED (not a service principal).
         """
 
 def add_ApiKeyServiceServicer_to_server(servicer: ApiKeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
