@@ -95,6 +95,15 @@ def _wrap_unary(handler: Any, wrap: Callable[[Behavior], Behavior]) -> Any:
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Request context, deadline propagation, error mapping and access logging."""
 
+    def __init__(self, *, database_timeout: float | None = None) -> None:
+        """Build the interceptor.
+
+        Args:
+            database_timeout: the most one request may spend on the database (None: only the
+                caller's deadline bounds it).
+        """
+        self._database_timeout = database_timeout
+
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any]:
@@ -136,15 +145,22 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                             raise InvalidArgument.single("request", "the request body is malformed")
                         if deadline is not None and deadline <= 0:
                             raise DeadlineExceeded("the deadline expired before the call started")
-                        # The caller's deadline bounds every database call made for this request.
-                        with pymongo.timeout(deadline):
+                        # The caller's deadline bounds every database call made for this request,
+                        # and so does our own limit: under a pymongo.timeout the driver waits for
+                        # an unreachable server as long as the block allows (it replaces the
+                        # server selection timeout), so without it a client with a long deadline
+                        # would wait all of it instead of hearing UNAVAILABLE.
+                        budget = _smaller(deadline, self._database_timeout)
+                        with pymongo.timeout(budget):
                             response = await behavior(request, context)
                         await _send_headers(context, headers)
                         return response
                     except AzoraError as exc:
                         code, status = to_status(exc, service_domain=domain)
                     except PyMongoError as exc:
-                        mapped = translate_error(exc, deadline_active=deadline is not None)
+                        left = context.time_remaining()
+                        expired = deadline is not None and left is not None and left <= 0.05
+                        mapped = translate_error(exc, deadline_expired=expired)
                         code, status = to_status(mapped, service_domain=domain)
                     except NotImplementedError:
                         # Generated base servicers raise this for rpcs a service does not serve yet.
@@ -269,3 +285,10 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
             return handle
 
         return _wrap_unary(handler, wrap)  # type: ignore[no-any-return]
+
+
+def _smaller(a: float | None, b: float | None) -> float | None:
+    """The smaller of two optional limits (None: no limit)."""
+    if a is None:
+        return b
+    return a if b is None else min(a, b)

@@ -150,14 +150,17 @@ def is_duplicate_key(exc: BaseException) -> bool:
     )
 
 
-def translate_error(exc: PyMongoError, *, deadline_active: bool = False) -> AzoraError:
+def translate_error(exc: PyMongoError, *, deadline_expired: bool = False) -> AzoraError:
     """Map a driver error that no repository handled into a typed error.
 
-    Timeouts caused by the request deadline (`pymongo.timeout`) are DEADLINE_EXCEEDED; an
-    unreachable server is UNAVAILABLE. Anything else is UNAVAILABLE too: the database refused
-    an operation we did not expect to fail, and the caller may retry.
+    A timeout once the request's deadline has passed (`pymongo.timeout` bounds every database
+    call of a request) is DEADLINE_EXCEEDED; an unreachable server is UNAVAILABLE, also when
+    the driver reports it as a timeout with time left on the deadline (server selection gives
+    up after AZORA_MONGODB_SERVER_SELECTION_TIMEOUT), so clients with long deadlines hear
+    UNAVAILABLE (retry) rather than wait. Anything else is UNAVAILABLE too: the database
+    refused an operation we did not expect to fail, and the caller may retry.
     """
-    if deadline_active and (isinstance(exc, ExecutionTimeout | WTimeoutError) or exc.timeout):
+    if deadline_expired and (isinstance(exc, ExecutionTimeout | WTimeoutError) or exc.timeout):
         return DeadlineExceeded("the request deadline expired during a database call")
     if isinstance(exc, ServerSelectionTimeoutError | ConnectionFailure | AutoReconnect):
         return Unavailable("the database is unreachable", retry_after_seconds=2)

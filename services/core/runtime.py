@@ -122,7 +122,7 @@ async def start_service(
         service_names=service_names,
         registrars=registrars,
         interceptors=[
-            ErrorMappingInterceptor(),
+            ErrorMappingInterceptor(database_timeout=settings.mongodb_request_timeout),
             AuthInterceptor(Authenticator(settings, api_keys)),
             RateLimitInterceptor(limiter),
         ],

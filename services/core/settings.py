@@ -54,6 +54,10 @@ class Settings:
     mongodb_uri: str = "mongodb://127.0.0.1:27017/"
     mongodb_database: str = "azora"
     mongodb_server_selection_timeout: float = 5.0
+    # The most one request spends on the database in total (also bounded by the caller's
+    # deadline). Past it the answer is UNAVAILABLE (retry), so a database outage reaches clients
+    # as UNAVAILABLE after this long rather than as their own deadline expiring.
+    mongodb_request_timeout: float = 10.0
     jwt_secret: str = DEV_JWT_SECRET
     jwt_issuer: str = ""
     jwt_audience: str = ""
@@ -213,6 +217,9 @@ class Settings:
             ),
             mongodb_uri=env.get("MONGODB_URI", defaults.mongodb_uri),
             mongodb_database=env.get("AZORA_MONGODB_DATABASE", defaults.mongodb_database),
+            mongodb_request_timeout=reader.number(
+                "AZORA_MONGODB_REQUEST_TIMEOUT", defaults.mongodb_request_timeout
+            ),
             jwt_secret=env.get("JWT_SECRET", ""),
             jwt_issuer=env.get("AZORA_JWT_ISSUER", ""),
             jwt_audience=env.get("AZORA_JWT_AUDIENCE", ""),

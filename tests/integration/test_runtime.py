@@ -159,15 +159,15 @@ async def test_deadline_bounds_database_calls(ferretdb: str) -> None:
 
 
 async def test_database_timeouts_map_to_deadline_exceeded(ferretdb: str) -> None:
-    # The driver's timeout error under a request deadline becomes DEADLINE_EXCEEDED.
+    # The driver's timeout error once the request deadline passed becomes DEADLINE_EXCEEDED.
     from pymongo.errors import ExecutionTimeout
 
     from services.core.errors import DeadlineExceeded, Unavailable
     from services.core.mongo import translate_error
 
     timeout_error = ExecutionTimeout("operation exceeded time limit", code=50)
-    assert isinstance(translate_error(timeout_error, deadline_active=True), DeadlineExceeded)
-    assert isinstance(translate_error(timeout_error, deadline_active=False), Unavailable)
+    assert isinstance(translate_error(timeout_error, deadline_expired=True), DeadlineExceeded)
+    assert isinstance(translate_error(timeout_error, deadline_expired=False), Unavailable)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(ferretdb)
     try:
         import pymongo
@@ -177,8 +177,43 @@ async def test_database_timeouts_map_to_deadline_exceeded(ferretdb: str) -> None
             with pytest.raises(PyMongoError) as caught:
                 await client.admin.command("ping")
         assert caught.value.timeout
-        assert isinstance(translate_error(caught.value, deadline_active=True), DeadlineExceeded)
+        assert isinstance(translate_error(caught.value, deadline_expired=True), DeadlineExceeded)
     finally:
+        await client.close()
+
+
+async def test_unreachable_database_is_unavailable_within_a_long_deadline() -> None:
+    # The database is down and the caller allows 20 s: the service's own database limit (1 s
+    # here, AZORA_MONGODB_REQUEST_TIMEOUT) ends the wait and the caller hears UNAVAILABLE
+    # (retry), not DEADLINE_EXCEEDED after waiting its whole deadline.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        f"mongodb://127.0.0.1:{closed}/", serverSelectionTimeoutMS=300, connectTimeoutMS=300
+    )
+
+    async def ping(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        await client.admin.command("ping")
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "azora.test.v1.Probe", {"Ping": grpc.unary_unary_rpc_method_handler(ping)}
+    )
+    server = await create_server(
+        bind="127.0.0.1:0",
+        service_names=("azora.test.v1.Probe",),
+        registrars=(lambda s: s.add_generic_rpc_handlers((handler,)),),
+        interceptors=[ErrorMappingInterceptor(database_timeout=1.0)],
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call: Any = channel.unary_unary("/azora.test.v1.Probe/Ping")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(b"", timeout=20)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    finally:
+        await server.stop(None)
         await client.close()
 
 
