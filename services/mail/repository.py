@@ -444,7 +444,10 @@ class MongoEmailRepository:
         # Left out of the next claims' queries: FerretDB returns the first due entries in
         # insertion order, and without this a window full of emails being delivered would
         # hide every email behind them.
-        self._leased: dict[str, datetime] = {}
+        self._leased: dict[str, tuple[datetime, str]] = {}  # email id -> (expiry, claim token)
+        # Tokens of claims this process took back (their email was not stored yet): a mark
+        # another loop made from reading such a claim must not hide the email for a lease.
+        self._returned: dict[str, datetime] = {}  # token -> when it was taken back
 
     async def insert(self, *, email: Email) -> bool:
         """See `EmailRepository.insert`.
@@ -582,7 +585,12 @@ class MongoEmailRepository:
         The queue is its own small collection because FerretDB filters by scanning: a query
         over every email ever sent would grow without bound.
         """
-        self._leased = {k: v for k, v in self._leased.items() if v > now}
+        self._returned = {t: at for t, at in self._returned.items() if at > now - lease}
+        self._leased = {
+            k: (expiry, token)
+            for k, (expiry, token) in self._leased.items()
+            if expiry > now and token not in self._returned
+        }
         query: Document = {"due": {"$lte": now}}
         if self._leased:
             query["_id"] = {"$nin": list(self._leased)}
@@ -634,7 +642,7 @@ class MongoEmailRepository:
                 if holder is None:
                     continue  # swept meanwhile (an hour old): the next round of claims
                 if holder["expires_at"] > now:
-                    self._leased[eid] = holder["expires_at"]
+                    self._leased[eid] = (holder["expires_at"], str(holder.get("token", "")))
                     continue
                 expired.setdefault(eid, []).append(
                     Event(
@@ -647,14 +655,20 @@ class MongoEmailRepository:
         docs_by_id = await asyncio.gather(*(self._emails.find_one({"_id": eid}) for eid in won))
         out: list[Claimed] = []
         stale: list[str] = []
+        unborn: list[str] = []
         for (eid, (number, token)), doc in zip(won.items(), docs_by_id, strict=True):
+            if doc is None and created.get(eid, now) > now - _ORPHAN_AGE:
+                # Its email is being stored right now (entries go first): take the claim back
+                # (ours alone: we just inserted it), or the email would wait for the lease.
+                unborn.append(f"{eid}:{number}")
+                self._returned[token] = now
+                continue
             if doc is None or doc["status"] not in CLAIMABLE:
                 # Finished or cancelled meanwhile (its entry outlived a crash), or an entry
                 # whose email was never stored (a submit that crashed in between).
-                if doc is not None or created.get(eid, now) <= now - _ORPHAN_AGE:
-                    stale.append(eid)
+                stale.append(eid)
                 continue
-            self._leased[eid] = now + lease
+            self._leased[eid] = (now + lease, token)
             email = _from_doc(doc)
             # The attempt this claim is for; written with its outcome (`finish_attempt`).
             email.attempts += 1
@@ -666,6 +680,8 @@ class MongoEmailRepository:
             out.append(Claimed(email, token, number, now + lease, events))
         if stale:
             await self._queue.delete_many({"_id": {"$in": stale}})
+        if unborn:
+            await self._claims.bulk_write([DeleteOne({"_id": c}) for c in unborn])
         return out
 
     async def _holds(self, claimed: Claimed) -> bool:

@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from services.mail.app import build_app
 from services.mail.relay_directory import RelaySecurity
+from services.mail.repository import EMAILS
 from tests.conftest import Tenant
 from tests.mail.conftest import LocalMail, Script, ScriptedRelay
 
@@ -418,3 +419,23 @@ async def test_delivery_refuses_relays_on_non_public_addresses_when_told_to(
     local_mail.clock.advance(timedelta(hours=1))
     assert await local_mail.worker().run_once() == 1
     assert (await local_mail.get(tenant, email_id)).status == SENT
+
+
+async def test_an_email_still_being_stored_is_not_held_for_a_whole_lease(
+    local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
+) -> None:
+    # Queue entries are written before their emails: a claim that lands in between gives its
+    # lease back at once, so the email goes out on the next claim instead of after the lease.
+    relay = await scripted_relay(Script())
+    _, name = local_mail.add_domain(tenant, port=relay.port)
+    email_id = await send_one(local_mail, tenant, name)
+    db = local_mail.app.running.database.db
+    stored = await db[EMAILS].find_one({"_id": email_id})
+    assert stored is not None
+    await db[EMAILS].delete_one({"_id": email_id})  # as if its insert had not happened yet
+    assert await local_mail.worker().run_once() == 0
+    await db[EMAILS].insert_one(stored)  # ... and now it has
+    assert await local_mail.worker().run_once() == 1  # no clock advance: no lease to wait out
+    email = await local_mail.get(tenant, email_id)
+    assert email.status == SENT
+    assert len(relay.received) == 1
