@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -390,7 +391,10 @@ class _GroupCommit(Generic[_Item]):
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.append((item, done))
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_all())
+            # A fresh context: the writer serves many callers, so it must not inherit the
+            # first one's request deadline (pymongo.timeout lives in a context variable and
+            # would fail every later batch once that request's time is up) or its trace.
+            self._writer = asyncio.create_task(self._write_all(), context=contextvars.Context())
         # Shielded: a caller that gives up (deadline, cancellation) does not cancel the write
         # of the others' items; its own may still be written, as with a single command.
         return await asyncio.shield(done)
@@ -405,6 +409,9 @@ class _GroupCommit(Generic[_Item]):
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
+                        # Retrieved here so that a caller who gave up meanwhile (deadline)
+                        # leaves no "exception never retrieved" noise; others still get it.
+                        done.exception()
                 continue
             for (_, done), ok in zip(batch, verdicts, strict=True):
                 if not done.done():
