@@ -194,11 +194,11 @@ dev: deps ## Like `run`, restarting the suite when Python code changes
 # smtp-sink, the Postfix relay), opendkim + opendkim-tools (milter and key generation).
 BENCH_APT_PACKAGES := postfix opendkim opendkim-tools
 # Counts and durations (docs/benchmarks.md): defaults finish in minutes on the current queue.
-BENCH_MESSAGES ?= 300
+BENCH_MESSAGES ?= 1000
 BENCH_POSTFIX_MESSAGES ?= 2000
-BENCH_SCALE_MESSAGES ?= 200
+BENCH_SCALE_MESSAGES ?= 1000
 BENCH_WORKERS ?= 1,2,4
-BENCH_GATEWAY_REQUESTS ?= 100
+BENCH_GATEWAY_REQUESTS ?= 400
 BENCH_CONCURRENCY ?= 16
 BENCH_OUT ?= build/bench/bench.json
 SOAK_SECONDS ?= 1800
