@@ -612,6 +612,56 @@ class MongoEmailRepository:
         untried = [(d["_id"], int(d.get("claims", 0))) for d in (*head, *window[limit * 2 :])]
         untried.reverse()  # popped from the end
         created = {d["_id"]: d.get("created_at", now) for d in window}
+        won, expired = await self._win_claims(
+            untried, limit=limit, now=now, lease=lease, worker_id=worker_id
+        )
+        docs_by_id = await asyncio.gather(*(self._emails.find_one({"_id": eid}) for eid in won))
+        out: list[Claimed] = []
+        stale: list[str] = []
+        unborn: list[str] = []
+        for (eid, (number, token)), doc in zip(won.items(), docs_by_id, strict=True):
+            if doc is None and created.get(eid, now) > now - _ORPHAN_AGE:
+                # Its email is being stored right now (entries go first): take the claim back
+                # (ours alone: we just inserted it), or the email would wait for the lease.
+                unborn.append(f"{eid}:{number}")
+                self._returned[token] = now
+                continue
+            if doc is None or doc["status"] not in CLAIMABLE:
+                # Finished or cancelled meanwhile (its entry outlived a crash), or an entry
+                # whose email was never stored (a submit that crashed in between).
+                stale.append(eid)
+                continue
+            self._leased[eid] = (now + lease, token)
+            email = _from_doc(doc)
+            # The attempt this claim is for; written with its outcome (`finish_attempt`).
+            email.attempts += 1
+            email.status = EmailStatus.SENDING
+            events = (
+                *expired.get(eid, ()),
+                Event(EventType.CLAIMED, now, detail=worker_id),
+            )
+            out.append(Claimed(email, token, number, now + lease, events))
+        if stale:
+            await self._queue.delete_many({"_id": {"$in": stale}})
+        if unborn:
+            await self._claims.bulk_write([DeleteOne({"_id": c}) for c in unborn])
+        return out
+
+    async def _win_claims(
+        self,
+        untried: list[tuple[str, int]],
+        *,
+        limit: int,
+        now: datetime,
+        lease: timedelta,
+        worker_id: str,
+    ) -> tuple[dict[str, tuple[int, str]], dict[str, list[Event]]]:
+        """Insert claims for candidates (popped from the end of `untried`) until `limit` are won.
+
+        Returns:
+            email id -> (claim number, token) of the claims won, and the CLAIMED events of
+            expired leases that were taken over on the way (written with the attempt).
+        """
         expired: dict[str, list[Event]] = {}
         won: dict[str, tuple[int, str]] = {}
         retry: dict[str, int] = {}  # expired leases: their next claim number
@@ -659,37 +709,7 @@ class MongoEmailRepository:
                     )
                 )
                 retry[eid] = number + 1
-        docs_by_id = await asyncio.gather(*(self._emails.find_one({"_id": eid}) for eid in won))
-        out: list[Claimed] = []
-        stale: list[str] = []
-        unborn: list[str] = []
-        for (eid, (number, token)), doc in zip(won.items(), docs_by_id, strict=True):
-            if doc is None and created.get(eid, now) > now - _ORPHAN_AGE:
-                # Its email is being stored right now (entries go first): take the claim back
-                # (ours alone: we just inserted it), or the email would wait for the lease.
-                unborn.append(f"{eid}:{number}")
-                self._returned[token] = now
-                continue
-            if doc is None or doc["status"] not in CLAIMABLE:
-                # Finished or cancelled meanwhile (its entry outlived a crash), or an entry
-                # whose email was never stored (a submit that crashed in between).
-                stale.append(eid)
-                continue
-            self._leased[eid] = (now + lease, token)
-            email = _from_doc(doc)
-            # The attempt this claim is for; written with its outcome (`finish_attempt`).
-            email.attempts += 1
-            email.status = EmailStatus.SENDING
-            events = (
-                *expired.get(eid, ()),
-                Event(EventType.CLAIMED, now, detail=worker_id),
-            )
-            out.append(Claimed(email, token, number, now + lease, events))
-        if stale:
-            await self._queue.delete_many({"_id": {"$in": stale}})
-        if unborn:
-            await self._claims.bulk_write([DeleteOne({"_id": c}) for c in unborn])
-        return out
+        return won, expired
 
     async def _holds(self, claimed: Claimed) -> bool:
         # The fence against a worker whose lease expired and was taken over: the next claim
