@@ -97,6 +97,7 @@ class Settings:
     default_page_size: int = 50
     max_domains_per_tenant: int = 1000
     max_dns_records_per_domain: int = 500
+    max_dns_records_per_tenant: int = 5000
     extra: Mapping[str, str] = field(default_factory=dict)
     # SMTP service
     # SSRF guard: may relay hosts resolve to loopback, private, link-local, CGNAT or metadata
@@ -270,6 +271,9 @@ class Settings:
             max_page_size=reader.integer("AZORA_MAX_PAGE_SIZE", defaults.max_page_size, minimum=1),
             max_domains_per_tenant=reader.integer(
                 "AZORA_MAX_DOMAINS_PER_TENANT", defaults.max_domains_per_tenant, minimum=1
+            ),
+            max_dns_records_per_tenant=reader.integer(
+                "AZORA_MAX_DNS_RECORDS_PER_TENANT", defaults.max_dns_records_per_tenant, minimum=1
             ),
             max_dns_records_per_domain=reader.integer(
                 "AZORA_MAX_DNS_RECORDS", defaults.max_dns_records_per_domain, minimum=1

@@ -62,6 +62,7 @@ def policy_from(settings: Settings) -> DomainPolicy:
         max_page_size=settings.max_page_size,
         max_domains_per_tenant=settings.max_domains_per_tenant,
         max_dns_records=settings.max_dns_records_per_domain,
+        max_dns_records_per_tenant=settings.max_dns_records_per_tenant,
     )
 
 

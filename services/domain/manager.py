@@ -65,6 +65,7 @@ class DomainPolicy:
     max_page_size: int = 200
     max_domains_per_tenant: int = 1000
     max_dns_records: int = 500
+    max_dns_records_per_tenant: int = 5000
     recheck_batch: int = 100
 
 
@@ -161,11 +162,25 @@ class DomainManager:
         Raises:
             InvalidArgument: any record is invalid (one violation per problem).
             NotFound: no such domain in this tenant.
+            FailedPrecondition: the tenant's domains would hold more records than allowed.
         """
         domain = await self.get(tenant_id=tenant_id, domain_id=domain_id)
         normalized = normalize_record_set(
             domain.name, records, max_records=self._policy.max_dns_records
         )
+        others = await self._domains.record_count(tenant_id=tenant_id, except_domain_id=domain_id)
+        limit = self._policy.max_dns_records_per_tenant
+        if others + len(normalized) > limit:
+            raise FailedPrecondition(
+                f"this tenant's domains may hold at most {limit} DNS records in all; the others "
+                f"hold {others}, so this domain may have at most {max(limit - others, 0)}",
+                reason="DNS_RECORD_LIMIT_REACHED",
+                violations=[
+                    PreconditionViolation(
+                        "DNS_RECORD_LIMIT_REACHED", "records", f"at most {limit} per tenant"
+                    )
+                ],
+            )
         updated = replace(domain, dns_records=normalized, updated_at=self._clock.now())
         return await self._domains.save(domain=updated)
 

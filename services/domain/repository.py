@@ -85,6 +85,10 @@ class DomainRepository(Protocol):
         """How many domains of the tenant match."""
         ...
 
+    async def record_count(self, *, tenant_id: str, except_domain_id: str) -> int:
+        """How many DNS records the tenant's domains hold, not counting one domain's."""
+        ...
+
     async def save(self, *, domain: Domain) -> Domain:
         """Write the mutable state of `domain` if nobody changed it since it was read.
 
@@ -290,6 +294,15 @@ class MongoDomainRepository:
         if status is not None:
             query["status"] = status.value
         return await self._domains.count_documents(query)
+
+    async def record_count(self, *, tenant_id: str, except_domain_id: str) -> int:
+        """See `DomainRepository.record_count`."""
+        cursor = self._domains.find({"tenant_id": tenant_id}, {"dns_records": 1})
+        total = 0
+        async for doc in cursor:
+            if doc["_id"] != except_domain_id:
+                total += len(doc.get("dns_records") or ())
+        return total
 
     async def save(self, *, domain: Domain) -> Domain:
         """See `DomainRepository.save`."""

@@ -129,6 +129,47 @@ async def test_dns_records_per_domain(limited: LimitedServices, settings: Settin
     await service.stub.UpdateDnsRecords(accepted, metadata=tenant.metadata)
 
 
+# AZORA_MAX_DNS_RECORDS_PER_TENANT bounds the records of all of a tenant's domains together:
+# FAILED_PRECONDITION naming `records`, nothing stored; replacing a domain's own set counts it once.
+async def test_dns_records_per_tenant(limited: LimitedServices, settings: Settings) -> None:
+    service = await limited.domain(limited.settings(AZORA_MAX_DNS_RECORDS_PER_TENANT="3"))
+    tenant = new_tenant(settings)
+    first, second = [
+        await service.stub.CreateDomain(
+            domain_pb2.CreateDomainRequest(name=unique_domain()), metadata=tenant.metadata
+        )
+        for _ in range(2)
+    ]
+    await service.stub.UpdateDnsRecords(
+        domain_pb2.UpdateDnsRecordsRequest(id=first.id, records=[_record(i) for i in range(2)]),
+        metadata=tenant.metadata,
+    )
+    over = domain_pb2.UpdateDnsRecordsRequest(id=second.id, records=[_record(i) for i in range(2)])
+    failure = await failure_of(service.stub.UpdateDnsRecords(over, metadata=tenant.metadata))
+    assert failure.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert failure.reason == "DNS_RECORD_LIMIT_REACHED"
+    unchanged = await service.stub.GetDomain(
+        domain_pb2.GetDomainRequest(id=second.id), metadata=tenant.metadata
+    )
+    assert list(unchanged.dns_records) == []
+    await service.stub.UpdateDnsRecords(  # 2 + 1 = 3: allowed
+        domain_pb2.UpdateDnsRecordsRequest(id=second.id, records=[_record(0)]),
+        metadata=tenant.metadata,
+    )
+    await service.stub.UpdateDnsRecords(  # first's own 2 replaced by 2: still 3
+        domain_pb2.UpdateDnsRecordsRequest(id=first.id, records=[_record(i) for i in (3, 4)]),
+        metadata=tenant.metadata,
+    )
+    other = new_tenant(settings)  # another tenant's budget is its own
+    theirs = await service.stub.CreateDomain(
+        domain_pb2.CreateDomainRequest(name=unique_domain()), metadata=other.metadata
+    )
+    await service.stub.UpdateDnsRecords(
+        domain_pb2.UpdateDnsRecordsRequest(id=theirs.id, records=[_record(i) for i in range(3)]),
+        metadata=other.metadata,
+    )
+
+
 # AZORA_MAX_PAGE_SIZE caps a page (AIP-158: larger sizes are coerced to the maximum, the rest
 # comes on the next page); a negative size is refused naming page_size.
 async def test_page_size_cap(limited: LimitedServices, settings: Settings) -> None:
