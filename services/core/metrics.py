@@ -119,20 +119,27 @@ DOMAINS = Gauge(
 
 EMAILS_ACCEPTED = Counter(
     "azora_emails_accepted",
-    "Emails accepted for delivery (SendEmail and ResendEmail that stored a message).",
+    "Emails accepted for delivery (SendEmail and ResendEmail that stored a message), by sender "
+    "domain.",
+    ("domain",),
 )
-"""Mail service: ``EMAILS_ACCEPTED.inc()`` once per stored email (not on idempotent replays)."""
+"""Mail service: ``EMAILS_ACCEPTED.labels(domain=...).inc()`` once per stored email (not on
+idempotent replays). ``domain`` is the sender's verified domain as an A-label: one series per
+sending domain, never an address or id. A deployment with very many domains drops the label
+at scrape time (``metric_relabel_configs`` with ``labeldrop: domain``); the sums stay right."""
 
 EMAIL_DELIVERIES = Counter(
     "azora_email_deliveries",
-    "Final or intermediate delivery results per email: sent, deferred, bounced, failed.",
-    ("outcome",),
+    "Final or intermediate delivery results per email: sent, deferred, bounced, failed; by "
+    "sender domain.",
+    ("outcome", "domain"),
 )
-"""Mail service: ``EMAIL_DELIVERIES.labels(outcome=...).inc()`` when an email changes state.
+"""Mail service: ``EMAIL_DELIVERIES.labels(outcome=..., domain=...).inc()`` when an email
+changes state.
 
 outcome is one of ``sent`` (relay accepted it), ``deferred`` (4xx/timeout, will retry),
-``bounced`` (5xx) or ``failed`` (gave up: lifetime exceeded, no relay, ...). No domain label:
-the number of domains is unbounded (per-domain figures belong in the email statistics API).
+``bounced`` (5xx) or ``failed`` (gave up: lifetime exceeded, no relay, ...); domain as for
+EMAILS_ACCEPTED.
 """
 
 DELIVERY_ATTEMPT_DURATION = Histogram(

@@ -594,7 +594,7 @@ class DeliveryWorker:
             log.warning("lease lost before recording", extra={"fields": {"email": email.id}})
             return None
         label = _METRIC_OUTCOME.get(outcome.status, "failed")
-        EMAIL_DELIVERIES.labels(outcome=label).inc()
+        EMAIL_DELIVERIES.labels(outcome=label, domain=email.domain_name).inc()
         DELIVERY_ATTEMPT_DURATION.labels(outcome=label).observe(time.perf_counter() - started)
         if endpoint is not None and self._relay_health is not None and replies:
             first = next(iter(replies.values()))

@@ -220,7 +220,7 @@ class MailManager:
         if not await self._emails.insert(email=email):
             # A concurrent duplicate (same key, same request) stored it first.
             return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
-        EMAILS_ACCEPTED.inc()
+        EMAILS_ACCEPTED.labels(domain=domain.name).inc()
         email.content = None
         return email
 
@@ -398,7 +398,7 @@ class MailManager:
             content=content,
         )
         await self._emails.insert(email=email)
-        EMAILS_ACCEPTED.inc()
+        EMAILS_ACCEPTED.labels(domain=original.domain_name).inc()
         await self._emails.add_event(
             tenant_id=tenant_id,
             email_id=original.id,
