@@ -245,18 +245,33 @@ class _Families(Collector):
         return self._families
 
 
+# Labels kept off the suite's merged exposition (GET /metrics answers without credentials):
+# a sender domain names a tenant's domain. Per-process scrape ports keep them; here the samples
+# that differ only in these labels are summed.
+PRIVATE_LABELS = frozenset({"domain"})
+
+
 def _labelled(families: Iterable[Metric], process: str, into: dict[str, Metric]) -> None:
     # `_created` timestamps are dropped: a registry yields them inside their counter while the
     # 0.0.4 text of a peer has them as separate gauges, and merging both would repeat a family.
     for family in families:
+        merged = into.get(family.name)
+        if merged is None:
+            merged = Metric(family.name, family.documentation, family.type, family.unit)
+            into[family.name] = merged
+        index = {(s.name, tuple(sorted(s.labels.items()))): i for i, s in enumerate(merged.samples)}
         for sample in family.samples:
             if sample.name.endswith("_created"):
                 continue
-            merged = into.get(family.name)
-            if merged is None:
-                merged = Metric(family.name, family.documentation, family.type, family.unit)
-                into[family.name] = merged
-            merged.samples.append(sample._replace(labels={**sample.labels, "process": process}))
+            labels = {k: v for k, v in sample.labels.items() if k not in PRIVATE_LABELS}
+            labels["process"] = process
+            key = (sample.name, tuple(sorted(labels.items())))
+            if key in index:
+                earlier = merged.samples[index[key]]
+                merged.samples[index[key]] = earlier._replace(value=earlier.value + sample.value)
+            else:
+                index[key] = len(merged.samples)
+                merged.samples.append(sample._replace(labels=labels))
 
 
 async def _scrape(session: aiohttp.ClientSession, peer: Peer) -> str | None:

@@ -393,8 +393,8 @@ async def test_a_delivered_email_moves_the_right_counters(
         text = body.data.decode()
         return text, _samples(text)
 
-    accepted = ("azora_emails_accepted_total", (("domain", e2e.domain),))
-    sent = ("azora_email_deliveries_total", (("domain", e2e.domain), ("outcome", "sent")))
+    accepted = ("azora_emails_accepted_total", ())
+    sent = ("azora_email_deliveries_total", (("outcome", "sent"),))
     signed = ("azora_dkim_signatures_total", (("outcome", "signed"),))
     _, before = await scrape()
     email_sent = await e2e.send(to=["jane@example.org"], subject="Counted", text="hi")
@@ -410,12 +410,6 @@ async def test_a_delivered_email_moves_the_right_counters(
         assert after.get(key, 0) - before.get(key, 0) == 1, key
     assert "jane@example.org" not in text
     assert email_sent.id not in text
-    # The sender domain is a label value of the email counters (issue 6: "by domain"), and
-    # appears nowhere else.
-    lines = [line for line in text.splitlines() if e2e.domain in line]
-    assert lines
-    assert all(
-        line.startswith(("azora_emails_accepted_total{", "azora_email_deliveries_total{"))
-        and f'domain="{e2e.domain}"' in line
-        for line in lines
-    ), lines
+    # The sender domain labels the counters on the process's own scrape port (see
+    # tests/mail/test_delivery.py), never on this merged, unauthenticated exposition.
+    assert e2e.domain not in text
