@@ -833,7 +833,9 @@ def test_envoy_passes_rate_limit_headers_and_429_through(envoy: RunningEnvoy) ->
         assert int(lowered["ratelimit-reset"]) > 0
         assert lowered["ratelimit-policy"].startswith(lowered["ratelimit-limit"] + ";w=")
         remaining.append(int(lowered["ratelimit-remaining"]))
-    assert remaining[1] == remaining[0] - 1
+    # At least our own request is counted; other processes' counts for the same address may
+    # arrive with a sync in between (services share budgets through the database).
+    assert remaining[1] < remaining[0]
     refused = None
     for _ in range(remaining[1] + 1):
         status, answer, body = envoy.request("GET", "/api/v1/domains", headers=headers)
