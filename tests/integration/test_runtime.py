@@ -25,6 +25,7 @@ from pymongo.errors import PyMongoError
 from services.core.interceptors import ErrorMappingInterceptor
 from services.core.server import create_server
 from tests.conftest import TEST_JWT_SECRET, new_tenant
+from tests.support import ports
 from tests.support.dns_server import SilentDnsServer
 from tests.support.grpc_errors import decode
 
@@ -186,11 +187,10 @@ async def test_unreachable_database_is_unavailable_within_a_long_deadline() -> N
     # The database is down and the caller allows 20 s: the service's own database limit (1 s
     # here, AZORA_MONGODB_REQUEST_TIMEOUT) ends the wait and the caller hears UNAVAILABLE
     # (retry), not DEADLINE_EXCEEDED after waiting its whole deadline.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        f"mongodb://127.0.0.1:{closed}/", serverSelectionTimeoutMS=300, connectTimeoutMS=300
+        f"mongodb://127.0.0.1:{ports.closed_port()}/",
+        serverSelectionTimeoutMS=300,
+        connectTimeoutMS=300,
     )
 
     async def ping(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:

@@ -7,7 +7,6 @@ service for it (`MailService.GetDeliveryHealth`, internal) through `MailDelivery
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -19,16 +18,11 @@ from services.health.delivery import MailDeliveryProbe
 from tests.conftest import Tenant
 from tests.mail.conftest import LocalMail, Script, ScriptedRelay
 from tests.support.grpc_errors import failure_of
+from tests.support.ports import closed_port
 
 Start = Callable[[Script], "asyncio.Future[ScriptedRelay]"]
 UP = suite_pb2.COMPONENT_STATUS_UP
 DOWN = suite_pb2.COMPONENT_STATUS_DOWN
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def probe(mail: LocalMail, **overrides: object) -> dict[str, suite_pb2.Component]:

@@ -6,7 +6,6 @@ exporter sees the spans of every hop and one Prometheus registry holds every pro
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +19,7 @@ from gateway.app import create_app
 from services.core import tracing
 from services.core.settings import Settings
 from tests.gateway.conftest import RestStack, http, rest_base_url, rest_stack
+from tests.support import ports
 
 __all__ = ["RestStack", "http", "rest_base_url", "rest_stack"]
 
@@ -50,6 +50,4 @@ async def serve_gateway(settings: Settings) -> tuple[web.AppRunner, str]:
 @pytest.fixture
 def closed_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return ports.closed_port()
