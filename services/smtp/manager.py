@@ -26,6 +26,7 @@ from services.core.errors import (
     AlreadyExists,
     Conflict,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     PreconditionViolation,
@@ -48,6 +49,7 @@ from services.smtp.models import (
     DmarcInput,
     DmarcRecord,
     RecordCheck,
+    RelaySettings,
     RelaySettingsInput,
     SigningKey,
     SmtpConfig,
@@ -67,6 +69,30 @@ log = logging.getLogger(__name__)
 
 MAX_OVERLAP = timedelta(days=90)
 _SAVE_ATTEMPTS = 3
+
+
+def _stored_password_for(
+    stored: SmtpConfig | None, relay: RelaySettings, *, field: str
+) -> str | None:
+    """The stored (sealed) password, if `relay` may be sent it; None when none is stored.
+
+    A relay password authenticates to one server: whoever can edit or test a config must not
+    be able to point it at a server of their own and receive the password there. So it only
+    ever goes to the host and port it was stored with; anything else needs the password again.
+
+    Raises:
+        InvalidArgument: on `field`, when a password is stored for another host or port.
+    """
+    if stored is None or stored.sealed_password is None:
+        return None
+    if (relay.host, relay.port) != (stored.relay.host, stored.relay.port):
+        raise InvalidArgument.single(
+            field,
+            "the relay's host or port differs from the stored one, and the stored password is "
+            "only ever sent to the relay it was stored for: send the password for "
+            f"{relay.host}:{relay.port} (or an empty password for none)",
+        )
+    return stored.sealed_password
 
 
 def password_context(domain_id: str) -> bytes:
@@ -140,10 +166,14 @@ class SmtpManager:
     async def update_config(
         self, *, tenant_id: str, domain_id: str, settings: RelaySettingsInput
     ) -> SmtpConfig:
-        """Create or replace the domain's relay; without a password the stored one stays.
+        """Create or replace the domain's relay.
+
+        Without a password the stored one stays, but only while the host and port stay the
+        same: a stored password is never carried to another relay.
 
         Raises:
-            InvalidArgument: a setting is invalid (one violation per field).
+            InvalidArgument: a setting is invalid (one violation per field), or the host or
+                port changed and no password was sent (on ``password``).
             NotFound: no such domain in this tenant.
             Conflict: the relay changed concurrently.
         """
@@ -152,15 +182,17 @@ class SmtpManager:
             settings, default_timeout=self._policy.default_timeout, policy=self._address_policy
         )
         existing = await self._configs.find(tenant_id=tenant_id, domain_id=domain.id)
-        sealed = existing.sealed_password if existing else None
-        if settings.password is not None:
+        sealed: str | None
+        if not relay.username:
+            sealed = None  # without a user name there is no AUTH, so nothing to keep
+        elif settings.password is not None:
             sealed = (
                 self._secrets.seal(settings.password.encode(), context=password_context(domain.id))
                 if settings.password
                 else None
             )
-        if not relay.username:
-            sealed = None  # without a user name there is no AUTH, so nothing to keep
+        else:
+            sealed = _stored_password_for(existing, relay, field="password")
         now = self._clock.now()
         config = SmtpConfig(
             domain_id=domain.id,
@@ -180,11 +212,12 @@ class SmtpManager:
     ) -> ConnectionReport:
         """Test the stored relay of `domain_id`, or the ad-hoc `settings`.
 
-        With both, the ad-hoc settings are tested with the stored password unless they carry
-        one.
+        With both and no password in `settings` (a form testing edits before saving), the
+        stored password is used, but only when the settings name the stored host and port.
 
         Raises:
-            InvalidArgument: neither a domain nor settings, or invalid settings.
+            InvalidArgument: neither a domain nor settings, invalid settings, or settings for
+                another host or port without a password (on ``config.password``).
             NotFound: the domain (or, without settings, its relay) does not exist.
             FailedPrecondition: the stored password cannot be decrypted.
         """
@@ -195,15 +228,23 @@ class SmtpManager:
                 )
             config = await self.get_config(tenant_id=tenant_id, domain_id=domain_id)
             return await self._tester.test(config.relay, password=self._password(config))
-        relay = normalize_relay(
-            settings, default_timeout=self._policy.default_timeout, policy=self._address_policy
-        )
+        try:
+            relay = normalize_relay(
+                settings, default_timeout=self._policy.default_timeout, policy=self._address_policy
+            )
+        except InvalidArgument as exc:
+            # The settings arrive as the request's `config`: name the fields as the client did.
+            raise InvalidArgument(
+                [FieldViolation(f"config.{v.field}", v.description) for v in exc.violations]
+            ) from None
         password = settings.password
         if domain_id:
             await self._domains.get(tenant_id=tenant_id, domain_id=domain_id)
-            if password is None:
+            if password is None and relay.username:
                 stored = await self._configs.find(tenant_id=tenant_id, domain_id=domain_id)
-                password = self._password(stored) if stored else None
+                if _stored_password_for(stored, relay, field="config.password") is not None:
+                    assert stored is not None
+                    password = self._password(stored)
         return await self._tester.test(relay, password=password)
 
     async def relay_credentials(

@@ -62,15 +62,16 @@ async def test_config_is_stored_and_the_password_never_returned(
 async def test_update_without_password_keeps_it_and_empty_password_removes_it(
     smtp_stub: Stub, domains_stub: DomainStub, tenant: Tenant
 ) -> None:
-    # Omitting the password keeps the stored one; sending "" removes it.
+    # Omitting the password keeps the stored one (same host and port); sending "" removes it.
     domain = await register(domains_stub, tenant)
     await smtp_stub.UpdateSmtpConfig(
         update(domain.id, username=USERNAME, password=PASSWORD), metadata=tenant.metadata
     )
     kept = await smtp_stub.UpdateSmtpConfig(
-        update(domain.id, host="smtp2.example.com", username=USERNAME), metadata=tenant.metadata
+        update(domain.id, host="SMTP.example.com", username=USERNAME, client_hostname="mta.x.org"),
+        metadata=tenant.metadata,
     )
-    assert kept.host == "smtp2.example.com"
+    assert (kept.host, kept.client_hostname) == ("smtp.example.com", "mta.x.org")
     assert kept.password_set
     removed = await smtp_stub.UpdateSmtpConfig(
         update(domain.id, username=USERNAME, password=""), metadata=tenant.metadata

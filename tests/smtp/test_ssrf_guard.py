@@ -144,7 +144,8 @@ async def test_names_resolving_to_forbidden_addresses_are_refused_at_resolve(
 async def test_forbidden_address_literals_are_invalid_in_configs_and_tests(
     guarded_stub: Stub, domains_stub: DomainStub, tenant: Tenant
 ) -> None:
-    # An address literal is judged at once: storing or testing it is INVALID_ARGUMENT on host.
+    # An address literal is judged at once: storing or testing it is INVALID_ARGUMENT on host
+    # (config.host in a test, where the settings are the request's `config`).
     domain = await register(domains_stub, tenant)
     for host in ("127.0.0.1", "169.254.169.254", "[::ffff:10.0.0.1]", "100.100.100.200"):
         request = smtp_pb2.UpdateSmtpConfigRequest(domain_id=domain.id, host=host, port=25)
@@ -156,7 +157,7 @@ async def test_forbidden_address_literals_are_invalid_in_configs_and_tests(
                 smtp_pb2.TestSmtpConnectionRequest(config=request), metadata=tenant.metadata
             )
         )
-        assert "host" in failure.field_violations
+        assert "config.host" in failure.field_violations
 
 
 async def test_the_same_relay_is_allowed_when_private_hosts_are(

@@ -350,7 +350,9 @@ class UpdateSmtpConfigRequest(_message.Message):
     username: _builtins.str
     """User name for SMTP AUTH."""
     password: _builtins.str
-    """Password for SMTP AUTH; unset keeps the stored password, "" removes it."""
+    """Password for SMTP AUTH; unset keeps the stored password (only when host and port are
+    unchanged: a stored password never goes to another relay), "" removes it.
+    """
     client_hostname: _builtins.str
     """Name sent in EHLO."""
     tls_skip_verify: _builtins.bool
@@ -387,7 +389,10 @@ Global___UpdateSmtpConfigRequest: _TypeAlias = UpdateSmtpConfigRequest  # noqa: 
 class TestSmtpConnectionRequest(_message.Message):
     """TestSmtpConnectionRequest names the relay to test: the stored configuration of `domain_id`,
     or the ad-hoc `config`. With both, the ad-hoc settings are tested and, when `config` has no
-    password, the domain's stored password is used (so a form can test edits before saving).
+    password, the domain's stored password is used (so a form can test edits before saving), but
+    only if `config` names the stored host and port: a stored password is never sent to another
+    relay, so a config for another host or port without a password is INVALID_ARGUMENT on
+    `config.password`.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

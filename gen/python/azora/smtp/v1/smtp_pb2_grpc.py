@@ -115,9 +115,11 @@ class SmtpServiceServicer:
 
     def UpdateSmtpConfig(self, request, context):
         """Creates or replaces the relay configuration of a domain. Omitting the password keeps the
-        stored one; an empty password removes it. The password is encrypted at rest and never
-        returned (`password_set` says whether one is stored).
-        Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, ...),
+        stored one as long as host and port stay the same; an empty password removes it. A stored
+        password is only ever sent to the host and port it was stored for: changing either without
+        sending the password again is refused (INVALID_ARGUMENT on `password`). The password is
+        encrypted at rest and never returned (`password_set` says whether one is stored).
+        Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, password, ...),
         NOT_FOUND (domain), ABORTED (changed concurrently).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -130,7 +132,11 @@ class SmtpServiceServicer:
         A failing relay is a normal answer (ok = false, failed_step, reply_code), not an error.
         Hosts resolving to loopback, private, link-local, CGNAT or metadata addresses are refused
         unless AZORA_SMTP_ALLOW_PRIVATE_HOSTS is set (the default outside production).
-        Errors: INVALID_ARGUMENT (neither domain_id nor config, or a bad config), NOT_FOUND.
+        The stored password is only ever sent to the stored host and port (see
+        TestSmtpConnectionRequest).
+        Errors: INVALID_ARGUMENT (neither domain_id nor config, a bad config as `config.<field>`,
+        or `config.password` when config names another host or port than the stored relay and
+        carries no password), NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,9 +41,11 @@ class SmtpServiceStub:
     """Returns the relay configuration of a domain. Errors: NOT_FOUND (domain or configuration)."""
     UpdateSmtpConfig: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.UpdateSmtpConfigRequest, _smtp_pb2.SmtpConfig]
     """Creates or replaces the relay configuration of a domain. Omitting the password keeps the
-    stored one; an empty password removes it. The password is encrypted at rest and never
-    returned (`password_set` says whether one is stored).
-    Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, ...),
+    stored one as long as host and port stay the same; an empty password removes it. A stored
+    password is only ever sent to the host and port it was stored for: changing either without
+    sending the password again is refused (INVALID_ARGUMENT on `password`). The password is
+    encrypted at rest and never returned (`password_set` says whether one is stored).
+    Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, password, ...),
     NOT_FOUND (domain), ABORTED (changed concurrently).
     """
     TestSmtpConnection: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.TestSmtpConnectionRequest, _smtp_pb2.TestSmtpConnectionResponse]
@@ -52,7 +54,11 @@ class SmtpServiceStub:
     A failing relay is a normal answer (ok = false, failed_step, reply_code), not an error.
     Hosts resolving to loopback, private, link-local, CGNAT or metadata addresses are refused
     unless AZORA_SMTP_ALLOW_PRIVATE_HOSTS is set (the default outside production).
-    Errors: INVALID_ARGUMENT (neither domain_id nor config, or a bad config), NOT_FOUND.
+    The stored password is only ever sent to the stored host and port (see
+    TestSmtpConnectionRequest).
+    Errors: INVALID_ARGUMENT (neither domain_id nor config, a bad config as `config.<field>`,
+    or `config.password` when config names another host or port than the stored relay and
+    carries no password), NOT_FOUND.
     """
     GenerateDkimKey: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.GenerateDkimKeyRequest, _smtp_pb2.DkimKey]
     """Generates a DKIM key pair for a domain and returns the TXT record to publish. The key is
@@ -124,9 +130,11 @@ class SmtpServiceAsyncStub(SmtpServiceStub):
     """Returns the relay configuration of a domain. Errors: NOT_FOUND (domain or configuration)."""
     UpdateSmtpConfig: _aio.UnaryUnaryMultiCallable[_smtp_pb2.UpdateSmtpConfigRequest, _smtp_pb2.SmtpConfig]  # type: ignore[assignment]
     """Creates or replaces the relay configuration of a domain. Omitting the password keeps the
-    stored one; an empty password removes it. The password is encrypted at rest and never
-    returned (`password_set` says whether one is stored).
-    Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, ...),
+    stored one as long as host and port stay the same; an empty password removes it. A stored
+    password is only ever sent to the host and port it was stored for: changing either without
+    sending the password again is refused (INVALID_ARGUMENT on `password`). The password is
+    encrypted at rest and never returned (`password_set` says whether one is stored).
+    Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, password, ...),
     NOT_FOUND (domain), ABORTED (changed concurrently).
     """
     TestSmtpConnection: _aio.UnaryUnaryMultiCallable[_smtp_pb2.TestSmtpConnectionRequest, _smtp_pb2.TestSmtpConnectionResponse]  # type: ignore[assignment]
@@ -135,7 +143,11 @@ class SmtpServiceAsyncStub(SmtpServiceStub):
     A failing relay is a normal answer (ok = false, failed_step, reply_code), not an error.
     Hosts resolving to loopback, private, link-local, CGNAT or metadata addresses are refused
     unless AZORA_SMTP_ALLOW_PRIVATE_HOSTS is set (the default outside production).
-    Errors: INVALID_ARGUMENT (neither domain_id nor config, or a bad config), NOT_FOUND.
+    The stored password is only ever sent to the stored host and port (see
+    TestSmtpConnectionRequest).
+    Errors: INVALID_ARGUMENT (neither domain_id nor config, a bad config as `config.<field>`,
+    or `config.password` when config names another host or port than the stored relay and
+    carries no password), NOT_FOUND.
     """
     GenerateDkimKey: _aio.UnaryUnaryMultiCallable[_smtp_pb2.GenerateDkimKeyRequest, _smtp_pb2.DkimKey]  # type: ignore[assignment]
     """Generates a DKIM key pair for a domain and returns the TXT record to publish. The key is
@@ -216,9 +228,11 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_smtp_pb2.SmtpConfig, _abc.Awaitable[_smtp_pb2.SmtpConfig]]:
         """Creates or replaces the relay configuration of a domain. Omitting the password keeps the
-        stored one; an empty password removes it. The password is encrypted at rest and never
-        returned (`password_set` says whether one is stored).
-        Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, ...),
+        stored one as long as host and port stay the same; an empty password removes it. A stored
+        password is only ever sent to the host and port it was stored for: changing either without
+        sending the password again is refused (INVALID_ARGUMENT on `password`). The password is
+        encrypted at rest and never returned (`password_set` says whether one is stored).
+        Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, password, ...),
         NOT_FOUND (domain), ABORTED (changed concurrently).
         """
 
@@ -233,7 +247,11 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         A failing relay is a normal answer (ok = false, failed_step, reply_code), not an error.
         Hosts resolving to loopback, private, link-local, CGNAT or metadata addresses are refused
         unless AZORA_SMTP_ALLOW_PRIVATE_HOSTS is set (the default outside production).
-        Errors: INVALID_ARGUMENT (neither domain_id nor config, or a bad config), NOT_FOUND.
+        The stored password is only ever sent to the stored host and port (see
+        TestSmtpConnectionRequest).
+        Errors: INVALID_ARGUMENT (neither domain_id nor config, a bad config as `config.<field>`,
+        or `config.password` when config names another host or port than the stored relay and
+        carries no password), NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
