@@ -1,8 +1,8 @@
 # One image for the three gRPC services and the docs/local gateway; the command picks the process:
 #   python -m services.domain | python -m services.smtp | python -m services.mail | python -m gateway
-# No secret is baked in: JWT_SECRET, AZORA_SECRETS_KEY and MONGODB_URI come from the environment
-# at run time (production refuses to start without them). Runs as an unprivileged user and works
-# with a read-only root filesystem (writes nothing but /tmp).
+# No secret is baked in: JWT_SECRET, AZORA_SERVICE_TOKEN_SECRET, AZORA_SECRETS_KEY and MONGODB_URI
+# come from the environment at run time (production refuses to start without them). Runs as an
+# unprivileged user and works with a read-only root filesystem (writes nothing but /tmp).
 #
 #   docker build -t azora-email-hosting:local .
 

@@ -29,6 +29,9 @@ pytest_plugins = ["tests.support.dns_fixtures"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_JWT_SECRET = "test-jwt-secret-" + "x" * 32
+# Set explicitly (not derived from JWT_SECRET) so that services started in production mode can
+# share it with the session's services: production refuses a key derived from JWT_SECRET.
+TEST_SERVICE_TOKEN_SECRET = "test-service-token-secret-" + "y" * 32
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +53,7 @@ def make_settings(mongodb_uri: str, database: str, **env: str) -> Settings:
             "MONGODB_URI": mongodb_uri,
             "AZORA_MONGODB_DATABASE": database,
             "JWT_SECRET": TEST_JWT_SECRET,
+            "AZORA_SERVICE_TOKEN_SECRET": TEST_SERVICE_TOKEN_SECRET,
             "LOG_LEVEL": "warn",
             # Every test client is 127.0.0.1: the suite's traffic must not trip the rate limits
             # (tests/security sets its own small budgets on services of their own).

@@ -5,6 +5,13 @@ expiry required) or an API key (``azk_...``, as a bearer token or in ``x-api-key
 are owned by the domain service; other services resolve them over gRPC through an
 `ApiKeyResolver` and cache the answer briefly (revocation takes effect within that TTL).
 
+Service tokens, which the services mint for each other, are JWTs too, but signed with their own
+key (AZORA_SERVICE_TOKEN_SECRET) and carrying their own issuer and audience. Only they make a
+principal a service (the one kind allowed into `internal_only` rpcs, which hand out relay
+passwords and DKIM private keys): a token signed with JWT_SECRET is always a user's, and one
+whose subject pretends to be a service is refused. So whoever issues user tokens cannot mint a
+service identity.
+
 Each rpc's access rule is declared in its proto (`azora.iam.v1.access`) and read here from the
 descriptor, so the rule is written once, next to the rpc.
 """
@@ -31,6 +38,11 @@ from services.core.settings import DEV_TENANT_ID, Settings
 API_KEY_PREFIX = "azk_"
 # Subjects of service JWTs, which services mint for each other (e.g. "service:mail").
 SERVICE_SUBJECT_PREFIX = "service:"
+# Issuer and audience of service JWTs; a token needs both (and the service key) to be one.
+SERVICE_TOKEN_ISSUER = "azora-services"  # noqa: S105 - a claim value, not a secret
+SERVICE_TOKEN_AUDIENCE = "azora-services"  # noqa: S105 - a claim value, not a secret
+# The one spelling of the tenant claim; "tenant_id" is refused rather than guessed at.
+TENANT_CLAIM = "tenant"
 ALL_SCOPES = frozenset(
     {
         "domains:read",
@@ -92,9 +104,10 @@ def issue_jwt(
 class ServiceTokens:
     """Service JWTs a process mints to call another service on behalf of a tenant.
 
-    Subject ``service:<name>`` (only holders of JWT_SECRET can mint them, which is what
-    `internal_only` rpcs rely on). A token lives a minute and is reused for half of that, so a
-    busy worker does not sign one per call.
+    Subject ``service:<name>``, signed with AZORA_SERVICE_TOKEN_SECRET and carrying the service
+    issuer and audience (only holders of that key can mint them, which is what `internal_only`
+    rpcs rely on). A token lives a minute and is reused for half of that, so a busy worker does
+    not sign one per call.
     """
 
     TTL_SECONDS = 60
@@ -124,13 +137,13 @@ class ServiceTokens:
     def from_settings(
         cls, settings: Settings, *, subject: str, scopes: Iterable[str]
     ) -> ServiceTokens:
-        """Tokens signed with JWT_SECRET (and the configured issuer and audience)."""
+        """Tokens signed with AZORA_SERVICE_TOKEN_SECRET, with the service issuer and audience."""
         return cls(
-            secret=settings.jwt_secret,
+            secret=settings.service_token_secret,
             subject=subject,
             scopes=scopes,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
+            issuer=SERVICE_TOKEN_ISSUER,
+            audience=SERVICE_TOKEN_AUDIENCE,
         )
 
     def metadata(self, tenant_id: str) -> tuple[tuple[str, str], ...]:
@@ -266,31 +279,45 @@ class Authenticator:
         return Principal(principal.tenant_id, principal.subject, principal.scopes, credentials)
 
     def _from_jwt(self, token: str, credentials: str) -> Principal:
-        options: dict[str, object] = {"require": ["exp", "sub"]}
-        try:
-            claims = jwt.decode(
-                token,
-                self._settings.jwt_secret,
-                algorithms=["HS256"],
-                options=options,  # type: ignore[arg-type]
-                issuer=self._settings.jwt_issuer or None,
-                audience=self._settings.jwt_audience or None,
-                leeway=30,
-            )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated("token expired", reason="TOKEN_EXPIRED") from None
-        except jwt.InvalidTokenError:
-            raise Unauthenticated("invalid token", reason="INVALID_TOKEN") from None
-        tenant = claims.get("tenant", claims.get("tenant_id"))
-        if not isinstance(tenant, str) or not tenant:
-            raise Unauthenticated("token has no tenant claim", reason="INVALID_TOKEN")
-        scopes = _scopes_from_claims(claims)
+        service = self._service_claims(token)
+        if service is not None:
+            sub = str(service["sub"])
+            if not sub.startswith(SERVICE_SUBJECT_PREFIX):
+                raise Unauthenticated("invalid token", reason="INVALID_TOKEN")
+            return Principal(_tenant(service), sub, _scopes_from_claims(service), credentials)
+        claims = _decode(
+            token,
+            self._settings.jwt_secret,
+            issuer=self._settings.jwt_issuer or None,
+            audience=self._settings.jwt_audience or None,
+        )
         sub = str(claims["sub"])
-        # Services mint tokens for each other with sub "service:<name>" (only holders of
-        # JWT_SECRET can); every other subject is a user and is namespaced so that no user
-        # subject can ever look like a service.
-        subject = sub if sub.startswith(SERVICE_SUBJECT_PREFIX) else f"user:{sub}"
-        return Principal(tenant, subject, scopes, credentials)
+        if sub.startswith(SERVICE_SUBJECT_PREFIX):
+            # Only a token signed with the service key is a service; a user token shaped like
+            # one is a forgery attempt (or a misconfigured issuer), never an ordinary user.
+            raise Unauthenticated(
+                f"a user token cannot have a {SERVICE_SUBJECT_PREFIX!r} subject",
+                reason="INVALID_TOKEN",
+            )
+        # Namespaced, so that no user subject can ever look like a service.
+        return Principal(_tenant(claims), f"user:{sub}", _scopes_from_claims(claims), credentials)
+
+    def _service_claims(self, token: str) -> dict[str, object] | None:
+        """The claims of a valid service token, or None when `token` is not signed as one.
+
+        Raises:
+            Unauthenticated: signed with the service key but expired or otherwise invalid.
+        """
+        try:
+            return _decode(
+                token,
+                self._settings.service_token_secret,
+                issuer=SERVICE_TOKEN_ISSUER,
+                audience=SERVICE_TOKEN_AUDIENCE,
+                signature_only=True,
+            )
+        except _NotSignedWithKey:
+            return None
 
     def development_principal(self) -> Principal:
         """The built-in development tenant used for requests without credentials."""
@@ -331,6 +358,66 @@ class Authenticator:
                 metadata={"requiredScope": rule.required_scope},
             )
         return principal
+
+
+class _NotSignedWithKey(Exception):
+    """The token is not (a JWT) signed with the key tried: maybe it is of another kind."""
+
+
+def _decode(
+    token: str,
+    key: str,
+    *,
+    issuer: str | None,
+    audience: str | None,
+    signature_only: bool = False,
+) -> dict[str, object]:
+    """Verify an HS256 token with `key` (signature first, then expiry, issuer, audience).
+
+    Raises:
+        _NotSignedWithKey: with `signature_only`, when the signature does not verify.
+        Unauthenticated: the token is malformed, forged, expired or for someone else.
+    """
+    options: dict[str, object] = {"require": ["exp", "sub"]}
+    try:
+        claims: dict[str, object] = jwt.decode(
+            token,
+            key,
+            algorithms=["HS256"],
+            options=options,  # type: ignore[arg-type]
+            issuer=issuer,
+            audience=audience,
+            leeway=30,
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthenticated("token expired", reason="TOKEN_EXPIRED") from None
+    except jwt.DecodeError:
+        # PyJWT checks the signature before any claim: a DecodeError (InvalidSignatureError
+        # among them) means the token was not signed with this key, or is no JWT at all.
+        if signature_only:
+            raise _NotSignedWithKey from None
+        raise Unauthenticated("invalid token", reason="INVALID_TOKEN") from None
+    except jwt.InvalidTokenError:
+        raise Unauthenticated("invalid token", reason="INVALID_TOKEN") from None
+    return claims
+
+
+def _tenant(claims: Mapping[str, object]) -> str:
+    """The token's tenant claim.
+
+    Raises:
+        Unauthenticated: it is missing, or spelled ``tenant_id`` (one spelling only, so that a
+            token can never name two tenants).
+    """
+    if "tenant_id" in claims:
+        raise Unauthenticated(
+            f"the tenant claim is spelled {TENANT_CLAIM!r}; 'tenant_id' is not accepted",
+            reason="INVALID_TOKEN",
+        )
+    tenant = claims.get(TENANT_CLAIM)
+    if not isinstance(tenant, str) or not tenant:
+        raise Unauthenticated("token has no tenant claim", reason="INVALID_TOKEN")
+    return tenant
 
 
 def _scopes_from_claims(claims: Mapping[str, object]) -> frozenset[str]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import hashlib
+import hmac
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -20,6 +22,18 @@ DEV_JWT_SECRET = "azora-development-jwt-secret-not-for-production"  # noqa: S105
 # 32 zero-free bytes, base64; refused in production like the JWT default.
 DEV_SECRETS_KEY = base64.b64encode(b"azora-dev-secrets-key-32-bytes!!").decode()
 DEV_TENANT_ID = "dev"
+
+
+def derived_service_token_secret(jwt_secret: str) -> str:
+    """The development key of service tokens, derived from JWT_SECRET.
+
+    Every process of a development suite agrees on it without configuration, and it never
+    equals JWT_SECRET. Production refuses it: whoever knows JWT_SECRET can derive it.
+    """
+    return hmac.new(jwt_secret.encode(), b"azora service tokens", hashlib.sha256).hexdigest()
+
+
+DEV_SERVICE_TOKEN_SECRET = derived_service_token_secret(DEV_JWT_SECRET)
 
 
 class Environment(enum.StrEnum):
@@ -61,6 +75,10 @@ class Settings:
     jwt_secret: str = DEV_JWT_SECRET
     jwt_issuer: str = ""
     jwt_audience: str = ""
+    # Signs the tokens services mint for each other (AZORA_SERVICE_TOKEN_SECRET). Distinct from
+    # JWT_SECRET, so whoever issues user tokens cannot mint a service identity; outside
+    # production it defaults to a value derived from JWT_SECRET.
+    service_token_secret: str = DEV_SERVICE_TOKEN_SECRET
     secrets_key: str = DEV_SECRETS_KEY
     log_level: str = "info"
     # Product spec names, kept in its units: SMTP_TIMEOUT and RATE_LIMIT_WINDOW in milliseconds.
@@ -224,6 +242,7 @@ class Settings:
             jwt_secret=env.get("JWT_SECRET", ""),
             jwt_issuer=env.get("AZORA_JWT_ISSUER", ""),
             jwt_audience=env.get("AZORA_JWT_AUDIENCE", ""),
+            service_token_secret=env.get("AZORA_SERVICE_TOKEN_SECRET", ""),
             secrets_key=env.get("AZORA_SECRETS_KEY", ""),
             log_level=reader.choice(
                 "LOG_LEVEL", defaults.log_level, ("debug", "info", "warn", "warning", "error")
@@ -351,13 +370,25 @@ def _apply_secret_defaults(settings: Settings) -> Settings:
             problems.append("JWT_SECRET must be set to a random value of at least 32 characters")
         if not settings.secrets_key or settings.secrets_key == DEV_SECRETS_KEY:
             problems.append("AZORA_SECRETS_KEY must be set (32 random bytes, base64)")
+        if len(settings.service_token_secret) < 32 or settings.service_token_secret in (
+            settings.jwt_secret,
+            derived_service_token_secret(settings.jwt_secret),
+            DEV_SERVICE_TOKEN_SECRET,
+        ):
+            problems.append(
+                "AZORA_SERVICE_TOKEN_SECRET must be set to a random value of at least 32 "
+                "characters, different from JWT_SECRET"
+            )
         if problems:
             raise SettingsError("production mode refuses to start: " + "; ".join(problems))
     else:
+        jwt_secret = settings.jwt_secret or DEV_JWT_SECRET
         settings = replace(
             settings,
-            jwt_secret=settings.jwt_secret or DEV_JWT_SECRET,
+            jwt_secret=jwt_secret,
             secrets_key=settings.secrets_key or DEV_SECRETS_KEY,
+            service_token_secret=settings.service_token_secret
+            or derived_service_token_secret(jwt_secret),
         )
     _decode_key(settings.secrets_key)  # fail at start-up, not on first use
     return settings

@@ -2,9 +2,9 @@
 
 The domain service owns the ``domains`` collection; the SMTP service confirms that a domain
 exists and belongs to the caller's tenant by calling ``azora.domain.v1.DomainService/GetDomain``
-with a short-lived service token minted for that tenant (services share JWT_SECRET), so the
-domain service applies its own tenant filter. Answers are cached for a few seconds: a burst of
-calls about one domain costs one round trip, and a deletion is noticed within the TTL.
+with a short-lived service token minted for that tenant (signed with AZORA_SERVICE_TOKEN_SECRET),
+so the domain service applies its own tenant filter. Answers are cached for a few seconds: a
+burst of calls about one domain costs one round trip, and a deletion is noticed within the TTL.
 """
 
 from __future__ import annotations

@@ -177,6 +177,7 @@ def live_suite(ferretdb: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "AZORA_ENV": "production",
         "AZORA_HOST": "127.0.0.1",
         "JWT_SECRET": secrets.token_urlsafe(48),
+        "AZORA_SERVICE_TOKEN_SECRET": secrets.token_urlsafe(48),
         "AZORA_SECRETS_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
         "MONGODB_URI": ferretdb,
         "AZORA_MONGODB_DATABASE": "azora_deploy_" + secrets.token_hex(4),

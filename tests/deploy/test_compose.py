@@ -27,7 +27,7 @@ from tests.deploy.conftest import (
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "compose-spec.json"
 # From tests/deploy/schemas/README.md: the vendored file is never edited by hand.
 SCHEMA_SHA256 = "46b7d35f19dd93a05f8fea530291bf84d881c1791ec167ecf0e6fb94e639d496"
-SECRETS = ("JWT_SECRET", "AZORA_SECRETS_KEY", "MONGO_PASSWORD")
+SECRETS = ("JWT_SECRET", "AZORA_SERVICE_TOKEN_SECRET", "AZORA_SECRETS_KEY", "MONGO_PASSWORD")
 APP_SERVICES = tuple(PROCESSES)  # domain, smtp, mail
 
 
@@ -95,7 +95,7 @@ def test_secrets_come_from_the_environment_or_fail(compose: dict[str, Any]) -> N
     for name in (*APP_SERVICES, "docs"):
         environment = compose["services"][name]["environment"]
         assert environment["AZORA_ENV"] == "production", name
-        for secret in ("JWT_SECRET", "AZORA_SECRETS_KEY"):
+        for secret in ("JWT_SECRET", "AZORA_SERVICE_TOKEN_SECRET", "AZORA_SECRETS_KEY"):
             assert re.fullmatch(r"\$\{" + secret + r":\?[^}]+\}", environment[secret]), name
         assert "${MONGO_PASSWORD:?" in environment["MONGODB_URI"], name
 

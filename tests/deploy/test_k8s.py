@@ -17,7 +17,7 @@ from tests.deploy.conftest import ENVOY_YAML, K8S_DIR, PROCESSES, REPO_ROOT, Dep
 # newest release whose schemas kubernetes-validate bundles.
 K8S_VERSIONS = ("1.30", "1.37")
 SECRET_NAME = "azora-secrets"
-SECRET_KEYS = {"JWT_SECRET", "AZORA_SECRETS_KEY", "MONGODB_URI"}
+SECRET_KEYS = {"JWT_SECRET", "AZORA_SERVICE_TOKEN_SECRET", "AZORA_SECRETS_KEY", "MONGODB_URI"}
 APP_IMAGE = "azora-email-hosting"
 GENERATOR = REPO_ROOT / "scripts" / "gen_k8s_envoy_config.py"
 

@@ -2,16 +2,28 @@
 
 The rules are read from the real descriptors (the SMTP service's internal rpcs), and the
 principals are made the way requests make them: no credentials (the development tenant),
-a user JWT with every scope, an API key, and a service JWT.
+a user JWT with every scope, an API key, and a service JWT. A service JWT is one signed with
+AZORA_SERVICE_TOKEN_SECRET and carrying the service issuer and audience: whoever holds
+JWT_SECRET (the user-token issuer) cannot make one.
 """
 
 from __future__ import annotations
 
+import time
+
+import jwt
 import pytest
 
-from services.core.auth import Authenticator, MethodRules, issue_jwt
+from services.core.auth import (
+    SERVICE_TOKEN_AUDIENCE,
+    SERVICE_TOKEN_ISSUER,
+    Authenticator,
+    MethodRules,
+    ServiceTokens,
+    issue_jwt,
+)
 from services.core.context import Principal
-from services.core.errors import PermissionDenied
+from services.core.errors import PermissionDenied, Unauthenticated
 from services.core.settings import Settings
 
 INTERNAL_METHODS = (
@@ -68,19 +80,67 @@ async def test_service_tokens_are_admitted_with_their_scope(
 ) -> None:
     # A service JWT passes, keeps its "service:" subject and tenant, and still needs the scope.
     rule = MethodRules().rule("/azora.smtp.v1.SmtpService/GetSigningKey")
-    token = issue_jwt(
-        secret=settings.jwt_secret, tenant_id="t9", subject="service:mail", scopes=["smtp:read"]
-    )
-    principal = await authenticator.authorize(rule, bearer(token))
+    tokens = ServiceTokens.from_settings(settings, subject="service:mail", scopes=["smtp:read"])
+    principal = await authenticator.authorize(rule, dict(tokens.metadata("t9")))
     assert principal is not None
     assert principal.subject == "service:mail"
     assert principal.tenant_id == "t9"
-    unscoped = issue_jwt(
-        secret=settings.jwt_secret, tenant_id="t9", subject="service:mail", scopes=["emails:read"]
-    )
+    unscoped = ServiceTokens.from_settings(settings, subject="service:mail", scopes=["emails:read"])
     with pytest.raises(PermissionDenied) as denied:
-        await authenticator.authorize(rule, bearer(unscoped))
+        await authenticator.authorize(rule, dict(unscoped.metadata("t9")))
     assert denied.value.reason == "MISSING_SCOPE"
+
+
+def test_the_service_key_is_not_the_user_key(settings: Settings) -> None:
+    # Two keys: knowing JWT_SECRET tells nothing about the key of service tokens.
+    assert len(settings.service_token_secret) >= 32
+    assert settings.service_token_secret != settings.jwt_secret
+
+
+@pytest.mark.parametrize("method", INTERNAL_METHODS)
+async def test_service_shaped_user_tokens_are_refused(
+    authenticator: Authenticator, settings: Settings, method: str
+) -> None:
+    # Signed with JWT_SECRET, sub "service:mail" (with or without the service issuer and
+    # audience): never a service, not even an ordinary user; UNAUTHENTICATED.
+    rule = MethodRules().rule(method)
+    for issuer, audience in (("", ""), (SERVICE_TOKEN_ISSUER, SERVICE_TOKEN_AUDIENCE)):
+        forged = issue_jwt(
+            secret=settings.jwt_secret,
+            tenant_id="t1",
+            subject="service:mail",
+            scopes=["*"],
+            issuer=issuer,
+            audience=audience,
+        )
+        with pytest.raises(Unauthenticated) as refused:
+            await authenticator.authorize(rule, bearer(forged))
+        assert refused.value.reason == "INVALID_TOKEN"
+
+
+async def test_service_key_tokens_need_the_service_issuer_audience_and_subject(
+    authenticator: Authenticator, settings: Settings
+) -> None:
+    # The service key alone is not enough: without the service issuer and audience, or with a
+    # subject that is not a service, the token is refused.
+    rule = MethodRules().rule("/azora.smtp.v1.SmtpService/GetSigningKey")
+    key = settings.service_token_secret
+    for subject, issuer, audience in (
+        ("service:mail", "", ""),
+        ("service:mail", "other", SERVICE_TOKEN_AUDIENCE),
+        ("service:mail", SERVICE_TOKEN_ISSUER, "other"),
+        ("alice", SERVICE_TOKEN_ISSUER, SERVICE_TOKEN_AUDIENCE),
+    ):
+        token = issue_jwt(
+            secret=key,
+            tenant_id="t1",
+            subject=subject,
+            scopes=["*"],
+            issuer=issuer,
+            audience=audience,
+        )
+        with pytest.raises(Unauthenticated):
+            await authenticator.authorize(rule, bearer(token))
 
 
 async def test_user_subjects_stay_namespaced(
@@ -92,3 +152,21 @@ async def test_user_subjects_stay_namespaced(
     principal = await authenticator.authorize(rule, bearer(token))
     assert principal is not None
     assert principal.subject == "user:bob"
+
+
+async def test_the_tenant_claim_has_one_spelling(
+    authenticator: Authenticator, settings: Settings
+) -> None:
+    # "tenant" is the claim; a token naming its tenant as "tenant_id" (alone or besides
+    # "tenant") is refused, so no token can name two tenants or be read two ways.
+    rule = MethodRules().rule("/azora.smtp.v1.SmtpService/GetSmtpConfig")
+    now = int(time.time())
+    for claims in (
+        {"sub": "bob", "tenant_id": "t1", "exp": now + 60},
+        {"sub": "bob", "tenant": "t1", "tenant_id": "t2", "exp": now + 60},
+    ):
+        token = jwt.encode(claims, settings.jwt_secret, algorithm="HS256")
+        with pytest.raises(Unauthenticated) as refused:
+            await authenticator.authorize(rule, bearer(token))
+        assert refused.value.reason == "INVALID_TOKEN"
+        assert "tenant" in str(refused.value)

@@ -300,6 +300,7 @@ def _worker_process(settings: Settings, worker_id: str) -> subprocess.Popen[byte
         "MONGODB_URI": settings.mongodb_uri,
         "AZORA_MONGODB_DATABASE": settings.mongodb_database,
         "JWT_SECRET": settings.jwt_secret,
+        "AZORA_SERVICE_TOKEN_SECRET": settings.service_token_secret,
         "AZORA_SMTP_SERVICE_TARGET": settings.smtp_service_target,
         "AZORA_DOMAIN_SERVICE_TARGET": settings.domain_service_target,
         "AZORA_SMTP_CA_FILE": settings.smtp_ca_file,

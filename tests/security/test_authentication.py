@@ -4,7 +4,8 @@ Every rpc of the descriptor set is called with a token that has every scope but 
 access rule requires (PERMISSION_DENIED naming the scope), internal rpcs with a user token
 holding every scope (PERMISSION_DENIED, INTERNAL_ONLY). Bad credentials of every kind are sent
 through the REST gateway to each service (each authenticates on its own): expired, signed with
-another secret, tampered payload, unsigned (alg=none), another algorithm, garbage, malformed,
+another secret, tampered payload, unsigned (alg=none), another algorithm, garbage, a service
+subject signed with the user-token key, the tenant claim spelled `tenant_id`, malformed,
 unknown and revoked API keys; each is a 401 whose body does not echo the credentials.
 tests/integration/test_auth.py covers the same token kinds over gRPC on the domain service,
 API key scopes and the production rule that a request without credentials is refused.
@@ -159,6 +160,16 @@ BAD_TOKENS: dict[str, Callable[[], str]] = {
     "alg none, upper case": lambda: f"{_b64({'alg': 'NONE', 'typ': 'JWT'})}.{_b64(_claims())}.",
     "HS512 with the right secret": _hs512,
     "garbage": lambda: "eyJ.garbage.token",
+    # Only tokens signed with AZORA_SERVICE_TOKEN_SECRET are services; JWT_SECRET cannot mint one.
+    "service subject signed with JWT_SECRET": lambda: issue_jwt(
+        secret=TEST_JWT_SECRET, tenant_id="t-victim", subject="service:mail", scopes=ALL_SCOPES
+    ),
+    # The tenant claim has one spelling, "tenant".
+    "tenant_id instead of tenant": lambda: jwt.encode(
+        {k: v for k, v in _claims(tenant_id="t-victim").items() if k != "tenant"},
+        TEST_JWT_SECRET,
+        algorithm="HS256",
+    ),
     "malformed API key": lambda: "azk_",
     "unknown API key": lambda: "azk_" + "A" * 43,
 }

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from pymongo import AsyncMongoClient
 
-from services.core.auth import ALL_SCOPES, issue_jwt
+from services.core.auth import ALL_SCOPES, ServiceTokens
 from services.core.context import Principal
 from services.core.ratelimit import COLLECTION, Budget, RateLimiter, SharedCounters
 from services.core.settings import Settings
@@ -167,10 +167,9 @@ async def test_health_reflection_and_services_are_not_limited(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.running.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         suite = suite_pb2_grpc.SuiteHealthServiceStub(channel)
-        token = issue_jwt(
-            secret=settings.jwt_secret, tenant_id="t-svc", subject="service:mail", scopes=ALL_SCOPES
-        )
-        as_service = (("authorization", f"Bearer {token}"),)
+        as_service = ServiceTokens.from_settings(
+            settings, subject="service:mail", scopes=ALL_SCOPES
+        ).metadata("t-svc")
         for _ in range(4):
             await health.Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service="")

@@ -97,6 +97,7 @@ async def suite(
     directory = tmp_path_factory.mktemp("secrets-logs")
     known = {
         "JWT_SECRET": "jwt-" + secrets.token_urlsafe(40),
+        "AZORA_SERVICE_TOKEN_SECRET": "svc-" + secrets.token_urlsafe(40),
         "AZORA_SECRETS_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
         "relay password": "relay-" + secrets.token_urlsafe(24),
     }
@@ -105,6 +106,7 @@ async def suite(
         **os.environ,
         "AZORA_ENV": "production",
         "JWT_SECRET": known["JWT_SECRET"],
+        "AZORA_SERVICE_TOKEN_SECRET": known["AZORA_SERVICE_TOKEN_SECRET"],
         "AZORA_SECRETS_KEY": known["AZORA_SECRETS_KEY"],
         "MONGODB_URI": ferretdb,
         "AZORA_MONGODB_DATABASE": f"azora_secrets_{secrets.token_hex(4)}",
@@ -303,8 +305,8 @@ async def test_no_secret_appears_in_logs_errors_or_metrics(
 
     # The DKIM private key, as the mail service gets it (internal rpc, service token).
     async with grpc.aio.insecure_channel(f"127.0.0.1:{suite.smtp_port}") as channel:
-        tokens = ServiceTokens(
-            secret=known["JWT_SECRET"], subject="service:mail", scopes=["smtp:read"]
+        tokens = ServiceTokens.from_settings(
+            suite.settings, subject="service:mail", scopes=["smtp:read"]
         )
         signing = await smtp_pb2_grpc.SmtpServiceStub(channel).GetSigningKey(
             smtp_pb2.GetSigningKeyRequest(domain_id=domain["id"]),

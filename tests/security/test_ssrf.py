@@ -147,6 +147,7 @@ def test_production_forbids_private_relays_by_default() -> None:
         {
             "AZORA_ENV": "production",
             "JWT_SECRET": TEST_JWT_SECRET,
+            "AZORA_SERVICE_TOKEN_SECRET": secrets.token_urlsafe(48),
             "AZORA_SECRETS_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
         },
         service_name="test",

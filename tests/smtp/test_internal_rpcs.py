@@ -19,7 +19,12 @@ from azora.smtp.v1 import smtp_pb2
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2, duration_pb2
 
-from services.core.auth import issue_jwt
+from services.core.auth import (
+    SERVICE_TOKEN_AUDIENCE,
+    SERVICE_TOKEN_ISSUER,
+    ServiceTokens,
+    issue_jwt,
+)
 from services.core.settings import Settings
 from services.domain.cascade import SmtpDataCascade
 from services.domain.models import Domain, DomainStatus
@@ -42,11 +47,10 @@ ED25519 = smtp_pb2.DKIM_ALGORITHM_ED25519
 def service_metadata(
     settings: Settings, tenant_id: str, *, subject: str = "service:mail", scope: str = "*"
 ) -> tuple[tuple[str, str], ...]:
-    """Call metadata with a service token for `tenant_id`."""
-    token = issue_jwt(
-        secret=settings.jwt_secret, tenant_id=tenant_id, subject=subject, scopes=[scope]
+    """Call metadata with a service token for `tenant_id`, minted as the services mint them."""
+    return ServiceTokens.from_settings(settings, subject=subject, scopes=[scope]).metadata(
+        tenant_id
     )
-    return (("authorization", f"Bearer {token}"),)
 
 
 async def configure(stub: Stub, tenant: Tenant, domain_id: str) -> None:
@@ -182,6 +186,37 @@ async def test_only_service_tokens_may_call(
         failure = await failure_of(method(requests[rpc], metadata=metadata))
         assert failure.code == grpc.StatusCode.PERMISSION_DENIED, metadata
         assert failure.reason == "INTERNAL_ONLY"
+
+
+async def test_a_user_token_shaped_like_a_service_token_is_refused(
+    smtp_stub: Stub, domains_stub: DomainStub, tenant: Tenant, smtp_settings: Settings
+) -> None:
+    # Whoever holds JWT_SECRET (the user-token issuer) signs sub "service:mail" for a tenant,
+    # even with the service issuer and audience: no relay password comes back.
+    domain = await register(domains_stub, tenant)
+    await configure(smtp_stub, tenant, domain.id)
+    request = smtp_pb2.GetRelayCredentialsRequest(domain_id=domain.id)
+    for issuer, audience in (("", ""), (SERVICE_TOKEN_ISSUER, SERVICE_TOKEN_AUDIENCE)):
+        forged = issue_jwt(
+            secret=smtp_settings.jwt_secret,
+            tenant_id=tenant.id,
+            subject="service:mail",
+            scopes=["*"],
+            issuer=issuer,
+            audience=audience,
+        )
+        failure = await failure_of(
+            smtp_stub.GetRelayCredentials(
+                request, metadata=(("authorization", f"Bearer {forged}"),)
+            )
+        )
+        assert failure.code == grpc.StatusCode.UNAUTHENTICATED, issuer
+        assert PASSWORD not in failure.message
+    # The genuine article still works.
+    relay = await smtp_stub.GetRelayCredentials(
+        request, metadata=service_metadata(smtp_settings, tenant.id)
+    )
+    assert relay.password == PASSWORD
 
 
 async def test_delete_domain_data_purges_and_is_idempotent(

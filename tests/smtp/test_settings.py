@@ -9,6 +9,7 @@ from services.core.settings import Settings, SettingsError
 PRODUCTION = {
     "AZORA_ENV": "production",
     "JWT_SECRET": "p" * 40,
+    "AZORA_SERVICE_TOKEN_SECRET": "q" * 40,
     "AZORA_SECRETS_KEY": "c2VjcmV0cy1rZXktZm9yLXRoZS10ZXN0LXN1aXRlISE=",
 }
 

@@ -252,6 +252,7 @@ def service_processes(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]
             "MONGODB_URI": settings.mongodb_uri,
             "AZORA_MONGODB_DATABASE": settings.mongodb_database,
             "JWT_SECRET": settings.jwt_secret,
+            "AZORA_SERVICE_TOKEN_SECRET": settings.service_token_secret,
             "LOG_LEVEL": "warn",
             "AZORA_DOMAIN_GRPC_PORT": str(port),
             "AZORA_METRICS_PORT_DOMAIN": str(metrics_port),

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import pytest
 
-from services.core.settings import DEV_JWT_SECRET, Environment, Settings, SettingsError
+from services.core.settings import (
+    DEV_JWT_SECRET,
+    DEV_SERVICE_TOKEN_SECRET,
+    Environment,
+    Settings,
+    SettingsError,
+    derived_service_token_secret,
+)
 
 GOOD_KEY = "c2VjcmV0cy1rZXktZm9yLXRoZS10ZXN0LXN1aXRlISE="
+SERVICE_KEY = "service-token-secret-" + "v" * 32
 
 
 def test_defaults_follow_the_product_spec() -> None:
@@ -81,6 +89,24 @@ def test_unknown_environment_is_refused() -> None:
         {"JWT_SECRET": "j" * 40},
         {"JWT_SECRET": "j" * 40, "AZORA_SECRETS_KEY": "not base64!"},
         {"JWT_SECRET": "j" * 40, "AZORA_SECRETS_KEY": "c2hvcnQ="},
+        # The key of service tokens: missing, short, JWT_SECRET itself, or a development value.
+        {"JWT_SECRET": "j" * 40, "AZORA_SECRETS_KEY": GOOD_KEY},
+        {"JWT_SECRET": "j" * 40, "AZORA_SECRETS_KEY": GOOD_KEY, "AZORA_SERVICE_TOKEN_SECRET": "x"},
+        {
+            "JWT_SECRET": "j" * 40,
+            "AZORA_SECRETS_KEY": GOOD_KEY,
+            "AZORA_SERVICE_TOKEN_SECRET": "j" * 40,
+        },
+        {
+            "JWT_SECRET": "j" * 40,
+            "AZORA_SECRETS_KEY": GOOD_KEY,
+            "AZORA_SERVICE_TOKEN_SECRET": derived_service_token_secret("j" * 40),
+        },
+        {
+            "JWT_SECRET": "j" * 40,
+            "AZORA_SECRETS_KEY": GOOD_KEY,
+            "AZORA_SERVICE_TOKEN_SECRET": DEV_SERVICE_TOKEN_SECRET,
+        },
     ],
 )
 def test_production_refuses_missing_or_weak_secrets(env: dict[str, str]) -> None:
@@ -92,7 +118,24 @@ def test_production_refuses_missing_or_weak_secrets(env: dict[str, str]) -> None
 def test_production_starts_with_proper_secrets() -> None:
     # Strong secrets are accepted as given.
     settings = Settings.from_env(
-        {"NODE_ENV": "production", "JWT_SECRET": "j" * 40, "AZORA_SECRETS_KEY": GOOD_KEY}
+        {
+            "NODE_ENV": "production",
+            "JWT_SECRET": "j" * 40,
+            "AZORA_SECRETS_KEY": GOOD_KEY,
+            "AZORA_SERVICE_TOKEN_SECRET": SERVICE_KEY,
+        }
     )
     assert settings.is_production
     assert not settings.allow_anonymous_development
+    assert settings.service_token_secret == SERVICE_KEY
+
+
+def test_development_derives_a_distinct_service_token_key() -> None:
+    # Outside production the key of service tokens is derived from JWT_SECRET (every process
+    # of a suite agrees on it), never equal to it; a configured one is used as given.
+    default = Settings.from_env({})
+    assert default.service_token_secret == DEV_SERVICE_TOKEN_SECRET != DEV_JWT_SECRET
+    own = Settings.from_env({"JWT_SECRET": "k" * 40})
+    assert own.service_token_secret == derived_service_token_secret("k" * 40) != "k" * 40
+    given = Settings.from_env({"AZORA_SERVICE_TOKEN_SECRET": SERVICE_KEY})
+    assert given.service_token_secret == SERVICE_KEY
