@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import idna
+import unicodedataplus
 
 from services.core.errors import FieldViolation, InvalidArgument
 from services.domain.models import DnsRecord, DnsRecordInput, DnsRecordType
@@ -86,7 +87,8 @@ def normalize_domain_name(raw: str, *, field: str = "name") -> tuple[str, str]:
     Raises:
         InvalidArgument: with one violation on `field` if the name is empty, too long, has an
             empty, too long or malformed label, is a single label, has an all-numeric top-level
-            label, or is an IP address.
+            label, is an IP address, or has a label mixing scripts beyond what UTS #39's
+            "highly restrictive" level allows (e.g. a Cyrillic "\u0430" among Latin letters).
     """
     text = _strip_name(raw)
     if not text:
@@ -105,6 +107,14 @@ def normalize_domain_name(raw: str, *, field: str = "name") -> tuple[str, str]:
         # Unreachable for labels that passed the strict checks; kept so a library quirk becomes
         # a client error rather than an internal one.
         raise InvalidArgument.single(field, "is not a valid IDNA 2008 domain name") from None
+    for label in u_name.split("."):
+        mixed = _mixed_scripts(label)
+        if mixed:
+            raise InvalidArgument.single(
+                field,
+                f"label {_show(label)} mixes the {' and '.join(mixed)} scripts, so it can pass for "
+                "another name (UTS #39, highly restrictive): write each label in one script",
+            )
     return a_name, u_name
 
 
@@ -666,6 +676,54 @@ def _parses(kind: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address], tex
     except ValueError:
         return False
     return True
+
+
+# UTS #39 section 5.1: a character's Script_Extensions, "augmented" so that Han text written
+# with kana (Jpan), Bopomofo (Hanb) or Hangul (Kore) counts as one script.
+_AUGMENTED = {
+    "Hani": ("Hanb", "Jpan", "Kore"),
+    "Hira": ("Jpan",),
+    "Kana": ("Jpan",),
+    "Hang": ("Kore",),
+    "Bopo": ("Hanb",),
+}
+_COMMON_OR_INHERITED = frozenset({"Zyyy", "Zinh"})
+# UTS #39 section 5.2, highly restrictive: besides one script, Latin plus one of these.
+_WITH_LATIN = frozenset({"Jpan", "Hanb", "Kore"})
+
+
+def _mixed_scripts(label: str) -> list[str]:
+    """The scripts a label mixes (sorted names) if UTS #39 "highly restrictive" refuses it.
+
+    An empty list means the label is fine.
+    Common and Inherited characters (digits, hyphen, combining marks) belong to every script.
+    A label passes if one script covers all its characters, or if its non-Latin characters are
+    all Japanese (Han, Hiragana, Katakana), all Han with Bopomofo, or all Korean (Han, Hangul).
+    """
+    if label.isascii():
+        return []
+    sets: list[frozenset[str]] = []
+    non_latin: list[frozenset[str]] = []
+    for char in label:
+        scripts = set(unicodedataplus.script_extensions(char))
+        if scripts & _COMMON_OR_INHERITED:
+            continue
+        for script in list(scripts):
+            scripts.update(_AUGMENTED.get(script, ()))
+        sets.append(frozenset(scripts))
+        if "Latn" not in scripts:
+            non_latin.append(frozenset(scripts))
+    if not sets or frozenset.intersection(*sets):
+        return []  # a single script
+    if non_latin and frozenset.intersection(*non_latin) & _WITH_LATIN:
+        return []
+    return sorted(
+        {
+            str(unicodedataplus.script(char))
+            for char in label
+            if not set(unicodedataplus.script_extensions(char)) & _COMMON_OR_INHERITED
+        }
+    )
 
 
 def _show(text: str, limit: int = 40) -> str:

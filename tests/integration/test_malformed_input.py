@@ -64,6 +64,7 @@ async def test_undecodable_bytes_are_invalid_argument(
         ("exa mple.com", "name"),
         ("例え.テスト" * 30, "name"),
         ('{"$gt": ""}', "name"),
+        ("\u0430lpha-corp.test", "name"),  # Cyrillic a among Latin letters: a look-alike
     ],
 )
 async def test_bad_names_write_nothing(
@@ -73,7 +74,8 @@ async def test_bad_names_write_nothing(
     name: str,
     field: str,
 ) -> None:
-    # Empty, oversize, control characters, spaces, too-long IDNs, operator-looking strings.
+    # Empty, oversize, control characters, spaces, too-long IDNs, operator-looking strings,
+    # mixed-script look-alikes.
     failure = await failure_of(
         domains_stub.CreateDomain(
             domain_pb2.CreateDomainRequest(name=name), metadata=tenant.metadata

@@ -122,6 +122,41 @@ def test_domain_invalid_is_rejected_on_the_given_field(raw: str, fragment: str) 
     assert fragment in exc_info.value.violations[0].description
 
 
+@pytest.mark.parametrize(
+    ("raw", "scripts"),
+    [
+        ("\u0430lpha-corp.test", "Cyrillic and Latin"),  # Cyrillic a, then Latin
+        ("p\u0430yp\u0430l.com", "Cyrillic and Latin"),
+        ("mail.g\u03bfogle.example", "Greek and Latin"),  # Greek omicron in the second label
+        ("\u0440\u0443\u0441x.example", "Cyrillic and Latin"),
+        ("\u0561pple.example", "Armenian and Latin"),  # Armenian ayb
+    ],
+)
+def test_mixed_script_look_alikes_are_refused(raw: str, scripts: str) -> None:
+    # UTS #39 highly restrictive: one label mixing Latin with Cyrillic, Greek, ... is refused.
+    with pytest.raises(InvalidArgument) as exc_info:
+        normalize_domain_name(raw)
+    assert _violation_fields(exc_info) == ["name"]
+    assert f"mixes the {scripts} scripts" in exc_info.value.violations[0].description
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "b\u00fccher.example",  # Latin with diacritics
+        "\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444",  # all Cyrillic
+        "\u03b5\u03bb\u03bb\u03ac\u03b4\u03b1.example",  # Greek label, Latin TLD
+        "\u6771\u4eac\u30db\u30c6\u30eb.jp",  # Han + Katakana (Japanese)
+        "abc\u6771\u4eac.example",  # Latin + Han
+        "\ud55c\uad6d\uc5b4abc.example",  # Hangul + Latin (Korean)
+        "x1-2\u0301y.example",  # digits, hyphen and a combining mark belong to every script
+    ],
+)
+def test_single_script_and_allowed_combinations_are_accepted(raw: str) -> None:
+    # One script per label, or Latin with the Chinese, Japanese or Korean combinations.
+    assert normalize_domain_name(raw)[0].isascii()
+
+
 def test_domain_violation_defaults_to_field_name() -> None:
     # Without an explicit field the violation is reported on "name".
     with pytest.raises(InvalidArgument) as exc_info:

@@ -442,7 +442,9 @@ class CreateDomainRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Domain name, e.g. "yourdomain.com" (Unicode or A-label form; a trailing dot is ignored)."""
+    """Domain name, e.g. "yourdomain.com" (Unicode or A-label form; a trailing dot is ignored;
+    mixed-script look-alike labels are refused).
+    """
     def __init__(
         self,
         *,

@@ -90,7 +90,10 @@ class DomainServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateDomain(self, request, context):
-        """Registers a domain. The name is IDNA-normalised and lowercased. The response carries the
+        """Registers a domain. The name is IDNA-normalised and lowercased. A label mixing scripts in a
+        way that lets it pass for another name (e.g. a Cyrillic "а", U+0430, among Latin letters)
+        is refused, following Unicode UTS #39's "highly restrictive" level: one script per label,
+        or Latin with Han and kana, Han and Bopomofo, or Han and Hangul. The response carries the
         TXT record that proves ownership and the other records the service needs.
         Errors: INVALID_ARGUMENT (name), ALREADY_EXISTS (same name in this tenant).
         """

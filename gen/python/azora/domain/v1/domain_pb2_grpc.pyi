@@ -41,7 +41,10 @@ class DomainServiceStub:
     ListDomains: _grpc.UnaryUnaryMultiCallable[_domain_pb2.ListDomainsRequest, _domain_pb2.ListDomainsResponse]
     """Lists the caller's domains, oldest first, optionally filtered by status."""
     CreateDomain: _grpc.UnaryUnaryMultiCallable[_domain_pb2.CreateDomainRequest, _domain_pb2.Domain]
-    """Registers a domain. The name is IDNA-normalised and lowercased. The response carries the
+    """Registers a domain. The name is IDNA-normalised and lowercased. A label mixing scripts in a
+    way that lets it pass for another name (e.g. a Cyrillic "а", U+0430, among Latin letters)
+    is refused, following Unicode UTS #39's "highly restrictive" level: one script per label,
+    or Latin with Han and kana, Han and Bopomofo, or Han and Hangul. The response carries the
     TXT record that proves ownership and the other records the service needs.
     Errors: INVALID_ARGUMENT (name), ALREADY_EXISTS (same name in this tenant).
     """
@@ -77,7 +80,10 @@ class DomainServiceAsyncStub(DomainServiceStub):
     ListDomains: _aio.UnaryUnaryMultiCallable[_domain_pb2.ListDomainsRequest, _domain_pb2.ListDomainsResponse]  # type: ignore[assignment]
     """Lists the caller's domains, oldest first, optionally filtered by status."""
     CreateDomain: _aio.UnaryUnaryMultiCallable[_domain_pb2.CreateDomainRequest, _domain_pb2.Domain]  # type: ignore[assignment]
-    """Registers a domain. The name is IDNA-normalised and lowercased. The response carries the
+    """Registers a domain. The name is IDNA-normalised and lowercased. A label mixing scripts in a
+    way that lets it pass for another name (e.g. a Cyrillic "а", U+0430, among Latin letters)
+    is refused, following Unicode UTS #39's "highly restrictive" level: one script per label,
+    or Latin with Han and kana, Han and Bopomofo, or Han and Hangul. The response carries the
     TXT record that proves ownership and the other records the service needs.
     Errors: INVALID_ARGUMENT (name), ALREADY_EXISTS (same name in this tenant).
     """
@@ -122,7 +128,10 @@ class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _domain_pb2.CreateDomainRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_domain_pb2.Domain, _abc.Awaitable[_domain_pb2.Domain]]:
-        """Registers a domain. The name is IDNA-normalised and lowercased. The response carries the
+        """Registers a domain. The name is IDNA-normalised and lowercased. A label mixing scripts in a
+        way that lets it pass for another name (e.g. a Cyrillic "а", U+0430, among Latin letters)
+        is refused, following Unicode UTS #39's "highly restrictive" level: one script per label,
+        or Latin with Han and kana, Han and Bopomofo, or Han and Hangul. The response carries the
         TXT record that proves ownership and the other records the service needs.
         Errors: INVALID_ARGUMENT (name), ALREADY_EXISTS (same name in this tenant).
         """
