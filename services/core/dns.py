@@ -4,7 +4,9 @@ dnspython's async resolver, pointed at ``AZORA_DNS_NAMESERVERS`` (with ``AZORA_D
 ``AZORA_DNS_TIMEOUT``, so tests use their own authoritative server) or at the system resolver
 when none are configured. A fresh resolver per lookup and no cache: a record published a second
 ago must be seen. Every DNS outcome becomes a `Lookup`, because "what was found" (or why nothing
-was) is the answer users need; only programming errors raise.
+was) is the answer users need; only programming errors raise. A lookup's detail is shown to
+tenants, so it says what the nameservers answered but never which nameservers they are: their
+addresses and ports are internal topology.
 """
 
 from __future__ import annotations
@@ -151,9 +153,12 @@ class DnsResolver:
                 f"no nameserver answered within {self._timeout:g}s",
             )
         except dns.resolver.NoNameservers as exc:
-            return Lookup(name, rdtype, LookupOutcome.ERROR, (), _short(f"no usable answer: {exc}"))
+            detail = f"no usable answer: {_answers(exc)}"
+            return Lookup(name, rdtype, LookupOutcome.ERROR, (), _short(detail))
         except dns.exception.DNSException as exc:
-            return Lookup(name, rdtype, LookupOutcome.ERROR, (), _short(f"lookup failed: {exc}"))
+            # dnspython's own message may name the nameserver; its class says what went wrong.
+            what = (type(exc).__doc__ or type(exc).__name__).strip().splitlines()[0]
+            return Lookup(name, rdtype, LookupOutcome.ERROR, (), _short(f"lookup failed: {what}"))
         values: list[str] = []
         for rdata in answer:
             strings = getattr(rdata, "strings", None)
@@ -162,6 +167,28 @@ class DnsResolver:
             else:
                 values.append(rdata.to_text())
         return Lookup(name, rdtype, LookupOutcome.FOUND, tuple(values))
+
+
+def _answers(exc: dns.resolver.NoNameservers) -> str:
+    """What the nameservers answered, e.g. "the nameserver answered REFUSED", naming none.
+
+    dnspython's own message reads "Server Do53:<address>@<port> answered REFUSED".
+    """
+    said: list[str] = []
+    # dnspython records (nameserver, tcp, port, rcode text or exception, response) per try.
+    for attempt in exc.kwargs.get("errors", []):
+        problem = attempt[3] if len(attempt) > 3 else None
+        if isinstance(problem, str):
+            text = f"the nameserver answered {problem}"
+        elif isinstance(problem, OSError) and problem.strerror:
+            text = f"the nameserver could not be reached ({problem.strerror})"
+        elif problem is not None:
+            text = f"the nameserver's answer was unusable ({type(problem).__name__})"
+        else:
+            continue
+        if text not in said:
+            said.append(text)
+    return "; ".join(said) or "no nameserver gave a usable answer"
 
 
 def _short(text: str) -> str:

@@ -113,12 +113,19 @@ async def test_nxdomain_is_reported(
     assert result.domain.status == PENDING
 
 
-async def test_refused_zone_is_an_error(domains_stub: Stub, tenant: Tenant) -> None:
-    # A name the server is not authoritative for (REFUSED): ERROR, still pending.
+async def test_refused_zone_is_an_error(
+    domains_stub: Stub, tenant: Tenant, knot_server: KnotServer
+) -> None:
+    # A name the server is not authoritative for (REFUSED): ERROR, still pending. The detail
+    # names the answer but never the resolver's address or port (internal topology).
     domain = await register(domains_stub, tenant, unique_domain("invalid"))
     result = await verify(domains_stub, tenant, domain.id)
     assert result.check.outcome == domain_pb2.VERIFICATION_OUTCOME_ERROR
     assert result.domain.status == PENDING
+    detail = result.check.detail
+    assert "REFUSED" in detail, detail
+    assert knot_server.host not in detail, detail
+    assert f"{knot_server.port}" not in detail.replace(domain.name, ""), detail
 
 
 async def test_another_tenant_cannot_activate_a_verified_name(

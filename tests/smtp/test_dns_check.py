@@ -157,10 +157,15 @@ async def test_nothing_generated_yet_checks_the_basics(
 
 
 async def test_a_zone_nobody_serves_is_an_error_not_missing(
-    smtp_stub: Stub, domains_stub: DomainStub, tenant: Tenant
+    smtp_stub: Stub, domains_stub: DomainStub, tenant: Tenant, knot_server: KnotServer
 ) -> None:
-    # REFUSED/SERVFAIL says nothing about the records: status ERROR with the lookup's reason.
+    # REFUSED/SERVFAIL says nothing about the records: status ERROR with the lookup's reason,
+    # which names the answer but never the resolver's address or port (internal topology).
     domain = await register(domains_stub, tenant, unique_domain("invalid"))
     response = await check(smtp_stub, tenant, domain.id)
     assert {c.status for c in response.checks} == {ERROR}
     assert all(c.detail for c in response.checks)
+    for item in response.checks:
+        assert "REFUSED" in item.detail, item.detail
+        assert knot_server.host not in item.detail, item.detail
+        assert f"{knot_server.port}" not in item.detail.replace(domain.name, ""), item.detail
