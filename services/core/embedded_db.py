@@ -5,6 +5,9 @@ use it for real storage. FerretDB 1.24 speaks the MongoDB wire protocol, so the 
 same PyMongo code against it as against MongoDB 7 (DESIGN.md, "Storage"). The binary is built at a
 pinned version by ``make deps`` into ``bin/ferretdb``.
 
+The SQLite files hold every tenant's data (sealed secrets included), so the data directory is
+kept 0700 and FerretDB runs with umask 077: its files are 0600 whatever the caller's umask.
+
 Usage::
 
     with EmbeddedFerretDB(binary=find_ferretdb_binary(root), data_dir=root / "var/ferretdb") as db:
@@ -114,6 +117,19 @@ def die_with_parent_preexec() -> Callable[[], None] | None:
     return preexec
 
 
+def _make_private(directory: pathlib.Path) -> None:
+    """Create `directory` (0700) or make an existing one 0700 with its files 0600.
+
+    Existing files are tightened too: a directory created by an older version, or under a
+    looser umask, may hold world-readable databases.
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    for entry in directory.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            entry.chmod(0o600)
+
+
 class EmbeddedFerretDB:
     """FerretDB with its SQLite backend on loopback, as a child process.
 
@@ -192,8 +208,8 @@ class EmbeddedFerretDB:
             raise RuntimeError("EmbeddedFerretDB already started")
         self.stop()  # forget a process that exited on its own
         # FerretDB requires the SQLite directory to exist (it does not create it).
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        (self.data_dir / "state").mkdir(exist_ok=True)
+        _make_private(self.data_dir)
+        _make_private(self.data_dir / "state")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
 
         for attempt in range(1, _START_ATTEMPTS + 1):
@@ -290,7 +306,10 @@ class EmbeddedFerretDB:
     def _spawn(self) -> None:
         # FerretDB also reads FERRETDB_* variables; drop inherited ones so only our flags count.
         env = {k: v for k, v in os.environ.items() if not k.startswith("FERRETDB_")}
-        with self.log_path.open("ab") as log:
+        # Created 0600, and tightened if an older run left it readable (it may quote data).
+        descriptor = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(descriptor, 0o600)
+        with os.fdopen(descriptor, "ab") as log:
             self._log_offset = log.tell()
             # Output goes to a file, never a pipe: nobody reads a pipe while FerretDB runs, and a
             # full pipe buffer would block it.
@@ -305,6 +324,8 @@ class EmbeddedFerretDB:
                 # stops FerretDB last, after the services that still use it.
                 process_group=0,
                 preexec_fn=die_with_parent_preexec(),
+                # Every file FerretDB creates (SQLite databases, journals, state) is 0600.
+                umask=0o077,
             )
 
     def _wait_until_ready(self, timeout: float) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
+import stat
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import pymongo
 import pytest
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import DuplicateKeyError
@@ -101,3 +103,33 @@ def test_stop_ends_the_process(tmp_path: pathlib.Path) -> None:
         os.kill(pid, 0)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_files_are_private_to_the_owner(tmp_path: pathlib.Path) -> None:
+    # Whatever the umask, the data directory is 0700 and every file in it 0600 (the SQLite
+    # files hold the sealed secrets and all tenants' data), also for a directory left by an
+    # older run with looser modes.
+    old = tmp_path / "old"
+    old.mkdir(mode=0o755)
+    (old / "ferretdb.log").write_bytes(b"{}\n")  # an older run's log, world-readable
+    (old / "ferretdb.log").chmod(0o644)
+    previous_umask = os.umask(0o022)
+    try:
+        for data_dir in (tmp_path / "var" / "ferretdb", old):
+            db = EmbeddedFerretDB(binary=_binary(), data_dir=data_dir)
+            db.start()
+            try:
+                client: pymongo.MongoClient[dict[str, Any]]
+                with pymongo.MongoClient(
+                    db.uri, document_class=dict, directConnection=True
+                ) as client:
+                    client["private_test"]["docs"].insert_one({"_id": "d1", "secret": "x"})
+            finally:
+                db.stop()
+            paths = [data_dir, *data_dir.rglob("*")]
+            assert any(p.suffix == ".sqlite" for p in paths)
+            for path in paths:
+                mode = stat.S_IMODE(path.stat().st_mode)
+                assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+    finally:
+        os.umask(previous_umask)
