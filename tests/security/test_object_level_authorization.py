@@ -7,9 +7,8 @@ which would confirm the object exists), a list never shows them, a create cannot
 an internal rpc refuses B's user token and finds nothing for a service token minted for B.
 After every case A's objects are unchanged.
 
-The rpcs come from gen/azora.binpb, so a new rpc without a case here fails this test. Narrower
-versions of some cases live in tests/integration/test_tenant_isolation.py (DomainService over
-gRPC) and tests/smtp/test_tenant_isolation.py (SmtpService, one rpc per parameter).
+The rpcs come from gen/azora.binpb, so a new rpc without a case here fails this test. This is
+the suite's one tenant-isolation suite: add a tenant-isolation check here, not elsewhere.
 """
 
 from __future__ import annotations
@@ -90,13 +89,19 @@ class Attack:
 async def not_found_like_unknown(
     call: Callable[[str], Awaitable[Any]], victim_id: str
 ) -> RpcFailure:
-    """NOT_FOUND for the victim's id, with the same code and resource type as for a fresh id."""
+    """NOT_FOUND for the victim's id, with the same code and resource type as for a fresh id.
+
+    The missing resource is the one asked about (the id in the call), never another object.
+    """
+    fresh_id = new_id()
     failure = await failure_of(call(victim_id))
-    unknown = await failure_of(call(new_id()))
+    unknown = await failure_of(call(fresh_id))
     assert failure.code == grpc.StatusCode.NOT_FOUND, failure
     assert unknown.code == grpc.StatusCode.NOT_FOUND, unknown
     assert failure.reason == unknown.reason
     assert (failure.resource or ("", ""))[0] == (unknown.resource or ("", ""))[0]
+    assert failure.resource is None or failure.resource[1] == victim_id, failure
+    assert unknown.resource is None or unknown.resource[1] == fresh_id, unknown
     return failure
 
 
@@ -377,6 +382,14 @@ async def _smtp_domain_object(a: Attack) -> None:
         ),
         lambda d: stub.TestSmtpConnection(
             smtp_pb2.TestSmtpConnectionRequest(domain_id=d), metadata=b
+        ),
+        # An ad-hoc config does not make another tenant's domain usable either.
+        lambda d: stub.TestSmtpConnection(
+            smtp_pb2.TestSmtpConnectionRequest(
+                domain_id=d,
+                config=smtp_pb2.UpdateSmtpConfigRequest(host="smtp.example.com", port=587),
+            ),
+            metadata=b,
         ),
         lambda d: stub.GenerateDkimKey(smtp_pb2.GenerateDkimKeyRequest(domain_id=d), metadata=b),
         lambda d: stub.ListDkimKeys(smtp_pb2.ListDkimKeysRequest(domain_id=d), metadata=b),
