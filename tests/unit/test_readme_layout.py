@@ -10,7 +10,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # Tool caches and packaging metadata that appear after running tools; they are not our layout.
-NOT_LAYOUT = {".git", ".mypy_cache", ".ruff_cache", ".pytest_cache", "__pycache__"}
+NOT_LAYOUT = {
+    ".git",
+    ".hypothesis",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    "__pycache__",
+}
 
 
 def _layout_block() -> str:
