@@ -65,7 +65,7 @@ ROUTE_OPENAPI = "/api-docs/openapi.json"
 ROUTE_ASSET = "/api-docs/{asset}"
 
 
-def _not_found(message: str, reason: str) -> GatewayError:
+def _not_found(message: str, *, reason: str) -> GatewayError:
     return GatewayError(code_pb2.NOT_FOUND, message, reason=reason)
 
 
@@ -88,7 +88,7 @@ class ApiDocs:
         if not (self._assets / _REQUIRED_ASSET).is_file():
             raise _not_found(
                 "Swagger UI assets are not installed (npm package swagger-ui-dist; run make deps)",
-                "SWAGGER_UI_NOT_INSTALLED",
+                reason="SWAGGER_UI_NOT_INSTALLED",
             )
 
     async def index(self, request: web.Request) -> web.StreamResponse:
@@ -104,7 +104,7 @@ class ApiDocs:
         if not self._openapi.is_file():
             raise _not_found(
                 "the OpenAPI document has not been generated yet (make generate)",
-                "OPENAPI_NOT_GENERATED",
+                reason="OPENAPI_NOT_GENERATED",
             )
         return web.FileResponse(self._openapi, headers={"Content-Type": "application/json"})
 
@@ -114,5 +114,5 @@ class ApiDocs:
         name = request.match_info["asset"]
         path = self._assets / name
         if not _ASSET_NAME.match(name) or name in _NOT_SERVED or not path.is_file():
-            raise _not_found(f"no such Swagger UI asset: {name[:100]}", "ASSET_NOT_FOUND")
+            raise _not_found(f"no such Swagger UI asset: {name[:100]}", reason="ASSET_NOT_FOUND")
         return web.FileResponse(path)

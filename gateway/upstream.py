@@ -79,10 +79,6 @@ class Upstreams:
             self._channels[target] = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._callables: dict[str, grpc.aio.UnaryUnaryMultiCallable[Any, Any]] = {}
 
-    def target_of(self, service: str) -> str | None:
-        """The configured target of a service, if any."""
-        return self._targets.get(service)
-
     def _callable(self, binding: HttpBinding) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any] | None:
         cached = self._callables.get(binding.grpc_path)
         if cached is not None:

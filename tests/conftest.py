@@ -25,7 +25,11 @@ from services.core.settings import Settings
 from services.domain.app import DomainApp, build
 from tests.support.dns_server import KnotServer
 
-pytest_plugins = ["tests.support.dns_fixtures"]
+pytest_plugins = [
+    "tests.support.dns_fixtures",
+    "tests.support.error_reasons",
+    "tests.support.smtp_relay",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_JWT_SECRET = "test-jwt-secret-" + "x" * 32

@@ -6,8 +6,10 @@ secret is a printable string ``v1.<key id>.<base64url(nonce || ciphertext || tag
 * the version prefix lets the format change later without guessing;
 * the key id (a fingerprint of the key, never the key) says which master key sealed it, so
   the master key can rotate: the new key seals, former keys listed in
-  ``AZORA_SECRETS_PREVIOUS_KEYS`` still open what they sealed, and `needs_reseal` tells a
-  sweeper what to re-encrypt before a former key is dropped;
+  ``AZORA_SECRETS_PREVIOUS_KEYS`` still open what they sealed. Nothing re-encrypts stored
+  secrets in bulk: a secret moves to the current key when it is written again (the relay
+  password set again, a new DKIM key), so a former key stays listed until every secret it
+  sealed has been rewritten or deleted;
 * the caller's `context` (e.g. ``b"smtp-password:<domain id>"``) is authenticated as
   associated data, so a ciphertext copied into another document does not decrypt there.
 
@@ -109,20 +111,6 @@ class SecretsBox:
             return cipher.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], context)
         except InvalidTag:
             raise SecretsError("sealed secret failed authentication") from None
-
-    def needs_reseal(self, sealed: str) -> bool:
-        """Whether `sealed` was made with a former key (re-seal it before that key goes)."""
-        return self._split(sealed)[1] != self._primary_id
-
-    def reseal(self, sealed: str, *, context: bytes) -> str:
-        """Re-encrypt a secret with the current key (a no-op copy if it already uses it).
-
-        Raises:
-            SecretsError: as `open`.
-        """
-        if not self.needs_reseal(sealed):
-            return sealed
-        return self.seal(self.open(sealed, context=context), context=context)
 
     @staticmethod
     def _split(sealed: str) -> tuple[str, str, str]:

@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 DEV_JWT_SECRET = "azora-development-jwt-secret-not-for-production"  # noqa: S105 - dev only
@@ -116,7 +116,6 @@ class Settings:
     max_domains_per_tenant: int = 1000
     max_dns_records_per_domain: int = 500
     max_dns_records_per_tenant: int = 5000
-    extra: Mapping[str, str] = field(default_factory=dict)
     # SMTP service
     # SSRF guard: may relay hosts resolve to loopback, private, link-local, CGNAT or metadata
     # addresses? from_env makes it true outside production (local relays, tests), false in it.
@@ -297,7 +296,6 @@ class Settings:
             max_dns_records_per_domain=reader.integer(
                 "AZORA_MAX_DNS_RECORDS", defaults.max_dns_records_per_domain, minimum=1
             ),
-            extra={k: v for k, v in env.items() if k.startswith("AZORA_X_")},
             # SMTP service
             smtp_allow_private_hosts=reader.flag(
                 "AZORA_SMTP_ALLOW_PRIVATE_HOSTS", environment is not Environment.PRODUCTION

@@ -62,12 +62,6 @@ def tracer() -> trace.Tracer:
     return _provider.get_tracer(INSTRUMENTATION)
 
 
-def current_trace_id() -> str:
-    """The active span's trace id as 32 hex digits, or "" when no valid span is active."""
-    span_context = trace.get_current_span().get_span_context()
-    return trace.format_trace_id(span_context.trace_id) if span_context.is_valid else ""
-
-
 def extract(carrier: Mapping[str, str]) -> otel_context.Context:
     """The trace context a caller sent (``traceparent``/``tracestate``), as a parent context."""
     return _PROPAGATOR.extract(carrier=dict(carrier))
@@ -217,7 +211,6 @@ def traced_channel(target: str, **kwargs: Any) -> grpc.aio.Channel:
 __all__ = [
     "TracingClientInterceptor",
     "configure_tracing",
-    "current_trace_id",
     "delivery_span",
     "extract",
     "inject",

@@ -1,6 +1,6 @@
 """Domain use cases and lifecycle: register, list, records, verify, delete, expire, re-check.
 
-Lifecycle (DESIGN.md, issue 2):
+Lifecycle (DESIGN.md):
 * PENDING -> ACTIVE when the ownership TXT record is found (and no other tenant's ACTIVE domain
   holds the name); PENDING -> EXPIRED when not verified within the verification window; verifying
   an EXPIRED domain issues a new token and starts again.

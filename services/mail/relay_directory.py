@@ -159,11 +159,6 @@ class GrpcRelayDirectory:
         assert value is None or isinstance(value, SigningKey)
         return value
 
-    def forget(self, *, tenant_id: str, domain_id: str) -> None:
-        """Drop cached answers for a domain (e.g. after the relay rejected our credentials)."""
-        self._cache.pop(("relay", tenant_id, domain_id), None)
-        self._cache.pop(("key", tenant_id, domain_id), None)
-
     async def _cached(
         self,
         key: tuple[str, str, str],

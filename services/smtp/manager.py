@@ -3,7 +3,7 @@
 Every use case first asks the domain service whether the domain exists in the caller's tenant
 (`DomainDirectory`), so another tenant's domain is NOT_FOUND everywhere.
 
-DKIM lifecycle (issue 4), designed so mail is never unsigned or unverifiable:
+DKIM lifecycle, designed so mail is never unsigned or unverifiable:
 * a new key is PENDING: it never signs, because its record may not be published yet;
 * it becomes ACTIVE only after its record is seen in DNS (ActivateDkimKey, or by itself with
   ``auto_activate`` when the lifecycle loop sees the record);

@@ -255,8 +255,9 @@ def test_the_images_install_step_provides_every_commands_imports(
 
 
 def test_every_service_exposes_its_metrics_port(compose: dict[str, Any]) -> None:
-    # Issue 6: each service process serves its registry on its METRICS_PORTS port on the compose
-    # network, and /metrics (answered by the domain service) merges the other two.
+    # Prometheus scrapes every process itself: each service process serves its registry on its
+    # METRICS_PORTS port on the compose network, and /metrics (answered by the domain service)
+    # merges the other two.
     expected = {}
     for name in APP_SERVICES:
         service = compose["services"][name]

@@ -287,9 +287,9 @@ def test_envoy_deployment_mounts_config_and_the_images_descriptor(
 
 
 def test_every_service_pod_is_scrapeable_by_prometheus(objects: list[dict[str, Any]]) -> None:
-    # Issue 6: each pod serves its own registry on its METRICS_PORTS port, on every interface,
-    # and says so in the annotations Prometheus's pod discovery reads; /metrics's peers point
-    # at those ports.
+    # Prometheus scrapes every process itself: each pod serves its own registry on its
+    # METRICS_PORTS port, on every interface, and says so in the annotations Prometheus's pod
+    # discovery reads; /metrics's peers point at those ports.
     config = of_kind(objects, "ConfigMap")["azora-config"]["data"]
     assert config["AZORA_METRICS_HOST"] == "0.0.0.0"  # noqa: S104
     deployments = of_kind(objects, "Deployment")

@@ -1,4 +1,4 @@
-"""The product spec's Domain Setup Guide, its five curl steps, over real HTTP (issue 3 outcome 4).
+"""The product spec's Domain Setup Guide, its five curl steps, over real HTTP, as a newcomer.
 
 1. ``POST /api/v1/domains {"name": "yourdomain.com"}`` registers the domain and returns the TXT
    record to publish;

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import dns.exception
 import dns.message
 import dns.query
@@ -114,12 +112,13 @@ def test_invalid_records_are_rejected_before_reaching_knot(knot_server: KnotServ
 
 
 def test_silent_server_times_out(silent_dns_server: SilentDnsServer) -> None:  # noqa: F811
-    # A server that never answers makes dnspython give up with LifetimeTimeout after the lifetime.
+    # A server that never answers makes dnspython give up with LifetimeTimeout: the query
+    # arrived (the server counted it) and no answer, refusal or reset came back.
     resolver = _resolver(silent_dns_server.host, silent_dns_server.port, lifetime=1.0)
-    started = time.monotonic()
+    before = silent_dns_server.udp_queries
     with pytest.raises(dns.resolver.LifetimeTimeout):
         resolver.resolve("anything.azora.test", "A")
-    assert time.monotonic() - started < 3.0
+    assert silent_dns_server.udp_queries > before
 
 
 def test_silent_server_times_out_over_tcp(silent_dns_server: SilentDnsServer) -> None:  # noqa: F811

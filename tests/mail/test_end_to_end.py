@@ -27,7 +27,6 @@ from typing import Any
 
 import grpc
 import pytest
-from aiosmtpd.smtp import SMTP
 from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 from azora.mail.v1 import mail_pb2, mail_pb2_grpc
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
@@ -45,7 +44,6 @@ from tests.mail.conftest import RETRY_ENV, START
 from tests.smtp.conftest import (  # noqa: F401 - fixtures used by this module
     PASSWORD,
     USERNAME,
-    RunningServer,
     StartServer,
     authenticator,
     ca_file,
@@ -60,6 +58,7 @@ from tests.smtp.conftest import (  # noqa: F401 - fixtures used by this module
 )
 from tests.smtp.verifiers import dkimpy_verifies, opendkim_verdict, quoted
 from tests.support.dns_server import KnotServer
+from tests.support.smtp_relay import RecordingHandler, RunningRelay, start_relay
 
 E = mail_pb2
 
@@ -73,8 +72,8 @@ class EndToEnd:
     settings: Settings
     tenant: Tenant
     domain: str
-    relay: RunningServer
-    handler: SlowRecordingHandler
+    relay: RunningRelay
+    handler: RecordingHandler
     clock: ManualClock
 
     @property
@@ -87,20 +86,6 @@ class EndToEnd:
         return await self.stub.SendEmail(
             E.SendEmailRequest(**request), metadata=self.tenant.metadata
         )
-
-
-class SlowRecordingHandler:
-    """aiosmtpd handler that keeps messages, taking `delay` seconds per DATA."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.messages: list[bytes] = []
-        self.delay = delay
-
-    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:  # noqa: N802
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        self.messages.append(envelope.content)
-        return "250 2.0.0 OK"
 
 
 @pytest.fixture
@@ -138,20 +123,7 @@ async def e2e(
         smtp_pb2.ActivateDkimKeyRequest(domain_id=domain.id, selector=key.selector),
         metadata=tenant.metadata,
     )
-    handler = SlowRecordingHandler()
-
-    def factory() -> SMTP:
-        return SMTP(
-            handler,
-            hostname="relay.azora-test.example",
-            tls_context=server_tls,
-            require_starttls=True,
-            authenticator=authenticator(),
-            auth_require_tls=True,
-        )
-
-    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-    relay = RunningServer(server, server.sockets[0].getsockname()[1])
+    relay = await start_relay(starttls=server_tls, require_starttls=True, auth=authenticator())
     await smtp_stub.UpdateSmtpConfig(
         smtp_pb2.UpdateSmtpConfigRequest(
             domain_id=domain.id,
@@ -181,13 +153,12 @@ async def e2e(
             tenant,
             name,
             relay,
-            handler,
+            relay.handler,
             clock,
         )
     await app.running.database.client.drop_database(settings.mongodb_database)
     await app.running.stop(None)
-    server.close()
-    await server.wait_closed()
+    await relay.close()
 
 
 async def test_delivered_over_starttls_with_auth_signed_and_verified(

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import pytest
-from aiosmtpd.smtp import SMTP
 from azora.domain.v1 import domain_pb2
 from azora.mail.v1 import mail_pb2
 
@@ -25,6 +23,7 @@ from tests.conftest import Tenant
 from tests.security.conftest import GrpcStubs, sending_domain
 from tests.support.dns_server import KnotServer
 from tests.support.grpc_errors import decode
+from tests.support.smtp_relay import RunningRelay, start_relay
 
 MARK = "X-Injected"
 SMUGGLED_SENDER = "smuggled@evil.test"
@@ -38,45 +37,17 @@ PAYLOADS = {
 }
 
 
-@dataclass
-class Envelope:
-    """One transaction the relay accepted."""
-
-    mail_from: str
-    rcpt_tos: list[str]
-    content: bytes
-
-
-@dataclass
-class Relay:
-    """aiosmtpd on loopback that records every transaction."""
-
-    port: int
-    received: list[Envelope] = field(default_factory=list)
-
-    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:  # noqa: N802
-        self.received.append(
-            Envelope(envelope.mail_from, list(envelope.rcpt_tos), envelope.content)
-        )
-        return "250 2.0.0 OK"
-
-
 @pytest.fixture(scope="module")
-async def relay() -> AsyncIterator[Relay]:
-    """A recording relay for this module's sends."""
-    recorder = Relay(port=0)
-    server = await asyncio.get_running_loop().create_server(
-        lambda: SMTP(recorder, hostname="relay.security.test"), "127.0.0.1", 0
-    )
-    recorder.port = server.sockets[0].getsockname()[1]
-    yield recorder
-    server.close()
-    await server.wait_closed()
+async def relay() -> AsyncIterator[RunningRelay]:
+    """A recording relay for this module's sends (tests/support/smtp_relay.py)."""
+    running = await start_relay(hostname="relay.security.test")
+    yield running
+    await running.close()
 
 
 @pytest.fixture(scope="module")
 async def sender(
-    stack_stubs: GrpcStubs, knot_server: KnotServer, relay: Relay, settings: Any
+    stack_stubs: GrpcStubs, knot_server: KnotServer, relay: RunningRelay, settings: Any
 ) -> tuple[Tenant, domain_pb2.Domain]:
     """A tenant whose verified domain sends through `relay`."""
     from tests.conftest import new_tenant
@@ -183,7 +154,7 @@ async def test_payloads_are_refused_or_neutralised(
     field_name: str,
     stack_stubs: GrpcStubs,
     sender: tuple[Tenant, domain_pb2.Domain],
-    relay: Relay,
+    relay: RunningRelay,
 ) -> None:
     # Every payload in this field: INVALID_ARGUMENT naming it, or delivered harmlessly.
     tenant, domain = sender
@@ -208,11 +179,11 @@ async def test_payloads_are_refused_or_neutralised(
     if not accepted:
         return
     statuses = await _wait_for_final(stack_stubs, tenant, list(accepted))
-    smuggled = [e for e in relay.received if SMUGGLED_SENDER in e.mail_from]
+    smuggled = [e for e in relay.envelopes if SMUGGLED_SENDER in e.mail_from]
     assert smuggled == [], "a smuggled SMTP transaction reached the relay"
     delivered = {
         kind: e.content
-        for e in relay.received
+        for e in relay.envelopes
         for email_id, kind in accepted.items()
         if f"<{email_id}@".encode() in e.content  # its Message-ID
     }

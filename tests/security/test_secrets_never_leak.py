@@ -28,7 +28,6 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 
 from services.core.auth import ServiceTokens, issue_jwt
@@ -36,6 +35,7 @@ from services.core.settings import Settings
 from tests.conftest import REPO_ROOT, unique_domain
 from tests.smtp.verifiers import quoted
 from tests.support.dns_server import KnotServer
+from tests.support.smtp_relay import authenticator, start_relay
 
 RELAY_USER = "relay-user"
 
@@ -56,37 +56,6 @@ class Suite:
     secrets: dict[str, str]
     settings: Settings
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
-
-
-@dataclass
-class AuthRelay:
-    """aiosmtpd requiring AUTH (optionally echoing the credentials it refuses)."""
-
-    password: str
-    echo: bool
-    messages: list[bytes] = field(default_factory=list)
-
-    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:  # noqa: N802
-        self.messages.append(envelope.content)
-        return "250 2.0.0 OK"
-
-    def check(
-        self, server: SMTP, session: Any, envelope: Any, mechanism: str, data: Any
-    ) -> AuthResult:
-        assert isinstance(data, LoginPassword)
-        if not self.echo and data.password == self.password.encode():
-            return AuthResult(success=True)
-        message = f"535 5.7.8 refused {data.login.decode()}:{data.password.decode()}"
-        return AuthResult(success=False, handled=False, message=message if self.echo else None)
-
-
-async def _start_relay(relay: AuthRelay) -> tuple[asyncio.Server, int]:
-    server = await asyncio.get_running_loop().create_server(
-        lambda: SMTP(relay, authenticator=relay.check, auth_require_tls=False),
-        "127.0.0.1",
-        0,
-    )
-    return server, server.sockets[0].getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +166,16 @@ async def test_no_secret_appears_in_logs_errors_or_metrics(
     auth = {"Authorization": f"Bearer {token}"}
     errors: list[str] = []
     answers: list[str] = []
-    good_relay, echo_relay = AuthRelay(known["relay password"], False), AuthRelay("", True)
-    servers = [await _start_relay(good_relay), await _start_relay(echo_relay)]
+    # Two relays (tests/support/smtp_relay.py) taking AUTH without TLS: one accepts the
+    # configured password; the other refuses everything and echoes the credentials it got.
+    good_relay = await start_relay(
+        auth=authenticator(RELAY_USER, known["relay password"]), auth_require_tls=False
+    )
+    echo_relay = await start_relay(
+        auth=authenticator(RELAY_USER, secrets.token_urlsafe(24), echo_refused=True),
+        auth_require_tls=False,
+    )
+    servers = [good_relay, echo_relay]
 
     async with aiohttp.ClientSession() as http:
 
@@ -229,7 +206,7 @@ async def test_no_secret_appears_in_logs_errors_or_metrics(
         assert verified["domain"]["status"] == "DOMAIN_STATUS_ACTIVE", verified
         relay = {
             "host": "127.0.0.1",
-            "port": servers[0][1],
+            "port": good_relay.port,
             "security": "SECURITY_MODE_NONE",
             "username": RELAY_USER,
             "password": known["relay password"],
@@ -242,7 +219,7 @@ async def test_no_secret_appears_in_logs_errors_or_metrics(
         await call(
             "POST",
             "/api/v1/smtp/test",
-            json={"config": {**relay, "port": servers[1][1]}},
+            json={"config": {**relay, "port": echo_relay.port}},
         )
         dkim = await call("POST", f"/api/v1/smtp/domains/{domain['id']}/dkim", json={})
         assert dkim["_status"] == 200, dkim
@@ -319,9 +296,8 @@ async def test_no_secret_appears_in_logs_errors_or_metrics(
     )
     body = "".join(line for line in pem.splitlines() if "-----" not in line)
     assert body, "the scenario has a DKIM private key"
-    for server, _ in servers:
-        server.close()
-        await server.wait_closed()
+    for relay_server in servers:
+        await relay_server.close()
 
     needles: dict[str, set[str]] = {label: forms(value) for label, value in known.items()}
     needles["AZORA_SECRETS_KEY"] |= forms(key)

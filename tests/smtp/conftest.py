@@ -12,15 +12,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 import trustme
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 from azora.smtp.v1 import smtp_pb2_grpc
 
@@ -29,8 +27,10 @@ from services.core.settings import Settings
 from services.domain.app import DomainApp
 from services.smtp.app import SmtpApp, build_app
 from tests.conftest import Tenant, unique_domain
+from tests.support.smtp_relay import RELAY_HOSTNAME as RELAY_HOSTNAME
+from tests.support.smtp_relay import Authenticator, StartRelay
+from tests.support.smtp_relay import authenticator as accept_only
 
-RELAY_HOSTNAME = "relay.azora-test.example"
 USERNAME = "relay-user"
 PASSWORD = "s3cret-Relay-Passw0rd!"
 
@@ -105,86 +105,27 @@ async def register(
 # --- SMTP servers ----------------------------------------------------------------------------
 
 
-@dataclass
-class RecordingHandler:
-    """aiosmtpd handler that keeps what it was told (nothing is delivered anywhere)."""
-
-    messages: list[bytes] = field(default_factory=list)
-
-    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:  # noqa: N802
-        self.messages.append(envelope.content)
-        return "250 OK"
-
-
-def authenticator(
-    *, echo_credentials: bool = False
-) -> Callable[[SMTP, Any, Any, str, Any], AuthResult]:
+def authenticator(*, echo_credentials: bool = False) -> Authenticator:
     """Accepts USERNAME/PASSWORD; with `echo_credentials` a failure reply repeats them."""
-
-    def check(server: SMTP, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
-        assert isinstance(data, LoginPassword)
-        if data.login == USERNAME.encode() and data.password == PASSWORD.encode():
-            return AuthResult(success=True)
-        if echo_credentials:
-            # A hostile (or buggy) server repeating what it got must not leak it to the user.
-            echoed = f"{data.login.decode()}:{data.password.decode()}"
-            return AuthResult(success=False, handled=False, message=f"535 5.7.8 no: {echoed}")
-        return AuthResult(success=False, handled=False)
-
-    return check
+    return accept_only(USERNAME, PASSWORD, echo_refused=echo_credentials)
 
 
 @dataclass
 class RunningServer:
-    """A listening test server."""
+    """A listening bare TCP server (`raw_server`)."""
 
     server: asyncio.Server
     port: int
 
 
-StartServer = Callable[..., Awaitable[RunningServer]]
+# aiosmtpd relays come from the suite's one relay fixture (tests/support/smtp_relay.py).
+StartServer = StartRelay
 
 
 @pytest.fixture
-async def start_smtpd() -> AsyncIterator[StartServer]:
-    """Start aiosmtpd servers on 127.0.0.1:0 in this loop; all are closed after the test.
-
-    Keywords: ``implicit_tls`` (an SSLContext: TLS from the first byte), ``starttls`` (an
-    SSLContext offered through STARTTLS), ``require_starttls``, ``auth`` (an authenticator),
-    ``auth_require_tls``.
-    """
-    servers: list[asyncio.Server] = []
-
-    async def start(
-        *,
-        implicit_tls: ssl.SSLContext | None = None,
-        starttls: ssl.SSLContext | None = None,
-        require_starttls: bool = False,
-        auth: Callable[..., AuthResult] | None = None,
-        auth_require_tls: bool = True,
-    ) -> RunningServer:
-        handler = RecordingHandler()
-
-        def factory() -> SMTP:
-            return SMTP(
-                handler,
-                hostname=RELAY_HOSTNAME,
-                tls_context=starttls,
-                require_starttls=require_starttls,
-                authenticator=auth,
-                auth_require_tls=auth_require_tls,
-            )
-
-        server = await asyncio.get_running_loop().create_server(
-            factory, "127.0.0.1", 0, ssl=implicit_tls
-        )
-        servers.append(server)
-        return RunningServer(server, server.sockets[0].getsockname()[1])
-
-    yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+def start_smtpd(start_smtp_relay: StartRelay) -> StartRelay:
+    """Relays on 127.0.0.1:0 (`tests.support.smtp_relay.start_relay`), closed after the test."""
+    return start_smtp_relay
 
 
 @pytest.fixture

@@ -539,10 +539,12 @@ class SilentDnsServer:
 
     host: str
     port: int
+    udp_queries: int  # datagrams received (and never answered), so tests can see they arrived
 
     def __init__(self) -> None:
         self.host = LOOPBACK
         self.port = 0
+        self.udp_queries = 0
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
         self._conns: list[socket.socket] = []
@@ -622,6 +624,7 @@ class SilentDnsServer:
                             sel.register(conn, selectors.EVENT_READ)
                         elif sock is self._udp:
                             sock.recvfrom(65535)  # swallow the query
+                            self.udp_queries += 1
                         elif not sock.recv(65535):
                             self._drop(sel, sock)  # client closed its side
                     except (BlockingIOError, InterruptedError):

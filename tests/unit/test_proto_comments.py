@@ -1,4 +1,4 @@
-"""Every element of our API protos carries a comment (issue 2: "Every element is commented").
+"""Every element of our API protos carries a comment: the protos are the API's documentation.
 
 Reads the source info that `buf build` keeps in gen/azora.binpb, so a new uncommented message,
 field, enum, enum value, service or rpc fails here.

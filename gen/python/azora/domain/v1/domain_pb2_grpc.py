@@ -84,6 +84,7 @@ class DomainServiceServicer:
 
     def ListDomains(self, request, context):
         """Lists the caller's domains, oldest first, optionally filtered by status.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,14 +96,16 @@ class DomainServiceServicer:
         is refused, following Unicode UTS #39's "highly restrictive" level: one script per label,
         or Latin with Han and kana, Han and Bopomofo, or Han and Hangul. The response carries the
         TXT record that proves ownership and the other records the service needs.
-        Errors: INVALID_ARGUMENT (name), ALREADY_EXISTS (same name in this tenant).
+        Errors: INVALID_ARGUMENT (name), DOMAIN_ALREADY_EXISTS (same name in this tenant),
+        DOMAIN_LIMIT_REACHED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetDomain(self, request, context):
-        """Returns one domain. Errors: NOT_FOUND (unknown id, or another tenant's domain).
+        """Returns one domain.
+        Errors: DOMAIN_NOT_FOUND (unknown id, or another tenant's domain).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +114,8 @@ class DomainServiceServicer:
     def UpdateDnsRecords(self, request, context):
         """Replaces the domain's DNS records as a set. Every record is validated; if any is wrong the
         whole set is refused with one field violation per problem and nothing is written.
+        Errors: INVALID_ARGUMENT (one violation per bad record), DOMAIN_NOT_FOUND,
+        DNS_RECORD_LIMIT_REACHED, CONCURRENT_MODIFICATION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,7 +125,8 @@ class DomainServiceServicer:
         """Looks up the ownership TXT record now. A match makes a pending, expired or suspended
         domain ACTIVE; a miss leaves it as it is and reports what was found. Verifying an
         EXPIRED domain first issues a new token (the answer then carries the new record).
-        Errors: FAILED_PRECONDITION when another tenant already verified the same name.
+        Errors: DOMAIN_NOT_FOUND, DOMAIN_OWNED_BY_ANOTHER_TENANT (another tenant already verified
+        the same name), CONCURRENT_MODIFICATION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +137,7 @@ class DomainServiceServicer:
         history and ownership claim (domain service); its SMTP relay configuration and DKIM keys
         (SMTP service, once that service stores them); emails still queued or scheduled for it are
         cancelled by the mail service, delivered history is kept until its retention ends.
+        Errors: DOMAIN_NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,6 +145,7 @@ class DomainServiceServicer:
 
     def ExportZoneFile(self, request, context):
         """Exports the domain's records as an RFC 1035 zone file (text/dns).
+        Errors: DOMAIN_NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

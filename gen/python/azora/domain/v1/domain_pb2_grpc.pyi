@@ -39,35 +39,46 @@ class DomainServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DomainServiceAsyncStub: ...
     ListDomains: _grpc.UnaryUnaryMultiCallable[_domain_pb2.ListDomainsRequest, _domain_pb2.ListDomainsResponse]
-    """Lists the caller's domains, oldest first, optionally filtered by status."""
+    """Lists the caller's domains, oldest first, optionally filtered by status.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
     CreateDomain: _grpc.UnaryUnaryMultiCallable[_domain_pb2.CreateDomainRequest, _domain_pb2.Domain]
     """Registers a domain. The name is IDNA-normalised and lowercased. A label mixing scripts in a
     way that lets it pass for another name (e.g. a Cyrillic "а", U+0430, among Latin letters)
     is refused, following Unicode UTS #39's "highly restrictive" level: one script per label,
     or Latin with Han and kana, Han and Bopomofo, or Han and Hangul. The response carries the
     TXT record that proves ownership and the other records the service needs.
-    Errors: INVALID_ARGUMENT (name), ALREADY_EXISTS (same name in this tenant).
+    Errors: INVALID_ARGUMENT (name), DOMAIN_ALREADY_EXISTS (same name in this tenant),
+    DOMAIN_LIMIT_REACHED.
     """
     GetDomain: _grpc.UnaryUnaryMultiCallable[_domain_pb2.GetDomainRequest, _domain_pb2.Domain]
-    """Returns one domain. Errors: NOT_FOUND (unknown id, or another tenant's domain)."""
+    """Returns one domain.
+    Errors: DOMAIN_NOT_FOUND (unknown id, or another tenant's domain).
+    """
     UpdateDnsRecords: _grpc.UnaryUnaryMultiCallable[_domain_pb2.UpdateDnsRecordsRequest, _domain_pb2.Domain]
     """Replaces the domain's DNS records as a set. Every record is validated; if any is wrong the
     whole set is refused with one field violation per problem and nothing is written.
+    Errors: INVALID_ARGUMENT (one violation per bad record), DOMAIN_NOT_FOUND,
+    DNS_RECORD_LIMIT_REACHED, CONCURRENT_MODIFICATION.
     """
     VerifyDomain: _grpc.UnaryUnaryMultiCallable[_domain_pb2.VerifyDomainRequest, _domain_pb2.VerifyDomainResponse]
     """Looks up the ownership TXT record now. A match makes a pending, expired or suspended
     domain ACTIVE; a miss leaves it as it is and reports what was found. Verifying an
     EXPIRED domain first issues a new token (the answer then carries the new record).
-    Errors: FAILED_PRECONDITION when another tenant already verified the same name.
+    Errors: DOMAIN_NOT_FOUND, DOMAIN_OWNED_BY_ANOTHER_TENANT (another tenant already verified
+    the same name), CONCURRENT_MODIFICATION.
     """
     DeleteDomain: _grpc.UnaryUnaryMultiCallable[_domain_pb2.DeleteDomainRequest, _empty_pb2.Empty]
     """Deletes a domain with everything that belongs to it: its DNS records, verification
     history and ownership claim (domain service); its SMTP relay configuration and DKIM keys
     (SMTP service, once that service stores them); emails still queued or scheduled for it are
     cancelled by the mail service, delivered history is kept until its retention ends.
+    Errors: DOMAIN_NOT_FOUND.
     """
     ExportZoneFile: _grpc.UnaryUnaryMultiCallable[_domain_pb2.ExportZoneFileRequest, _httpbody_pb2.HttpBody]
-    """Exports the domain's records as an RFC 1035 zone file (text/dns)."""
+    """Exports the domain's records as an RFC 1035 zone file (text/dns).
+    Errors: DOMAIN_NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class DomainServiceAsyncStub(DomainServiceStub):
@@ -78,35 +89,46 @@ class DomainServiceAsyncStub(DomainServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListDomains: _aio.UnaryUnaryMultiCallable[_domain_pb2.ListDomainsRequest, _domain_pb2.ListDomainsResponse]  # type: ignore[assignment]
-    """Lists the caller's domains, oldest first, optionally filtered by status."""
+    """Lists the caller's domains, oldest first, optionally filtered by status.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
     CreateDomain: _aio.UnaryUnaryMultiCallable[_domain_pb2.CreateDomainRequest, _domain_pb2.Domain]  # type: ignore[assignment]
     """Registers a domain. The name is IDNA-normalised and lowercased. A label mixing scripts in a
     way that lets it pass for another name (e.g. a Cyrillic "а", U+0430, among Latin letters)
     is refused, following Unicode UTS #39's "highly restrictive" level: one script per label,
     or Latin with Han and kana, Han and Bopomofo, or Han and Hangul. The response carries the
     TXT record that proves ownership and the other records the service needs.
-    Errors: INVALID_ARGUMENT (name), ALREADY_EXISTS (same name in this tenant).
+    Errors: INVALID_ARGUMENT (name), DOMAIN_ALREADY_EXISTS (same name in this tenant),
+    DOMAIN_LIMIT_REACHED.
     """
     GetDomain: _aio.UnaryUnaryMultiCallable[_domain_pb2.GetDomainRequest, _domain_pb2.Domain]  # type: ignore[assignment]
-    """Returns one domain. Errors: NOT_FOUND (unknown id, or another tenant's domain)."""
+    """Returns one domain.
+    Errors: DOMAIN_NOT_FOUND (unknown id, or another tenant's domain).
+    """
     UpdateDnsRecords: _aio.UnaryUnaryMultiCallable[_domain_pb2.UpdateDnsRecordsRequest, _domain_pb2.Domain]  # type: ignore[assignment]
     """Replaces the domain's DNS records as a set. Every record is validated; if any is wrong the
     whole set is refused with one field violation per problem and nothing is written.
+    Errors: INVALID_ARGUMENT (one violation per bad record), DOMAIN_NOT_FOUND,
+    DNS_RECORD_LIMIT_REACHED, CONCURRENT_MODIFICATION.
     """
     VerifyDomain: _aio.UnaryUnaryMultiCallable[_domain_pb2.VerifyDomainRequest, _domain_pb2.VerifyDomainResponse]  # type: ignore[assignment]
     """Looks up the ownership TXT record now. A match makes a pending, expired or suspended
     domain ACTIVE; a miss leaves it as it is and reports what was found. Verifying an
     EXPIRED domain first issues a new token (the answer then carries the new record).
-    Errors: FAILED_PRECONDITION when another tenant already verified the same name.
+    Errors: DOMAIN_NOT_FOUND, DOMAIN_OWNED_BY_ANOTHER_TENANT (another tenant already verified
+    the same name), CONCURRENT_MODIFICATION.
     """
     DeleteDomain: _aio.UnaryUnaryMultiCallable[_domain_pb2.DeleteDomainRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a domain with everything that belongs to it: its DNS records, verification
     history and ownership claim (domain service); its SMTP relay configuration and DKIM keys
     (SMTP service, once that service stores them); emails still queued or scheduled for it are
     cancelled by the mail service, delivered history is kept until its retention ends.
+    Errors: DOMAIN_NOT_FOUND.
     """
     ExportZoneFile: _aio.UnaryUnaryMultiCallable[_domain_pb2.ExportZoneFileRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
-    """Exports the domain's records as an RFC 1035 zone file (text/dns)."""
+    """Exports the domain's records as an RFC 1035 zone file (text/dns).
+    Errors: DOMAIN_NOT_FOUND.
+    """
 
 class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
     """DomainService registers a tenant's sending domains, stores their DNS records, proves
@@ -120,7 +142,9 @@ class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _domain_pb2.ListDomainsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_domain_pb2.ListDomainsResponse, _abc.Awaitable[_domain_pb2.ListDomainsResponse]]:
-        """Lists the caller's domains, oldest first, optionally filtered by status."""
+        """Lists the caller's domains, oldest first, optionally filtered by status.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
+        """
 
     @_abc_1.abstractmethod
     def CreateDomain(
@@ -133,7 +157,8 @@ class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
         is refused, following Unicode UTS #39's "highly restrictive" level: one script per label,
         or Latin with Han and kana, Han and Bopomofo, or Han and Hangul. The response carries the
         TXT record that proves ownership and the other records the service needs.
-        Errors: INVALID_ARGUMENT (name), ALREADY_EXISTS (same name in this tenant).
+        Errors: INVALID_ARGUMENT (name), DOMAIN_ALREADY_EXISTS (same name in this tenant),
+        DOMAIN_LIMIT_REACHED.
         """
 
     @_abc_1.abstractmethod
@@ -142,7 +167,9 @@ class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _domain_pb2.GetDomainRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_domain_pb2.Domain, _abc.Awaitable[_domain_pb2.Domain]]:
-        """Returns one domain. Errors: NOT_FOUND (unknown id, or another tenant's domain)."""
+        """Returns one domain.
+        Errors: DOMAIN_NOT_FOUND (unknown id, or another tenant's domain).
+        """
 
     @_abc_1.abstractmethod
     def UpdateDnsRecords(
@@ -152,6 +179,8 @@ class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_domain_pb2.Domain, _abc.Awaitable[_domain_pb2.Domain]]:
         """Replaces the domain's DNS records as a set. Every record is validated; if any is wrong the
         whole set is refused with one field violation per problem and nothing is written.
+        Errors: INVALID_ARGUMENT (one violation per bad record), DOMAIN_NOT_FOUND,
+        DNS_RECORD_LIMIT_REACHED, CONCURRENT_MODIFICATION.
         """
 
     @_abc_1.abstractmethod
@@ -163,7 +192,8 @@ class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
         """Looks up the ownership TXT record now. A match makes a pending, expired or suspended
         domain ACTIVE; a miss leaves it as it is and reports what was found. Verifying an
         EXPIRED domain first issues a new token (the answer then carries the new record).
-        Errors: FAILED_PRECONDITION when another tenant already verified the same name.
+        Errors: DOMAIN_NOT_FOUND, DOMAIN_OWNED_BY_ANOTHER_TENANT (another tenant already verified
+        the same name), CONCURRENT_MODIFICATION.
         """
 
     @_abc_1.abstractmethod
@@ -176,6 +206,7 @@ class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
         history and ownership claim (domain service); its SMTP relay configuration and DKIM keys
         (SMTP service, once that service stores them); emails still queued or scheduled for it are
         cancelled by the mail service, delivered history is kept until its retention ends.
+        Errors: DOMAIN_NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
@@ -184,6 +215,8 @@ class DomainServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _domain_pb2.ExportZoneFileRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
-        """Exports the domain's records as an RFC 1035 zone file (text/dns)."""
+        """Exports the domain's records as an RFC 1035 zone file (text/dns).
+        Errors: DOMAIN_NOT_FOUND.
+        """
 
 def add_DomainServiceServicer_to_server(servicer: DomainServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

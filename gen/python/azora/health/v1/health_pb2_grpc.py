@@ -72,6 +72,7 @@ class SuiteHealthServiceServicer:
     def GetHealth(self, request, context):
         """Overall status with one entry per component. When a required component is down the call
         fails with UNAVAILABLE (HTTP 503) and the report travels in the error details.
+        Errors: UNHEALTHY.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -79,6 +80,7 @@ class SuiteHealthServiceServicer:
 
     def GetReadiness(self, request, context):
         """Readiness: succeeds only when the suite can take traffic; UNAVAILABLE (503) otherwise.
+        Errors: NOT_READY.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +88,7 @@ class SuiteHealthServiceServicer:
 
     def GetHealthMetrics(self, request, context):
         """Key figures as JSON.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +96,7 @@ class SuiteHealthServiceServicer:
 
     def Ping(self, request, context):
         """Cheap liveness check.
+        Errors: none (no credentials, no database).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,6 +104,7 @@ class SuiteHealthServiceServicer:
 
     def GetMetrics(self, request, context):
         """Prometheus text exposition of the suite's metrics.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,15 +39,24 @@ class SuiteHealthServiceStub:
     GetHealth: _grpc.UnaryUnaryMultiCallable[_health_pb2.GetHealthRequest, _health_pb2.HealthReport]
     """Overall status with one entry per component. When a required component is down the call
     fails with UNAVAILABLE (HTTP 503) and the report travels in the error details.
+    Errors: UNHEALTHY.
     """
     GetReadiness: _grpc.UnaryUnaryMultiCallable[_health_pb2.GetReadinessRequest, _health_pb2.HealthReport]
-    """Readiness: succeeds only when the suite can take traffic; UNAVAILABLE (503) otherwise."""
+    """Readiness: succeeds only when the suite can take traffic; UNAVAILABLE (503) otherwise.
+    Errors: NOT_READY.
+    """
     GetHealthMetrics: _grpc.UnaryUnaryMultiCallable[_health_pb2.GetHealthMetricsRequest, _health_pb2.HealthMetrics]
-    """Key figures as JSON."""
+    """Key figures as JSON.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
     Ping: _grpc.UnaryUnaryMultiCallable[_health_pb2.PingRequest, _health_pb2.PingResponse]
-    """Cheap liveness check."""
+    """Cheap liveness check.
+    Errors: none (no credentials, no database).
+    """
     GetMetrics: _grpc.UnaryUnaryMultiCallable[_health_pb2.GetMetricsRequest, _httpbody_pb2.HttpBody]
-    """Prometheus text exposition of the suite's metrics."""
+    """Prometheus text exposition of the suite's metrics.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
 
 @_typing.type_check_only
 class SuiteHealthServiceAsyncStub(SuiteHealthServiceStub):
@@ -59,15 +68,24 @@ class SuiteHealthServiceAsyncStub(SuiteHealthServiceStub):
     GetHealth: _aio.UnaryUnaryMultiCallable[_health_pb2.GetHealthRequest, _health_pb2.HealthReport]  # type: ignore[assignment]
     """Overall status with one entry per component. When a required component is down the call
     fails with UNAVAILABLE (HTTP 503) and the report travels in the error details.
+    Errors: UNHEALTHY.
     """
     GetReadiness: _aio.UnaryUnaryMultiCallable[_health_pb2.GetReadinessRequest, _health_pb2.HealthReport]  # type: ignore[assignment]
-    """Readiness: succeeds only when the suite can take traffic; UNAVAILABLE (503) otherwise."""
+    """Readiness: succeeds only when the suite can take traffic; UNAVAILABLE (503) otherwise.
+    Errors: NOT_READY.
+    """
     GetHealthMetrics: _aio.UnaryUnaryMultiCallable[_health_pb2.GetHealthMetricsRequest, _health_pb2.HealthMetrics]  # type: ignore[assignment]
-    """Key figures as JSON."""
+    """Key figures as JSON.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
     Ping: _aio.UnaryUnaryMultiCallable[_health_pb2.PingRequest, _health_pb2.PingResponse]  # type: ignore[assignment]
-    """Cheap liveness check."""
+    """Cheap liveness check.
+    Errors: none (no credentials, no database).
+    """
     GetMetrics: _aio.UnaryUnaryMultiCallable[_health_pb2.GetMetricsRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
-    """Prometheus text exposition of the suite's metrics."""
+    """Prometheus text exposition of the suite's metrics.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
 
 class SuiteHealthServiceServicer(metaclass=_abc_1.ABCMeta):
     """SuiteHealthService answers the suite's REST health routes. It aggregates the three services'
@@ -82,6 +100,7 @@ class SuiteHealthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_health_pb2.HealthReport, _abc.Awaitable[_health_pb2.HealthReport]]:
         """Overall status with one entry per component. When a required component is down the call
         fails with UNAVAILABLE (HTTP 503) and the report travels in the error details.
+        Errors: UNHEALTHY.
         """
 
     @_abc_1.abstractmethod
@@ -90,7 +109,9 @@ class SuiteHealthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _health_pb2.GetReadinessRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_health_pb2.HealthReport, _abc.Awaitable[_health_pb2.HealthReport]]:
-        """Readiness: succeeds only when the suite can take traffic; UNAVAILABLE (503) otherwise."""
+        """Readiness: succeeds only when the suite can take traffic; UNAVAILABLE (503) otherwise.
+        Errors: NOT_READY.
+        """
 
     @_abc_1.abstractmethod
     def GetHealthMetrics(
@@ -98,7 +119,9 @@ class SuiteHealthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _health_pb2.GetHealthMetricsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_health_pb2.HealthMetrics, _abc.Awaitable[_health_pb2.HealthMetrics]]:
-        """Key figures as JSON."""
+        """Key figures as JSON.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
+        """
 
     @_abc_1.abstractmethod
     def Ping(
@@ -106,7 +129,9 @@ class SuiteHealthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _health_pb2.PingRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_health_pb2.PingResponse, _abc.Awaitable[_health_pb2.PingResponse]]:
-        """Cheap liveness check."""
+        """Cheap liveness check.
+        Errors: none (no credentials, no database).
+        """
 
     @_abc_1.abstractmethod
     def GetMetrics(
@@ -114,6 +139,8 @@ class SuiteHealthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _health_pb2.GetMetricsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
-        """Prometheus text exposition of the suite's metrics."""
+        """Prometheus text exposition of the suite's metrics.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
+        """
 
 def add_SuiteHealthServiceServicer_to_server(servicer: SuiteHealthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -67,6 +67,7 @@ class ApiKeyServiceServicer:
 
     def CreateApiKey(self, request, context):
         """Creates an API key. The secret is in the response and never again.
+        Errors: INVALID_ARGUMENT (scopes, expiry), SCOPE_ESCALATION (a scope the caller lacks).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -74,6 +75,7 @@ class ApiKeyServiceServicer:
 
     def ListApiKeys(self, request, context):
         """Lists the tenant's API keys (without secrets), newest first.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -81,6 +83,7 @@ class ApiKeyServiceServicer:
 
     def RevokeApiKey(self, request, context):
         """Revokes an API key: every later request made with it is UNAUTHENTICATED. Idempotent.
+        Errors: API_KEY_NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,7 +93,7 @@ class ApiKeyServiceServicer:
         """Resolves an API key secret to its principal. Internal: the SMTP and mail services call it
         with a service token to authenticate API keys (the domain service owns the key collection);
         nobody else learns which tenant a secret belongs to. No REST binding.
-        Errors: UNAUTHENTICATED (no such live key), PERMISSION_DENIED (not a service principal).
+        Errors: INVALID_API_KEY (no such live key), INTERNAL_ONLY (not a service principal).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

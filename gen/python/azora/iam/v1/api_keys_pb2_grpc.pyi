@@ -37,16 +37,22 @@ class ApiKeyServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ApiKeyServiceAsyncStub: ...
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_api_keys_pb2.CreateApiKeyRequest, _api_keys_pb2.CreateApiKeyResponse]
-    """Creates an API key. The secret is in the response and never again."""
+    """Creates an API key. The secret is in the response and never again.
+    Errors: INVALID_ARGUMENT (scopes, expiry), SCOPE_ESCALATION (a scope the caller lacks).
+    """
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_api_keys_pb2.ListApiKeysRequest, _api_keys_pb2.ListApiKeysResponse]
-    """Lists the tenant's API keys (without secrets), newest first."""
+    """Lists the tenant's API keys (without secrets), newest first.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_api_keys_pb2.RevokeApiKeyRequest, _api_keys_pb2.ApiKey]
-    """Revokes an API key: every later request made with it is UNAUTHENTICATED. Idempotent."""
+    """Revokes an API key: every later request made with it is UNAUTHENTICATED. Idempotent.
+    Errors: API_KEY_NOT_FOUND.
+    """
     ResolveApiKey: _grpc.UnaryUnaryMultiCallable[_api_keys_pb2.ResolveApiKeyRequest, _api_keys_pb2.ResolveApiKeyResponse]
     """Resolves an API key secret to its principal. Internal: the SMTP and mail services call it
     with a service token to authenticate API keys (the domain service owns the key collection);
     nobody else learns which tenant a secret belongs to. No REST binding.
-    Errors: UNAUTHENTICATED (no such live key), PERMISSION_DENIED (not a service principal).
+    Errors: INVALID_API_KEY (no such live key), INTERNAL_ONLY (not a service principal).
     """
 
 @_typing.type_check_only
@@ -58,16 +64,22 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_api_keys_pb2.CreateApiKeyRequest, _api_keys_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
-    """Creates an API key. The secret is in the response and never again."""
+    """Creates an API key. The secret is in the response and never again.
+    Errors: INVALID_ARGUMENT (scopes, expiry), SCOPE_ESCALATION (a scope the caller lacks).
+    """
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_api_keys_pb2.ListApiKeysRequest, _api_keys_pb2.ListApiKeysResponse]  # type: ignore[assignment]
-    """Lists the tenant's API keys (without secrets), newest first."""
+    """Lists the tenant's API keys (without secrets), newest first.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_api_keys_pb2.RevokeApiKeyRequest, _api_keys_pb2.ApiKey]  # type: ignore[assignment]
-    """Revokes an API key: every later request made with it is UNAUTHENTICATED. Idempotent."""
+    """Revokes an API key: every later request made with it is UNAUTHENTICATED. Idempotent.
+    Errors: API_KEY_NOT_FOUND.
+    """
     ResolveApiKey: _aio.UnaryUnaryMultiCallable[_api_keys_pb2.ResolveApiKeyRequest, _api_keys_pb2.ResolveApiKeyResponse]  # type: ignore[assignment]
     """Resolves an API key secret to its principal. Internal: the SMTP and mail services call it
     with a service token to authenticate API keys (the domain service owns the key collection);
     nobody else learns which tenant a secret belongs to. No REST binding.
-    Errors: UNAUTHENTICATED (no such live key), PERMISSION_DENIED (not a service principal).
+    Errors: INVALID_API_KEY (no such live key), INTERNAL_ONLY (not a service principal).
     """
 
 class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -82,7 +94,9 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _api_keys_pb2.CreateApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_api_keys_pb2.CreateApiKeyResponse, _abc.Awaitable[_api_keys_pb2.CreateApiKeyResponse]]:
-        """Creates an API key. The secret is in the response and never again."""
+        """Creates an API key. The secret is in the response and never again.
+        Errors: INVALID_ARGUMENT (scopes, expiry), SCOPE_ESCALATION (a scope the caller lacks).
+        """
 
     @_abc_1.abstractmethod
     def ListApiKeys(
@@ -90,7 +104,9 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _api_keys_pb2.ListApiKeysRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_api_keys_pb2.ListApiKeysResponse, _abc.Awaitable[_api_keys_pb2.ListApiKeysResponse]]:
-        """Lists the tenant's API keys (without secrets), newest first."""
+        """Lists the tenant's API keys (without secrets), newest first.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
+        """
 
     @_abc_1.abstractmethod
     def RevokeApiKey(
@@ -98,7 +114,9 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _api_keys_pb2.RevokeApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_api_keys_pb2.ApiKey, _abc.Awaitable[_api_keys_pb2.ApiKey]]:
-        """Revokes an API key: every later request made with it is UNAUTHENTICATED. Idempotent."""
+        """Revokes an API key: every later request made with it is UNAUTHENTICATED. Idempotent.
+        Errors: API_KEY_NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def ResolveApiKey(
@@ -109,7 +127,7 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         """Resolves an API key secret to its principal. Internal: the SMTP and mail services call it
         with a service token to authenticate API keys (the domain service owns the key collection);
         nobody else learns which tenant a secret belongs to. No REST binding.
-        Errors: UNAUTHENTICATED (no such live key), PERMISSION_DENIED (not a service principal).
+        Errors: INVALID_API_KEY (no such live key), INTERNAL_ONLY (not a service principal).
         """
 
 def add_ApiKeyServiceServicer_to_server(servicer: ApiKeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -88,8 +88,10 @@ class MailServiceServicer:
 
     def SendEmail(self, request, context):
         """Accepts an email for delivery and returns at once with status QUEUED or SCHEDULED.
-        Errors: INVALID_ARGUMENT (field named), FAILED_PRECONDITION (domain not active or no relay),
-        ALREADY_EXISTS (idempotency key reused within 24 hours for a different request).
+        Errors: INVALID_ARGUMENT (field named), SENDER_DOMAIN_NOT_ACTIVE, RELAY_NOT_CONFIGURED,
+        IDEMPOTENCY_KEY_ALREADY_EXISTS (reused within 24 hours for a different request),
+        SEND_RATE_LIMIT_EXCEEDED, SENDING_QUOTA_EXCEEDED, DOMAIN_SERVICE_UNAVAILABLE,
+        SMTP_SERVICE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +99,7 @@ class MailServiceServicer:
 
     def ListEmails(self, request, context):
         """Lists emails, newest first, with filters.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +107,7 @@ class MailServiceServicer:
 
     def GetEmailStats(self, request, context):
         """Counts emails per status and domain over a window, plus the queue's depth and age.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +115,7 @@ class MailServiceServicer:
 
     def GetEmail(self, request, context):
         """Returns one email with its recipients and timeline.
+        Errors: EMAIL_NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +123,7 @@ class MailServiceServicer:
 
     def ResendEmail(self, request, context):
         """Creates a new delivery of a failed or bounced email, linked to the original.
+        Errors: EMAIL_NOT_FOUND, EMAIL_NOT_RESENDABLE (not failed, bounced or partially sent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,8 +132,8 @@ class MailServiceServicer:
     def RescheduleEmail(self, request, context):
         """Moves a scheduled, queued or deferred email to a new send time, within the scheduling
         horizon; a time not in the future means "now". Recorded on the timeline (RESCHEDULED).
-        Errors: INVALID_ARGUMENT (send_at missing or beyond the horizon), NOT_FOUND,
-        FAILED_PRECONDITION (finished or cancelled, or being delivered right now).
+        Errors: INVALID_ARGUMENT (send_at missing or beyond the horizon), EMAIL_NOT_FOUND,
+        EMAIL_NOT_RESCHEDULABLE (finished or cancelled), EMAIL_BEING_DELIVERED (right now).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,7 +143,7 @@ class MailServiceServicer:
         """Returns the delivery queue's depth and oldest due age over all tenants, and the last
         delivery outcome per SMTP relay, as recorded by the workers (no connection is opened).
         Internal: asked by the suite health report; never exposed through the gateway.
-        Errors: PERMISSION_DENIED (not a service principal).
+        Errors: INTERNAL_ONLY (not a service principal).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,6 +151,7 @@ class MailServiceServicer:
 
     def DeleteEmail(self, request, context):
         """Cancels a queued or scheduled email; removes a finished email and its content.
+        Errors: EMAIL_NOT_FOUND, EMAIL_BEING_DELIVERED (a worker holds it right now).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

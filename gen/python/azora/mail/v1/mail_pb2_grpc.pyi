@@ -39,31 +39,43 @@ class MailServiceStub:
     def __new__(cls, channel: _aio.Channel) -> MailServiceAsyncStub: ...
     SendEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.SendEmailRequest, _mail_pb2.Email]
     """Accepts an email for delivery and returns at once with status QUEUED or SCHEDULED.
-    Errors: INVALID_ARGUMENT (field named), FAILED_PRECONDITION (domain not active or no relay),
-    ALREADY_EXISTS (idempotency key reused within 24 hours for a different request).
+    Errors: INVALID_ARGUMENT (field named), SENDER_DOMAIN_NOT_ACTIVE, RELAY_NOT_CONFIGURED,
+    IDEMPOTENCY_KEY_ALREADY_EXISTS (reused within 24 hours for a different request),
+    SEND_RATE_LIMIT_EXCEEDED, SENDING_QUOTA_EXCEEDED, DOMAIN_SERVICE_UNAVAILABLE,
+    SMTP_SERVICE_UNAVAILABLE.
     """
     ListEmails: _grpc.UnaryUnaryMultiCallable[_mail_pb2.ListEmailsRequest, _mail_pb2.ListEmailsResponse]
-    """Lists emails, newest first, with filters."""
+    """Lists emails, newest first, with filters.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
     GetEmailStats: _grpc.UnaryUnaryMultiCallable[_mail_pb2.GetEmailStatsRequest, _mail_pb2.EmailStats]
-    """Counts emails per status and domain over a window, plus the queue's depth and age."""
+    """Counts emails per status and domain over a window, plus the queue's depth and age.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
     GetEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.GetEmailRequest, _mail_pb2.Email]
-    """Returns one email with its recipients and timeline."""
+    """Returns one email with its recipients and timeline.
+    Errors: EMAIL_NOT_FOUND.
+    """
     ResendEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.ResendEmailRequest, _mail_pb2.Email]
-    """Creates a new delivery of a failed or bounced email, linked to the original."""
+    """Creates a new delivery of a failed or bounced email, linked to the original.
+    Errors: EMAIL_NOT_FOUND, EMAIL_NOT_RESENDABLE (not failed, bounced or partially sent).
+    """
     RescheduleEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.RescheduleEmailRequest, _mail_pb2.Email]
     """Moves a scheduled, queued or deferred email to a new send time, within the scheduling
     horizon; a time not in the future means "now". Recorded on the timeline (RESCHEDULED).
-    Errors: INVALID_ARGUMENT (send_at missing or beyond the horizon), NOT_FOUND,
-    FAILED_PRECONDITION (finished or cancelled, or being delivered right now).
+    Errors: INVALID_ARGUMENT (send_at missing or beyond the horizon), EMAIL_NOT_FOUND,
+    EMAIL_NOT_RESCHEDULABLE (finished or cancelled), EMAIL_BEING_DELIVERED (right now).
     """
     GetDeliveryHealth: _grpc.UnaryUnaryMultiCallable[_mail_pb2.GetDeliveryHealthRequest, _mail_pb2.DeliveryHealth]
     """Returns the delivery queue's depth and oldest due age over all tenants, and the last
     delivery outcome per SMTP relay, as recorded by the workers (no connection is opened).
     Internal: asked by the suite health report; never exposed through the gateway.
-    Errors: PERMISSION_DENIED (not a service principal).
+    Errors: INTERNAL_ONLY (not a service principal).
     """
     DeleteEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.DeleteEmailRequest, _empty_pb2.Empty]
-    """Cancels a queued or scheduled email; removes a finished email and its content."""
+    """Cancels a queued or scheduled email; removes a finished email and its content.
+    Errors: EMAIL_NOT_FOUND, EMAIL_BEING_DELIVERED (a worker holds it right now).
+    """
 
 @_typing.type_check_only
 class MailServiceAsyncStub(MailServiceStub):
@@ -75,31 +87,43 @@ class MailServiceAsyncStub(MailServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SendEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.SendEmailRequest, _mail_pb2.Email]  # type: ignore[assignment]
     """Accepts an email for delivery and returns at once with status QUEUED or SCHEDULED.
-    Errors: INVALID_ARGUMENT (field named), FAILED_PRECONDITION (domain not active or no relay),
-    ALREADY_EXISTS (idempotency key reused within 24 hours for a different request).
+    Errors: INVALID_ARGUMENT (field named), SENDER_DOMAIN_NOT_ACTIVE, RELAY_NOT_CONFIGURED,
+    IDEMPOTENCY_KEY_ALREADY_EXISTS (reused within 24 hours for a different request),
+    SEND_RATE_LIMIT_EXCEEDED, SENDING_QUOTA_EXCEEDED, DOMAIN_SERVICE_UNAVAILABLE,
+    SMTP_SERVICE_UNAVAILABLE.
     """
     ListEmails: _aio.UnaryUnaryMultiCallable[_mail_pb2.ListEmailsRequest, _mail_pb2.ListEmailsResponse]  # type: ignore[assignment]
-    """Lists emails, newest first, with filters."""
+    """Lists emails, newest first, with filters.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
     GetEmailStats: _aio.UnaryUnaryMultiCallable[_mail_pb2.GetEmailStatsRequest, _mail_pb2.EmailStats]  # type: ignore[assignment]
-    """Counts emails per status and domain over a window, plus the queue's depth and age."""
+    """Counts emails per status and domain over a window, plus the queue's depth and age.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
     GetEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.GetEmailRequest, _mail_pb2.Email]  # type: ignore[assignment]
-    """Returns one email with its recipients and timeline."""
+    """Returns one email with its recipients and timeline.
+    Errors: EMAIL_NOT_FOUND.
+    """
     ResendEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.ResendEmailRequest, _mail_pb2.Email]  # type: ignore[assignment]
-    """Creates a new delivery of a failed or bounced email, linked to the original."""
+    """Creates a new delivery of a failed or bounced email, linked to the original.
+    Errors: EMAIL_NOT_FOUND, EMAIL_NOT_RESENDABLE (not failed, bounced or partially sent).
+    """
     RescheduleEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.RescheduleEmailRequest, _mail_pb2.Email]  # type: ignore[assignment]
     """Moves a scheduled, queued or deferred email to a new send time, within the scheduling
     horizon; a time not in the future means "now". Recorded on the timeline (RESCHEDULED).
-    Errors: INVALID_ARGUMENT (send_at missing or beyond the horizon), NOT_FOUND,
-    FAILED_PRECONDITION (finished or cancelled, or being delivered right now).
+    Errors: INVALID_ARGUMENT (send_at missing or beyond the horizon), EMAIL_NOT_FOUND,
+    EMAIL_NOT_RESCHEDULABLE (finished or cancelled), EMAIL_BEING_DELIVERED (right now).
     """
     GetDeliveryHealth: _aio.UnaryUnaryMultiCallable[_mail_pb2.GetDeliveryHealthRequest, _mail_pb2.DeliveryHealth]  # type: ignore[assignment]
     """Returns the delivery queue's depth and oldest due age over all tenants, and the last
     delivery outcome per SMTP relay, as recorded by the workers (no connection is opened).
     Internal: asked by the suite health report; never exposed through the gateway.
-    Errors: PERMISSION_DENIED (not a service principal).
+    Errors: INTERNAL_ONLY (not a service principal).
     """
     DeleteEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.DeleteEmailRequest, _empty_pb2.Empty]  # type: ignore[assignment]
-    """Cancels a queued or scheduled email; removes a finished email and its content."""
+    """Cancels a queued or scheduled email; removes a finished email and its content.
+    Errors: EMAIL_NOT_FOUND, EMAIL_BEING_DELIVERED (a worker holds it right now).
+    """
 
 class MailServiceServicer(metaclass=_abc_1.ABCMeta):
     """MailService accepts emails, stores them durably, and delivers them asynchronously through
@@ -114,8 +138,10 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_mail_pb2.Email, _abc.Awaitable[_mail_pb2.Email]]:
         """Accepts an email for delivery and returns at once with status QUEUED or SCHEDULED.
-        Errors: INVALID_ARGUMENT (field named), FAILED_PRECONDITION (domain not active or no relay),
-        ALREADY_EXISTS (idempotency key reused within 24 hours for a different request).
+        Errors: INVALID_ARGUMENT (field named), SENDER_DOMAIN_NOT_ACTIVE, RELAY_NOT_CONFIGURED,
+        IDEMPOTENCY_KEY_ALREADY_EXISTS (reused within 24 hours for a different request),
+        SEND_RATE_LIMIT_EXCEEDED, SENDING_QUOTA_EXCEEDED, DOMAIN_SERVICE_UNAVAILABLE,
+        SMTP_SERVICE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -124,7 +150,9 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _mail_pb2.ListEmailsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mail_pb2.ListEmailsResponse, _abc.Awaitable[_mail_pb2.ListEmailsResponse]]:
-        """Lists emails, newest first, with filters."""
+        """Lists emails, newest first, with filters.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
+        """
 
     @_abc_1.abstractmethod
     def GetEmailStats(
@@ -132,7 +160,9 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _mail_pb2.GetEmailStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mail_pb2.EmailStats, _abc.Awaitable[_mail_pb2.EmailStats]]:
-        """Counts emails per status and domain over a window, plus the queue's depth and age."""
+        """Counts emails per status and domain over a window, plus the queue's depth and age.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
+        """
 
     @_abc_1.abstractmethod
     def GetEmail(
@@ -140,7 +170,9 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _mail_pb2.GetEmailRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mail_pb2.Email, _abc.Awaitable[_mail_pb2.Email]]:
-        """Returns one email with its recipients and timeline."""
+        """Returns one email with its recipients and timeline.
+        Errors: EMAIL_NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def ResendEmail(
@@ -148,7 +180,9 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _mail_pb2.ResendEmailRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mail_pb2.Email, _abc.Awaitable[_mail_pb2.Email]]:
-        """Creates a new delivery of a failed or bounced email, linked to the original."""
+        """Creates a new delivery of a failed or bounced email, linked to the original.
+        Errors: EMAIL_NOT_FOUND, EMAIL_NOT_RESENDABLE (not failed, bounced or partially sent).
+        """
 
     @_abc_1.abstractmethod
     def RescheduleEmail(
@@ -158,8 +192,8 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_mail_pb2.Email, _abc.Awaitable[_mail_pb2.Email]]:
         """Moves a scheduled, queued or deferred email to a new send time, within the scheduling
         horizon; a time not in the future means "now". Recorded on the timeline (RESCHEDULED).
-        Errors: INVALID_ARGUMENT (send_at missing or beyond the horizon), NOT_FOUND,
-        FAILED_PRECONDITION (finished or cancelled, or being delivered right now).
+        Errors: INVALID_ARGUMENT (send_at missing or beyond the horizon), EMAIL_NOT_FOUND,
+        EMAIL_NOT_RESCHEDULABLE (finished or cancelled), EMAIL_BEING_DELIVERED (right now).
         """
 
     @_abc_1.abstractmethod
@@ -171,7 +205,7 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns the delivery queue's depth and oldest due age over all tenants, and the last
         delivery outcome per SMTP relay, as recorded by the workers (no connection is opened).
         Internal: asked by the suite health report; never exposed through the gateway.
-        Errors: PERMISSION_DENIED (not a service principal).
+        Errors: INTERNAL_ONLY (not a service principal).
         """
 
     @_abc_1.abstractmethod
@@ -180,6 +214,8 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _mail_pb2.DeleteEmailRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
-        """Cancels a queued or scheduled email; removes a finished email and its content."""
+        """Cancels a queued or scheduled email; removes a finished email and its content.
+        Errors: EMAIL_NOT_FOUND, EMAIL_BEING_DELIVERED (a worker holds it right now).
+        """
 
 def add_MailServiceServicer_to_server(servicer: MailServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -107,7 +107,8 @@ class SmtpServiceServicer:
     """
 
     def GetSmtpConfig(self, request, context):
-        """Returns the relay configuration of a domain. Errors: NOT_FOUND (domain or configuration).
+        """Returns the relay configuration of a domain.
+        Errors: DOMAIN_NOT_FOUND, SMTP_CONFIG_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,7 +121,7 @@ class SmtpServiceServicer:
         sending the password again is refused (INVALID_ARGUMENT on `password`). The password is
         encrypted at rest and never returned (`password_set` says whether one is stored).
         Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, password, ...),
-        NOT_FOUND (domain), ABORTED (changed concurrently).
+        DOMAIN_NOT_FOUND, CONCURRENT_MODIFICATION (changed concurrently), DOMAIN_SERVICE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,7 +137,8 @@ class SmtpServiceServicer:
         TestSmtpConnectionRequest).
         Errors: INVALID_ARGUMENT (neither domain_id nor config, a bad config as `config.<field>`,
         or `config.password` when config names another host or port than the stored relay and
-        carries no password), NOT_FOUND.
+        carries no password), DOMAIN_NOT_FOUND, SMTP_CONFIG_NOT_FOUND, SECRET_UNREADABLE,
+        DOMAIN_SERVICE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,8 +147,9 @@ class SmtpServiceServicer:
     def GenerateDkimKey(self, request, context):
         """Generates a DKIM key pair for a domain and returns the TXT record to publish. The key is
         PENDING (it never signs) until it is activated after its record is seen in DNS.
-        Errors: INVALID_ARGUMENT (selector, key_bits, algorithm), NOT_FOUND (domain),
-        ALREADY_EXISTS (selector used before), FAILED_PRECONDITION (too many live keys).
+        Errors: INVALID_ARGUMENT (selector, key_bits, algorithm), DOMAIN_NOT_FOUND,
+        DKIM_KEY_ALREADY_EXISTS (selector used before), DKIM_KEY_LIMIT_REACHED (too many live keys),
+        CONCURRENT_MODIFICATION, DOMAIN_SERVICE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,7 +157,7 @@ class SmtpServiceServicer:
 
     def ListDkimKeys(self, request, context):
         """Lists a domain's DKIM keys, newest first, with times and the latest DNS check.
-        Errors: NOT_FOUND (domain).
+        Errors: DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,7 +165,9 @@ class SmtpServiceServicer:
 
     def ActivateDkimKey(self, request, context):
         """Makes a pending key active once its record is seen in DNS; the previous active key
-        becomes RETIRING for the overlap period. Errors: FAILED_PRECONDITION (record not seen).
+        becomes RETIRING for the overlap period.
+        Errors: DOMAIN_NOT_FOUND, DKIM_KEY_NOT_FOUND, DKIM_KEY_RETIRED, DKIM_RECORD_NOT_PUBLISHED
+        (record not seen), CONCURRENT_MODIFICATION, DOMAIN_SERVICE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,8 +176,9 @@ class SmtpServiceServicer:
     def GenerateSpfRecord(self, request, context):
         """Builds and validates the domain's SPF record: the relay's mechanism, the caller's
         mechanisms and the final all (or redirect). DNS lookups are counted through nested
-        includes. Errors: INVALID_ARGUMENT (e.g. `mechanisms[2].value`, `redirect`, `all`, or
-        `mechanisms` when more than 10 DNS lookups are needed), NOT_FOUND (domain).
+        includes.
+        Errors: INVALID_ARGUMENT (e.g. `mechanisms[2].value`, `redirect`, `all`, or `mechanisms`
+        when more than 10 DNS lookups are needed), DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,7 +188,7 @@ class SmtpServiceServicer:
         """Builds and validates the domain's DMARC record and lists the authorisation records that
         report domains outside the domain's organisation must publish.
         Errors: INVALID_ARGUMENT (policy, percent, report URIs, failure_options, report_interval),
-        NOT_FOUND (domain).
+        DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,7 +197,8 @@ class SmtpServiceServicer:
     def CheckDnsRecords(self, request, context):
         """Looks up every record the domain should publish (ownership token, every DKIM key that is
         not retired, SPF, DMARC, DMARC report authorisations, MX) and reports each as ok, missing
-        or different, with what was found. Errors: NOT_FOUND (domain).
+        or different, with what was found.
+        Errors: DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -207,9 +214,9 @@ class SmtpServiceServicer:
 
         Returns a domain's relay configuration including the decrypted password, for delivering
         mail through it. Internal: never exposed through the gateway.
-        Errors: NOT_FOUND (domain), FAILED_PRECONDITION (reason RELAY_NOT_CONFIGURED: no relay
-        configured; SECRET_UNREADABLE: the stored password cannot be decrypted), PERMISSION_DENIED
-        (not a service principal).
+        Errors: DOMAIN_NOT_FOUND, RELAY_NOT_CONFIGURED (no relay configured), SECRET_UNREADABLE
+        (the stored password cannot be decrypted), INTERNAL_ONLY (not a service principal),
+        DOMAIN_SERVICE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -218,8 +225,9 @@ class SmtpServiceServicer:
     def GetSigningKey(self, request, context):
         """Returns the domain's ACTIVE DKIM key with its private key, for signing outgoing mail.
         Internal: never exposed through the gateway.
-        Errors: NOT_FOUND (no active key), FAILED_PRECONDITION (the private key cannot be
-        decrypted), PERMISSION_DENIED (not a service principal).
+        Errors: DOMAIN_NOT_FOUND, SIGNING_KEY_NOT_FOUND (no active key), SECRET_UNREADABLE (the
+        private key cannot be decrypted), INTERNAL_ONLY (not a service principal),
+        DOMAIN_SERVICE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -229,7 +237,7 @@ class SmtpServiceServicer:
         """Purges a deleted domain's relay configuration, DKIM keys and generated records.
         Idempotent: purging a domain with nothing stored succeeds. Called by the domain service
         after a domain is deleted. Internal: never exposed through the gateway.
-        Errors: PERMISSION_DENIED (not a service principal).
+        Errors: INTERNAL_ONLY (not a service principal).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,7 +38,9 @@ class SmtpServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SmtpServiceAsyncStub: ...
     GetSmtpConfig: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.GetSmtpConfigRequest, _smtp_pb2.SmtpConfig]
-    """Returns the relay configuration of a domain. Errors: NOT_FOUND (domain or configuration)."""
+    """Returns the relay configuration of a domain.
+    Errors: DOMAIN_NOT_FOUND, SMTP_CONFIG_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
+    """
     UpdateSmtpConfig: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.UpdateSmtpConfigRequest, _smtp_pb2.SmtpConfig]
     """Creates or replaces the relay configuration of a domain. Omitting the password keeps the
     stored one as long as host and port stay the same; an empty password removes it. A stored
@@ -46,7 +48,7 @@ class SmtpServiceStub:
     sending the password again is refused (INVALID_ARGUMENT on `password`). The password is
     encrypted at rest and never returned (`password_set` says whether one is stored).
     Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, password, ...),
-    NOT_FOUND (domain), ABORTED (changed concurrently).
+    DOMAIN_NOT_FOUND, CONCURRENT_MODIFICATION (changed concurrently), DOMAIN_SERVICE_UNAVAILABLE.
     """
     TestSmtpConnection: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.TestSmtpConnectionRequest, _smtp_pb2.TestSmtpConnectionResponse]
     """Connects to a relay (a stored configuration or an ad-hoc one) and reports every step with
@@ -58,38 +60,44 @@ class SmtpServiceStub:
     TestSmtpConnectionRequest).
     Errors: INVALID_ARGUMENT (neither domain_id nor config, a bad config as `config.<field>`,
     or `config.password` when config names another host or port than the stored relay and
-    carries no password), NOT_FOUND.
+    carries no password), DOMAIN_NOT_FOUND, SMTP_CONFIG_NOT_FOUND, SECRET_UNREADABLE,
+    DOMAIN_SERVICE_UNAVAILABLE.
     """
     GenerateDkimKey: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.GenerateDkimKeyRequest, _smtp_pb2.DkimKey]
     """Generates a DKIM key pair for a domain and returns the TXT record to publish. The key is
     PENDING (it never signs) until it is activated after its record is seen in DNS.
-    Errors: INVALID_ARGUMENT (selector, key_bits, algorithm), NOT_FOUND (domain),
-    ALREADY_EXISTS (selector used before), FAILED_PRECONDITION (too many live keys).
+    Errors: INVALID_ARGUMENT (selector, key_bits, algorithm), DOMAIN_NOT_FOUND,
+    DKIM_KEY_ALREADY_EXISTS (selector used before), DKIM_KEY_LIMIT_REACHED (too many live keys),
+    CONCURRENT_MODIFICATION, DOMAIN_SERVICE_UNAVAILABLE.
     """
     ListDkimKeys: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.ListDkimKeysRequest, _smtp_pb2.ListDkimKeysResponse]
     """Lists a domain's DKIM keys, newest first, with times and the latest DNS check.
-    Errors: NOT_FOUND (domain).
+    Errors: DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
     """
     ActivateDkimKey: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.ActivateDkimKeyRequest, _smtp_pb2.DkimKey]
     """Makes a pending key active once its record is seen in DNS; the previous active key
-    becomes RETIRING for the overlap period. Errors: FAILED_PRECONDITION (record not seen).
+    becomes RETIRING for the overlap period.
+    Errors: DOMAIN_NOT_FOUND, DKIM_KEY_NOT_FOUND, DKIM_KEY_RETIRED, DKIM_RECORD_NOT_PUBLISHED
+    (record not seen), CONCURRENT_MODIFICATION, DOMAIN_SERVICE_UNAVAILABLE.
     """
     GenerateSpfRecord: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.GenerateSpfRecordRequest, _smtp_pb2.SpfRecord]
     """Builds and validates the domain's SPF record: the relay's mechanism, the caller's
     mechanisms and the final all (or redirect). DNS lookups are counted through nested
-    includes. Errors: INVALID_ARGUMENT (e.g. `mechanisms[2].value`, `redirect`, `all`, or
-    `mechanisms` when more than 10 DNS lookups are needed), NOT_FOUND (domain).
+    includes.
+    Errors: INVALID_ARGUMENT (e.g. `mechanisms[2].value`, `redirect`, `all`, or `mechanisms`
+    when more than 10 DNS lookups are needed), DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
     """
     GenerateDmarcRecord: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.GenerateDmarcRecordRequest, _smtp_pb2.DmarcRecord]
     """Builds and validates the domain's DMARC record and lists the authorisation records that
     report domains outside the domain's organisation must publish.
     Errors: INVALID_ARGUMENT (policy, percent, report URIs, failure_options, report_interval),
-    NOT_FOUND (domain).
+    DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
     """
     CheckDnsRecords: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.CheckDnsRecordsRequest, _smtp_pb2.CheckDnsRecordsResponse]
     """Looks up every record the domain should publish (ownership token, every DKIM key that is
     not retired, SPF, DMARC, DMARC report authorisations, MX) and reports each as ok, missing
-    or different, with what was found. Errors: NOT_FOUND (domain).
+    or different, with what was found.
+    Errors: DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
     """
     GetRelayCredentials: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.GetRelayCredentialsRequest, _smtp_pb2.RelayCredentials]
     """--- Internal rpcs ---------------------------------------------------------------------------
@@ -101,21 +109,22 @@ class SmtpServiceStub:
 
     Returns a domain's relay configuration including the decrypted password, for delivering
     mail through it. Internal: never exposed through the gateway.
-    Errors: NOT_FOUND (domain), FAILED_PRECONDITION (reason RELAY_NOT_CONFIGURED: no relay
-    configured; SECRET_UNREADABLE: the stored password cannot be decrypted), PERMISSION_DENIED
-    (not a service principal).
+    Errors: DOMAIN_NOT_FOUND, RELAY_NOT_CONFIGURED (no relay configured), SECRET_UNREADABLE
+    (the stored password cannot be decrypted), INTERNAL_ONLY (not a service principal),
+    DOMAIN_SERVICE_UNAVAILABLE.
     """
     GetSigningKey: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.GetSigningKeyRequest, _smtp_pb2.SigningKey]
     """Returns the domain's ACTIVE DKIM key with its private key, for signing outgoing mail.
     Internal: never exposed through the gateway.
-    Errors: NOT_FOUND (no active key), FAILED_PRECONDITION (the private key cannot be
-    decrypted), PERMISSION_DENIED (not a service principal).
+    Errors: DOMAIN_NOT_FOUND, SIGNING_KEY_NOT_FOUND (no active key), SECRET_UNREADABLE (the
+    private key cannot be decrypted), INTERNAL_ONLY (not a service principal),
+    DOMAIN_SERVICE_UNAVAILABLE.
     """
     DeleteDomainData: _grpc.UnaryUnaryMultiCallable[_smtp_pb2.DeleteDomainDataRequest, _empty_pb2.Empty]
     """Purges a deleted domain's relay configuration, DKIM keys and generated records.
     Idempotent: purging a domain with nothing stored succeeds. Called by the domain service
     after a domain is deleted. Internal: never exposed through the gateway.
-    Errors: PERMISSION_DENIED (not a service principal).
+    Errors: INTERNAL_ONLY (not a service principal).
     """
 
 @_typing.type_check_only
@@ -127,7 +136,9 @@ class SmtpServiceAsyncStub(SmtpServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetSmtpConfig: _aio.UnaryUnaryMultiCallable[_smtp_pb2.GetSmtpConfigRequest, _smtp_pb2.SmtpConfig]  # type: ignore[assignment]
-    """Returns the relay configuration of a domain. Errors: NOT_FOUND (domain or configuration)."""
+    """Returns the relay configuration of a domain.
+    Errors: DOMAIN_NOT_FOUND, SMTP_CONFIG_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
+    """
     UpdateSmtpConfig: _aio.UnaryUnaryMultiCallable[_smtp_pb2.UpdateSmtpConfigRequest, _smtp_pb2.SmtpConfig]  # type: ignore[assignment]
     """Creates or replaces the relay configuration of a domain. Omitting the password keeps the
     stored one as long as host and port stay the same; an empty password removes it. A stored
@@ -135,7 +146,7 @@ class SmtpServiceAsyncStub(SmtpServiceStub):
     sending the password again is refused (INVALID_ARGUMENT on `password`). The password is
     encrypted at rest and never returned (`password_set` says whether one is stored).
     Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, password, ...),
-    NOT_FOUND (domain), ABORTED (changed concurrently).
+    DOMAIN_NOT_FOUND, CONCURRENT_MODIFICATION (changed concurrently), DOMAIN_SERVICE_UNAVAILABLE.
     """
     TestSmtpConnection: _aio.UnaryUnaryMultiCallable[_smtp_pb2.TestSmtpConnectionRequest, _smtp_pb2.TestSmtpConnectionResponse]  # type: ignore[assignment]
     """Connects to a relay (a stored configuration or an ad-hoc one) and reports every step with
@@ -147,38 +158,44 @@ class SmtpServiceAsyncStub(SmtpServiceStub):
     TestSmtpConnectionRequest).
     Errors: INVALID_ARGUMENT (neither domain_id nor config, a bad config as `config.<field>`,
     or `config.password` when config names another host or port than the stored relay and
-    carries no password), NOT_FOUND.
+    carries no password), DOMAIN_NOT_FOUND, SMTP_CONFIG_NOT_FOUND, SECRET_UNREADABLE,
+    DOMAIN_SERVICE_UNAVAILABLE.
     """
     GenerateDkimKey: _aio.UnaryUnaryMultiCallable[_smtp_pb2.GenerateDkimKeyRequest, _smtp_pb2.DkimKey]  # type: ignore[assignment]
     """Generates a DKIM key pair for a domain and returns the TXT record to publish. The key is
     PENDING (it never signs) until it is activated after its record is seen in DNS.
-    Errors: INVALID_ARGUMENT (selector, key_bits, algorithm), NOT_FOUND (domain),
-    ALREADY_EXISTS (selector used before), FAILED_PRECONDITION (too many live keys).
+    Errors: INVALID_ARGUMENT (selector, key_bits, algorithm), DOMAIN_NOT_FOUND,
+    DKIM_KEY_ALREADY_EXISTS (selector used before), DKIM_KEY_LIMIT_REACHED (too many live keys),
+    CONCURRENT_MODIFICATION, DOMAIN_SERVICE_UNAVAILABLE.
     """
     ListDkimKeys: _aio.UnaryUnaryMultiCallable[_smtp_pb2.ListDkimKeysRequest, _smtp_pb2.ListDkimKeysResponse]  # type: ignore[assignment]
     """Lists a domain's DKIM keys, newest first, with times and the latest DNS check.
-    Errors: NOT_FOUND (domain).
+    Errors: DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
     """
     ActivateDkimKey: _aio.UnaryUnaryMultiCallable[_smtp_pb2.ActivateDkimKeyRequest, _smtp_pb2.DkimKey]  # type: ignore[assignment]
     """Makes a pending key active once its record is seen in DNS; the previous active key
-    becomes RETIRING for the overlap period. Errors: FAILED_PRECONDITION (record not seen).
+    becomes RETIRING for the overlap period.
+    Errors: DOMAIN_NOT_FOUND, DKIM_KEY_NOT_FOUND, DKIM_KEY_RETIRED, DKIM_RECORD_NOT_PUBLISHED
+    (record not seen), CONCURRENT_MODIFICATION, DOMAIN_SERVICE_UNAVAILABLE.
     """
     GenerateSpfRecord: _aio.UnaryUnaryMultiCallable[_smtp_pb2.GenerateSpfRecordRequest, _smtp_pb2.SpfRecord]  # type: ignore[assignment]
     """Builds and validates the domain's SPF record: the relay's mechanism, the caller's
     mechanisms and the final all (or redirect). DNS lookups are counted through nested
-    includes. Errors: INVALID_ARGUMENT (e.g. `mechanisms[2].value`, `redirect`, `all`, or
-    `mechanisms` when more than 10 DNS lookups are needed), NOT_FOUND (domain).
+    includes.
+    Errors: INVALID_ARGUMENT (e.g. `mechanisms[2].value`, `redirect`, `all`, or `mechanisms`
+    when more than 10 DNS lookups are needed), DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
     """
     GenerateDmarcRecord: _aio.UnaryUnaryMultiCallable[_smtp_pb2.GenerateDmarcRecordRequest, _smtp_pb2.DmarcRecord]  # type: ignore[assignment]
     """Builds and validates the domain's DMARC record and lists the authorisation records that
     report domains outside the domain's organisation must publish.
     Errors: INVALID_ARGUMENT (policy, percent, report URIs, failure_options, report_interval),
-    NOT_FOUND (domain).
+    DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
     """
     CheckDnsRecords: _aio.UnaryUnaryMultiCallable[_smtp_pb2.CheckDnsRecordsRequest, _smtp_pb2.CheckDnsRecordsResponse]  # type: ignore[assignment]
     """Looks up every record the domain should publish (ownership token, every DKIM key that is
     not retired, SPF, DMARC, DMARC report authorisations, MX) and reports each as ok, missing
-    or different, with what was found. Errors: NOT_FOUND (domain).
+    or different, with what was found.
+    Errors: DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
     """
     GetRelayCredentials: _aio.UnaryUnaryMultiCallable[_smtp_pb2.GetRelayCredentialsRequest, _smtp_pb2.RelayCredentials]  # type: ignore[assignment]
     """--- Internal rpcs ---------------------------------------------------------------------------
@@ -190,21 +207,22 @@ class SmtpServiceAsyncStub(SmtpServiceStub):
 
     Returns a domain's relay configuration including the decrypted password, for delivering
     mail through it. Internal: never exposed through the gateway.
-    Errors: NOT_FOUND (domain), FAILED_PRECONDITION (reason RELAY_NOT_CONFIGURED: no relay
-    configured; SECRET_UNREADABLE: the stored password cannot be decrypted), PERMISSION_DENIED
-    (not a service principal).
+    Errors: DOMAIN_NOT_FOUND, RELAY_NOT_CONFIGURED (no relay configured), SECRET_UNREADABLE
+    (the stored password cannot be decrypted), INTERNAL_ONLY (not a service principal),
+    DOMAIN_SERVICE_UNAVAILABLE.
     """
     GetSigningKey: _aio.UnaryUnaryMultiCallable[_smtp_pb2.GetSigningKeyRequest, _smtp_pb2.SigningKey]  # type: ignore[assignment]
     """Returns the domain's ACTIVE DKIM key with its private key, for signing outgoing mail.
     Internal: never exposed through the gateway.
-    Errors: NOT_FOUND (no active key), FAILED_PRECONDITION (the private key cannot be
-    decrypted), PERMISSION_DENIED (not a service principal).
+    Errors: DOMAIN_NOT_FOUND, SIGNING_KEY_NOT_FOUND (no active key), SECRET_UNREADABLE (the
+    private key cannot be decrypted), INTERNAL_ONLY (not a service principal),
+    DOMAIN_SERVICE_UNAVAILABLE.
     """
     DeleteDomainData: _aio.UnaryUnaryMultiCallable[_smtp_pb2.DeleteDomainDataRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Purges a deleted domain's relay configuration, DKIM keys and generated records.
     Idempotent: purging a domain with nothing stored succeeds. Called by the domain service
     after a domain is deleted. Internal: never exposed through the gateway.
-    Errors: PERMISSION_DENIED (not a service principal).
+    Errors: INTERNAL_ONLY (not a service principal).
     """
 
 class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -219,7 +237,9 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _smtp_pb2.GetSmtpConfigRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_smtp_pb2.SmtpConfig, _abc.Awaitable[_smtp_pb2.SmtpConfig]]:
-        """Returns the relay configuration of a domain. Errors: NOT_FOUND (domain or configuration)."""
+        """Returns the relay configuration of a domain.
+        Errors: DOMAIN_NOT_FOUND, SMTP_CONFIG_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
+        """
 
     @_abc_1.abstractmethod
     def UpdateSmtpConfig(
@@ -233,7 +253,7 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         sending the password again is refused (INVALID_ARGUMENT on `password`). The password is
         encrypted at rest and never returned (`password_set` says whether one is stored).
         Errors: INVALID_ARGUMENT (one violation per bad field: host, port, timeout, password, ...),
-        NOT_FOUND (domain), ABORTED (changed concurrently).
+        DOMAIN_NOT_FOUND, CONCURRENT_MODIFICATION (changed concurrently), DOMAIN_SERVICE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -251,7 +271,8 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         TestSmtpConnectionRequest).
         Errors: INVALID_ARGUMENT (neither domain_id nor config, a bad config as `config.<field>`,
         or `config.password` when config names another host or port than the stored relay and
-        carries no password), NOT_FOUND.
+        carries no password), DOMAIN_NOT_FOUND, SMTP_CONFIG_NOT_FOUND, SECRET_UNREADABLE,
+        DOMAIN_SERVICE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -262,8 +283,9 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_smtp_pb2.DkimKey, _abc.Awaitable[_smtp_pb2.DkimKey]]:
         """Generates a DKIM key pair for a domain and returns the TXT record to publish. The key is
         PENDING (it never signs) until it is activated after its record is seen in DNS.
-        Errors: INVALID_ARGUMENT (selector, key_bits, algorithm), NOT_FOUND (domain),
-        ALREADY_EXISTS (selector used before), FAILED_PRECONDITION (too many live keys).
+        Errors: INVALID_ARGUMENT (selector, key_bits, algorithm), DOMAIN_NOT_FOUND,
+        DKIM_KEY_ALREADY_EXISTS (selector used before), DKIM_KEY_LIMIT_REACHED (too many live keys),
+        CONCURRENT_MODIFICATION, DOMAIN_SERVICE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -273,7 +295,7 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_smtp_pb2.ListDkimKeysResponse, _abc.Awaitable[_smtp_pb2.ListDkimKeysResponse]]:
         """Lists a domain's DKIM keys, newest first, with times and the latest DNS check.
-        Errors: NOT_FOUND (domain).
+        Errors: DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -283,7 +305,9 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_smtp_pb2.DkimKey, _abc.Awaitable[_smtp_pb2.DkimKey]]:
         """Makes a pending key active once its record is seen in DNS; the previous active key
-        becomes RETIRING for the overlap period. Errors: FAILED_PRECONDITION (record not seen).
+        becomes RETIRING for the overlap period.
+        Errors: DOMAIN_NOT_FOUND, DKIM_KEY_NOT_FOUND, DKIM_KEY_RETIRED, DKIM_RECORD_NOT_PUBLISHED
+        (record not seen), CONCURRENT_MODIFICATION, DOMAIN_SERVICE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -294,8 +318,9 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_smtp_pb2.SpfRecord, _abc.Awaitable[_smtp_pb2.SpfRecord]]:
         """Builds and validates the domain's SPF record: the relay's mechanism, the caller's
         mechanisms and the final all (or redirect). DNS lookups are counted through nested
-        includes. Errors: INVALID_ARGUMENT (e.g. `mechanisms[2].value`, `redirect`, `all`, or
-        `mechanisms` when more than 10 DNS lookups are needed), NOT_FOUND (domain).
+        includes.
+        Errors: INVALID_ARGUMENT (e.g. `mechanisms[2].value`, `redirect`, `all`, or `mechanisms`
+        when more than 10 DNS lookups are needed), DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -307,7 +332,7 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         """Builds and validates the domain's DMARC record and lists the authorisation records that
         report domains outside the domain's organisation must publish.
         Errors: INVALID_ARGUMENT (policy, percent, report URIs, failure_options, report_interval),
-        NOT_FOUND (domain).
+        DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -318,7 +343,8 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_smtp_pb2.CheckDnsRecordsResponse, _abc.Awaitable[_smtp_pb2.CheckDnsRecordsResponse]]:
         """Looks up every record the domain should publish (ownership token, every DKIM key that is
         not retired, SPF, DMARC, DMARC report authorisations, MX) and reports each as ok, missing
-        or different, with what was found. Errors: NOT_FOUND (domain).
+        or different, with what was found.
+        Errors: DOMAIN_NOT_FOUND, DOMAIN_SERVICE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -336,9 +362,9 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Returns a domain's relay configuration including the decrypted password, for delivering
         mail through it. Internal: never exposed through the gateway.
-        Errors: NOT_FOUND (domain), FAILED_PRECONDITION (reason RELAY_NOT_CONFIGURED: no relay
-        configured; SECRET_UNREADABLE: the stored password cannot be decrypted), PERMISSION_DENIED
-        (not a service principal).
+        Errors: DOMAIN_NOT_FOUND, RELAY_NOT_CONFIGURED (no relay configured), SECRET_UNREADABLE
+        (the stored password cannot be decrypted), INTERNAL_ONLY (not a service principal),
+        DOMAIN_SERVICE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -349,8 +375,9 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_smtp_pb2.SigningKey, _abc.Awaitable[_smtp_pb2.SigningKey]]:
         """Returns the domain's ACTIVE DKIM key with its private key, for signing outgoing mail.
         Internal: never exposed through the gateway.
-        Errors: NOT_FOUND (no active key), FAILED_PRECONDITION (the private key cannot be
-        decrypted), PERMISSION_DENIED (not a service principal).
+        Errors: DOMAIN_NOT_FOUND, SIGNING_KEY_NOT_FOUND (no active key), SECRET_UNREADABLE (the
+        private key cannot be decrypted), INTERNAL_ONLY (not a service principal),
+        DOMAIN_SERVICE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -362,7 +389,7 @@ class SmtpServiceServicer(metaclass=_abc_1.ABCMeta):
         """Purges a deleted domain's relay configuration, DKIM keys and generated records.
         Idempotent: purging a domain with nothing stored succeeds. Called by the domain service
         after a domain is deleted. Internal: never exposed through the gateway.
-        Errors: PERMISSION_DENIED (not a service principal).
+        Errors: INTERNAL_ONLY (not a service principal).
         """
 
 def add_SmtpServiceServicer_to_server(servicer: SmtpServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
