@@ -51,9 +51,10 @@ RESERVED_HEADERS = frozenset(
         "received",
     }
 )
-_HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext: printable, no colon
-_LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
-_CONTENT_ID_RE = re.compile(r"^[!-~]{1,200}$")
+# Matched with fullmatch: "$" would also accept a trailing newline.
+_HEADER_NAME_RE = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext: printable, no colon
+_LOCAL_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
+_CONTENT_ID_RE = re.compile(r"[!-~]{1,200}")
 # NUL and every character `str.splitlines` treats as a line break.
 _HEADER_FORBIDDEN = frozenset("\0\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 HEADER_TEXT_RULE = (
@@ -184,7 +185,12 @@ def parse_mailbox(value: str, field_name: str) -> Mailbox:
         raise InvalidArgument.single(field_name, f"{value!r} is not a valid email address")
     name, addr = pairs[0]
     local, _, domain = addr.rpartition("@")
-    if not _LOCAL_RE.match(local) or local.startswith(".") or local.endswith(".") or ".." in local:
+    if (
+        not _LOCAL_RE.fullmatch(local)
+        or local.startswith(".")
+        or local.endswith(".")
+        or ".." in local
+    ):
         raise InvalidArgument.single(field_name, f"{value!r} has an invalid local part")
     try:
         a_label = idna.encode(domain.rstrip("."), uts46=True).decode("ascii").lower()
@@ -251,7 +257,7 @@ def validate(request: SendInput, *, limits: Limits, now: datetime) -> ValidReque
     if len(request.headers) > MAX_HEADERS:
         violations.append(FieldViolation("headers", f"at most {MAX_HEADERS} headers"))
     for i, (hname, hvalue) in enumerate(request.headers):
-        if not _HEADER_NAME_RE.match(hname):
+        if not _HEADER_NAME_RE.fullmatch(hname):
             violations.append(
                 FieldViolation(f"headers[{i}].name", "must be printable ASCII without ':'")
             )
@@ -279,7 +285,7 @@ def validate(request: SendInput, *, limits: Limits, now: datetime) -> ValidReque
             header_text_problem(att.content_type) or att.content_type.count("/") != 1
         ):
             violations.append(FieldViolation(f"{prefix}.content_type", "must be type/subtype"))
-        if att.content_id and not _CONTENT_ID_RE.match(att.content_id.strip("<>")):
+        if att.content_id and not _CONTENT_ID_RE.fullmatch(att.content_id.strip("<>")):
             violations.append(FieldViolation(f"{prefix}.content_id", "must be printable ASCII"))
         if len(att.content) > limits.max_attachment_size:
             violations.append(

@@ -338,3 +338,41 @@ async def test_attachment_content_must_be_base64(
         )
         assert reply.status == 200, reply.body[:300]
         assert int(reply.json["attachments"][0]["sizeBytes"]) > 0
+
+
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+async def test_a_trailing_newline_does_not_slip_past_a_pattern(
+    stack_stubs: GrpcStubs,
+    http: aiohttp.ClientSession,
+    rest_base_url: str,
+    mailer: tuple[Tenant, str],
+    database: AsyncDatabase[Document],
+    transport: str,
+) -> None:
+    # A regular expression ending in "$" also matches before a final newline: names checked
+    # by a pattern (header names, Content-IDs) must refuse one.
+    tenant, domain = mailer
+    before = await _stored(database, tenant)
+    cases = {
+        ("headers[0].name",): mail_pb2.SendEmailRequest(
+            **_base(domain, headers=[mail_pb2.Header(name="X-Tag\n", value="v")])
+        ),
+        ("attachments[0].content_id", "attachments[0].contentId"): mail_pb2.SendEmailRequest(
+            **_base(
+                domain,
+                html="<p>x</p>",
+                attachments=[
+                    mail_pb2.Attachment(
+                        filename="a.png", content=b"x", content_id="logo\n", inline=True
+                    )
+                ],
+            )
+        ),
+    }
+    for fields, request in cases.items():
+        status, violations, _ = await _send(
+            transport, stack_stubs, http, rest_base_url, tenant, request
+        )
+        assert status == 400, (fields, status)
+        assert _named(violations, *fields), (fields, violations)
+    assert await _stored(database, tenant) == before
