@@ -17,7 +17,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from gateway.errors import GatewayError
 
-_BASE64 = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")  # fullmatch: "$" would allow a final newline
 # Well-known messages whose JSON form is a base64 string.
 _BYTES_WRAPPER = "google.protobuf.BytesValue"
 # Deeper than any request of ours; recursive types (Struct) carry no bytes anyway.
@@ -27,7 +27,7 @@ _MAX_DEPTH = 32
 def is_base64(text: str) -> bool:
     """Whether `text` is base64 as proto3 JSON allows it (either alphabet, padding optional)."""
     data = text.rstrip("=")
-    return bool(_BASE64.match(text)) and len(data) % 4 != 1 and len(text) - len(data) <= 2
+    return bool(_BASE64.fullmatch(text)) and len(data) % 4 != 1 and len(text) - len(data) <= 2
 
 
 def check_bytes_fields(value: Any, descriptor: Descriptor, path: str = "", depth: int = 0) -> None:

@@ -307,7 +307,9 @@ async def test_sizes_without_a_bound_are_bounded(
     assert await _stored(database, tenant) == before
 
 
-@pytest.mark.parametrize("content", ["####", "this is not base64 at all!", "aGVsbG8=\u00e9"])
+@pytest.mark.parametrize(
+    "content", ["####", "this is not base64 at all!", "aGVsbG8=\u00e9", "aGVsbG\n"]
+)
 async def test_attachment_content_must_be_base64(
     http: aiohttp.ClientSession,
     rest_base_url: str,
