@@ -585,6 +585,10 @@ class RateLimiter:
     async def admit(self, *, send: bool, ip: str | None, principal: Principal | None) -> Decision:
         """Count one request against its budgets, or refuse it without counting.
 
+        The counts this process knows refuse first (no database); then the request takes one
+        event of each key's shared budget from this process's block (claiming a new block
+        when it has none left: one database insert).
+
         Args:
             send: whether the rpc sends email (send budget and tenant quotas) or not (api).
             ip: the client address (None: a unix socket; only the principal is counted).

@@ -61,6 +61,11 @@ HEADER_TEXT_RULE = (
     "must not contain line breaks (CR, LF, VT, FF, FS, GS, RS, NEL, U+2028, U+2029) or NUL"
 )
 MAX_SUBJECT = 998
+# Every address (display name included), attachment file name and content type is stored with
+# the email: bounded, so no request can push the email's document past the database's limit.
+MAX_ADDRESS = 998
+MAX_FILENAME = 255
+MAX_CONTENT_TYPE = 255
 MAX_TAGS = 20
 MAX_TAG_LENGTH = 100
 MAX_METADATA = 50
@@ -180,6 +185,10 @@ def parse_mailbox(value: str, field_name: str) -> Mailbox:
         raise InvalidArgument.single(field_name, problem)
     if not value.strip():
         raise InvalidArgument.single(field_name, "must be an email address")
+    if len(value) > MAX_ADDRESS:
+        raise InvalidArgument.single(
+            field_name, f"at most {MAX_ADDRESS} characters, display name included"
+        )
     pairs = getaddresses([value])
     if len(pairs) != 1 or not pairs[0][1] or "@" not in pairs[0][1]:
         raise InvalidArgument.single(field_name, f"{value!r} is not a valid email address")
@@ -277,14 +286,24 @@ def validate(request: SendInput, *, limits: Limits, now: datetime) -> ValidReque
         prefix = f"attachments[{i}]"
         if not att.filename:
             violations.append(FieldViolation(f"{prefix}.filename", "required"))
+        elif len(att.filename) > MAX_FILENAME:
+            violations.append(
+                FieldViolation(f"{prefix}.filename", f"at most {MAX_FILENAME} characters")
+            )
         else:
             filename_problem = header_text_problem(att.filename)
             if filename_problem:
                 violations.append(FieldViolation(f"{prefix}.filename", filename_problem))
         if att.content_type and (
-            header_text_problem(att.content_type) or att.content_type.count("/") != 1
+            header_text_problem(att.content_type)
+            or att.content_type.count("/") != 1
+            or len(att.content_type) > MAX_CONTENT_TYPE
         ):
-            violations.append(FieldViolation(f"{prefix}.content_type", "must be type/subtype"))
+            violations.append(
+                FieldViolation(
+                    f"{prefix}.content_type", f"type/subtype, at most {MAX_CONTENT_TYPE} characters"
+                )
+            )
         if att.content_id and not _CONTENT_ID_RE.fullmatch(att.content_id.strip("<>")):
             violations.append(FieldViolation(f"{prefix}.content_id", "must be printable ASCII"))
         if len(att.content) > limits.max_attachment_size:

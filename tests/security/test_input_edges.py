@@ -23,7 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from services.core.mongo import Document
 from services.core.settings import Settings
 from services.core.status import MAX_VIOLATIONS
-from services.mail.compose import MAX_METADATA_BYTES
+from services.mail.compose import MAX_ADDRESS, MAX_FILENAME, MAX_METADATA_BYTES
 from tests.conftest import Tenant, new_tenant
 from tests.gateway.rest import BAD_REQUEST, Reply, call
 from tests.security.conftest import GrpcStubs, bearer, sending_domain, verified_domain
@@ -278,12 +278,29 @@ def _size_cases(domain: str, settings: Settings) -> dict[str, tuple[dict[str, An
             ),
             {"reply_to", "replyTo"},
         ),
+        "a display name longer than an address may be": (
+            _base(domain, to=[f"{'N' * MAX_ADDRESS} <n@example.org>"]),
+            {"to[0]"},
+        ),
+        "an attachment file name longer than a file name may be": (
+            _base(
+                domain,
+                attachments=[mail_pb2.Attachment(filename="f" * (MAX_FILENAME + 1), content=b"x")],
+            ),
+            {"attachments[0].filename"},
+        ),
     }
 
 
 @pytest.mark.parametrize("transport", ["grpc", "rest"])
 @pytest.mark.parametrize(
-    "case", ["metadata over its total size", "more Reply-To addresses than recipients allowed"]
+    "case",
+    [
+        "metadata over its total size",
+        "more Reply-To addresses than recipients allowed",
+        "a display name longer than an address may be",
+        "an attachment file name longer than a file name may be",
+    ],
 )
 async def test_sizes_without_a_bound_are_bounded(
     stack_stubs: GrpcStubs,
