@@ -247,7 +247,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler  # type: ignore[return-value]
         rule = self._rules.rule(method)
         authenticator = self._authenticator
-        limiter = self._limiter
+        # Health routes and /metrics stay reachable from any address (probes, scrapers).
+        service = method.lstrip("/").partition("/")[0]
+        limiter = None if service in _UNLIMITED_SERVICES else self._limiter
 
         def wrap(behavior: Behavior) -> Behavior:
             async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

@@ -21,6 +21,8 @@ import aiohttp
 import grpc
 import pytest
 from azora.domain.v1 import domain_pb2, domain_pb2_grpc
+from azora.health.v1 import health_pb2 as suite_pb2
+from azora.health.v1 import health_pb2_grpc as suite_pb2_grpc
 from azora.mail.v1 import mail_pb2
 
 from services.core.auth import ServiceTokens
@@ -165,6 +167,10 @@ async def test_failed_authentications_are_limited_per_address(
         service.settings, subject="service:mail", scopes={"domains:read"}
     )
     await service.stub.ListDomains(request, metadata=(*tokens.metadata(tenant.id), *forwarded))
+    # Health answers the blocked address (probes and scrapers must always get through).
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.running.port}") as channel:
+        suite = suite_pb2_grpc.SuiteHealthServiceStub(channel)
+        await suite.Ping(suite_pb2.PingRequest(), metadata=forwarded)
 
 
 # The same over REST: 401 until the limit, then 429 with Retry-After, for any credentials.
