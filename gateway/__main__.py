@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.server import create_runner
 from services.core.logs import configure_logging
 from services.core.settings import Settings, SettingsError
 
@@ -27,7 +28,7 @@ async def serve(settings: Settings, config: GatewayConfig) -> None:
     """Run the application until a termination signal arrives."""
     app = await create_app(settings, config=config)
     # access_log=None: our middleware writes the access log (templates, not raw paths).
-    runner = web.AppRunner(
+    runner = create_runner(
         app, access_log=None, handle_signals=False, shutdown_timeout=settings.shutdown_grace
     )
     await runner.setup()

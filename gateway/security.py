@@ -44,6 +44,9 @@ SECURITY_HEADERS = {
     "X-Permitted-Cross-Domain-Policies": "none",
     "X-XSS-Protection": "0",
 }
+# Our Server header: aiohttp would announce "Python/3.11 aiohttp/x.y"; versions help only
+# attackers.
+SERVER_NAME = "azora"
 _CORS_ALLOW_HEADERS = (
     "authorization, content-type, x-api-key, x-request-id, traceparent, tracestate"
 )
@@ -74,8 +77,7 @@ def security_middleware(
         response.headers.update(SECURITY_HEADERS)
         docs = request.path == "/api-docs" or request.path.startswith("/api-docs/")
         response.headers["Content-Security-Policy"] = DOCS_CSP if docs else API_CSP
-        # aiohttp would announce "Python/3.11 aiohttp/x.y"; versions help only attackers.
-        response.headers["Server"] = "azora"
+        response.headers["Server"] = SERVER_NAME
         if cors:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = (

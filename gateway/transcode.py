@@ -32,6 +32,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from gateway.base64_fields import check_bytes_fields
 from gateway.descriptors import (
     HTTP_BODY,
     DescriptorSet,
@@ -188,6 +189,7 @@ class Transcoder:
             document = value
             for field in reversed(target_fields):
                 document = {field.name: document}
+        check_bytes_fields(document, descriptor_of(request))
         try:
             # Unknown body fields are dropped, as Envoy's transcoder does.
             json_format.ParseDict(

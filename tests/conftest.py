@@ -65,6 +65,8 @@ def make_settings(mongodb_uri: str, database: str, **env: str) -> Settings:
             "AZORA_SEND_RATE_LIMIT_MAX": "1000000",
             "AZORA_QUOTA_EMAILS_PER_HOUR": "0",
             "AZORA_QUOTA_EMAILS_PER_DAY": "0",
+            # Many tests send bad credentials on purpose, all from 127.0.0.1.
+            "AZORA_AUTH_FAILURE_MAX": "0",
             **env,
         },
         service_name="test",

@@ -5,7 +5,9 @@ span (child of the caller's W3C ``traceparent``), applies the caller's deadline 
 calls, turns typed errors into rich gRPC statuses, shields callers from internals, and records
 the call once: an access log line plus the ``azora_grpc_requests_total`` counter and the
 ``azora_grpc_request_duration_seconds`` histogram. `AuthInterceptor` (inside it) establishes
-the principal and checks the rpc's declared scope. `RateLimitInterceptor` (inside that)
+the principal and checks the rpc's declared scope; it also counts failed authentications per
+client address and refuses an address that failed too often before looking at its
+credentials, so keys cannot be guessed at full speed. `RateLimitInterceptor` (inside that)
 applies the rate limits and sending quotas of `services.core.ratelimit`. Only unary-unary
 handlers of our own services are wrapped; gRPC's health and reflection services pass through
 untouched.
@@ -28,8 +30,14 @@ from grpc_status import rpc_status
 from pymongo.errors import PyMongoError
 
 from services.core.auth import SERVICE_SUBJECT_PREFIX, Authenticator, MethodRules
-from services.core.context import new_request_id, principal_var, request_id_var
-from services.core.errors import AzoraError, DeadlineExceeded, InvalidArgument, Unimplemented
+from services.core.context import Principal, new_request_id, principal_var, request_id_var
+from services.core.errors import (
+    AzoraError,
+    DeadlineExceeded,
+    InvalidArgument,
+    Unauthenticated,
+    Unimplemented,
+)
 from services.core.metrics import GRPC_REQUEST_DURATION, GRPC_REQUESTS
 from services.core.mongo import translate_error
 from services.core.ratelimit import RateLimiter, RateLimitExceeded
@@ -200,12 +208,34 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return wrapped._replace(request_deserializer=safe_deserialize)  # type: ignore[no-any-return]
 
 
+# Failures that are no guess: no credentials at all, or a token whose signature checked out.
+_NOT_GUESSES = frozenset({"CREDENTIALS_MISSING", "TOKEN_EXPIRED"})
+
+
+def _is_service(principal: Principal | None) -> bool:
+    return principal is not None and principal.subject.startswith(SERVICE_SUBJECT_PREFIX)
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates the caller and enforces the scope each rpc declares in its proto."""
 
-    def __init__(self, authenticator: Authenticator, rules: MethodRules | None = None) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        rules: MethodRules | None = None,
+        *,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        """Build the interceptor.
+
+        Args:
+            authenticator: checks credentials.
+            rules: the rpcs' access rules (read from the descriptors by default).
+            limiter: counts failed authentications per client address (None: not counted).
+        """
         self._authenticator = authenticator
         self._rules = rules or MethodRules()
+        self._limiter = limiter
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -217,10 +247,34 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler  # type: ignore[return-value]
         rule = self._rules.rule(method)
         authenticator = self._authenticator
+        # Health routes and /metrics stay reachable from any address (probes, scrapers).
+        service = method.lstrip("/").partition("/")[0]
+        limiter = None if service in _UNLIMITED_SERVICES else self._limiter
 
         def wrap(behavior: Behavior) -> Behavior:
             async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                principal = await authenticator.authorize(rule, _metadata(context))
+                metadata = _metadata(context)
+                ip, blocked = None, None
+                if limiter is not None:
+                    peer = context.peer() or ""
+                    ip = limiter.client_ip(peer, metadata.get("x-forwarded-for", ""))
+                    try:
+                        limiter.check_failed_authentications(ip)
+                    except RateLimitExceeded as exc:
+                        blocked = exc
+                try:
+                    principal = await authenticator.authorize(rule, metadata)
+                except AzoraError as exc:
+                    guess = isinstance(exc, Unauthenticated) and exc.reason not in _NOT_GUESSES
+                    if limiter is not None and guess:
+                        limiter.record_failed_authentication(ip)
+                    raise blocked or exc from None
+                # A blocked address learns nothing from its credentials: right or wrong, the
+                # answer is the same refusal. Only our services' own tokens (which cannot be
+                # guessed) still pass, so one client guessing from a shared address (a host
+                # running several of our processes) does not cut the services off each other.
+                if blocked is not None and not _is_service(principal):
+                    raise blocked
                 principal_var.set(principal)
                 return await behavior(request, context)
 
@@ -241,7 +295,8 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
 
     It runs after authentication because calls between our services (service JWTs) are never
     limited and because the principal is one of the two keys counted (the other is the client
-    address). Calls that fail authentication are not counted. Every limited answer carries
+    address). Calls that fail authentication are not counted here (`AuthInterceptor` counts
+    them against their own limit). Every limited answer carries
     ``ratelimit-*`` headers; a refusal is RESOURCE_EXHAUSTED with RetryInfo (HTTP 429 with
     Retry-After through either gateway).
     """
@@ -270,7 +325,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
                 metadata = _metadata(context)
                 ip = limiter.client_ip(context.peer() or "", metadata.get("x-forwarded-for", ""))
                 try:
-                    decision = limiter.admit(send=send, ip=ip, principal=principal)
+                    decision = await limiter.admit(send=send, ip=ip, principal=principal)
                 except RateLimitExceeded as exc:
                     add_response_metadata(
                         (*exc.decision.headers(), ("retry-after", str(exc.decision.reset_seconds)))

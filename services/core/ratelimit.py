@@ -1,10 +1,24 @@
-"""Rate limits and sending quotas, counted per process and shared between replicas.
+"""Rate limits, sending quotas and failed-authentication limits, shared by every process.
 
 Budgets are fixed windows aligned to the epoch (a 15-minute window starts at :00, :15, ...; the
-daily quota at 00:00 UTC). Every request is admitted or refused from this process's memory, so
-no database call sits on a request's path. A background task (`SharedCounters.run`) publishes
-this process's counts every ``AZORA_RATE_LIMIT_SYNC_INTERVAL`` seconds and reads the other
-replicas' counts back; a key's total is "mine, exactly" plus "the others', as last read".
+daily quota at 00:00 UTC).
+
+The request budgets (API and send, per client address and per principal) are one budget for
+the whole suite, whichever process answers: a key's window is cut into at most
+``AZORA_RATE_LIMIT_BLOCKS`` blocks, and a process admits requests only from blocks it claimed
+(`SharedBlocks`), each with one unique insert (``_id`` = budget:window:key:block number), which
+only one process can win. So no more than the budget is ever admitted across processes, and a
+database write sits on a request's path once per block, not per request. The price is the other
+way round: blocks other processes claimed but have not used up yet are not available here, so a
+client spread over R processes may be refused up to (R-1) x (block size - 1) requests early.
+If the database cannot be reached, each process falls back to the counts below (fail open
+across processes, never within one).
+
+Counts (`SharedCounters`) are kept in memory per process and shared in the background: they
+decide the sending quotas and the failed-authentication limit, feed the RateLimit headers, and
+stand in for blocks while the database is away. A background task (`SharedCounters.run`)
+publishes this process's counts every ``AZORA_RATE_LIMIT_SYNC_INTERVAL`` seconds and reads the
+other replicas' counts back; a key's total is "mine, exactly" plus "the others', as last read".
 
 Why one document per process and window, and not one per key with ``$inc``: FerretDB 1.24
 applies ``$inc`` as read-modify-write without isolation. Measured (4 clients x 8 tasks x 50
@@ -15,11 +29,11 @@ on the upsert. So every document here has exactly one writer — the process nam
 repeated by the next sync). A read fetches the documents of the current windows of every budget:
 a scan, but of a collection holding (replicas x budgets x live windows) documents.
 
-Tolerance: a replica learns what the others admitted one to two sync intervals late, so with
-R replicas a key can get at most the budget plus what the other R-1 replicas admitted for it
-during the last two sync intervals (one replica alone is exact). Counts of a replica that stops
-stay in force until their window ends. Documents of ended windows are removed by `sweep`
-(FerretDB has no TTL indexes).
+Tolerance of counts: a replica learns what the others counted one to two sync intervals late,
+so with R replicas a key can get at most the limit plus what the other R-1 replicas counted for
+it during the last two sync intervals (one replica alone is exact). Counts and blocks of a
+replica that stops stay in force until their window ends. Documents of ended windows are
+removed by `sweep` (FerretDB has no TTL indexes).
 """
 
 from __future__ import annotations
@@ -31,7 +45,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,11 +56,13 @@ from pymongo.errors import PyMongoError
 from services.core.context import Principal
 from services.core.errors import ResourceExhausted
 from services.core.metrics import RATE_LIMIT_REFUSALS, RATE_LIMIT_SYNCS
+from services.core.mongo import is_duplicate_key
 from services.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 COLLECTION = "rate_limit_counters"
+BLOCKS_COLLECTION = "rate_limit_blocks"
 # Ended windows stay this long before the sweeper removes them (clock skew between replicas).
 _KEEP_AFTER_END = timedelta(minutes=1)
 HOUR_MS = 3600 * 1000
@@ -218,8 +234,18 @@ class SharedCounters:
         result = await self._collection.delete_many({"expiresAt": {"$lt": cutoff}})
         return int(result.deleted_count)
 
-    async def run(self, *, sweep_every: float = 60.0) -> None:
-        """Sync every interval (and sweep now and then) until cancelled; failures are logged."""
+    async def run(
+        self,
+        *,
+        sweep_every: float = 60.0,
+        extra_sweep: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Sync every interval (and sweep now and then) until cancelled; failures are logged.
+
+        Args:
+            sweep_every: seconds between sweeps.
+            extra_sweep: also run at every sweep (the blocks of `SharedBlocks`).
+        """
         last_sweep = 0.0
         while True:
             try:
@@ -232,11 +258,134 @@ class SharedCounters:
                 last_sweep = self._clock()
                 try:
                     await self.sweep()
+                    if extra_sweep is not None:
+                        await extra_sweep()
                 except PyMongoError as exc:
                     log.warning(
                         "rate-limit sweep failed", extra={"fields": {"error": str(exc)[:200]}}
                     )
             await asyncio.sleep(self._interval)
+
+
+@dataclass
+class _Held:
+    """This process's share of one key's window: the block it uses and where to look next."""
+
+    end_ms: int
+    free: int = 0  # events left in the block this process holds
+    next_block: int = 0  # no block below this one is free
+    exhausted: bool = False  # every block of the window is claimed
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class SharedBlocks:
+    """Hands out each key's window of a budget in blocks, each claimed by one process.
+
+    A block is claimed by inserting ``{_id: budget:window:key:n}``; the unique ``_id`` lets one
+    process win it (unique inserts hold on FerretDB under concurrency; ``$inc`` does not).
+    Processes claim blocks from the lowest one up, so the claimed blocks of a window are always
+    0..k-1 and no process skips a free block: a process starts from the higher of the last
+    block it saw taken and (events counted anywhere) // block size, since a block is claimed
+    only once the claimer used up its previous one.
+    """
+
+    def __init__(
+        self,
+        collection: AsyncCollection[dict[str, Any]],
+        *,
+        blocks_per_window: int,
+        instance: str,
+    ) -> None:
+        """Create the allocator.
+
+        Args:
+            collection: where blocks are claimed (shared by every process).
+            blocks_per_window: how many blocks a key's window is cut into (at most).
+            instance: this process's id, recorded in the blocks it claims.
+        """
+        self._collection = collection
+        self._blocks = max(1, blocks_per_window)
+        self._instance = instance
+        self._held: dict[tuple[str, int, str], _Held] = {}
+        self._next_purge = 0
+
+    def block_size(self, budget: Budget) -> int:
+        """Events per block of `budget`."""
+        return math.ceil(budget.limit / min(self._blocks, budget.limit))
+
+    async def take(self, budget: Budget, key: str, now_ms: int, *, counted: int) -> bool:
+        """Take one event of `key`'s current window of `budget`.
+
+        Args:
+            budget: a budget with a limit.
+            key: the client or principal key.
+            now_ms: the clock.
+            counted: events of this window counted for `key` so far (any process).
+
+        Returns:
+            True if taken, False if every block of the window is used up.
+
+        Raises:
+            PyMongoError: a block was needed and the database did not answer.
+        """
+        if now_ms >= self._next_purge:
+            self._purge(now_ms)
+        start = budget.window_start(now_ms)
+        slot = (budget.name, start, _hash_key(key))
+        held = self._held.get(slot)
+        if held is None:
+            held = self._held[slot] = _Held(end_ms=start + budget.window_ms)
+        if held.free > 0:
+            held.free -= 1
+            return True
+        if held.exhausted:
+            return False
+        async with held.lock:  # one claim at a time per key; the others wait for its block
+            if held.free > 0:
+                held.free -= 1
+                return True
+            size = self.block_size(budget)
+            blocks = math.ceil(budget.limit / size)
+            number = max(held.next_block, counted // size)
+            expires = datetime.fromtimestamp(held.end_ms / 1000, UTC) + _KEEP_AFTER_END
+            while number < blocks:
+                try:
+                    await self._collection.insert_one(
+                        {
+                            "_id": f"{slot[0]}:{slot[1]}:{slot[2]}:{number}",
+                            "instance": self._instance,
+                            "expiresAt": expires,
+                        }
+                    )
+                except PyMongoError as exc:
+                    if not is_duplicate_key(exc):
+                        held.next_block = number
+                        raise
+                    number += 1
+                    continue
+                held.next_block = number + 1
+                held.free = min(size, budget.limit - number * size) - 1
+                return True
+            held.next_block = number
+            held.exhausted = True
+            return False
+
+    def give_back(self, budget: Budget, key: str, now_ms: int) -> None:
+        """Return an event taken by `take` (the request was refused by another budget)."""
+        held = self._held.get((budget.name, budget.window_start(now_ms), _hash_key(key)))
+        if held is not None:
+            held.free += 1
+
+    def _purge(self, now_ms: int) -> None:
+        for slot in [s for s, held in self._held.items() if held.end_ms <= now_ms]:
+            del self._held[slot]
+        ends = [held.end_ms for held in self._held.values()]
+        self._next_purge = min(ends, default=now_ms + 60_000)
+
+    async def sweep(self, now: datetime) -> int:
+        """Delete blocks of windows that ended; returns how many."""
+        result = await self._collection.delete_many({"expiresAt": {"$lt": now}})
+        return int(result.deleted_count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +438,12 @@ class RateLimitPolicy:
     hourly: Budget
     daily: Budget
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    # Failed authentications per client address (limit 0 = not limited).
+    auth_failures: Budget = Budget(
+        "auth-fail", 0, 15 * 60 * 1000, "TOO_MANY_FAILED_AUTHENTICATIONS", "failed authentications"
+    )
+    # How many blocks a key's window of a request budget is cut into (`SharedBlocks`).
+    blocks_per_window: int = 32
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RateLimitPolicy:
@@ -325,33 +480,83 @@ class RateLimitPolicy:
             trusted_proxies=tuple(
                 ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies
             ),
+            auth_failures=Budget(
+                "auth-fail",
+                settings.auth_failure_max,
+                settings.auth_failure_window_ms,
+                "TOO_MANY_FAILED_AUTHENTICATIONS",
+                "failed authentications",
+            ),
+            blocks_per_window=settings.rate_limit_blocks,
         )
 
     @property
     def budgets(self) -> tuple[Budget, ...]:
         """Every budget."""
-        return (self.api, self.send, self.hourly, self.daily)
+        return (self.api, self.send, self.hourly, self.daily, self.auth_failures)
 
 
 class RateLimiter:
     """Admits requests against the per-IP and per-principal budgets and the tenant quotas."""
 
-    def __init__(self, policy: RateLimitPolicy, counters: SharedCounters) -> None:
+    def __init__(
+        self,
+        policy: RateLimitPolicy,
+        counters: SharedCounters,
+        blocks: SharedBlocks | None = None,
+    ) -> None:
+        """Create the limiter.
+
+        Args:
+            policy: the budgets.
+            counters: the counts, shared in the background.
+            blocks: where request budgets are claimed block by block (None: from the counts
+                alone, exact for one process only).
+        """
         self.policy = policy
         self.counters = counters
+        self.blocks = blocks
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, collection: AsyncCollection[dict[str, Any]] | None
+        cls,
+        settings: Settings,
+        collection: AsyncCollection[dict[str, Any]] | None,
+        blocks_collection: AsyncCollection[dict[str, Any]] | None = None,
+        *,
+        instance: str | None = None,
     ) -> RateLimiter:
-        """A limiter sharing its counts through `collection`."""
+        """A limiter sharing its counts through `collection` and its budgets through blocks.
+
+        Args:
+            settings: the budgets.
+            collection: where counts are shared (None: kept in this process).
+            blocks_collection: where request budgets' blocks are claimed (None: not at all).
+            instance: this process's id in shared documents; random by default.
+        """
         policy = RateLimitPolicy.from_settings(settings)
-        return cls(
-            policy,
-            SharedCounters(
-                collection, policy.budgets, sync_interval=settings.rate_limit_sync_interval
-            ),
+        counters = SharedCounters(
+            collection,
+            policy.budgets,
+            sync_interval=settings.rate_limit_sync_interval,
+            instance=instance,
         )
+        blocks = None
+        if blocks_collection is not None:
+            blocks = SharedBlocks(
+                blocks_collection,
+                blocks_per_window=policy.blocks_per_window,
+                instance=counters.instance,
+            )
+        return cls(policy, counters, blocks)
+
+    async def run(self) -> None:
+        """Share counts (and sweep ended windows' counts and blocks) until cancelled."""
+        await self.counters.run(extra_sweep=self._sweep_blocks)
+
+    async def _sweep_blocks(self) -> None:
+        if self.blocks is not None:
+            await self.blocks.sweep(datetime.fromtimestamp(self.counters.now_ms() / 1000, UTC))
 
     def client_ip(self, peer: str, forwarded_for: str) -> str | None:
         """The client address of a call.
@@ -377,8 +582,12 @@ class RateLimiter:
     def _trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address in network for network in self.policy.trusted_proxies)
 
-    def admit(self, *, send: bool, ip: str | None, principal: Principal | None) -> Decision:
+    async def admit(self, *, send: bool, ip: str | None, principal: Principal | None) -> Decision:
         """Count one request against its budgets, or refuse it without counting.
+
+        The counts this process knows refuse first (no database); then the request takes one
+        event of each key's shared budget from this process's block (claiming a new block
+        when it has none left: one database insert).
 
         Args:
             send: whether the rpc sends email (send budget and tenant quotas) or not (api).
@@ -391,6 +600,55 @@ class RateLimiter:
         Raises:
             RateLimitExceeded: a budget or quota is used up (nothing was counted).
         """
+        decision, checks = self._check(send=send, ip=ip, principal=principal)
+        budget = self.policy.send if send else self.policy.api
+        now = self.counters.now_ms()
+        limited = [(key, scope) for checked, key, scope in checks if checked is budget]
+        if self.blocks is not None:
+            taken: list[str] = []
+            try:
+                for key, scope in limited:
+                    counted, _ = self.counters.total(budget, key, now)
+                    if not await self.blocks.take(budget, key, now, counted=counted):
+                        for earlier in taken:
+                            self.blocks.give_back(budget, earlier, now)
+                        raise self._refusal(budget, scope, now)
+                    taken.append(key)
+            except PyMongoError as exc:
+                # Without the database each process enforces the counts it knows (the check
+                # above): fail open across processes, never within one.
+                for earlier in taken:
+                    self.blocks.give_back(budget, earlier, now)
+                RATE_LIMIT_SYNCS.labels("error").inc()
+                log.warning(
+                    "rate-limit blocks unavailable", extra={"fields": {"error": str(exc)[:200]}}
+                )
+        # Quotas count accepted emails (`record_send`), rate limits count admitted requests.
+        for key, _ in limited:
+            self.counters.add(budget, key, now)
+        return decision
+
+    def _refusal(self, budget: Budget, scope: str, now_ms: int) -> RateLimitExceeded:
+        """The refusal for a used-up `budget` (and its metric)."""
+        end_ms = budget.window_start(now_ms) + budget.window_ms
+        refused = Decision(
+            budget.limit,
+            0,
+            max(1, math.ceil((end_ms - now_ms) / 1000)),
+            budget.window_ms // 1000,
+        )
+        RATE_LIMIT_REFUSALS.labels(budget.name, scope).inc()
+        return RateLimitExceeded(
+            _refusal_message(budget, scope, refused),
+            reason=budget.reason,
+            decision=refused,
+            scope=scope,
+        )
+
+    def _check(
+        self, *, send: bool, ip: str | None, principal: Principal | None
+    ) -> tuple[Decision, list[tuple[Budget, str, str]]]:
+        """Refuse from the counts alone (no database); returns the tightest state and checks."""
         budget = self.policy.send if send else self.policy.api
         checks: list[tuple[Budget, str, str]] = []
         if ip is not None:
@@ -412,23 +670,35 @@ class RateLimiter:
                 window_seconds=checked.window_ms // 1000,
             )
             if used >= checked.limit:
-                refused = Decision(
-                    decision.limit, 0, decision.reset_seconds, decision.window_seconds
-                )
-                RATE_LIMIT_REFUSALS.labels(checked.name, scope).inc()
-                raise RateLimitExceeded(
-                    _refusal_message(checked, scope, refused),
-                    reason=checked.reason,
-                    decision=refused,
-                    scope=scope,
-                )
+                raise self._refusal(checked, scope, now)
             if tightest is None or decision.remaining < tightest.remaining:
                 tightest = decision
-        # Quotas count accepted emails (`record_send`), rate limits count admitted requests.
-        for checked, key, _ in checks:
-            if checked is budget:
-                self.counters.add(checked, key, now)
-        return tightest or Decision(budget.limit, budget.limit, 0, budget.window_ms // 1000)
+        decision = tightest or Decision(budget.limit, budget.limit, 0, budget.window_ms // 1000)
+        return decision, checks
+
+    def check_failed_authentications(self, ip: str | None) -> None:
+        """Refuse a client address that failed to authenticate too often in this window.
+
+        Checked before credentials are looked at, so a refused client learns nothing about
+        the credentials it sends.
+
+        Raises:
+            RateLimitExceeded: the address reached the limit (reason
+                TOO_MANY_FAILED_AUTHENTICATIONS).
+        """
+        budget = self.policy.auth_failures
+        if ip is None or not budget.limit:
+            return
+        now = self.counters.now_ms()
+        used, _ = self.counters.total(budget, f"ip:{ip}", now)
+        if used >= budget.limit:
+            raise self._refusal(budget, "ip", now)
+
+    def record_failed_authentication(self, ip: str | None) -> None:
+        """Count a failed authentication of a client address."""
+        budget = self.policy.auth_failures
+        if ip is not None and budget.limit:
+            self.counters.add(budget, f"ip:{ip}", self.counters.now_ms())
 
     def record_send(self, principal: Principal, emails: int = 1) -> None:
         """Count accepted emails against the tenant's hourly and daily quotas."""
@@ -444,6 +714,11 @@ def _tenant_key(principal: Principal) -> str:
 
 def _refusal_message(budget: Budget, scope: str, decision: Decision) -> str:
     who = {"ip": "this client address", "user": "this caller", "tenant": "this tenant"}[scope]
+    if budget.name == "auth-fail":
+        return (
+            f"{who} failed to authenticate {budget.limit} times "
+            f"(per {_duration(budget.window_ms)}); retry in {decision.reset_seconds} s"
+        )
     return (
         f"{who} has used its {budget.limit} {budget.what} "
         f"(per {_duration(budget.window_ms)}); retry in {decision.reset_seconds} s"
@@ -480,7 +755,9 @@ def _peer_address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
 
 
 __all__ = [
+    "BLOCKS_COLLECTION",
     "COLLECTION",
+    "SharedBlocks",
     "Budget",
     "Decision",
     "RateLimitExceeded",

@@ -28,6 +28,7 @@ from services.core.interceptors import (
 from services.core.logs import configure_logging
 from services.core.metrics import start_exposition
 from services.core.mongo import Document, IndexSpec, create_client, ensure_indexes, ping
+from services.core.ratelimit import BLOCKS_COLLECTION as RATE_LIMIT_BLOCKS_COLLECTION
 from services.core.ratelimit import COLLECTION as RATE_LIMIT_COLLECTION
 from services.core.ratelimit import RateLimiter
 from services.core.server import Registrar, ServiceServer, create_server, run_until_signalled
@@ -116,14 +117,16 @@ async def start_service(
     flips the grpc.health.v1 status to NOT_SERVING while it is unreachable (and back), so
     Kubernetes gRPC probes and ``/health/ready`` agree.
     """
-    limiter = RateLimiter.from_settings(settings, database.db[RATE_LIMIT_COLLECTION])
+    limiter = RateLimiter.from_settings(
+        settings, database.db[RATE_LIMIT_COLLECTION], database.db[RATE_LIMIT_BLOCKS_COLLECTION]
+    )
     server = await create_server(
         bind=bind,
         service_names=service_names,
         registrars=registrars,
         interceptors=[
             ErrorMappingInterceptor(database_timeout=settings.mongodb_request_timeout),
-            AuthInterceptor(Authenticator(settings, api_keys)),
+            AuthInterceptor(Authenticator(settings, api_keys), limiter=limiter),
             RateLimitInterceptor(limiter),
         ],
         max_message_bytes=settings.grpc_max_message_bytes,
@@ -132,7 +135,7 @@ async def start_service(
     await prepare_database(database.db, indexes)
     await server.set_serving(True)
     # Rate-limit counts are exchanged with the other replicas through the database.
-    server.background.append(asyncio.create_task(limiter.counters.run(), name="rate-limits"))
+    server.background.append(asyncio.create_task(limiter.run(), name="rate-limits"))
     server.background.append(
         asyncio.create_task(
             watch_readiness(server, database.db, settings.readiness_interval),

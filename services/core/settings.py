@@ -96,8 +96,16 @@ class Settings:
     quota_emails_per_day: int = 10_000
     # How often each process publishes its counts to the database and reads the others'.
     rate_limit_sync_interval: float = 0.25
+    # How many blocks a key's window of a request budget is cut into: a process claims one
+    # block (one database insert) at a time and admits requests from it (ratelimit.SharedBlocks).
+    rate_limit_blocks: int = 32
+    # Failed authentications (bad keys or tokens) per client address and window before the
+    # address is refused with RESOURCE_EXHAUSTED until the window ends (0 = not limited).
+    auth_failure_max: int = 20
+    auth_failure_window_ms: int = 15 * 60 * 1000
     # Peers whose x-forwarded-for is believed (CIDRs): the gateway's addresses. Anyone else's
     # header is ignored, so a direct gRPC caller cannot pick the IP it is counted under.
+    # from_env trusts loopback (the local gateway) outside production and nothing in it.
     trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     # Largest gRPC message a service accepts (AZORA_GRPC_MAX_MESSAGE_BYTES).
     grpc_max_message_bytes: int = 64 * 1024 * 1024
@@ -269,7 +277,19 @@ class Settings:
             rate_limit_sync_interval=reader.number(
                 "AZORA_RATE_LIMIT_SYNC_INTERVAL", defaults.rate_limit_sync_interval
             ),
-            trusted_proxies=reader.networks("AZORA_TRUSTED_PROXIES", defaults.trusted_proxies),
+            rate_limit_blocks=reader.integer(
+                "AZORA_RATE_LIMIT_BLOCKS", defaults.rate_limit_blocks, minimum=1
+            ),
+            auth_failure_max=reader.integer("AZORA_AUTH_FAILURE_MAX", defaults.auth_failure_max),
+            auth_failure_window_ms=reader.integer(
+                "AZORA_AUTH_FAILURE_WINDOW", defaults.auth_failure_window_ms, minimum=1
+            ),
+            # In production any process on the same host could otherwise claim any client
+            # address through x-forwarded-for: trust proxies only where they are configured.
+            trusted_proxies=reader.networks(
+                "AZORA_TRUSTED_PROXIES",
+                () if environment is Environment.PRODUCTION else defaults.trusted_proxies,
+            ),
             grpc_max_message_bytes=reader.integer(
                 "AZORA_GRPC_MAX_MESSAGE_BYTES", defaults.grpc_max_message_bytes, minimum=1024
             ),

@@ -4,6 +4,13 @@ Every status carries an ErrorInfo (reason, domain, metadata). InvalidArgument ad
 field violations, NotFound/AlreadyExists a ResourceInfo, FailedPrecondition a
 PreconditionFailure, ResourceExhausted a QuotaFailure and RetryInfo, Unavailable a RetryInfo.
 An error's own `details` (e.g. a health report) come last.
+
+What a status echoes is capped here, once for every error: gRPC refuses trailing metadata over
+its hard limit (16 KiB by default) and the client then sees RESOURCE_EXHAUSTED "Stream removed"
+instead of our answer, so a status that quotes a 17 KB address or lists 500 bad DNS records must
+still fit. Texts are cut to `MAX_TEXT` bytes (the message to `MAX_MESSAGE`), field violations
+to `MAX_VIOLATIONS` (the message and ErrorInfo metadata ``omittedViolations`` say how many more
+there were).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from services.core.errors import (
     AzoraError,
     ErrorKind,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -26,6 +34,14 @@ from services.core.errors import (
 )
 
 ERROR_DOMAIN = "azora.dev"
+# Caps on what one status echoes, in UTF-8 bytes. Worst case, every text at its cap: the
+# violations (2 x 10 x ~190), ErrorInfo metadata (10 x ~250) and the message (512) make about
+# 7 KB, 9.3 KB in base64 (grpc-status-details-bin), plus the message again as grpc-message
+# (percent-encoded, up to 1.5 KB): under gRPC's 16 KiB with room for the other headers.
+MAX_TEXT = 160
+MAX_VIOLATIONS = 10
+MAX_MESSAGE = 512
+
 
 GRPC_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -53,6 +69,15 @@ def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
     return error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=whole))
 
 
+def clip(text: str, limit: int = MAX_TEXT) -> str:
+    """`text` cut to `limit` UTF-8 bytes (on a character boundary), saying how much was cut."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    kept = encoded[:limit].decode(errors="ignore")
+    return f"{kept}... ({len(encoded) - len(kept.encode())} more bytes)"
+
+
 def to_status(
     error: AzoraError, *, service_domain: str
 ) -> tuple[grpc.StatusCode, status_pb2.Status]:
@@ -63,10 +88,25 @@ def to_status(
         service_domain: the API's domain in ErrorInfo, e.g. "domain.azora.dev".
     """
     code = GRPC_CODES[error.kind]
+    message = error.message
+    shown: list[FieldViolation] = []
+    metadata = {clip(k, 64): clip(v) for k, v in list(error.metadata.items())[:MAX_VIOLATIONS]}
+    if isinstance(error, InvalidArgument):
+        shown = error.violations[:MAX_VIOLATIONS]
+        omitted = len(error.violations) - len(shown)
+        if omitted:
+            # A many-violation error's message lists all of them: rebuild it from those shown.
+            listed = "; ".join(f"{clip(v.field)}: {clip(v.description)}" for v in shown)
+            # The count first: the message itself may be cut.
+            message = (
+                f"{len(error.violations)} invalid fields, the first {len(shown)} listed "
+                f"({omitted} more invalid fields not shown): {listed}"
+            )
+            metadata["omittedViolations"] = str(omitted)
     details = [
         _pack(
             error_details_pb2.ErrorInfo(
-                reason=error.reason, domain=service_domain, metadata=error.metadata
+                reason=error.reason, domain=service_domain, metadata=metadata
             )
         )
     ]
@@ -76,9 +116,9 @@ def to_status(
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
+                            field=clip(v.field), description=clip(v.description)
                         )
-                        for v in error.violations
+                        for v in shown
                     ]
                 )
             )
@@ -87,9 +127,9 @@ def to_status(
         details.append(
             _pack(
                 error_details_pb2.ResourceInfo(
-                    resource_type=error.resource_type,
-                    resource_name=error.resource_name,
-                    description=error.message,
+                    resource_type=clip(error.resource_type),
+                    resource_name=clip(error.resource_name),
+                    description=clip(error.message),
                 )
             )
         )
@@ -99,9 +139,11 @@ def to_status(
                 error_details_pb2.PreconditionFailure(
                     violations=[
                         error_details_pb2.PreconditionFailure.Violation(
-                            type=v.type, subject=v.subject, description=v.description
+                            type=clip(v.type),
+                            subject=clip(v.subject),
+                            description=clip(v.description),
                         )
-                        for v in error.violations
+                        for v in error.violations[:MAX_VIOLATIONS]
                     ]
                 )
             )
@@ -112,7 +154,7 @@ def to_status(
                 error_details_pb2.QuotaFailure(
                     violations=[
                         error_details_pb2.QuotaFailure.Violation(
-                            subject=error.reason, description=error.message
+                            subject=error.reason, description=clip(error.message)
                         )
                     ]
                 )
@@ -122,7 +164,9 @@ def to_status(
     elif isinstance(error, Unavailable):
         details.append(_pack(_retry_info(error.retry_after_seconds)))
     details.extend(_pack(extra) for extra in error.details)
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    status = status_pb2.Status(
+        code=code.value[0], message=clip(message, MAX_MESSAGE), details=details
+    )
     return code, status
 
 

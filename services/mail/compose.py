@@ -2,9 +2,14 @@
 
 Every problem is collected and reported together, each naming its proto field (``to[2]``,
 ``attachments[0].content``, ``headers[1].name``). Addresses follow RFC 5322 (display names,
-quoted local parts) with IDN domains converted to A-labels; CR, LF and NUL are refused in
-anything that ends up in a header, which is what stops header injection. Bodies may contain any
-line endings: they are normalised to CRLF by the MIME writer.
+quoted local parts) with IDN domains converted to A-labels. Anything that ends up in a header
+(subject, header values, display names, attachment file names and types) is checked by one
+function, `header_text_problem`: no NUL and no line break of any kind — CR and LF, which is what
+stops header injection, and the other characters Python's `str.splitlines` breaks on (VT, FF,
+FS, GS, RS, NEL, U+2028, U+2029), which the stdlib's header folding refuses while building the
+message. Bodies may contain any line endings: they are normalised to CRLF by the MIME writer.
+Sizes are bounded before anything is built: recipients and Reply-To addresses, attachments,
+custom headers, tags and metadata (`MAX_*` below and `Limits`; docs/operations.md lists them).
 
 The built message is stored as bytes and never rebuilt: workers only prepend a DKIM signature.
 """
@@ -46,13 +51,28 @@ RESERVED_HEADERS = frozenset(
         "received",
     }
 )
-_HEADER_NAME_RE = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext: printable, no colon
-_LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
-_CONTENT_ID_RE = re.compile(r"^[!-~]{1,200}$")
-_FORBIDDEN = ("\r", "\n", "\0")
+# Matched with fullmatch: "$" would also accept a trailing newline.
+_HEADER_NAME_RE = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext: printable, no colon
+_LOCAL_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
+_CONTENT_ID_RE = re.compile(r"[!-~]{1,200}")
+# NUL and every character `str.splitlines` treats as a line break.
+_HEADER_FORBIDDEN = frozenset("\0\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+HEADER_TEXT_RULE = (
+    "must not contain line breaks (CR, LF, VT, FF, FS, GS, RS, NEL, U+2028, U+2029) or NUL"
+)
 MAX_SUBJECT = 998
+# Every address (display name included), attachment file name and content type is stored with
+# the email: bounded, so no request can push the email's document past the database's limit.
+MAX_ADDRESS = 998
+MAX_FILENAME = 255
+MAX_CONTENT_TYPE = 255
 MAX_TAGS = 20
+MAX_TAG_LENGTH = 100
 MAX_METADATA = 50
+# Keys and values of all metadata entries together, UTF-8 (they are stored with the email).
+MAX_METADATA_BYTES = 16 * 1024
+MAX_HEADERS = 50
+MAX_HEADER_VALUE = 998
 MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -147,22 +167,39 @@ class ValidRequest:
     reply_to: list[Mailbox]
 
 
+def header_text_problem(value: str) -> str | None:
+    """Why `value` cannot go into a header, or None if it can (the one rule for header text)."""
+    if _HEADER_FORBIDDEN.isdisjoint(value):
+        return None
+    return HEADER_TEXT_RULE
+
+
 def parse_mailbox(value: str, field_name: str) -> Mailbox:
     """Parse one RFC 5322 mailbox (``Name <local@domain>`` or ``local@domain``).
 
     Raises:
         InvalidArgument: the value is not exactly one valid mailbox (naming `field_name`).
     """
-    if any(ch in value for ch in _FORBIDDEN):
-        raise InvalidArgument.single(field_name, "must not contain CR, LF or NUL characters")
+    problem = header_text_problem(value)
+    if problem:
+        raise InvalidArgument.single(field_name, problem)
     if not value.strip():
         raise InvalidArgument.single(field_name, "must be an email address")
+    if len(value) > MAX_ADDRESS:
+        raise InvalidArgument.single(
+            field_name, f"at most {MAX_ADDRESS} characters, display name included"
+        )
     pairs = getaddresses([value])
     if len(pairs) != 1 or not pairs[0][1] or "@" not in pairs[0][1]:
         raise InvalidArgument.single(field_name, f"{value!r} is not a valid email address")
     name, addr = pairs[0]
     local, _, domain = addr.rpartition("@")
-    if not _LOCAL_RE.match(local) or local.startswith(".") or local.endswith(".") or ".." in local:
+    if (
+        not _LOCAL_RE.fullmatch(local)
+        or local.startswith(".")
+        or local.endswith(".")
+        or ".." in local
+    ):
         raise InvalidArgument.single(field_name, f"{value!r} has an invalid local part")
     try:
         a_label = idna.encode(domain.rstrip("."), uts46=True).decode("ascii").lower()
@@ -209,8 +246,16 @@ def validate(request: SendInput, *, limits: Limits, now: datetime) -> ValidReque
         violations.append(
             FieldViolation("to", f"{count} recipients; at most {limits.max_recipients} allowed")
         )
-    if any(ch in request.subject for ch in _FORBIDDEN):
-        violations.append(FieldViolation("subject", "must not contain CR, LF or NUL characters"))
+    if len(request.reply_to) > limits.max_recipients:
+        violations.append(
+            FieldViolation(
+                "reply_to",
+                f"{len(request.reply_to)} addresses; at most {limits.max_recipients} allowed",
+            )
+        )
+    subject_problem = header_text_problem(request.subject)
+    if subject_problem:
+        violations.append(FieldViolation("subject", subject_problem))
     elif len(request.subject) > MAX_SUBJECT:
         violations.append(FieldViolation("subject", f"at most {MAX_SUBJECT} characters"))
     if not request.text and not request.html:
@@ -218,8 +263,10 @@ def validate(request: SendInput, *, limits: Limits, now: datetime) -> ValidReque
     for name, body in (("text", request.text), ("html", request.html)):
         if "\0" in body:
             violations.append(FieldViolation(name, "must not contain NUL characters"))
+    if len(request.headers) > MAX_HEADERS:
+        violations.append(FieldViolation("headers", f"at most {MAX_HEADERS} headers"))
     for i, (hname, hvalue) in enumerate(request.headers):
-        if not _HEADER_NAME_RE.match(hname):
+        if not _HEADER_NAME_RE.fullmatch(hname):
             violations.append(
                 FieldViolation(f"headers[{i}].name", "must be printable ASCII without ':'")
             )
@@ -227,22 +274,37 @@ def validate(request: SendInput, *, limits: Limits, now: datetime) -> ValidReque
             violations.append(
                 FieldViolation(f"headers[{i}].name", f"{hname} is set by the service")
             )
-        if any(ch in hvalue for ch in _FORBIDDEN):
+        value_problem = header_text_problem(hvalue)
+        if value_problem:
+            violations.append(FieldViolation(f"headers[{i}].value", value_problem))
+        elif len(hvalue) > MAX_HEADER_VALUE:
             violations.append(
-                FieldViolation(f"headers[{i}].value", "must not contain CR, LF or NUL characters")
+                FieldViolation(f"headers[{i}].value", f"at most {MAX_HEADER_VALUE} characters")
             )
     estimated = len(request.text.encode()) + len(request.html.encode())
     for i, att in enumerate(request.attachments):
         prefix = f"attachments[{i}]"
-        if not att.filename or any(ch in att.filename for ch in _FORBIDDEN):
+        if not att.filename:
+            violations.append(FieldViolation(f"{prefix}.filename", "required"))
+        elif len(att.filename) > MAX_FILENAME:
             violations.append(
-                FieldViolation(f"{prefix}.filename", "required, without CR, LF or NUL")
+                FieldViolation(f"{prefix}.filename", f"at most {MAX_FILENAME} characters")
             )
+        else:
+            filename_problem = header_text_problem(att.filename)
+            if filename_problem:
+                violations.append(FieldViolation(f"{prefix}.filename", filename_problem))
         if att.content_type and (
-            any(ch in att.content_type for ch in _FORBIDDEN) or att.content_type.count("/") != 1
+            header_text_problem(att.content_type)
+            or att.content_type.count("/") != 1
+            or len(att.content_type) > MAX_CONTENT_TYPE
         ):
-            violations.append(FieldViolation(f"{prefix}.content_type", "must be type/subtype"))
-        if att.content_id and not _CONTENT_ID_RE.match(att.content_id.strip("<>")):
+            violations.append(
+                FieldViolation(
+                    f"{prefix}.content_type", f"type/subtype, at most {MAX_CONTENT_TYPE} characters"
+                )
+            )
+        if att.content_id and not _CONTENT_ID_RE.fullmatch(att.content_id.strip("<>")):
             violations.append(FieldViolation(f"{prefix}.content_id", "must be printable ASCII"))
         if len(att.content) > limits.max_attachment_size:
             violations.append(
@@ -264,10 +326,20 @@ def validate(request: SendInput, *, limits: Limits, now: datetime) -> ValidReque
     if len(request.tags) > MAX_TAGS:
         violations.append(FieldViolation("tags", f"at most {MAX_TAGS} tags"))
     for i, tag in enumerate(request.tags):
-        if not tag or len(tag) > 100 or any(ch in tag for ch in _FORBIDDEN):
-            violations.append(FieldViolation(f"tags[{i}]", "1-100 characters, no CR/LF"))
+        if not tag or len(tag) > MAX_TAG_LENGTH or header_text_problem(tag):
+            violations.append(
+                FieldViolation(f"tags[{i}]", f"1-{MAX_TAG_LENGTH} characters, no line breaks")
+            )
     if len(request.metadata) > MAX_METADATA:
         violations.append(FieldViolation("metadata", f"at most {MAX_METADATA} entries"))
+    metadata_bytes = sum(len(k.encode()) + len(v.encode()) for k, v in request.metadata.items())
+    if metadata_bytes > MAX_METADATA_BYTES:
+        violations.append(
+            FieldViolation(
+                "metadata",
+                f"{metadata_bytes} bytes of keys and values; at most {MAX_METADATA_BYTES} allowed",
+            )
+        )
     if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
         violations.append(
             FieldViolation("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters")
@@ -374,6 +446,7 @@ __all__ = [
     "ValidRequest",
     "build_message",
     "content_type_of",
+    "header_text_problem",
     "parse_mailbox",
     "validate",
 ]

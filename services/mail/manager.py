@@ -5,11 +5,13 @@ and stores it durably before answering; delivery happens later, in the workers
 (`services.mail.delivery`). Idempotency is insert-first: the key's record reserves the email's
 id, and the email itself is inserted under that id, so concurrent duplicates meet on a unique
 ``_id`` twice and exactly one email exists per key (same key + different request: ALREADY_EXISTS,
-HTTP 409, like a conflicting resource).
+HTTP 409, like a conflicting resource). A request that fails after reserving its key and before
+its email is stored gives the key back, so the corrected retry is accepted.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,6 +30,7 @@ from services.core.tracing import trace_carrier
 from services.mail.compose import (
     Limits,
     SendInput,
+    ValidRequest,
     build_message,
     content_type_of,
     validate,
@@ -48,8 +51,9 @@ from services.mail.models import (
 )
 from services.mail.relay_health import RelayHealthStore, RelayOutcome
 from services.mail.repository import EmailRepository, IdempotencyRecord, IdempotencyRepository
-from services.mail.senders import SenderDirectory
+from services.mail.senders import SenderDirectory, SenderDomain
 
+log = logging.getLogger(__name__)
 RESENDABLE = frozenset({EmailStatus.FAILED, EmailStatus.BOUNCED, EmailStatus.PARTIALLY_SENT})
 _MESSAGE_ID_RE = re.compile(rb"^Message-ID: [^\r\n]*\r\n", re.MULTILINE | re.IGNORECASE)
 
@@ -139,17 +143,18 @@ class MailManager:
                 metadata={"field": "from", "domainId": domain.id},
             ) from None
         email_id = new_id()
-        if request.idempotency_key:
-            record = await self._idempotency.reserve(
-                record=IdempotencyRecord(
-                    tenant_id,
-                    request.idempotency_key,
-                    request.fingerprint(),
-                    email_id,
-                    now + self._policy.idempotency_ttl,
-                ),
-                now=now,
-            )
+        if not request.idempotency_key:
+            return await self._store(tenant_id, request, valid, domain, email_id, now)
+        mine = IdempotencyRecord(
+            tenant_id,
+            request.idempotency_key,
+            request.fingerprint(),
+            email_id,
+            now + self._policy.idempotency_ttl,
+        )
+        record = await self._idempotency.reserve(record=mine, now=now)
+        if record.email_id != email_id:
+            # Another request holds the key: the same request (answer its email) or not.
             if record.fingerprint != request.fingerprint():
                 raise AlreadyExists(
                     "IdempotencyKey",
@@ -157,11 +162,51 @@ class MailManager:
                     message="this idempotency key was used with a different request "
                     "in the last 24 hours",
                 )
-            email_id = record.email_id
             try:
-                return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
+                return await self._emails.get(tenant_id=tenant_id, email_id=record.email_id)
             except NotFound:
                 pass  # first request still in flight or crashed before storing: store it
+            return await self._store(tenant_id, request, valid, domain, record.email_id, now)
+        try:
+            return await self._store(tenant_id, request, valid, domain, email_id, now)
+        except Exception:
+            await self._give_back(tenant_id, mine)
+            raise
+
+    async def _give_back(self, tenant_id: str, record: IdempotencyRecord) -> None:
+        """Free the key of a request that failed, unless its email got stored after all.
+
+        Errors here are logged, never raised: the request's own error is the one to report.
+        """
+        try:
+            await self._emails.get(tenant_id=tenant_id, email_id=record.email_id)
+        except NotFound:
+            # Nothing was stored under the key. (A concurrent duplicate of the same request
+            # storing it right now could still do so; that email stays the only one for its
+            # request, but a later different request may then reuse the key.)
+            pass
+        except Exception as exc:
+            # The database cannot say: keep the key reserved (a duplicate is worse than a
+            # refused retry, which works again once the window ends).
+            log.warning("idempotency key kept", extra={"fields": {"error": str(exc)[:200]}})
+            return
+        else:
+            return  # stored after all: the key answers with that email
+        try:
+            await self._idempotency.release(record=record)
+        except Exception as exc:
+            log.warning("idempotency key kept", extra={"fields": {"error": str(exc)[:200]}})
+
+    async def _store(
+        self,
+        tenant_id: str,
+        request: SendInput,
+        valid: ValidRequest,
+        domain: SenderDomain,
+        email_id: str,
+        now: datetime,
+    ) -> Email:
+        """Build the message and store the email under `email_id` (queued or scheduled)."""
         content, message_id = build_message(valid, email_id=email_id, domain=domain.name, now=now)
         if len(content) > self._policy.limits.max_message_size:
             raise InvalidArgument.single(

@@ -212,6 +212,14 @@ class IdempotencyRepository(Protocol):
         """
         ...
 
+    async def release(self, *, record: IdempotencyRecord) -> None:
+        """Free the key `record` reserved, if that record still holds it.
+
+        For a request that failed before its email was stored: its key must not refuse the
+        corrected retry for a whole window.
+        """
+        ...
+
     async def sweep(self, *, now: datetime) -> int:
         """Remove expired records."""
         ...
@@ -962,6 +970,15 @@ class MongoIdempotencyRepository:
             if replaced is not None:
                 return _record(replaced)
         raise RuntimeError("idempotency record kept changing")  # pragma: no cover
+
+    async def release(self, *, record: IdempotencyRecord) -> None:
+        """See `IdempotencyRepository.release`."""
+        doc_id = f"{record.tenant_id}\x1f{record.key}"
+        # Read, then delete by _id alone (the only filter FerretDB serves from an index); a
+        # live record is only ever replaced by its own expiry, so nobody else wins in between.
+        existing = await self._records.find_one({"_id": doc_id})
+        if existing is not None and existing.get("email_id") == record.email_id:
+            await self._records.delete_one({"_id": doc_id})
 
     async def sweep(self, *, now: datetime) -> int:
         """See `IdempotencyRepository.sweep`."""

@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.server import create_runner
 from services.core.clock import ManualClock
 from services.core.runtime import RunningService
 from services.core.settings import Settings
@@ -79,7 +80,7 @@ async def rest_stack(
         **targets,
     )
     app = await create_app(gateway_settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    runner = create_runner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -341,16 +341,16 @@ async def test_concurrent_replicas_lose_no_counts(limited: LimitedServices) -> N
     assert total == 6 * 20 * 5
 
 
-def test_refusal_leaves_the_count_unchanged() -> None:
+async def test_refusal_leaves_the_count_unchanged() -> None:
     # A refused request is not counted, so a client that keeps retrying early is not punished
     # beyond the window; an admitted one is counted once per key.
     limiter = RateLimiter.from_settings(Settings.from_env({"RATE_LIMIT_MAX": "2"}), None)
     principal = Principal("t", "user:x", frozenset({"*"}))
-    limiter.admit(send=False, ip="192.0.2.1", principal=principal)
-    limiter.admit(send=False, ip="192.0.2.2", principal=principal)
+    await limiter.admit(send=False, ip="192.0.2.1", principal=principal)
+    await limiter.admit(send=False, ip="192.0.2.2", principal=principal)
     for _ in range(3):
         with pytest.raises(Exception, match="2 requests"):
-            limiter.admit(send=False, ip="192.0.2.3", principal=principal)
+            await limiter.admit(send=False, ip="192.0.2.3", principal=principal)
     budget = limiter.policy.api
     now = limiter.counters.now_ms()
     assert limiter.counters.total(budget, "ip:192.0.2.3", now)[0] == 0

@@ -33,6 +33,7 @@ from pymongo import AsyncMongoClient
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.server import create_runner
 from services.core.ids import new_id
 from services.core.ratelimit import RateLimiter
 from services.core.runtime import RunningService
@@ -153,7 +154,7 @@ class LimitedServices:
             settings.with_overrides(service_name="gateway"),
             config=GatewayConfig(upstreams=targets, **config),
         )
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        runner = create_runner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         self.runners.append(runner)
         site = web.TCPSite(runner, "127.0.0.1", 0)
