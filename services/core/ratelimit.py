@@ -440,7 +440,11 @@ class RateLimitPolicy:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     # Failed authentications per client address (limit 0 = not limited).
     auth_failures: Budget = Budget(
-        "auth-fail", 0, 15 * 60 * 1000, "TOO_MANY_FAILED_AUTHENTICATIONS", "failed authentications"
+        "auth-fail",
+        0,
+        15 * 60 * 1000,
+        reason="TOO_MANY_FAILED_AUTHENTICATIONS",
+        what="failed authentications",
     )
     # How many blocks a key's window of a request budget is cut into (`SharedBlocks`).
     blocks_per_window: int = 32
@@ -484,8 +488,8 @@ class RateLimitPolicy:
                 "auth-fail",
                 settings.auth_failure_max,
                 settings.auth_failure_window_ms,
-                "TOO_MANY_FAILED_AUTHENTICATIONS",
-                "failed authentications",
+                reason="TOO_MANY_FAILED_AUTHENTICATIONS",
+                what="failed authentications",
             ),
             blocks_per_window=settings.rate_limit_blocks,
         )

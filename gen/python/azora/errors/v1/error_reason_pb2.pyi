@@ -214,6 +214,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND: the OpenAPI document has not been generated (make generate)."""
     ASSET_NOT_FOUND: _ErrorReason.ValueType  # 67
     """NOT_FOUND: no such Swagger UI asset."""
+    INVALID_BASE64: _ErrorReason.ValueType  # 68
+    """INVALID_ARGUMENT: a bytes field of the JSON body (an attachment's content, ...) is not
+    valid base64; the field violation names it.
+    """
+    MALFORMED_HTTP_REQUEST: _ErrorReason.ValueType  # 69
+    """INVALID_ARGUMENT: the HTTP request itself is malformed (over-long headers or URL, bad
+    method or version); the gateway answers without reading or echoing it.
+    """
+    TOO_MANY_FAILED_AUTHENTICATIONS: _ErrorReason.ValueType  # 70
+    """RESOURCE_EXHAUSTED: too many failed authentications from this client address within the
+    window (AZORA_AUTH_FAILURE_MAX per AZORA_AUTH_FAILURE_WINDOW); RetryInfo says when to retry.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason an Azora error can carry, with its meaning.
@@ -428,4 +440,16 @@ OPENAPI_NOT_GENERATED: ErrorReason.ValueType  # 66
 """NOT_FOUND: the OpenAPI document has not been generated (make generate)."""
 ASSET_NOT_FOUND: ErrorReason.ValueType  # 67
 """NOT_FOUND: no such Swagger UI asset."""
+INVALID_BASE64: ErrorReason.ValueType  # 68
+"""INVALID_ARGUMENT: a bytes field of the JSON body (an attachment's content, ...) is not
+valid base64; the field violation names it.
+"""
+MALFORMED_HTTP_REQUEST: ErrorReason.ValueType  # 69
+"""INVALID_ARGUMENT: the HTTP request itself is malformed (over-long headers or URL, bad
+method or version); the gateway answers without reading or echoing it.
+"""
+TOO_MANY_FAILED_AUTHENTICATIONS: ErrorReason.ValueType  # 70
+"""RESOURCE_EXHAUSTED: too many failed authentications from this client address within the
+window (AZORA_AUTH_FAILURE_MAX per AZORA_AUTH_FAILURE_WINDOW); RetryInfo says when to retry.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
