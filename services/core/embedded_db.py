@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -128,6 +128,8 @@ class EmbeddedFerretDB:
         host: Address FerretDB listens on.
         port: Port FerretDB listens on; 0 before `start` means "pick a free one".
         log_path: File FerretDB's output is appended to.
+        environment: ``FERRETDB_*`` variables to run it with (inherited ones are dropped);
+            tests use ``FERRETDB_SQLITE_INDEX_PUSHDOWN=off`` to get the unpatched query plans.
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class EmbeddedFerretDB:
         host: str = LOOPBACK,
         port: int = 0,
         log_path: pathlib.Path | None = None,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         # FerretDB runs with data_dir as its working directory, so a relative path must be made
         # absolute now; a bare name ("ferretdb") is left for the PATH lookup.
@@ -146,6 +149,7 @@ class EmbeddedFerretDB:
         self.host = host
         self.port = port
         self.log_path = (log_path or self.data_dir / "ferretdb.log").resolve()
+        self.environment = dict(environment or {})
         # Remembered so that a restart with port=0 picks a fresh port again.
         self._requested_port = port
         self._debug_port = 0
@@ -290,6 +294,7 @@ class EmbeddedFerretDB:
     def _spawn(self) -> None:
         # FerretDB also reads FERRETDB_* variables; drop inherited ones so only our flags count.
         env = {k: v for k, v in os.environ.items() if not k.startswith("FERRETDB_")}
+        env.update(self.environment)
         with self.log_path.open("ab") as log:
             self._log_offset = log.tell()
             # Output goes to a file, never a pipe: nobody reads a pipe while FerretDB runs, and a
