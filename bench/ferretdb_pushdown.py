@@ -116,6 +116,7 @@ def _measure(db: EmbeddedFerretDB, repeat: int) -> dict[str, tuple[float, float]
 
 
 def main() -> None:
+    """Fill, measure with and without pushdown, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--emails", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=30)
