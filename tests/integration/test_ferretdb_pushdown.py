@@ -423,3 +423,26 @@ def test_hot_queries_use_an_index(
     # The reference process plans the same query as upstream: a scan of the table.
     reference = " ".join(off["clean"].command("explain", command)["queryPlanner"]["Plan"])
     assert "SCAN" in reference, reference
+
+
+def test_declaring_the_indexes_again_changes_nothing(
+    pair: tuple[MongoClient[Doc], MongoClient[Doc]],
+) -> None:
+    # Services declare their indexes at every start-up; the build re-creates only indexes of an
+    # older form, so a second declaration keeps the indexes, their plans and the results.
+    on, _ = pair
+    db = on["clean"]
+    before = {name: sorted(i["name"] for i in db[name].list_indexes()) for name in COLLECTIONS}
+    query: Query = ("emails", {"tenant_id": "t1"}, [("_id", -1)], 20)
+    first = _run(on, "clean", query)
+    for spec in ALL_INDEXES:
+        db[spec.collection].create_index(
+            list(spec.keys), name=spec.name, unique=spec.unique, **spec.options
+        )
+    after = {name: sorted(i["name"] for i in db[name].list_indexes()) for name in COLLECTIONS}
+    assert after == before
+    assert _run(on, "clean", query) == first
+    plan = db.command(
+        "explain", {"find": "emails", "filter": {"tenant_id": "t1"}, "sort": {"_id": -1}}
+    )
+    assert plan["sortPushdown"] is True
