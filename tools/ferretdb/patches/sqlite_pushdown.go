@@ -275,17 +275,26 @@ func stringArgs(ss []string) []any {
 
 // planIndex plans a query on one typed index; the index lookups it makes are the array and
 // type-homogeneity checks described in the file comment.
-func planIndex(ctx context.Context, db *fsql.DB, table string, index metadata.IndexInfo, conds map[string]*fieldCond, sortField string, sortDesc bool) (*pushdownPlan, error) { //nolint:lll // for readability
+//
+// arrays memoizes the array checks of one query: indexes that share a prefix ask the same.
+func planIndex(ctx context.Context, db *fsql.DB, table string, index metadata.IndexInfo, conds map[string]*fieldCond, sortField string, sortDesc bool, arrays map[string]bool) (*pushdownPlan, error) { //nolint:lll // for readability
 	p := &pushdownPlan{index: index.Name}
 	pinned := true // every column so far is fixed to one (type, value): the next one is ordered
 
 	hasArrays := func(tag string) (bool, error) {
 		q := fmt.Sprintf(`SELECT EXISTS (SELECT 1 FROM %q%s%s %s = 'array')`, table, p.whereClause(), and(p), tag)
+		key := q + fmt.Sprintf("%#v", p.args)
+
+		if found, ok := arrays[key]; ok {
+			return found, nil
+		}
 
 		var found bool
 		if err := db.QueryRowContext(ctx, q, p.args...).Scan(&found); err != nil {
 			return false, lazyerrors.Error(err)
 		}
+
+		arrays[key] = found
 
 		return found, nil
 	}
@@ -456,6 +465,8 @@ func planPushdown(ctx context.Context, db *fsql.DB, meta *metadata.Collection, f
 		return best, nil // one or a few documents by _id: nothing is cheaper
 	}
 
+	arrays := map[string]bool{}
+
 	for _, index := range meta.Settings.Indexes {
 		if !index.Typed {
 			continue
@@ -466,7 +477,7 @@ func planPushdown(ctx context.Context, db *fsql.DB, meta *metadata.Collection, f
 			continue
 		}
 
-		p, err := planIndex(ctx, db, meta.TableName, index, conds, sortField, sortDesc)
+		p, err := planIndex(ctx, db, meta.TableName, index, conds, sortField, sortDesc, arrays)
 		if err != nil {
 			return nil, err
 		}
