@@ -18,7 +18,7 @@ MAKEFLAGS += --no-builtin-rules
 # domain-verification tests (tests/support/dns_server.py); chromium: headless browser for the
 # Swagger UI test (tests/gateway/test_swagger_ui.py, driven by Playwright, never downloaded);
 # opendkim: an independent DKIM verifier for the signing tests (tests/smtp).
-APT_PACKAGES := knot chromium opendkim
+APT_PACKAGES := knot chromium opendkim patch
 
 PYTHON3 ?= python3
 ifndef GO

@@ -6,8 +6,9 @@
 # here). Instead tools/ferretdb is a tiny module that requires FerretDB at an exact version, with a
 # committed go.sum; vendoring it only downloads the pinned, checksummed module zips.
 #
-# One local fix is applied to the vendored source before building (see "Local fix" below); the
-# binary's build id (pinned version + fix revision) is kept in bin/ferretdb.build-id.
+# Two local changes are applied to the vendored source before building (see "Local fix" and
+# "Local change" below); the binary's build id (pinned version + change revision) is kept in
+# bin/ferretdb.build-id.
 #
 # Idempotent: does nothing when bin/ferretdb already reports the pinned version and build id.
 # Environment: GO (go command, default: `go` on PATH, else /usr/local/go/bin/go).
@@ -45,7 +46,7 @@ has_version() {
 }
 
 # Bump the suffix whenever the local fix below changes, so that existing binaries get rebuilt.
-build_id="$version+azora-sqlite-id-index.1"
+build_id="$version+azora-sqlite-id-index.1+index-pushdown.3"
 build_id_file="$bin_dir/ferretdb.build-id"
 
 if [[ -x "$binary" ]] && has_version && [[ "$(cat "$build_id_file" 2>/dev/null)" == "$build_id" ]]; then
@@ -75,6 +76,20 @@ metadata_go="vendor/$module/internal/backends/sqlite/metadata/metadata.go"
 sed -i "s|IDColumn = DefaultColumn + \"->'\$\._id'\"|IDColumn = DefaultColumn + \"->'_id'\"|" "$metadata_go"
 if ! grep -qF "IDColumn = DefaultColumn + \"->'_id'\"" "$metadata_go"; then
   echo "build_ferretdb: the _id index fix no longer applies to $metadata_go; review it" >&2
+  exit 1
+fi
+
+# Local change: filter and sort pushdown onto indexes (tools/ferretdb/patches/, README there).
+# Non-unique indexes on top-level fields are created in a "typed" form (the field's BSON type
+# and SQL value), and the SQLite backend turns equality, $in and range conditions on them, and a
+# one-field sort, into WHERE/ORDER BY clauses that SQLite serves from the index. The pushed
+# condition is a superset of the matches and the handler still filters every document, so
+# results are unchanged; FERRETDB_SQLITE_INDEX_PUSHDOWN=off plans queries as upstream does.
+patches_dir="$tools_dir/patches"
+cp "$patches_dir/metadata_typed_index.go" "vendor/$module/internal/backends/sqlite/metadata/typed_index.go"
+cp "$patches_dir/sqlite_pushdown.go" "vendor/$module/internal/backends/sqlite/pushdown.go"
+if ! patch --quiet --forward --batch -p1 -d "vendor/$module" <"$patches_dir/sqlite-index-pushdown.patch"; then
+  echo "build_ferretdb: $patches_dir/sqlite-index-pushdown.patch no longer applies; review it" >&2
   exit 1
 fi
 

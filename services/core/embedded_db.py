@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -144,6 +144,8 @@ class EmbeddedFerretDB:
         host: Address FerretDB listens on.
         port: Port FerretDB listens on; 0 before `start` means "pick a free one".
         log_path: File FerretDB's output is appended to.
+        environment: ``FERRETDB_*`` variables to run it with (inherited ones are dropped);
+            tests use ``FERRETDB_SQLITE_INDEX_PUSHDOWN=off`` to get the unpatched query plans.
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class EmbeddedFerretDB:
         host: str = LOOPBACK,
         port: int = 0,
         log_path: pathlib.Path | None = None,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         # FerretDB runs with data_dir as its working directory, so a relative path must be made
         # absolute now; a bare name ("ferretdb") is left for the PATH lookup.
@@ -162,6 +165,7 @@ class EmbeddedFerretDB:
         self.host = host
         self.port = port
         self.log_path = (log_path or self.data_dir / "ferretdb.log").resolve()
+        self.environment = dict(environment or {})
         # Remembered so that a restart with port=0 picks a fresh port again.
         self._requested_port = port
         self._debug_port = 0
@@ -306,6 +310,7 @@ class EmbeddedFerretDB:
     def _spawn(self) -> None:
         # FerretDB also reads FERRETDB_* variables; drop inherited ones so only our flags count.
         env = {k: v for k, v in os.environ.items() if not k.startswith("FERRETDB_")}
+        env.update(self.environment)
         # Created 0600, and tightened if an older run left it readable (it may quote data).
         descriptor = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.fchmod(descriptor, 0o600)

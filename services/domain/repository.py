@@ -36,6 +36,13 @@ CLAIMS = "domain_claims"
 INDEXES = (
     IndexSpec(DOMAINS, [("tenant_id", ASCENDING), ("name", ASCENDING)], "tenant_name", True),
     IndexSpec(DOMAINS, [("tenant_id", ASCENDING), ("status", ASCENDING)], "tenant_status"),
+    # ListDomains pages by _id within a tenant (and status): served in order from the index.
+    IndexSpec(DOMAINS, [("tenant_id", ASCENDING), ("_id", ASCENDING)], "tenant_list"),
+    IndexSpec(
+        DOMAINS,
+        [("tenant_id", ASCENDING), ("status", ASCENDING), ("_id", ASCENDING)],
+        "tenant_status_list",
+    ),
     IndexSpec(DOMAINS, [("status", ASCENDING), ("next_check_at", ASCENDING)], "due_checks"),
     IndexSpec(DOMAINS, [("status", ASCENDING), ("verification_expires_at", ASCENDING)], "expiry"),
     IndexSpec(CLAIMS, [("tenant_id", ASCENDING)], "claim_tenant"),

@@ -26,6 +26,10 @@ from services.core.mongo import Document, IndexSpec
 API_KEYS = "api_keys"
 INDEXES = (
     IndexSpec(API_KEYS, [("key_hash", ASCENDING)], "key_hash", True),
+    # Lookups by key hash on the embedded FerretDB: it pushes filters only onto non-unique
+    # indexes (unique ones keep its upstream form; docs/data-layer.md). A second key makes the
+    # pattern differ from the unique index's, which MongoDB requires of two indexes.
+    IndexSpec(API_KEYS, [("key_hash", ASCENDING), ("tenant_id", ASCENDING)], "key_hash_lookup"),
     IndexSpec(API_KEYS, [("tenant_id", ASCENDING), ("_id", DESCENDING)], "tenant_keys"),
 )
 _TOUCH_INTERVAL = timedelta(minutes=1)

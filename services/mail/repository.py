@@ -88,6 +88,24 @@ INDEXES = (
     IndexSpec(EMAILS, [("status", ASCENDING), ("next_attempt_at", ASCENDING)], "due"),
     IndexSpec(EMAILS, [("tenant_id", ASCENDING), ("_id", DESCENDING)], "tenant_newest"),
     IndexSpec(EMAILS, [("tenant_id", ASCENDING), ("created_at", ASCENDING)], "tenant_created"),
+    # ListEmails filtered by status or domain: equality prefix, then newest first by _id, so the
+    # embedded database streams the page from the index (docs/data-layer.md).
+    IndexSpec(
+        EMAILS,
+        [("tenant_id", ASCENDING), ("status", ASCENDING), ("_id", DESCENDING)],
+        "tenant_status_newest",
+    ),
+    IndexSpec(
+        EMAILS,
+        [("tenant_id", ASCENDING), ("domain_id", ASCENDING), ("_id", DESCENDING)],
+        "tenant_domain_newest",
+    ),
+    # A tenant's queue depth: status $in, then the due range.
+    IndexSpec(
+        EMAILS,
+        [("tenant_id", ASCENDING), ("status", ASCENDING), ("next_attempt_at", ASCENDING)],
+        "tenant_due",
+    ),
     IndexSpec(IDEMPOTENCY, [("expires_at", ASCENDING)], "idempotency_expiry"),
     IndexSpec(CLAIMS, [("created_at", ASCENDING)], "claim_age"),
     IndexSpec(QUEUE, [("due", ASCENDING)], "queue_due"),
