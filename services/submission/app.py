@@ -66,7 +66,8 @@ class SubmissionApp:
         idle = [s for s in self.limits.sessions if not s.in_transaction()]
         await asyncio.gather(*(s.close_with(replies.SHUTTING_DOWN) for s in idle))
         try:
-            await asyncio.wait_for(self.limits.idle.wait(), timeout=grace)
+            if self.limits.sessions:
+                await asyncio.wait_for(self.limits.idle.wait(), timeout=grace)
         except TimeoutError:
             left = list(self.limits.sessions)
             log.warning("grace period over", extra={"fields": {"sessions": len(left)}})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import smtplib
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -30,7 +31,7 @@ from services.submission.app import SubmissionApp, build_app
 from services.submission.settings import SubmissionSettings
 from services.submission.tls import development_pair, server_context
 from tests.conftest import Tenant
-from tests.mail.conftest import LocalMail, local_mail  # noqa: F401 - fixture used here
+from tests.mail.conftest import LocalMail, local_mail, other_tenant  # noqa: F401 - fixtures
 
 SELECTOR = "sub1"
 
@@ -188,3 +189,55 @@ async def submission(start_submission: Callable[..., Any]) -> Submission:
     """A submission server with the default settings (AUTH only after TLS)."""
     started: Submission = await start_submission()
     return started
+
+
+class RawClient:
+    """A line-level SMTP client over asyncio streams, for what smtplib would not send.
+
+    smtplib fixes line ends in DATA and follows the protocol; this one writes exactly the bytes
+    it is given (bare LF, NUL, pipelined commands) and reads replies as they come.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, context: ssl.SSLContext | None = None) -> RawClient:
+        """Connect (implicit TLS when `context` is given); the greeting is left unread."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+        return cls(reader, writer)
+
+    async def reply(self) -> str:
+        """The next (possibly multi-line) reply, lines joined by newlines; "" at EOF."""
+        lines = []
+        while True:
+            line = (await self.reader.readline()).decode()
+            if not line:
+                return "\n".join(lines)
+            lines.append(line.rstrip("\r\n"))
+            if len(line) < 4 or line[3] != "-":
+                return "\n".join(lines)
+
+    async def send(self, data: bytes) -> None:
+        """Write raw bytes."""
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def command(self, line: str) -> str:
+        """Send one command line and read its reply."""
+        await self.send(line.encode() + b"\r\n")
+        return await self.reply()
+
+    async def login(self, api_key: str) -> str:
+        """Greeting, EHLO and AUTH PLAIN; the reply to AUTH."""
+        await self.reply()
+        await self.command("EHLO client.test")
+        token = base64.b64encode(f"\0apikey\0{api_key}".encode()).decode()
+        return await self.command(f"AUTH PLAIN {token}")
+
+    async def close(self) -> None:
+        """Close the connection."""
+        self.writer.close()
+        # The server may already have closed it.
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self.writer.wait_closed()
