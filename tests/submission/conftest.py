@@ -209,7 +209,7 @@ class RawClient:
 
     async def reply(self) -> str:
         """The next (possibly multi-line) reply, lines joined by newlines; "" at EOF."""
-        lines = []
+        lines: list[str] = []
         while True:
             line = (await self.reader.readline()).decode()
             if not line:
