@@ -333,7 +333,8 @@ async def test_revoked_key_is_refused_at_data_with_535(
         assert server.session is not None
         identity: object = server.session.auth_data
         assert isinstance(identity, Identity)
-        server.session.auth_data = Identity(identity.principal, "azk_" + "r" * 43)
+        session: Any = server.session  # aiosmtpd types auth_data as None
+        session.auth_data = Identity(identity.principal, "azk_" + "r" * 43)
         assert (await client.command(f"MAIL FROM:<app@{submission.domain}>")).startswith("250")
         assert (await client.command("RCPT TO:<jane@example.org>")).startswith("250")
         assert (await client.command("DATA")).startswith("354")
