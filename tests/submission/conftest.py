@@ -241,3 +241,5 @@ class RawClient:
         # The server may already have closed it.
         with contextlib.suppress(ConnectionError, ssl.SSLError):
             await self.writer.wait_closed()
+        # After a reset the TLS transport may keep its socket until collected: drop it now.
+        self.writer.transport.abort()
