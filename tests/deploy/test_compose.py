@@ -20,6 +20,7 @@ from tests.deploy.conftest import (
     ENVOY_YAML,
     PROCESSES,
     REPO_ROOT,
+    SUBMISSION,
     DeployTools,
     LiveSuite,
 )
@@ -236,7 +237,7 @@ def test_the_images_install_step_provides_every_commands_imports(
             if service.get("command", [])[:2] == ["python", "-m"]
         }
     )
-    assert len(modules) == 4, modules
+    assert len(modules) == 5, modules
     imported = subprocess.run(
         [
             str(python),
@@ -268,3 +269,35 @@ def test_every_service_exposes_its_metrics_port(compose: dict[str, Any]) -> None
     assert {Peer.parse(p).url for p in peers} == {
         f"http://{name}:{port}/metrics" for name, port in expected.items() if name != "domain"
     }
+
+
+def test_submission_service_is_a_hardened_front_door(compose: dict[str, Any]) -> None:
+    # The same image and hardening as the services; 587/465 published to the container's
+    # unprivileged listeners; probed over grpc.health.v1; certificate and key mounted read-only
+    # from a directory the operator must name; started after the services it calls.
+    service = compose["services"]["submission"]
+    module, health_port, published = SUBMISSION
+    assert service["command"] == ["python", "-m", module]
+    assert service["image"] == compose["services"]["mail"]["image"]
+    assert service["read_only"] is True
+    assert service["cap_drop"] == ["ALL"]
+    assert service["user"] == "10001:10001"
+    environment = service["environment"]
+    assert environment["AZORA_ENV"] == "production"
+    inside = {
+        int(environment["AZORA_SUBMISSION_PORT"]),
+        int(environment["AZORA_SUBMISSION_TLS_PORT"]),
+    }
+    assert inside == set(published.values())
+    assert sorted(service["ports"]) == sorted(f"{a}:{b}" for a, b in published.items())
+    test = healthcheck_test(service)
+    assert test[:3] == ["CMD", "python", "-c"]
+    assert test[4:] == [str(health_port), ""]
+    assert int(environment["AZORA_SUBMISSION_HEALTH_PORT"]) == health_port
+    [volume] = service["volumes"]
+    source, target, mode = volume.rsplit(":", 2)
+    assert source.startswith("${AZORA_SUBMISSION_TLS_DIR:?")
+    assert mode == "ro"
+    assert environment["AZORA_SUBMISSION_CERT_FILE"] == f"{target}/tls.crt"
+    assert environment["AZORA_SUBMISSION_KEY_FILE"] == f"{target}/tls.key"
+    assert set(service["depends_on"]) >= {"domain", "mail"}
