@@ -17,8 +17,9 @@ MAKEFLAGS += --no-builtin-rules
 # Debian packages the tests and the local suite need. knot: authoritative DNS server for the
 # domain-verification tests (tests/support/dns_server.py); chromium: headless browser for the
 # Swagger UI test (tests/gateway/test_swagger_ui.py, driven by Playwright, never downloaded);
-# opendkim: an independent DKIM verifier for the signing tests (tests/smtp).
-APT_PACKAGES := knot chromium opendkim
+# opendkim: an independent DKIM verifier for the signing tests (tests/smtp); swaks with
+# libnet-ssleay-perl (its TLS): a real SMTP client for the submission tests (tests/submission).
+APT_PACKAGES := knot chromium opendkim swaks libnet-ssleay-perl
 
 PYTHON3 ?= python3
 ifndef GO
