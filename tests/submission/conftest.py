@@ -26,7 +26,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.core.settings import Settings
-from services.mail.relay_directory import SigningKey
+from services.mail.app import MailApp
+from services.mail.app import build_app as build_mail_app
+from services.mail.relay_directory import InMemoryRelayDirectory, SigningKey
+from services.mail.relay_lookup import DirectoryRelayLookup
+from services.mail.senders import StaticSenderDirectory
 from services.submission.app import SubmissionApp, build_app
 from services.submission.settings import SubmissionSettings
 from services.submission.tls import development_pair, server_context
@@ -243,3 +247,30 @@ class RawClient:
             await self.writer.wait_closed()
         # After a reset the TLS transport may keep its socket until collected: drop it now.
         self.writer.transport.abort()
+
+
+async def mail_app_like(submission: Submission, settings: Settings) -> MailApp:
+    """Another mail service (own settings) knowing the same sender domains and relays."""
+    senders = StaticSenderDirectory(dict(submission.mail.senders.domains))
+    relays = InMemoryRelayDirectory()
+    relays.domains = set(submission.mail.relays.domains)
+    relays.relays = dict(submission.mail.relays.relays)
+    relays.keys = dict(submission.mail.relays.keys)
+    return await build_mail_app(
+        settings,
+        bind="127.0.0.1:0",
+        senders=senders,
+        relays=DirectoryRelayLookup(relays),
+        run_workers=False,
+    )
+
+
+async def submission_in_front_of(
+    submission: Submission, mail: MailApp, settings: Settings, **overrides: Any
+) -> SubmissionApp:
+    """Another submission server (same certificate, `settings`) in front of `mail`."""
+    return await build_app(
+        settings.with_overrides(mail_service_target=f"127.0.0.1:{mail.running.port}"),
+        submission.app.settings.with_overrides(**overrides),
+        context=server_context(submission.cafile, submission.cafile.with_name("key.pem")),
+    )

@@ -26,15 +26,16 @@ from pymongo import AsyncMongoClient
 
 from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary
 from services.core.settings import Settings
-from services.mail.app import build_app as build_mail_app
-from services.mail.relay_directory import InMemoryRelayDirectory
-from services.mail.relay_lookup import DirectoryRelayLookup
 from services.mail.repository import EMAILS
-from services.mail.senders import StaticSenderDirectory
 from services.submission import replies
-from services.submission.tls import development_pair, server_context
+from services.submission.tls import development_pair
 from tests.conftest import REPO_ROOT, TEST_JWT_SECRET, make_settings
-from tests.submission.conftest import RawClient, Submission
+from tests.submission.conftest import (
+    RawClient,
+    Submission,
+    mail_app_like,
+    submission_in_front_of,
+)
 from tests.submission.test_refusals import message, stored_count
 
 E = mail_pb2
@@ -168,7 +169,6 @@ async def test_database_down_is_451_4_3_0_and_nothing_is_stored(
     # A mail service on a database that then goes away: the submission answer is 451 4.3.0;
     # once the database is back, the tenant has no email.
     from services.domain.app import DomainApp
-    from services.submission.app import build_app
 
     assert isinstance(domain_app, DomainApp)
     settings: Settings = make_settings(
@@ -177,22 +177,8 @@ async def test_database_down_is_451_4_3_0_and_nothing_is_stored(
         AZORA_DOMAIN_SERVICE_TARGET=f"127.0.0.1:{domain_app.running.port}",
         AZORA_MONGODB_REQUEST_TIMEOUT="2",
     )
-    senders = StaticSenderDirectory(dict(submission.mail.senders.domains))
-    relays = InMemoryRelayDirectory()
-    relays.domains = set(submission.mail.relays.domains)
-    relays.relays = dict(submission.mail.relays.relays)
-    mail = await build_mail_app(
-        settings,
-        bind="127.0.0.1:0",
-        senders=senders,
-        relays=DirectoryRelayLookup(relays),
-        run_workers=False,
-    )
-    app = await build_app(
-        settings.with_overrides(mail_service_target=f"127.0.0.1:{mail.running.port}"),
-        submission.app.settings,
-        context=server_context(submission.cafile, submission.cafile.with_name("key.pem")),
-    )
+    mail = await mail_app_like(submission, settings)
+    app = await submission_in_front_of(submission, mail, settings)
     try:
         await asyncio.to_thread(own_ferretdb.stop)
         client = await RawClient.connect(app.ports["tls"], submission.client_context())

@@ -13,11 +13,14 @@ import smtplib
 from datetime import timedelta
 from email import policy
 from email.message import EmailMessage
+from pathlib import Path
 
 import dkim  # type: ignore[import-untyped]  # dkimpy ships no type information
 from azora.mail.v1 import mail_pb2
 
-from tests.submission.conftest import Submission
+from tests.smtp.verifiers import opendkim_verdict, quoted
+from tests.submission.conftest import SELECTOR, Submission
+from tests.support.dns_server import KnotServer
 
 E = mail_pb2
 
@@ -100,9 +103,10 @@ async def test_ehlo_advertises_the_extensions_and_auth_only_after_tls(
 
 
 async def test_plain_message_over_starttls_is_stored_then_delivered_as_sent_and_signed(
-    submission: Submission,
+    submission: Submission, knot_server: KnotServer, tmp_path: Path
 ) -> None:
-    # The client's own Message-ID and Date are kept; every header reaches the relay unchanged.
+    # The client's own Message-ID and Date are kept; every header reaches the relay unchanged;
+    # dkimpy and OpenDKIM (key record served by Knot) verify the signature.
     raw = (
         f"From: App <app@{submission.domain}>\r\n"
         "To: Jane <jane@example.org>\r\n"
@@ -132,6 +136,19 @@ async def test_plain_message_over_starttls_is_stored_then_delivered_as_sent_and_
     assert header_lines(data) == header_lines(raw)
     assert data.split(b"\r\n\r\n", 1)[1] == raw.split(b"\r\n\r\n", 1)[1]
     assert dkim.verify(data, dnsfunc=submission.dkim_dns)
+    record = submission.dkim_dns(f"{SELECTOR}._domainkey.{submission.domain}".encode()).decode()
+    knot_server.set_zone(
+        submission.domain,
+        [
+            (
+                f"{SELECTOR}._domainkey",
+                "TXT",
+                quoted([record[i : i + 250] for i in range(0, len(record), 250)]),
+            )
+        ],
+    )
+    verdict = await asyncio.to_thread(opendkim_verdict, knot_server, data, tmp_path / "opendkim")
+    assert verdict.endswith("succeeded"), verdict
     sent = await submission.mail.get(submission.tenant, email_id)
     assert sent.status == E.EMAIL_STATUS_SENT
 
