@@ -342,3 +342,18 @@ async def test_revoked_key_is_refused_at_data_with_535(
         assert await client.reply() == replies.AUTH_INVALID
     finally:
         await client.close()
+
+
+async def test_session_time_limit_gets_421_4_4_2(start_submission: Callable[..., Any]) -> None:
+    # A client that keeps talking is still cut off after the session time limit.
+    submission: Submission = await start_submission(session_timeout=0.3)
+    client = await RawClient.connect(submission.port)
+    try:
+        assert (await client.reply()).startswith("220 ")
+        reply = ""
+        while reply != replies.SESSION_TIMEOUT:
+            reply = await client.command("NOOP")
+            assert reply in ("250 2.0.0 OK", replies.SESSION_TIMEOUT), reply
+            await asyncio.sleep(0.05)
+    finally:
+        await client.close()
