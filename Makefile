@@ -241,6 +241,10 @@ bench-scale: bench-tools ## Only the scale-out runs (1/2/4 workers) with their p
 bench-gateway: bench-tools ## Only GetEmail/SendEmail over gRPC vs through the gateway
 	$(BENCH_ENV) $(PY) -m bench.run --phases gateway --out $(BENCH_OUT)
 
+.PHONY: bench-submission
+bench-submission: bench-tools ## SMTP submission (STARTTLS + AUTH) into the pipeline, delivered to the sink
+	$(BENCH_ENV) $(PY) bench/submission.py --emails $(BENCH_MESSAGES) --sessions $(BENCH_CONCURRENCY)
+
 .PHONY: soak
 soak: bench-tools ## Steady load at half the measured maximum for SOAK_SECONDS (default 30 min)
 	$(BENCH_ENV) $(PY) -m bench.soak --out $(SOAK_OUT)
