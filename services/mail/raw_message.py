@@ -98,7 +98,8 @@ class SubmittedMessage:
 
     def addresses(self, name: str) -> list[str]:
         """addr-specs of every mailbox in the fields called `name` (lower-cased)."""
-        values = [decode_words(f.value) for f in self.all(name)]
+        # Parsed before decoding: a decoded display name may contain commas or brackets.
+        values = [f.value for f in self.all(name)]
         return [addr.lower() for _, addr in getaddresses(values) if addr]
 
     def content(self, *, message_id: str, now: datetime) -> bytes:
@@ -202,11 +203,12 @@ def from_mailbox(message: SubmittedMessage) -> tuple[str, str]:
         InvalidArgument: MESSAGE_MALFORMED when From is not exactly one mailbox.
     """
     found = message.first("From")
-    value = decode_words(found.value) if found else ""
+    value = found.value if found else ""
+    # Parsed before decoding: a decoded display name may contain commas or brackets.
     pairs = getaddresses([value])
     if len(pairs) != 1 or "@" not in pairs[0][1]:
         _malformed("the From header must hold exactly one mailbox")
-    return value, pairs[0][1]
+    return decode_words(value), pairs[0][1]
 
 
 def _controls(fields: list[HeaderField]) -> tuple[Controls, list[HeaderField]]:

@@ -140,3 +140,14 @@ def test_raw_message_without_body_and_header_errors() -> None:
             raw_message.parse(bad)
         assert info.value.reason == "MESSAGE_MALFORMED"
         assert needle in str(info.value.violations[0].description)
+
+
+def test_encoded_display_names_with_commas_are_one_mailbox() -> None:
+    # "Doe, John" encoded (RFC 2047): still one From mailbox, and one To address.
+    raw = (
+        b"From: =?utf-8?q?Doe=2C_J=C3=B6hn?= <john@example.com>\r\n"
+        b"To: =?utf-8?q?Roe=2C_Jane?= <jane@example.org>\r\n\r\nx\r\n"
+    )
+    parsed = raw_message.parse(raw)
+    assert raw_message.from_mailbox(parsed) == ("Doe, Jöhn <john@example.com>", "john@example.com")
+    assert parsed.addresses("To") == ["jane@example.org"]
