@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import smtplib
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import pytest
 from azora.iam.v1 import api_keys_pb2_grpc
 from azora.mail.v1 import mail_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.submission import replies
 from services.submission.server import Identity
@@ -315,6 +318,7 @@ async def test_shutdown_finishes_the_transaction_in_progress_and_421s_the_rest(
     await stopping
     await busy.close()
     await idle.close()
+    await idle.close()
     email_id = final.rsplit(" ", 1)[1]
     assert (await submission.mail.get(submission.tenant, email_id)).id == email_id
     with pytest.raises(ConnectionRefusedError):
@@ -357,3 +361,64 @@ async def test_session_time_limit_gets_421_4_4_2(start_submission: Callable[...,
             await asyncio.sleep(0.05)
     finally:
         await client.close()
+
+
+async def test_pipelined_commands_are_answered_in_order(submission: Submission) -> None:
+    # PIPELINING: MAIL, RCPT, DATA in one write; three replies in order, then the message.
+    client = await RawClient.connect(submission.tls_port, submission.client_context())
+    sender = f"app@{submission.domain}"
+    try:
+        assert (await client.login(submission.api_key)).startswith("235")
+        await client.send(
+            f"MAIL FROM:<{sender}>\r\nRCPT TO:<jane@example.org>\r\nDATA\r\n".encode()
+        )
+        assert (await client.reply()).startswith("250 2.1.0")
+        assert (await client.reply()).startswith("250 2.1.5")
+        assert (await client.reply()).startswith("354")
+        await client.send(message(sender, "pipelined") + b".\r\nQUIT\r\n")
+        assert (await client.reply()).startswith("250 2.0.0 Ok: queued as ")
+        assert (await client.reply()).startswith("221")
+    finally:
+        await client.close()
+
+
+async def test_refusals_are_logged_with_the_address_never_the_key(
+    submission: Submission, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "azk_" + "s" * 43
+    with caplog.at_level(logging.INFO):
+        assert await auth_reply(submission, secret) == replies.AUTH_INVALID
+        assert (await auth_reply(submission, submission.api_key)).startswith("235")
+    refused = [r for r in caplog.records if r.getMessage() == "AUTH failed"]
+    assert refused
+    fields = getattr(refused[0], "fields", {})
+    assert fields["client"] == "127.0.0.1"
+    assert fields["reason"] == "unknown, revoked or expired API key"
+    for record in caplog.records:
+        text = record.getMessage() + repr(getattr(record, "fields", ""))
+        assert secret not in text
+        assert submission.api_key not in text
+
+
+async def test_health_is_serving_until_shutdown(submission: Submission) -> None:
+    # The probe target: SERVING while the listeners accept, NOT_SERVING once draining (while a
+    # transaction in progress still holds the process).
+    busy = await RawClient.connect(submission.tls_port, submission.client_context())
+    idle = await RawClient.connect(submission.port)
+    assert (await idle.reply()).startswith("220 ")
+    assert (await busy.login(submission.api_key)).startswith("235")
+    assert (await busy.command(f"MAIL FROM:<app@{submission.domain}>")).startswith("250")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{submission.app.health.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        check = stub.Check  # type: ignore[attr-defined]  # the stubs type only the sync API
+        serving = await check(health_pb2.HealthCheckRequest(service=""))
+        assert serving.status == health_pb2.HealthCheckResponse.SERVING
+        stopping = asyncio.create_task(submission.app.stop(30.0))
+        assert await idle.reply() == replies.SHUTTING_DOWN  # the drain has begun
+        stopped = await check(health_pb2.HealthCheckRequest(service=""))
+        assert stopped.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await busy.command("RSET") == "250 2.0.0 OK"
+    assert await busy.reply() == replies.SHUTTING_DOWN  # the transaction ended: nothing left
+    await stopping
+    await busy.close()
+    await idle.close()
