@@ -378,7 +378,11 @@ class SubmissionSMTP(SMTP):
             self.transport.close()
 
     def _timeout_cb(self) -> None:
-        # Idle timeout: say so (aiosmtpd would just close).
+        # Idle timeout: say so (aiosmtpd would just close). A client waiting for our answer to
+        # DATA is not idle: cutting it would make it retry a message that may be stored.
+        if self.submitting:
+            self._reset_timeout()
+            return
         self.refused("idle timeout")
         self._closer = self.loop.create_task(self.close_with(replies.IDLE_TIMEOUT))
 

@@ -1,19 +1,28 @@
-"""Unit tests of the submission pieces that need no network: settings, replies, raw messages."""
+"""Unit tests of the submission pieces: settings, replies, raw messages, and the server alone.
+
+The server-alone tests use in-memory fakes of our own interfaces (key resolver, mail submitter).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import pytest
 
+from services.core.context import Principal
 from services.core.errors import InvalidArgument
 from services.core.settings import Settings, SettingsError
 from services.mail import raw_message
 from services.submission import replies
+from services.submission.app import build_app
+from services.submission.server import Identity
 from services.submission.settings import SubmissionSettings
 from services.submission.tls import development_pair, server_context
+from tests.submission.conftest import RawClient
 
 PRODUCTION = {
     "AZORA_ENV": "production",
@@ -151,3 +160,65 @@ def test_encoded_display_names_with_commas_are_one_mailbox() -> None:
     parsed = raw_message.parse(raw)
     assert raw_message.from_mailbox(parsed) == ("Doe, Jöhn <john@example.com>", "john@example.com")
     assert parsed.addresses("To") == ["jane@example.org"]
+
+
+class StaticKeys:
+    """`ApiKeyResolver` knowing one key (an in-memory fake of our own interface)."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    async def resolve(self, *, secret: str) -> Principal | None:
+        """The one key's principal, else None."""
+        if secret != self.secret:
+            return None
+        return Principal("t-slow", "apikey:1", frozenset({"emails:send"}))
+
+
+class SlowMail:
+    """`MailSubmitter` that takes `delay` seconds to store a message."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.stored: list[bytes] = []
+
+    async def submit(
+        self,
+        *,
+        identity: Identity,
+        raw: bytes,
+        envelope_from: str,
+        envelope_to: list[str],
+        client_address: str,
+    ) -> str:
+        """Store after the delay."""
+        await asyncio.sleep(self.delay)
+        self.stored.append(raw)
+        return "e1"
+
+
+async def test_waiting_for_the_hand_over_is_not_idle(tmp_path: Path) -> None:
+    # Idle timeout 0.2 s, the mail service takes 0.6 s: the client still gets its 250.
+    cert, key = development_pair(tmp_path, "submission.test")
+    mail = SlowMail(0.6)
+    app = await build_app(
+        Settings.from_env({}),
+        SubmissionSettings(port=-1, tls_port=0, health_port=0, idle_timeout=0.2),
+        api_keys=StaticKeys("azk_slow"),
+        mail=mail,
+        context=server_context(cert, key),
+    )
+    try:
+        client = await RawClient.connect(app.ports["tls"], ssl.create_default_context(cafile=cert))
+        try:
+            assert (await client.login("azk_slow")).startswith("235")
+            assert (await client.command("MAIL FROM:<a@example.com>")).startswith("250")
+            assert (await client.command("RCPT TO:<b@example.org>")).startswith("250")
+            assert (await client.command("DATA")).startswith("354")
+            await client.send(b"From: a@example.com\r\n\r\nx\r\n.\r\n")
+            assert await client.reply() == "250 2.0.0 Ok: queued as e1"
+        finally:
+            await client.close()
+    finally:
+        await app.stop(0)
+    assert len(mail.stored) == 1
