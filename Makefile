@@ -242,8 +242,8 @@ bench-gateway: bench-tools ## Only GetEmail/SendEmail over gRPC vs through the g
 	$(BENCH_ENV) $(PY) -m bench.run --phases gateway --out $(BENCH_OUT)
 
 .PHONY: bench-submission
-bench-submission: bench-tools ## SMTP submission (STARTTLS + AUTH) into the pipeline, delivered to the sink
-	$(BENCH_ENV) $(PY) bench/submission.py --emails $(BENCH_MESSAGES) --sessions $(BENCH_CONCURRENCY)
+bench-submission: bench-tools ## Only the SMTP submission row (STARTTLS + AUTH) of `make bench`
+	$(BENCH_ENV) $(PY) -m bench.run --phases smtp --out $(BENCH_OUT)
 
 .PHONY: soak
 soak: bench-tools ## Steady load at half the measured maximum for SOAK_SECONDS (default 30 min)
