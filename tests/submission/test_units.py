@@ -19,7 +19,7 @@ from services.core.settings import Settings, SettingsError
 from services.mail import raw_message
 from services.submission import replies
 from services.submission.app import build_app
-from services.submission.server import Identity
+from services.submission.server import ClientLimits, Identity
 from services.submission.settings import SubmissionSettings
 from services.submission.tls import development_pair, server_context
 from tests.submission.conftest import RawClient
@@ -222,3 +222,29 @@ async def test_waiting_for_the_hand_over_is_not_idle(tmp_path: Path) -> None:
     finally:
         await app.stop(0)
     assert len(mail.stored) == 1
+
+
+def test_failed_auth_is_slowed_down_then_blocked_until_the_block_ends() -> None:
+    # From the 3rd wrong key on, answers are held back 1 s more per failure (at most 10 s); the
+    # 5th blocks the address for 60 s; failures older than the window are forgotten.
+    now = [0.0]
+    limits = ClientLimits(
+        SubmissionSettings(
+            auth_failures_before_delay=3,
+            auth_failure_delay=1.0,
+            auth_failures_before_block=5,
+            auth_block_seconds=60.0,
+            auth_failure_window=100.0,
+        ),
+        clock=lambda: now[0],
+    )
+    assert [limits.auth_failed("192.0.2.1") for _ in range(4)] == [0.0, 0.0, 1.0, 2.0]
+    assert not limits.blocked("192.0.2.1")
+    assert not limits.blocked("192.0.2.2")
+    limits.auth_failed("192.0.2.1")
+    assert limits.blocked("192.0.2.1")
+    assert not limits.blocked("192.0.2.2")
+    now[0] = 61.0
+    assert not limits.blocked("192.0.2.1")
+    now[0] = 500.0  # the earlier failures left the window
+    assert limits.auth_failed("192.0.2.1") == 0.0
