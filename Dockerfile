@@ -50,6 +50,6 @@ COPY gateway/ gateway/
 COPY gen/ gen/
 COPY --from=assets /src/node_modules/swagger-ui-dist/ node_modules/swagger-ui-dist/
 USER 10001:10001
-EXPOSE 50051 50052 50053 8080
+EXPOSE 50051 50052 50053 50054 2587 2465 8080
 # Each service's health is probed over gRPC by compose / Kubernetes (per service name and port).
 CMD ["python", "-m", "services.domain"]

@@ -17,8 +17,10 @@ MAKEFLAGS += --no-builtin-rules
 # Debian packages the tests and the local suite need. knot: authoritative DNS server for the
 # domain-verification tests (tests/support/dns_server.py); chromium: headless browser for the
 # Swagger UI test (tests/gateway/test_swagger_ui.py, driven by Playwright, never downloaded);
-# opendkim: an independent DKIM verifier for the signing tests (tests/smtp).
-APT_PACKAGES := knot chromium opendkim patch
+# opendkim: an independent DKIM verifier for the signing tests (tests/smtp); swaks with
+# libnet-ssleay-perl (its TLS): a real SMTP client for the submission tests (tests/submission);
+# patch: applies the local FerretDB changes (scripts/build_ferretdb.sh).
+APT_PACKAGES := knot chromium opendkim swaks libnet-ssleay-perl patch
 
 PYTHON3 ?= python3
 ifndef GO
@@ -248,6 +250,10 @@ bench-scale: bench-tools ## Only the scale-out runs (1/2/4 workers) with their p
 .PHONY: bench-gateway
 bench-gateway: bench-tools ## Only GetEmail/SendEmail over gRPC vs through the gateway
 	$(BENCH_ENV) $(PY) -m bench.run --phases gateway --out $(BENCH_OUT)
+
+.PHONY: bench-submission
+bench-submission: bench-tools ## Only the SMTP submission row (STARTTLS + AUTH) of `make bench`
+	$(BENCH_ENV) $(PY) -m bench.run --phases smtp --out $(BENCH_OUT)
 
 .PHONY: soak
 soak: bench-tools ## Steady load at half the measured maximum for SOAK_SECONDS (default 30 min)

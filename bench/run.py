@@ -9,6 +9,8 @@ Phases (``--phases``, default all), everything on loopback, everything it starts
 * ``grpc`` and ``rest``: our suite (bench/suite.py, mail service with its in-process workers)
   takes N emails (2 KB bodies, DKIM RSA-2048, unique recipients) from ghz over gRPC, or from a
   bounded aiohttp client through the local gateway, and delivers them to the sink.
+* ``smtp``: the same N emails submitted over SMTP (STARTTLS + AUTH with an API key) to the
+  submission server by aiosmtplib sessions (smtp-source has neither STARTTLS nor AUTH).
 * ``scale``: the mail service without in-process workers; N emails queued first, then 1, 2 and
   4 worker processes (``python -m services.mail.worker``) drain them; py-spy profiles the
   single worker and the mail API process while it accepts (when py-spy can attach).
@@ -34,6 +36,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
+from azora.iam.v1 import api_keys_pb2, api_keys_pb2_grpc
+
 from bench import postfix
 from bench.harness import (
     ProcSampler,
@@ -53,12 +58,14 @@ from bench.load import (
     rest_get,
     rest_send,
     run_ghz,
+    smtp_send,
     smtp_source,
 )
 from bench.suite import REPO, Suite
 from services.core.embedded_db import pick_free_port
+from services.submission.tls import development_pair
 
-PHASES = ("postfix", "grpc", "rest", "scale", "gateway")
+PHASES = ("postfix", "grpc", "rest", "smtp", "scale", "gateway")
 
 
 def env_int(name: str, default: int) -> int:
@@ -311,6 +318,51 @@ async def submit_phase(suite: Suite, args: argparse.Namespace, via: str) -> Resu
     return suite_result(label, load, emails, arrivals, started, sampler)
 
 
+async def smtp_phase(suite: Suite, args: argparse.Namespace, run_dir: Path) -> Result:
+    """N emails submitted over SMTP (STARTTLS + AUTH with an API key), delivered to the sink.
+
+    The submission server (``python -m services.submission``) is started here next to the
+    suite; the mail service's in-process workers deliver to the same sink as the other rows.
+    """
+    cert, key = development_pair(run_dir / "submission-tls", "localhost")
+    port = pick_free_port()
+    proc = suite.start_process(
+        "submission",
+        "services.submission",
+        AZORA_SUBMISSION_PORT=str(port),
+        AZORA_SUBMISSION_TLS_PORT="-1",
+        AZORA_SUBMISSION_HEALTH_PORT="0",
+        AZORA_SUBMISSION_HOSTNAME="localhost",
+        AZORA_SUBMISSION_CERT_FILE=str(cert),
+        AZORA_SUBMISSION_KEY_FILE=str(key),
+        AZORA_SUBMISSION_MAX_CONNECTIONS_PER_IP=str(args.concurrency + 1),
+        AZORA_METRICS_PORT_SUBMISSION="0",
+    )
+    try:
+        await asyncio.to_thread(postfix.wait_port, port, 30.0)
+        # Development mode: the suite's tenant is the one of requests without credentials.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{suite.ports['domain']}") as channel:
+            created = await api_keys_pb2_grpc.ApiKeyServiceStub(channel).CreateApiKey(
+                api_keys_pb2.CreateApiKeyRequest(name="bench-smtp", scopes=["emails:send"])
+            )
+        tag = f"smtp-{int(time.time())}"
+        _, offset = read_sink_log(suite.sink_log)
+        with ProcSampler({**suite.pids(), "submission": proc.pid}) as sampler:
+            started = time.time()
+            load = await smtp_send(
+                port, cafile=cert, api_key=created.secret, total=args.messages,
+                sessions=args.concurrency, tag=tag,
+            )  # fmt: skip
+            emails = await wait_finished(suite, tag, load.ok, args.timeout)
+            arrivals, _ = read_sink_log(suite.sink_log, offset)
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 30)
+    return suite_result(
+        "ours: SMTP submission (STARTTLS + AUTH)", load, emails, arrivals, started, sampler
+    )
+
+
 def py_spy() -> str | None:
     """py-spy from the venv, if installed."""
     candidate = Path(sys.executable).parent / "py-spy"
@@ -504,6 +556,9 @@ async def suite_phases(args: argparse.Namespace, run_dir: Path, out_dir: Path) -
             if via in args.phases:
                 print(f"phase {via}: {args.messages} emails", file=sys.stderr)
                 found["results"].append(await submit_phase(suite, args, via))
+        if "smtp" in args.phases:
+            print(f"phase smtp: {args.messages} emails", file=sys.stderr)
+            found["results"].append(await smtp_phase(suite, args, run_dir))
         if "scale" in args.phases:
             print(f"phase scale-out: {args.scale_messages} emails per run", file=sys.stderr)
             found["scale_out"] = await scale_phase(suite, args, out_dir)

@@ -1,6 +1,7 @@
 """Run the whole suite locally.
 
-FerretDB (unless MONGODB_URI is set), the three gRPC services and the local REST gateway.
+FerretDB (unless MONGODB_URI is set), the three gRPC services, the local REST gateway and the
+SMTP submission server.
 
 Used by ``make run`` and ``make dev`` (which restarts it on code changes); ``make deps`` has
 already built everything. Configuration is the services' own environment, passed through:
@@ -50,6 +51,9 @@ SERVICES = (
     ("mail", "services.mail", "AZORA_MAIL_GRPC_PORT", 50053),
     # The local REST gateway (HTTP, not gRPC) transcodes to the three services above.
     ("gateway", "gateway", "PORT", 3006),
+    # SMTP submission for applications (STARTTLS port; implicit TLS on AZORA_SUBMISSION_TLS_PORT,
+    # default 2465; development certificate generated under var/submission/).
+    ("submission", "services.submission", "AZORA_SUBMISSION_PORT", 2587),
 )
 
 

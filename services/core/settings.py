@@ -429,6 +429,7 @@ METRICS_PORTS = {
     "mail-service": ("AZORA_METRICS_PORT_MAIL", 9103),
     "gateway": ("AZORA_METRICS_PORT_GATEWAY", 9104),
     "mail-worker": ("AZORA_METRICS_PORT_MAIL_WORKER", 9105),
+    "submission": ("AZORA_METRICS_PORT_SUBMISSION", 9106),
 }
 
 
@@ -537,4 +538,7 @@ class _Reader:
             raise SettingsError("invalid settings: " + "; ".join(self.errors))
 
 
-__all__ = ["DEV_TENANT_ID", "Environment", "Settings", "SettingsError", "fields"]
+# The typed environment reader, for processes with settings of their own (services.submission).
+EnvReader = _Reader
+
+__all__ = ["DEV_TENANT_ID", "EnvReader", "Environment", "Settings", "SettingsError", "fields"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -20,6 +21,7 @@ from services.core.clock import Clock
 from services.core.errors import (
     AlreadyExists,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     PreconditionViolation,
@@ -27,12 +29,15 @@ from services.core.errors import (
 from services.core.ids import check_id, decode_page_token, encode_page_token, new_id, page_size
 from services.core.metrics import EMAILS_ACCEPTED
 from services.core.tracing import trace_carrier
+from services.mail import raw_message
 from services.mail.compose import (
     Limits,
+    Mailbox,
     SendInput,
     ValidRequest,
     build_message,
     content_type_of,
+    parse_mailbox,
     validate,
 )
 from services.mail.delivery import RelayLookup, RetryPolicy
@@ -49,6 +54,7 @@ from services.mail.models import (
     RecipientKind,
     RecipientStatus,
 )
+from services.mail.raw_message import SubmitInput
 from services.mail.relay_health import RelayHealthStore, RelayOutcome
 from services.mail.repository import EmailRepository, IdempotencyRecord, IdempotencyRepository
 from services.mail.senders import SenderDirectory, SenderDomain
@@ -112,53 +118,47 @@ class MailManager:
         """
         now = self._clock.now()
         valid = validate(request, limits=self._policy.limits, now=now)
-        domain = await self._senders.active_domain(tenant_id=tenant_id, name=valid.sender.domain)
-        if domain is None:
-            raise FailedPrecondition(
-                f"{valid.sender.domain} is not an active domain of this tenant",
-                reason="SENDER_DOMAIN_NOT_ACTIVE",
-                violations=[
-                    PreconditionViolation(
-                        "DOMAIN_NOT_ACTIVE",
-                        "from",
-                        "the sender's domain must be registered, verified and active",
-                    )
-                ],
-                metadata={"field": "from", "domain": valid.sender.domain},
-            )
-        try:
-            await self._relays.endpoint(tenant_id=tenant_id, domain_id=domain.id)
-        except NotFound:
-            # The relay lookup reports a domain without relay as NotFound (relay_lookup).
-            raise FailedPrecondition(
-                f"{domain.name} has no SMTP relay configured",
-                reason="RELAY_NOT_CONFIGURED",
-                violations=[
-                    PreconditionViolation(
-                        "RELAY_NOT_CONFIGURED",
-                        "from",
-                        "configure the domain's relay (PUT /api/v1/domains/{id}/smtp) first",
-                    )
-                ],
-                metadata={"field": "from", "domainId": domain.id},
-            ) from None
+        domain = await self._sending_domain(
+            tenant_id=tenant_id, name=valid.sender.domain, field="from"
+        )
+        return await self._idempotent(
+            tenant_id=tenant_id,
+            key=request.idempotency_key,
+            fingerprint=request.fingerprint,
+            now=now,
+            store=lambda email_id: self._store(tenant_id, request, valid, domain, email_id, now),
+        )
+
+    async def _idempotent(
+        self,
+        *,
+        tenant_id: str,
+        key: str,
+        fingerprint: Callable[[], str],
+        now: datetime,
+        store: Callable[[str], Awaitable[Email]],
+    ) -> Email:
+        """Run `store` under the idempotency key, if any (insert-first reservation).
+
+        A duplicate of a request that stored its email gets that email; a request that fails
+        gives its key back (see `_give_back`), so the corrected retry is not refused.
+
+        Raises:
+            AlreadyExists: the key was used with a different request in its window.
+        """
         email_id = new_id()
-        if not request.idempotency_key:
-            return await self._store(tenant_id, request, valid, domain, email_id, now)
+        if not key:
+            return await store(email_id)
         mine = IdempotencyRecord(
-            tenant_id,
-            request.idempotency_key,
-            request.fingerprint(),
-            email_id,
-            now + self._policy.idempotency_ttl,
+            tenant_id, key, fingerprint(), email_id, now + self._policy.idempotency_ttl
         )
         record = await self._idempotency.reserve(record=mine, now=now)
         if record.email_id != email_id:
             # Another request holds the key: the same request (answer its email) or not.
-            if record.fingerprint != request.fingerprint():
+            if record.fingerprint != mine.fingerprint:
                 raise AlreadyExists(
                     "IdempotencyKey",
-                    request.idempotency_key,
+                    key,
                     message="this idempotency key was used with a different request "
                     "in the last 24 hours",
                 )
@@ -166,9 +166,9 @@ class MailManager:
                 return await self._emails.get(tenant_id=tenant_id, email_id=record.email_id)
             except NotFound:
                 pass  # first request still in flight or crashed before storing: store it
-            return await self._store(tenant_id, request, valid, domain, record.email_id, now)
+            return await store(record.email_id)
         try:
-            return await self._store(tenant_id, request, valid, domain, email_id, now)
+            return await store(email_id)
         except Exception:
             await self._give_back(tenant_id, mine)
             raise
@@ -268,6 +268,181 @@ class MailManager:
         EMAILS_ACCEPTED.labels(domain=domain.name).inc()
         email.content = None
         return email
+
+    async def _sending_domain(self, *, tenant_id: str, name: str, field: str) -> SenderDomain:
+        """The tenant's active domain called `name`, which must have a relay.
+
+        Raises:
+            FailedPrecondition: not an active domain of the tenant, or no relay (subject
+                `field`; metadata ``domain`` names it).
+        """
+        domain = await self._senders.active_domain(tenant_id=tenant_id, name=name)
+        if domain is None:
+            raise FailedPrecondition(
+                f"{name} is not an active domain of this tenant",
+                reason="SENDER_DOMAIN_NOT_ACTIVE",
+                violations=[
+                    PreconditionViolation(
+                        "DOMAIN_NOT_ACTIVE",
+                        field,
+                        "the sender's domain must be registered, verified and active",
+                    )
+                ],
+                metadata={"field": field, "domain": name},
+            )
+        try:
+            await self._relays.endpoint(tenant_id=tenant_id, domain_id=domain.id)
+        except NotFound:
+            # The relay lookup reports a domain without relay as NotFound (relay_lookup).
+            raise FailedPrecondition(
+                f"{domain.name} has no SMTP relay configured",
+                reason="RELAY_NOT_CONFIGURED",
+                violations=[
+                    PreconditionViolation(
+                        "RELAY_NOT_CONFIGURED",
+                        field,
+                        "configure the domain's relay (PUT /api/v1/domains/{id}/smtp) first",
+                    )
+                ],
+                metadata={"field": field, "domainId": domain.id, "domain": domain.name},
+            ) from None
+        return domain
+
+    async def submit(self, *, tenant_id: str, submission: SubmitInput) -> Email:
+        """Accept a whole message from the SMTP submission server, under SendEmail's rules.
+
+        The envelope sender's domain and the From header's domain must both be active domains
+        of the tenant with a relay; the email belongs to the From domain (DKIM d= aligns with
+        From). Recipients are the envelope's; a recipient named in neither To nor Cc is a Bcc.
+        The message is stored as sent (see `raw_message`).
+
+        Raises:
+            InvalidArgument: reason MESSAGE_MALFORMED, MESSAGE_TOO_LARGE, TOO_MANY_RECIPIENTS,
+                INVALID_RECIPIENT, INVALID_SENDER or INVALID_CONTROL_HEADER, field named.
+            FailedPrecondition: a sender domain is not active or has no relay.
+            AlreadyExists: the idempotency key was used with a different message.
+        """
+        now = self._clock.now()
+        limits = self._policy.limits
+        if len(submission.raw) > limits.max_message_size:
+            raise _too_large(len(submission.raw), limits.max_message_size)
+        message = raw_message.parse(submission.raw)
+        try:
+            sender = parse_mailbox(submission.envelope_from, "envelope_from")
+        except InvalidArgument as exc:
+            raise InvalidArgument(exc.violations, reason="INVALID_SENDER") from None
+        if not submission.envelope_to:
+            raise InvalidArgument(
+                [FieldViolation("envelope_to", "at least one recipient is needed")],
+                reason="INVALID_RECIPIENT",
+            )
+        if len(submission.envelope_to) > limits.max_recipients:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "envelope_to",
+                        f"{len(submission.envelope_to)} recipients; at most "
+                        f"{limits.max_recipients} allowed",
+                    )
+                ],
+                reason="TOO_MANY_RECIPIENTS",
+            )
+        boxes = []
+        for i, address in enumerate(submission.envelope_to):
+            try:
+                boxes.append(parse_mailbox(address, f"envelope_to[{i}]"))
+            except InvalidArgument as exc:
+                raise InvalidArgument(exc.violations, reason="INVALID_RECIPIENT") from None
+        from_display, from_address = raw_message.from_mailbox(message)
+        try:
+            author = parse_mailbox(from_address, "From")
+        except InvalidArgument as exc:
+            raise InvalidArgument(exc.violations, reason="MESSAGE_MALFORMED") from None
+        send_at = message.controls.send_at
+        if send_at is not None and send_at > now + limits.schedule_horizon:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "X-Azora-Send-At",
+                        f"at most {int(limits.schedule_horizon.total_seconds())} seconds "
+                        "in the future",
+                    )
+                ],
+                reason="INVALID_CONTROL_HEADER",
+            )
+        domain = await self._sending_domain(tenant_id=tenant_id, name=author.domain, field="From")
+        if sender.domain != author.domain:
+            await self._sending_domain(
+                tenant_id=tenant_id, name=sender.domain, field="envelope_from"
+            )
+        key = message.controls.idempotency_key
+
+        async def store(email_id: str) -> Email:
+            kept_id = message.first("Message-ID")
+            message_id = kept_id.value if kept_id is not None else f"<{email_id}@{domain.name}>"
+            content = message.content(message_id=message_id, now=now)
+            if len(content) > limits.max_message_size:
+                raise _too_large(len(content), limits.max_message_size)
+            to, cc = message.addresses("To"), message.addresses("Cc")
+
+            def kind(box: Mailbox) -> RecipientKind:
+                address = box.addr_spec.lower()
+                if address in to:
+                    return RecipientKind.TO
+                return RecipientKind.CC if address in cc else RecipientKind.BCC
+
+            recipients = [Recipient(b.addr_spec, kind(b), updated_at=now) for b in boxes]
+            scheduled = send_at is not None and send_at > now
+            start = send_at if scheduled and send_at else now
+            client = submission.client_address or "unknown"
+            events = [Event(EventType.ACCEPTED, now, detail=f"submission: SMTP; client: {client}")]
+            if scheduled:
+                events.append(Event(EventType.SCHEDULED, now, detail=start.isoformat()))
+            email = Email(
+                id=email_id,
+                tenant_id=tenant_id,
+                domain_id=domain.id,
+                domain_name=domain.name,
+                from_address=from_display,
+                envelope_from=sender.addr_spec,
+                to=to,
+                cc=cc,
+                bcc=[r.address for r in recipients if r.kind == RecipientKind.BCC],
+                reply_to=message.addresses("Reply-To"),
+                subject=message.subject(),
+                message_id=message_id.strip().strip("<>"),
+                size=len(content),
+                recipients=_dedupe(recipients),
+                status=EmailStatus.SCHEDULED if scheduled else EmailStatus.QUEUED,
+                created_at=now,
+                updated_at=now,
+                next_attempt_at=start,
+                expires_at=start + self._policy.retry.max_lifetime,
+                tags=list(message.controls.tags),
+                metadata=dict(message.controls.metadata),
+                attachments=raw_message.attachments(content),
+                send_at=send_at if scheduled else None,
+                events=events,
+                idempotency_key=key,
+                content=content,
+                trace_context=trace_carrier(),
+            )
+            if not await self._emails.insert(email=email):
+                # A concurrent duplicate (same key, same message) stored it first.
+                return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
+            EMAILS_ACCEPTED.labels(domain=domain.name).inc()
+            email.content = None
+            return email
+
+        return await self._idempotent(
+            tenant_id=tenant_id,
+            key=key,
+            fingerprint=lambda: raw_message.fingerprint(
+                submission.raw, submission.envelope_from, submission.envelope_to
+            ),
+            now=now,
+            store=store,
+        )
 
     async def get(self, *, tenant_id: str, email_id: str) -> Email:
         """The tenant's email.
@@ -495,6 +670,13 @@ class MailManager:
         now = self._clock.now()
         await self._emails.sweep_claims(before=now - timedelta(hours=1))
         return await self._idempotency.sweep(now=now)
+
+
+def _too_large(size: int, limit: int) -> InvalidArgument:
+    return InvalidArgument(
+        [FieldViolation("raw_message", f"the message is {size} bytes; at most {limit} allowed")],
+        reason="MESSAGE_TOO_LARGE",
+    )
 
 
 def _dedupe(recipients: list[Recipient]) -> list[Recipient]:

@@ -12,6 +12,7 @@ from services.core.context import current_principal
 from services.core.protobuf import from_timestamp
 from services.mail import mapping
 from services.mail.manager import MailManager
+from services.mail.raw_message import SubmitInput
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -28,6 +29,21 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):
         """See the proto."""
         email = await self._manager.send(
             tenant_id=current_principal().tenant_id, request=mapping.send_from_proto(request)
+        )
+        return mapping.email_to_proto(email)
+
+    async def SubmitMessage(
+        self, request: mail_pb2.SubmitMessageRequest, context: Context
+    ) -> mail_pb2.Email:
+        """See the proto."""
+        email = await self._manager.submit(
+            tenant_id=current_principal().tenant_id,
+            submission=SubmitInput(
+                raw=request.raw_message,
+                envelope_from=request.envelope_from,
+                envelope_to=list(request.envelope_to),
+                client_address=request.client_address,
+            ),
         )
         return mapping.email_to_proto(email)
 

@@ -51,6 +51,10 @@ PROCESSES: dict[str, tuple[str, str, int, tuple[str, ...]]] = {
     "smtp": ("services.smtp", "AZORA_SMTP_GRPC_PORT", 50052, ("azora.smtp.v1.SmtpService",)),
     "mail": ("services.mail", "AZORA_MAIL_GRPC_PORT", 50053, ("azora.mail.v1.MailService",)),
 }
+# The SMTP submission server: module, grpc.health.v1 port (its probes' target; it serves no
+# gRPC API, so readiness asks about the server as a whole), and the ports SMTP clients connect to
+# (587 STARTTLS and 465 implicit TLS, mapped to unprivileged ports inside the container).
+SUBMISSION = ("services.submission", 50054, {587: 2587, 465: 2465})
 
 
 class ToolError(AssertionError):

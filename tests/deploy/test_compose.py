@@ -14,14 +14,17 @@ import pytest
 
 from services.core.metrics import Peer
 from services.core.settings import METRICS_PORTS
+from services.submission.tls import development_pair
 from tests.deploy.conftest import (
     COMPOSE_FILE,
     DESCRIPTOR_SET,
     ENVOY_YAML,
     PROCESSES,
     REPO_ROOT,
+    SUBMISSION,
     DeployTools,
     LiveSuite,
+    free_port,
 )
 
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "compose-spec.json"
@@ -236,7 +239,7 @@ def test_the_images_install_step_provides_every_commands_imports(
             if service.get("command", [])[:2] == ["python", "-m"]
         }
     )
-    assert len(modules) == 4, modules
+    assert len(modules) == 5, modules
     imported = subprocess.run(
         [
             str(python),
@@ -269,3 +272,85 @@ def test_every_service_exposes_its_metrics_port(compose: dict[str, Any]) -> None
     assert {Peer.parse(p).url for p in peers} == {
         f"http://{name}:{port}/metrics" for name, port in expected.items() if name != "domain"
     }
+
+
+def test_submission_service_is_a_hardened_front_door(compose: dict[str, Any]) -> None:
+    # The same image and hardening as the services; 587/465 published to the container's
+    # unprivileged listeners; probed over grpc.health.v1; certificate and key mounted read-only
+    # from a directory the operator must name; started after the services it calls.
+    service = compose["services"]["submission"]
+    module, health_port, published = SUBMISSION
+    assert service["command"] == ["python", "-m", module]
+    assert service["image"] == compose["services"]["mail"]["image"]
+    assert service["read_only"] is True
+    assert service["cap_drop"] == ["ALL"]
+    assert service["user"] == "10001:10001"
+    environment = service["environment"]
+    assert environment["AZORA_ENV"] == "production"
+    inside = {
+        int(environment["AZORA_SUBMISSION_PORT"]),
+        int(environment["AZORA_SUBMISSION_TLS_PORT"]),
+    }
+    assert inside == set(published.values())
+    assert sorted(service["ports"]) == sorted(f"{a}:{b}" for a, b in published.items())
+    test = healthcheck_test(service)
+    assert test[:3] == ["CMD", "python", "-c"]
+    assert test[4:] == [str(health_port), ""]
+    assert int(environment["AZORA_SUBMISSION_HEALTH_PORT"]) == health_port
+    [volume] = service["volumes"]
+    source, target, mode = volume.rsplit(":", 2)
+    assert source.startswith("${AZORA_SUBMISSION_TLS_DIR:?")
+    assert mode == "ro"
+    assert environment["AZORA_SUBMISSION_CERT_FILE"] == f"{target}/tls.crt"
+    assert environment["AZORA_SUBMISSION_KEY_FILE"] == f"{target}/tls.key"
+    assert set(service["depends_on"]) >= {"domain", "mail"}
+
+
+def test_compose_probe_works_against_a_real_submission_server(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    # The submission service's inline probe, run as compose runs it, exits 0 against a running
+    # `python -m services.submission` (its health server reports the server as a whole).
+    test = healthcheck_test(compose["services"]["submission"])
+    code, served = test[3], test[5]
+    health = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AZORA_")},
+        "AZORA_ENV": "test",
+        "AZORA_SUBMISSION_PORT": "0",
+        "AZORA_SUBMISSION_TLS_PORT": "0",
+        "AZORA_SUBMISSION_HEALTH_PORT": str(health),
+        "AZORA_SUBMISSION_HOSTNAME": "localhost",
+        "AZORA_METRICS_PORT_SUBMISSION": "0",
+        "LOG_LEVEL": "info",
+    }
+    cert, key = development_pair(tmp_path, "localhost")
+    env["AZORA_SUBMISSION_CERT_FILE"], env["AZORA_SUBMISSION_KEY_FILE"] = str(cert), str(key)
+    process = subprocess.Popen(
+        [sys.executable, "-m", SUBMISSION[0]],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if '"msg": "serving"' in line:
+                break
+        else:
+            pytest.fail(f"the submission server did not start: {process.wait()}")
+        ok = subprocess.run(
+            [sys.executable, "-c", code, str(health), served],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        process.terminate()
+        process.wait(30)
+        if process.stderr is not None:
+            process.stderr.close()
+    assert process.returncode == 0  # SIGTERM: a clean drain

@@ -11,7 +11,14 @@ import pytest
 
 from services.core.metrics import Peer
 from services.core.settings import METRICS_PORTS
-from tests.deploy.conftest import ENVOY_YAML, K8S_DIR, PROCESSES, REPO_ROOT, DeployTools
+from tests.deploy.conftest import (
+    ENVOY_YAML,
+    K8S_DIR,
+    PROCESSES,
+    REPO_ROOT,
+    SUBMISSION,
+    DeployTools,
+)
 
 # Oldest supported release (the preStop `sleep` action is on by default from 1.30) and the
 # newest release whose schemas kubernetes-validate bundles.
@@ -127,6 +134,18 @@ def test_every_container_has_probes_and_app_containers_use_grpc(
             command = container.get("command", [])
             if command[:2] != ["python", "-m"] or not command[2].startswith("services."):
                 continue
+            if command[2] == SUBMISSION[0]:
+                # No gRPC API: every probe asks its grpc.health.v1 server about the whole server.
+                health = {"port": SUBMISSION[1]}
+                assert container["ports"][0] == {
+                    "name": "grpc",
+                    "containerPort": SUBMISSION[1],
+                    "protocol": "TCP",
+                }, where
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    assert container[probe]["grpc"] == health, (where, probe)
+                probed.add("submission")
+                continue
             (process,) = [p for p, spec_ in PROCESSES.items() if spec_[0] == command[2]]
             _, _, port, served = PROCESSES[process]
             # gRPC first; the metrics port is checked by the scrape test below.
@@ -138,7 +157,7 @@ def test_every_container_has_probes_and_app_containers_use_grpc(
             assert container["livenessProbe"]["grpc"] == {"port": port}, where
             assert container["startupProbe"]["grpc"]["port"] == port, where
             probed.add(process)
-    assert probed == set(PROCESSES)
+    assert probed == {*PROCESSES, "submission"}
 
 
 def test_secrets_are_only_referenced(objects: list[dict[str, Any]]) -> None:
@@ -179,6 +198,13 @@ def test_services_select_deployments(
             for c in selected[0]["spec"]["template"]["spec"]["containers"]
             for p in c["ports"]
         }
+        if name == "submission":
+            # The public SMTP front door: 587/465 to the container's unprivileged ports, the
+            # client's address kept for the per-address limits; not an Envoy upstream.
+            assert service["spec"]["externalTrafficPolicy"] == "Local"
+            mapped = {p["port"]: ports[p["targetPort"]] for p in service["spec"]["ports"]}
+            assert mapped == SUBMISSION[2], mapped
+            continue
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports, (name, port)
             assert ports[port["targetPort"]] == port["port"], (name, port)
@@ -230,7 +256,7 @@ def test_disruption_budgets_select_existing_pods(objects: list[dict[str, Any]]) 
         replicas = selected[0]["spec"].get("replicas")
         if "minAvailable" in budget["spec"] and replicas is not None:
             assert budget["spec"]["minAvailable"] < replicas, f"{name} would block every drain"
-    assert {"domain", "smtp", "mail", "envoy"} <= set(budgets)
+    assert {"domain", "smtp", "mail", "envoy", "submission"} <= set(budgets)
 
 
 def test_envoy_configmap_is_generated_from_gateway_envoy_yaml(
@@ -310,3 +336,22 @@ def test_every_service_pod_is_scrapeable_by_prometheus(objects: list[dict[str, A
         for process, port in scrape_ports.items()
         if process != "domain"  # the domain process answers /metrics and adds its own
     }
+
+
+def test_submission_reads_its_certificate_from_a_tls_secret(objects: list[dict[str, Any]]) -> None:
+    # Production refuses to start without a certificate and key: both come from a mounted TLS
+    # Secret (created out of band), and the listeners are the container ports the Service maps.
+    spec = of_kind(objects, "Deployment")["submission"]["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    tls_dir = mounts["tls"]["mountPath"]
+    assert mounts["tls"]["readOnly"] is True
+    assert volumes["tls"]["secret"]["secretName"] == "azora-submission-tls"
+    assert env["AZORA_SUBMISSION_CERT_FILE"] == f"{tls_dir}/tls.crt"
+    assert env["AZORA_SUBMISSION_KEY_FILE"] == f"{tls_dir}/tls.key"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    listening = {int(env["AZORA_SUBMISSION_PORT"] or 0), int(env["AZORA_SUBMISSION_TLS_PORT"] or 0)}
+    assert listening == set(SUBMISSION[2].values()) == {ports["smtp"], ports["smtps"]}
+    assert int(env["AZORA_SUBMISSION_HEALTH_PORT"] or 0) == SUBMISSION[1]

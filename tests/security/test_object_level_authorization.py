@@ -284,6 +284,32 @@ async def _send_email(a: Attack) -> None:
     assert list(listed.emails) == []
 
 
+@case(M + "SubmitMessage")
+async def _submit_message(a: Attack) -> None:
+    # The SMTP hand-over: B cannot send as A's domain, neither in From nor as envelope sender.
+    own = f"b@{unique_domain()}"
+    for header_from, envelope_from in (
+        (f"ceo@{a.victim.domain.name}", own),
+        (own, f"ceo@{a.victim.domain.name}"),
+        (f"ceo@{a.victim.domain.name}", f"ceo@{a.victim.domain.name}"),
+    ):
+        failure = await failure_of(
+            a.stubs.mail.SubmitMessage(
+                mail_pb2.SubmitMessageRequest(
+                    raw_message=f"From: {header_from}\r\nSubject: x\r\n\r\nhi\r\n".encode(),
+                    envelope_from=envelope_from,
+                    envelope_to=["x@example.org"],
+                ),
+                metadata=a.b,
+            )
+        )
+        assert failure.code == grpc.StatusCode.FAILED_PRECONDITION, failure
+        assert a.victim.tenant.id not in failure.message
+        assert a.victim.domain.id not in repr(failure)
+    listed = await a.stubs.mail.ListEmails(mail_pb2.ListEmailsRequest(), metadata=a.b)
+    assert list(listed.emails) == []
+
+
 @case(M + "ListEmails")
 async def _list_emails(a: Attack) -> None:
     for request in (

@@ -226,6 +226,22 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """RESOURCE_EXHAUSTED: too many failed authentications from this client address within the
     window (AZORA_AUTH_FAILURE_MAX per AZORA_AUTH_FAILURE_WINDOW); RetryInfo says when to retry.
     """
+    MESSAGE_MALFORMED: _ErrorReason.ValueType  # 71
+    """INVALID_ARGUMENT (SubmitMessage): the submitted message is not a well-formed RFC 5322
+    message (bare CR or LF, NUL, a broken header section, no usable From).
+    """
+    MESSAGE_TOO_LARGE: _ErrorReason.ValueType  # 72
+    """INVALID_ARGUMENT (SubmitMessage): the message is larger than the service accepts."""
+    TOO_MANY_RECIPIENTS: _ErrorReason.ValueType  # 73
+    """INVALID_ARGUMENT (SubmitMessage): more envelope recipients than AZORA_MAIL_MAX_RECIPIENTS."""
+    INVALID_RECIPIENT: _ErrorReason.ValueType  # 74
+    """INVALID_ARGUMENT (SubmitMessage): an envelope recipient is missing or not an address."""
+    INVALID_SENDER: _ErrorReason.ValueType  # 75
+    """INVALID_ARGUMENT (SubmitMessage): the envelope sender is not an address."""
+    INVALID_CONTROL_HEADER: _ErrorReason.ValueType  # 76
+    """INVALID_ARGUMENT (SubmitMessage): an X-Azora-* control header is unknown or its value is
+    invalid (X-Azora-Send-At, X-Azora-Tag, X-Azora-Metadata-*, X-Azora-Idempotency-Key).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason an Azora error can carry, with its meaning.
@@ -451,5 +467,21 @@ method or version); the gateway answers without reading or echoing it.
 TOO_MANY_FAILED_AUTHENTICATIONS: ErrorReason.ValueType  # 70
 """RESOURCE_EXHAUSTED: too many failed authentications from this client address within the
 window (AZORA_AUTH_FAILURE_MAX per AZORA_AUTH_FAILURE_WINDOW); RetryInfo says when to retry.
+"""
+MESSAGE_MALFORMED: ErrorReason.ValueType  # 71
+"""INVALID_ARGUMENT (SubmitMessage): the submitted message is not a well-formed RFC 5322
+message (bare CR or LF, NUL, a broken header section, no usable From).
+"""
+MESSAGE_TOO_LARGE: ErrorReason.ValueType  # 72
+"""INVALID_ARGUMENT (SubmitMessage): the message is larger than the service accepts."""
+TOO_MANY_RECIPIENTS: ErrorReason.ValueType  # 73
+"""INVALID_ARGUMENT (SubmitMessage): more envelope recipients than AZORA_MAIL_MAX_RECIPIENTS."""
+INVALID_RECIPIENT: ErrorReason.ValueType  # 74
+"""INVALID_ARGUMENT (SubmitMessage): an envelope recipient is missing or not an address."""
+INVALID_SENDER: ErrorReason.ValueType  # 75
+"""INVALID_ARGUMENT (SubmitMessage): the envelope sender is not an address."""
+INVALID_CONTROL_HEADER: ErrorReason.ValueType  # 76
+"""INVALID_ARGUMENT (SubmitMessage): an X-Azora-* control header is unknown or its value is
+invalid (X-Azora-Send-At, X-Azora-Tag, X-Azora-Metadata-*, X-Azora-Idempotency-Key).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

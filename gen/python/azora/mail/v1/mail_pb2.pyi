@@ -641,6 +641,42 @@ class Email(_message.Message):
 Global___Email: _TypeAlias = Email  # noqa: Y015
 
 @_typing.final
+class SubmitMessageRequest(_message.Message):
+    """SubmitMessageRequest is one SMTP transaction: the message and its envelope."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RAW_MESSAGE_FIELD_NUMBER: _builtins.int
+    ENVELOPE_FROM_FIELD_NUMBER: _builtins.int
+    ENVELOPE_TO_FIELD_NUMBER: _builtins.int
+    CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
+    raw_message: _builtins.bytes
+    """The message (RFC 5322 or RFC 6532), CRLF line ends, dot-unstuffed, as received after DATA."""
+    envelope_from: _builtins.str
+    """The MAIL FROM address."""
+    client_address: _builtins.str
+    """The SMTP client's address as the submission server saw it, recorded on the timeline."""
+    @_builtins.property
+    def envelope_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The RCPT TO addresses: exactly who receives the message."""
+
+    def __init__(
+        self,
+        *,
+        raw_message: _builtins.bytes = ...,
+        envelope_from: _builtins.str = ...,
+        envelope_to: _abc.Iterable[_builtins.str] | None = ...,
+        client_address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_address", b"client_address", "envelope_from", b"envelope_from", "envelope_to", b"envelope_to", "raw_message", b"raw_message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitMessageRequest: _TypeAlias = SubmitMessageRequest  # noqa: Y015
+
+@_typing.final
 class ListEmailsRequest(_message.Message):
     """ListEmailsRequest filters and pages emails."""
 

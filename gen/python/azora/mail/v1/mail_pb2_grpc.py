@@ -73,6 +73,11 @@ class MailServiceStub:
                 request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.GetDeliveryHealthRequest.SerializeToString,
                 response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.DeliveryHealth.FromString,
                 _registered_method=True)
+        self.SubmitMessage = channel.unary_unary(
+                '/azora.mail.v1.MailService/SubmitMessage',
+                request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.SubmitMessageRequest.SerializeToString,
+                response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.Email.FromString,
+                _registered_method=True)
         self.DeleteEmail = channel.unary_unary(
                 '/azora.mail.v1.MailService/DeleteEmail',
                 request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.DeleteEmailRequest.SerializeToString,
@@ -149,6 +154,25 @@ class MailServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitMessage(self, request, context):
+        """Accepts a complete message as an SMTP submission server received it (the bytes after DATA,
+        and the envelope), under the same rules as SendEmail: the envelope sender's domain and the
+        From header's domain must be active domains of the tenant with a relay; recipient and size
+        limits, rate limits, quotas, idempotency (X-Azora-Idempotency-Key) and scheduling
+        (X-Azora-Send-At) apply. The message is stored as it was sent: X-Azora-* control headers and
+        Bcc are removed, Message-ID and Date added when missing, nothing else rebuilt; it is
+        DKIM-signed at delivery. Recipients are the envelope's (Bcc works). No REST binding: the
+        submission server (`python -m services.submission`) calls it with the client's API key.
+        Errors: INVALID_ARGUMENT (reason and field name what is wrong: MESSAGE_MALFORMED,
+        MESSAGE_TOO_LARGE, TOO_MANY_RECIPIENTS, INVALID_RECIPIENT, INVALID_SENDER,
+        INVALID_CONTROL_HEADER), FAILED_PRECONDITION (SENDER_DOMAIN_NOT_ACTIVE or
+        RELAY_NOT_CONFIGURED, metadata "domain"), ALREADY_EXISTS (idempotency key reused for a
+        different message), RESOURCE_EXHAUSTED (rate limit or quota).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteEmail(self, request, context):
         """Cancels a queued or scheduled email; removes a finished email and its content.
         Errors: EMAIL_NOT_FOUND, EMAIL_BEING_DELIVERED (a worker holds it right now).
@@ -194,6 +218,11 @@ def add_MailServiceServicer_to_server(servicer, server):
                     servicer.GetDeliveryHealth,
                     request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.GetDeliveryHealthRequest.FromString,
                     response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.DeliveryHealth.SerializeToString,
+            ),
+            'SubmitMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitMessage,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.SubmitMessageRequest.FromString,
+                    response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.Email.SerializeToString,
             ),
             'DeleteEmail': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteEmail,
@@ -393,6 +422,33 @@ class MailService:
             '/azora.mail.v1.MailService/GetDeliveryHealth',
             azora_dot_mail_dot_v1_dot_mail__pb2.GetDeliveryHealthRequest.SerializeToString,
             azora_dot_mail_dot_v1_dot_mail__pb2.DeliveryHealth.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.MailService/SubmitMessage',
+            azora_dot_mail_dot_v1_dot_mail__pb2.SubmitMessageRequest.SerializeToString,
+            azora_dot_mail_dot_v1_dot_mail__pb2.Email.FromString,
             options,
             channel_credentials,
             insecure,

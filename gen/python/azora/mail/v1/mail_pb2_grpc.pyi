@@ -72,6 +72,21 @@ class MailServiceStub:
     Internal: asked by the suite health report; never exposed through the gateway.
     Errors: INTERNAL_ONLY (not a service principal).
     """
+    SubmitMessage: _grpc.UnaryUnaryMultiCallable[_mail_pb2.SubmitMessageRequest, _mail_pb2.Email]
+    """Accepts a complete message as an SMTP submission server received it (the bytes after DATA,
+    and the envelope), under the same rules as SendEmail: the envelope sender's domain and the
+    From header's domain must be active domains of the tenant with a relay; recipient and size
+    limits, rate limits, quotas, idempotency (X-Azora-Idempotency-Key) and scheduling
+    (X-Azora-Send-At) apply. The message is stored as it was sent: X-Azora-* control headers and
+    Bcc are removed, Message-ID and Date added when missing, nothing else rebuilt; it is
+    DKIM-signed at delivery. Recipients are the envelope's (Bcc works). No REST binding: the
+    submission server (`python -m services.submission`) calls it with the client's API key.
+    Errors: INVALID_ARGUMENT (reason and field name what is wrong: MESSAGE_MALFORMED,
+    MESSAGE_TOO_LARGE, TOO_MANY_RECIPIENTS, INVALID_RECIPIENT, INVALID_SENDER,
+    INVALID_CONTROL_HEADER), FAILED_PRECONDITION (SENDER_DOMAIN_NOT_ACTIVE or
+    RELAY_NOT_CONFIGURED, metadata "domain"), ALREADY_EXISTS (idempotency key reused for a
+    different message), RESOURCE_EXHAUSTED (rate limit or quota).
+    """
     DeleteEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.DeleteEmailRequest, _empty_pb2.Empty]
     """Cancels a queued or scheduled email; removes a finished email and its content.
     Errors: EMAIL_NOT_FOUND, EMAIL_BEING_DELIVERED (a worker holds it right now).
@@ -119,6 +134,21 @@ class MailServiceAsyncStub(MailServiceStub):
     delivery outcome per SMTP relay, as recorded by the workers (no connection is opened).
     Internal: asked by the suite health report; never exposed through the gateway.
     Errors: INTERNAL_ONLY (not a service principal).
+    """
+    SubmitMessage: _aio.UnaryUnaryMultiCallable[_mail_pb2.SubmitMessageRequest, _mail_pb2.Email]  # type: ignore[assignment]
+    """Accepts a complete message as an SMTP submission server received it (the bytes after DATA,
+    and the envelope), under the same rules as SendEmail: the envelope sender's domain and the
+    From header's domain must be active domains of the tenant with a relay; recipient and size
+    limits, rate limits, quotas, idempotency (X-Azora-Idempotency-Key) and scheduling
+    (X-Azora-Send-At) apply. The message is stored as it was sent: X-Azora-* control headers and
+    Bcc are removed, Message-ID and Date added when missing, nothing else rebuilt; it is
+    DKIM-signed at delivery. Recipients are the envelope's (Bcc works). No REST binding: the
+    submission server (`python -m services.submission`) calls it with the client's API key.
+    Errors: INVALID_ARGUMENT (reason and field name what is wrong: MESSAGE_MALFORMED,
+    MESSAGE_TOO_LARGE, TOO_MANY_RECIPIENTS, INVALID_RECIPIENT, INVALID_SENDER,
+    INVALID_CONTROL_HEADER), FAILED_PRECONDITION (SENDER_DOMAIN_NOT_ACTIVE or
+    RELAY_NOT_CONFIGURED, metadata "domain"), ALREADY_EXISTS (idempotency key reused for a
+    different message), RESOURCE_EXHAUSTED (rate limit or quota).
     """
     DeleteEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.DeleteEmailRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Cancels a queued or scheduled email; removes a finished email and its content.
@@ -206,6 +236,27 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         delivery outcome per SMTP relay, as recorded by the workers (no connection is opened).
         Internal: asked by the suite health report; never exposed through the gateway.
         Errors: INTERNAL_ONLY (not a service principal).
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitMessage(
+        self,
+        request: _mail_pb2.SubmitMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mail_pb2.Email, _abc.Awaitable[_mail_pb2.Email]]:
+        """Accepts a complete message as an SMTP submission server received it (the bytes after DATA,
+        and the envelope), under the same rules as SendEmail: the envelope sender's domain and the
+        From header's domain must be active domains of the tenant with a relay; recipient and size
+        limits, rate limits, quotas, idempotency (X-Azora-Idempotency-Key) and scheduling
+        (X-Azora-Send-At) apply. The message is stored as it was sent: X-Azora-* control headers and
+        Bcc are removed, Message-ID and Date added when missing, nothing else rebuilt; it is
+        DKIM-signed at delivery. Recipients are the envelope's (Bcc works). No REST binding: the
+        submission server (`python -m services.submission`) calls it with the client's API key.
+        Errors: INVALID_ARGUMENT (reason and field name what is wrong: MESSAGE_MALFORMED,
+        MESSAGE_TOO_LARGE, TOO_MANY_RECIPIENTS, INVALID_RECIPIENT, INVALID_SENDER,
+        INVALID_CONTROL_HEADER), FAILED_PRECONDITION (SENDER_DOMAIN_NOT_ACTIVE or
+        RELAY_NOT_CONFIGURED, metadata "domain"), ALREADY_EXISTS (idempotency key reused for a
+        different message), RESOURCE_EXHAUSTED (rate limit or quota).
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,539 @@
+"""The SMTP submission protocol: aiosmtpd's SMTP with our authentication, limits and replies.
+
+A front door, not an owner: AUTH resolves the password as an API key through the domain
+service (cached like every service's key cache), and DATA hands the message and its envelope to
+the mail service (`MailService.SubmitMessage`, called with the client's own API key so its scope,
+rate limits and quotas apply exactly as for `SendEmail`). The final reply to DATA is 250 only
+once the mail service has answered, i.e. the email is stored; any failure to get that answer is
+451 4.3.0, so the client keeps the message and retries.
+
+Abuse limits are per client address (`ClientLimits`): concurrent connections, wrong credentials
+(slowed down, then refused for a while), commands before AUTH, bad commands, idle and total
+session time. Every refusal is logged with the client address, never with credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from base64 import b64decode
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from azora.mail.v1 import mail_pb2, mail_pb2_grpc
+
+from services.core.auth import API_KEY_PREFIX, ApiKeyResolver
+from services.core.context import Principal
+from services.core.errors import Unavailable
+from services.submission import replies
+from services.submission.settings import SubmissionSettings
+
+log = logging.getLogger(__name__)
+
+SEND_SCOPE = "emails:send"
+# Replies to commands the client got wrong; enough of them and the client is disconnected.
+_BAD_COMMAND_CODES = ("500", "501", "502", "503", "504", "555")
+_MAX_AUTH_DELAY = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who authenticated on a session: the key's principal, and the key to act with."""
+
+    principal: Principal
+    api_key: str
+
+    def __repr__(self) -> str:  # the key never reaches a log line
+        return f"Identity(tenant={self.principal.tenant_id!r}, subject={self.principal.subject!r})"
+
+
+class MailSubmitter(Protocol):
+    """Hands one transaction to the mail service."""
+
+    async def submit(
+        self,
+        *,
+        identity: Identity,
+        raw: bytes,
+        envelope_from: str,
+        envelope_to: list[str],
+        client_address: str,
+    ) -> str:
+        """Store the message; return the email id.
+
+        Raises:
+            grpc.aio.AioRpcError: the mail service refused it or could not be reached.
+        """
+        ...
+
+
+class GrpcMailSubmitter:
+    """`MailSubmitter` over `MailService.SubmitMessage`, authenticated with the client's key."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
+        self._stub = mail_pb2_grpc.MailServiceStub(channel)
+        self._timeout = timeout
+
+    async def submit(
+        self,
+        *,
+        identity: Identity,
+        raw: bytes,
+        envelope_from: str,
+        envelope_to: list[str],
+        client_address: str,
+    ) -> str:
+        """See `MailSubmitter.submit`."""
+        email = await self._stub.SubmitMessage(
+            mail_pb2.SubmitMessageRequest(
+                raw_message=raw,
+                envelope_from=envelope_from,
+                envelope_to=envelope_to,
+                client_address=client_address,
+            ),
+            # The client address is what the mail service's rate limits count (it believes
+            # x-forwarded-for only from trusted proxies: AZORA_TRUSTED_PROXIES).
+            metadata=(
+                ("authorization", f"Bearer {identity.api_key}"),
+                ("x-forwarded-for", client_address),
+            ),
+            timeout=self._timeout,
+        )
+        return email.id
+
+
+class ClientLimits:
+    """Per-client-address bookkeeping shared by every session of the process."""
+
+    def __init__(self, settings: SubmissionSettings, *, clock: Callable[[], float]) -> None:
+        self._settings = settings
+        self._clock = clock
+        self.connections: dict[str, int] = {}
+        self._failures: dict[str, deque[float]] = {}
+        self._blocked_until: dict[str, float] = {}
+        self.sessions: set[SubmissionSMTP] = set()
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def connect(self, session: SubmissionSMTP, address: str) -> bool:
+        """Count a new connection; False if the address has too many already."""
+        if self.connections.get(address, 0) >= self._settings.max_connections_per_ip:
+            return False
+        self.connections[address] = self.connections.get(address, 0) + 1
+        self.sessions.add(session)
+        self.idle.clear()
+        return True
+
+    def disconnect(self, session: SubmissionSMTP, address: str) -> None:
+        """Forget a connection counted by `connect`."""
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        left = self.connections.get(address, 0) - 1
+        if left > 0:
+            self.connections[address] = left
+        else:
+            self.connections.pop(address, None)
+        if not self.sessions:
+            self.idle.set()
+
+    def blocked(self, address: str) -> bool:
+        """Whether the address is refused for failing authentication too often."""
+        until = self._blocked_until.get(address)
+        if until is None:
+            return False
+        if until <= self._clock():
+            del self._blocked_until[address]
+            return False
+        return True
+
+    def auth_failed(self, address: str) -> float:
+        """Record a wrong credential; return how long to hold the answer back (seconds)."""
+        now = self._clock()
+        window = self._settings.auth_failure_window
+        failures = self._failures.setdefault(address, deque())
+        failures.append(now)
+        while failures and failures[0] <= now - window:
+            failures.popleft()
+        if len(self._failures) > 100_000:  # bounded memory under a spray of addresses
+            for key in [k for k, v in self._failures.items() if not v or v[-1] <= now - window]:
+                del self._failures[key]
+        count = len(failures)
+        if count >= self._settings.auth_failures_before_block:
+            self._blocked_until[address] = now + self._settings.auth_block_seconds
+            failures.clear()
+        past = count - self._settings.auth_failures_before_delay + 1
+        return min(max(past, 0) * self._settings.auth_failure_delay, _MAX_AUTH_DELAY)
+
+
+class SubmissionHandler:
+    """aiosmtpd handler hooks: envelope checks and the hand-over of DATA."""
+
+    def __init__(self, *, mail: MailSubmitter, max_recipients: int) -> None:
+        self._mail = mail
+        self._max_recipients = max_recipients
+
+    async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
+        self,
+        server: SubmissionSMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Advertise PIPELINING and ENHANCEDSTATUSCODES; AUTH only where it is allowed."""
+        session.host_name = hostname
+        lines = responses[:-1]  # aiosmtpd's, without the final "250 HELP"
+        if server.auth_needs_tls and not server.secure:
+            lines = [r for r in lines if not r.startswith("250-AUTH")]
+        lines += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+        return lines
+
+    async def handle_MAIL(  # noqa: N802 - aiosmtpd's hook name
+        self,
+        server: SubmissionSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        """Start a transaction."""
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return replies.SENDER_OK
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+        self,
+        server: SubmissionSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        """Add a recipient, up to the mail service's limit per email."""
+        if len(envelope.rcpt_tos) >= self._max_recipients:
+            server.refused("too many recipients", limit=self._max_recipients)
+            return replies.TOO_MANY_RECIPIENTS.format(limit=self._max_recipients)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return replies.RECIPIENT_OK
+
+    async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
+        self, server: SubmissionSMTP, session: Session, envelope: Envelope
+    ) -> str:
+        """Store the message through the mail service; 250 only once it answered."""
+        identity: object = session.auth_data
+        if not isinstance(identity, Identity):
+            return replies.AUTH_REQUIRED  # unreachable: aiosmtpd requires AUTH before MAIL
+        raw = envelope.original_content or b""
+        server.submitting = True
+        try:
+            email_id = await self._mail.submit(
+                identity=identity,
+                raw=raw,
+                envelope_from=envelope.mail_from or "",
+                envelope_to=list(envelope.rcpt_tos),
+                client_address=server.client_address,
+            )
+        except grpc.aio.AioRpcError as exc:
+            failure = replies.decode(exc)
+            reply = replies.for_failure(failure)
+            server.refused(
+                "message refused",
+                reply=reply,
+                grpc_code=failure.code.name,
+                reason=failure.reason,
+                tenant=identity.principal.tenant_id,
+            )
+            return reply
+        except Exception:
+            log.exception("submission failed", extra={"fields": {"client": server.client_address}})
+            return replies.TEMPORARY_FAILURE
+        finally:
+            server.submitting = False
+        log.info(
+            "message queued",
+            extra={
+                "fields": {
+                    "client": server.client_address,
+                    "tenant": identity.principal.tenant_id,
+                    "email_id": email_id,
+                    "recipients": len(envelope.rcpt_tos),
+                    "size": len(raw),
+                }
+            },
+        )
+        return replies.QUEUED.format(id=email_id)
+
+
+class SubmissionSMTP(SMTP):
+    """One client connection (STARTTLS or implicit TLS)."""
+
+    def __init__(
+        self,
+        handler: SubmissionHandler,
+        *,
+        settings: SubmissionSettings,
+        limits: ClientLimits,
+        api_keys: ApiKeyResolver,
+        message_size_limit: int,
+        implicit_tls: bool,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            handler,
+            data_size_limit=message_size_limit,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=settings.hostname,
+            ident="Azora submission",
+            timeout=settings.idle_timeout,
+            auth_required=True,
+            **kwargs,
+        )
+        # TLS for AUTH is enforced in `smtp_AUTH` with the reply production wants (530 5.7.0),
+        # also for implicit TLS, which aiosmtpd's own check does not recognise.
+        self._auth_require_tls = False
+        self._settings = settings
+        self._limits = limits
+        self._api_keys = api_keys
+        self.implicit_tls = implicit_tls
+        self.auth_needs_tls = settings.require_tls_for_auth
+        self.client_address = ""
+        self.submitting = False
+        self._counted = False
+        self._closing = False
+        self._commands_before_auth = 0
+        self._bad_commands = 0
+        self._session_timer: asyncio.TimerHandle | None = None
+        # A close started from a timer callback (kept so the task is not collected early).
+        self._closer: asyncio.Task[None] | None = None
+        # Every command goes through `_guard` (limits, shutdown) before aiosmtpd's own handler.
+        self._smtp_methods = {
+            name: self._guard(name, method) for name, method in self._smtp_methods.items()
+        }
+
+    @property
+    def secure(self) -> bool:
+        """Whether the connection is encrypted (implicit TLS, or after STARTTLS)."""
+        return self.implicit_tls or self._tls_protocol is not None
+
+    def refused(self, what: str, **fields: object) -> None:
+        """Log a refusal with the client address (callers never pass credentials)."""
+        log.warning(what, extra={"fields": {"client": self.client_address, **fields}})
+
+    # Connection lifecycle -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Remember the client address and start the session clock (not again after STARTTLS)."""
+        starttls = self.transport is not None
+        super().connection_made(transport)
+        if starttls:
+            return
+        peer = transport.get_extra_info("peername")
+        self.client_address = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        self._session_timer = self.loop.call_later(
+            self._settings.session_timeout, self._session_expired
+        )
+
+    def connection_lost(self, error: Exception | None) -> None:
+        """Forget the connection."""
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+        if self._counted:
+            self._limits.disconnect(self, self.client_address)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._limits.draining:
+            await self.close_with(replies.SHUTTING_DOWN)
+            return
+        if self._limits.blocked(self.client_address):
+            self.refused("connection refused: address blocked after failed authentications")
+            await self.close_with(replies.AUTH_BLOCKED)
+            return
+        if not self._limits.connect(self, self.client_address):
+            self.refused("connection refused: too many connections from the address")
+            await self.close_with(replies.TOO_MANY_CONNECTIONS)
+            return
+        self._counted = True
+        await super()._handle_client()
+
+    async def close_with(self, reply: str) -> None:
+        """Say `reply` (a 421) and close the connection."""
+        if self._closing or self.transport is None:
+            return
+        self._closing = True
+        try:
+            self._writer.write(reply.encode("ascii") + b"\r\n")
+            await asyncio.wait_for(self._writer.drain(), timeout=5.0)
+        except (ConnectionError, TimeoutError, RuntimeError):
+            pass  # the client is gone or stuck: closing is all that is left
+        if self.transport is not None:
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        # Idle timeout: say so (aiosmtpd would just close). A client waiting for our answer to
+        # DATA is not idle: cutting it would make it retry a message that may be stored.
+        if self.submitting:
+            self._reset_timeout()
+            return
+        self.refused("idle timeout")
+        self._closer = self.loop.create_task(self.close_with(replies.IDLE_TIMEOUT))
+
+    def _session_expired(self) -> None:
+        if self.submitting:
+            # Never cut a hand-over in flight: the client would retry a message we stored.
+            self._session_timer = self.loop.call_later(1.0, self._session_expired)
+            return
+        self.refused("session time limit reached")
+        self._closer = self.loop.create_task(self.close_with(replies.SESSION_TIMEOUT))
+
+    def in_transaction(self) -> bool:
+        """Whether a MAIL transaction is open (or its DATA being stored)."""
+        return self.submitting or bool(self.envelope is not None and self.envelope.mail_from)
+
+    # Replies and commands -------------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        """Send a reply, with an enhanced status code; count the client's bad commands."""
+        if isinstance(status, str):
+            status = replies.enhanced(status)
+            if status[:3] in _BAD_COMMAND_CODES:
+                self._bad_commands += 1
+            await super().push(status)
+        else:
+            await super().push(status)
+        if self._bad_commands >= self._settings.max_bad_commands and not self._closing:
+            self.refused("too many bad commands", count=self._bad_commands)
+            await self.close_with(replies.TOO_MANY_BAD_COMMANDS)
+
+    def _guard(
+        self, name: str, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        async def guarded(arg: str | None) -> None:
+            if self._closing:
+                return
+            if self._limits.draining and not self.in_transaction() and name != "QUIT":
+                await self.close_with(replies.SHUTTING_DOWN)
+                return
+            assert self.session is not None
+            if not self.session.authenticated and name not in ("QUIT",):
+                self._commands_before_auth += 1
+                if self._commands_before_auth > self._settings.max_commands_before_auth:
+                    self.refused("too many commands before authentication")
+                    await self.close_with(replies.TOO_MANY_COMMANDS)
+                    return
+            await method(arg)
+            if self._limits.draining and not self.in_transaction() and not self._closing:
+                # Shutting down: the transaction this command ended was the last one.
+                await self.close_with(replies.SHUTTING_DOWN)
+
+        return guarded
+
+    async def smtp_AUTH(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's command name
+        """AUTH, refused before TLS where TLS is required, and from blocked addresses."""
+        if self.auth_needs_tls and not self.secure:
+            self.refused("AUTH before TLS")
+            await self.push(replies.TLS_REQUIRED)
+            return
+        if self._limits.blocked(self.client_address):
+            self.refused("AUTH refused: address blocked after failed authentications")
+            await self.close_with(replies.AUTH_BLOCKED)
+            return
+        await super().smtp_AUTH(arg)
+
+    # AUTH mechanisms: the password is an API key; the user name is free text.
+
+    async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:  # noqa: N802
+        """RFC 4616: authzid NUL authcid NUL password."""
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        assert isinstance(blob, bytes)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._check_key(parts[2])
+
+    async def auth_LOGIN(self, _: SMTP, args: list[str]) -> AuthResult:  # noqa: N802
+        """The LOGIN mechanism (user name, then password, each base64)."""
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        assert isinstance(password, bytes)
+        return await self._check_key(password)
+
+    async def _check_key(self, password: bytes) -> AuthResult:
+        secret = password.decode("utf-8", "replace").strip()
+        principal: Principal | None = None
+        reason = "not an API key"  # JWTs and anything else: only API keys open a session
+        if secret.startswith(API_KEY_PREFIX):
+            try:
+                principal = await self._api_keys.resolve(secret=secret)
+            except Unavailable:
+                self.refused("AUTH failed: the API key service is unreachable")
+                return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPORARY)
+            reason = "unknown, revoked or expired API key"
+            if principal is not None and not principal.has_scope(SEND_SCOPE):
+                reason, principal = f"API key without the {SEND_SCOPE} scope", None
+        if principal is None:
+            delay = self._limits.auth_failed(self.client_address)
+            self.refused("AUTH failed", reason=reason, delay_seconds=delay)
+            if delay:
+                await asyncio.sleep(delay)
+            if self._limits.blocked(self.client_address):
+                self.refused("address blocked after failed authentications")
+                await self.close_with(replies.AUTH_BLOCKED)
+                return AuthResult(success=False, handled=True)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
+        log.info(
+            "authenticated",
+            extra={
+                "fields": {
+                    "client": self.client_address,
+                    "tenant": principal.tenant_id,
+                    "subject": principal.subject,
+                }
+            },
+        )
+        return AuthResult(success=True, auth_data=Identity(principal, secret))
+
+
+def silence_protocol_log() -> None:
+    """Keep aiosmtpd's per-line protocol log (which would include AUTH payloads) out of ours."""
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+
+__all__ = [
+    "ClientLimits",
+    "GrpcMailSubmitter",
+    "Identity",
+    "MailSubmitter",
+    "SubmissionHandler",
+    "SubmissionSMTP",
+    "silence_protocol_log",
+]
