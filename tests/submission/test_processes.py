@@ -29,7 +29,7 @@ from services.core.settings import Settings
 from services.mail.repository import EMAILS
 from services.submission import replies
 from services.submission.tls import development_pair
-from tests.conftest import REPO_ROOT, TEST_JWT_SECRET, make_settings
+from tests.conftest import REPO_ROOT, TEST_JWT_SECRET, TEST_SERVICE_TOKEN_SECRET, make_settings
 from tests.submission.conftest import (
     RawClient,
     Submission,
@@ -50,6 +50,7 @@ class SubmissionProcess:
             **{k: v for k, v in os.environ.items() if not k.startswith(("AZORA_", "MONGODB"))},
             "AZORA_ENV": "test",
             "JWT_SECRET": TEST_JWT_SECRET,
+            "AZORA_SERVICE_TOKEN_SECRET": TEST_SERVICE_TOKEN_SECRET,
             "LOG_LEVEL": "info",
             "AZORA_DOMAIN_SERVICE_TARGET": f"127.0.0.1:{domain_port}",
             "AZORA_MAIL_SERVICE_TARGET": f"127.0.0.1:{submission.mail.app.running.port}",

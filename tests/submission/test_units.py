@@ -27,6 +27,7 @@ from tests.submission.conftest import RawClient
 PRODUCTION = {
     "AZORA_ENV": "production",
     "JWT_SECRET": "p" * 40,
+    "AZORA_SERVICE_TOKEN_SECRET": "s" * 40,
     "AZORA_SECRETS_KEY": "cHJvZHVjdGlvbi1zZWNyZXRzLWtleS0zMi1ieXRlcyE=",
 }
 
