@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.core.auth import Principal
+from services.core.context import Principal
 from services.core.ratelimit import RateLimiter
 from services.core.settings import (
     DEV_JWT_SECRET,
