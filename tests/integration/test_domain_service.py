@@ -182,13 +182,13 @@ async def test_list_rejects_bad_paging_arguments(domains_stub: Stub, tenant: Ten
         domain_pb2.ListDomainsRequest(page_size=1), metadata=tenant.metadata
     )
     cases = [
-        (domain_pb2.ListDomainsRequest(page_size=-1), "page_size"),
-        (domain_pb2.ListDomainsRequest(page_token="not-a-token"), "page_token"),
+        (domain_pb2.ListDomainsRequest(page_size=-1), "pageSize"),
+        (domain_pb2.ListDomainsRequest(page_token="not-a-token"), "pageToken"),
         (
             domain_pb2.ListDomainsRequest(
                 page_token=first.next_page_token, status=domain_pb2.DOMAIN_STATUS_ACTIVE
             ),
-            "page_token",
+            "pageToken",
         ),
         (domain_pb2.ListDomainsRequest(status=42), "status"),  # type: ignore[arg-type]
     ]
