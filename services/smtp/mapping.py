@@ -53,11 +53,23 @@ _QUALIFIERS = {
     smtp_pb2.SPF_QUALIFIER_SOFTFAIL: SpfQualifier.SOFTFAIL,
     smtp_pb2.SPF_QUALIFIER_NEUTRAL: SpfQualifier.NEUTRAL,
 }
-_POLICIES = {
-    smtp_pb2.DMARC_POLICY_NONE: DmarcPolicy.NONE,
-    smtp_pb2.DMARC_POLICY_QUARANTINE: DmarcPolicy.QUARANTINE,
-    smtp_pb2.DMARC_POLICY_REJECT: DmarcPolicy.REJECT,
+# Values typed by hand are strings (the protos say why): the spec's and RFC's spelling first,
+# then what else is accepted, every key lowercase (matching ignores case).
+_SECURITY_NAMES = {
+    "none": SecurityMode.NONE,
+    "starttls": SecurityMode.STARTTLS_REQUIRED,
+    "tls": SecurityMode.IMPLICIT_TLS,
+    "starttls_opportunistic": SecurityMode.STARTTLS_OPPORTUNISTIC,
+    "starttls_required": SecurityMode.STARTTLS_REQUIRED,
+    "implicit_tls": SecurityMode.IMPLICIT_TLS,
+    **{smtp_pb2.SecurityMode.Name(number).lower(): mode for number, mode in _SECURITY.items()},
 }
+_SECURITY_SHOWN = 'none, starttls, tls or starttls_opportunistic (or "SECURITY_MODE_..." names)'
+_POLICY_NAMES = {
+    **{policy.value: policy for policy in DmarcPolicy},
+    **{f"dmarc_policy_{policy.value}": policy for policy in DmarcPolicy},
+}
+_POLICY_SHOWN = 'none, quarantine or reject (or "DMARC_POLICY_..." names)'
 _ALIGNMENTS = {
     smtp_pb2.DMARC_ALIGNMENT_RELAXED: DmarcAlignment.RELAXED,
     smtp_pb2.DMARC_ALIGNMENT_STRICT: DmarcAlignment.STRICT,
@@ -74,6 +86,20 @@ def _enum(value: int, table: Mapping[Any, E], field: str) -> E | None:
         raise InvalidArgument.single(field, f"unknown value {value}") from None
 
 
+def _named(value: str, table: Mapping[str, E], field: str, shown: str) -> E | None:
+    """A model enum from a name (any case); "" is None.
+
+    Raises:
+        InvalidArgument: on `field`, listing the accepted values, for any other name.
+    """
+    if not value:
+        return None
+    try:
+        return table[value.strip().lower()]
+    except KeyError:
+        raise InvalidArgument.single(field, f"must be one of {shown}; got {value[:60]!r}") from None
+
+
 def _reverse(table: Mapping[Any, E], value: E) -> Any:
     return next(number for number, member in table.items() if member is value)
 
@@ -86,7 +112,7 @@ def relay_from_proto(request: smtp_pb2.UpdateSmtpConfigRequest) -> RelaySettings
     return RelaySettingsInput(
         host=request.host,
         port=request.port,
-        security=_enum(request.security, _SECURITY, "security"),
+        security=_named(request.security, _SECURITY_NAMES, "security", _SECURITY_SHOWN),
         secure=request.secure,
         username=request.username,
         password=request.password if request.HasField("password") else None,
@@ -257,8 +283,10 @@ def spf_to_proto(record: SpfRecord) -> smtp_pb2.SpfRecord:
 def dmarc_from_proto(request: smtp_pb2.GenerateDmarcRecordRequest) -> DmarcInput:
     """DMARC choices from a request, unvalidated."""
     return DmarcInput(
-        policy=_enum(request.policy, _POLICIES, "policy"),
-        subdomain_policy=_enum(request.subdomain_policy, _POLICIES, "subdomain_policy"),
+        policy=_named(request.policy, _POLICY_NAMES, "policy", _POLICY_SHOWN),
+        subdomain_policy=_named(
+            request.subdomain_policy, _POLICY_NAMES, "subdomain_policy", _POLICY_SHOWN
+        ),
         percent=request.percent if request.HasField("percent") else None,
         dkim_alignment=_enum(request.dkim_alignment, _ALIGNMENTS, "dkim_alignment"),
         spf_alignment=_enum(request.spf_alignment, _ALIGNMENTS, "spf_alignment"),

@@ -723,6 +723,34 @@ def test_envoy_ignores_unknown_json_fields_in_bodies(envoy: RunningEnvoy) -> Non
     assert json.loads(body)["name"] == name
 
 
+def test_envoy_passes_the_spec_values_to_the_services(envoy: RunningEnvoy) -> None:
+    # Record types, DMARC policies and relay security as the spec and RFCs write them are
+    # strings the services check, so behind Envoy too they are stored as sent, and an unknown
+    # one is 400 naming the field (an enum name Envoy did not know would have been dropped).
+    auth = _bearer(envoy)
+    status, _, body = envoy.request(
+        "POST", "/api/v1/domains", {"name": f"d{secrets.token_hex(5)}.example"}, auth
+    )
+    assert status == 200, body
+    domain_id = json.loads(body)["id"]
+    smtp = f"/api/v1/smtp/domains/{domain_id}"
+    relay = {"host": "smtp.example.com", "port": 2525, "security": "none"}
+    status, _, body = envoy.request("PUT", f"{smtp}/config", relay, auth)
+    assert status == 200, body
+    assert json.loads(body)["security"] == "SECURITY_MODE_NONE"
+    status, _, body = envoy.request("PUT", f"{smtp}/config", {**relay, "security": "ssl"}, auth)
+    assert _status_json((status, {"content-type": "application/json"}, body)) == (400, 3)
+    fields = [v["field"] for d in json.loads(body)["details"] for v in d.get("fieldViolations", [])]
+    assert fields == ["security"]
+    records = {"records": [{"type": "A", "name": "www", "value": "192.0.2.1"}]}
+    status, _, body = envoy.request("PUT", f"/api/v1/domains/{domain_id}/dns", records, auth)
+    assert status == 200, body
+    assert [r["type"] for r in json.loads(body)["dnsRecords"]] == ["A"]
+    status, _, body = envoy.request("POST", f"{smtp}/dmarc", {"policy": "reject"}, auth)
+    assert status == 200, body
+    assert "p=reject" in json.loads(body)["recordValue"]
+
+
 def test_envoy_refuses_a_json_body_with_another_content_type(envoy: RunningEnvoy) -> None:
     # 415 with a Status JSON (code 3), as the local gateway answers, for what `curl -d` sends;
     # JSON media types (with parameters, +json suffixes) are transcoded as before.

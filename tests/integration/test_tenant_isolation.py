@@ -28,11 +28,7 @@ async def test_tenant_b_gets_not_found_for_tenant_a_domains_on_every_rpc(
         "UpdateDnsRecords": domains_stub.UpdateDnsRecords(
             domain_pb2.UpdateDnsRecordsRequest(
                 id=domain.id,
-                records=[
-                    domain_pb2.DnsRecord(
-                        type=domain_pb2.DNS_RECORD_TYPE_A, name="x", value="192.0.2.1"
-                    )
-                ],
+                records=[domain_pb2.DnsRecord(type="A", name="x", value="192.0.2.1")],
             ),
             metadata=intruder.metadata,
         ),

@@ -78,7 +78,7 @@ async def test_txt_strings_are_computed_from_the_value(
         domain_pb2.CreateDomainRequest(name=unique_domain()), metadata=tenant_a.metadata
     )
     record = domain_pb2.DnsRecord(
-        type=domain_pb2.DNS_RECORD_TYPE_TXT,
+        type="TXT",
         name="@",
         value="v=spf1 -all",
         txt_strings=["forged", "strings"],

@@ -193,7 +193,7 @@ async def _create_domain(a: Attack) -> None:
 @case(D + "GetDomain", D + "UpdateDnsRecords", D + "VerifyDomain", D + "DeleteDomain")
 async def _domain_object(a: Attack) -> None:
     stub, b = a.stubs.domains, a.b
-    record = domain_pb2.DnsRecord(type=domain_pb2.DNS_RECORD_TYPE_A, name="x", value="192.0.2.1")
+    record = domain_pb2.DnsRecord(type="A", name="x", value="192.0.2.1")
     calls: list[Callable[[str], Awaitable[Any]]] = [
         lambda i: stub.GetDomain(domain_pb2.GetDomainRequest(id=i), metadata=b),
         lambda i: stub.UpdateDnsRecords(
@@ -387,7 +387,7 @@ async def _smtp_domain_object(a: Attack) -> None:
             smtp_pb2.GenerateSpfRecordRequest(domain_id=d), metadata=b
         ),
         lambda d: stub.GenerateDmarcRecord(
-            smtp_pb2.GenerateDmarcRecordRequest(domain_id=d, policy=smtp_pb2.DMARC_POLICY_NONE),
+            smtp_pb2.GenerateDmarcRecordRequest(domain_id=d, policy="none"),
             metadata=b,
         ),
         lambda d: stub.CheckDnsRecords(smtp_pb2.CheckDnsRecordsRequest(domain_id=d), metadata=b),
@@ -467,7 +467,7 @@ async def victim(
         smtp_pb2.GenerateSpfRecordRequest(domain_id=domain.id), metadata=m
     )
     await stubs.smtp.GenerateDmarcRecord(
-        smtp_pb2.GenerateDmarcRecordRequest(domain_id=domain.id, policy=smtp_pb2.DMARC_POLICY_NONE),
+        smtp_pb2.GenerateDmarcRecordRequest(domain_id=domain.id, policy="none"),
         metadata=m,
     )
     email = await stubs.mail.SendEmail(

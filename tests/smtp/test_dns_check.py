@@ -55,7 +55,7 @@ async def prepare(
     dmarc = await stub.GenerateDmarcRecord(
         smtp_pb2.GenerateDmarcRecordRequest(
             domain_id=domain.id,
-            policy=smtp_pb2.DMARC_POLICY_REJECT,
+            policy="reject",
             aggregate_report_uris=[f"mailto:dmarc@{reports}"],
         ),
         metadata=tenant.metadata,

@@ -56,7 +56,7 @@ async def configure(stub: Stub, tenant: Tenant, domain_id: str) -> None:
             domain_id=domain_id,
             host="smtp.example.com",
             port=587,
-            security=smtp_pb2.SECURITY_MODE_STARTTLS_REQUIRED,
+            security="starttls",
             username=USERNAME,
             password=PASSWORD,
             timeout=duration_pb2.Duration(seconds=12),

@@ -36,7 +36,7 @@ async def test_config_is_stored_and_the_password_never_returned(
         update(
             domain.id,
             host="SMTP.Example.COM.",
-            security=smtp_pb2.SECURITY_MODE_STARTTLS_REQUIRED,
+            security="starttls",
             username=USERNAME,
             password=PASSWORD,
             client_hostname="mta.example.com",
@@ -126,7 +126,7 @@ async def test_missing_config_is_not_found(
         ({"username": "user\r\nRCPT TO:<x@y>"}, "username"),
         ({"username": USERNAME, "password": "pass\nword"}, "password"),
         ({"password": PASSWORD}, "username"),
-        ({"security": 42}, "security"),
+        ({"security": "ssl"}, "security"),
     ],
 )
 async def test_bad_settings_are_invalid_argument_naming_the_field(

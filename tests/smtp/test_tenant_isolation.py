@@ -56,7 +56,7 @@ CALLS: dict[str, Call] = {
         smtp_pb2.GenerateSpfRecordRequest(domain_id=d), metadata=m
     ),
     "GenerateDmarcRecord": lambda s, d, m: s.GenerateDmarcRecord(
-        smtp_pb2.GenerateDmarcRecordRequest(domain_id=d, policy=smtp_pb2.DMARC_POLICY_NONE),
+        smtp_pb2.GenerateDmarcRecordRequest(domain_id=d, policy="none"),
         metadata=m,
     ),
     "CheckDnsRecords": lambda s, d, m: s.CheckDnsRecords(

@@ -39,7 +39,10 @@ class _SecurityModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Security
     """Plain text only."""
 
 class SecurityMode(_SecurityMode, metaclass=_SecurityModeEnumTypeWrapper):
-    """SecurityMode is how the connection to the relay is protected."""
+    """SecurityMode is how the connection to the relay is protected, as the service reports it.
+    Requests name it with a string (UpdateSmtpConfigRequest.security), which accepts these names
+    too.
+    """
 
 SECURITY_MODE_UNSPECIFIED: SecurityMode.ValueType  # 0
 """Not set: derived from `secure` (true = IMPLICIT_TLS) or else STARTTLS_REQUIRED."""
@@ -157,7 +160,9 @@ class _DmarcPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DmarcPoli
     """Reject failing mail."""
 
 class DmarcPolicy(_DmarcPolicy, metaclass=_DmarcPolicyEnumTypeWrapper):
-    """DmarcPolicy is a DMARC p= or sp= value."""
+    """DmarcPolicy is a DMARC p= or sp= value. GenerateDmarcRecordRequest names policies with strings
+    (RFC 7489's "none", "quarantine", "reject"), which accept these names too.
+    """
 
 DMARC_POLICY_UNSPECIFIED: DmarcPolicy.ValueType  # 0
 """Not set."""
@@ -344,9 +349,20 @@ class UpdateSmtpConfigRequest(_message.Message):
     port: _builtins.int
     """Relay port (1..65535)."""
     secure: _builtins.bool
-    """Implicit TLS (the product spec's field); ignored when security is set."""
-    security: Global___SecurityMode.ValueType
-    """Connection security."""
+    """Implicit TLS (the product spec's field): true is `security` "tls". With `security` set,
+    true must agree with it (INVALID_ARGUMENT on `secure` otherwise).
+    """
+    security: _builtins.str
+    """Connection security, as the product spec writes it: "none" (plain text), "starttls"
+    (STARTTLS required) or "tls" (implicit TLS, usually port 465); also
+    "starttls_opportunistic" (STARTTLS when offered), and SecurityMode's names
+    ("SECURITY_MODE_NONE", ...) as before. Case does not matter. Empty: derived from `secure`
+    (true = "tls", else "starttls"). Anything else is INVALID_ARGUMENT on `security`, listing
+    the accepted values. A string, not SecurityMode, because a REST gateway drops an enum name
+    it does not know and the default would replace the caller's choice silently; the JSON form
+    is unchanged for clients that sent SecurityMode's names (gRPC stubs must be regenerated:
+    this field was SecurityMode until this change).
+    """
     username: _builtins.str
     """User name for SMTP AUTH."""
     password: _builtins.str
@@ -366,7 +382,7 @@ class UpdateSmtpConfigRequest(_message.Message):
         host: _builtins.str = ...,
         port: _builtins.int = ...,
         secure: _builtins.bool = ...,
-        security: Global___SecurityMode.ValueType = ...,
+        security: _builtins.str = ...,
         username: _builtins.str = ...,
         password: _builtins.str | None = ...,
         client_hostname: _builtins.str = ...,
@@ -938,10 +954,15 @@ class GenerateDmarcRecordRequest(_message.Message):
     REPORT_INTERVAL_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain's id."""
-    policy: Global___DmarcPolicy.ValueType
-    """Policy (p=), required."""
-    subdomain_policy: Global___DmarcPolicy.ValueType
-    """Subdomain policy (sp=)."""
+    policy: _builtins.str
+    """Policy (p=), required: "none", "quarantine" or "reject" (RFC 7489), or DmarcPolicy's names
+    ("DMARC_POLICY_REJECT", ...) as before; case does not matter. Anything else is
+    INVALID_ARGUMENT on `policy`, listing the accepted values. A string, not DmarcPolicy, so
+    that no gateway can drop a value it does not know (gRPC stubs must be regenerated: this
+    field was DmarcPolicy until this change).
+    """
+    subdomain_policy: _builtins.str
+    """Subdomain policy (sp=): as `policy`; empty leaves sp= out (subdomains follow p=)."""
     percent: _builtins.int
     """Percentage of mail the policy applies to (pct=, 0..100, default 100)."""
     dkim_alignment: Global___DmarcAlignment.ValueType
@@ -964,8 +985,8 @@ class GenerateDmarcRecordRequest(_message.Message):
         self,
         *,
         domain_id: _builtins.str = ...,
-        policy: Global___DmarcPolicy.ValueType = ...,
-        subdomain_policy: Global___DmarcPolicy.ValueType = ...,
+        policy: _builtins.str = ...,
+        subdomain_policy: _builtins.str = ...,
         percent: _builtins.int | None = ...,
         dkim_alignment: Global___DmarcAlignment.ValueType = ...,
         spf_alignment: Global___DmarcAlignment.ValueType = ...,
