@@ -356,6 +356,24 @@ async def _delivery_health(a: Attack) -> None:
     assert refused.reason == "INTERNAL_ONLY"
 
 
+@case(M + "CancelDomainEmails")
+async def _cancel_domain_emails(a: Attack) -> None:
+    # Internal (the domain service's deletion cascade): a user token is refused; a service
+    # token minted for B cancels nothing of A's, even naming A's domain (checked by `intact`).
+    stub, domain_id = a.stubs.mail, a.victim.domain.id
+    refused = await failure_of(
+        stub.CancelDomainEmails(
+            mail_pb2.CancelDomainEmailsRequest(domain_id=domain_id), metadata=a.b
+        )
+    )
+    assert refused.code == grpc.StatusCode.PERMISSION_DENIED
+    assert refused.reason == "INTERNAL_ONLY"
+    answer = await stub.CancelDomainEmails(
+        mail_pb2.CancelDomainEmailsRequest(domain_id=domain_id), metadata=a.b_service()
+    )
+    assert (answer.cancelled_count, answer.in_delivery_count) == (0, 0)
+
+
 @case(
     S + "GetSmtpConfig",
     S + "UpdateSmtpConfig",
@@ -540,7 +558,9 @@ async def test_tenant_b_cannot_reach_tenant_a_objects(
             victim=victim,
             intruder=new_tenant(settings),
             service_tokens=ServiceTokens.from_settings(
-                settings, subject="service:mail", scopes=["smtp:read", "smtp:write"]
+                settings,
+                subject="service:mail",
+                scopes=["smtp:read", "smtp:write", "emails:write"],
             ),
             settings=settings,
         )
