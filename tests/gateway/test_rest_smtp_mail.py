@@ -79,7 +79,7 @@ async def test_smtp_paths_answer_over_http(
     assert [k["selector"] for k in listed.json["keys"]] == ["s1"]
     bad_bits = await call(http, "POST", f"{smtp}/dkim", json={"keyBits": 123}, headers=auth)
     assert_status_json(bad_bits, http_status=400, code=3)
-    assert "key_bits" in bad_bits.violations or "keyBits" in bad_bits.violations
+    assert list(bad_bits.violations) == ["keyBits"]
 
     spf = await call(http, "POST", f"{smtp}/spf", json={}, headers=auth)
     assert spf.status == 200, spf.json
