@@ -746,9 +746,12 @@ def test_envoy_passes_the_spec_values_to_the_services(envoy: RunningEnvoy) -> No
     status, _, body = envoy.request("PUT", f"/api/v1/domains/{domain_id}/dns", records, auth)
     assert status == 200, body
     assert [r["type"] for r in json.loads(body)["dnsRecords"]] == ["A"]
-    status, _, body = envoy.request("POST", f"{smtp}/dmarc", {"policy": "reject"}, auth)
+    dmarc = {"policy": "reject", "dkimAlignment": "s"}
+    status, _, body = envoy.request("POST", f"{smtp}/dmarc", dmarc, auth)
     assert status == 200, body
-    assert "p=reject" in json.loads(body)["recordValue"]
+    assert "p=reject; adkim=s" in json.loads(body)["recordValue"]
+    status, _, body = envoy.request("POST", f"{smtp}/dmarc", {**dmarc, "dkimAlignment": "x"}, auth)
+    assert status == 400, body
 
 
 def test_envoy_refuses_a_json_body_with_another_content_type(envoy: RunningEnvoy) -> None:

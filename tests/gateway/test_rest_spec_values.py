@@ -118,3 +118,32 @@ async def test_dmarc_policies_as_rfc_7489_writes_them(
         headers=auth,
     )
     assert list(sub.violations) == ["subdomainPolicy"]
+
+
+async def test_dkim_spf_and_alignment_values_as_their_rfcs_write_them(
+    http: aiohttp.ClientSession, rest_base_url: str, auth: dict[str, str]
+) -> None:
+    # k= (RFC 6376/8463), SPF qualifiers (RFC 7208) and adkim=/aspf= (RFC 7489): as written in
+    # the records, and refused naming the field when they are none of the accepted values.
+    smtp = f"{rest_base_url}/api/v1/smtp/domains/{await new_domain(http, rest_base_url, auth)}"
+    key = await call(http, "POST", f"{smtp}/dkim", json={"algorithm": "ed25519"}, headers=auth)
+    assert key.status == 200, key.json
+    assert key.json["recordValue"].startswith("v=DKIM1; k=ed25519; p=")
+    spf = {"mechanisms": [{"kind": "ip4", "value": "192.0.2.1", "qualifier": "-"}], "all": "-"}
+    spf_reply = await call(http, "POST", f"{smtp}/spf", json=spf, headers=auth)
+    assert spf_reply.status == 200, spf_reply.json
+    assert "-ip4:192.0.2.1" in spf_reply.json["recordValue"]
+    assert spf_reply.json["recordValue"].endswith(" -all")
+    dmarc = {"policy": "none", "dkimAlignment": "s", "spfAlignment": "strict"}
+    dmarc_reply = await call(http, "POST", f"{smtp}/dmarc", json=dmarc, headers=auth)
+    assert dmarc_reply.status == 200, dmarc_reply.json
+    assert "adkim=s; aspf=s" in dmarc_reply.json["recordValue"]
+    for path, body, field in (
+        ("dkim", {"algorithm": "dsa"}, "algorithm"),
+        ("spf", {"all": "fail!"}, "all"),
+        ("spf", {"mechanisms": [{"kind": "mx", "qualifier": "x"}]}, "mechanisms[0].qualifier"),
+        ("dmarc", {"policy": "none", "spfAlignment": "loose"}, "spfAlignment"),
+    ):
+        reply = await call(http, "POST", f"{smtp}/{path}", json=body, headers=auth)
+        assert_status_json(reply, http_status=400, code=3)
+        assert list(reply.violations) == [field], reply.json

@@ -476,9 +476,7 @@ async def victim(
         metadata=m,
     )
     key = await stubs.smtp.GenerateDkimKey(
-        smtp_pb2.GenerateDkimKeyRequest(
-            domain_id=domain.id, algorithm=smtp_pb2.DKIM_ALGORITHM_ED25519
-        ),
+        smtp_pb2.GenerateDkimKeyRequest(domain_id=domain.id, algorithm="ed25519"),
         metadata=m,
     )
     await stubs.smtp.GenerateSpfRecord(

@@ -44,9 +44,7 @@ async def prepare(
         metadata=tenant.metadata,
     )
     key = await stub.GenerateDkimKey(
-        smtp_pb2.GenerateDkimKeyRequest(
-            domain_id=domain.id, algorithm=smtp_pb2.DKIM_ALGORITHM_ED25519
-        ),
+        smtp_pb2.GenerateDkimKeyRequest(domain_id=domain.id, algorithm="ed25519"),
         metadata=tenant.metadata,
     )
     spf = await stub.GenerateSpfRecord(

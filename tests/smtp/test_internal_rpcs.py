@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[2]
 INTERNAL = ("GetRelayCredentials", "GetSigningKey", "DeleteDomainData")
-ED25519 = smtp_pb2.DKIM_ALGORITHM_ED25519
+ED25519 = "ed25519"
 
 
 def service_metadata(

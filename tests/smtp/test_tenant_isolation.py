@@ -43,7 +43,7 @@ CALLS: dict[str, Call] = {
         metadata=m,
     ),
     "GenerateDkimKey": lambda s, d, m: s.GenerateDkimKey(
-        smtp_pb2.GenerateDkimKeyRequest(domain_id=d, algorithm=smtp_pb2.DKIM_ALGORITHM_ED25519),
+        smtp_pb2.GenerateDkimKeyRequest(domain_id=d, algorithm="ed25519"),
         metadata=m,
     ),
     "ListDkimKeys": lambda s, d, m: s.ListDkimKeys(
@@ -73,9 +73,7 @@ async def test_another_tenants_domain_is_not_found(
     domain = await register(domains_stub, tenant)
     await CALLS["UpdateSmtpConfig"](smtp_stub, domain.id, tenant.metadata)
     await smtp_stub.GenerateDkimKey(
-        smtp_pb2.GenerateDkimKeyRequest(
-            domain_id=domain.id, selector="owner", algorithm=smtp_pb2.DKIM_ALGORITHM_ED25519
-        ),
+        smtp_pb2.GenerateDkimKeyRequest(domain_id=domain.id, selector="owner", algorithm="ed25519"),
         metadata=tenant.metadata,
     )
     stranger = new_tenant(settings)

@@ -70,7 +70,9 @@ class _DkimAlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DkimAlg
     """Ed25519 with SHA-256 (ed25519-sha256, RFC 8463)."""
 
 class DkimAlgorithm(_DkimAlgorithm, metaclass=_DkimAlgorithmEnumTypeWrapper):
-    """DkimAlgorithm is the key type of a DKIM key."""
+    """DkimAlgorithm is the key type of a DKIM key, as the service reports it. Requests name it
+    with a string (GenerateDkimKeyRequest.algorithm), which accepts these names too.
+    """
 
 DKIM_ALGORITHM_UNSPECIFIED: DkimAlgorithm.ValueType  # 0
 """Not set: RSA-2048."""
@@ -130,7 +132,9 @@ class _SpfQualifierEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SpfQuali
     """Neutral (?)."""
 
 class SpfQualifier(_SpfQualifier, metaclass=_SpfQualifierEnumTypeWrapper):
-    """SpfQualifier is the result an SPF mechanism gives."""
+    """SpfQualifier is the result an SPF mechanism gives. Requests write qualifiers as strings
+    (SpfMechanism.qualifier), which accept these names too.
+    """
 
 SPF_QUALIFIER_UNSPECIFIED: SpfQualifier.ValueType  # 0
 """Not set: "+" for mechanisms, "~" for all."""
@@ -188,7 +192,9 @@ class _DmarcAlignmentEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DmarcA
     """Exact domains must match."""
 
 class DmarcAlignment(_DmarcAlignment, metaclass=_DmarcAlignmentEnumTypeWrapper):
-    """DmarcAlignment is a DMARC adkim= or aspf= value."""
+    """DmarcAlignment is a DMARC adkim= or aspf= value. Requests write alignments as strings
+    (GenerateDmarcRecordRequest.dkim_alignment), which accept these names too.
+    """
 
 DMARC_ALIGNMENT_UNSPECIFIED: DmarcAlignment.ValueType  # 0
 """Not set: relaxed."""
@@ -711,8 +717,13 @@ class GenerateDkimKeyRequest(_message.Message):
     """The domain's id."""
     selector: _builtins.str
     """Selector; generated from the date when empty."""
-    algorithm: Global___DkimAlgorithm.ValueType
-    """Key algorithm (default RSA)."""
+    algorithm: _builtins.str
+    """Key type as RFC 6376/8463 write it (k=): "rsa" (default) or "ed25519", or DkimAlgorithm's
+    names ("DKIM_ALGORITHM_RSA", ...) as before; case does not matter. Anything else is
+    INVALID_ARGUMENT on `algorithm`, listing the accepted values. A string so that no gateway
+    can drop a value it does not know (gRPC stubs must be regenerated: this field was
+    DkimAlgorithm until this change).
+    """
     key_bits: _builtins.int
     """RSA key size: 1024, 2048 (default), 3072 or 4096; 0 (or unset) for Ed25519."""
     auto_activate: _builtins.bool
@@ -724,7 +735,7 @@ class GenerateDkimKeyRequest(_message.Message):
         *,
         domain_id: _builtins.str = ...,
         selector: _builtins.str = ...,
-        algorithm: Global___DkimAlgorithm.ValueType = ...,
+        algorithm: _builtins.str = ...,
         key_bits: _builtins.int = ...,
         auto_activate: _builtins.bool = ...,
     ) -> None: ...
@@ -831,14 +842,19 @@ class SpfMechanism(_message.Message):
     """Mechanism kind: "include", "ip4", "ip6", "a", "mx", "exists"."""
     value: _builtins.str
     """Argument (domain, network); optional for "a" and "mx"."""
-    qualifier: Global___SpfQualifier.ValueType
-    """Qualifier."""
+    qualifier: _builtins.str
+    """Qualifier as RFC 7208 writes it: "+" (default), "-", "~" or "?"; also "pass", "fail",
+    "softfail", "neutral" and SpfQualifier's names ("SPF_QUALIFIER_FAIL", ...) as before.
+    Anything else is INVALID_ARGUMENT on `mechanisms[i].qualifier`, listing the accepted
+    values. A string so that no gateway can drop a value it does not know (gRPC stubs must be
+    regenerated: this field was SpfQualifier until this change).
+    """
     def __init__(
         self,
         *,
         kind: _builtins.str = ...,
         value: _builtins.str = ...,
-        qualifier: Global___SpfQualifier.ValueType = ...,
+        qualifier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -861,8 +877,8 @@ class GenerateSpfRecordRequest(_message.Message):
     EXCLUDE_RELAY_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain's id."""
-    all: Global___SpfQualifier.ValueType
-    """Qualifier of the final "all" (default SOFTFAIL)."""
+    all: _builtins.str
+    """Qualifier of the final "all", written as SpfMechanism.qualifier (default "~")."""
     redirect: _builtins.str
     """Redirect to another domain's policy instead of "all"."""
     exclude_relay: _builtins.bool
@@ -876,7 +892,7 @@ class GenerateSpfRecordRequest(_message.Message):
         *,
         domain_id: _builtins.str = ...,
         mechanisms: _abc.Iterable[Global___SpfMechanism] | None = ...,
-        all: Global___SpfQualifier.ValueType = ...,
+        all: _builtins.str = ...,
         redirect: _builtins.str = ...,
         exclude_relay: _builtins.bool = ...,
     ) -> None: ...
@@ -965,10 +981,15 @@ class GenerateDmarcRecordRequest(_message.Message):
     """Subdomain policy (sp=): as `policy`; empty leaves sp= out (subdomains follow p=)."""
     percent: _builtins.int
     """Percentage of mail the policy applies to (pct=, 0..100, default 100)."""
-    dkim_alignment: Global___DmarcAlignment.ValueType
-    """DKIM alignment (adkim=)."""
-    spf_alignment: Global___DmarcAlignment.ValueType
-    """SPF alignment (aspf=)."""
+    dkim_alignment: _builtins.str
+    """DKIM alignment (adkim=) as RFC 7489 writes it: "r" (relaxed, the default) or "s"
+    (strict); also "relaxed", "strict" and DmarcAlignment's names as before. Anything else is
+    INVALID_ARGUMENT on `dkim_alignment`, listing the accepted values. A string so that no
+    gateway can drop a value it does not know (gRPC stubs must be regenerated: this field was
+    DmarcAlignment until this change).
+    """
+    spf_alignment: _builtins.str
+    """SPF alignment (aspf=), written as `dkim_alignment`."""
     failure_options: _builtins.str
     """Failure reporting options (fo=): "0", "1", "d", "s", colon-separated."""
     report_interval: _builtins.int
@@ -988,8 +1009,8 @@ class GenerateDmarcRecordRequest(_message.Message):
         policy: _builtins.str = ...,
         subdomain_policy: _builtins.str = ...,
         percent: _builtins.int | None = ...,
-        dkim_alignment: Global___DmarcAlignment.ValueType = ...,
-        spf_alignment: Global___DmarcAlignment.ValueType = ...,
+        dkim_alignment: _builtins.str = ...,
+        spf_alignment: _builtins.str = ...,
         aggregate_report_uris: _abc.Iterable[_builtins.str] | None = ...,
         failure_report_uris: _abc.Iterable[_builtins.str] | None = ...,
         failure_options: _builtins.str = ...,
