@@ -307,7 +307,7 @@ class Suite:
                     domain_id=domain.id,
                     host="127.0.0.1",
                     port=self.sink_port,
-                    security=smtp_pb2.SECURITY_MODE_NONE,
+                    security="none",
                 )
             )
             return str(domain.id)

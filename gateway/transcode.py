@@ -31,6 +31,7 @@ from urllib.parse import unquote
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+from google.rpc import code_pb2
 
 from gateway.base64_fields import check_bytes_fields
 from gateway.descriptors import (
@@ -62,9 +63,14 @@ _SCALAR_JSON_MESSAGES = frozenset(
     }
 )
 _INTEGER = re.compile(r"^-?[0-9]+$")
-# json_format names the field at fault in these shapes; used for BadRequest violations.
-_UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)"')
+# json_format names the field at fault in these shapes; used for BadRequest violations. The
+# names are the client's own spelling (JSON or proto name, whichever it sent); "at" is the path
+# of the message holding the field, starting with the request message's own name.
+_UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)" at "([^"]+)"')
 _BAD_FIELD = re.compile(r"Failed to parse (\S+) field")
+_BAD_FIELD_AT = re.compile(r" at ([A-Za-z_][\w\[\]]*(?:\.[A-Za-z_][\w\[\]]*)*)\.*$")
+# Media types whose body is JSON (RFC 6839 structured suffixes included).
+_JSON_MEDIA_TYPE = re.compile(r"^application/([\w.+-]+\+)?json$")
 
 
 def parse_query(raw_query: str) -> list[tuple[str, str]]:
@@ -88,11 +94,29 @@ def parse_query(raw_query: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _json_problem(exc: Exception, *, default_field: str) -> tuple[str, str]:
-    """(field, message) for a json_format error; the field is best effort."""
-    message = str(exc)
-    found = _UNKNOWN_FIELD.search(message) or _BAD_FIELD.search(message)
-    return (found.group(1) if found else default_field), message
+def _without_root(path: str) -> str:
+    """A json_format path without its first step, the request message's name."""
+    return path.partition(".")[2]
+
+
+def _json_problem(exc: Exception, *, default_field: str) -> tuple[str, str, bool]:
+    """(field path, message, unknown field?) for a json_format error; the path is best effort."""
+    message = str(exc).split("\n", 1)[0]
+    unknown = _UNKNOWN_FIELD.search(message)
+    if unknown:
+        parent = _without_root(unknown.group(2))
+        return (f"{parent}.{unknown.group(1)}" if parent else unknown.group(1)), message, True
+    at = _BAD_FIELD_AT.search(message)
+    if at and _without_root(at.group(1)):
+        return _without_root(at.group(1)), message, False
+    nested = _BAD_FIELD.findall(message)
+    return (".".join(nested) if nested else default_field), message, False
+
+
+def is_json_media_type(content_type: str) -> bool:
+    """Whether a Content-Type header names JSON (parameters such as charset aside)."""
+    media_type = content_type.partition(";")[0].strip().lower()
+    return bool(_JSON_MEDIA_TYPE.match(media_type))
 
 
 def _is_set(message: Message, field: FieldDescriptor) -> bool:
@@ -174,6 +198,17 @@ class Transcoder:
             return
         if not body.strip():
             return  # an empty body is an empty message, as in Envoy
+        if content_type and not is_json_media_type(content_type):
+            # A form or text body is not read as JSON by accident (curl -d sends
+            # application/x-www-form-urlencoded): the client learns what to send instead.
+            raise GatewayError(
+                code_pb2.INVALID_ARGUMENT,
+                f"the request body must be JSON (Content-Type: application/json), not "
+                f"{content_type.partition(';')[0].strip()[:100]!r}",
+                reason="UNSUPPORTED_MEDIA_TYPE",
+                http_status=415,
+                violations=[("body", "send it with Content-Type: application/json")],
+            )
         value = self._decode_json(body)
         if leaf is None:
             if not isinstance(value, dict):
@@ -191,12 +226,18 @@ class Transcoder:
                 document = {field.name: document}
         check_bytes_fields(document, descriptor_of(request))
         try:
-            # Unknown body fields are dropped, as Envoy's transcoder does.
-            json_format.ParseDict(
-                document, request, ignore_unknown_fields=True, descriptor_pool=self._pool
-            )
+            # Unknown fields (and unknown enum names) are refused, not dropped: a misspelt
+            # `scheduledAt` must not send an email now. Envoy's transcoder has no such option
+            # (gateway/README.md).
+            json_format.ParseDict(document, request, descriptor_pool=self._pool)
         except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
-            field_name, message = _json_problem(exc, default_field=binding.body)
+            field_name, message, unknown = _json_problem(exc, default_field=binding.body)
+            if unknown:
+                raise GatewayError.invalid(
+                    f"unknown field {field_name!r} in the request body: {message}",
+                    reason="UNKNOWN_FIELD",
+                    field=field_name,
+                ) from None
             raise GatewayError.invalid(
                 f"invalid request body: {message}", reason="INVALID_JSON_BODY", field=field_name
             ) from None

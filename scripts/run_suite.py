@@ -12,6 +12,9 @@ already built everything. Configuration is the services' own environment, passed
 - ``AZORA_DOMAIN_GRPC_PORT``, ``AZORA_SMTP_GRPC_PORT``, ``AZORA_MAIL_GRPC_PORT`` (defaults
   50051, 50052, 50053) and ``AZORA_HOST`` only decide what is printed here; the services read
   them themselves.
+- ``AZORA_METRICS_PEERS`` unset: set to the suite's own smtp, mail and gateway scrape endpoints
+  (``AZORA_METRICS_PORT_*``), so ``GET /metrics`` shows every process's counters (the email
+  counters live in the mail process) without configuration. Set it (even empty) to choose.
 
 SIGTERM or SIGINT stops the services (SIGTERM, then SIGKILL after a grace period) and then
 FerretDB, which the services need while they drain. If any child exits on its own, everything
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
@@ -38,6 +42,7 @@ from services.core.embedded_db import (
     die_with_parent_preexec,
     find_ferretdb_binary,
 )
+from services.core.settings import METRICS_PORTS
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 FERRETDB_DATA_DIR = REPO_ROOT / "var" / "ferretdb"
@@ -77,6 +82,34 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+# The processes whose expositions the domain process merges into GET /metrics (it serves its
+# own registry itself): settings' service name, as METRICS_PORTS spells it.
+METRICS_PEERS = ("smtp-service", "mail-service", "gateway")
+
+
+def suite_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment the suite's children get: ours, plus the defaults that wire them.
+
+    The peers are reached on loopback: a wildcard AZORA_METRICS_HOST still listens there.
+    A port set to 0 (metrics off) leaves that process out.
+    """
+    env = dict(environ)
+    if "AZORA_METRICS_PEERS" not in env:
+        host = env.get("AZORA_METRICS_HOST", "").strip() or "127.0.0.1"
+        if host in ("0.0.0.0", "::"):  # noqa: S104 - a listen address, not a bind
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        peers = []
+        for name in METRICS_PEERS:
+            variable, default = METRICS_PORTS[name]
+            port = env.get(variable, "").strip() or str(default)
+            if port != "0":
+                peers.append(f"{name}=http://{host}:{port}/metrics")
+        env["AZORA_METRICS_PEERS"] = ",".join(peers)
+    return env
 
 
 def start_ferretdb() -> EmbeddedFerretDB:
@@ -132,7 +165,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    env = dict(os.environ)
+    env = suite_environment(os.environ)
     db: EmbeddedFerretDB | None = None
     children: dict[str, subprocess.Popen[bytes]] = {}
     status = 0

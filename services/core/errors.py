@@ -8,7 +8,7 @@ google.rpc details, so the mapping from error kind to status code lives in exact
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,7 +34,13 @@ class ErrorKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class FieldViolation:
-    """One invalid field of a request, named by its proto path (e.g. ``records[2].ttl``)."""
+    """One invalid field of a request, named by its path (e.g. ``records[2].ttl``).
+
+    Domain code may use proto names (``send_at``); the error interceptor renames every path to
+    the request's JSON names (``sendAt``) before it leaves the service, for gRPC and REST
+    alike: Envoy relays a service's status unchanged, so the service must already speak the
+    REST spelling, and one spelling for every client is simpler than two.
+    """
 
     field: str
     description: str
@@ -103,6 +109,19 @@ class InvalidArgument(AzoraError):
     def single(cls, field: str, description: str) -> InvalidArgument:
         """Build an error for one bad field."""
         return cls([FieldViolation(field, description)])
+
+    def renamed(self, rename: Callable[[str], str]) -> InvalidArgument:
+        """The same error with every field path passed through `rename`.
+
+        A message built from the violations is rebuilt; a message of its own is kept.
+        """
+        violations = [FieldViolation(rename(v.field), v.description) for v in self.violations]
+        built = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        message = None if self.message == built else self.message
+        renamed = InvalidArgument(violations, message=message, reason=self.reason)
+        renamed.metadata = self.metadata
+        renamed.details = self.details
+        return renamed
 
 
 class NotFound(AzoraError):

@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 import pymongo
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
 from pymongo.errors import PyMongoError
 
@@ -40,6 +40,7 @@ from services.core.errors import (
 )
 from services.core.metrics import GRPC_REQUEST_DURATION, GRPC_REQUESTS
 from services.core.mongo import translate_error
+from services.core.protobuf import json_field_path
 from services.core.ratelimit import RateLimiter, RateLimitExceeded
 from services.core.status import internal_status, to_status
 from services.core.tracing import server_span, set_rpc_code
@@ -164,6 +165,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                         await _send_headers(context, headers)
                         return response
                     except AzoraError as exc:
+                        if isinstance(exc, InvalidArgument) and isinstance(request, Message):
+                            # Field paths in the request's JSON names (FieldViolation says why).
+                            descriptor: Any = request.DESCRIPTOR
+                            exc = exc.renamed(lambda path: json_field_path(descriptor, path))
                         code, status = to_status(exc, service_domain=domain)
                     except PyMongoError as exc:
                         left = context.time_remaining()

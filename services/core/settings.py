@@ -87,6 +87,9 @@ class Settings:
     # Rate limits and quotas (services.core.ratelimit; docs/operations.md "Rate limits").
     # RATE_LIMIT_MAX requests per RATE_LIMIT_WINDOW per client IP and per principal, for every
     # rpc except the sending ones, which have their own budget (AZORA_SEND_RATE_LIMIT_*).
+    # 100 is the product spec's figure and production's default; outside production the
+    # default is DEVELOPMENT_RATE_LIMIT_MAX, so someone following the setup guide (polling an
+    # email once a second, say) is not refused by a budget meant for the internet.
     rate_limit_window_ms: int = 15 * 60 * 1000
     rate_limit_max: int = 100
     send_rate_limit_window_ms: int = 60 * 1000
@@ -261,7 +264,13 @@ class Settings:
             rate_limit_window_ms=reader.integer(
                 "RATE_LIMIT_WINDOW", defaults.rate_limit_window_ms, minimum=1
             ),
-            rate_limit_max=reader.integer("RATE_LIMIT_MAX", defaults.rate_limit_max, minimum=1),
+            rate_limit_max=reader.integer(
+                "RATE_LIMIT_MAX",
+                defaults.rate_limit_max
+                if environment is Environment.PRODUCTION
+                else DEVELOPMENT_RATE_LIMIT_MAX,
+                minimum=1,
+            ),
             send_rate_limit_window_ms=reader.integer(
                 "AZORA_SEND_RATE_LIMIT_WINDOW", defaults.send_rate_limit_window_ms, minimum=1
             ),
@@ -420,6 +429,10 @@ def _decode_key(value: str) -> bytes:
     if len(key) != 32:
         raise SettingsError("AZORA_SECRETS_KEY must decode to exactly 32 bytes")
     return key
+
+
+# RATE_LIMIT_MAX when unset outside production: about 11 requests a second for a whole window.
+DEVELOPMENT_RATE_LIMIT_MAX = 10_000
 
 
 # Observability: each process's metrics port variable and default (0 = not served).

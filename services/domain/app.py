@@ -23,7 +23,7 @@ from services.core.metrics import Peer
 from services.core.runtime import Database, RunningService, run_periodically, start_service
 from services.core.settings import Settings
 from services.core.tracing import traced_channel
-from services.domain.cascade import SmtpDataCascade
+from services.domain.cascade import MailCancelCascade, SmtpDataCascade
 from services.domain.manager import DomainManager, DomainPolicy
 from services.domain.repository import INDEXES as DOMAIN_INDEXES
 from services.domain.repository import MongoClaimRepository, MongoDomainRepository
@@ -84,18 +84,21 @@ async def build(
     clock = clock or SystemClock()
     database = Database.connect(settings)
     smtp_channel = traced_channel(settings.smtp_service_target)
+    mail_channel = traced_channel(settings.mail_service_target)
     manager = DomainManager(
         domains=MongoDomainRepository(database.db),
         claims=MongoClaimRepository(database.db),
         checker=OwnershipVerifier(resolver=DnsResolver.from_settings(settings), clock=clock),
         clock=clock,
         policy=policy_from(settings),
+        # The mail service owns emails: it cancels the unfinished ones of a deleted domain.
         # The SMTP service owns relay configs and DKIM keys: it purges them on deletion.
         on_deleted=[
+            MailCancelCascade(mail_channel, settings=settings),
             SmtpDataCascade(
                 smtp_channel,
                 settings=settings,
-            )
+            ),
         ],
     )
     api_keys = ApiKeyManager(
@@ -104,7 +107,6 @@ async def build(
         default_page_size=settings.default_page_size,
         max_page_size=settings.max_page_size,
     )
-    mail_channel = traced_channel(settings.mail_service_target)
     health = SuiteHealthServicer(
         services={
             "smtp-service": (smtp_channel, SMTP_SERVICE),

@@ -1,4 +1,8 @@
-"""Deletion cascade: when a domain is deleted, the SMTP service purges the domain's data.
+"""Deletion cascade: when a domain is deleted, its owners clean up what they hold for it.
+
+The mail service cancels the domain's queued, scheduled and deferred emails (internal rpc
+``MailService/CancelDomainEmails``), each with a CANCELLED event saying why, so none keeps
+retrying without a relay; and the SMTP service purges the domain's data, as below.
 
 The SMTP service owns the relay configurations, DKIM keyrings and generated records, so the
 domain service never deletes them itself: it asks the owner through the internal rpc
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+from azora.mail.v1 import mail_pb2, mail_pb2_grpc
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 
 from services.core.auth import ServiceTokens
@@ -66,4 +71,52 @@ class SmtpDataCascade:
             )
 
 
-__all__ = ["SERVICE_SUBJECT", "SmtpDataCascade"]
+class MailCancelCascade:
+    """A `DomainDeletedHook`: asks the mail service to cancel a deleted domain's emails."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        settings: Settings,
+        timeout: float = 10.0,
+    ) -> None:
+        self._stub = mail_pb2_grpc.MailServiceStub(channel)
+        self._tokens = ServiceTokens.from_settings(
+            settings, subject=SERVICE_SUBJECT, scopes=["emails:write"]
+        )
+        # Bounded: the user's DELETE waits for this call.
+        self._timeout = timeout
+
+    async def __call__(self, domain: Domain) -> None:
+        """Cancel `domain`'s unfinished emails; failures are logged, never raised.
+
+        Not retried here: an email left behind is refused a relay at every attempt (the
+        domain is gone) and ends FAILED at its maximum lifetime, with the reason recorded.
+        """
+        try:
+            answer = await self._stub.CancelDomainEmails(
+                mail_pb2.CancelDomainEmailsRequest(domain_id=domain.id),
+                metadata=self._tokens.metadata(domain.tenant_id),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning(
+                "emails of a deleted domain not cancelled now; they fail at their maximum "
+                "lifetime instead",
+                extra={"fields": {"domain_id": domain.id, "code": exc.code().name}},
+            )
+        else:
+            log.info(
+                "emails of deleted domain cancelled",
+                extra={
+                    "fields": {
+                        "domain_id": domain.id,
+                        "cancelled": answer.cancelled_count,
+                        "in_delivery": answer.in_delivery_count,
+                    }
+                },
+            )
+
+
+__all__ = ["SERVICE_SUBJECT", "MailCancelCascade", "SmtpDataCascade"]

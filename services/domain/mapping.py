@@ -37,7 +37,7 @@ def status_from_proto(value: int) -> DomainStatus | None:
 def record_to_proto(record: DnsRecord) -> domain_pb2.DnsRecord:
     """A stored record as a proto."""
     return domain_pb2.DnsRecord(
-        type=domain_pb2.DnsRecordType.Value(f"DNS_RECORD_TYPE_{record.type.name}"),
+        type=record.type.value,
         name=record.name,
         value=record.value,
         ttl=record.ttl,
@@ -49,13 +49,14 @@ def record_to_proto(record: DnsRecord) -> domain_pb2.DnsRecord:
 
 
 def record_from_proto(record: domain_pb2.DnsRecord) -> DnsRecordInput:
-    """A record from a request, unvalidated (the manager validates the whole set)."""
-    try:
-        type_name = domain_pb2.DnsRecordType.Name(record.type).removeprefix("DNS_RECORD_TYPE_")
-    except ValueError:
-        type_name = f"unknown type {record.type}"
-    if type_name == "UNSPECIFIED":
-        type_name = ""
+    """A record from a request, unvalidated (the manager validates the whole set).
+
+    The type is the caller's text ("A", "a", or DnsRecordType's "DNS_RECORD_TYPE_A" as before
+    the field became a string); the record-set validation refuses what is no type.
+    """
+    type_name = record.type.strip()
+    if type_name.upper().startswith("DNS_RECORD_TYPE_"):
+        type_name = type_name[len("DNS_RECORD_TYPE_") :]
     return DnsRecordInput(
         type=type_name,
         name=record.name,

@@ -20,6 +20,8 @@ import hashlib
 import json
 import mimetypes
 import re
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email import policy as email_policy
@@ -194,12 +196,8 @@ def parse_mailbox(value: str, field_name: str) -> Mailbox:
         raise InvalidArgument.single(field_name, f"{value!r} is not a valid email address")
     name, addr = pairs[0]
     local, _, domain = addr.rpartition("@")
-    if (
-        not _LOCAL_RE.fullmatch(local)
-        or local.startswith(".")
-        or local.endswith(".")
-        or ".." in local
-    ):
+    local = unicodedata.normalize("NFC", local)  # RFC 6532 section 3.1
+    if not _valid_local_part(local):
         raise InvalidArgument.single(field_name, f"{value!r} has an invalid local part")
     try:
         a_label = idna.encode(domain.rstrip("."), uts46=True).decode("ascii").lower()
@@ -208,9 +206,35 @@ def parse_mailbox(value: str, field_name: str) -> Mailbox:
     if "." not in a_label or len(a_label) > 253:
         raise InvalidArgument.single(field_name, f"{value!r} has an invalid domain")
     addr_spec = f"{local}@{a_label}"
+    if not addr_spec.isascii():
+        # An internationalised address (RFC 6531/6532) is written as UTF-8 in the headers of
+        # a message that then needs SMTPUTF8; the display name is quoted, not RFC 2047-encoded.
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        return Mailbox(
+            header=f'"{quoted}" <{addr_spec}>' if name else addr_spec,
+            addr_spec=addr_spec,
+            domain=a_label,
+        )
     # formataddr quotes or RFC 2047-encodes the display name as needed.
     header = formataddr((name, addr_spec)) if name else addr_spec
     return Mailbox(header=header, addr_spec=addr_spec, domain=a_label)
+
+
+def _valid_local_part(local: str) -> bool:
+    """RFC 5321 dot-atom local part, with RFC 6531's UTF-8 characters; at most 64 octets."""
+    if not local or len(local.encode()) > 64:
+        return False
+    if local.startswith(".") or local.endswith(".") or ".." in local:
+        return False
+    return all(
+        _LOCAL_RE.fullmatch(ch) if ch.isascii() else unicodedata.category(ch)[0] not in "CZ"
+        for ch in local
+    )
+
+
+def needs_smtputf8(addresses: Iterable[str]) -> bool:
+    """Whether addr-specs can only travel in an SMTPUTF8 transaction (RFC 6531)."""
+    return not all(address.isascii() for address in addresses)
 
 
 def validate(request: SendInput, *, limits: Limits, now: datetime) -> ValidRequest:
@@ -371,7 +395,11 @@ def build_message(
     """
     request = valid.request
     message_id = f"<{email_id}@{domain}>"
-    msg = EmailMessage(policy=email_policy.SMTP)
+    header_addresses = [valid.sender, *valid.to, *valid.cc, *valid.reply_to]
+    # UTF-8 headers only when an address needs them (the relay must then offer SMTPUTF8);
+    # otherwise RFC 2047 words keep the message readable by any relay.
+    utf8 = needs_smtputf8(m.addr_spec for m in header_addresses)
+    msg = EmailMessage(policy=email_policy.SMTPUTF8 if utf8 else email_policy.SMTP)
     msg["From"] = valid.sender.header
     if valid.to:
         msg["To"] = ", ".join(m.header for m in valid.to)
@@ -447,6 +475,7 @@ __all__ = [
     "build_message",
     "content_type_of",
     "header_text_problem",
+    "needs_smtputf8",
     "parse_mailbox",
     "validate",
 ]

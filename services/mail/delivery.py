@@ -159,6 +159,14 @@ def _reply(code: int, text: str) -> SmtpReply:
     return SmtpReply(code, match.group(1) if match else "", text)
 
 
+def _needs_smtputf8(envelope_from: str, recipients: Sequence[str], message: bytes) -> bool:
+    """Whether an address or the header section (UTF-8 addresses, RFC 6532) is not ASCII."""
+    headers = message.split(b"\r\n\r\n", 1)[0]
+    return not (
+        envelope_from.isascii() and all(r.isascii() for r in recipients) and headers.isascii()
+    )
+
+
 def _failure_reply(exc: BaseException) -> SmtpReply:
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 200:
         return _reply(exc.code, exc.message)
@@ -275,21 +283,44 @@ class RelayPool:
             try:
                 if smtp is None:
                     smtp = await self._connect(endpoint)
+                # Internationalised addresses (RFC 6531) travel only in an SMTPUTF8
+                # transaction, with the addresses and headers as UTF-8.
+                utf8 = _needs_smtputf8(envelope_from, recipients, message)
+                options = ["SMTPUTF8"] if utf8 else []
+                encoding = "utf-8" if utf8 else "ascii"
+                if utf8 and smtp.is_ehlo_or_helo_needed:
+                    stage = "EHLO"
+                    await smtp.ehlo()  # the extensions are known only after EHLO
+                if utf8 and not smtp.supports_extension("smtputf8"):
+                    # RFC 6531 3.2: never downgraded or sent anyway. Retrying cannot help
+                    # until the relay changes, and it is not the recipient's fault: failed
+                    # now, with the reason (0 = our verdict, not a reply; 5.6.7 per RFC 6531).
+                    verdict = SmtpReply(
+                        0,
+                        "5.6.7",
+                        f"not sent: the relay {endpoint.host}:{endpoint.port} does not offer "
+                        "SMTPUTF8, which internationalised addresses need (RFC 6531)",
+                    )
+                    if len(idle) < self._max_idle:
+                        idle.append(smtp)  # no transaction was started: still usable
+                    else:
+                        smtp.close()
+                    return dict.fromkeys(recipients, verdict)
                 stage = "MAIL FROM"
                 try:
-                    await smtp.mail(envelope_from)
+                    await smtp.mail(envelope_from, options=options, encoding=encoding)
                 except aiosmtplib.SMTPServerDisconnected:
                     if not reused:
                         raise
                     # The relay closed the idle connection meanwhile: one fresh try.
                     smtp.close()
                     smtp = await self._connect(endpoint)
-                    await smtp.mail(envelope_from)
+                    await smtp.mail(envelope_from, options=options, encoding=encoding)
                 accepted: list[str] = []
                 stage = "RCPT TO"
                 for rcpt in recipients:
                     try:
-                        response = await smtp.rcpt(rcpt)
+                        response = await smtp.rcpt(rcpt, encoding=encoding)
                     except aiosmtplib.SMTPRecipientRefused as exc:
                         replies[rcpt] = _reply(exc.code, exc.message)
                         continue
@@ -379,6 +410,11 @@ def decide(
         elif klass == 5:
             r.status = RecipientStatus.BOUNCED
             events.append(Event(EventType.BOUNCED, now, r.address, reply, diagnostic))
+        elif reply.enhanced_code.startswith("5."):
+            # Our own permanent verdict, without a relay reply (e.g. no SMTPUTF8): failed
+            # at once with the reason, neither retried nor counted as the address's bounce.
+            r.status = RecipientStatus.FAILED
+            events.append(Event(EventType.FAILED, now, r.address, reply, diagnostic))
         elif expired:
             r.status = RecipientStatus.FAILED
             events.append(

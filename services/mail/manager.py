@@ -510,6 +510,31 @@ class MailManager:
             violations=[PreconditionViolation("EMAIL_SENDING", "id", "a worker holds it")],
         )
 
+    async def cancel_domain(self, *, tenant_id: str, domain_id: str) -> tuple[int, int]:
+        """Cancel every unfinished email of a deleted domain, recording why on each.
+
+        Returns:
+            (cancelled, in delivery): emails cancelled now, and emails a worker held at that
+            moment (their attempt finishes; without the domain's relay a deferral ends in
+            failure at the maximum lifetime, recorded like any other).
+
+        Raises:
+            InvalidArgument: malformed domain id.
+        """
+        check_id(domain_id, field="domain_id")
+        cancelled = in_delivery = 0
+        for email_id in await self._emails.unfinished_ids(tenant_id=tenant_id, domain_id=domain_id):
+            event = Event(
+                EventType.CANCELLED,
+                self._clock.now(),
+                detail=f"cancelled: its domain {domain_id} was deleted",
+            )
+            if await self._emails.cancel(tenant_id=tenant_id, email_id=email_id, event=event):
+                cancelled += 1
+            else:
+                in_delivery += 1  # held by a worker (or finished in between)
+        return cancelled, in_delivery
+
     async def reschedule(self, *, tenant_id: str, email_id: str, send_at: datetime | None) -> Email:
         """Move an unfinished email that no worker holds to `send_at` (past: now).
 

@@ -199,6 +199,10 @@ class EmailRepository(Protocol):
         """Remove a finished email and its content; None if it is not finished."""
         ...
 
+    async def unfinished_ids(self, *, tenant_id: str, domain_id: str) -> list[str]:
+        """Ids of the tenant's queued, scheduled or deferred emails sent from `domain_id`."""
+        ...
+
     async def add_event(self, *, tenant_id: str, email_id: str, event: Event) -> None:
         """Append an event to an email's timeline."""
         ...
@@ -824,6 +828,20 @@ class MongoEmailRepository:
         if await self._live_lease(email_id, now) is not None:
             return None  # a worker is delivering it right now
         return doc
+
+    async def unfinished_ids(self, *, tenant_id: str, domain_id: str) -> list[str]:
+        """See `EmailRepository.unfinished_ids`.
+
+        Asked once per deleted domain, never on a request or queue path: served by the
+        tenant index on MongoDB; FerretDB 1.24 scans the tenant's emails (DESIGN.md's measured
+        facts), which a rare deletion can afford.
+        """
+        query: Document = {
+            "tenant_id": tenant_id,
+            "domain_id": domain_id,
+            "status": {"$in": list(_CANCELLABLE)},
+        }
+        return [str(doc["_id"]) async for doc in self._emails.find(query, {"_id": 1})]
 
     async def cancel(self, *, tenant_id: str, email_id: str, event: Event) -> Email | None:
         """See `EmailRepository.cancel`."""

@@ -113,3 +113,14 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):
         """See the proto."""
         await self._manager.delete(tenant_id=current_principal().tenant_id, email_id=request.id)
         return empty_pb2.Empty()
+
+    async def CancelDomainEmails(
+        self, request: mail_pb2.CancelDomainEmailsRequest, context: Context
+    ) -> mail_pb2.CancelDomainEmailsResponse:
+        """See the proto."""
+        cancelled, in_delivery = await self._manager.cancel_domain(
+            tenant_id=current_principal().tenant_id, domain_id=request.domain_id
+        )
+        return mail_pb2.CancelDomainEmailsResponse(
+            cancelled_count=cancelled, in_delivery_count=in_delivery
+        )

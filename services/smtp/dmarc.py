@@ -75,9 +75,7 @@ class DmarcBuilder:
         violations: list[FieldViolation] = []
         warnings: list[str] = []
         if request.policy is None:
-            violations.append(
-                FieldViolation("policy", "required: DMARC_POLICY_NONE, QUARANTINE or REJECT")
-            )
+            violations.append(FieldViolation("policy", "required: none, quarantine or reject"))
         if request.percent is not None and request.percent > 100:
             violations.append(FieldViolation("percent", f"must be 0-100; got {request.percent}"))
         rua, rua_domains = self._uris(

@@ -1,7 +1,8 @@
 """Translation between the SMTP service's models and its protobuf messages.
 
-Unknown enum numbers (a newer client, or a hand-written JSON body) become INVALID_ARGUMENT on
-the field that carried them, never INTERNAL.
+Values a client types by hand (relay security, DMARC policy and alignment, SPF qualifiers, DKIM
+key type) arrive as strings: an unknown one becomes INVALID_ARGUMENT on the field that carried
+it, listing the accepted values, never INTERNAL and never a default in its place.
 """
 
 from __future__ import annotations
@@ -47,31 +48,54 @@ _ALGORITHMS = {
     smtp_pb2.DKIM_ALGORITHM_RSA: DkimAlgorithm.RSA,
     smtp_pb2.DKIM_ALGORITHM_ED25519: DkimAlgorithm.ED25519,
 }
-_QUALIFIERS = {
-    smtp_pb2.SPF_QUALIFIER_PASS: SpfQualifier.PASS,
-    smtp_pb2.SPF_QUALIFIER_FAIL: SpfQualifier.FAIL,
-    smtp_pb2.SPF_QUALIFIER_SOFTFAIL: SpfQualifier.SOFTFAIL,
-    smtp_pb2.SPF_QUALIFIER_NEUTRAL: SpfQualifier.NEUTRAL,
+# Values typed by hand are strings (the protos say why): the spec's and RFC's spelling first,
+# then what else is accepted, every key lowercase (matching ignores case).
+_SECURITY_NAMES = {
+    "none": SecurityMode.NONE,
+    "starttls": SecurityMode.STARTTLS_REQUIRED,
+    "tls": SecurityMode.IMPLICIT_TLS,
+    "starttls_opportunistic": SecurityMode.STARTTLS_OPPORTUNISTIC,
+    "starttls_required": SecurityMode.STARTTLS_REQUIRED,
+    "implicit_tls": SecurityMode.IMPLICIT_TLS,
+    **{smtp_pb2.SecurityMode.Name(number).lower(): mode for number, mode in _SECURITY.items()},
 }
-_POLICIES = {
-    smtp_pb2.DMARC_POLICY_NONE: DmarcPolicy.NONE,
-    smtp_pb2.DMARC_POLICY_QUARANTINE: DmarcPolicy.QUARANTINE,
-    smtp_pb2.DMARC_POLICY_REJECT: DmarcPolicy.REJECT,
+_SECURITY_SHOWN = 'none, starttls, tls or starttls_opportunistic (or "SECURITY_MODE_..." names)'
+_POLICY_NAMES = {
+    **{policy.value: policy for policy in DmarcPolicy},
+    **{f"dmarc_policy_{policy.value}": policy for policy in DmarcPolicy},
 }
-_ALIGNMENTS = {
-    smtp_pb2.DMARC_ALIGNMENT_RELAXED: DmarcAlignment.RELAXED,
-    smtp_pb2.DMARC_ALIGNMENT_STRICT: DmarcAlignment.STRICT,
+_POLICY_SHOWN = 'none, quarantine or reject (or "DMARC_POLICY_..." names)'
+_ALGORITHM_NAMES = {
+    **{algorithm.value: algorithm for algorithm in DkimAlgorithm},
+    **{f"dkim_algorithm_{algorithm.value}": algorithm for algorithm in DkimAlgorithm},
 }
+_ALGORITHM_SHOWN = 'rsa or ed25519 (or "DKIM_ALGORITHM_..." names)'
+_QUALIFIER_NAMES = {
+    **{qualifier.value: qualifier for qualifier in SpfQualifier},
+    **{qualifier.name.lower(): qualifier for qualifier in SpfQualifier},
+    **{f"spf_qualifier_{qualifier.name.lower()}": qualifier for qualifier in SpfQualifier},
+}
+_QUALIFIER_SHOWN = '+, -, ~ or ? (or pass, fail, softfail, neutral, "SPF_QUALIFIER_..." names)'
+_ALIGNMENT_NAMES = {
+    **{alignment.value: alignment for alignment in DmarcAlignment},
+    **{alignment.name.lower(): alignment for alignment in DmarcAlignment},
+    **{f"dmarc_alignment_{alignment.name.lower()}": alignment for alignment in DmarcAlignment},
+}
+_ALIGNMENT_SHOWN = 'r or s (or relaxed, strict, "DMARC_ALIGNMENT_..." names)'
 
 
-def _enum(value: int, table: Mapping[Any, E], field: str) -> E | None:
-    """A model enum from a proto number; 0 (UNSPECIFIED) is None."""
-    if value == 0:
+def _named(value: str, table: Mapping[str, E], field: str, shown: str) -> E | None:
+    """A model enum from a name (any case); "" is None.
+
+    Raises:
+        InvalidArgument: on `field`, listing the accepted values, for any other name.
+    """
+    if not value:
         return None
     try:
-        return table[value]
+        return table[value.strip().lower()]
     except KeyError:
-        raise InvalidArgument.single(field, f"unknown value {value}") from None
+        raise InvalidArgument.single(field, f"must be one of {shown}; got {value[:60]!r}") from None
 
 
 def _reverse(table: Mapping[Any, E], value: E) -> Any:
@@ -86,7 +110,7 @@ def relay_from_proto(request: smtp_pb2.UpdateSmtpConfigRequest) -> RelaySettings
     return RelaySettingsInput(
         host=request.host,
         port=request.port,
-        security=_enum(request.security, _SECURITY, "security"),
+        security=_named(request.security, _SECURITY_NAMES, "security", _SECURITY_SHOWN),
         secure=request.secure,
         username=request.username,
         password=request.password if request.HasField("password") else None,
@@ -160,9 +184,9 @@ def report_to_proto(report: ConnectionReport) -> smtp_pb2.TestSmtpConnectionResp
 # --- DKIM ------------------------------------------------------------------------------------
 
 
-def algorithm_from_proto(value: int) -> DkimAlgorithm | None:
+def algorithm_from_proto(value: str) -> DkimAlgorithm | None:
     """Requested algorithm (None = default RSA)."""
-    return _enum(value, _ALGORITHMS, "algorithm")
+    return _named(value, _ALGORITHM_NAMES, "algorithm", _ALGORITHM_SHOWN)
 
 
 _KEY_STATUS = {
@@ -231,15 +255,17 @@ def mechanisms_from_proto(
         SpfMechanismInput(
             kind=m.kind,
             value=m.value,
-            qualifier=_enum(m.qualifier, _QUALIFIERS, f"mechanisms[{i}].qualifier"),
+            qualifier=_named(
+                m.qualifier, _QUALIFIER_NAMES, f"mechanisms[{i}].qualifier", _QUALIFIER_SHOWN
+            ),
         )
         for i, m in enumerate(mechanisms)
     ]
 
 
-def qualifier_from_proto(value: int, field: str) -> SpfQualifier | None:
+def qualifier_from_proto(value: str, field: str) -> SpfQualifier | None:
     """An SPF qualifier (None = default)."""
-    return _enum(value, _QUALIFIERS, field)
+    return _named(value, _QUALIFIER_NAMES, field, _QUALIFIER_SHOWN)
 
 
 def spf_to_proto(record: SpfRecord) -> smtp_pb2.SpfRecord:
@@ -257,11 +283,17 @@ def spf_to_proto(record: SpfRecord) -> smtp_pb2.SpfRecord:
 def dmarc_from_proto(request: smtp_pb2.GenerateDmarcRecordRequest) -> DmarcInput:
     """DMARC choices from a request, unvalidated."""
     return DmarcInput(
-        policy=_enum(request.policy, _POLICIES, "policy"),
-        subdomain_policy=_enum(request.subdomain_policy, _POLICIES, "subdomain_policy"),
+        policy=_named(request.policy, _POLICY_NAMES, "policy", _POLICY_SHOWN),
+        subdomain_policy=_named(
+            request.subdomain_policy, _POLICY_NAMES, "subdomain_policy", _POLICY_SHOWN
+        ),
         percent=request.percent if request.HasField("percent") else None,
-        dkim_alignment=_enum(request.dkim_alignment, _ALIGNMENTS, "dkim_alignment"),
-        spf_alignment=_enum(request.spf_alignment, _ALIGNMENTS, "spf_alignment"),
+        dkim_alignment=_named(
+            request.dkim_alignment, _ALIGNMENT_NAMES, "dkim_alignment", _ALIGNMENT_SHOWN
+        ),
+        spf_alignment=_named(
+            request.spf_alignment, _ALIGNMENT_NAMES, "spf_alignment", _ALIGNMENT_SHOWN
+        ),
         aggregate_report_uris=tuple(request.aggregate_report_uris),
         failure_report_uris=tuple(request.failure_report_uris),
         failure_options=request.failure_options,

@@ -97,7 +97,7 @@ def normalize_relay(
         policy: the SSRF policy applied to IP literals.
 
     Raises:
-        InvalidArgument: one violation per bad field (host, port, username, password,
+        InvalidArgument: one violation per bad field (host, port, secure, username, password,
             client_hostname, timeout).
     """
     violations: list[FieldViolation] = []
@@ -111,6 +111,12 @@ def normalize_relay(
     security = settings.security
     if security is None:
         security = SecurityMode.IMPLICIT_TLS if settings.secure else SecurityMode.STARTTLS_REQUIRED
+    elif settings.secure and security is not SecurityMode.IMPLICIT_TLS:
+        # `secure: true` is the spec's way to say implicit TLS; keeping one of two contradicting
+        # choices would silently drop the other.
+        violations.append(
+            FieldViolation("secure", f"true means security tls, which contradicts {security}")
+        )
     problem = _text_problem(settings.username, what="the user name", limit=MAX_USERNAME_CHARS)
     if problem:
         violations.append(FieldViolation("username", problem))

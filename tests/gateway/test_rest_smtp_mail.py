@@ -13,8 +13,18 @@ import aiohttp
 from tests.conftest import unique_domain
 from tests.gateway.rest import assert_status_json, call
 from tests.support.dns_server import KnotServer
+from tests.support.ports import closed_port
 
-RELAY = {"host": "127.0.0.1", "port": 2525, "secure": False, "username": "u", "password": "pw"}
+
+def relay_settings() -> dict[str, Any]:
+    """A relay on a loopback port nothing listens on (picked now, never a fixed number)."""
+    return {
+        "host": "127.0.0.1",
+        "port": closed_port(),
+        "secure": False,
+        "username": "u",
+        "password": "pw",
+    }
 
 
 async def active_domain(
@@ -37,13 +47,14 @@ async def test_smtp_paths_answer_over_http(
     # field in each family is 400 naming it.
     domain = await active_domain(http, rest_base_url, auth, knot_server)
     smtp = f"{rest_base_url}/api/v1/smtp/domains/{domain['id']}"
-    stored = await call(http, "PUT", f"{smtp}/config", json=RELAY, headers=auth)
+    relay = relay_settings()
+    stored = await call(http, "PUT", f"{smtp}/config", json=relay, headers=auth)
     assert stored.status == 200, stored.json
     fetched = await call(http, "GET", f"{smtp}/config", headers=auth)
     assert fetched.status == 200
     assert fetched.json["passwordSet"] is True
     assert "pw" not in str(fetched.json)
-    bad_port = await call(http, "PUT", f"{smtp}/config", json={**RELAY, "port": 0}, headers=auth)
+    bad_port = await call(http, "PUT", f"{smtp}/config", json={**relay, "port": 0}, headers=auth)
     assert_status_json(bad_port, http_status=400, code=3)
     assert "port" in bad_port.violations
 
@@ -68,7 +79,7 @@ async def test_smtp_paths_answer_over_http(
     assert [k["selector"] for k in listed.json["keys"]] == ["s1"]
     bad_bits = await call(http, "POST", f"{smtp}/dkim", json={"keyBits": 123}, headers=auth)
     assert_status_json(bad_bits, http_status=400, code=3)
-    assert "key_bits" in bad_bits.violations or "keyBits" in bad_bits.violations
+    assert list(bad_bits.violations) == ["keyBits"]
 
     spf = await call(http, "POST", f"{smtp}/spf", json={}, headers=auth)
     assert spf.status == 200, spf.json
@@ -101,7 +112,7 @@ async def test_mail_paths_answer_over_http(
     # email that has not failed, delete (cancels), and validation errors naming the field.
     domain = await active_domain(http, rest_base_url, auth, knot_server)
     relay = f"{rest_base_url}/api/v1/domains/{domain['id']}/smtp"
-    assert (await call(http, "PUT", relay, json=RELAY, headers=auth)).status == 200
+    assert (await call(http, "PUT", relay, json=relay_settings(), headers=auth)).status == 200
     later = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     email = {
         "from": f"Team <noreply@{domain['name']}>",

@@ -14,10 +14,7 @@ from tests.support.grpc_errors import failure_of
 
 if TYPE_CHECKING:
     Stub = domain_pb2_grpc.DomainServiceAsyncStub
-A = domain_pb2.DNS_RECORD_TYPE_A
-MX = domain_pb2.DNS_RECORD_TYPE_MX
-TXT = domain_pb2.DNS_RECORD_TYPE_TXT
-CNAME = domain_pb2.DNS_RECORD_TYPE_CNAME
+A, MX, TXT, CNAME = "A", "MX", "TXT", "CNAME"
 
 
 async def create(stub: Stub, tenant: Tenant, name: str | None = None) -> domain_pb2.Domain:
@@ -38,7 +35,7 @@ async def test_create_returns_pending_domain_with_verification_record(
     verification = domain.required_records[0]
     assert verification.purpose == "verification"
     assert verification.required
-    assert verification.type == TXT
+    assert verification.type == domain_pb2.DNS_RECORD_TYPE_TXT  # RequiredRecord keeps the enum
     assert verification.name == name
     assert verification.value == f"azora-verify={domain.verification_token}"
     assert {r.purpose for r in domain.required_records} == {"verification", "dkim", "spf", "dmarc"}
@@ -182,13 +179,13 @@ async def test_list_rejects_bad_paging_arguments(domains_stub: Stub, tenant: Ten
         domain_pb2.ListDomainsRequest(page_size=1), metadata=tenant.metadata
     )
     cases = [
-        (domain_pb2.ListDomainsRequest(page_size=-1), "page_size"),
-        (domain_pb2.ListDomainsRequest(page_token="not-a-token"), "page_token"),
+        (domain_pb2.ListDomainsRequest(page_size=-1), "pageSize"),
+        (domain_pb2.ListDomainsRequest(page_token="not-a-token"), "pageToken"),
         (
             domain_pb2.ListDomainsRequest(
                 page_token=first.next_page_token, status=domain_pb2.DOMAIN_STATUS_ACTIVE
             ),
-            "page_token",
+            "pageToken",
         ),
         (domain_pb2.ListDomainsRequest(status=42), "status"),  # type: ignore[arg-type]
     ]

@@ -93,10 +93,7 @@ async def test_oversized_record_sets_are_refused_whole(
     domain = await domains_stub.CreateDomain(
         domain_pb2.CreateDomainRequest(name="many-records.example"), metadata=tenant.metadata
     )
-    records = [
-        domain_pb2.DnsRecord(type=domain_pb2.DNS_RECORD_TYPE_A, name=f"h{i}", value="192.0.2.1")
-        for i in range(501)
-    ]
+    records = [domain_pb2.DnsRecord(type="A", name=f"h{i}", value="192.0.2.1") for i in range(501)]
     failure = await failure_of(
         domains_stub.UpdateDnsRecords(
             domain_pb2.UpdateDnsRecordsRequest(id=domain.id, records=records),
@@ -111,21 +108,22 @@ async def test_oversized_record_sets_are_refused_whole(
     assert list(fetched.dns_records) == []
 
 
-async def test_unknown_enum_numbers_in_records(
+async def test_unknown_record_types_in_records(
     domains_stub: domain_pb2_grpc.DomainServiceAsyncStub, tenant: Tenant
 ) -> None:
-    # A record type number the API does not define is a field violation, not a crash.
+    # A record type the API does not define is a field violation listing the accepted types,
+    # not a crash and not "no type".
     domain = await domains_stub.CreateDomain(
         domain_pb2.CreateDomainRequest(name="enum-check.example"), metadata=tenant.metadata
     )
-    failure = await failure_of(
-        domains_stub.UpdateDnsRecords(
-            domain_pb2.UpdateDnsRecordsRequest(
-                id=domain.id,
-                records=[domain_pb2.DnsRecord(type=99, name="x", value="y")],  # type: ignore[arg-type]
-            ),
-            metadata=tenant.metadata,
+    for bad in ("99", "SPF", "DNS_RECORD_TYPE_UNSPECIFIED", ""):
+        failure = await failure_of(
+            domains_stub.UpdateDnsRecords(
+                domain_pb2.UpdateDnsRecordsRequest(
+                    id=domain.id, records=[domain_pb2.DnsRecord(type=bad, name="x", value="y")]
+                ),
+                metadata=tenant.metadata,
+            )
         )
-    )
-    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "records[0].type" in failure.field_violations
+        assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "A, AAAA, CNAME, MX, TXT, SRV, PTR" in failure.field_violations["records[0].type"]

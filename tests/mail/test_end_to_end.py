@@ -129,7 +129,7 @@ async def e2e(
             domain_id=domain.id,
             host="127.0.0.1",
             port=relay.port,
-            security=smtp_pb2.SECURITY_MODE_STARTTLS_REQUIRED,
+            security="starttls",
             username=USERNAME,
             password=PASSWORD,
         ),

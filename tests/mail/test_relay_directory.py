@@ -58,7 +58,7 @@ async def configure(stub: Stub, tenant: Tenant, domain_id: str, host: str) -> No
             domain_id=domain_id,
             host=host,
             port=2525,
-            security=smtp_pb2.SECURITY_MODE_STARTTLS_OPPORTUNISTIC,
+            security="starttls_opportunistic",
             username=USERNAME,
             password=PASSWORD,
             client_hostname="mta.azora.example",

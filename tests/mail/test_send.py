@@ -127,7 +127,7 @@ async def test_accepted_email_is_stored_built_and_queued(
         ({"to": [], "cc": [], "bcc": []}, "to", "at least one recipient"),
         ({"cc": ["x@-bad-.example"]}, "cc[0]", "invalid domain"),
         ({"bcc": ["a@b.example, c@d.example"]}, "bcc[0]", "not a valid"),
-        ({"reply_to": ["nope"]}, "reply_to[0]", ""),
+        ({"reply_to": ["nope"]}, "replyTo[0]", ""),
         ({"subject": "Hi\r\nBcc: victim@example.org"}, "subject", "CR, LF"),
         ({"text": "", "html": ""}, "text", "text or html"),
         (
@@ -161,10 +161,10 @@ async def test_accepted_email_is_stored_built_and_queued(
                     mail_pb2.Attachment(filename="a.bin", content_type="nonsense", content=b"x")
                 ]
             },
-            "attachments[0].content_type",
+            "attachments[0].contentType",
             "",
         ),
-        ({"idempotency_key": "k" * 256}, "idempotency_key", ""),
+        ({"idempotency_key": "k" * 256}, "idempotencyKey", ""),
         ({"tags": ["ok", ""]}, "tags[1]", ""),
     ],
 )
@@ -347,4 +347,4 @@ async def test_send_at_in_the_future_is_scheduled_within_the_horizon(
             tenant, from_address=f"s@{name}", to=["a@example.org"], text="t", send_at=ts(too_far)
         )
     )
-    assert "send_at" in failure.field_violations
+    assert "sendAt" in failure.field_violations

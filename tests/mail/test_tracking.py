@@ -80,7 +80,7 @@ async def test_list_filters_and_pages(local_mail: LocalMail, tenant: Tenant) -> 
             metadata=md,
         )
     )
-    assert "page_token" in failure.field_violations
+    assert "pageToken" in failure.field_violations
 
 
 async def test_another_tenants_email_is_not_found(
@@ -222,12 +222,12 @@ async def test_reschedule_refusals_name_the_problem(
         )
     )
     assert too_far.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "send_at" in too_far.field_violations
+    assert "sendAt" in too_far.field_violations
     missing = await failure_of(
         stub.RescheduleEmail(E.RescheduleEmailRequest(id=email.id), metadata=md)
     )
     assert missing.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "send_at" in missing.field_violations
+    assert "sendAt" in missing.field_violations
     unchanged = await local_mail.get(tenant, email.id)
     assert unchanged.status == E.EMAIL_STATUS_SCHEDULED
     assert [e.type for e in unchanged.events] == [E.EVENT_TYPE_ACCEPTED, E.EVENT_TYPE_SCHEDULED]
@@ -362,4 +362,4 @@ async def test_stats_count_per_status_and_domain_with_queue_health(
             metadata=tenant.metadata,
         )
     )
-    assert "start_time" in failure.field_violations
+    assert "startTime" in failure.field_violations

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import secrets
+import sys
 
 import aiohttp
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from scripts.run_suite import suite_environment
 from services.core.metrics import Peer, render_suite
-from tests.conftest import Tenant, unique_domain
+from services.core.settings import METRICS_PORTS
+from tests.conftest import REPO_ROOT, Tenant, unique_domain
 from tests.gateway.rest import call
+from tests.support import ports
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 EMAIL_OR_ID = re.compile(r"@|\b[0-9a-f]{24}\b|\bt-[0-9a-f]{12}\b")
@@ -147,3 +154,89 @@ async def test_render_suite_merges_peers(closed_port: int) -> None:
     assert samples[("azora_test_peer_things_total", (("process", "smtp-service"),))] == 3
     assert REGISTRY.get_sample_value("azora_metrics_peer_up", {"peer": "smtp-service"}) == 1
     assert REGISTRY.get_sample_value("azora_metrics_peer_up", {"peer": "gone"}) == 0
+
+
+# `make run` (scripts/run_suite.py) wires its own processes: GET /metrics through its gateway
+# carries the mail process's email metrics without AZORA_METRICS_PEERS set by hand.
+async def test_the_suite_merges_its_own_processes_by_default(
+    ferretdb: str, http: aiohttp.ClientSession
+) -> None:
+    port_variables = (
+        "AZORA_DOMAIN_GRPC_PORT",
+        "AZORA_SMTP_GRPC_PORT",
+        "AZORA_MAIL_GRPC_PORT",
+        "PORT",
+        *(variable for variable, _ in METRICS_PORTS.values()),
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZORA_", "OTEL_"))}
+    env.pop("AZORA_METRICS_PEERS", None)
+    env.update({variable: str(ports.closed_port()) for variable in port_variables})
+    env.update(
+        {
+            "MONGODB_URI": ferretdb,
+            "AZORA_MONGODB_DATABASE": "suite_" + secrets.token_hex(4),
+            "AZORA_ENV": "development",
+            "LOG_LEVEL": "warn",
+        }
+    )
+    suite = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "run_suite.py"),
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    metrics_url = f"http://127.0.0.1:{env['PORT']}/metrics"
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 90
+        everyone_up = {"smtp-service": 1.0, "mail-service": 1.0, "gateway": 1.0}
+        up: dict[str, float] = {}
+        text = ""
+        # Until every process has started and answered a merged scrape (a peer that is still
+        # starting is reported down, never fails the page).
+        while up != everyone_up:
+            assert suite.returncode is None, "the suite exited"
+            assert loop.time() < deadline, f"GET /metrics never merged every process: {up}"
+            await asyncio.sleep(0.5)
+            try:
+                async with http.get(metrics_url) as response:
+                    if response.status != 200:
+                        continue
+                    text = await response.text()
+            except aiohttp.ClientError:
+                continue
+            up = {
+                s.labels["peer"]: s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "azora_metrics_peer_up"
+            }
+        mail_samples = [
+            sample.name
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.labels.get("process") == "mail-service"
+        ]
+        assert "azora_email_queue_depth" in mail_samples
+        assert "# TYPE azora_emails_accepted_total counter" in text
+    finally:
+        if suite.returncode is None:
+            suite.terminate()
+        await suite.wait()
+
+
+def test_suite_environment_keeps_an_explicit_peer_list() -> None:
+    # The default follows the configured ports and a wildcard listen address; an operator's
+    # own AZORA_METRICS_PEERS (even empty) is passed on untouched.
+    wildcard = "0.0.0.0"  # noqa: S104 - the setting's value under test, nothing binds it
+    env = suite_environment({"AZORA_METRICS_HOST": wildcard, "AZORA_METRICS_PORT_MAIL": "9999"})
+    assert env["AZORA_METRICS_PEERS"] == (
+        "smtp-service=http://127.0.0.1:9102/metrics,"
+        "mail-service=http://127.0.0.1:9999/metrics,"
+        "gateway=http://127.0.0.1:9104/metrics"
+    )
+    without_gateway = suite_environment({"AZORA_METRICS_PORT_GATEWAY": "0"})
+    assert "gateway" not in without_gateway["AZORA_METRICS_PEERS"]
+    assert suite_environment({"AZORA_METRICS_PEERS": ""})["AZORA_METRICS_PEERS"] == ""

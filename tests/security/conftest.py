@@ -117,7 +117,7 @@ async def sending_domain(
             domain_id=domain.id,
             host="127.0.0.1",
             port=relay_port,
-            security=smtp_pb2.SECURITY_MODE_NONE,
+            security="none",
         ),
         metadata=tenant.metadata,
     )

@@ -23,9 +23,7 @@ __all__ = ["limited"]
 
 
 def _record(i: int) -> domain_pb2.DnsRecord:
-    return domain_pb2.DnsRecord(
-        type=domain_pb2.DNS_RECORD_TYPE_A, name=f"h{i}", value=f"192.0.2.{i + 1}"
-    )
+    return domain_pb2.DnsRecord(type="A", name=f"h{i}", value=f"192.0.2.{i + 1}")
 
 
 def _violations(failure: RpcFailure) -> str:
@@ -171,7 +169,7 @@ async def test_dns_records_per_tenant(limited: LimitedServices, settings: Settin
 
 
 # AZORA_MAX_PAGE_SIZE caps a page (AIP-158: larger sizes are coerced to the maximum, the rest
-# comes on the next page); a negative size is refused naming page_size.
+# comes on the next page); a negative size is refused naming pageSize.
 async def test_page_size_cap(limited: LimitedServices, settings: Settings) -> None:
     service = await limited.domain(limited.settings(AZORA_MAX_PAGE_SIZE="2"))
     tenant = new_tenant(settings)
@@ -194,7 +192,7 @@ async def test_page_size_cap(limited: LimitedServices, settings: Settings) -> No
         )
     )
     assert failure.code is grpc.StatusCode.INVALID_ARGUMENT
-    assert "page_size" in failure.field_violations
+    assert "pageSize" in failure.field_violations
 
 
 @pytest.mark.parametrize(

@@ -235,9 +235,7 @@ async def test_500_invalid_dns_records_still_get_their_400(
     tenant = new_tenant(settings)
     domain = await verified_domain(stack_stubs, knot_server, tenant)
     records = [
-        domain_pb2.DnsRecord(
-            type=domain_pb2.DNS_RECORD_TYPE_A, name=f"h{i}", value=f"not-an-address-{i:04d}" * 4
-        )
+        domain_pb2.DnsRecord(type="A", name=f"h{i}", value=f"not-an-address-{i:04d}" * 4)
         for i in range(500)
     ]
     failure = await failure_of(

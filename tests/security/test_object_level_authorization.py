@@ -182,7 +182,7 @@ async def _create_domain(a: Attack) -> None:
 @case(D + "GetDomain", D + "UpdateDnsRecords", D + "VerifyDomain", D + "DeleteDomain")
 async def _domain_object(a: Attack) -> None:
     stub, b = a.stubs.domains, a.b
-    record = domain_pb2.DnsRecord(type=domain_pb2.DNS_RECORD_TYPE_A, name="x", value="192.0.2.1")
+    record = domain_pb2.DnsRecord(type="A", name="x", value="192.0.2.1")
     calls: list[Callable[[str], Awaitable[Any]]] = [
         lambda i: stub.GetDomain(domain_pb2.GetDomainRequest(id=i), metadata=b),
         lambda i: stub.UpdateDnsRecords(
@@ -369,6 +369,24 @@ async def _delivery_health(a: Attack) -> None:
     assert refused.reason == "INTERNAL_ONLY"
 
 
+@case(M + "CancelDomainEmails")
+async def _cancel_domain_emails(a: Attack) -> None:
+    # Internal (the domain service's deletion cascade): a user token is refused; a service
+    # token minted for B cancels nothing of A's, even naming A's domain (checked by `intact`).
+    stub, domain_id = a.stubs.mail, a.victim.domain.id
+    refused = await failure_of(
+        stub.CancelDomainEmails(
+            mail_pb2.CancelDomainEmailsRequest(domain_id=domain_id), metadata=a.b
+        )
+    )
+    assert refused.code == grpc.StatusCode.PERMISSION_DENIED
+    assert refused.reason == "INTERNAL_ONLY"
+    answer = await stub.CancelDomainEmails(
+        mail_pb2.CancelDomainEmailsRequest(domain_id=domain_id), metadata=a.b_service()
+    )
+    assert (answer.cancelled_count, answer.in_delivery_count) == (0, 0)
+
+
 @case(
     S + "GetSmtpConfig",
     S + "UpdateSmtpConfig",
@@ -408,7 +426,7 @@ async def _smtp_domain_object(a: Attack) -> None:
             smtp_pb2.GenerateSpfRecordRequest(domain_id=d), metadata=b
         ),
         lambda d: stub.GenerateDmarcRecord(
-            smtp_pb2.GenerateDmarcRecordRequest(domain_id=d, policy=smtp_pb2.DMARC_POLICY_NONE),
+            smtp_pb2.GenerateDmarcRecordRequest(domain_id=d, policy="none"),
             metadata=b,
         ),
         lambda d: stub.CheckDnsRecords(smtp_pb2.CheckDnsRecordsRequest(domain_id=d), metadata=b),
@@ -476,16 +494,14 @@ async def victim(
         metadata=m,
     )
     key = await stubs.smtp.GenerateDkimKey(
-        smtp_pb2.GenerateDkimKeyRequest(
-            domain_id=domain.id, algorithm=smtp_pb2.DKIM_ALGORITHM_ED25519
-        ),
+        smtp_pb2.GenerateDkimKeyRequest(domain_id=domain.id, algorithm="ed25519"),
         metadata=m,
     )
     await stubs.smtp.GenerateSpfRecord(
         smtp_pb2.GenerateSpfRecordRequest(domain_id=domain.id), metadata=m
     )
     await stubs.smtp.GenerateDmarcRecord(
-        smtp_pb2.GenerateDmarcRecordRequest(domain_id=domain.id, policy=smtp_pb2.DMARC_POLICY_NONE),
+        smtp_pb2.GenerateDmarcRecordRequest(domain_id=domain.id, policy="none"),
         metadata=m,
     )
     email = await stubs.mail.SendEmail(
@@ -558,7 +574,9 @@ async def test_tenant_b_cannot_reach_tenant_a_objects(
             victim=victim,
             intruder=new_tenant(settings),
             service_tokens=ServiceTokens.from_settings(
-                settings, subject="service:mail", scopes=["smtp:read", "smtp:write"]
+                settings,
+                subject="service:mail",
+                scopes=["smtp:read", "smtp:write", "emails:write"],
             ),
             settings=settings,
         )

@@ -211,7 +211,7 @@ async def test_names_resolving_to_forbidden_addresses_never_connect(
         domain_id=domain.id,
         host=host,
         port=production.trap_port,
-        security=smtp_pb2.SECURITY_MODE_NONE,
+        security="none",
     )
     report = await production.smtp.TestSmtpConnection(
         smtp_pb2.TestSmtpConnectionRequest(config=request), metadata=tenant.metadata
@@ -242,7 +242,7 @@ async def test_delivery_never_connects_to_loopback_spellings(
         domain_id=domain.id,
         host="localhost",
         port=production.trap_port,
-        security=smtp_pb2.SECURITY_MODE_NONE,
+        security="none",
     )
     try:
         await production.smtp.UpdateSmtpConfig(request, metadata=tenant.metadata)
@@ -327,7 +327,7 @@ async def test_delivery_never_connects_to_names_resolving_to_loopback(
         domain_id=domain.id,
         host=f"{label}.{production.zone}",
         port=production.trap_port,
-        security=smtp_pb2.SECURITY_MODE_NONE,
+        security="none",
     )
     try:
         await production.smtp.UpdateSmtpConfig(request, metadata=tenant.metadata)

@@ -38,13 +38,13 @@ if TYPE_CHECKING:
     DomainStub = domain_pb2_grpc.DomainServiceAsyncStub
     Stub = smtp_pb2_grpc.SmtpServiceAsyncStub
 
-NONE = smtp_pb2.SECURITY_MODE_NONE
-STARTTLS = smtp_pb2.SECURITY_MODE_STARTTLS_REQUIRED
-OPPORTUNISTIC = smtp_pb2.SECURITY_MODE_STARTTLS_OPPORTUNISTIC
-IMPLICIT = smtp_pb2.SECURITY_MODE_IMPLICIT_TLS
+NONE = "none"
+STARTTLS = "starttls"
+OPPORTUNISTIC = "starttls_opportunistic"
+IMPLICIT = "tls"
 
 
-def relay(port: int, security: int, **fields: object) -> smtp_pb2.UpdateSmtpConfigRequest:
+def relay(port: int, security: str, **fields: object) -> smtp_pb2.UpdateSmtpConfigRequest:
     values: dict[str, object] = {
         "host": "127.0.0.1",
         "port": port,

@@ -36,8 +36,7 @@ if TYPE_CHECKING:
     DomainStub = domain_pb2_grpc.DomainServiceAsyncStub
     Stub = smtp_pb2_grpc.SmtpServiceAsyncStub
 
-RSA = smtp_pb2.DKIM_ALGORITHM_RSA
-ED25519 = smtp_pb2.DKIM_ALGORITHM_ED25519
+RSA, ED25519 = "rsa", "ed25519"  # requests name the key type as DKIM writes it (k=)
 PENDING = smtp_pb2.DKIM_KEY_STATUS_PENDING
 ACTIVE = smtp_pb2.DKIM_KEY_STATUS_ACTIVE
 
@@ -60,7 +59,7 @@ def publish(knot: KnotServer, domain: str, *keys: smtp_pb2.DkimKey) -> None:
 @pytest.mark.parametrize(
     ("algorithm", "bits", "expected_bits", "k"),
     [
-        (0, 0, 2048, "rsa"),
+        ("", 0, 2048, "rsa"),
         (RSA, 1024, 1024, "rsa"),
         (RSA, 3072, 3072, "rsa"),
         (RSA, 4096, 4096, "rsa"),
@@ -74,7 +73,7 @@ async def test_generated_keys_sign_mail_that_dkimpy_and_opendkim_verify(
     tenant: Tenant,
     knot_server: KnotServer,
     tmp_path: Path,
-    algorithm: int,
+    algorithm: str,
     bits: int,
     expected_bits: int,
     k: str,
@@ -148,11 +147,11 @@ async def test_explicit_selector_is_normalised_and_cannot_be_reused(
         ({"selector": "x" * 64}, "selector"),
         ({"selector": "sélecteur"}, "selector"),
         ({"selector": "with space"}, "selector"),
-        ({"key_bits": 512}, "key_bits"),
-        ({"key_bits": 2047}, "key_bits"),
-        ({"key_bits": 8192}, "key_bits"),
-        ({"algorithm": ED25519, "key_bits": 2048}, "key_bits"),
-        ({"algorithm": 9}, "algorithm"),
+        ({"key_bits": 512}, "keyBits"),
+        ({"key_bits": 2047}, "keyBits"),
+        ({"key_bits": 8192}, "keyBits"),
+        ({"algorithm": ED25519, "key_bits": 2048}, "keyBits"),
+        ({"algorithm": "dsa"}, "algorithm"),
     ],
 )
 async def test_bad_key_requests_are_invalid_argument(
@@ -222,8 +221,16 @@ async def test_listing_shows_times_status_and_fresh_dns_checks(
     )
     assert [k.selector for k in listed.keys] == ["new", "old"]
     newest, oldest = listed.keys
-    assert (newest.algorithm, newest.key_bits, newest.status) == (ED25519, 0, PENDING)
-    assert (oldest.algorithm, oldest.key_bits, oldest.status) == (RSA, 1024, ACTIVE)
+    assert (newest.algorithm, newest.key_bits, newest.status) == (
+        smtp_pb2.DKIM_ALGORITHM_ED25519,
+        0,
+        PENDING,
+    )
+    assert (oldest.algorithm, oldest.key_bits, oldest.status) == (
+        smtp_pb2.DKIM_ALGORITHM_RSA,
+        1024,
+        ACTIVE,
+    )
     assert oldest.HasField("create_time")
     assert oldest.HasField("activate_time")
     assert not newest.HasField("activate_time")

@@ -56,11 +56,11 @@ async def test_full_record_is_parsed_by_checkdmarc_with_external_reports_authori
         smtp_stub,
         tenant,
         domain.id,
-        policy=smtp_pb2.DMARC_POLICY_QUARANTINE,
-        subdomain_policy=smtp_pb2.DMARC_POLICY_REJECT,
+        policy="quarantine",
+        subdomain_policy="reject",
         percent=50,
-        dkim_alignment=smtp_pb2.DMARC_ALIGNMENT_STRICT,
-        spf_alignment=smtp_pb2.DMARC_ALIGNMENT_RELAXED,
+        dkim_alignment="s",
+        spf_alignment="relaxed",
         aggregate_report_uris=[f"mailto:dmarc@{domain.name}", f"MAILTO:agg@{reports}!10m"],
         failure_report_uris=[f"mailto:forensic@{domain.name}"],
         failure_options="1:d",
@@ -119,7 +119,7 @@ async def test_minimal_record_and_its_warnings(
 ) -> None:
     # p=none alone is valid (checkdmarc agrees) and comes with advice about missing reports.
     domain = await register(domains_stub, tenant)
-    record = await build(smtp_stub, tenant, domain.id, policy=smtp_pb2.DMARC_POLICY_NONE)
+    record = await build(smtp_stub, tenant, domain.id, policy="none")
     assert record.record_value == "v=DMARC1; p=none"
     assert list(record.external_authorizations) == []
     assert any("rua" in w for w in record.warnings)
@@ -138,7 +138,7 @@ async def test_report_address_in_own_organisation_needs_no_authorisation(
         smtp_stub,
         tenant,
         domain.id,
-        policy=smtp_pb2.DMARC_POLICY_REJECT,
+        policy="reject",
         aggregate_report_uris=[f"mailto:dmarc@reports.{domain.name}"],
     )
     assert list(record.external_authorizations) == []
@@ -148,26 +148,26 @@ async def test_report_address_in_own_organisation_needs_no_authorisation(
     ("fields", "field"),
     [
         ({}, "policy"),
-        ({"policy": 7}, "policy"),
-        ({"subdomain_policy": 9}, "subdomain_policy"),
+        ({"policy": "block"}, "policy"),
+        ({"subdomain_policy": "9"}, "subdomainPolicy"),
         ({"percent": 101}, "percent"),
-        ({"dkim_alignment": 5}, "dkim_alignment"),
-        ({"aggregate_report_uris": ["dmarc@example.com"]}, "aggregate_report_uris[0]"),
-        ({"aggregate_report_uris": ["https://example.com/dmarc"]}, "aggregate_report_uris[0]"),
-        ({"aggregate_report_uris": ["mailto:a@example.com!10x"]}, "aggregate_report_uris[0]"),
-        ({"aggregate_report_uris": ["mailto:a;b@example.com"]}, "aggregate_report_uris[0]"),
-        ({"aggregate_report_uris": ["mailto:a@bad_domain"]}, "aggregate_report_uris[0]"),
+        ({"dkim_alignment": "x"}, "dkimAlignment"),
+        ({"aggregate_report_uris": ["dmarc@example.com"]}, "aggregateReportUris[0]"),
+        ({"aggregate_report_uris": ["https://example.com/dmarc"]}, "aggregateReportUris[0]"),
+        ({"aggregate_report_uris": ["mailto:a@example.com!10x"]}, "aggregateReportUris[0]"),
+        ({"aggregate_report_uris": ["mailto:a;b@example.com"]}, "aggregateReportUris[0]"),
+        ({"aggregate_report_uris": ["mailto:a@bad_domain"]}, "aggregateReportUris[0]"),
         (
             {"aggregate_report_uris": ["mailto:a@example.com", "mailto:a@example.com"]},
-            "aggregate_report_uris[1]",
+            "aggregateReportUris[1]",
         ),
         (
             {"failure_report_uris": ["mailto:ok@example.com", "mailto:not ok@example.com"]},
-            "failure_report_uris[1]",
+            "failureReportUris[1]",
         ),
-        ({"failure_options": "2"}, "failure_options"),
-        ({"failure_options": "1:1"}, "failure_options"),
-        ({"report_interval": 0}, "report_interval"),
+        ({"failure_options": "2"}, "failureOptions"),
+        ({"failure_options": "1:1"}, "failureOptions"),
+        ({"report_interval": 0}, "reportInterval"),
     ],
 )
 async def test_bad_tags_are_invalid_argument_naming_the_field(
@@ -179,7 +179,7 @@ async def test_bad_tags_are_invalid_argument_naming_the_field(
 ) -> None:
     # Each invalid tag value is INVALID_ARGUMENT with a violation on its field.
     domain = await register(domains_stub, tenant)
-    fields = {"policy": smtp_pb2.DMARC_POLICY_REJECT, **fields} if field != "policy" else fields
+    fields = {"policy": "reject", **fields} if field != "policy" else fields
     failure = await failure_of(build(smtp_stub, tenant, domain.id, **fields))
     assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
     assert field in failure.field_violations, failure.field_violations

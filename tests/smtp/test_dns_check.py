@@ -44,9 +44,7 @@ async def prepare(
         metadata=tenant.metadata,
     )
     key = await stub.GenerateDkimKey(
-        smtp_pb2.GenerateDkimKeyRequest(
-            domain_id=domain.id, algorithm=smtp_pb2.DKIM_ALGORITHM_ED25519
-        ),
+        smtp_pb2.GenerateDkimKeyRequest(domain_id=domain.id, algorithm="ed25519"),
         metadata=tenant.metadata,
     )
     spf = await stub.GenerateSpfRecord(
@@ -55,7 +53,7 @@ async def prepare(
     dmarc = await stub.GenerateDmarcRecord(
         smtp_pb2.GenerateDmarcRecordRequest(
             domain_id=domain.id,
-            policy=smtp_pb2.DMARC_POLICY_REJECT,
+            policy="reject",
             aggregate_report_uris=[f"mailto:dmarc@{reports}"],
         ),
         metadata=tenant.metadata,

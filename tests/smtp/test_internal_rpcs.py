@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[2]
 INTERNAL = ("GetRelayCredentials", "GetSigningKey", "DeleteDomainData")
-ED25519 = smtp_pb2.DKIM_ALGORITHM_ED25519
+ED25519 = "ed25519"
 
 
 def service_metadata(
@@ -62,7 +62,7 @@ async def configure(stub: Stub, tenant: Tenant, domain_id: str) -> None:
             domain_id=domain_id,
             host="smtp.example.com",
             port=587,
-            security=smtp_pb2.SECURITY_MODE_STARTTLS_REQUIRED,
+            security="starttls",
             username=USERNAME,
             password=PASSWORD,
             timeout=duration_pb2.Duration(seconds=12),

@@ -36,7 +36,7 @@ async def test_config_is_stored_and_the_password_never_returned(
         update(
             domain.id,
             host="SMTP.Example.COM.",
-            security=smtp_pb2.SECURITY_MODE_STARTTLS_REQUIRED,
+            security="starttls",
             username=USERNAME,
             password=PASSWORD,
             client_hostname="mta.example.com",
@@ -122,12 +122,12 @@ async def test_missing_config_is_not_found(
         ({"port": 70000}, "port"),
         ({"timeout": duration_pb2.Duration(seconds=0)}, "timeout"),
         ({"timeout": duration_pb2.Duration(seconds=3600)}, "timeout"),
-        ({"client_hostname": "not a host"}, "client_hostname"),
-        ({"client_hostname": "192.0.2.1"}, "client_hostname"),
+        ({"client_hostname": "not a host"}, "clientHostname"),
+        ({"client_hostname": "192.0.2.1"}, "clientHostname"),
         ({"username": "user\r\nRCPT TO:<x@y>"}, "username"),
         ({"username": USERNAME, "password": "pass\nword"}, "password"),
         ({"password": PASSWORD}, "username"),
-        ({"security": 42}, "security"),
+        ({"security": "ssl"}, "security"),
     ],
 )
 async def test_bad_settings_are_invalid_argument_naming_the_field(
@@ -157,7 +157,7 @@ async def test_all_bad_fields_are_reported_at_once(
             metadata=tenant.metadata,
         )
     )
-    assert set(failure.field_violations) == {"host", "port", "client_hostname"}
+    assert set(failure.field_violations) == {"host", "port", "clientHostname"}
 
 
 async def test_addresses_and_idn_hosts_are_accepted(
@@ -196,4 +196,4 @@ async def test_malformed_domain_id_is_invalid_argument(smtp_stub: Stub, tenant: 
         )
     )
     assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "domain_id" in failure.field_violations
+    assert "domainId" in failure.field_violations

@@ -129,7 +129,7 @@ async def test_names_resolving_to_forbidden_addresses_are_refused_at_resolve(
             config=smtp_pb2.UpdateSmtpConfigRequest(
                 host=f"{label}.{hostile_zone}",
                 port=25,
-                security=smtp_pb2.SECURITY_MODE_NONE,
+                security="none",
             )
         ),
         metadata=tenant.metadata,
@@ -168,7 +168,7 @@ async def test_the_same_relay_is_allowed_when_private_hosts_are(
     report = await smtp_stub.TestSmtpConnection(
         smtp_pb2.TestSmtpConnectionRequest(
             config=smtp_pb2.UpdateSmtpConfigRequest(
-                host=f"loop.{hostile_zone}", port=server.port, security=smtp_pb2.SECURITY_MODE_NONE
+                host=f"loop.{hostile_zone}", port=server.port, security="none"
             )
         ),
         metadata=tenant.metadata,

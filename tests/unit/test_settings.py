@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import pytest
 
+from services.core.context import Principal
+from services.core.ratelimit import RateLimiter
 from services.core.settings import (
     DEV_JWT_SECRET,
     DEV_SERVICE_TOKEN_SECRET,
+    DEVELOPMENT_RATE_LIMIT_MAX,
     Environment,
     Settings,
     SettingsError,
@@ -30,7 +33,8 @@ def test_defaults_follow_the_product_spec() -> None:
     assert settings.smtp_timeout == 30.0
     assert settings.max_attachment_size == 10 * 1024 * 1024
     assert settings.rate_limit_window_ms == 900_000
-    assert settings.rate_limit_max == 100
+    # The API budget is the spec's in production only (see the two tests below).
+    assert settings.rate_limit_max == DEVELOPMENT_RATE_LIMIT_MAX
     assert settings.jwt_secret == DEV_JWT_SECRET
     assert len(settings.secrets_key_bytes()) == 32
 
@@ -139,3 +143,26 @@ def test_development_derives_a_distinct_service_token_key() -> None:
     assert own.service_token_secret == derived_service_token_secret("k" * 40) != "k" * 40
     given = Settings.from_env({"AZORA_SERVICE_TOKEN_SECRET": SERVICE_KEY})
     assert given.service_token_secret == SERVICE_KEY
+
+
+def test_production_keeps_the_spec_api_budget() -> None:
+    # RATE_LIMIT_MAX=100 per RATE_LIMIT_WINDOW=15 min unless set, as the product spec says.
+    settings = Settings.from_env(
+        {
+            "AZORA_ENV": "production",
+            "JWT_SECRET": "j" * 40,
+            "AZORA_SECRETS_KEY": GOOD_KEY,
+            "AZORA_SERVICE_TOKEN_SECRET": SERVICE_KEY,
+        }
+    )
+    assert (settings.rate_limit_max, settings.rate_limit_window_ms) == (100, 900_000)
+    assert Settings.from_env({"RATE_LIMIT_MAX": "100"}).rate_limit_max == 100
+
+
+async def test_development_budget_lets_the_setup_guide_poll_once_a_second() -> None:
+    # A newcomer following the guide polls GET /api/v1/emails/{id} once a second for a whole
+    # 15-minute window, from one address with one key, on top of the guide's own calls.
+    limiter = RateLimiter.from_settings(Settings.from_env({}), None)
+    principal = Principal("t", "user:newcomer", frozenset({"*"}))
+    for _ in range(15 * 60 + 20):
+        await limiter.admit(send=False, ip="127.0.0.1", principal=principal)

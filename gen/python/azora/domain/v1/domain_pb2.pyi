@@ -59,7 +59,7 @@ class _DnsRecordType:
 class _DnsRecordTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DnsRecordType.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DNS_RECORD_TYPE_UNSPECIFIED: _DnsRecordType.ValueType  # 0
-    """Not set; invalid in requests."""
+    """Not set."""
     DNS_RECORD_TYPE_A: _DnsRecordType.ValueType  # 1
     """IPv4 address."""
     DNS_RECORD_TYPE_AAAA: _DnsRecordType.ValueType  # 2
@@ -76,10 +76,12 @@ class _DnsRecordTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DnsReco
     """Pointer (reverse DNS)."""
 
 class DnsRecordType(_DnsRecordType, metaclass=_DnsRecordTypeEnumTypeWrapper):
-    """DnsRecordType is the type of a stored DNS record."""
+    """DnsRecordType is the type of a record to publish (RequiredRecord.type). DnsRecord.type is a
+    string that accepts these names as well as the plain types ("A", "TXT", ...).
+    """
 
 DNS_RECORD_TYPE_UNSPECIFIED: DnsRecordType.ValueType  # 0
-"""Not set; invalid in requests."""
+"""Not set."""
 DNS_RECORD_TYPE_A: DnsRecordType.ValueType  # 1
 """IPv4 address."""
 DNS_RECORD_TYPE_AAAA: DnsRecordType.ValueType  # 2
@@ -290,8 +292,14 @@ class DnsRecord(_message.Message):
     WEIGHT_FIELD_NUMBER: _builtins.int
     PORT_FIELD_NUMBER: _builtins.int
     TXT_STRINGS_FIELD_NUMBER: _builtins.int
-    type: Global___DnsRecordType.ValueType
-    """Record type."""
+    type: _builtins.str
+    """Record type as RFC 1035 and its successors write it: "A", "AAAA", "CNAME", "MX", "TXT",
+    "SRV" or "PTR" (case does not matter; returned in capitals), or DnsRecordType's names
+    ("DNS_RECORD_TYPE_A", ...) as before. Anything else is INVALID_ARGUMENT on
+    `records[i].type`, listing the accepted types. A string, as Cloud DNS has it, not
+    DnsRecordType: a REST gateway drops an enum name it does not know, which turned `"A"` into
+    "no type". gRPC stubs must be regenerated: this field was DnsRecordType until this change.
+    """
     name: _builtins.str
     """Owner name: "@" or "" for the apex, a name relative to the domain ("www", "_dmarc"), or a
     fully-qualified name inside the domain. Returned fully-qualified.
@@ -313,7 +321,7 @@ class DnsRecord(_message.Message):
     def __init__(
         self,
         *,
-        type: Global___DnsRecordType.ValueType = ...,
+        type: _builtins.str = ...,
         name: _builtins.str = ...,
         value: _builtins.str = ...,
         ttl: _builtins.int = ...,

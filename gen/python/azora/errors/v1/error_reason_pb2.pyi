@@ -242,6 +242,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INVALID_ARGUMENT (SubmitMessage): an X-Azora-* control header is unknown or its value is
     invalid (X-Azora-Send-At, X-Azora-Tag, X-Azora-Metadata-*, X-Azora-Idempotency-Key).
     """
+    UNKNOWN_FIELD: _ErrorReason.ValueType  # 77
+    """INVALID_ARGUMENT: a JSON body field names no field of the request (a typo such as
+    `scheduledAt` for `sendAt` is refused rather than ignored); the violation names it.
+    """
+    UNSUPPORTED_MEDIA_TYPE: _ErrorReason.ValueType  # 78
+    """INVALID_ARGUMENT with HTTP 415: a body was sent with a Content-Type other than JSON."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason an Azora error can carry, with its meaning.
@@ -484,4 +490,10 @@ INVALID_CONTROL_HEADER: ErrorReason.ValueType  # 76
 """INVALID_ARGUMENT (SubmitMessage): an X-Azora-* control header is unknown or its value is
 invalid (X-Azora-Send-At, X-Azora-Tag, X-Azora-Metadata-*, X-Azora-Idempotency-Key).
 """
+UNKNOWN_FIELD: ErrorReason.ValueType  # 77
+"""INVALID_ARGUMENT: a JSON body field names no field of the request (a typo such as
+`scheduledAt` for `sendAt` is refused rather than ignored); the violation names it.
+"""
+UNSUPPORTED_MEDIA_TYPE: ErrorReason.ValueType  # 78
+"""INVALID_ARGUMENT with HTTP 415: a body was sent with a Content-Type other than JSON."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -1082,3 +1082,53 @@ class RelayHealth(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RelayHealth: _TypeAlias = RelayHealth  # noqa: Y015
+
+@_typing.final
+class CancelDomainEmailsRequest(_message.Message):
+    """CancelDomainEmailsRequest names the deleted domain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_ID_FIELD_NUMBER: _builtins.int
+    domain_id: _builtins.str
+    """The deleted domain's id."""
+    def __init__(
+        self,
+        *,
+        domain_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelDomainEmailsRequest: _TypeAlias = CancelDomainEmailsRequest  # noqa: Y015
+
+@_typing.final
+class CancelDomainEmailsResponse(_message.Message):
+    """CancelDomainEmailsResponse says what was done."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANCELLED_COUNT_FIELD_NUMBER: _builtins.int
+    IN_DELIVERY_COUNT_FIELD_NUMBER: _builtins.int
+    cancelled_count: _builtins.int
+    """Emails cancelled by this call."""
+    in_delivery_count: _builtins.int
+    """Emails not cancelled because a worker was delivering them at that moment (that attempt
+    finishes and is recorded) or they finished in between.
+    """
+    def __init__(
+        self,
+        *,
+        cancelled_count: _builtins.int = ...,
+        in_delivery_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_count", b"cancelled_count", "in_delivery_count", b"in_delivery_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelDomainEmailsResponse: _TypeAlias = CancelDomainEmailsResponse  # noqa: Y015

@@ -83,6 +83,11 @@ class MailServiceStub:
                 request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.DeleteEmailRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.CancelDomainEmails = channel.unary_unary(
+                '/azora.mail.v1.MailService/CancelDomainEmails',
+                request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.CancelDomainEmailsRequest.SerializeToString,
+                response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.CancelDomainEmailsResponse.FromString,
+                _registered_method=True)
 
 
 class MailServiceServicer:
@@ -181,6 +186,19 @@ class MailServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelDomainEmails(self, request, context):
+        """Cancels every queued, scheduled or deferred email of a deleted domain (status CANCELLED,
+        with a CANCELLED event whose detail says the domain was deleted); delivered history is
+        kept. Only the service token's tenant's emails are touched. Idempotent: an email already
+        finished or cancelled is left as it is; one a worker is delivering at that moment finishes
+        that attempt (`in_delivery_count`). Called by the domain service
+        after a domain is deleted. Internal: never exposed through the gateway.
+        Errors: INVALID_ARGUMENT (domain_id), PERMISSION_DENIED (not a service principal).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MailServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +246,11 @@ def add_MailServiceServicer_to_server(servicer, server):
                     servicer.DeleteEmail,
                     request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.DeleteEmailRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'CancelDomainEmails': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelDomainEmails,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.CancelDomainEmailsRequest.FromString,
+                    response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.CancelDomainEmailsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -476,6 +499,33 @@ class MailService:
             '/azora.mail.v1.MailService/DeleteEmail',
             azora_dot_mail_dot_v1_dot_mail__pb2.DeleteEmailRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelDomainEmails(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.MailService/CancelDomainEmails',
+            azora_dot_mail_dot_v1_dot_mail__pb2.CancelDomainEmailsRequest.SerializeToString,
+            azora_dot_mail_dot_v1_dot_mail__pb2.CancelDomainEmailsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -91,6 +91,15 @@ class MailServiceStub:
     """Cancels a queued or scheduled email; removes a finished email and its content.
     Errors: EMAIL_NOT_FOUND, EMAIL_BEING_DELIVERED (a worker holds it right now).
     """
+    CancelDomainEmails: _grpc.UnaryUnaryMultiCallable[_mail_pb2.CancelDomainEmailsRequest, _mail_pb2.CancelDomainEmailsResponse]
+    """Cancels every queued, scheduled or deferred email of a deleted domain (status CANCELLED,
+    with a CANCELLED event whose detail says the domain was deleted); delivered history is
+    kept. Only the service token's tenant's emails are touched. Idempotent: an email already
+    finished or cancelled is left as it is; one a worker is delivering at that moment finishes
+    that attempt (`in_delivery_count`). Called by the domain service
+    after a domain is deleted. Internal: never exposed through the gateway.
+    Errors: INVALID_ARGUMENT (domain_id), PERMISSION_DENIED (not a service principal).
+    """
 
 @_typing.type_check_only
 class MailServiceAsyncStub(MailServiceStub):
@@ -153,6 +162,15 @@ class MailServiceAsyncStub(MailServiceStub):
     DeleteEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.DeleteEmailRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Cancels a queued or scheduled email; removes a finished email and its content.
     Errors: EMAIL_NOT_FOUND, EMAIL_BEING_DELIVERED (a worker holds it right now).
+    """
+    CancelDomainEmails: _aio.UnaryUnaryMultiCallable[_mail_pb2.CancelDomainEmailsRequest, _mail_pb2.CancelDomainEmailsResponse]  # type: ignore[assignment]
+    """Cancels every queued, scheduled or deferred email of a deleted domain (status CANCELLED,
+    with a CANCELLED event whose detail says the domain was deleted); delivered history is
+    kept. Only the service token's tenant's emails are touched. Idempotent: an email already
+    finished or cancelled is left as it is; one a worker is delivering at that moment finishes
+    that attempt (`in_delivery_count`). Called by the domain service
+    after a domain is deleted. Internal: never exposed through the gateway.
+    Errors: INVALID_ARGUMENT (domain_id), PERMISSION_DENIED (not a service principal).
     """
 
 class MailServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -267,6 +285,21 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
         """Cancels a queued or scheduled email; removes a finished email and its content.
         Errors: EMAIL_NOT_FOUND, EMAIL_BEING_DELIVERED (a worker holds it right now).
+        """
+
+    @_abc_1.abstractmethod
+    def CancelDomainEmails(
+        self,
+        request: _mail_pb2.CancelDomainEmailsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mail_pb2.CancelDomainEmailsResponse, _abc.Awaitable[_mail_pb2.CancelDomainEmailsResponse]]:
+        """Cancels every queued, scheduled or deferred email of a deleted domain (status CANCELLED,
+        with a CANCELLED event whose detail says the domain was deleted); delivered history is
+        kept. Only the service token's tenant's emails are touched. Idempotent: an email already
+        finished or cancelled is left as it is; one a worker is delivering at that moment finishes
+        that attempt (`in_delivery_count`). Called by the domain service
+        after a domain is deleted. Internal: never exposed through the gateway.
+        Errors: INVALID_ARGUMENT (domain_id), PERMISSION_DENIED (not a service principal).
         """
 
 def add_MailServiceServicer_to_server(servicer: MailServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -39,7 +39,10 @@ class _SecurityModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Security
     """Plain text only."""
 
 class SecurityMode(_SecurityMode, metaclass=_SecurityModeEnumTypeWrapper):
-    """SecurityMode is how the connection to the relay is protected."""
+    """SecurityMode is how the connection to the relay is protected, as the service reports it.
+    Requests name it with a string (UpdateSmtpConfigRequest.security), which accepts these names
+    too.
+    """
 
 SECURITY_MODE_UNSPECIFIED: SecurityMode.ValueType  # 0
 """Not set: derived from `secure` (true = IMPLICIT_TLS) or else STARTTLS_REQUIRED."""
@@ -67,7 +70,9 @@ class _DkimAlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DkimAlg
     """Ed25519 with SHA-256 (ed25519-sha256, RFC 8463)."""
 
 class DkimAlgorithm(_DkimAlgorithm, metaclass=_DkimAlgorithmEnumTypeWrapper):
-    """DkimAlgorithm is the key type of a DKIM key."""
+    """DkimAlgorithm is the key type of a DKIM key, as the service reports it. Requests name it
+    with a string (GenerateDkimKeyRequest.algorithm), which accepts these names too.
+    """
 
 DKIM_ALGORITHM_UNSPECIFIED: DkimAlgorithm.ValueType  # 0
 """Not set: RSA-2048."""
@@ -127,7 +132,9 @@ class _SpfQualifierEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SpfQuali
     """Neutral (?)."""
 
 class SpfQualifier(_SpfQualifier, metaclass=_SpfQualifierEnumTypeWrapper):
-    """SpfQualifier is the result an SPF mechanism gives."""
+    """SpfQualifier is the result an SPF mechanism gives. Requests write qualifiers as strings
+    (SpfMechanism.qualifier), which accept these names too.
+    """
 
 SPF_QUALIFIER_UNSPECIFIED: SpfQualifier.ValueType  # 0
 """Not set: "+" for mechanisms, "~" for all."""
@@ -157,7 +164,9 @@ class _DmarcPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DmarcPoli
     """Reject failing mail."""
 
 class DmarcPolicy(_DmarcPolicy, metaclass=_DmarcPolicyEnumTypeWrapper):
-    """DmarcPolicy is a DMARC p= or sp= value."""
+    """DmarcPolicy is a DMARC p= or sp= value. GenerateDmarcRecordRequest names policies with strings
+    (RFC 7489's "none", "quarantine", "reject"), which accept these names too.
+    """
 
 DMARC_POLICY_UNSPECIFIED: DmarcPolicy.ValueType  # 0
 """Not set."""
@@ -183,7 +192,9 @@ class _DmarcAlignmentEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DmarcA
     """Exact domains must match."""
 
 class DmarcAlignment(_DmarcAlignment, metaclass=_DmarcAlignmentEnumTypeWrapper):
-    """DmarcAlignment is a DMARC adkim= or aspf= value."""
+    """DmarcAlignment is a DMARC adkim= or aspf= value. Requests write alignments as strings
+    (GenerateDmarcRecordRequest.dkim_alignment), which accept these names too.
+    """
 
 DMARC_ALIGNMENT_UNSPECIFIED: DmarcAlignment.ValueType  # 0
 """Not set: relaxed."""
@@ -344,9 +355,20 @@ class UpdateSmtpConfigRequest(_message.Message):
     port: _builtins.int
     """Relay port (1..65535)."""
     secure: _builtins.bool
-    """Implicit TLS (the product spec's field); ignored when security is set."""
-    security: Global___SecurityMode.ValueType
-    """Connection security."""
+    """Implicit TLS (the product spec's field): true is `security` "tls". With `security` set,
+    true must agree with it (INVALID_ARGUMENT on `secure` otherwise).
+    """
+    security: _builtins.str
+    """Connection security, as the product spec writes it: "none" (plain text), "starttls"
+    (STARTTLS required) or "tls" (implicit TLS, usually port 465); also
+    "starttls_opportunistic" (STARTTLS when offered), and SecurityMode's names
+    ("SECURITY_MODE_NONE", ...) as before. Case does not matter. Empty: derived from `secure`
+    (true = "tls", else "starttls"). Anything else is INVALID_ARGUMENT on `security`, listing
+    the accepted values. A string, not SecurityMode, because a REST gateway drops an enum name
+    it does not know and the default would replace the caller's choice silently; the JSON form
+    is unchanged for clients that sent SecurityMode's names (gRPC stubs must be regenerated:
+    this field was SecurityMode until this change).
+    """
     username: _builtins.str
     """User name for SMTP AUTH."""
     password: _builtins.str
@@ -368,7 +390,7 @@ class UpdateSmtpConfigRequest(_message.Message):
         host: _builtins.str = ...,
         port: _builtins.int = ...,
         secure: _builtins.bool = ...,
-        security: Global___SecurityMode.ValueType = ...,
+        security: _builtins.str = ...,
         username: _builtins.str = ...,
         password: _builtins.str | None = ...,
         client_hostname: _builtins.str = ...,
@@ -700,8 +722,13 @@ class GenerateDkimKeyRequest(_message.Message):
     """The domain's id."""
     selector: _builtins.str
     """Selector; generated from the date when empty."""
-    algorithm: Global___DkimAlgorithm.ValueType
-    """Key algorithm (default RSA)."""
+    algorithm: _builtins.str
+    """Key type as RFC 6376/8463 write it (k=): "rsa" (default) or "ed25519", or DkimAlgorithm's
+    names ("DKIM_ALGORITHM_RSA", ...) as before; case does not matter. Anything else is
+    INVALID_ARGUMENT on `algorithm`, listing the accepted values. A string so that no gateway
+    can drop a value it does not know (gRPC stubs must be regenerated: this field was
+    DkimAlgorithm until this change).
+    """
     key_bits: _builtins.int
     """RSA key size: 1024, 2048 (default), 3072 or 4096; 0 (or unset) for Ed25519."""
     auto_activate: _builtins.bool
@@ -713,7 +740,7 @@ class GenerateDkimKeyRequest(_message.Message):
         *,
         domain_id: _builtins.str = ...,
         selector: _builtins.str = ...,
-        algorithm: Global___DkimAlgorithm.ValueType = ...,
+        algorithm: _builtins.str = ...,
         key_bits: _builtins.int = ...,
         auto_activate: _builtins.bool = ...,
     ) -> None: ...
@@ -820,14 +847,19 @@ class SpfMechanism(_message.Message):
     """Mechanism kind: "include", "ip4", "ip6", "a", "mx", "exists"."""
     value: _builtins.str
     """Argument (domain, network); optional for "a" and "mx"."""
-    qualifier: Global___SpfQualifier.ValueType
-    """Qualifier."""
+    qualifier: _builtins.str
+    """Qualifier as RFC 7208 writes it: "+" (default), "-", "~" or "?"; also "pass", "fail",
+    "softfail", "neutral" and SpfQualifier's names ("SPF_QUALIFIER_FAIL", ...) as before.
+    Anything else is INVALID_ARGUMENT on `mechanisms[i].qualifier`, listing the accepted
+    values. A string so that no gateway can drop a value it does not know (gRPC stubs must be
+    regenerated: this field was SpfQualifier until this change).
+    """
     def __init__(
         self,
         *,
         kind: _builtins.str = ...,
         value: _builtins.str = ...,
-        qualifier: Global___SpfQualifier.ValueType = ...,
+        qualifier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -850,8 +882,8 @@ class GenerateSpfRecordRequest(_message.Message):
     EXCLUDE_RELAY_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain's id."""
-    all: Global___SpfQualifier.ValueType
-    """Qualifier of the final "all" (default SOFTFAIL)."""
+    all: _builtins.str
+    """Qualifier of the final "all", written as SpfMechanism.qualifier (default "~")."""
     redirect: _builtins.str
     """Redirect to another domain's policy instead of "all"."""
     exclude_relay: _builtins.bool
@@ -865,7 +897,7 @@ class GenerateSpfRecordRequest(_message.Message):
         *,
         domain_id: _builtins.str = ...,
         mechanisms: _abc.Iterable[Global___SpfMechanism] | None = ...,
-        all: Global___SpfQualifier.ValueType = ...,
+        all: _builtins.str = ...,
         redirect: _builtins.str = ...,
         exclude_relay: _builtins.bool = ...,
     ) -> None: ...
@@ -943,16 +975,26 @@ class GenerateDmarcRecordRequest(_message.Message):
     REPORT_INTERVAL_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain's id."""
-    policy: Global___DmarcPolicy.ValueType
-    """Policy (p=), required."""
-    subdomain_policy: Global___DmarcPolicy.ValueType
-    """Subdomain policy (sp=)."""
+    policy: _builtins.str
+    """Policy (p=), required: "none", "quarantine" or "reject" (RFC 7489), or DmarcPolicy's names
+    ("DMARC_POLICY_REJECT", ...) as before; case does not matter. Anything else is
+    INVALID_ARGUMENT on `policy`, listing the accepted values. A string, not DmarcPolicy, so
+    that no gateway can drop a value it does not know (gRPC stubs must be regenerated: this
+    field was DmarcPolicy until this change).
+    """
+    subdomain_policy: _builtins.str
+    """Subdomain policy (sp=): as `policy`; empty leaves sp= out (subdomains follow p=)."""
     percent: _builtins.int
     """Percentage of mail the policy applies to (pct=, 0..100, default 100)."""
-    dkim_alignment: Global___DmarcAlignment.ValueType
-    """DKIM alignment (adkim=)."""
-    spf_alignment: Global___DmarcAlignment.ValueType
-    """SPF alignment (aspf=)."""
+    dkim_alignment: _builtins.str
+    """DKIM alignment (adkim=) as RFC 7489 writes it: "r" (relaxed, the default) or "s"
+    (strict); also "relaxed", "strict" and DmarcAlignment's names as before. Anything else is
+    INVALID_ARGUMENT on `dkim_alignment`, listing the accepted values. A string so that no
+    gateway can drop a value it does not know (gRPC stubs must be regenerated: this field was
+    DmarcAlignment until this change).
+    """
+    spf_alignment: _builtins.str
+    """SPF alignment (aspf=), written as `dkim_alignment`."""
     failure_options: _builtins.str
     """Failure reporting options (fo=): "0", "1", "d", "s", colon-separated."""
     report_interval: _builtins.int
@@ -969,11 +1011,11 @@ class GenerateDmarcRecordRequest(_message.Message):
         self,
         *,
         domain_id: _builtins.str = ...,
-        policy: Global___DmarcPolicy.ValueType = ...,
-        subdomain_policy: Global___DmarcPolicy.ValueType = ...,
+        policy: _builtins.str = ...,
+        subdomain_policy: _builtins.str = ...,
         percent: _builtins.int | None = ...,
-        dkim_alignment: Global___DmarcAlignment.ValueType = ...,
-        spf_alignment: Global___DmarcAlignment.ValueType = ...,
+        dkim_alignment: _builtins.str = ...,
+        spf_alignment: _builtins.str = ...,
         aggregate_report_uris: _abc.Iterable[_builtins.str] | None = ...,
         failure_report_uris: _abc.Iterable[_builtins.str] | None = ...,
         failure_options: _builtins.str = ...,

@@ -1,0 +1,152 @@
+"""Internationalised addresses (RFC 6531/6532), e.g. josé@exämple.com, end to end.
+
+Accepted by SendEmail; delivered in an SMTPUTF8 transaction when the relay offers SMTPUTF8;
+failed at once with the reason recorded when it does not (never sent 8-bit anyway, never
+retried for nothing). The relays are aiosmtpd servers with and without SMTPUTF8.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from email import policy
+from typing import Any
+
+import idna
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from azora.mail.v1 import mail_pb2
+
+from tests.conftest import Tenant
+from tests.mail.conftest import LocalMail
+
+E = mail_pb2
+
+
+@dataclass
+class Recorder:
+    """An aiosmtpd handler that keeps every envelope it accepts."""
+
+    envelopes: list[Envelope] = field(default_factory=list)
+
+    async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> str:
+        self.envelopes.append(envelope)
+        return "250 2.0.0 OK"
+
+
+@dataclass
+class Relay:
+    port: int
+    handler: Recorder
+
+
+StartRelay = Callable[[bool], Awaitable[Relay]]
+
+
+@pytest.fixture
+async def aiosmtpd_relay() -> AsyncIterator[StartRelay]:
+    """Start aiosmtpd relays on loopback, with or without SMTPUTF8; closed afterwards."""
+    servers: list[asyncio.Server] = []
+
+    async def start(smtputf8: bool) -> Relay:
+        handler = Recorder()
+
+        def factory() -> SMTP:
+            return SMTP(handler, hostname="relay.test", enable_SMTPUTF8=smtputf8)
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        servers.append(server)
+        return Relay(server.sockets[0].getsockname()[1], handler)
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def send(mail: LocalMail, tenant: Tenant, name: str, **fields: Any) -> str:
+    sent = await mail.send(
+        tenant,
+        **{
+            "from_address": f"Équipe <équipe@{name}>",
+            "to": ['"José Müller" <josé@exämple.com>', "plain@example.org"],
+            "subject": "Grüße",
+            "text": "¡Hola!",
+            **fields,
+        },
+    )
+    return sent.id
+
+
+async def test_delivered_with_smtputf8_when_the_relay_offers_it(
+    local_mail: LocalMail, tenant: Tenant, aiosmtpd_relay: StartRelay
+) -> None:
+    relay = await aiosmtpd_relay(True)
+    _, name = local_mail.add_domain(tenant, port=relay.port, name="bücher-utf8.example")
+    a_label = idna.encode(name, uts46=True).decode()
+    email_id = await send(local_mail, tenant, name)
+    stored = await local_mail.get(tenant, email_id)
+    assert [r.address for r in stored.recipients] == [
+        "josé@xn--exmple-cua.com",
+        "plain@example.org",
+    ]
+    assert await local_mail.worker().run_once() == 1
+    got = await local_mail.get(tenant, email_id)
+    assert got.status == E.EMAIL_STATUS_SENT, [e.detail for e in got.events]
+    (envelope,) = relay.handler.envelopes
+    assert "SMTPUTF8" in envelope.mail_options
+    assert envelope.mail_from == f"équipe@{a_label}"
+    assert envelope.rcpt_tos == ["josé@xn--exmple-cua.com", "plain@example.org"]
+    # Headers as UTF-8 (RFC 6532), addresses as they travel in the envelope.
+    assert envelope.original_content is not None
+    headers = envelope.original_content.split(b"\r\n\r\n", 1)[0].decode()
+    assert 'To: "José Müller" <josé@xn--exmple-cua.com>, plain@example.org' in headers
+    assert f'From: "Équipe" <équipe@{a_label}>' in headers
+    message = email.message_from_bytes(envelope.original_content, policy=policy.SMTPUTF8)
+    assert message["Subject"] == "Grüße"
+
+
+async def test_failed_with_the_reason_when_the_relay_lacks_smtputf8(
+    local_mail: LocalMail, tenant: Tenant, aiosmtpd_relay: StartRelay
+) -> None:
+    relay = await aiosmtpd_relay(False)
+    _, name = local_mail.add_domain(tenant, port=relay.port)
+    email_id = await send(local_mail, tenant, name, from_address=f"team@{name}")
+    assert await local_mail.worker().run_once() == 1
+    got = await local_mail.get(tenant, email_id)
+    assert got.status == E.EMAIL_STATUS_FAILED, got
+    assert not got.HasField("next_attempt_time")
+    assert relay.handler.envelopes == []
+    assert {r.status for r in got.recipients} == {E.RECIPIENT_STATUS_FAILED}
+    failed = [e for e in got.events if e.type == E.EVENT_TYPE_FAILED]
+    assert len(failed) == 2
+    for event in failed:
+        assert "does not offer SMTPUTF8" in event.detail
+        assert event.reply.enhanced_code == "5.6.7"
+    # Nothing is left to retry.
+    assert await local_mail.worker().run_once() == 0
+
+
+async def test_ascii_mail_still_goes_through_a_relay_without_smtputf8(
+    local_mail: LocalMail, tenant: Tenant, aiosmtpd_relay: StartRelay
+) -> None:
+    # A Unicode display name or domain needs no SMTPUTF8 (RFC 2047 words, A-labels).
+    relay = await aiosmtpd_relay(False)
+    _, name = local_mail.add_domain(tenant, port=relay.port)
+    email_id = await send(
+        local_mail,
+        tenant,
+        name,
+        from_address=f"Équipe <team@{name}>",
+        to=["José <jose@exämple.com>"],
+    )
+    assert await local_mail.worker().run_once() == 1
+    assert (await local_mail.get(tenant, email_id)).status == E.EMAIL_STATUS_SENT
+    (envelope,) = relay.handler.envelopes
+    assert "SMTPUTF8" not in envelope.mail_options
+    assert envelope.original_content is not None
+    assert envelope.original_content.split(b"\r\n\r\n", 1)[0].isascii()
