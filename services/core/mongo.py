@@ -150,21 +150,41 @@ def is_duplicate_key(exc: BaseException) -> bool:
     )
 
 
-def translate_error(exc: PyMongoError, *, deadline_expired: bool = False) -> AzoraError:
+def translate_error(
+    exc: PyMongoError, *, deadline_expired: bool = False, time_limit: float | None = None
+) -> AzoraError:
     """Map a driver error that no repository handled into a typed error.
 
-    A timeout once the request's deadline has passed (`pymongo.timeout` bounds every database
-    call of a request) is DEADLINE_EXCEEDED; an unreachable server is UNAVAILABLE, also when
-    the driver reports it as a timeout with time left on the deadline (server selection gives
-    up after AZORA_MONGODB_SERVER_SELECTION_TIMEOUT), so clients with long deadlines hear
-    UNAVAILABLE (retry) rather than wait. Anything else is UNAVAILABLE too: the database
-    refused an operation we did not expect to fail, and the caller may retry.
+    Three different situations, told apart because the client's next move differs:
+
+    * the caller's deadline passed (`deadline_expired`): DEADLINE_EXCEEDED, whatever the driver
+      reported, since nobody is waiting for the answer any more;
+    * no server could be selected (``ServerSelectionTimeoutError``) or the connection failed:
+      UNAVAILABLE "the database is unreachable" (retry later). Server selection gives up after
+      AZORA_MONGODB_SERVER_SELECTION_TIMEOUT, so clients with long deadlines hear this rather
+      than wait;
+    * a reachable server did not finish an operation in time (``NetworkTimeout`` while reading
+      the reply, ``ExecutionTimeout`` from the server's maxTimeMS, a wait for a pooled
+      connection): DEADLINE_EXCEEDED saying the query ran out of time (`time_limit`: the
+      request's database budget, AZORA_MONGODB_REQUEST_TIMEOUT), never "unreachable". PyMongo
+      makes ``NetworkTimeout`` a ``ConnectionFailure``, so the timeout test comes first.
+
+    Anything else is UNAVAILABLE too: the database refused an operation we did not expect to
+    fail, and the caller may retry.
     """
-    if deadline_expired and (isinstance(exc, ExecutionTimeout | WTimeoutError) or exc.timeout):
-        return DeadlineExceeded("the request deadline expired during a database call")
-    if isinstance(exc, ServerSelectionTimeoutError | ConnectionFailure | AutoReconnect):
+    if isinstance(exc, ServerSelectionTimeoutError):
+        if deadline_expired:
+            return DeadlineExceeded("the request deadline expired while waiting for the database")
         return Unavailable("the database is unreachable", retry_after_seconds=2)
-    if isinstance(exc, NetworkTimeout):
-        return Unavailable("the database did not answer in time", retry_after_seconds=2)
+    if isinstance(exc, ExecutionTimeout | WTimeoutError | NetworkTimeout) or exc.timeout:
+        if deadline_expired:
+            return DeadlineExceeded("the request deadline expired during a database call")
+        limit = f" of {time_limit:g} s" if time_limit is not None else ""
+        return DeadlineExceeded(
+            f"the database query ran out of time: it did not finish within the time limit"
+            f"{limit} (the database is reachable; narrow the query or retry)"
+        )
+    if isinstance(exc, ConnectionFailure | AutoReconnect):
+        return Unavailable("the database is unreachable", retry_after_seconds=2)
     log.warning("unexpected database error", extra={"fields": {"error": str(exc)[:500]}})
     return Unavailable("the database refused the operation", retry_after_seconds=2)
