@@ -20,7 +20,8 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from pymongo import AsyncMongoClient, monitoring
+from pymongo import ASCENDING, AsyncMongoClient, DeleteOne, monitoring
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
     AutoReconnect,
@@ -141,6 +142,49 @@ async def ping(db: AsyncDatabase[Document]) -> None:
         await db.command("ping")
     except PyMongoError as exc:
         raise translate_error(exc) from exc
+
+
+# Statements per write command the services send. FerretDB 1.24 holds a pooled connection per
+# statement's cursor until the command ends, and a command of 64 or more statements can hang it
+# forever; 40 leaves room below that on both of its backends.
+MAX_BATCH_STATEMENTS = 40
+
+
+async def delete_older(
+    collection: AsyncCollection[Document],
+    field: str,
+    before: Any,
+    *,
+    batches: int = 25,
+    batch_size: int = MAX_BATCH_STATEMENTS,
+) -> int:
+    """Delete documents whose `field` is below `before`, oldest first, in bounded batches.
+
+    Each batch reads at most `batch_size` ids through the index on `field` (range, sort and
+    limit on one indexed field: what an index serves on MongoDB and on the patched FerretDB),
+    then deletes them by ``_id`` in one command (``_id`` lookups are what FerretDB 1.24 always
+    serves from its primary key; ``delete_many`` with a filter would scan the collection).
+    Stops after `batches` batches, so one run's work is bounded; the next run continues.
+    Deleting by ``_id`` is idempotent, so concurrent sweepers only repeat each other's work.
+
+    Returns:
+        How many documents this run deleted.
+    """
+    deleted = 0
+    for _ in range(batches):
+        cursor = (
+            collection.find({field: {"$lt": before}}, {"_id": 1})
+            .sort(field, ASCENDING)
+            .limit(batch_size)
+        )
+        ids = [doc["_id"] async for doc in cursor]
+        if not ids:
+            break
+        result = await collection.bulk_write([DeleteOne({"_id": i}) for i in ids], ordered=False)
+        deleted += result.deleted_count
+        if len(ids) < batch_size:
+            break
+    return deleted
 
 
 def is_duplicate_key(exc: BaseException) -> bool:

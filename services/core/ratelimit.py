@@ -42,11 +42,14 @@ from pymongo.errors import PyMongoError
 from services.core.context import Principal
 from services.core.errors import ResourceExhausted
 from services.core.metrics import RATE_LIMIT_REFUSALS, RATE_LIMIT_SYNCS
+from services.core.mongo import IndexSpec, delete_older
 from services.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 COLLECTION = "rate_limit_counters"
+# The sweeper's range query (`delete_older`).
+INDEXES = (IndexSpec(COLLECTION, [("expiresAt", 1)], "rate_limit_expiry"),)
 # Ended windows stay this long before the sweeper removes them (clock skew between replicas).
 _KEEP_AFTER_END = timedelta(minutes=1)
 HOUR_MS = 3600 * 1000
@@ -215,8 +218,7 @@ class SharedCounters:
         if self._collection is None:
             return 0
         cutoff = datetime.fromtimestamp(self._clock(), UTC)
-        result = await self._collection.delete_many({"expiresAt": {"$lt": cutoff}})
-        return int(result.deleted_count)
+        return await delete_older(self._collection, "expiresAt", cutoff)
 
     async def run(self, *, sweep_every: float = 60.0) -> None:
         """Sync every interval (and sweep now and then) until cancelled; failures are logged."""

@@ -11,7 +11,7 @@ HTTP 409, like a conflicting resource).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from services.core.clock import Clock
@@ -72,6 +72,13 @@ class MailPolicy:
     idempotency_ttl: timedelta = timedelta(hours=24)
     default_page_size: int = 50
     max_page_size: int = 200
+    # How long finished emails are kept after they finished, and per-tenant exceptions.
+    retention: timedelta = timedelta(days=30)
+    tenant_retention: dict[str, timedelta] = field(default_factory=dict)
+
+    def retention_of(self, tenant_id: str) -> timedelta:
+        """How long the tenant's finished emails are kept."""
+        return self.tenant_retention.get(tenant_id, self.retention)
 
 
 class MailManager:
@@ -450,6 +457,25 @@ class MailManager:
         now = self._clock.now()
         await self._emails.sweep_claims(before=now - timedelta(hours=1))
         return await self._idempotency.sweep(now=now)
+
+    async def sweep_retention(self) -> int:
+        """Remove finished emails past their tenant's retention, and stats counts nobody needs.
+
+        Returns:
+            How many emails were removed.
+        """
+        now = self._clock.now()
+        policy = self._policy
+        retentions = [policy.retention, *policy.tenant_retention.values()]
+        removed = await self._emails.sweep_finished(
+            now=now, retention=policy.retention_of, shortest=min(retentions)
+        )
+        # Counts of a bucket matter while an email created in it may exist: it is scheduled
+        # at most the horizon ahead, finishes at most the maximum lifetime after that, and is
+        # kept for the longest retention once finished (a day more for clock skew).
+        oldest = policy.limits.schedule_horizon + policy.retry.max_lifetime + max(retentions)
+        await self._emails.sweep_tallies(before=now - oldest - timedelta(days=1))
+        return removed
 
 
 def _dedupe(recipients: list[Recipient]) -> list[Recipient]:

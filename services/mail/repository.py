@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import random
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -40,8 +41,15 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from services.core.errors import NotFound
-from services.core.mongo import Document, IndexSpec, is_duplicate_key
+from services.core.mongo import (
+    MAX_BATCH_STATEMENTS,
+    Document,
+    IndexSpec,
+    delete_older,
+    is_duplicate_key,
+)
 from services.mail.models import (
+    FINISHED,
     UNFINISHED,
     AttachmentInfo,
     Claimed,
@@ -55,6 +63,8 @@ from services.mail.models import (
     RecipientStatus,
     SmtpReply,
 )
+from services.mail.tallies import FINEST, Tallies, ceil_to, floor_to
+from services.mail.tallies import INDEXES as TALLY_INDEXES
 
 EMAILS = "emails"
 IDEMPOTENCY = "email_idempotency"
@@ -91,6 +101,9 @@ INDEXES = (
     IndexSpec(IDEMPOTENCY, [("expires_at", ASCENDING)], "idempotency_expiry"),
     IndexSpec(CLAIMS, [("created_at", ASCENDING)], "claim_age"),
     IndexSpec(QUEUE, [("due", ASCENDING)], "queue_due"),
+    # Retention: finished emails in the order they finished (updated_at is the last write).
+    IndexSpec(EMAILS, [("status", ASCENDING), ("updated_at", ASCENDING)], "finished_age"),
+    *TALLY_INDEXES,
 )
 
 
@@ -155,6 +168,21 @@ class EmailRepository(Protocol):
 
     async def sweep_claims(self, *, before: datetime) -> int:
         """Forget claim bookkeeping older than `before`."""
+        ...
+
+    async def sweep_finished(
+        self,
+        *,
+        now: datetime,
+        retention: Callable[[str], timedelta],
+        shortest: timedelta,
+        batches: int = 25,
+    ) -> int:
+        """Remove finished emails whose tenant's retention has passed since they finished."""
+        ...
+
+    async def sweep_tallies(self, *, before: datetime) -> int:
+        """Remove stats counts of creation buckets before `before`."""
         ...
 
     async def cancel(self, *, tenant_id: str, email_id: str, event: Event) -> Email | None:
@@ -446,6 +474,8 @@ class MongoEmailRepository:
         self._bucket = AsyncGridFSBucket(db, bucket_name=CONTENT_BUCKET)
         self._inline_limit = inline_limit
         self._inserts = _GroupCommit(self._write_new)
+        # Stats counts of this process (one writer of its own documents; see tallies).
+        self.tallies = Tallies(db)
         self._outcomes = _GroupCommit(self._write_outcomes)
         # Emails seen leased (by anyone, this process included) -> when that lease expires.
         # Left out of the next claims' queries: FerretDB returns the first due entries in
@@ -483,7 +513,35 @@ class MongoEmailRepository:
             raise
         if not stored and file_id is not None:
             await self._bucket.delete(file_id)
+        if stored:
+            self.tallies.add(
+                tenant_id=email.tenant_id,
+                created_at=email.created_at,
+                domain_id=email.domain_id,
+                status=email.status.value,
+                n=1,
+            )
+            await self.tallies.flush()
         return stored
+
+    def _count_doc(self, doc: Document, n: int) -> None:
+        self.tallies.add(
+            tenant_id=doc["tenant_id"],
+            created_at=doc["created_at"],
+            domain_id=doc["domain_id"],
+            status=doc["status"],
+            n=n,
+        )
+
+    async def _transition(self, doc: Document, now: datetime) -> bool:
+        """Win the right to change an email from the state `doc` shows (False: someone did).
+
+        A unique claim named after the email and its timeline's length: of two concurrent
+        cancels, deletes or reschedules of the same email, one writes (and counts) the change.
+        Lives with the leases in ``email_claims`` and is swept with them.
+        """
+        claim = {"_id": f"{doc['_id']}:v{len(doc.get('events', []))}", "created_at": now}
+        return (await _insert_many_unique(self._claims, [claim]))[0]
 
     async def _write_new(self, batch: list[tuple[Document | None, Document]]) -> list[bool]:
         # Entries before emails, as for a single email: a crash in between leaves entries
@@ -640,7 +698,8 @@ class MongoEmailRepository:
                 *expired.get(eid, ()),
                 Event(EventType.CLAIMED, now, detail=worker_id),
             )
-            out.append(Claimed(email, token, number, now + lease, events))
+            stored = EmailStatus(doc["status"])
+            out.append(Claimed(email, token, number, now + lease, events, stored))
         if stale:
             await self._queue.delete_many({"_id": {"$in": stale}})
         if unborn:
@@ -729,8 +788,7 @@ class MongoEmailRepository:
 
     async def sweep_claims(self, *, before: datetime) -> int:
         """Remove claims older than `before` (far older than any lease: they decide nothing)."""
-        result = await self._claims.delete_many({"created_at": {"$lt": before}})
-        return int(result.deleted_count)
+        return await delete_older(self._claims, "created_at", before)
 
     async def finish_attempt(
         self,
@@ -767,6 +825,15 @@ class MongoEmailRepository:
             entry = DeleteOne({"_id": email_id})
         await self._outcomes.submit((UpdateOne({"_id": email_id}, update), entry))
         self._leased.pop(email_id, None)
+        if claimed.stored_status is not None:
+            self.tallies.move(
+                tenant_id=claimed.email.tenant_id,
+                created_at=claimed.email.created_at,
+                domain_id=claimed.email.domain_id,
+                old=claimed.stored_status.value,
+                new=status.value,
+            )
+            await self.tallies.flush()
         return True
 
     async def _write_outcomes(
@@ -802,7 +869,7 @@ class MongoEmailRepository:
     async def cancel(self, *, tenant_id: str, email_id: str, event: Event) -> Email | None:
         """See `EmailRepository.cancel`."""
         doc = await self._waiting(tenant_id, email_id, event.time)
-        if doc is None:
+        if doc is None or not await self._transition(doc, event.time):
             return None
         # Queue entry first: no worker takes the email from here on.
         await self._queue.delete_one({"_id": email_id})
@@ -825,6 +892,14 @@ class MongoEmailRepository:
                 "$push": {"events": event_doc(event)},
             },
         )
+        self.tallies.move(
+            tenant_id=tenant_id,
+            created_at=email.created_at,
+            domain_id=email.domain_id,
+            old=doc["status"],
+            new=email.status.value,
+        )
+        await self.tallies.flush()
         return email
 
     async def reschedule(
@@ -839,7 +914,7 @@ class MongoEmailRepository:
     ) -> Email | None:
         """See `EmailRepository.reschedule`."""
         doc = await self._waiting(tenant_id, email_id, event.time)
-        if doc is None:
+        if doc is None or not await self._transition(doc, event.time):
             return None
         email = _from_doc(doc)
         email.status = EmailStatus.SCHEDULED if scheduled else EmailStatus.QUEUED
@@ -868,6 +943,14 @@ class MongoEmailRepository:
                 "$push": {"events": event_doc(event)},
             },
         )
+        self.tallies.move(
+            tenant_id=tenant_id,
+            created_at=email.created_at,
+            domain_id=email.domain_id,
+            old=doc["status"],
+            new=email.status.value,
+        )
+        await self.tallies.flush()
         return email
 
     async def delete(self, *, tenant_id: str, email_id: str) -> Email | None:
@@ -875,13 +958,31 @@ class MongoEmailRepository:
         doc = await self._own(tenant_id, email_id, _NO_CONTENT)
         if doc is None or doc["status"] in CLAIMABLE:
             return None
-        await self._emails.delete_one({"_id": email_id})
         email = _from_doc(doc)
-        if email.content_file_id:
-            # NoFile: deleted by an earlier attempt of this call.
-            with contextlib.suppress(NoFile):
-                await self._bucket.delete(ObjectId(email.content_file_id))
+        if not await self._transition(doc, self._now_of(doc)):
+            return email  # a concurrent delete removes it
+        await self._remove([doc])
         return email
+
+    @staticmethod
+    def _now_of(doc: Document) -> datetime:
+        # Claims need a time for their sweeper; a finished email's last write is close enough.
+        return doc["updated_at"]  # type: ignore[no-any-return]
+
+    async def _remove(self, docs: list[Document]) -> None:
+        """Delete finished emails (won by the caller), then their content, then count it.
+
+        Email first: a crash after it leaves an orphan content file (swept with the orphans
+        of crashed submits), never an email whose content is missing.
+        """
+        await self._emails.bulk_write([DeleteOne({"_id": d["_id"]}) for d in docs], ordered=False)
+        for doc in docs:
+            if doc.get("content_file_id"):
+                # NoFile: deleted by an earlier attempt of this call.
+                with contextlib.suppress(NoFile):
+                    await self._bucket.delete(ObjectId(doc["content_file_id"]))
+            self._count_doc(doc, -1)
+        await self.tallies.flush()
 
     async def add_event(self, *, tenant_id: str, email_id: str, event: Event) -> None:
         """See `EmailRepository.add_event`."""
@@ -893,18 +994,85 @@ class MongoEmailRepository:
     async def stats(
         self, *, tenant_id: str, start: datetime, end: datetime, domain_id: str | None
     ) -> list[tuple[str, str, int]]:
-        """See `EmailRepository.stats`."""
-        match: Document = {"tenant_id": tenant_id, "created_at": {"$gte": start, "$lt": end}}
-        if domain_id:
-            match["domain_id"] = domain_id
-        pipeline: list[Document] = [
-            {"$match": match},
-            {"$group": {"_id": {"d": "$domain_id", "s": "$status"}, "n": {"$sum": 1}}},
+        """See `EmailRepository.stats`.
+
+        Whole minutes of the window come from the counts kept as mail flows
+        (`services.mail.tallies`); the seconds before the first whole minute and after the last
+        are counted from the emails created then (``tenant_created`` index range).
+        """
+        grain = int(FINEST.total_seconds())
+        first, last = ceil_to(start, grain), floor_to(end, grain)
+        counts: Counter[tuple[str, str]] = Counter()
+        edges = [(start, end)]
+        if first < last:
+            counts = await self.tallies.count(tenant_id=tenant_id, start=first, end=last)
+            edges = [(start, first), (last, end)]
+        for lo, hi in edges:
+            if lo >= hi:
+                continue
+            query: Document = {"tenant_id": tenant_id, "created_at": {"$gte": lo, "$lt": hi}}
+            async for doc in self._emails.find(query, {"domain_id": 1, "status": 1}):
+                counts[(doc["domain_id"], doc["status"])] += 1
+        return [
+            (d, s, n)
+            for (d, s), n in sorted(counts.items())
+            if n and (not domain_id or d == domain_id)
         ]
-        out: list[tuple[str, str, int]] = []
-        async for row in await self._emails.aggregate(pipeline):
-            out.append((row["_id"]["d"], row["_id"]["s"], int(row["n"])))
-        return out
+
+    async def sweep_finished(
+        self,
+        *,
+        now: datetime,
+        retention: Callable[[str], timedelta],
+        shortest: timedelta,
+        batches: int = 25,
+    ) -> int:
+        """Remove finished emails (content and timeline with them) older than their retention.
+
+        Reads each finished status in the order emails finished (``finished_age`` index:
+        status, updated_at), at most `batches` batches of `MAX_BATCH_STATEMENTS` per status, up
+        to `now - shortest`; an email is removed once `now - retention(tenant)` has passed its
+        last write. Emails waiting for delivery (queued, scheduled however far ahead, deferred)
+        are never read. Each removal wins its transition claim first, so concurrent sweepers
+        and API deletes remove and count an email once.
+
+        Returns:
+            How many emails were removed.
+        """
+        removed = 0
+        cutoff = now - shortest
+        for status in sorted(s.value for s in FINISHED):
+            after: datetime | None = None
+            for _ in range(batches):
+                window: Document = {"$lt": cutoff}
+                if after is not None:
+                    window["$gt"] = after
+                cursor = (
+                    self._emails.find({"status": status, "updated_at": window}, _NO_CONTENT)
+                    .sort("updated_at", ASCENDING)
+                    .limit(MAX_BATCH_STATEMENTS)
+                )
+                docs = [d async for d in cursor]
+                if not docs:
+                    break
+                after = docs[-1]["updated_at"]
+                due = [d for d in docs if d["updated_at"] < now - retention(d["tenant_id"])]
+                claims = [
+                    {"_id": f"{d['_id']}:v{len(d.get('events', []))}", "created_at": now}
+                    for d in due
+                ]
+                won = await _insert_many_unique(self._claims, claims)
+                gone = [d for d, ok in zip(due, won, strict=True) if ok]
+                if gone:
+                    await self._remove(gone)
+                removed += len(gone)
+                if len(docs) < MAX_BATCH_STATEMENTS:
+                    break
+        return removed
+
+    async def sweep_tallies(self, *, before: datetime) -> int:
+        """Remove stats counts of buckets before `before` (no email created then is left)."""
+        return await self.tallies.sweep(before=before)
 
     async def queue(
         self, *, tenant_id: str, now: datetime, domain_id: str | None
@@ -965,8 +1133,7 @@ class MongoIdempotencyRepository:
 
     async def sweep(self, *, now: datetime) -> int:
         """See `IdempotencyRepository.sweep`."""
-        result = await self._records.delete_many({"expires_at": {"$lte": now}})
-        return int(result.deleted_count)
+        return await delete_older(self._records, "expires_at", now)
 
 
 def _record(doc: dict[str, Any]) -> IdempotencyRecord:
