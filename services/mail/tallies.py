@@ -132,6 +132,9 @@ class Tallies:
         self._collection: AsyncCollection[Document] = db[TALLIES]
         self.writer_id = writer_id or uuid.uuid4().hex
         self._docs: dict[str, _Doc] = {}
+        # Documents this writer wrote and then forgot (memory bound): read back when touched
+        # again. Any other document of this writer does not exist yet: its values are zero.
+        self._forgotten: set[str] = set()
         self._flusher: asyncio.Task[None] | None = None
 
     def add(
@@ -147,6 +150,8 @@ class Tallies:
             doc = self._docs.get(doc_id)
             if doc is None:
                 doc = self._docs[doc_id] = _Doc(tenant_id, grain, bucket)
+                if doc_id not in self._forgotten:
+                    doc.stored = Counter()
             doc.pending[(domain_id, status)] += n
 
     def move(
@@ -184,7 +189,9 @@ class Tallies:
                 )
                 return
         if len(self._docs) > _MAX_CACHED:
-            self._docs = {i: d for i, d in self._docs.items() if any(d.pending.values())}
+            kept = {i: d for i, d in self._docs.items() if any(d.pending.values())}
+            self._forgotten.update(i for i in self._docs if i not in kept)
+            self._docs = kept
 
     async def _write(self, batch: list[tuple[str, _Doc]]) -> None:
         unread = [(i, d) for i, d in batch if d.stored is None]
@@ -249,6 +256,9 @@ class Tallies:
         self._docs = {
             i: d for i, d in self._docs.items() if d.bucket >= before or any(d.pending.values())
         }
+        # The id ends with "|<bucket>|<writer>" (tenant ids may hold anything).
+        cutoff = before.isoformat()
+        self._forgotten = {i for i in self._forgotten if i.rsplit("|", 2)[1] >= cutoff}
         return await delete_older(self._collection, "bucket", before)
 
 
