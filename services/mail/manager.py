@@ -475,6 +475,7 @@ class MailManager:
         # kept for the longest retention once finished (a day more for clock skew).
         oldest = policy.limits.schedule_horizon + policy.retry.max_lifetime + max(retentions)
         await self._emails.sweep_tallies(before=now - oldest - timedelta(days=1))
+        await self._emails.sweep_keys(before=now - oldest - timedelta(days=1))
         return removed
 
 

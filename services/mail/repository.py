@@ -29,7 +29,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
 from bson import Binary, ObjectId
@@ -70,6 +70,7 @@ EMAILS = "emails"
 IDEMPOTENCY = "email_idempotency"
 CLAIMS = "email_claims"
 QUEUE = "email_queue"
+KEYS = "email_keys"
 _CANCELLABLE = (
     EmailStatus.QUEUED.value,
     EmailStatus.SCHEDULED.value,
@@ -103,6 +104,13 @@ INDEXES = (
     IndexSpec(QUEUE, [("due", ASCENDING)], "queue_due"),
     # Retention: finished emails in the order they finished (updated_at is the last write).
     IndexSpec(EMAILS, [("status", ASCENDING), ("updated_at", ASCENDING)], "finished_age"),
+    # ListEmails by recipient or tag: newest emails first among those with the key.
+    IndexSpec(
+        KEYS,
+        [("tenant_id", ASCENDING), ("key", ASCENDING), ("email_id", DESCENDING)],
+        "keys_lookup",
+    ),
+    IndexSpec(KEYS, [("created_at", ASCENDING)], "keys_age"),
     *TALLY_INDEXES,
 )
 
@@ -183,6 +191,10 @@ class EmailRepository(Protocol):
 
     async def sweep_tallies(self, *, before: datetime) -> int:
         """Remove stats counts of creation buckets before `before`."""
+        ...
+
+    async def sweep_keys(self, *, before: datetime) -> int:
+        """Remove ListEmails lookup keys of emails created before `before`."""
         ...
 
     async def cancel(self, *, tenant_id: str, email_id: str, event: Event) -> Email | None:
@@ -393,6 +405,35 @@ def _from_doc(doc: Document) -> Email:
     )
 
 
+def _key_docs(doc: Document) -> list[Document]:
+    """The ``email_keys`` documents of an email document: one per recipient and per tag."""
+    keys = {f"r:{a}" for a in doc.get("recipient_addresses", [])}
+    keys.update(f"t:{t}" for t in doc.get("tags", []))
+    return [
+        {
+            "_id": f"{doc['tenant_id']}|{key}|{doc['_id']}",
+            "tenant_id": doc["tenant_id"],
+            "key": key,
+            "email_id": doc["_id"],
+            "created_at": doc["created_at"],
+        }
+        for key in sorted(keys)
+    ]
+
+
+def _matches(doc: Document, filter: EmailFilter) -> bool:
+    """Whether an email document passes every ListEmails filter (what the query would check)."""
+    created = doc["created_at"]
+    return (
+        (filter.status is None or doc["status"] == filter.status.value)
+        and (not filter.domain_id or doc["domain_id"] == filter.domain_id)
+        and (not filter.recipient or filter.recipient in doc.get("recipient_addresses", []))
+        and (not filter.tag or filter.tag in doc.get("tags", []))
+        and (filter.start is None or created >= filter.start)
+        and (filter.end is None or created < filter.end)
+    )
+
+
 # Reads for the API never carry the message bytes. (findAndModify cannot project on FerretDB
 # 1.24, "fields is not implemented yet": those return the whole document, content dropped.)
 _NO_CONTENT = {"content": 0}
@@ -476,6 +517,8 @@ class MongoEmailRepository:
         self._inserts = _GroupCommit(self._write_new)
         # Stats counts of this process (one writer of its own documents; see tallies).
         self.tallies = Tallies(db)
+        self._keys = db[KEYS]
+        self._key_inserts = _GroupCommit(self._write_keys)
         self._outcomes = _GroupCommit(self._write_outcomes)
         # Emails seen leased (by anyone, this process included) -> when that lease expires.
         # Left out of the next claims' queries: FerretDB returns the first due entries in
@@ -504,8 +547,12 @@ class MongoEmailRepository:
         if email.status in UNFINISHED and email.next_attempt_at is not None:
             entry = {"_id": email.id, "due": email.next_attempt_at, "claims": 0}
             entry["created_at"] = email.created_at
+        doc = _to_doc(email)
+        # Lookup keys before the email: a crash in between leaves keys without an email
+        # (skipped by readers, removed when met and by age), never an email a filter misses.
+        await self._key_inserts.submit(_key_docs(doc))
         try:
-            stored = await self._inserts.submit((entry, _to_doc(email)))
+            stored = await self._inserts.submit((entry, doc))
         except Exception:
             # (Not on cancellation: the shielded write may still store the email.)
             if file_id is not None:
@@ -523,6 +570,13 @@ class MongoEmailRepository:
             )
             await self.tallies.flush()
         return stored
+
+    async def _write_keys(self, batch: list[list[Document]]) -> list[bool]:
+        docs = [d for keys in batch for d in keys]
+        for start in range(0, len(docs), MAX_BATCH_STATEMENTS):
+            # A taken _id is the same key written by an earlier try: nothing to do.
+            await _insert_many_unique(self._keys, docs[start : start + MAX_BATCH_STATEMENTS])
+        return [True] * len(batch)
 
     def _count_doc(self, doc: Document, n: int) -> None:
         self.tallies.add(
@@ -595,7 +649,15 @@ class MongoEmailRepository:
     async def page(
         self, *, tenant_id: str, filter: EmailFilter, before_id: str | None, limit: int
     ) -> list[Email]:
-        """See `EmailRepository.page`."""
+        """See `EmailRepository.page`.
+
+        A recipient or tag filter is served from ``email_keys`` (`_page_by_key`); the other
+        filters query the emails on their ``(tenant_id, ...)`` indexes.
+        """
+        if filter.recipient or filter.tag:
+            return await self._page_by_key(
+                tenant_id=tenant_id, filter=filter, before_id=before_id, limit=limit
+            )
         query: Document = {"tenant_id": tenant_id}
         if before_id:
             query["_id"] = {"$lt": before_id}
@@ -603,10 +665,6 @@ class MongoEmailRepository:
             query["status"] = filter.status.value
         if filter.domain_id:
             query["domain_id"] = filter.domain_id
-        if filter.recipient:
-            query["recipient_addresses"] = filter.recipient
-        if filter.tag:
-            query["tags"] = filter.tag
         created: Document = {}
         if filter.start is not None:
             created["$gte"] = filter.start
@@ -616,6 +674,53 @@ class MongoEmailRepository:
             query["created_at"] = created
         cursor = self._emails.find(query, _NO_CONTENT).sort("_id", DESCENDING).limit(limit)
         return [_from_doc(d) async for d in cursor]
+
+    async def _page_by_key(
+        self, *, tenant_id: str, filter: EmailFilter, before_id: str | None, limit: int
+    ) -> list[Email]:
+        """A page of the emails holding a recipient (or tag) key, newest first.
+
+        Array fields cannot be indexed by the embedded database's pushdown, so every email has
+        one small ``email_keys`` document per recipient address and per tag (scalar fields:
+        tenant, key, email id, creation time). Keys are read newest email first through the
+        ``keys_lookup`` index, their emails fetched by ``_id``, and the rest of the filter
+        (status, domain, the other key, time) checked on the email. A key whose email does
+        not exist (a crashed submit or removal) is skipped, and removed once older than a
+        crashed submit could still be in flight. Cost: the page plus the keyed emails that
+        fail the rest of the filter.
+        """
+        key = f"r:{filter.recipient}" if filter.recipient else f"t:{filter.tag}"
+        out: list[Email] = []
+        batch = max(limit, MAX_BATCH_STATEMENTS)
+        while len(out) < limit:
+            query: Document = {"tenant_id": tenant_id, "key": key}
+            if before_id:
+                query["email_id"] = {"$lt": before_id}
+            cursor = self._keys.find(query).sort("email_id", DESCENDING).limit(batch)
+            keys = [k async for k in cursor]
+            if not keys:
+                break
+            docs = await asyncio.gather(
+                *(self._emails.find_one({"_id": k["email_id"]}, _NO_CONTENT) for k in keys)
+            )
+            orphans = []
+            for k, doc in zip(keys, docs, strict=True):
+                if doc is None or doc.get("tenant_id") != tenant_id:
+                    if k["created_at"] < datetime.now(UTC) - _ORPHAN_AGE:
+                        orphans.append(DeleteOne({"_id": k["_id"]}))
+                    continue
+                if _matches(doc, filter) and len(out) < limit:
+                    out.append(_from_doc(doc))
+            if orphans:
+                await self._keys.bulk_write(orphans, ordered=False)
+            before_id = keys[-1]["email_id"]
+            if len(keys) < batch:
+                break
+        return out
+
+    async def sweep_keys(self, *, before: datetime) -> int:
+        """Remove lookup keys of emails created before `before` (none of them is left)."""
+        return await delete_older(self._keys, "created_at", before)
 
     async def content(self, *, email: Email) -> bytes:
         """See `EmailRepository.content`."""
@@ -976,6 +1081,9 @@ class MongoEmailRepository:
         of crashed submits), never an email whose content is missing.
         """
         await self._emails.bulk_write([DeleteOne({"_id": d["_id"]}) for d in docs], ordered=False)
+        keys = [DeleteOne({"_id": k["_id"]}) for d in docs for k in _key_docs(d)]
+        for start in range(0, len(keys), MAX_BATCH_STATEMENTS):
+            await self._keys.bulk_write(keys[start : start + MAX_BATCH_STATEMENTS], ordered=False)
         for doc in docs:
             if doc.get("content_file_id"):
                 # NoFile: deleted by an earlier attempt of this call.
