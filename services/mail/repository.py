@@ -16,7 +16,25 @@ FerretDB 1.24 has no transactions: the writes of one step go in an order where a
 them leaves work to redo, never work lost.
 * GridFS bucket ``email_content``: built messages above the inline limit (FerretDB 1.24 serves
   GridFS: it is two ordinary collections, ``files`` and ``chunks`` of 255 KiB).
+* ``email_keys``: one small document per (email, recipient address) and (email, tag), scalar
+  fields only, for ListEmails' recipient and tag filters (array fields cannot be indexed by the
+  embedded database's pushdown). Written before the email, removed after it.
+* ``email_tallies``: stats counts kept as mail flows, one writer per document
+  (`services.mail.tallies`).
 Timeline events are an array of flat documents (no nested arrays: FerretDB).
+
+Reads of this module outside the queue, and the index that serves each (the same declared
+index serves it on MongoDB 7; on FerretDB through the local build's pushdown of equality,
+range, sort and limit on indexed scalar fields):
+
+* GetEmail and every read of one email: ``{_id}`` (primary key);
+* ListEmails by recipient or tag: ``email_keys`` ``{tenant_id, key, email_id < page}`` sorted by
+  ``email_id`` descending (``keys_lookup``), then the emails by ``_id``;
+* GetEmailStats: ``email_tallies`` ``{tenant_id, g, bucket range}`` (``tally_window``), at most
+  five ranges, plus the emails of the window's ragged seconds ``{tenant_id, created_at range}``
+  (``tenant_created``);
+* retention: ``{status, updated_at < cutoff}`` sorted by ``updated_at`` (``finished_age``),
+  40 at a time; the other sweepers: one indexed time field each (`delete_older`).
 """
 
 from __future__ import annotations
