@@ -49,6 +49,7 @@ from services.mail.models import (
 from services.mail.relay_health import RelayHealthStore, RelayOutcome
 from services.mail.repository import EmailRepository, IdempotencyRecord, IdempotencyRepository
 from services.mail.senders import SenderDirectory
+from services.mail.tallies import FINEST, ceil_to
 
 RESENDABLE = frozenset({EmailStatus.FAILED, EmailStatus.BOUNCED, EmailStatus.PARTIALLY_SENT})
 _MESSAGE_ID_RE = re.compile(rb"^Message-ID: [^\r\n]*\r\n", re.MULTILINE | re.IGNORECASE)
@@ -430,7 +431,9 @@ class MailManager:
         if domain_id:
             check_id(domain_id, field="domain_id")
         now = self._clock.now()
-        end = end or now
+        # Without an end: up to the next whole minute (no email is created after now), so the
+        # default window is whole minutes and answered from the counts alone.
+        end = end or ceil_to(now, int(FINEST.total_seconds()))
         start = start or end - timedelta(hours=24)
         if start >= end:
             raise InvalidArgument.single("start_time", "must be before end_time")

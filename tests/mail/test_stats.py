@@ -14,7 +14,7 @@ import asyncio
 import itertools
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from azora.mail.v1 import mail_pb2
 from google.protobuf import timestamp_pb2
@@ -215,6 +215,13 @@ async def test_whole_minutes_are_counted_without_reading_the_emails(
     assert await answer(local_mail, tenant, *whole) == {d1: {E.EMAIL_STATUS_QUEUED: 1}}
     ragged = (START + timedelta(seconds=10), START + timedelta(minutes=1))
     assert await answer(local_mail, tenant, *ragged) == {d1: {E.EMAIL_STATUS_SENT: 1}}
+    # The default window ends at the next whole minute after now: counts only.
+    default = await local_mail.stub.GetEmailStats(
+        E.GetEmailStatsRequest(), metadata=tenant.metadata
+    )
+    assert default.end_time.ToDatetime(tzinfo=UTC) == START + timedelta(minutes=1)
+    assert default.start_time.ToDatetime(tzinfo=UTC) == START + timedelta(minutes=1, hours=-24)
+    assert {c.status: c.count for c in default.counts} == {E.EMAIL_STATUS_QUEUED: 1}
 
 
 def test_a_window_is_cut_into_whole_days_hours_and_minutes() -> None:
