@@ -136,6 +136,7 @@ class Tallies:
         # again. Any other document of this writer does not exist yet: its values are zero.
         self._forgotten: set[str] = set()
         self._flusher: asyncio.Task[None] | None = None
+        self._next_round: asyncio.Future[None] | None = None
 
     def add(
         self, *, tenant_id: str, created_at: datetime, domain_id: str, status: str, n: int
@@ -164,30 +165,39 @@ class Tallies:
         self.add(tenant_id=tenant_id, created_at=created_at, domain_id=domain_id, status=new, n=1)
 
     async def flush(self) -> None:
-        """Write every pending count; failures are logged and retried by the next flush.
+        """Write the counts added so far; failures are logged and retried by the next flush.
 
-        One flush runs at a time, in a task of its own (a fresh context: it serves every
-        caller, so it must not inherit one request's deadline); callers wait for it, shielded,
-        and it runs until nothing is pending, so a caller's counts are written when it returns.
+        Flushes run one round at a time, in a task of their own (a fresh context: it serves
+        every caller, so it must not inherit one request's deadline). A caller waits, shielded,
+        for the next round to start after its call, which takes everything pending then: never
+        longer than the round in progress plus its own, however busy the writer is.
         """
+        if self._next_round is None:
+            self._next_round = asyncio.get_running_loop().create_future()
+        round_done = self._next_round
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_all(), context=contextvars.Context())
-        await asyncio.shield(self._flusher)
+            self._flusher = asyncio.create_task(self._rounds(), context=contextvars.Context())
+        await asyncio.shield(round_done)
 
-    async def _flush_all(self) -> None:
-        while True:
-            dirty = [(i, d) for i, d in self._docs.items() if any(d.pending.values())]
-            if not dirty:
-                break
+    async def _rounds(self) -> None:
+        while self._next_round is not None:
+            round_done, self._next_round = self._next_round, None
             try:
-                for start in range(0, len(dirty), MAX_BATCH_STATEMENTS):
-                    await self._write(dirty[start : start + MAX_BATCH_STATEMENTS])
-            except PyMongoError as exc:
-                log.warning(
-                    "email tallies not written; kept for the next flush",
-                    extra={"fields": {"error": str(exc)[:200], "documents": len(dirty)}},
-                )
-                return
+                await self._round()
+            finally:
+                round_done.set_result(None)
+
+    async def _round(self) -> None:
+        dirty = [(i, d) for i, d in self._docs.items() if any(d.pending.values())]
+        try:
+            for start in range(0, len(dirty), MAX_BATCH_STATEMENTS):
+                await self._write(dirty[start : start + MAX_BATCH_STATEMENTS])
+        except PyMongoError as exc:
+            log.warning(
+                "email tallies not written; kept for the next flush",
+                extra={"fields": {"error": str(exc)[:200], "documents": len(dirty)}},
+            )
+            return
         if len(self._docs) > _MAX_CACHED:
             kept = {i: d for i, d in self._docs.items() if any(d.pending.values())}
             self._forgotten.update(i for i in self._docs if i not in kept)
