@@ -439,6 +439,15 @@ def _key_docs(doc: Document) -> list[Document]:
     ]
 
 
+def _transition_id(doc: Document, *, removal: bool) -> str:
+    """The claim that decides who makes a change of the email `doc` shows.
+
+    A removal (delete, retention) happens once whatever the timeline says meanwhile (a RESENT
+    event may be added to a finished email); other changes are claimed per timeline length.
+    """
+    return f"{doc['_id']}:gone" if removal else f"{doc['_id']}:v{len(doc.get('events', []))}"
+
+
 def _matches(doc: Document, filter: EmailFilter) -> bool:
     """Whether an email document passes every ListEmails filter (what the query would check)."""
     created = doc["created_at"]
@@ -605,14 +614,15 @@ class MongoEmailRepository:
             n=n,
         )
 
-    async def _transition(self, doc: Document, now: datetime) -> bool:
+    async def _transition(self, doc: Document, now: datetime, *, removal: bool = False) -> bool:
         """Win the right to change an email from the state `doc` shows (False: someone did).
 
-        A unique claim named after the email and its timeline's length: of two concurrent
-        cancels, deletes or reschedules of the same email, one writes (and counts) the change.
-        Lives with the leases in ``email_claims`` and is swept with them.
+        A unique claim (`_transition_id`): of two concurrent cancels or reschedules of the same
+        email, or two removals (API delete, retention), one writes and counts the change.
+        Lives with the leases in ``email_claims`` and is swept with them (a removal that
+        crashed after its claim can be made again once the claim is swept).
         """
-        claim = {"_id": f"{doc['_id']}:v{len(doc.get('events', []))}", "created_at": now}
+        claim = {"_id": _transition_id(doc, removal=removal), "created_at": now}
         return (await _insert_many_unique(self._claims, [claim]))[0]
 
     async def _write_new(self, batch: list[tuple[Document | None, Document]]) -> list[bool]:
@@ -1082,7 +1092,7 @@ class MongoEmailRepository:
         if doc is None or doc["status"] in CLAIMABLE:
             return None
         email = _from_doc(doc)
-        if not await self._transition(doc, self._now_of(doc)):
+        if not await self._transition(doc, self._now_of(doc), removal=True):
             return email  # a concurrent delete removes it
         await self._remove([doc])
         return email
@@ -1183,10 +1193,7 @@ class MongoEmailRepository:
                     break
                 after = docs[-1]["updated_at"]
                 due = [d for d in docs if d["updated_at"] < now - retention(d["tenant_id"])]
-                claims = [
-                    {"_id": f"{d['_id']}:v{len(d.get('events', []))}", "created_at": now}
-                    for d in due
-                ]
+                claims = [{"_id": _transition_id(d, removal=True), "created_at": now} for d in due]
                 won = await _insert_many_unique(self._claims, claims)
                 gone = [d for d, ok in zip(due, won, strict=True) if ok]
                 if gone:
