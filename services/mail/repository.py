@@ -89,6 +89,8 @@ IDEMPOTENCY = "email_idempotency"
 CLAIMS = "email_claims"
 QUEUE = "email_queue"
 KEYS = "email_keys"
+# Progress of one-off data migrations of this module, one document each.
+MIGRATIONS = "email_migrations"
 _CANCELLABLE = (
     EmailStatus.QUEUED.value,
     EmailStatus.SCHEDULED.value,
@@ -213,6 +215,10 @@ class EmailRepository(Protocol):
 
     async def sweep_keys(self, *, before: datetime) -> int:
         """Remove ListEmails lookup keys of emails created before `before`."""
+        ...
+
+    async def backfill_keys(self, *, batches: int = 25) -> bool:
+        """Write lookup keys of emails stored before keys existed; True once all are done."""
         ...
 
     async def cancel(self, *, tenant_id: str, email_id: str, event: Event) -> Email | None:
@@ -545,6 +551,7 @@ class MongoEmailRepository:
         # Stats counts of this process (one writer of its own documents; see tallies).
         self.tallies = Tallies(db)
         self._keys = db[KEYS]
+        self._migrations = db[MIGRATIONS]
         self._key_inserts = _GroupCommit(self._write_keys)
         self._outcomes = _GroupCommit(self._write_outcomes)
         # Emails seen leased (by anyone, this process included) -> when that lease expires.
@@ -745,6 +752,35 @@ class MongoEmailRepository:
             if len(keys) < batch:
                 break
         return out
+
+    async def backfill_keys(self, *, batches: int = 25) -> bool:
+        """Write the lookup keys of emails stored before keys existed, a bounded part per run.
+
+        Walks the emails in ``_id`` order from where the last run stopped (its position is
+        kept in ``email_migrations``); writing a key twice changes nothing, so concurrent or
+        repeated runs are harmless. Emails stored since have their keys already.
+
+        Returns:
+            Whether every email has been walked.
+        """
+        state = await self._migrations.find_one({"_id": KEYS})
+        if state is not None and state.get("done"):
+            return True
+        last = state.get("last") if state is not None else None
+        fields = {"tenant_id": 1, "recipient_addresses": 1, "tags": 1, "created_at": 1}
+        for _ in range(batches):
+            query: Document = {"_id": {"$gt": last}} if last else {}
+            cursor = self._emails.find(query, fields).sort("_id", ASCENDING)
+            docs = [d async for d in cursor.limit(MAX_BATCH_STATEMENTS)]
+            if not docs:
+                await self._migrations.update_one(
+                    {"_id": KEYS}, {"$set": {"done": True}}, upsert=True
+                )
+                return True
+            await self._write_keys([_key_docs(d) for d in docs])
+            last = docs[-1]["_id"]
+            await self._migrations.update_one({"_id": KEYS}, {"$set": {"last": last}}, upsert=True)
+        return False
 
     async def sweep_keys(self, *, before: datetime) -> int:
         """Remove lookup keys of emails created before `before` (none of them is left)."""
