@@ -15,10 +15,14 @@ read-modify-write without isolation (concurrent increments are lost, measured fo
 limiter), while a document only one process ever writes needs no isolation. The writer is a
 `Tallies` instance (one per repository, i.e. per process), named by a fresh id at start, so no
 two processes share a document and a restart never continues an old one. It keeps the absolute
-values of its documents and ``$set``s them: a write that failed or was repeated after a timeout
-changes nothing. Writes from one writer are serialized (one command in flight), so its own
-updates cannot interleave either. Counts may go negative in one writer's document (a writer
-that finishes an email another writer created); only the sum over writers means anything.
+values of its documents: a new document is inserted, a known one gets its new values with
+``$set``. After a write whose outcome is unknown (the connection dropped: applied or not?) the
+documents are read back before their next write and what landed is taken off the pending
+counts; a document the writer forgot (memory bound) reveals itself by its insert failing on the
+duplicate ``_id`` and is read back too. Writes from one writer are serialized (one round in
+flight), so its own updates cannot interleave either. Counts may go negative in one writer's
+document (a writer that finishes an email another writer created); only the sum over writers
+means anything.
 
 Reading a window (`Tallies.count`): the window is cut into whole days, then whole hours, then
 whole minutes at its two ends (at most 30 + 46 + 118 buckets for 30 days, times the writers
@@ -55,10 +59,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from pymongo import ASCENDING, UpdateOne
+from pymongo import ASCENDING, InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
+from pymongo.errors import BulkWriteError, PyMongoError
 
 from services.core.mongo import MAX_BATCH_STATEMENTS, Document, IndexSpec, delete_older
 
@@ -116,13 +120,21 @@ def cover(start: datetime, end: datetime) -> list[tuple[str, datetime, datetime]
 
 @dataclass
 class _Doc:
-    """One tally document of this writer: what is stored (None: not read yet) and what is not."""
+    """One tally document of this writer: what is stored (None: not read yet) and what is not.
+
+    `exists`: the document is known to be in the database (write with an update, else an
+    insert). `base`: after a write whose outcome is unknown (it failed, perhaps after it was
+    applied), what was stored before it; the next write reads the document back and takes
+    what landed off `pending`, so a write that did land is not counted twice.
+    """
 
     tenant_id: str
     grain: str
     bucket: datetime
     stored: Counter[Key] | None = None
     pending: Counter[Key] = field(default_factory=Counter)
+    exists: bool = False
+    base: Counter[Key] | None = None
 
 
 class Tallies:
@@ -132,9 +144,6 @@ class Tallies:
         self._collection: AsyncCollection[Document] = db[TALLIES]
         self.writer_id = writer_id or uuid.uuid4().hex
         self._docs: dict[str, _Doc] = {}
-        # Documents this writer wrote and then forgot (memory bound): read back when touched
-        # again. Any other document of this writer does not exist yet: its values are zero.
-        self._forgotten: set[str] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._next_round: asyncio.Future[None] | None = None
 
@@ -150,9 +159,9 @@ class Tallies:
             doc_id = f"{tenant_id}|{grain}|{bucket.isoformat()}|{self.writer_id}"
             doc = self._docs.get(doc_id)
             if doc is None:
-                doc = self._docs[doc_id] = _Doc(tenant_id, grain, bucket)
-                if doc_id not in self._forgotten:
-                    doc.stored = Counter()
+                # Assumed new (values zero, inserted): a document this writer forgot exists
+                # already, which its insert reveals (duplicate key); it is then read back.
+                doc = self._docs[doc_id] = _Doc(tenant_id, grain, bucket, Counter())
             doc.pending[(domain_id, status)] += n
 
     def move(
@@ -192,6 +201,10 @@ class Tallies:
         try:
             for start in range(0, len(dirty), MAX_BATCH_STATEMENTS):
                 await self._write(dirty[start : start + MAX_BATCH_STATEMENTS])
+            # Documents this writer had forgotten, found by their insert: read back, written.
+            again = [(i, d) for i, d in dirty if d.stored is None and any(d.pending.values())]
+            for start in range(0, len(again), MAX_BATCH_STATEMENTS):
+                await self._write(again[start : start + MAX_BATCH_STATEMENTS])
         except PyMongoError as exc:
             log.warning(
                 "email tallies not written; kept for the next flush",
@@ -199,9 +212,7 @@ class Tallies:
             )
             return
         if len(self._docs) > _MAX_CACHED:
-            kept = {i: d for i, d in self._docs.items() if any(d.pending.values())}
-            self._forgotten.update(i for i in self._docs if i not in kept)
-            self._docs = kept
+            self._docs = {i: d for i, d in self._docs.items() if any(d.pending.values())}
 
     async def _write(self, batch: list[tuple[str, _Doc]]) -> None:
         unread = [(i, d) for i, d in batch if d.stored is None]
@@ -212,36 +223,58 @@ class Tallies:
             )
             for (_, doc), stored in zip(unread, found, strict=True):
                 doc.stored = _counts(stored)
+                doc.exists = stored is not None
+                if doc.base is not None:
+                    landed = Counter(doc.stored)
+                    landed.subtract(doc.base)
+                    doc.pending.subtract(landed)
+                    doc.base = None
         taken = [(i, d, Counter(d.pending)) for i, d in batch]
-        writes = []
+        writes: list[InsertOne[Document] | UpdateOne] = []
         for doc_id, doc, delta in taken:
             assert doc.stored is not None
             values = Counter(doc.stored)
             values.update(delta)
-            writes.append(
-                UpdateOne(
-                    {"_id": doc_id},
-                    {
-                        "$set": {
-                            "tenant_id": doc.tenant_id,
-                            "g": doc.grain,
-                            "bucket": doc.bucket,
-                            "writer": self.writer_id,
-                            "counts": [
-                                {"d": d, "s": s, "n": n}
-                                for (d, s), n in sorted(values.items())
-                                if n
-                            ],
-                        }
-                    },
-                    upsert=True,
-                )
-            )
-        await self._collection.bulk_write(writes, ordered=False)
-        for _, doc, delta in taken:
+            fields: Document = {
+                "tenant_id": doc.tenant_id,
+                "g": doc.grain,
+                "bucket": doc.bucket,
+                "writer": self.writer_id,
+                "counts": [{"d": d, "s": s, "n": n} for (d, s), n in sorted(values.items()) if n],
+            }
+            # A new document is inserted (cheaper than an upsert on FerretDB, which looks
+            # the _id up first); one this writer wrote before gets its new values.
+            if doc.exists:
+                writes.append(UpdateOne({"_id": doc_id}, {"$set": fields}, upsert=True))
+            else:
+                writes.append(InsertOne({"_id": doc_id, **fields}))
+        failed: dict[int, int] = {}  # index of a write the server refused -> error code
+        try:
+            await self._collection.bulk_write(writes, ordered=False)
+        except BulkWriteError as exc:
+            failed = {int(e["index"]): int(e.get("code", 0)) for e in exc.details["writeErrors"]}
+        except PyMongoError:
+            # Applied or not, we cannot tell: read each back before its next write.
+            for _, doc, _ in taken:
+                doc.base, doc.stored = doc.stored, None
+            raise
+        for index, (_, doc, delta) in enumerate(taken):
+            if index in failed:
+                if failed[index] == 11000:
+                    # The document exists already (this writer forgot it, see `_round`):
+                    # read it back; the counts stay pending for the next write.
+                    doc.stored = None
+                continue
             assert doc.stored is not None
             doc.stored.update(delta)
             doc.pending.subtract(delta)
+            doc.exists = True
+        refused = [code for code in failed.values() if code != 11000]
+        if refused:
+            log.warning(
+                "email tallies refused by the database; kept for the next flush",
+                extra={"fields": {"codes": sorted(set(refused))}},
+            )
 
     async def count(self, *, tenant_id: str, start: datetime, end: datetime) -> Counter[Key]:
         """Sums over every writer of the whole buckets in [start, end) (ends: whole minutes)."""
@@ -266,9 +299,6 @@ class Tallies:
         self._docs = {
             i: d for i, d in self._docs.items() if d.bucket >= before or any(d.pending.values())
         }
-        # The id ends with "|<bucket>|<writer>" (tenant ids may hold anything).
-        cutoff = before.isoformat()
-        self._forgotten = {i for i in self._forgotten if i.rsplit("|", 2)[1] >= cutoff}
         return await delete_older(self._collection, "bucket", before)
 
 

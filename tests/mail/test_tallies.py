@@ -107,3 +107,32 @@ async def test_a_failed_flush_is_kept_and_written_by_the_next(
     await tally.flush()
     got = await tally.count(tenant_id="t", start=T0, end=T0 + timedelta(hours=1))
     assert got == Counter({("d", "sent"): 1})
+
+
+async def test_a_write_that_landed_but_failed_is_not_counted_twice(
+    db: AsyncDatabase[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The database applies a write, then the connection drops before the answer: the writer
+    # cannot tell, reads the documents back before its next write and takes what landed off
+    # its pending counts.
+    from pymongo.errors import AutoReconnect
+
+    tally = Tallies(db)
+    real = tally._collection.bulk_write
+    calls = 0
+
+    async def lost_answer(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        result = await real(*args, **kwargs)
+        if calls == 1:
+            raise AutoReconnect("connection dropped after the write")
+        return result
+
+    monkeypatch.setattr(tally._collection, "bulk_write", lost_answer)
+    tally.add(tenant_id="t", created_at=T0, domain_id="d", status="sent", n=3)
+    await tally.flush()  # applied, reported failed
+    tally.add(tenant_id="t", created_at=T0, domain_id="d", status="sent", n=1)
+    await tally.flush()
+    got = await tally.count(tenant_id="t", start=T0, end=T0 + timedelta(days=1))
+    assert got == Counter({("d", "sent"): 4})
