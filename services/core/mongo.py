@@ -137,6 +137,7 @@ async def ping(db: AsyncDatabase[Document]) -> None:
 
     Raises:
         Unavailable: the server cannot be reached.
+        DeadlineExceeded: it was reached but did not answer in time.
     """
     try:
         await db.command("ping")
