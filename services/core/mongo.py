@@ -227,7 +227,7 @@ def translate_error(
         limit = f" of {time_limit:g} s" if time_limit is not None else ""
         return DeadlineExceeded(
             f"the database query ran out of time: it did not finish within the time limit"
-            f"{limit} (the database is reachable; narrow the query or retry)"
+            f"{limit} (narrow the query or retry)"
         )
     if isinstance(exc, ConnectionFailure | AutoReconnect):
         return Unavailable("the database is unreachable", retry_after_seconds=2)

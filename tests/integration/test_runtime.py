@@ -243,11 +243,15 @@ async def test_slow_query_is_deadline_exceeded_and_a_stopped_database_unavailabl
     # The scan works and finds nothing when given time: only its duration makes it fail below.
     assert await collection.count_documents({"blob": {"$regex": "y"}}) == 0
 
+    # The service's client once the database is gone: created after the stop, as a process
+    # started (or a monitor that noticed) while it is down knows no server to talk to.
+    later: list[AsyncMongoClient[dict[str, Any]]] = []
+
     async def scan(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         if request == b"scan":
             await collection.count_documents({"blob": {"$regex": "y"}})
         else:
-            await client.admin.command("ping")
+            await later[0].admin.command("ping")
         return b""
 
     handler = grpc.method_handlers_generic_handler(
@@ -268,6 +272,7 @@ async def test_slow_query_is_deadline_exceeded_and_a_stopped_database_unavailabl
             assert "ran out of time" in str(slow.value.details())
             assert "unreachable" not in str(slow.value.details())
             server_db.stop()
+            later.append(AsyncMongoClient(uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500))
             with pytest.raises(grpc.aio.AioRpcError) as down:
                 await call(b"ping", timeout=20)
             assert down.value.code() == grpc.StatusCode.UNAVAILABLE, down.value.details()
@@ -275,6 +280,8 @@ async def test_slow_query_is_deadline_exceeded_and_a_stopped_database_unavailabl
     finally:
         await server.stop(None)
         await client.close()
+        for other in later:
+            await other.close()
         server_db.stop()
 
 
