@@ -59,6 +59,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import pymongo
 from pymongo import ASCENDING, InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -81,6 +82,8 @@ INDEXES = (
 # Documents whose values this process keeps in memory; beyond it, clean ones are forgotten and
 # read back by _id when touched again (exact: nobody else writes them).
 _MAX_CACHED = 20_000
+# The most seconds one flush round may spend on the database.
+_ROUND_TIMEOUT = 30.0
 
 Key = tuple[str, str]  # (domain id, status)
 
@@ -192,7 +195,10 @@ class Tallies:
         while self._next_round is not None:
             round_done, self._next_round = self._next_round, None
             try:
-                await self._round()
+                # Bounded: a database that stops answering fails the round (counts kept for
+                # the next) instead of holding every later caller.
+                with pymongo.timeout(_ROUND_TIMEOUT):
+                    await self._round()
             finally:
                 round_done.set_result(None)
 
