@@ -79,8 +79,9 @@ INDEXES = (
     ),
     IndexSpec(TALLIES, [("bucket", ASCENDING)], "tally_age"),
 )
-# Documents whose values this process keeps in memory; beyond it, clean ones are forgotten and
-# read back by _id when touched again (exact: nobody else writes them).
+# Documents whose values this process keeps in memory; beyond it, clean ones are forgotten
+# (touched again, their insert fails on the duplicate _id and they are read back: exact, as
+# nobody else writes them).
 _MAX_CACHED = 20_000
 # The most seconds one flush round may spend on the database.
 _ROUND_TIMEOUT = 30.0
