@@ -33,6 +33,8 @@ range, sort and limit on indexed scalar fields):
 * GetEmailStats: ``email_tallies`` ``{tenant_id, g, bucket range}`` (``tally_window``), at most
   five ranges, plus the emails of the window's ragged seconds ``{tenant_id, created_at range}``
   (``tenant_created``);
+* GetEmailStats' queue depth and oldest due time: ``{tenant_id, status, next_attempt_at <= now}``
+  per waiting status (``tenant_due``): the tenant's backlog, not its stored mail;
 * retention: ``{status, updated_at < cutoff}`` sorted by ``updated_at`` (``finished_age``),
   40 at a time; the other sweepers: one indexed time field each (`delete_older`).
 """
@@ -124,6 +126,12 @@ INDEXES = (
     IndexSpec(QUEUE, [("due", ASCENDING)], "queue_due"),
     # Retention: finished emails in the order they finished (updated_at is the last write).
     IndexSpec(EMAILS, [("status", ASCENDING), ("updated_at", ASCENDING)], "finished_age"),
+    # GetEmailStats' queue figures: the tenant's emails due now, per waiting status.
+    IndexSpec(
+        EMAILS,
+        [("tenant_id", ASCENDING), ("status", ASCENDING), ("next_attempt_at", ASCENDING)],
+        "tenant_due",
+    ),
     # ListEmails by recipient or tag: newest emails first among those with the key.
     IndexSpec(
         KEYS,
@@ -1246,19 +1254,29 @@ class MongoEmailRepository:
     async def queue(
         self, *, tenant_id: str, now: datetime, domain_id: str | None
     ) -> tuple[int, datetime | None]:
-        """See `EmailRepository.queue`."""
-        query: Document = {
-            "tenant_id": tenant_id,
-            "status": {"$in": CLAIMABLE[:3]},
-            "next_attempt_at": {"$lte": now},
-        }
-        if domain_id:
-            query["domain_id"] = domain_id
-        depth = await self._emails.count_documents(query)
-        oldest = await self._emails.find_one(
-            query, {"next_attempt_at": 1}, sort=[("next_attempt_at", ASCENDING)]
-        )
-        return depth, (oldest["next_attempt_at"] if oldest else None)
+        """See `EmailRepository.queue`.
+
+        One range per waiting status on the ``tenant_due`` index (tenant, status, due time):
+        what it reads is the tenant's backlog due now, never the mail it stored.
+        """
+
+        async def due(status: str) -> list[Document]:
+            query: Document = {
+                "tenant_id": tenant_id,
+                "status": status,
+                "next_attempt_at": {"$lte": now},
+            }
+            cursor = self._emails.find(query, {"next_attempt_at": 1, "domain_id": 1})
+            return [d async for d in cursor]
+
+        found = await asyncio.gather(*(due(status) for status in CLAIMABLE[:3]))
+        times = [
+            d["next_attempt_at"]
+            for docs in found
+            for d in docs
+            if not domain_id or d.get("domain_id") == domain_id
+        ]
+        return len(times), (min(times) if times else None)
 
 
 class MongoIdempotencyRepository:
