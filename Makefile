@@ -239,6 +239,18 @@ bench: bench-tools ## Postfix vs our suite, scale-out, gateway overhead: one tab
 	$(BENCH_ENV) $(PY) -m bench.run --out $(BENCH_OUT)
 	$(PY) -m bench.charts $(BENCH_OUT) --out-dir $(dir $(BENCH_OUT))charts
 
+# `make bench-data`: reads and delivery on a database holding BENCH_DATA_EMAILS finished and
+# BENCH_DATA_SCHEDULED far-future emails, next to an empty one (bench/data.py).
+BENCH_DATA_EMAILS ?= 100000
+BENCH_DATA_SCHEDULED ?= 20000
+BENCH_DATA_REPEAT ?= 50
+BENCH_DATA_OUT ?= build/bench/data.json
+
+.PHONY: bench-data
+bench-data: deps ## API reads and delivered/s on 100,000 stored emails vs an empty database
+	$(RUN_ENV) PYTHONPATH="$(CURDIR)" $(PY) -m bench.data --emails $(BENCH_DATA_EMAILS) \
+		--scheduled $(BENCH_DATA_SCHEDULED) --repeat $(BENCH_DATA_REPEAT) --out $(BENCH_DATA_OUT)
+
 .PHONY: bench-postfix
 bench-postfix: bench-tools ## Only the Postfix reference rows of `make bench`
 	$(BENCH_ENV) $(PY) -m bench.run --phases postfix --out $(BENCH_OUT)

@@ -173,7 +173,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     except PyMongoError as exc:
                         left = context.time_remaining()
                         expired = deadline is not None and left is not None and left <= 0.05
-                        mapped = translate_error(exc, deadline_expired=expired)
+                        mapped = translate_error(exc, deadline_expired=expired, time_limit=budget)
                         code, status = to_status(mapped, service_domain=domain)
                     except NotImplementedError:
                         # Generated base servicers raise this for rpcs a service does not serve yet.

@@ -20,7 +20,8 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from pymongo import AsyncMongoClient, monitoring
+from pymongo import ASCENDING, AsyncMongoClient, DeleteOne, monitoring
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
     AutoReconnect,
@@ -136,11 +137,55 @@ async def ping(db: AsyncDatabase[Document]) -> None:
 
     Raises:
         Unavailable: the server cannot be reached.
+        DeadlineExceeded: it was reached but did not answer in time.
     """
     try:
         await db.command("ping")
     except PyMongoError as exc:
         raise translate_error(exc) from exc
+
+
+# Statements per write command the services send. FerretDB 1.24 holds a pooled connection per
+# statement's cursor until the command ends, and a command of 64 or more statements can hang it
+# forever; 40 leaves room below that on both of its backends.
+MAX_BATCH_STATEMENTS = 40
+
+
+async def delete_older(
+    collection: AsyncCollection[Document],
+    field: str,
+    before: Any,
+    *,
+    batches: int = 25,
+    batch_size: int = MAX_BATCH_STATEMENTS,
+) -> int:
+    """Delete documents whose `field` is below `before`, oldest first, in bounded batches.
+
+    Each batch reads at most `batch_size` ids through the index on `field` (range, sort and
+    limit on one indexed field: what an index serves on MongoDB and on the patched FerretDB),
+    then deletes them by ``_id`` in one command (``_id`` lookups are what FerretDB 1.24 always
+    serves from its primary key; ``delete_many`` with a filter would scan the collection).
+    Stops after `batches` batches, so one run's work is bounded; the next run continues.
+    Deleting by ``_id`` is idempotent, so concurrent sweepers only repeat each other's work.
+
+    Returns:
+        How many documents this run deleted.
+    """
+    deleted = 0
+    for _ in range(batches):
+        cursor = (
+            collection.find({field: {"$lt": before}}, {"_id": 1})
+            .sort(field, ASCENDING)
+            .limit(batch_size)
+        )
+        ids = [doc["_id"] async for doc in cursor]
+        if not ids:
+            break
+        result = await collection.bulk_write([DeleteOne({"_id": i}) for i in ids], ordered=False)
+        deleted += result.deleted_count
+        if len(ids) < batch_size:
+            break
+    return deleted
 
 
 def is_duplicate_key(exc: BaseException) -> bool:
@@ -150,21 +195,41 @@ def is_duplicate_key(exc: BaseException) -> bool:
     )
 
 
-def translate_error(exc: PyMongoError, *, deadline_expired: bool = False) -> AzoraError:
+def translate_error(
+    exc: PyMongoError, *, deadline_expired: bool = False, time_limit: float | None = None
+) -> AzoraError:
     """Map a driver error that no repository handled into a typed error.
 
-    A timeout once the request's deadline has passed (`pymongo.timeout` bounds every database
-    call of a request) is DEADLINE_EXCEEDED; an unreachable server is UNAVAILABLE, also when
-    the driver reports it as a timeout with time left on the deadline (server selection gives
-    up after AZORA_MONGODB_SERVER_SELECTION_TIMEOUT), so clients with long deadlines hear
-    UNAVAILABLE (retry) rather than wait. Anything else is UNAVAILABLE too: the database
-    refused an operation we did not expect to fail, and the caller may retry.
+    Three different situations, told apart because the client's next move differs:
+
+    * the caller's deadline passed (`deadline_expired`): DEADLINE_EXCEEDED, whatever the driver
+      reported, since nobody is waiting for the answer any more;
+    * no server could be selected (``ServerSelectionTimeoutError``) or the connection failed:
+      UNAVAILABLE "the database is unreachable" (retry later). Server selection gives up after
+      AZORA_MONGODB_SERVER_SELECTION_TIMEOUT, so clients with long deadlines hear this rather
+      than wait;
+    * a reachable server did not finish an operation in time (``NetworkTimeout`` while reading
+      the reply, ``ExecutionTimeout`` from the server's maxTimeMS, a wait for a pooled
+      connection): DEADLINE_EXCEEDED saying the query ran out of time (`time_limit`: the
+      request's database budget, AZORA_MONGODB_REQUEST_TIMEOUT), never "unreachable". PyMongo
+      makes ``NetworkTimeout`` a ``ConnectionFailure``, so the timeout test comes first.
+
+    Anything else is UNAVAILABLE too: the database refused an operation we did not expect to
+    fail, and the caller may retry.
     """
-    if deadline_expired and (isinstance(exc, ExecutionTimeout | WTimeoutError) or exc.timeout):
-        return DeadlineExceeded("the request deadline expired during a database call")
-    if isinstance(exc, ServerSelectionTimeoutError | ConnectionFailure | AutoReconnect):
+    if isinstance(exc, ServerSelectionTimeoutError):
+        if deadline_expired:
+            return DeadlineExceeded("the request deadline expired while waiting for the database")
         return Unavailable("the database is unreachable", retry_after_seconds=2)
-    if isinstance(exc, NetworkTimeout):
-        return Unavailable("the database did not answer in time", retry_after_seconds=2)
+    if isinstance(exc, ExecutionTimeout | WTimeoutError | NetworkTimeout) or exc.timeout:
+        if deadline_expired:
+            return DeadlineExceeded("the request deadline expired during a database call")
+        limit = f" of {time_limit:g} s" if time_limit is not None else ""
+        return DeadlineExceeded(
+            f"the database query ran out of time: it did not finish within the time limit"
+            f"{limit} (narrow the query or retry)"
+        )
+    if isinstance(exc, ConnectionFailure | AutoReconnect):
+        return Unavailable("the database is unreachable", retry_after_seconds=2)
     log.warning("unexpected database error", extra={"fields": {"error": str(exc)[:500]}})
     return Unavailable("the database refused the operation", retry_after_seconds=2)

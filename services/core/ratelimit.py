@@ -56,13 +56,18 @@ from pymongo.errors import PyMongoError
 from services.core.context import Principal
 from services.core.errors import ResourceExhausted
 from services.core.metrics import RATE_LIMIT_REFUSALS, RATE_LIMIT_SYNCS
-from services.core.mongo import is_duplicate_key
+from services.core.mongo import IndexSpec, delete_older, is_duplicate_key
 from services.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 COLLECTION = "rate_limit_counters"
 BLOCKS_COLLECTION = "rate_limit_blocks"
+# The sweeper's range query (`delete_older`).
+INDEXES = (
+    IndexSpec(COLLECTION, [("expiresAt", 1)], "rate_limit_expiry"),
+    IndexSpec(BLOCKS_COLLECTION, [("expiresAt", 1)], "rate_limit_block_expiry"),
+)
 # Ended windows stay this long before the sweeper removes them (clock skew between replicas).
 _KEEP_AFTER_END = timedelta(minutes=1)
 HOUR_MS = 3600 * 1000
@@ -231,8 +236,7 @@ class SharedCounters:
         if self._collection is None:
             return 0
         cutoff = datetime.fromtimestamp(self._clock(), UTC)
-        result = await self._collection.delete_many({"expiresAt": {"$lt": cutoff}})
-        return int(result.deleted_count)
+        return await delete_older(self._collection, "expiresAt", cutoff)
 
     async def run(
         self,
@@ -383,9 +387,8 @@ class SharedBlocks:
         self._next_purge = min(ends, default=now_ms + 60_000)
 
     async def sweep(self, now: datetime) -> int:
-        """Delete blocks of windows that ended; returns how many."""
-        result = await self._collection.delete_many({"expiresAt": {"$lt": now}})
-        return int(result.deleted_count)
+        """Delete blocks of windows that ended (bounded, index-served); returns how many."""
+        return await delete_older(self._collection, "expiresAt", now)
 
 
 @dataclass(frozen=True, slots=True)

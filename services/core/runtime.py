@@ -30,6 +30,7 @@ from services.core.metrics import start_exposition
 from services.core.mongo import Document, IndexSpec, create_client, ensure_indexes, ping
 from services.core.ratelimit import BLOCKS_COLLECTION as RATE_LIMIT_BLOCKS_COLLECTION
 from services.core.ratelimit import COLLECTION as RATE_LIMIT_COLLECTION
+from services.core.ratelimit import INDEXES as RATE_LIMIT_INDEXES
 from services.core.ratelimit import RateLimiter
 from services.core.server import Registrar, ServiceServer, create_server, run_until_signalled
 from services.core.settings import Settings, SettingsError
@@ -132,7 +133,8 @@ async def start_service(
         max_message_bytes=settings.grpc_max_message_bytes,
     )
     server.rate_limiter = limiter
-    await prepare_database(database.db, indexes)
+    # Every process shares the rate-limit collection (and may sweep it).
+    await prepare_database(database.db, (*indexes, *RATE_LIMIT_INDEXES))
     await server.set_serving(True)
     # Rate-limit counts are exchanged with the other replicas through the database.
     server.background.append(asyncio.create_task(limiter.run(), name="rate-limits"))

@@ -150,6 +150,10 @@ class Settings:
     mail_schedule_horizon: float = 30 * 24 * 3600.0
     # How long an idempotency key is remembered.
     mail_idempotency_ttl: float = 24 * 3600.0
+    # Days a finished email (content and timeline) is kept after it finished, and per-tenant
+    # exceptions as (tenant id, days) pairs (AZORA_RETENTION_TENANT_DAYS="tenant=days,...").
+    retention_days: float = 30.0
+    retention_tenant_days: tuple[tuple[str, float], ...] = ()
     # Retry schedule after a temporary failure (Postfix defaults: 300 s doubling to 4000 s,
     # give up after 5 days; RFC 5321 4.5.4.1 wants these configurable). Jitter is a fraction.
     mail_retry_min_backoff: float = 300.0
@@ -351,6 +355,8 @@ class Settings:
             mail_idempotency_ttl=reader.number(
                 "AZORA_MAIL_IDEMPOTENCY_TTL", defaults.mail_idempotency_ttl
             ),
+            retention_days=reader.number("AZORA_RETENTION_DAYS", defaults.retention_days),
+            retention_tenant_days=reader.day_map("AZORA_RETENTION_TENANT_DAYS"),
             mail_retry_min_backoff=reader.number(
                 "AZORA_MAIL_RETRY_MIN_BACKOFF", defaults.mail_retry_min_backoff
             ),
@@ -536,6 +542,21 @@ class _Reader:
             except ValueError:
                 self.errors.append(f"{name}: expected IP networks (CIDR), got {network!r}")
         return found
+
+    # Retention
+    def day_map(self, name: str) -> tuple[tuple[str, float], ...]:
+        found: list[tuple[str, float]] = []
+        for pair in (p.strip() for p in self.env.get(name, "").split(",") if p.strip()):
+            key, sep, raw = pair.partition("=")
+            try:
+                days = float(raw)
+            except ValueError:
+                days = -1.0
+            if not sep or not key.strip() or days < 0:
+                self.errors.append(f"{name}: expected tenant=days (days >= 0), got {pair!r}")
+                continue
+            found.append((key.strip(), days))
+        return tuple(found)
 
     # Observability
     def peers(self, name: str) -> tuple[str, ...]:

@@ -39,6 +39,10 @@ SERVICE_NAME = "mail-service"
 MAIL_SERVICE = mail_pb2.DESCRIPTOR.services_by_name["MailService"].full_name
 # How often expired idempotency keys are swept.
 IDEMPOTENCY_SWEEP_INTERVAL = 600.0
+# How often finished emails past their retention are looked for (each run does bounded work).
+RETENTION_SWEEP_INTERVAL = 300.0
+# How often stats counts that could not be written are retried.
+STATS_FLUSH_INTERVAL = 30.0
 # How often the queue gauges (depth, oldest due age) are refreshed.
 QUEUE_METRICS_INTERVAL = 15.0
 # Every collection the mail service (and its separate workers) use.
@@ -68,6 +72,8 @@ def policy_from(settings: Settings) -> MailPolicy:
         ),
         retry=retry_policy_from(settings),
         idempotency_ttl=timedelta(seconds=settings.mail_idempotency_ttl),
+        retention=timedelta(days=settings.retention_days),
+        tenant_retention={t: timedelta(days=d) for t, d in settings.retention_tenant_days},
         default_page_size=settings.default_page_size,
         max_page_size=settings.max_page_size,
     )
@@ -182,6 +188,14 @@ async def build_app(
         server.background.append(run_periodically("mail-worker", 1.0, worker.run))
     server.background.append(
         run_periodically("idempotency-sweep", IDEMPOTENCY_SWEEP_INTERVAL, manager.sweep_idempotency)
+    )
+    server.background.append(
+        run_periodically("retention-sweep", RETENTION_SWEEP_INTERVAL, manager.sweep_retention)
+    )
+    # Counts whose flush failed (database away) are written by the next flush; this one makes
+    # sure there is a next one when no mail flows.
+    server.background.append(
+        run_periodically("stats-flush", STATS_FLUSH_INTERVAL, emails.tallies.flush)
     )
 
     async def measure_queue() -> None:

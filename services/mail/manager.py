@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from services.core.clock import Clock
@@ -58,6 +58,7 @@ from services.mail.raw_message import SubmitInput
 from services.mail.relay_health import RelayHealthStore, RelayOutcome
 from services.mail.repository import EmailRepository, IdempotencyRecord, IdempotencyRepository
 from services.mail.senders import SenderDirectory, SenderDomain
+from services.mail.tallies import FINEST, ceil_to
 
 log = logging.getLogger(__name__)
 RESENDABLE = frozenset({EmailStatus.FAILED, EmailStatus.BOUNCED, EmailStatus.PARTIALLY_SENT})
@@ -82,6 +83,13 @@ class MailPolicy:
     idempotency_ttl: timedelta = timedelta(hours=24)
     default_page_size: int = 50
     max_page_size: int = 200
+    # How long finished emails are kept after they finished, and per-tenant exceptions.
+    retention: timedelta = timedelta(days=30)
+    tenant_retention: dict[str, timedelta] = field(default_factory=dict)
+
+    def retention_of(self, tenant_id: str) -> timedelta:
+        """How long the tenant's finished emails are kept."""
+        return self.tenant_retention.get(tenant_id, self.retention)
 
 
 class MailManager:
@@ -668,7 +676,9 @@ class MailManager:
         if domain_id:
             check_id(domain_id, field="domain_id")
         now = self._clock.now()
-        end = end or now
+        # Without an end: up to the next whole minute (no email is created after now), so the
+        # default window is whole minutes and answered from the counts alone.
+        end = end or ceil_to(now, int(FINEST.total_seconds()))
         start = start or end - timedelta(hours=24)
         if start >= end:
             raise InvalidArgument.single("start_time", "must be before end_time")
@@ -695,6 +705,28 @@ class MailManager:
         now = self._clock.now()
         await self._emails.sweep_claims(before=now - timedelta(hours=1))
         return await self._idempotency.sweep(now=now)
+
+    async def sweep_retention(self) -> int:
+        """Remove finished emails past their tenant's retention, and stats counts nobody needs.
+
+        Returns:
+            How many emails were removed.
+        """
+        now = self._clock.now()
+        policy = self._policy
+        retentions = [policy.retention, *policy.tenant_retention.values()]
+        removed = await self._emails.sweep_finished(
+            now=now, retention=policy.retention_of, shortest=min(retentions)
+        )
+        # Counts of a bucket matter while an email created in it may exist: it is scheduled
+        # at most the horizon ahead, finishes at most the maximum lifetime after that, and is
+        # kept for the longest retention once finished (a day more for clock skew).
+        oldest = policy.limits.schedule_horizon + policy.retry.max_lifetime + max(retentions)
+        await self._emails.sweep_tallies(before=now - oldest - timedelta(days=1))
+        await self._emails.sweep_keys(before=now - oldest - timedelta(days=1))
+        # Emails stored by a version without lookup keys get theirs, a bounded part per run.
+        await self._emails.backfill_keys()
+        return removed
 
 
 def _too_large(size: int, limit: int) -> InvalidArgument:

@@ -163,6 +163,9 @@ class Claimed:
     claim_no: int = 0
     lease_expires: datetime | None = None
     events: tuple[Event, ...] = ()
+    # The status stored in the email's document when it was claimed (`email.status` says
+    # SENDING): what the stats counts move the attempt's outcome from.
+    stored_status: EmailStatus | None = None
 
 
 @dataclass(frozen=True, slots=True)

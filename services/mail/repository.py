@@ -16,7 +16,27 @@ FerretDB 1.24 has no transactions: the writes of one step go in an order where a
 them leaves work to redo, never work lost.
 * GridFS bucket ``email_content``: built messages above the inline limit (FerretDB 1.24 serves
   GridFS: it is two ordinary collections, ``files`` and ``chunks`` of 255 KiB).
+* ``email_keys``: one small document per (email, recipient address) and (email, tag), scalar
+  fields only, for ListEmails' recipient and tag filters (array fields cannot be indexed by the
+  embedded database's pushdown). Written before the email, removed after it.
+* ``email_tallies``: stats counts kept as mail flows, one writer per document
+  (`services.mail.tallies`).
 Timeline events are an array of flat documents (no nested arrays: FerretDB).
+
+Reads of this module outside the queue, and the index that serves each (the same declared
+index serves it on MongoDB 7; on FerretDB through the local build's pushdown of equality,
+range, sort and limit on indexed scalar fields):
+
+* GetEmail and every read of one email: ``{_id}`` (primary key);
+* ListEmails by recipient or tag: ``email_keys`` ``{tenant_id, key, email_id < page}`` sorted by
+  ``email_id`` descending (``keys_lookup``), then the emails by ``_id``;
+* GetEmailStats: ``email_tallies`` ``{tenant_id, g, bucket range}`` (``tally_window``), at most
+  five ranges, plus the emails of the window's ragged seconds ``{tenant_id, created_at range}``
+  (``tenant_created``);
+* GetEmailStats' queue depth and oldest due time: ``{tenant_id, status, next_attempt_at <= now}``
+  per waiting status (``tenant_due``): the tenant's backlog, not its stored mail;
+* retention: ``{status, updated_at < cutoff}`` sorted by ``updated_at`` (``finished_age``),
+  40 at a time; the other sweepers: one indexed time field each (`delete_older`).
 """
 
 from __future__ import annotations
@@ -26,9 +46,10 @@ import contextlib
 import contextvars
 import random
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
 from bson import Binary, ObjectId
@@ -40,8 +61,15 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from services.core.errors import NotFound
-from services.core.mongo import Document, IndexSpec, is_duplicate_key
+from services.core.mongo import (
+    MAX_BATCH_STATEMENTS,
+    Document,
+    IndexSpec,
+    delete_older,
+    is_duplicate_key,
+)
 from services.mail.models import (
+    FINISHED,
     UNFINISHED,
     AttachmentInfo,
     Claimed,
@@ -55,11 +83,16 @@ from services.mail.models import (
     RecipientStatus,
     SmtpReply,
 )
+from services.mail.tallies import FINEST, Tallies, ceil_to, floor_to
+from services.mail.tallies import INDEXES as TALLY_INDEXES
 
 EMAILS = "emails"
 IDEMPOTENCY = "email_idempotency"
 CLAIMS = "email_claims"
 QUEUE = "email_queue"
+KEYS = "email_keys"
+# Progress of one-off data migrations of this module, one document each.
+MIGRATIONS = "email_migrations"
 _CANCELLABLE = (
     EmailStatus.QUEUED.value,
     EmailStatus.SCHEDULED.value,
@@ -100,7 +133,8 @@ INDEXES = (
         [("tenant_id", ASCENDING), ("domain_id", ASCENDING), ("_id", DESCENDING)],
         "tenant_domain_newest",
     ),
-    # A tenant's queue depth: status $in, then the due range.
+    # A tenant's queue depth (GetEmailStats' queue figures, delivery health): status $in, then
+    # the due range.
     IndexSpec(
         EMAILS,
         [("tenant_id", ASCENDING), ("status", ASCENDING), ("next_attempt_at", ASCENDING)],
@@ -109,6 +143,16 @@ INDEXES = (
     IndexSpec(IDEMPOTENCY, [("expires_at", ASCENDING)], "idempotency_expiry"),
     IndexSpec(CLAIMS, [("created_at", ASCENDING)], "claim_age"),
     IndexSpec(QUEUE, [("due", ASCENDING)], "queue_due"),
+    # Retention: finished emails in the order they finished (updated_at is the last write).
+    IndexSpec(EMAILS, [("status", ASCENDING), ("updated_at", ASCENDING)], "finished_age"),
+    # ListEmails by recipient or tag: newest emails first among those with the key.
+    IndexSpec(
+        KEYS,
+        [("tenant_id", ASCENDING), ("key", ASCENDING), ("email_id", DESCENDING)],
+        "keys_lookup",
+    ),
+    IndexSpec(KEYS, [("created_at", ASCENDING)], "keys_age"),
+    *TALLY_INDEXES,
 )
 
 
@@ -173,6 +217,29 @@ class EmailRepository(Protocol):
 
     async def sweep_claims(self, *, before: datetime) -> int:
         """Forget claim bookkeeping older than `before`."""
+        ...
+
+    async def sweep_finished(
+        self,
+        *,
+        now: datetime,
+        retention: Callable[[str], timedelta],
+        shortest: timedelta,
+        batches: int = 25,
+    ) -> int:
+        """Remove finished emails whose tenant's retention has passed since they finished."""
+        ...
+
+    async def sweep_tallies(self, *, before: datetime) -> int:
+        """Remove stats counts of creation buckets before `before`."""
+        ...
+
+    async def sweep_keys(self, *, before: datetime) -> int:
+        """Remove ListEmails lookup keys of emails created before `before`."""
+        ...
+
+    async def backfill_keys(self, *, batches: int = 25) -> bool:
+        """Write lookup keys of emails stored before keys existed; True once all are done."""
         ...
 
     async def cancel(self, *, tenant_id: str, email_id: str, event: Event) -> Email | None:
@@ -395,6 +462,44 @@ def _from_doc(doc: Document) -> Email:
     )
 
 
+def _key_docs(doc: Document) -> list[Document]:
+    """The ``email_keys`` documents of an email document: one per recipient and per tag."""
+    keys = {f"r:{a}" for a in doc.get("recipient_addresses", [])}
+    keys.update(f"t:{t}" for t in doc.get("tags", []))
+    return [
+        {
+            "_id": f"{doc['tenant_id']}|{key}|{doc['_id']}",
+            "tenant_id": doc["tenant_id"],
+            "key": key,
+            "email_id": doc["_id"],
+            "created_at": doc["created_at"],
+        }
+        for key in sorted(keys)
+    ]
+
+
+def _transition_id(doc: Document, *, removal: bool) -> str:
+    """The claim that decides who makes a change of the email `doc` shows.
+
+    A removal (delete, retention) happens once whatever the timeline says meanwhile (a RESENT
+    event may be added to a finished email); other changes are claimed per timeline length.
+    """
+    return f"{doc['_id']}:gone" if removal else f"{doc['_id']}:v{len(doc.get('events', []))}"
+
+
+def _matches(doc: Document, filter: EmailFilter) -> bool:
+    """Whether an email document passes every ListEmails filter (what the query would check)."""
+    created = doc["created_at"]
+    return (
+        (filter.status is None or doc["status"] == filter.status.value)
+        and (not filter.domain_id or doc["domain_id"] == filter.domain_id)
+        and (not filter.recipient or filter.recipient in doc.get("recipient_addresses", []))
+        and (not filter.tag or filter.tag in doc.get("tags", []))
+        and (filter.start is None or created >= filter.start)
+        and (filter.end is None or created < filter.end)
+    )
+
+
 # Reads for the API never carry the message bytes. (findAndModify cannot project on FerretDB
 # 1.24, "fields is not implemented yet": those return the whole document, content dropped.)
 _NO_CONTENT = {"content": 0}
@@ -476,6 +581,11 @@ class MongoEmailRepository:
         self._bucket = AsyncGridFSBucket(db, bucket_name=CONTENT_BUCKET)
         self._inline_limit = inline_limit
         self._inserts = _GroupCommit(self._write_new)
+        # Stats counts of this process (one writer of its own documents; see tallies).
+        self.tallies = Tallies(db)
+        self._keys = db[KEYS]
+        self._migrations = db[MIGRATIONS]
+        self._key_inserts = _GroupCommit(self._write_keys)
         self._outcomes = _GroupCommit(self._write_outcomes)
         # Emails seen leased (by anyone, this process included) -> when that lease expires.
         # Left out of the next claims' queries: FerretDB returns the first due entries in
@@ -504,8 +614,12 @@ class MongoEmailRepository:
         if email.status in UNFINISHED and email.next_attempt_at is not None:
             entry = {"_id": email.id, "due": email.next_attempt_at, "claims": 0}
             entry["created_at"] = email.created_at
+        doc = _to_doc(email)
+        # Lookup keys before the email: a crash in between leaves keys without an email
+        # (skipped by readers, removed when met and by age), never an email a filter misses.
+        await self._key_inserts.submit(_key_docs(doc))
         try:
-            stored = await self._inserts.submit((entry, _to_doc(email)))
+            stored = await self._inserts.submit((entry, doc))
         except Exception:
             # (Not on cancellation: the shielded write may still store the email.)
             if file_id is not None:
@@ -513,7 +627,43 @@ class MongoEmailRepository:
             raise
         if not stored and file_id is not None:
             await self._bucket.delete(file_id)
+        if stored:
+            self.tallies.add(
+                tenant_id=email.tenant_id,
+                created_at=email.created_at,
+                domain_id=email.domain_id,
+                status=email.status.value,
+                n=1,
+            )
+            await self.tallies.flush()
         return stored
+
+    async def _write_keys(self, batch: list[list[Document]]) -> list[bool]:
+        docs = [d for keys in batch for d in keys]
+        for start in range(0, len(docs), MAX_BATCH_STATEMENTS):
+            # A taken _id is the same key written by an earlier try: nothing to do.
+            await _insert_many_unique(self._keys, docs[start : start + MAX_BATCH_STATEMENTS])
+        return [True] * len(batch)
+
+    def _count_doc(self, doc: Document, n: int) -> None:
+        self.tallies.add(
+            tenant_id=doc["tenant_id"],
+            created_at=doc["created_at"],
+            domain_id=doc["domain_id"],
+            status=doc["status"],
+            n=n,
+        )
+
+    async def _transition(self, doc: Document, now: datetime, *, removal: bool = False) -> bool:
+        """Win the right to change an email from the state `doc` shows (False: someone did).
+
+        A unique claim (`_transition_id`): of two concurrent cancels or reschedules of the same
+        email, or two removals (API delete, retention), one writes and counts the change.
+        Lives with the leases in ``email_claims`` and is swept with them (a removal that
+        crashed after its claim can be made again once the claim is swept).
+        """
+        claim = {"_id": _transition_id(doc, removal=removal), "created_at": now}
+        return (await _insert_many_unique(self._claims, [claim]))[0]
 
     async def _write_new(self, batch: list[tuple[Document | None, Document]]) -> list[bool]:
         # Entries before emails, as for a single email: a crash in between leaves entries
@@ -567,7 +717,15 @@ class MongoEmailRepository:
     async def page(
         self, *, tenant_id: str, filter: EmailFilter, before_id: str | None, limit: int
     ) -> list[Email]:
-        """See `EmailRepository.page`."""
+        """See `EmailRepository.page`.
+
+        A recipient or tag filter is served from ``email_keys`` (`_page_by_key`); the other
+        filters query the emails on their ``(tenant_id, ...)`` indexes.
+        """
+        if filter.recipient or filter.tag:
+            return await self._page_by_key(
+                tenant_id=tenant_id, filter=filter, before_id=before_id, limit=limit
+            )
         query: Document = {"tenant_id": tenant_id}
         if before_id:
             query["_id"] = {"$lt": before_id}
@@ -575,10 +733,6 @@ class MongoEmailRepository:
             query["status"] = filter.status.value
         if filter.domain_id:
             query["domain_id"] = filter.domain_id
-        if filter.recipient:
-            query["recipient_addresses"] = filter.recipient
-        if filter.tag:
-            query["tags"] = filter.tag
         created: Document = {}
         if filter.start is not None:
             created["$gte"] = filter.start
@@ -588,6 +742,82 @@ class MongoEmailRepository:
             query["created_at"] = created
         cursor = self._emails.find(query, _NO_CONTENT).sort("_id", DESCENDING).limit(limit)
         return [_from_doc(d) async for d in cursor]
+
+    async def _page_by_key(
+        self, *, tenant_id: str, filter: EmailFilter, before_id: str | None, limit: int
+    ) -> list[Email]:
+        """A page of the emails holding a recipient (or tag) key, newest first.
+
+        Array fields cannot be indexed by the embedded database's pushdown, so every email has
+        one small ``email_keys`` document per recipient address and per tag (scalar fields:
+        tenant, key, email id, creation time). Keys are read newest email first through the
+        ``keys_lookup`` index, their emails fetched by ``_id``, and the rest of the filter
+        (status, domain, the other key, time) checked on the email. A key whose email does
+        not exist (a crashed submit or removal) is skipped, and removed once older than a
+        crashed submit could still be in flight. Cost: the page plus the keyed emails that
+        fail the rest of the filter.
+        """
+        key = f"r:{filter.recipient}" if filter.recipient else f"t:{filter.tag}"
+        out: list[Email] = []
+        batch = max(limit, MAX_BATCH_STATEMENTS)
+        while len(out) < limit:
+            query: Document = {"tenant_id": tenant_id, "key": key}
+            if before_id:
+                query["email_id"] = {"$lt": before_id}
+            cursor = self._keys.find(query).sort("email_id", DESCENDING).limit(batch)
+            keys = [k async for k in cursor]
+            if not keys:
+                break
+            docs = await asyncio.gather(
+                *(self._emails.find_one({"_id": k["email_id"]}, _NO_CONTENT) for k in keys)
+            )
+            orphans = []
+            for k, doc in zip(keys, docs, strict=True):
+                if doc is None or doc.get("tenant_id") != tenant_id:
+                    if k["created_at"] < datetime.now(UTC) - _ORPHAN_AGE:
+                        orphans.append(DeleteOne({"_id": k["_id"]}))
+                    continue
+                if _matches(doc, filter) and len(out) < limit:
+                    out.append(_from_doc(doc))
+            if orphans:
+                await self._keys.bulk_write(orphans, ordered=False)
+            before_id = keys[-1]["email_id"]
+            if len(keys) < batch:
+                break
+        return out
+
+    async def backfill_keys(self, *, batches: int = 25) -> bool:
+        """Write the lookup keys of emails stored before keys existed, a bounded part per run.
+
+        Walks the emails in ``_id`` order from where the last run stopped (its position is
+        kept in ``email_migrations``); writing a key twice changes nothing, so concurrent or
+        repeated runs are harmless. Emails stored since have their keys already.
+
+        Returns:
+            Whether every email has been walked.
+        """
+        state = await self._migrations.find_one({"_id": KEYS})
+        if state is not None and state.get("done"):
+            return True
+        last = state.get("last") if state is not None else None
+        fields = {"tenant_id": 1, "recipient_addresses": 1, "tags": 1, "created_at": 1}
+        for _ in range(batches):
+            query: Document = {"_id": {"$gt": last}} if last else {}
+            cursor = self._emails.find(query, fields).sort("_id", ASCENDING)
+            docs = [d async for d in cursor.limit(MAX_BATCH_STATEMENTS)]
+            if not docs:
+                await self._migrations.update_one(
+                    {"_id": KEYS}, {"$set": {"done": True}}, upsert=True
+                )
+                return True
+            await self._write_keys([_key_docs(d) for d in docs])
+            last = docs[-1]["_id"]
+            await self._migrations.update_one({"_id": KEYS}, {"$set": {"last": last}}, upsert=True)
+        return False
+
+    async def sweep_keys(self, *, before: datetime) -> int:
+        """Remove lookup keys of emails created before `before` (none of them is left)."""
+        return await delete_older(self._keys, "created_at", before)
 
     async def content(self, *, email: Email) -> bytes:
         """See `EmailRepository.content`."""
@@ -670,7 +900,8 @@ class MongoEmailRepository:
                 *expired.get(eid, ()),
                 Event(EventType.CLAIMED, now, detail=worker_id),
             )
-            out.append(Claimed(email, token, number, now + lease, events))
+            stored = EmailStatus(doc["status"])
+            out.append(Claimed(email, token, number, now + lease, events, stored))
         if stale:
             await self._queue.delete_many({"_id": {"$in": stale}})
         if unborn:
@@ -759,8 +990,7 @@ class MongoEmailRepository:
 
     async def sweep_claims(self, *, before: datetime) -> int:
         """Remove claims older than `before` (far older than any lease: they decide nothing)."""
-        result = await self._claims.delete_many({"created_at": {"$lt": before}})
-        return int(result.deleted_count)
+        return await delete_older(self._claims, "created_at", before)
 
     async def finish_attempt(
         self,
@@ -797,6 +1027,15 @@ class MongoEmailRepository:
             entry = DeleteOne({"_id": email_id})
         await self._outcomes.submit((UpdateOne({"_id": email_id}, update), entry))
         self._leased.pop(email_id, None)
+        if claimed.stored_status is not None:
+            self.tallies.move(
+                tenant_id=claimed.email.tenant_id,
+                created_at=claimed.email.created_at,
+                domain_id=claimed.email.domain_id,
+                old=claimed.stored_status.value,
+                new=status.value,
+            )
+            await self.tallies.flush()
         return True
 
     async def _write_outcomes(
@@ -846,7 +1085,7 @@ class MongoEmailRepository:
     async def cancel(self, *, tenant_id: str, email_id: str, event: Event) -> Email | None:
         """See `EmailRepository.cancel`."""
         doc = await self._waiting(tenant_id, email_id, event.time)
-        if doc is None:
+        if doc is None or not await self._transition(doc, event.time):
             return None
         # Queue entry first: no worker takes the email from here on.
         await self._queue.delete_one({"_id": email_id})
@@ -869,6 +1108,14 @@ class MongoEmailRepository:
                 "$push": {"events": event_doc(event)},
             },
         )
+        self.tallies.move(
+            tenant_id=tenant_id,
+            created_at=email.created_at,
+            domain_id=email.domain_id,
+            old=doc["status"],
+            new=email.status.value,
+        )
+        await self.tallies.flush()
         return email
 
     async def reschedule(
@@ -883,7 +1130,7 @@ class MongoEmailRepository:
     ) -> Email | None:
         """See `EmailRepository.reschedule`."""
         doc = await self._waiting(tenant_id, email_id, event.time)
-        if doc is None:
+        if doc is None or not await self._transition(doc, event.time):
             return None
         email = _from_doc(doc)
         email.status = EmailStatus.SCHEDULED if scheduled else EmailStatus.QUEUED
@@ -912,6 +1159,14 @@ class MongoEmailRepository:
                 "$push": {"events": event_doc(event)},
             },
         )
+        self.tallies.move(
+            tenant_id=tenant_id,
+            created_at=email.created_at,
+            domain_id=email.domain_id,
+            old=doc["status"],
+            new=email.status.value,
+        )
+        await self.tallies.flush()
         return email
 
     async def delete(self, *, tenant_id: str, email_id: str) -> Email | None:
@@ -919,13 +1174,34 @@ class MongoEmailRepository:
         doc = await self._own(tenant_id, email_id, _NO_CONTENT)
         if doc is None or doc["status"] in CLAIMABLE:
             return None
-        await self._emails.delete_one({"_id": email_id})
         email = _from_doc(doc)
-        if email.content_file_id:
-            # NoFile: deleted by an earlier attempt of this call.
-            with contextlib.suppress(NoFile):
-                await self._bucket.delete(ObjectId(email.content_file_id))
+        if not await self._transition(doc, self._now_of(doc), removal=True):
+            return email  # a concurrent delete removes it
+        await self._remove([doc])
         return email
+
+    @staticmethod
+    def _now_of(doc: Document) -> datetime:
+        # Claims need a time for their sweeper; a finished email's last write is close enough.
+        return doc["updated_at"]  # type: ignore[no-any-return]
+
+    async def _remove(self, docs: list[Document]) -> None:
+        """Delete finished emails (won by the caller), then their content, then count it.
+
+        Email first: a crash after it leaves an orphan content file (swept with the orphans
+        of crashed submits), never an email whose content is missing.
+        """
+        await self._emails.bulk_write([DeleteOne({"_id": d["_id"]}) for d in docs], ordered=False)
+        keys = [DeleteOne({"_id": k["_id"]}) for d in docs for k in _key_docs(d)]
+        for start in range(0, len(keys), MAX_BATCH_STATEMENTS):
+            await self._keys.bulk_write(keys[start : start + MAX_BATCH_STATEMENTS], ordered=False)
+        for doc in docs:
+            if doc.get("content_file_id"):
+                # NoFile: deleted by an earlier attempt of this call.
+                with contextlib.suppress(NoFile):
+                    await self._bucket.delete(ObjectId(doc["content_file_id"]))
+            self._count_doc(doc, -1)
+        await self.tallies.flush()
 
     async def add_event(self, *, tenant_id: str, email_id: str, event: Event) -> None:
         """See `EmailRepository.add_event`."""
@@ -937,35 +1213,109 @@ class MongoEmailRepository:
     async def stats(
         self, *, tenant_id: str, start: datetime, end: datetime, domain_id: str | None
     ) -> list[tuple[str, str, int]]:
-        """See `EmailRepository.stats`."""
-        match: Document = {"tenant_id": tenant_id, "created_at": {"$gte": start, "$lt": end}}
-        if domain_id:
-            match["domain_id"] = domain_id
-        pipeline: list[Document] = [
-            {"$match": match},
-            {"$group": {"_id": {"d": "$domain_id", "s": "$status"}, "n": {"$sum": 1}}},
+        """See `EmailRepository.stats`.
+
+        Whole minutes of the window come from the counts kept as mail flows
+        (`services.mail.tallies`); the seconds before the first whole minute and after the last
+        are counted from the emails created then (``tenant_created`` index range).
+        """
+        grain = int(FINEST.total_seconds())
+        first, last = ceil_to(start, grain), floor_to(end, grain)
+        counts: Counter[tuple[str, str]] = Counter()
+        edges = [(start, end)]
+        if first < last:
+            counts = await self.tallies.count(tenant_id=tenant_id, start=first, end=last)
+            edges = [(start, first), (last, end)]
+        for lo, hi in edges:
+            if lo >= hi:
+                continue
+            query: Document = {"tenant_id": tenant_id, "created_at": {"$gte": lo, "$lt": hi}}
+            async for doc in self._emails.find(query, {"domain_id": 1, "status": 1}):
+                counts[(doc["domain_id"], doc["status"])] += 1
+        return [
+            (d, s, n)
+            for (d, s), n in sorted(counts.items())
+            if n and (not domain_id or d == domain_id)
         ]
-        out: list[tuple[str, str, int]] = []
-        async for row in await self._emails.aggregate(pipeline):
-            out.append((row["_id"]["d"], row["_id"]["s"], int(row["n"])))
-        return out
+
+    async def sweep_finished(
+        self,
+        *,
+        now: datetime,
+        retention: Callable[[str], timedelta],
+        shortest: timedelta,
+        batches: int = 25,
+    ) -> int:
+        """Remove finished emails (content and timeline with them) older than their retention.
+
+        Reads each finished status in the order emails finished (``finished_age`` index:
+        status, updated_at), at most `batches` batches of `MAX_BATCH_STATEMENTS` per status, up
+        to `now - shortest`; an email is removed once `now - retention(tenant)` has passed its
+        last write. Emails waiting for delivery (queued, scheduled however far ahead, deferred)
+        are never read. Each removal wins its transition claim first, so concurrent sweepers
+        and API deletes remove and count an email once.
+
+        Returns:
+            How many emails were removed.
+        """
+        removed = 0
+        cutoff = now - shortest
+        for status in sorted(s.value for s in FINISHED):
+            after: datetime | None = None
+            for _ in range(batches):
+                window: Document = {"$lt": cutoff}
+                if after is not None:
+                    window["$gt"] = after
+                cursor = (
+                    self._emails.find({"status": status, "updated_at": window}, _NO_CONTENT)
+                    .sort("updated_at", ASCENDING)
+                    .limit(MAX_BATCH_STATEMENTS)
+                )
+                docs = [d async for d in cursor]
+                if not docs:
+                    break
+                after = docs[-1]["updated_at"]
+                due = [d for d in docs if d["updated_at"] < now - retention(d["tenant_id"])]
+                claims = [{"_id": _transition_id(d, removal=True), "created_at": now} for d in due]
+                won = await _insert_many_unique(self._claims, claims)
+                gone = [d for d, ok in zip(due, won, strict=True) if ok]
+                if gone:
+                    await self._remove(gone)
+                removed += len(gone)
+                if len(docs) < MAX_BATCH_STATEMENTS:
+                    break
+        return removed
+
+    async def sweep_tallies(self, *, before: datetime) -> int:
+        """Remove stats counts of buckets before `before` (no email created then is left)."""
+        return await self.tallies.sweep(before=before)
 
     async def queue(
         self, *, tenant_id: str, now: datetime, domain_id: str | None
     ) -> tuple[int, datetime | None]:
-        """See `EmailRepository.queue`."""
-        query: Document = {
-            "tenant_id": tenant_id,
-            "status": {"$in": CLAIMABLE[:3]},
-            "next_attempt_at": {"$lte": now},
-        }
-        if domain_id:
-            query["domain_id"] = domain_id
-        depth = await self._emails.count_documents(query)
-        oldest = await self._emails.find_one(
-            query, {"next_attempt_at": 1}, sort=[("next_attempt_at", ASCENDING)]
-        )
-        return depth, (oldest["next_attempt_at"] if oldest else None)
+        """See `EmailRepository.queue`.
+
+        One range per waiting status on the ``tenant_due`` index (tenant, status, due time):
+        what it reads is the tenant's backlog due now, never the mail it stored.
+        """
+
+        async def due(status: str) -> list[Document]:
+            query: Document = {
+                "tenant_id": tenant_id,
+                "status": status,
+                "next_attempt_at": {"$lte": now},
+            }
+            cursor = self._emails.find(query, {"next_attempt_at": 1, "domain_id": 1})
+            return [d async for d in cursor]
+
+        found = await asyncio.gather(*(due(status) for status in CLAIMABLE[:3]))
+        times = [
+            d["next_attempt_at"]
+            for docs in found
+            for d in docs
+            if not domain_id or d.get("domain_id") == domain_id
+        ]
+        return len(times), (min(times) if times else None)
 
 
 class MongoIdempotencyRepository:
@@ -1018,8 +1368,7 @@ class MongoIdempotencyRepository:
 
     async def sweep(self, *, now: datetime) -> int:
         """See `IdempotencyRepository.sweep`."""
-        result = await self._records.delete_many({"expires_at": {"$lte": now}})
-        return int(result.deleted_count)
+        return await delete_older(self._records, "expires_at", now)
 
 
 def _record(doc: dict[str, Any]) -> IdempotencyRecord:

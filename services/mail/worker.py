@@ -8,6 +8,7 @@ AZORA_SHUTDOWN_GRACE seconds, hands back whatever it still holds, and exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -56,6 +57,9 @@ async def serve(settings: Settings) -> None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         stopping.cancel()
+        # Stats counts whose write failed earlier (database away) get a last chance.
+        with contextlib.suppress(Exception):
+            await emails.tallies.flush()
         log.info("worker stopped", extra={"fields": {"worker": worker.worker_id}})
     finally:
         await channel.close()

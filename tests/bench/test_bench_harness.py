@@ -227,3 +227,26 @@ async def test_sink_logs_message_ids_and_injects_4xx(
             await server.wait_closed()
     rows, _ = read_sink_log(log_path)
     assert [r[1] for r in rows] == (["m1@bench.example"] if logged else [])
+
+
+def test_data_benchmark_table_judges_each_read_against_its_targets() -> None:
+    # Reads pass within 2x of empty and under 100 ms p50 (stats for 30 days: 500 ms);
+    # delivered/s passes within 10 % of empty.
+    from bench.data import table
+
+    def reads(**p50: float) -> dict[str, dict[str, float]]:
+        return {name: {"p50_ms": v, "p99_ms": v * 2, "n": 5} for name, v in p50.items()}
+
+    names = {"fast": "ListEmails first page", "stats": "GetEmailStats 30 days"}
+    empty = {
+        "reads": reads(**{names["fast"]: 10.0, names["stats"]: 100.0}),
+        "delivered_per_s": 100.0,
+    }
+    full = {"reads": reads(**{names["fast"]: 25.0, names["stats"]: 190.0}), "delivered_per_s": 91.0}
+    text, rows = table(empty, full)
+    verdicts = {r["read"]: r["pass"] for r in rows}
+    assert verdicts == {names["fast"]: False, names["stats"]: True, "delivered/s": True}
+    assert "FAIL" in text
+    full["delivered_per_s"] = 89.0
+    _, rows = table(empty, full)
+    assert {r["read"]: r["pass"] for r in rows}["delivered/s"] is False

@@ -168,7 +168,13 @@ async def test_database_timeouts_map_to_deadline_exceeded(ferretdb: str) -> None
 
     timeout_error = ExecutionTimeout("operation exceeded time limit", code=50)
     assert isinstance(translate_error(timeout_error, deadline_expired=True), DeadlineExceeded)
-    assert isinstance(translate_error(timeout_error, deadline_expired=False), Unavailable)
+    # With time left on the caller's deadline it is still a query that ran out of time (the
+    # service's own database limit), never "unreachable".
+    slow = translate_error(timeout_error, deadline_expired=False, time_limit=0.5)
+    assert isinstance(slow, DeadlineExceeded)
+    assert "ran out of time" in slow.message
+    assert "0.5 s" in slow.message
+    assert not isinstance(slow, Unavailable)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(ferretdb)
     try:
         import pymongo
@@ -215,6 +221,68 @@ async def test_unreachable_database_is_unavailable_within_a_long_deadline() -> N
     finally:
         await server.stop(None)
         await client.close()
+
+
+async def test_slow_query_is_deadline_exceeded_and_a_stopped_database_unavailable(
+    tmp_path: Path,
+) -> None:
+    # On a real FerretDB: a heavy scan that outlives the service's database limit is
+    # DEADLINE_EXCEEDED saying the query ran out of time; once the database is stopped the same
+    # rpc is UNAVAILABLE "the database is unreachable". (Before, both said "unreachable".)
+    from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary
+
+    server_db = EmbeddedFerretDB(binary=find_ferretdb_binary(REPO_ROOT), data_dir=tmp_path / "db")
+    uri = server_db.start()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500
+    )
+    collection = client["slow_query"]["docs"]
+    blob = "x" * 3000
+    for start in range(0, 3000, 40):  # batches below FerretDB's statement cap
+        await collection.insert_many([{"n": n, "blob": blob} for n in range(start, start + 40)])
+    # The scan works and finds nothing when given time: only its duration makes it fail below.
+    assert await collection.count_documents({"blob": {"$regex": "y"}}) == 0
+
+    # The service's client once the database is gone: created after the stop, as a process
+    # started (or a monitor that noticed) while it is down knows no server to talk to.
+    later: list[AsyncMongoClient[dict[str, Any]]] = []
+
+    async def scan(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        if request == b"scan":
+            await collection.count_documents({"blob": {"$regex": "y"}})
+        else:
+            await later[0].admin.command("ping")
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "azora.test.v1.Probe", {"Scan": grpc.unary_unary_rpc_method_handler(scan)}
+    )
+    server = await create_server(
+        bind="127.0.0.1:0",
+        service_names=("azora.test.v1.Probe",),
+        registrars=(lambda s: s.add_generic_rpc_handlers((handler,)),),
+        interceptors=[ErrorMappingInterceptor(database_timeout=0.1)],
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call: Any = channel.unary_unary("/azora.test.v1.Probe/Scan")
+            with pytest.raises(grpc.aio.AioRpcError) as slow:
+                await call(b"scan", timeout=20)
+            assert slow.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, slow.value.details()
+            assert "ran out of time" in str(slow.value.details())
+            assert "unreachable" not in str(slow.value.details())
+            server_db.stop()
+            later.append(AsyncMongoClient(uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500))
+            with pytest.raises(grpc.aio.AioRpcError) as down:
+                await call(b"ping", timeout=20)
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE, down.value.details()
+            assert "unreachable" in str(down.value.details())
+    finally:
+        await server.stop(None)
+        await client.close()
+        for other in later:
+            await other.close()
+        server_db.stop()
 
 
 async def test_unexpected_exceptions_are_internal_without_details(

@@ -867,11 +867,13 @@ class GetEmailStatsRequest(_message.Message):
     """Only this sending domain."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Window start (default 24 hours ago)."""
+        """Window start (default 24 hours before the end)."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Window end (default now)."""
+        """Window end (default now, rounded up to the next whole minute: the same emails, and a
+        window the stored counts answer without reading the emails).
+        """
 
     def __init__(
         self,
