@@ -377,11 +377,14 @@ class RateLimiter:
     def _trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address in network for network in self.policy.trusted_proxies)
 
-    def admit(self, *, send: bool, ip: str | None, principal: Principal | None) -> Decision:
+    def admit(
+        self, *, send: bool, ip: str | None, principal: Principal | None, count: int = 1
+    ) -> Decision:
         """Count one request against its budgets, or refuse it without counting.
 
         Args:
             send: whether the rpc sends email (send budget and tenant quotas) or not (api).
+            count: how many sends the request makes (a batch counts each of its messages).
             ip: the client address (None: a unix socket; only the principal is counted).
             principal: the authenticated caller (None: anonymous).
 
@@ -407,11 +410,11 @@ class RateLimiter:
             used, end_ms = self.counters.total(checked, key, now)
             decision = Decision(
                 limit=checked.limit,
-                remaining=max(0, checked.limit - used - 1),
+                remaining=max(0, checked.limit - used - count),
                 reset_seconds=max(1, math.ceil((end_ms - now) / 1000)),
                 window_seconds=checked.window_ms // 1000,
             )
-            if used >= checked.limit:
+            if used + count > checked.limit:
                 refused = Decision(
                     decision.limit, 0, decision.reset_seconds, decision.window_seconds
                 )
@@ -427,7 +430,7 @@ class RateLimiter:
         # Quotas count accepted emails (`record_send`), rate limits count admitted requests.
         for checked, key, _ in checks:
             if checked is budget:
-                self.counters.add(checked, key, now)
+                self.counters.add(checked, key, now, count)
         return tightest or Decision(budget.limit, budget.limit, 0, budget.window_ms // 1000)
 
     def record_send(self, principal: Principal, emails: int = 1) -> None:
