@@ -174,7 +174,9 @@ async def test_send_with_template_delivers_the_render(
     _, domain = local_mail.add_domain(tenant, port=relay.port)
     created = await create(local_mail, tenant)
     unpublished = await failure_of(
-        local_mail.send(tenant, from_address=f"app@{domain}", to=["a@example.org"], template="welcome")
+        local_mail.send(
+            tenant, from_address=f"app@{domain}", to=["a@example.org"], template="welcome"
+        )
     )
     assert unpublished.reason == "TEMPLATE_NOT_PUBLISHED"
     await publish(local_mail, tenant, created.id)
@@ -200,7 +202,8 @@ async def test_send_with_template_delivers_the_render(
     assert msg["Subject"] == preview.subject
     html = msg.get_body(("html",))
     text = msg.get_body(("plain",))
-    assert html is not None and text is not None
+    assert html is not None
+    assert text is not None
     # (Line breaks travel as CRLF.)
     assert html.get_content().replace("\r\n", "\n").strip() == preview.html.strip()
     assert text.get_content().replace("\r\n", "\n").strip() == preview.text.strip()
@@ -235,9 +238,7 @@ async def test_send_refuses_template_with_content_or_stray_fields(
     )
     assert set(stray.field_violations) == {"template_version", "variables"}
     unknown = await failure_of(
-        local_mail.send(
-            tenant, from_address=f"app@{domain}", to=["a@example.org"], template="nope"
-        )
+        local_mail.send(tenant, from_address=f"app@{domain}", to=["a@example.org"], template="nope")
     )
     assert unknown.code == grpc.StatusCode.NOT_FOUND
     assert unknown.reason == "TEMPLATE_NOT_FOUND"
@@ -291,10 +292,13 @@ async def test_batch_mixed_valid_and_invalid(
     results = list(answer.results)
     assert [r.index for r in results] == [0, 1, 2, 3, 4]
     assert answer.accepted_count == 2
-    assert results[0].status == E.EMAIL_STATUS_QUEUED and results[0].id
-    assert results[2].status == E.EMAIL_STATUS_QUEUED and results[2].id
+    assert results[0].status == E.EMAIL_STATUS_QUEUED
+    assert results[0].id
+    assert results[2].status == E.EMAIL_STATUS_QUEUED
+    assert results[2].id
     assert [v.field for v in results[1].error.field_violations] == ["messages[1].to[0]"]
-    assert results[1].error.code == "INVALID_ARGUMENT" and not results[1].id
+    assert results[1].error.code == "INVALID_ARGUMENT"
+    assert not results[1].id
     assert results[3].error.reason == "SENDER_DOMAIN_NOT_ACTIVE"
     assert [v.field for v in results[3].error.field_violations] == ["messages[3].from"]
     assert [v.field for v in results[4].error.field_violations] == ["messages[4].variables.name"]
@@ -359,9 +363,12 @@ async def test_batch_size_limits(local_mail: LocalMail, tenant: Tenant) -> None:
 
 
 def _inserts() -> float:
-    return REGISTRY.get_sample_value(
-        "azora_db_command_duration_seconds_count", {"command": "insert", "outcome": "ok"}
-    ) or 0.0
+    return (
+        REGISTRY.get_sample_value(
+            "azora_db_command_duration_seconds_count", {"command": "insert", "outcome": "ok"}
+        )
+        or 0.0
+    )
 
 
 async def test_batch_of_500_idempotent_in_few_commands(
@@ -411,9 +418,7 @@ async def test_batch_retry_after_partial_store_keeps_ids(
     )
     db = local_mail.app.running.database.db
     # Simulate the crash: forget the stored answer and two of the emails.
-    await db["email_batches"].update_one(
-        {"_id": f"{tenant.id}\x1fk2"}, {"$set": {"results": None}}
-    )
+    await db["email_batches"].update_one({"_id": f"{tenant.id}\x1fk2"}, {"$set": {"results": None}})
     lost = [r.id for r in first.results[:2]]
     await db["emails"].delete_many({"_id": {"$in": lost}})
     again = await local_mail.stub.SendEmailBatch(
