@@ -240,6 +240,7 @@ class MailManager:
         results: list[BatchResult] = []
         emails: list[Email] = []
         domains: dict[str, SenderDomain | None] = {}
+        relays: set[str] = set()
         for i, message in enumerate(messages):
             try:
                 if isinstance(message, AzoraError):
@@ -255,6 +256,7 @@ class MailManager:
                     template=template,
                     now=now,
                     domains=domains,
+                    relays=relays,
                 )
                 email = self._build(prepared, tenant_id=tenant_id, email_id=ids[i], now=now)
             except (InvalidArgument, NotFound, FailedPrecondition) as exc:
@@ -289,8 +291,13 @@ class MailManager:
         template: TemplateUse | None,
         now: datetime,
         domains: dict[str, SenderDomain | None],
+        relays: set[str] | None = None,
     ) -> _Prepared:
-        """Render, validate and find the sender's domain and relay: everything but storing."""
+        """Render, validate and find the sender's domain and relay: everything but storing.
+
+        `domains` and `relays` remember, across the messages of one batch, the domains looked
+        up and those whose relay was found (one lookup per sending domain, not per message).
+        """
         used: RenderedForSend | None = None
         if template is not None:
             clash = [
@@ -332,7 +339,10 @@ class MailManager:
                 metadata={"field": "from", "domain": valid.sender.domain},
             )
         try:
-            await self._relays.endpoint(tenant_id=tenant_id, domain_id=domain.id)
+            if relays is None or domain.id not in relays:
+                await self._relays.endpoint(tenant_id=tenant_id, domain_id=domain.id)
+                if relays is not None:
+                    relays.add(domain.id)
         except NotFound:
             # The relay lookup reports a domain without relay as NotFound (relay_lookup).
             raise FailedPrecondition(

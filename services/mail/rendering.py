@@ -200,6 +200,11 @@ class TemplateEngine:
         # occupies one worker, never the event loop.
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="template-render")
         self._inliner = css_inline.CSSInliner(load_remote_stylesheets=False)
+        # Compiled templates and their variable names, by source: compiling costs more than
+        # rendering, and a template is sent many times. Compiled templates are immutable, so
+        # render threads share them.
+        self._compiled: dict[tuple[int, str], jinja2.Template] = {}
+        self._names: dict[tuple[str, str, str], frozenset[str]] = {}
 
     def close(self) -> None:
         """Stop the render threads."""
@@ -250,25 +255,52 @@ class TemplateEngine:
                 "variables", f"at most {self.limits.max_variables} characters of JSON allowed"
             )
         values = {**source.defaults, **variables}
-        result = await self._in_thread(lambda: self._render_parts(source, values, field))
-        subject, html, text = result
+        subject, html, text, generated = await self._in_thread(
+            lambda: self._render_all(source, values, field)
+        )
         if any(ch in subject for ch in "\r\n\0"):
             raise InvalidArgument(
                 [FieldViolation(field, "the rendered subject contains a line break or NUL")],
                 reason=RENDER_FAILED,
             )
-        warnings = _unused(source, variables, self._html, self._plain)
-        used_defaults = sorted(
-            k for k in source.defaults if k not in variables and _mentions(source, k)
-        )
+        referenced = self._referenced(source)
+        warnings = [
+            f"variable {name!r} is not used by the template"
+            for name in sorted(set(variables) - referenced)
+        ]
+        used_defaults = sorted(k for k in source.defaults if k not in variables and k in referenced)
         if used_defaults:
             warnings.append("default values used for: " + ", ".join(used_defaults))
-        if html:
-            html = await self._in_thread(lambda: self._inline(html, field))
-        if not text.strip() and html:
-            text = await self._in_thread(lambda: get_text(html).strip() + "\n")
+        if generated:
             warnings.append("text part generated from the HTML")
         return Rendered(subject, html, text, warnings)
+
+    def _render_all(
+        self, source: TemplateSource, values: dict[str, Any], field: str
+    ) -> tuple[str, str, str, bool]:
+        """Subject, HTML (CSS inlined), text (generated when empty); in a render thread."""
+        subject, html, text = self._render_parts(source, values, field)
+        if html:
+            html = self._inline(html, field)
+        if not text.strip() and html:
+            return subject, html, get_text(html).strip() + "\n", True
+        return subject, html, text, False
+
+    def _referenced(self, source: TemplateSource) -> frozenset[str]:
+        """Top-level variable names the template's parts use (cached per source)."""
+        key = (source.subject, source.html, source.text)
+        names = self._names.get(key)
+        if names is None:
+            found: set[str] = set()
+            for text in key:
+                if text:
+                    try:
+                        found |= meta.find_undeclared_variables(self._plain.parse(text))
+                    except (TemplateSyntaxError, RecursionError):
+                        continue
+            names = frozenset(found)
+            _remember(self._names, key, names)
+        return names
 
     def _inline(self, html: str, field: str) -> str:
         try:
@@ -288,7 +320,7 @@ class TemplateEngine:
             ("html", source.html, self._html),
             ("text", source.text, self._plain),
         ):
-            parts.append(_render_one(env, name, text, values, budget, field))
+            parts.append(_render_one(env, name, text, values, budget, field, self._compiled))
         return parts[0], parts[1], parts[2]
 
     async def _in_thread(self, work: Callable[[], _T]) -> _T:
@@ -351,11 +383,16 @@ def _render_one(
     values: dict[str, Any],
     budget: list[int],
     field: str,
+    compiled: dict[tuple[int, str], jinja2.Template],
 ) -> str:
     if not source:
         return ""
     try:
-        template = env.from_string(source)
+        key = (id(env), source)
+        template = compiled.get(key)
+        if template is None:
+            template = env.from_string(source)
+            _remember(compiled, key, template)
         chunks: list[str] = []
         for chunk in template.generate(values):
             budget[0] -= len(chunk)
@@ -399,35 +436,21 @@ def _render_one(
         ) from None
 
 
+_CACHE_ENTRIES = 256
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _remember(cache: dict[_K, _V], key: _K, value: _V) -> None:
+    """Keep `value`, dropping the oldest entry beyond `_CACHE_ENTRIES` (dicts keep order)."""
+    cache[key] = value
+    while len(cache) > _CACHE_ENTRIES:
+        cache.pop(next(iter(cache)), None)
+
+
 def budget_total(env: jinja2.Environment) -> int:
     """The output limit of an engine's environment."""
     return env._max_output if isinstance(env, _Sandbox) else 0
-
-
-def _names(source: TemplateSource, *envs: jinja2.Environment) -> set[str]:
-    names: set[str] = set()
-    for text in (source.subject, source.html, source.text):
-        if text:
-            try:
-                names |= meta.find_undeclared_variables(envs[0].parse(text))
-            except (TemplateSyntaxError, RecursionError):
-                continue
-    return names
-
-
-def _mentions(source: TemplateSource, name: str) -> bool:
-    return any(name in part for part in (source.subject, source.html, source.text))
-
-
-def _unused(
-    source: TemplateSource,
-    variables: Mapping[str, Any],
-    html_env: jinja2.Environment,
-    plain_env: jinja2.Environment,
-) -> list[str]:
-    referenced = _names(source, plain_env)
-    unused = sorted(set(variables) - referenced)
-    return [f"variable {name!r} is not used by the template" for name in unused]
 
 
 __all__ = [
