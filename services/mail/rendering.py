@@ -58,6 +58,7 @@ class RenderLimits:
     max_output: int = 2 * 1024 * 1024  # characters
     max_source: int = 512 * 1024  # characters per part
     max_variables: int = 256 * 1024  # characters of the variables as JSON
+    threads: int = 4  # renders at the same time (more wait for a thread, within their time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +199,9 @@ class TemplateEngine:
         self._plain = _sandbox(autoescape=False, max_output=self.limits.max_output)
         # Renders run here; a thread stuck in a long C call (bounded by the checks above)
         # occupies one worker, never the event loop.
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="template-render")
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.limits.threads, thread_name_prefix="template-render"
+        )
         self._inliner = css_inline.CSSInliner(load_remote_stylesheets=False)
         # Compiled templates and their variable names, by source: compiling costs more than
         # rendering, and a template is sent many times. Compiled templates are immutable, so
@@ -256,7 +259,7 @@ class TemplateEngine:
             )
         values = {**source.defaults, **variables}
         subject, html, text, generated = await self._in_thread(
-            lambda: self._render_all(source, values, field)
+            lambda: self._render_all(source, values, field), field
         )
         if any(ch in subject for ch in "\r\n\0"):
             raise InvalidArgument(
@@ -323,47 +326,48 @@ class TemplateEngine:
             parts.append(_render_one(env, name, text, values, budget, field, self._compiled))
         return parts[0], parts[1], parts[2]
 
-    async def _in_thread(self, work: Callable[[], _T]) -> _T:
+    async def _in_thread(self, work: Callable[[], _T], field: str) -> _T:
         """Run `work` in a render thread; stop it at the deadline."""
-        started = threading.Event()
-        ident: list[int] = []
+        too_long = InvalidArgument(
+            [FieldViolation(field, f"rendering took longer than {self.limits.timeout:g} s")],
+            reason=RENDER_FAILED,
+        )
+        # `running` is true exactly while `work` may still run in the thread; the stop is only
+        # sent under `lock` while it is, so it can only land inside `run` (the pool's thread
+        # goes on serving other renders), never after it.
+        lock = threading.Lock()
+        state = {"running": False, "abandoned": False, "thread": 0}
 
         def run() -> _T:
-            ident.append(threading.get_ident())
-            started.set()
             try:
-                return work()
+                with lock:
+                    if state["abandoned"]:
+                        # Its deadline passed while it waited for a free thread.
+                        raise too_long
+                    state["running"], state["thread"] = True, threading.get_ident()
+                try:
+                    return work()
+                finally:
+                    with lock:
+                        state["running"] = False
             except _RenderTimeout:
-                raise InvalidArgument(
-                    [
-                        FieldViolation(
-                            "template",
-                            f"rendering took longer than {self.limits.timeout:g} s",
-                        )
-                    ],
-                    reason=RENDER_FAILED,
-                ) from None
+                raise too_long from None
 
         future = asyncio.get_running_loop().run_in_executor(self._executor, run)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.limits.timeout)
         except TimeoutError:
-            if started.is_set() and not future.done():
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(ident[0]), ctypes.py_object(_RenderTimeout)
-                )
+            with lock:
+                state["abandoned"] = True
+                if state["running"]:
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                        ctypes.c_ulong(state["thread"]), ctypes.py_object(_RenderTimeout)
+                    )
             try:
                 # The thread stops at its next bytecode; a bound in case it sits in C code.
                 return await asyncio.wait_for(future, 1.0)
-            except TimeoutError:
-                raise InvalidArgument(
-                    [
-                        FieldViolation(
-                            "template", f"rendering took longer than {self.limits.timeout:g} s"
-                        )
-                    ],
-                    reason=RENDER_FAILED,
-                ) from None
+            except (TimeoutError, _RenderTimeout):
+                raise too_long from None
 
 
 def _syntax_problem(env: jinja2.Environment, source: str) -> str:

@@ -6,13 +6,16 @@ does. Bounds are checked by outcome (the error), never by measuring time.
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from services.core.errors import InvalidArgument
-from services.mail.rendering import RenderLimits, TemplateEngine, TemplateSource
+from services.mail.rendering import RENDER_FAILED, RenderLimits, TemplateEngine, TemplateSource
 
 
 @pytest.fixture
@@ -139,6 +142,41 @@ async def test_huge_loop_is_stopped_at_the_deadline(engine: TemplateEngine) -> N
     # The render thread was really stopped: the engine still renders promptly afterwards.
     out = await render(engine, "<p>{{ 1 + 1 }}</p>")
     assert "<p>2</p>" in out.html
+
+
+def busy_render_threads() -> int:
+    """Render threads executing template code right now."""
+    frames = sys._current_frames()
+    busy = 0
+    for thread in threading.enumerate():
+        frame = frames.get(thread.ident or 0)
+        if not thread.name.startswith("template-render"):
+            continue
+        while frame is not None:
+            if frame.f_code.co_filename == "<template>":
+                busy += 1
+                break
+            frame = frame.f_back
+    return busy
+
+
+async def test_a_render_waiting_past_its_deadline_never_starts() -> None:
+    # One render thread, two runaway renders: the second waits for the thread beyond its own
+    # deadline, so it is refused without starting (started, nobody would stop it), and the
+    # thread is free again afterwards.
+    engine = TemplateEngine(RenderLimits(timeout=0.5, threads=1))
+    runaway = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    try:
+        outcomes = await asyncio.gather(
+            *(render(engine, runaway) for _ in range(2)), return_exceptions=True
+        )
+        assert all(isinstance(o, InvalidArgument) for o in outcomes), outcomes
+        assert {o.reason for o in outcomes if isinstance(o, InvalidArgument)} == {RENDER_FAILED}
+        assert busy_render_threads() == 0
+        out = await render(engine, "<p>{{ 2 * 2 }}</p>")
+        assert "<p>4</p>" in out.html
+    finally:
+        engine.close()
 
 
 async def test_deep_recursion_is_refused(engine: TemplateEngine) -> None:
