@@ -1,11 +1,13 @@
-"""Use cases of the mail service: send, track, cancel/delete, resend, statistics.
+"""Use cases of the mail service: send (one, a batch, from a template), track, delete, resend.
 
 Submitting validates, finds the sender's active domain and its relay, builds the message once
 and stores it durably before answering; delivery happens later, in the workers
 (`services.mail.delivery`). Idempotency is insert-first: the key's record reserves the email's
 id, and the email itself is inserted under that id, so concurrent duplicates meet on a unique
 ``_id`` twice and exactly one email exists per key (same key + different request: ALREADY_EXISTS,
-HTTP 409, like a conflicting resource).
+HTTP 409, like a conflicting resource). A batch checks and builds every message first, then
+stores the valid ones together (`EmailRepository.insert_many`); its one idempotency key is
+covered by `services.mail.batch`.
 """
 
 from __future__ import annotations
