@@ -178,3 +178,50 @@ async def test_template_sends_over_grpc_rest_and_batch_signed_and_verified(
     assert "Hello &lt;i&gt;Grpc&lt;/i&gt;," in grpc_html
     _, rest_html, _ = parts(received["rest@example.org"])
     assert "Hello Rest &amp; Co," in rest_html
+
+
+async def test_template_rest_routes(e2e: EndToEnd, gateway_url: str) -> None:
+    # Every template route through the gateway, with the REST spellings of the fields.
+    auth = {"authorization": f"Bearer {e2e.tenant.token}"}
+    async with aiohttp.ClientSession(gateway_url, headers=auth) as http:
+
+        async def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+            async with http.request(method, path, json=body) as response:
+                return response.status, await response.json()
+
+        status, created = await call(
+            "POST",
+            "/api/v1/templates",
+            {"name": "digest", "subject": "{{ n }} new", "text": "Hi {{ who }}",
+             "defaultVariables": {"who": "there"}},
+        )  # fmt: skip
+        assert status == 200, created
+        tid = created["id"]
+        status, published = await call("POST", f"/api/v1/templates/{tid}/publish", {})
+        assert (status, published["version"]) == (200, 1), published
+        status, updated = await call(
+            "PUT", "/api/v1/templates/digest", {"name": "digest", "subject": "{{ n }} news",
+                                                "text": "Hello {{ who }}",
+                                                "defaultVariables": {"who": "there"}},
+        )  # fmt: skip
+        assert (status, updated["publishedVersion"]) == (200, 1), updated
+        status, rendered = await call(
+            "POST", f"/api/v1/templates/{tid}/render", {"variables": {"n": 3}}
+        )
+        assert status == 200, rendered
+        assert (rendered["subject"], rendered["text"]) == ("3 news", "Hello there")
+        status, old = await call(
+            "POST", f"/api/v1/templates/{tid}/render", {"version": 1, "variables": {"n": 3}}
+        )
+        assert (status, old["subject"]) == (200, "3 new"), old
+        status, missing = await call("POST", f"/api/v1/templates/{tid}/render", {})
+        assert status == 400, missing
+        assert "variables.n" in str(missing)
+        status, versions = await call("GET", f"/api/v1/templates/{tid}/versions")
+        assert [v["version"] for v in versions["versions"]] == [1]
+        status, listed = await call("GET", "/api/v1/templates?pageSize=10")
+        assert [t["id"] for t in listed["templates"]] == [tid]
+        status, _ = await call("DELETE", f"/api/v1/templates/{tid}")
+        assert status == 200
+        status, gone = await call("GET", f"/api/v1/templates/{tid}")
+        assert status == 404, gone
