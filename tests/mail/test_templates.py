@@ -19,7 +19,7 @@ from azora.mail.v1 import mail_pb2
 from google.protobuf import struct_pb2
 from prometheus_client import REGISTRY
 
-from services.mail.templates import TEMPLATE_VERSIONS
+from services.mail.templates import TEMPLATE_NAMES, TEMPLATE_VERSIONS
 from tests.conftest import Tenant
 from tests.mail.conftest import LocalMail
 from tests.support.grpc_errors import failure_of
@@ -448,3 +448,52 @@ async def test_batch_isolated_per_tenant(
     assert {v.field for r in answer.results for v in r.error.field_violations} == {
         f"messages[{i}].template" for i in range(size)
     }
+
+
+async def test_names_stay_unique_through_renames_and_crashed_deletes(
+    local_mail: LocalMail, tenant: Tenant
+) -> None:
+    # A rename to a taken name is refused; a name claim left by a delete that crashed before
+    # releasing it (its template is gone) does not block the name for ever.
+    first = await create(local_mail, tenant, name="first")
+    await create(local_mail, tenant, name="second")
+    taken = await failure_of(
+        local_mail.stub.UpdateTemplate(
+            E.UpdateTemplateRequest(id=first.id, name="SECOND", subject="s", text="t"),
+            metadata=tenant.metadata,
+        )
+    )
+    assert taken.reason == "TEMPLATE_ALREADY_EXISTS"
+    still = await local_mail.stub.GetTemplate(
+        E.GetTemplateRequest(id="first"), metadata=tenant.metadata
+    )
+    assert still.id == first.id
+    db = local_mail.app.running.database.db
+    await db[TEMPLATE_NAMES].insert_one(
+        {"_id": f"{tenant.id}\x1forphan", "tenant_id": tenant.id, "template_id": "0" * 24}
+    )
+    orphan = await create(local_mail, tenant, name="orphan")
+    claim = await db[TEMPLATE_NAMES].find_one({"_id": f"{tenant.id}\x1forphan"})
+    assert claim is not None
+    assert claim["template_id"] == orphan.id
+
+
+async def test_batch_message_with_stray_template_fields(
+    local_mail: LocalMail, tenant: Tenant
+) -> None:
+    # A message that cannot even be read as a send is that message's error, with its path.
+    _, domain = local_mail.add_domain(tenant, port=2525)
+    answer = await local_mail.stub.SendEmailBatch(
+        E.SendEmailBatchRequest(messages=[message(domain), message(domain, template_version=3)]),
+        metadata=tenant.metadata,
+    )
+    assert answer.accepted_count == 1
+    assert [v.field for v in answer.results[1].error.field_violations] == [
+        "messages[1].template_version"
+    ]
+    negative = await failure_of(
+        local_mail.stub.RenderTemplate(
+            E.RenderTemplateRequest(id="anything", version=-1), metadata=tenant.metadata
+        )
+    )
+    assert set(negative.field_violations) == {"version"}
