@@ -18,8 +18,9 @@ itself is added here:
 * recursion: a recursive macro ends with Python's ``RecursionError``, reported as a render
   failure, as does a template nested too deeply to compile.
 
-HTML output then has its CSS inlined (`css_inline`, remote stylesheets never fetched) and a
-text part is generated from it (`inscriptis`) when the template has no text.
+HTML output then has its CSS inlined (`css_inline`; linked stylesheets are never loaded, neither
+URLs nor the server's files) and a text part is generated from it (`inscriptis`) when the
+template has no text.
 """
 
 from __future__ import annotations

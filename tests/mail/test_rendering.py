@@ -10,6 +10,7 @@ import asyncio
 import sys
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,10 +109,15 @@ async def test_css_is_inlined_and_text_generated(engine: TemplateEngine) -> None
     assert "text part generated from the HTML" in out.warnings
 
 
-async def test_remote_stylesheets_are_never_fetched(engine: TemplateEngine) -> None:
-    # A <link> to a stylesheet is left alone: no request leaves the service (SSRF).
-    out = await render(engine, '<link rel="stylesheet" href="http://127.0.0.1:9/x.css"><p>x</p>')
-    assert "<p>x</p>" in out.html
+async def test_linked_stylesheets_are_never_loaded(engine: TemplateEngine, tmp_path: Path) -> None:
+    # A <link> to a stylesheet is not followed: not a URL (SSRF), not a file of the server's
+    # (whose rules would otherwise show up in the message).
+    sheet = tmp_path / "server.css"
+    sheet.write_text("p { color: red }")
+    for href in (str(sheet), sheet.as_uri(), "http://127.0.0.1:9/x.css"):
+        out = await render(engine, f'<link rel="stylesheet" href="{href}"><p>x</p>')
+        assert "<p>x</p>" in out.html
+        assert "red" not in out.html
 
 
 @pytest.mark.parametrize(
