@@ -16,6 +16,9 @@ Phases (``--phases``, default all), everything on loopback, everything it starts
   single worker and the mail API process while it accepts (when py-spy can attach).
 * ``gateway``: SendEmail and GetEmail directly over gRPC and through the gateway (REST), same
   client style (bounded async), same counts.
+* ``batch``: the same N emails through SendEmailBatch, 100 per call, a few calls in flight;
+  then again with every message rendered from a template (loop, filters, CSS inlining, text
+  generated from the HTML), plus the engine's render time per email measured alone.
 
 A row counts only if every message arrived exactly once at the sink (Message-IDs compared
 with the database). Prints the table and writes everything to ``--out`` (JSON).
@@ -38,6 +41,7 @@ from typing import Any
 
 import grpc
 from azora.iam.v1 import api_keys_pb2, api_keys_pb2_grpc
+from azora.mail.v1 import mail_pb2, mail_pb2_grpc
 
 from bench import postfix
 from bench.harness import (
@@ -52,9 +56,12 @@ from bench.harness import (
     write_json,
 )
 from bench.load import (
+    RECEIPT_HTML,
     LoadResult,
+    grpc_batch,
     grpc_get,
     grpc_send,
+    receipt_variables,
     rest_get,
     rest_send,
     run_ghz,
@@ -63,9 +70,10 @@ from bench.load import (
 )
 from bench.suite import REPO, Suite
 from services.core.embedded_db import pick_free_port
+from services.mail.rendering import TemplateEngine, TemplateSource
 from services.submission.tls import development_pair
 
-PHASES = ("postfix", "grpc", "rest", "smtp", "scale", "gateway")
+PHASES = ("postfix", "grpc", "rest", "smtp", "batch", "scale", "gateway")
 
 
 def env_int(name: str, default: int) -> int:
@@ -363,6 +371,57 @@ async def smtp_phase(suite: Suite, args: argparse.Namespace, run_dir: Path) -> R
     )
 
 
+BATCH_SIZE = 100
+
+
+async def render_cost_ms(samples: int = 200) -> float:
+    """Mean milliseconds the template engine takes for one receipt (render + CSS + text)."""
+    engine = TemplateEngine()
+    try:
+        source = TemplateSource("Receipt for {{ name }}", RECEIPT_HTML, "", {})
+        await engine.render(source, receipt_variables(0))  # warm-up: compile, threads
+        started = time.perf_counter()
+        for i in range(samples):
+            await engine.render(source, receipt_variables(i))
+        return (time.perf_counter() - started) * 1000 / samples
+    finally:
+        engine.close()
+
+
+async def batch_phase(suite: Suite, args: argparse.Namespace) -> list[Result]:
+    """N emails in batches of 100 over gRPC, plain and rendered from a template."""
+    results: list[Result] = []
+    template = f"bench-receipt-{int(time.time())}"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{suite.ports['mail']}") as channel:
+        stub = mail_pb2_grpc.MailServiceStub(channel)
+        await stub.CreateTemplate(
+            mail_pb2.CreateTemplateRequest(
+                name=template, subject="Receipt for {{ name }}", html=RECEIPT_HTML
+            )
+        )
+        await stub.PublishTemplate(mail_pb2.PublishTemplateRequest(id=template))
+    lanes = max(1, min(args.concurrency // 4, 4))
+    for label, use in (
+        (f"ours: gRPC batches of {BATCH_SIZE}", ""),
+        (f"ours: gRPC batches of {BATCH_SIZE}, template", template),
+    ):
+        tag = f"batch{'-tpl' if use else ''}-{int(time.time())}"
+        _, offset = read_sink_log(suite.sink_log)
+        with ProcSampler(suite.pids()) as sampler:
+            started = time.time()
+            load = await grpc_batch(
+                suite.ports["mail"], args.messages, BATCH_SIZE, lanes, tag, template=use
+            )
+            emails = await wait_finished(suite, tag, load.ok, args.timeout)
+            arrivals, _ = read_sink_log(suite.sink_log, offset)
+        result = suite_result(label, load, emails, arrivals, started, sampler)
+        result.notes += f"; {lanes} batch calls in flight; latency per batch call"
+        if use:
+            result.notes += f"; engine alone: {await render_cost_ms():.2f} ms per render"
+        results.append(result)
+    return results
+
+
 def py_spy() -> str | None:
     """py-spy from the venv, if installed."""
     candidate = Path(sys.executable).parent / "py-spy"
@@ -559,6 +618,9 @@ async def suite_phases(args: argparse.Namespace, run_dir: Path, out_dir: Path) -
         if "smtp" in args.phases:
             print(f"phase smtp: {args.messages} emails", file=sys.stderr)
             found["results"].append(await smtp_phase(suite, args, run_dir))
+        if "batch" in args.phases:
+            print(f"phase batch: {args.messages} emails, twice", file=sys.stderr)
+            found["results"].extend(await batch_phase(suite, args))
         if "scale" in args.phases:
             print(f"phase scale-out: {args.scale_messages} emails per run", file=sys.stderr)
             found["scale_out"] = await scale_phase(suite, args, out_dir)

@@ -53,6 +53,8 @@ ALL_SCOPES = frozenset(
         "emails:send",
         "emails:write",
         "api_keys:manage",
+        "templates:read",
+        "templates:write",
     }
 )
 # Below gRPC's 8 KiB metadata soft limit, where grpc starts rejecting calls at random.

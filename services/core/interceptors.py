@@ -329,8 +329,11 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
                     return await behavior(request, context)
                 metadata = _metadata(context)
                 ip = limiter.client_ip(context.peer() or "", metadata.get("x-forwarded-for", ""))
+                count = _sends_in(request) if send else 1
                 try:
-                    decision = await limiter.admit(send=send, ip=ip, principal=principal)
+                    decision = await limiter.admit(
+                        send=send, ip=ip, principal=principal, count=count
+                    )
                 except RateLimitExceeded as exc:
                     add_response_metadata(
                         (*exc.decision.headers(), ("retry-after", str(exc.decision.reset_seconds)))
@@ -339,12 +342,28 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
                 add_response_metadata(decision.headers())
                 response = await behavior(request, context)
                 if send and principal is not None:
-                    limiter.record_send(principal)
+                    limiter.record_send(principal, _accepted_in(response))
                 return response
 
             return handle
 
         return _wrap_unary(handler, wrap)  # type: ignore[no-any-return]
+
+
+def _sends_in(request: Any) -> int:
+    """Sends a request makes: each message of a batch (a ``messages`` list) counts as one."""
+    fields = getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", {})
+    if "messages" in fields:
+        return max(1, len(request.messages))
+    return 1
+
+
+def _accepted_in(response: Any) -> int:
+    """Emails a send rpc accepted: a batch says how many (``accepted_count``), else one."""
+    fields = getattr(getattr(response, "DESCRIPTOR", None), "fields_by_name", {})
+    if "accepted_count" in fields:
+        return int(response.accepted_count)
+    return 1
 
 
 def _smaller(a: float | None, b: float | None) -> float | None:

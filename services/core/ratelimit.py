@@ -589,7 +589,9 @@ class RateLimiter:
     def _trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address in network for network in self.policy.trusted_proxies)
 
-    async def admit(self, *, send: bool, ip: str | None, principal: Principal | None) -> Decision:
+    async def admit(
+        self, *, send: bool, ip: str | None, principal: Principal | None, count: int = 1
+    ) -> Decision:
         """Count one request against its budgets, or refuse it without counting.
 
         The counts this process knows refuse first (no database); then the request takes one
@@ -598,6 +600,7 @@ class RateLimiter:
 
         Args:
             send: whether the rpc sends email (send budget and tenant quotas) or not (api).
+            count: how many sends the request makes (a batch counts each of its messages).
             ip: the client address (None: a unix socket; only the principal is counted).
             principal: the authenticated caller (None: anonymous).
 
@@ -607,7 +610,7 @@ class RateLimiter:
         Raises:
             RateLimitExceeded: a budget or quota is used up (nothing was counted).
         """
-        decision, checks = self._check(send=send, ip=ip, principal=principal)
+        decision, checks = self._check(send=send, ip=ip, principal=principal, count=count)
         budget = self.policy.send if send else self.policy.api
         now = self.counters.now_ms()
         limited = [(key, scope) for checked, key, scope in checks if checked is budget]
@@ -616,11 +619,12 @@ class RateLimiter:
             try:
                 for key, scope in limited:
                     counted, _ = self.counters.total(budget, key, now)
-                    if not await self.blocks.take(budget, key, now, counted=counted):
-                        for earlier in taken:
-                            self.blocks.give_back(budget, earlier, now)
-                        raise self._refusal(budget, scope, now)
-                    taken.append(key)
+                    for _ in range(count):
+                        if not await self.blocks.take(budget, key, now, counted=counted):
+                            for earlier in taken:
+                                self.blocks.give_back(budget, earlier, now)
+                            raise self._refusal(budget, scope, now)
+                        taken.append(key)
             except PyMongoError as exc:
                 # Without the database each process enforces the counts it knows (the check
                 # above): fail open across processes, never within one.
@@ -632,7 +636,7 @@ class RateLimiter:
                 )
         # Quotas count accepted emails (`record_send`), rate limits count admitted requests.
         for key, _ in limited:
-            self.counters.add(budget, key, now)
+            self.counters.add(budget, key, now, count)
         return decision
 
     def _refusal(self, budget: Budget, scope: str, now_ms: int) -> RateLimitExceeded:
@@ -653,7 +657,7 @@ class RateLimiter:
         )
 
     def _check(
-        self, *, send: bool, ip: str | None, principal: Principal | None
+        self, *, send: bool, ip: str | None, principal: Principal | None, count: int = 1
     ) -> tuple[Decision, list[tuple[Budget, str, str]]]:
         """Refuse from the counts alone (no database); returns the tightest state and checks."""
         budget = self.policy.send if send else self.policy.api
@@ -672,11 +676,11 @@ class RateLimiter:
             used, end_ms = self.counters.total(checked, key, now)
             decision = Decision(
                 limit=checked.limit,
-                remaining=max(0, checked.limit - used - 1),
+                remaining=max(0, checked.limit - used - count),
                 reset_seconds=max(1, math.ceil((end_ms - now) / 1000)),
                 window_seconds=checked.window_ms // 1000,
             )
-            if used >= checked.limit:
+            if used + count > checked.limit:
                 raise self._refusal(checked, scope, now)
             if tightest is None or decision.remaining < tightest.remaining:
                 tightest = decision

@@ -20,12 +20,15 @@ from services.core.netguard import AddressPolicy, host_resolver
 from services.core.runtime import Database, RunningService, run_periodically, start_service
 from services.core.settings import Settings
 from services.iam.servicer import remote_api_key_resolver
+from services.mail.batch import INDEXES as BATCH_INDEXES
+from services.mail.batch import MongoBatchRepository
 from services.mail.compose import Limits
 from services.mail.delivery import DeliveryWorker, RelayLookup, RelayPool, RetryPolicy
 from services.mail.manager import MailManager, MailPolicy
 from services.mail.relay_health import INDEXES as RELAY_HEALTH_INDEXES
 from services.mail.relay_health import RelayHealthStore
 from services.mail.relay_lookup import smtp_service_relays
+from services.mail.rendering import TemplateEngine
 from services.mail.repository import INDEXES as EMAIL_INDEXES
 from services.mail.repository import (
     EmailRepository,
@@ -34,6 +37,9 @@ from services.mail.repository import (
 )
 from services.mail.senders import GrpcSenderDirectory, SenderDirectory
 from services.mail.servicer import MailServicer
+from services.mail.template_manager import TemplateManager
+from services.mail.templates import INDEXES as TEMPLATE_INDEXES
+from services.mail.templates import MongoTemplateRepository
 
 SERVICE_NAME = "mail-service"
 MAIL_SERVICE = mail_pb2.DESCRIPTOR.services_by_name["MailService"].full_name
@@ -46,7 +52,7 @@ STATS_FLUSH_INTERVAL = 30.0
 # How often the queue gauges (depth, oldest due age) are refreshed.
 QUEUE_METRICS_INTERVAL = 15.0
 # Every collection the mail service (and its separate workers) use.
-MAIL_INDEXES = (*EMAIL_INDEXES, *RELAY_HEALTH_INDEXES)
+MAIL_INDEXES = (*EMAIL_INDEXES, *RELAY_HEALTH_INDEXES, *TEMPLATE_INDEXES, *BATCH_INDEXES)
 # A relay's unchanged outcome is written again after this long (see relay_health).
 RELAY_HEALTH_REFRESH = timedelta(seconds=30)
 
@@ -159,6 +165,14 @@ async def build_app(
         channels.append(smtp_channel)
     emails = MongoEmailRepository(database.db, inline_limit=settings.mail_inline_content_limit)
     relay_health = RelayHealthStore(database.db, refresh=RELAY_HEALTH_REFRESH)
+    engine = TemplateEngine()
+    templates = TemplateManager(
+        templates=MongoTemplateRepository(database.db),
+        engine=engine,
+        clock=clock,
+        default_page_size=settings.default_page_size,
+        max_page_size=settings.max_page_size,
+    )
     manager = MailManager(
         emails=emails,
         relay_health=relay_health,
@@ -167,6 +181,8 @@ async def build_app(
         relays=relays,
         clock=clock,
         policy=policy_from(settings),
+        templates=templates,
+        batches=MongoBatchRepository(database.db),
     )
     server = await start_service(
         settings=settings,
@@ -174,7 +190,9 @@ async def build_app(
         bind=bind or f"{settings.host}:{settings.mail_grpc_port}",
         service_names=(MAIL_SERVICE,),
         registrars=(
-            lambda s: mail_pb2_grpc.add_MailServiceServicer_to_server(MailServicer(manager), s),
+            lambda s: mail_pb2_grpc.add_MailServiceServicer_to_server(
+                MailServicer(manager, templates), s
+            ),
         ),
         api_keys=api_keys,
         indexes=MAIL_INDEXES,

@@ -6,20 +6,23 @@ and stores it durably before answering; delivery happens later, in the workers
 id, and the email itself is inserted under that id, so concurrent duplicates meet on a unique
 ``_id`` twice and exactly one email exists per key (same key + different request: ALREADY_EXISTS,
 HTTP 409, like a conflicting resource). A request that fails after reserving its key and before
-its email is stored gives the key back, so the corrected retry is accepted.
+its email is stored gives the key back, so the corrected retry is accepted. A batch checks and
+builds every message first, then stores the valid ones together (`EmailRepository.insert_many`);
+its one idempotency key is covered by `services.mail.batch`.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from services.core.clock import Clock
 from services.core.errors import (
     AlreadyExists,
+    AzoraError,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -30,7 +33,18 @@ from services.core.ids import check_id, decode_page_token, encode_page_token, ne
 from services.core.metrics import EMAILS_ACCEPTED
 from services.core.tracing import trace_carrier
 from services.mail import raw_message
+from services.mail.batch import (
+    MAX_BATCH,
+    BatchMessage,
+    BatchRecord,
+    BatchRepository,
+    BatchResult,
+    batch_error,
+    batch_fingerprint,
+    send_fingerprint,
+)
 from services.mail.compose import (
+    MAX_IDEMPOTENCY_KEY,
     Limits,
     Mailbox,
     SendInput,
@@ -59,6 +73,7 @@ from services.mail.relay_health import RelayHealthStore, RelayOutcome
 from services.mail.repository import EmailRepository, IdempotencyRecord, IdempotencyRepository
 from services.mail.senders import SenderDirectory, SenderDomain
 from services.mail.tallies import FINEST, ceil_to
+from services.mail.template_manager import RenderedForSend, TemplateManager, TemplateUse
 
 log = logging.getLogger(__name__)
 RESENDABLE = frozenset({EmailStatus.FAILED, EmailStatus.BOUNCED, EmailStatus.PARTIALLY_SENT})
@@ -72,6 +87,16 @@ class DeliveryHealth:
     queue_depth: int
     oldest_due_age_seconds: float
     relays: list[RelayOutcome]
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A send request checked and ready to build: rendered, validated, its domain found."""
+
+    request: SendInput
+    valid: ValidRequest
+    domain: SenderDomain
+    template: RenderedForSend | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +130,11 @@ class MailManager:
         relays: RelayLookup,
         clock: Clock,
         policy: MailPolicy,
+        templates: TemplateManager | None = None,
+        batches: BatchRepository | None = None,
     ) -> None:
+        self._templates = templates
+        self._batches = batches
         self._emails = emails
         self._relay_health = relay_health
         self._idempotency = idempotency
@@ -114,28 +143,148 @@ class MailManager:
         self._clock = clock
         self._policy = policy
 
-    async def send(self, *, tenant_id: str, request: SendInput) -> Email:
+    async def send(
+        self, *, tenant_id: str, request: SendInput, template: TemplateUse | None = None
+    ) -> Email:
         """Accept an email: validate, store the built message, answer queued or scheduled.
 
+        With `template`, its rendered subject, html and text are the email's content (and
+        the request may hold none of the three).
+
         Raises:
-            InvalidArgument: a field is invalid (each violation names it).
+            InvalidArgument: a field is invalid (each violation names it), a template variable
+                is missing (``variables.<name>``) or the template failed to render.
+            NotFound: the template or its version does not exist.
             FailedPrecondition: the sender's domain is not an active domain of the tenant, or
-                it has no relay (subject ``from``).
+                it has no relay (subject ``from``); the template was never published.
             AlreadyExists: the idempotency key was used with a different request.
             Unavailable: the domain or SMTP service cannot answer.
         """
         now = self._clock.now()
-        valid = validate(request, limits=self._policy.limits, now=now)
-        domain = await self._sending_domain(
-            tenant_id=tenant_id, name=valid.sender.domain, field="from"
+        fingerprint = send_fingerprint(request, template)
+        prepared = await self._prepare(
+            tenant_id=tenant_id, request=request, template=template, now=now, domains={}
         )
+
+        async def store(email_id: str) -> Email:
+            email = self._build(prepared, tenant_id=tenant_id, email_id=email_id, now=now)
+            if not await self._emails.insert(email=email):
+                # A concurrent duplicate (same key, same request) stored it first.
+                return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
+            EMAILS_ACCEPTED.labels(domain=email.domain_name).inc()
+            email.content = None
+            return email
+
         return await self._idempotent(
             tenant_id=tenant_id,
             key=request.idempotency_key,
-            fingerprint=request.fingerprint,
+            fingerprint=lambda: fingerprint,
             now=now,
-            store=lambda email_id: self._store(tenant_id, request, valid, domain, email_id, now),
+            store=store,
         )
+
+    async def send_batch(
+        self,
+        *,
+        tenant_id: str,
+        messages: Sequence[BatchMessage],
+        all_or_nothing: bool,
+        idempotency_key: str,
+    ) -> list[BatchResult]:
+        """Accept up to `MAX_BATCH` emails; one result per message, in order.
+
+        Each message is checked as `send` checks one; the valid ones are stored together
+        (a few insert commands, not one per message) unless `all_or_nothing` and any is
+        invalid. The idempotency key covers the whole batch: the same batch again within the
+        window gets the first answer, same ids.
+
+        Raises:
+            InvalidArgument: no messages, too many, a bad idempotency key, or (with
+                `all_or_nothing`) every invalid message's fields, named ``messages[i]....``.
+            AlreadyExists: the idempotency key was used with a different batch.
+            Unavailable: the domain or SMTP service cannot answer.
+        """
+        if not messages:
+            raise InvalidArgument.single("messages", "at least one message is needed")
+        if len(messages) > MAX_BATCH:
+            raise InvalidArgument.single(
+                "messages", f"at most {MAX_BATCH} messages per batch; got {len(messages)}"
+            )
+        if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument.single(
+                "idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters"
+            )
+        now = self._clock.now()
+        ids = [new_id() for _ in messages]
+        fingerprint = batch_fingerprint(messages, all_or_nothing)
+        if idempotency_key:
+            if self._batches is None:  # pragma: no cover - wired in app.py
+                raise RuntimeError("batch idempotency store not configured")
+            record = await self._batches.reserve(
+                record=BatchRecord(
+                    tenant_id,
+                    idempotency_key,
+                    fingerprint,
+                    ids,
+                    now + self._policy.idempotency_ttl,
+                ),
+                now=now,
+            )
+            if record.fingerprint != fingerprint:
+                raise AlreadyExists(
+                    "IdempotencyKey",
+                    idempotency_key,
+                    message="this idempotency key was used with a different batch "
+                    "in the last 24 hours",
+                )
+            if record.results is not None:
+                return record.results
+            ids = record.email_ids
+        results: list[BatchResult] = []
+        emails: list[Email] = []
+        domains: dict[str, SenderDomain | None] = {}
+        relays: set[str] = set()
+        for i, message in enumerate(messages):
+            try:
+                if isinstance(message, AzoraError):
+                    raise message
+                request, template = message
+                if request.idempotency_key:
+                    raise InvalidArgument.single(
+                        "idempotency_key", "set the batch's idempotency_key instead"
+                    )
+                prepared = await self._prepare(
+                    tenant_id=tenant_id,
+                    request=request,
+                    template=template,
+                    now=now,
+                    domains=domains,
+                    relays=relays,
+                )
+                email = self._build(prepared, tenant_id=tenant_id, email_id=ids[i], now=now)
+            except (InvalidArgument, NotFound, FailedPrecondition) as exc:
+                results.append(BatchResult(i, error=batch_error(exc, f"messages[{i}]")))
+                continue
+            emails.append(email)
+            results.append(BatchResult(i, email_id=email.id, status=email.status))
+        if all_or_nothing and any(r.error is not None for r in results):
+            raise InvalidArgument(
+                [v for r in results if r.error is not None for v in r.error.violations],
+                message="the batch is refused (all_or_nothing): "
+                + "; ".join(
+                    f"messages[{r.index}]: {r.error.message}"
+                    for r in results
+                    if r.error is not None
+                ),
+            )
+        # Duplicates (a retried batch whose first attempt stored some) count as stored: the
+        # ids are the batch's own.
+        await self._emails.insert_many(emails=emails)
+        for email in emails:
+            EMAILS_ACCEPTED.labels(domain=email.domain_name).inc()
+        if idempotency_key and self._batches is not None:
+            await self._batches.finish(tenant_id=tenant_id, key=idempotency_key, results=results)
+        return results
 
     async def _idempotent(
         self,
@@ -205,16 +354,56 @@ class MailManager:
         except Exception as exc:
             log.warning("idempotency key kept", extra={"fields": {"error": str(exc)[:200]}})
 
-    async def _store(
+    async def _prepare(
         self,
+        *,
         tenant_id: str,
         request: SendInput,
-        valid: ValidRequest,
-        domain: SenderDomain,
-        email_id: str,
+        template: TemplateUse | None,
         now: datetime,
-    ) -> Email:
-        """Build the message and store the email under `email_id` (queued or scheduled)."""
+        domains: dict[str, SenderDomain | None],
+        relays: set[str] | None = None,
+    ) -> _Prepared:
+        """Render, validate and find the sender's domain and relay: everything but storing.
+
+        `domains` and `relays` remember, across the messages of one batch, the domains looked
+        up and those whose relay was found (one lookup per sending domain, not per message).
+        """
+        used: RenderedForSend | None = None
+        if template is not None:
+            clash = [
+                FieldViolation(name, "not allowed together with template")
+                for name, value in (
+                    ("subject", request.subject),
+                    ("text", request.text),
+                    ("html", request.html),
+                )
+                if value
+            ]
+            if clash:
+                raise InvalidArgument(clash)
+            if self._templates is None:  # pragma: no cover - wired in app.py
+                raise RuntimeError("templates not configured")
+            used = await self._templates.render_for_send(tenant_id=tenant_id, use=template)
+            request = replace(
+                request,
+                subject=used.rendered.subject,
+                html=used.rendered.html,
+                text=used.rendered.text,
+            )
+        valid = validate(request, limits=self._policy.limits, now=now)
+        domain = await self._sending_domain(
+            tenant_id=tenant_id,
+            name=valid.sender.domain,
+            field="from",
+            domains=domains,
+            relays=relays,
+        )
+        return _Prepared(request, valid, domain, used)
+
+    def _build(self, prepared: _Prepared, *, tenant_id: str, email_id: str, now: datetime) -> Email:
+        """The email to store: built message, recipients, first events."""
+        request, valid, domain = prepared.request, prepared.valid, prepared.domain
         content, message_id = build_message(valid, email_id=email_id, domain=domain.name, now=now)
         if len(content) > self._policy.limits.max_message_size:
             raise InvalidArgument.single(
@@ -232,7 +421,7 @@ class MailManager:
             + [Recipient(m.addr_spec, RecipientKind.CC, updated_at=now) for m in valid.cc]
             + [Recipient(m.addr_spec, RecipientKind.BCC, updated_at=now) for m in valid.bcc]
         )
-        email = Email(
+        return Email(
             id=email_id,
             tenant_id=tenant_id,
             domain_id=domain.id,
@@ -269,22 +458,34 @@ class MailManager:
             idempotency_key=request.idempotency_key,
             content=content,
             trace_context=trace_carrier(),
+            template_id=prepared.template.template_id if prepared.template else "",
+            template_version=prepared.template.version if prepared.template else 0,
         )
-        if not await self._emails.insert(email=email):
-            # A concurrent duplicate (same key, same request) stored it first.
-            return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
-        EMAILS_ACCEPTED.labels(domain=domain.name).inc()
-        email.content = None
-        return email
 
-    async def _sending_domain(self, *, tenant_id: str, name: str, field: str) -> SenderDomain:
+    async def _sending_domain(
+        self,
+        *,
+        tenant_id: str,
+        name: str,
+        field: str,
+        domains: dict[str, SenderDomain | None] | None = None,
+        relays: set[str] | None = None,
+    ) -> SenderDomain:
         """The tenant's active domain called `name`, which must have a relay.
+
+        `domains` and `relays` remember, across the messages of one batch, the domains looked
+        up and those whose relay was found (one lookup per sending domain, not per message).
 
         Raises:
             FailedPrecondition: not an active domain of the tenant, or no relay (subject
                 `field`; metadata ``domain`` names it).
         """
-        domain = await self._senders.active_domain(tenant_id=tenant_id, name=name)
+        if domains is not None and name in domains:
+            domain = domains[name]
+        else:
+            domain = await self._senders.active_domain(tenant_id=tenant_id, name=name)
+            if domains is not None:
+                domains[name] = domain
         if domain is None:
             raise FailedPrecondition(
                 f"{name} is not an active domain of this tenant",
@@ -298,6 +499,8 @@ class MailManager:
                 ],
                 metadata={"field": field, "domain": name},
             )
+        if relays is not None and domain.id in relays:
+            return domain
         try:
             await self._relays.endpoint(tenant_id=tenant_id, domain_id=domain.id)
         except NotFound:
@@ -314,6 +517,8 @@ class MailManager:
                 ],
                 metadata={"field": field, "domainId": domain.id, "domain": domain.name},
             ) from None
+        if relays is not None:
+            relays.add(domain.id)
         return domain
 
     async def submit(self, *, tenant_id: str, submission: SubmitInput) -> Email:

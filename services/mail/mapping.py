@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from azora.mail.v1 import mail_pb2
+from typing import Any
 
-from services.core.errors import InvalidArgument
+from azora.mail.v1 import mail_pb2
+from google.protobuf import json_format, struct_pb2
+
+from services.core.errors import AzoraError, FieldViolation, InvalidArgument
 from services.core.protobuf import from_timestamp, to_timestamp
+from services.mail.batch import BatchMessage, BatchResult
 from services.mail.compose import AttachmentInput, SendInput
 from services.mail.manager import DeliveryHealth
 from services.mail.models import (
@@ -17,6 +21,9 @@ from services.mail.models import (
     Recipient,
     SmtpReply,
 )
+from services.mail.rendering import Rendered
+from services.mail.template_manager import TemplateDraft, TemplateUse
+from services.mail.templates import Template, TemplateVersion
 
 
 def status_to_proto(status: EmailStatus) -> mail_pb2.EmailStatus.ValueType:
@@ -136,6 +143,8 @@ def email_to_proto(email: Email) -> mail_pb2.Email:
         resent_from_id=email.resent_from_id,
         create_time=to_timestamp(email.created_at),
         update_time=to_timestamp(email.updated_at),
+        template_id=email.template_id,
+        template_version=email.template_version,
     )
 
 
@@ -177,4 +186,136 @@ def delivery_health_to_proto(health: DeliveryHealth) -> mail_pb2.DeliveryHealth:
             )
             for r in health.relays
         ],
+    )
+
+
+def _plain(value: Any) -> Any:
+    # Struct numbers are doubles: 3.0 means the integer 3 in a template ("{{ n }}" -> "3").
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain JSON-like data (integral numbers as ints)."""
+    plain = _plain(json_format.MessageToDict(value))
+    assert isinstance(plain, dict)
+    return plain
+
+
+def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    """Plain JSON-like data as a Struct."""
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
+
+
+def template_use_from_proto(request: mail_pb2.SendEmailRequest) -> TemplateUse | None:
+    """The send's template, if it names one.
+
+    Raises:
+        InvalidArgument: template_version or variables without template.
+    """
+    if not request.template:
+        stray = []
+        if request.template_version:
+            stray.append(FieldViolation("template_version", "only with template"))
+        if request.HasField("variables"):
+            stray.append(FieldViolation("variables", "only with template"))
+        if stray:
+            raise InvalidArgument(stray)
+        return None
+    return TemplateUse(
+        ref=request.template,
+        version=request.template_version,
+        variables=struct_to_dict(request.variables) if request.HasField("variables") else {},
+    )
+
+
+def batch_from_proto(request: mail_pb2.SendEmailBatchRequest) -> list[BatchMessage]:
+    """Each message of a batch as plain data, or the error that refused reading it."""
+    out: list[BatchMessage] = []
+    for message in request.messages:
+        try:
+            out.append((send_from_proto(message), template_use_from_proto(message)))
+        except AzoraError as exc:
+            out.append(exc)
+    return out
+
+
+def batch_result_to_proto(result: BatchResult) -> mail_pb2.BatchResult:
+    """One message's outcome as a proto."""
+    out = mail_pb2.BatchResult(index=result.index, id=result.email_id)
+    if result.status is not None:
+        out.status = status_to_proto(result.status)
+    if result.error is not None:
+        out.error.CopyFrom(
+            mail_pb2.BatchError(
+                code=result.error.code,
+                reason=result.error.reason,
+                message=result.error.message,
+                field_violations=[
+                    mail_pb2.FieldError(field=v.field, description=v.description)
+                    for v in result.error.violations
+                ],
+            )
+        )
+    return out
+
+
+def draft_from_proto(
+    request: mail_pb2.CreateTemplateRequest | mail_pb2.UpdateTemplateRequest,
+) -> TemplateDraft:
+    """A template draft as plain data."""
+    return TemplateDraft(
+        name=request.name,
+        subject=request.subject,
+        html=request.html,
+        text=request.text,
+        defaults=struct_to_dict(request.default_variables)
+        if request.HasField("default_variables")
+        else {},
+    )
+
+
+def template_to_proto(template: Template) -> mail_pb2.Template:
+    """A template as a proto."""
+    return mail_pb2.Template(
+        id=template.id,
+        name=template.name,
+        subject=template.subject,
+        html=template.html,
+        text=template.text,
+        default_variables=dict_to_struct(template.defaults),
+        published_version=template.published_version,
+        create_time=to_timestamp(template.created_at),
+        update_time=to_timestamp(template.updated_at),
+    )
+
+
+def version_to_proto(version: TemplateVersion) -> mail_pb2.TemplateVersion:
+    """A template version as a proto."""
+    return mail_pb2.TemplateVersion(
+        template_id=version.template_id,
+        version=version.version,
+        subject=version.subject,
+        html=version.html,
+        text=version.text,
+        default_variables=dict_to_struct(version.defaults),
+        create_time=to_timestamp(version.created_at),
+    )
+
+
+def rendered_to_proto(rendered: Rendered, version: int) -> mail_pb2.RenderedTemplate:
+    """A preview as a proto."""
+    return mail_pb2.RenderedTemplate(
+        subject=rendered.subject,
+        html=rendered.html,
+        text=rendered.text,
+        warnings=rendered.warnings,
+        version=version,
     )

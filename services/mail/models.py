@@ -147,6 +147,9 @@ class Email:
     # W3C trace context of the request that accepted the email, so delivery attempts made
     # later by a worker (any process) join the same trace.
     trace_context: dict[str, str] = field(default_factory=dict)
+    # The template (and its version) the content was rendered from; "" and 0 for none.
+    template_id: str = ""
+    template_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,6 +109,8 @@ _CLAIM_WINDOW_EXTRA = 32
 # expired leases followed in a row when reading who holds an email.
 _MAX_ROUNDS = 16
 CONTENT_BUCKET = "email_content"
+# Documents per insert command of `insert_many` (the services' write-batch cap).
+INSERT_CHUNK = MAX_BATCH_STATEMENTS
 # Statuses a worker takes once next_attempt_at has passed (for SENDING: the lease expired).
 CLAIMABLE = [
     EmailStatus.QUEUED.value,
@@ -172,6 +174,10 @@ class EmailRepository(Protocol):
 
     async def insert(self, *, email: Email) -> bool:
         """Store a new email (content included). False when its id already exists."""
+        ...
+
+    async def insert_many(self, *, emails: Sequence[Email]) -> list[bool]:
+        """Store new emails with a few commands (chunks); which went in (False: id taken)."""
         ...
 
     async def get(self, *, tenant_id: str, email_id: str, now: datetime | None = None) -> Email:
@@ -416,6 +422,8 @@ def _to_doc(email: Email) -> Document:
         "content": Binary(email.content) if email.content is not None else None,
         "content_file_id": email.content_file_id,
         "trace_context": dict(email.trace_context),
+        "template_id": email.template_id,
+        "template_version": email.template_version,
         "lease_token": "",
         "claims": 0,
     }
@@ -459,6 +467,8 @@ def _from_doc(doc: Document) -> Email:
         trace_context=dict(doc.get("trace_context") or {}),
         content=bytes(content) if content is not None else None,
         content_file_id=doc.get("content_file_id", ""),
+        template_id=doc.get("template_id", ""),
+        template_version=int(doc.get("template_version", 0)),
     )
 
 
@@ -664,6 +674,49 @@ class MongoEmailRepository:
         """
         claim = {"_id": _transition_id(doc, removal=removal), "created_at": now}
         return (await _insert_many_unique(self._claims, [claim]))[0]
+
+    async def insert_many(self, *, emails: Sequence[Email]) -> list[bool]:
+        """See `EmailRepository.insert_many`.
+
+        Written in chunks of `INSERT_CHUNK` documents per command (FerretDB 1.24 can hang on
+        a write command of 64 or more statements), queue entries before emails as `insert`
+        does; large content goes to GridFS first, one file per email.
+        """
+        stored: list[bool] = []
+        for start in range(0, len(emails), INSERT_CHUNK):
+            chunk = emails[start : start + INSERT_CHUNK]
+            items: list[tuple[Document | None, Document]] = []
+            files: list[ObjectId | None] = []
+            for email in chunk:
+                content = email.content or b""
+                file_id: ObjectId | None = None
+                if len(content) > self._inline_limit:
+                    file_id = await self._bucket.upload_from_stream(f"{email.id}.eml", content)
+                    email.content_file_id = str(file_id)
+                    email.content = None
+                files.append(file_id)
+                entry: Document | None = None
+                if email.status in UNFINISHED and email.next_attempt_at is not None:
+                    entry = {"_id": email.id, "due": email.next_attempt_at, "claims": 0}
+                    entry["created_at"] = email.created_at
+                items.append((entry, _to_doc(email)))
+            # Lookup keys before the emails, as `insert` does.
+            await self._write_keys([_key_docs(doc) for _, doc in items])
+            verdicts = await self._write_new(items)
+            for ok, file_id, email in zip(verdicts, files, chunk, strict=True):
+                if not ok and file_id is not None:
+                    await self._bucket.delete(file_id)
+                if ok:
+                    self.tallies.add(
+                        tenant_id=email.tenant_id,
+                        created_at=email.created_at,
+                        domain_id=email.domain_id,
+                        status=email.status.value,
+                        n=1,
+                    )
+            stored.extend(verdicts)
+        await self.tallies.flush()
+        return stored
 
     async def _write_new(self, batch: list[tuple[Document | None, Document]]) -> list[bool]:
         # Entries before emails, as for a single email: a crash in between leaves entries

@@ -13,6 +13,7 @@ from services.core.protobuf import from_timestamp
 from services.mail import mapping
 from services.mail.manager import MailManager
 from services.mail.raw_message import SubmitInput
+from services.mail.template_manager import TemplateManager
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -20,15 +21,18 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class MailServicer(mail_pb2_grpc.MailServiceServicer):
     """MailService over a `MailManager`."""
 
-    def __init__(self, manager: MailManager) -> None:
+    def __init__(self, manager: MailManager, templates: TemplateManager) -> None:
         self._manager = manager
+        self._templates = templates
 
     async def SendEmail(
         self, request: mail_pb2.SendEmailRequest, context: Context
     ) -> mail_pb2.Email:
         """See the proto."""
         email = await self._manager.send(
-            tenant_id=current_principal().tenant_id, request=mapping.send_from_proto(request)
+            tenant_id=current_principal().tenant_id,
+            request=mapping.send_from_proto(request),
+            template=mapping.template_use_from_proto(request),
         )
         return mapping.email_to_proto(email)
 
@@ -124,3 +128,106 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):
         return mail_pb2.CancelDomainEmailsResponse(
             cancelled_count=cancelled, in_delivery_count=in_delivery
         )
+
+    async def SendEmailBatch(
+        self, request: mail_pb2.SendEmailBatchRequest, context: Context
+    ) -> mail_pb2.SendEmailBatchResponse:
+        """See the proto."""
+        results = await self._manager.send_batch(
+            tenant_id=current_principal().tenant_id,
+            messages=mapping.batch_from_proto(request),
+            all_or_nothing=request.all_or_nothing,
+            idempotency_key=request.idempotency_key,
+        )
+        return mail_pb2.SendEmailBatchResponse(
+            results=[mapping.batch_result_to_proto(r) for r in results],
+            accepted_count=sum(1 for r in results if r.error is None),
+        )
+
+    async def CreateTemplate(
+        self, request: mail_pb2.CreateTemplateRequest, context: Context
+    ) -> mail_pb2.Template:
+        """See the proto."""
+        template = await self._templates.create(
+            tenant_id=current_principal().tenant_id, draft=mapping.draft_from_proto(request)
+        )
+        return mapping.template_to_proto(template)
+
+    async def ListTemplates(
+        self, request: mail_pb2.ListTemplatesRequest, context: Context
+    ) -> mail_pb2.ListTemplatesResponse:
+        """See the proto."""
+        page = await self._templates.list(
+            tenant_id=current_principal().tenant_id,
+            size=request.page_size,
+            page_token=request.page_token,
+        )
+        return mail_pb2.ListTemplatesResponse(
+            templates=[mapping.template_to_proto(t) for t in page.templates],
+            next_page_token=page.next_page_token,
+        )
+
+    async def GetTemplate(
+        self, request: mail_pb2.GetTemplateRequest, context: Context
+    ) -> mail_pb2.Template:
+        """See the proto."""
+        template = await self._templates.get(
+            tenant_id=current_principal().tenant_id, ref=request.id
+        )
+        return mapping.template_to_proto(template)
+
+    async def UpdateTemplate(
+        self, request: mail_pb2.UpdateTemplateRequest, context: Context
+    ) -> mail_pb2.Template:
+        """See the proto."""
+        template = await self._templates.update(
+            tenant_id=current_principal().tenant_id,
+            ref=request.id,
+            draft=mapping.draft_from_proto(request),
+        )
+        return mapping.template_to_proto(template)
+
+    async def DeleteTemplate(
+        self, request: mail_pb2.DeleteTemplateRequest, context: Context
+    ) -> empty_pb2.Empty:
+        """See the proto."""
+        await self._templates.delete(tenant_id=current_principal().tenant_id, ref=request.id)
+        return empty_pb2.Empty()
+
+    async def PublishTemplate(
+        self, request: mail_pb2.PublishTemplateRequest, context: Context
+    ) -> mail_pb2.TemplateVersion:
+        """See the proto."""
+        version = await self._templates.publish(
+            tenant_id=current_principal().tenant_id, ref=request.id
+        )
+        return mapping.version_to_proto(version)
+
+    async def ListTemplateVersions(
+        self, request: mail_pb2.ListTemplateVersionsRequest, context: Context
+    ) -> mail_pb2.ListTemplateVersionsResponse:
+        """See the proto."""
+        page = await self._templates.versions(
+            tenant_id=current_principal().tenant_id,
+            ref=request.id,
+            size=request.page_size,
+            page_token=request.page_token,
+        )
+        return mail_pb2.ListTemplateVersionsResponse(
+            versions=[mapping.version_to_proto(v) for v in page.versions],
+            next_page_token=page.next_page_token,
+        )
+
+    async def RenderTemplate(
+        self, request: mail_pb2.RenderTemplateRequest, context: Context
+    ) -> mail_pb2.RenderedTemplate:
+        """See the proto."""
+        preview = await self._templates.preview(
+            tenant_id=current_principal().tenant_id,
+            ref=request.id,
+            version=request.version,
+            variables=mapping.struct_to_dict(request.variables)
+            if request.HasField("variables")
+            else {},
+        )
+        return mapping.rendered_to_proto(preview.rendered, preview.version)

@@ -67,6 +67,7 @@ def test_every_output_only_request_field_has_a_case() -> None:
     assert output_only_request_fields() == {
         "UpdateDnsRecords:records.txt_strings",
         "SendEmail:attachments.size_bytes",
+        "SendEmailBatch:messages.attachments.size_bytes",
     }
 
 
@@ -125,6 +126,17 @@ async def test_attachment_size_is_measured_not_taken(
     stored = await database["emails"].find_one({"_id": sent.id})
     assert stored is not None
     assert [a.get("size") for a in stored["attachments"]] in ([1000], [None])
+    # The same through a batch: the message's forged size is not taken either.
+    batch = await stack_stubs.mail.SendEmailBatch(
+        mail_pb2.SendEmailBatchRequest(messages=[request]), metadata=tenant_a.metadata
+    )
+    [result] = batch.results
+    if result.error.code:
+        assert result.error.code == "INVALID_ARGUMENT"
+        return
+    stored = await database["emails"].find_one({"_id": result.id})
+    assert stored is not None
+    assert [a.get("size") for a in stored["attachments"]] == [1000]
 
 
 # --- REST bodies stuffed with output-only fields ---------------------------------------------

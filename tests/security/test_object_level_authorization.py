@@ -1,10 +1,11 @@
 """Object-level authorization (OWASP API1) on every rpc of the API, enumerated from the descriptor.
 
 Tenant A owns one of everything: a verified domain, its relay config, a DKIM key, SPF and DMARC
-records, a queued email and an API key. Tenant B, with every scope, aims each rpc at them: an
-object rpc answers NOT_FOUND exactly as for an id that does not exist (never PERMISSION_DENIED,
-which would confirm the object exists), a list never shows them, a create cannot borrow them,
-an internal rpc refuses B's user token and finds nothing for a service token minted for B.
+records, a queued email, an API key and a published template. Tenant B, with every scope, aims
+each rpc at them: an object rpc answers NOT_FOUND exactly as for an id that does not exist
+(never PERMISSION_DENIED, which would confirm the object exists), a list never shows them, a
+create cannot borrow them, an internal rpc refuses B's user token and finds nothing for a
+service token minted for B.
 After every case A's objects are unchanged.
 
 The rpcs come from gen/azora.binpb, so a new rpc without a case here fails this test. This is
@@ -63,6 +64,7 @@ class Victim:
     api_key_id: str
     api_key_secret: str
     relay_host: str
+    template: mail_pb2.Template
 
 
 @dataclass
@@ -129,6 +131,7 @@ def mentions_victim(message: Message | str | bytes, victim: Victim) -> list[str]
         "email id": victim.email_id,
         "api key id": victim.api_key_id,
         "relay host": victim.relay_host,
+        "template id": victim.template.id,
     }
     return [label for label, value in secrets.items() if value in text]
 
@@ -355,6 +358,87 @@ async def _email_object(a: Attack) -> None:
         await not_found_like_unknown(call, a.victim.email_id)
 
 
+@case(M + "SendEmailBatch")
+async def _send_email_batch(a: Attack) -> None:
+    # Neither A's domain nor A's template can be borrowed from a batch: each message gets the
+    # answer of something that does not exist for B.
+    answer = await a.stubs.mail.SendEmailBatch(
+        mail_pb2.SendEmailBatchRequest(
+            messages=[
+                mail_pb2.SendEmailRequest(
+                    from_address=f"ceo@{a.victim.domain.name}", to=["x@example.org"], text="hi"
+                ),
+                mail_pb2.SendEmailRequest(
+                    from_address=f"ceo@{a.victim.domain.name}",
+                    to=["x@example.org"],
+                    template=a.victim.template.id,
+                ),
+                mail_pb2.SendEmailRequest(
+                    from_address=f"ceo@{a.victim.domain.name}",
+                    to=["x@example.org"],
+                    template=a.victim.template.name,
+                ),
+            ]
+        ),
+        metadata=a.b,
+    )
+    assert answer.accepted_count == 0
+    assert [r.error.reason for r in answer.results] == [
+        "SENDER_DOMAIN_NOT_ACTIVE",
+        "TEMPLATE_NOT_FOUND",
+        "TEMPLATE_NOT_FOUND",
+    ]
+    for result in answer.results:
+        assert a.victim.tenant.id not in result.error.message
+    listed = await a.stubs.mail.ListEmails(mail_pb2.ListEmailsRequest(), metadata=a.b)
+    assert list(listed.emails) == []
+
+
+@case(M + "CreateTemplate", M + "ListTemplates")
+async def _template_create_list(a: Attack) -> None:
+    # Names are per tenant: B may use A's template name, which creates B's own template and
+    # leaves A's alone (checked by `intact`); B's list never shows A's.
+    listed = await a.stubs.mail.ListTemplates(mail_pb2.ListTemplatesRequest(), metadata=a.b)
+    assert list(listed.templates) == []
+    mine = await a.stubs.mail.CreateTemplate(
+        mail_pb2.CreateTemplateRequest(name=a.victim.template.name, subject="s", text="t"),
+        metadata=a.b,
+    )
+    assert mine.id != a.victim.template.id
+    listed = await a.stubs.mail.ListTemplates(mail_pb2.ListTemplatesRequest(), metadata=a.b)
+    assert [t.id for t in listed.templates] == [mine.id]
+    assert mentions_victim(listed, a.victim) == []
+
+
+@case(
+    M + "GetTemplate",
+    M + "UpdateTemplate",
+    M + "DeleteTemplate",
+    M + "PublishTemplate",
+    M + "ListTemplateVersions",
+    M + "RenderTemplate",
+)
+async def _template_object(a: Attack) -> None:
+    stub, b = a.stubs.mail, a.b
+    calls: list[Callable[[str], Awaitable[Any]]] = [
+        lambda i: stub.GetTemplate(mail_pb2.GetTemplateRequest(id=i), metadata=b),
+        lambda i: stub.UpdateTemplate(
+            mail_pb2.UpdateTemplateRequest(id=i, name="taken-over", subject="s", text="t"),
+            metadata=b,
+        ),
+        lambda i: stub.DeleteTemplate(mail_pb2.DeleteTemplateRequest(id=i), metadata=b),
+        lambda i: stub.PublishTemplate(mail_pb2.PublishTemplateRequest(id=i), metadata=b),
+        lambda i: stub.ListTemplateVersions(mail_pb2.ListTemplateVersionsRequest(id=i), metadata=b),
+        lambda i: stub.RenderTemplate(mail_pb2.RenderTemplateRequest(id=i, version=1), metadata=b),
+    ]
+    for call in calls:
+        await not_found_like_unknown(call, a.victim.template.id)
+        # By name, too: A's name means nothing in B's tenant.
+        by_name = await failure_of(call(a.victim.template.name))
+        assert by_name.code == grpc.StatusCode.NOT_FOUND
+        assert by_name.reason == "TEMPLATE_NOT_FOUND"
+
+
 @case(M + "GetDeliveryHealth")
 async def _delivery_health(a: Attack) -> None:
     # Internal and cross-tenant by design (the suite health report asks it): no user token,
@@ -476,7 +560,7 @@ async def _smtp_internal(a: Attack) -> None:
 async def victim(
     settings: Settings, stack_stubs: GrpcStubs, knot_server: KnotServer
 ) -> AsyncIterator[Victim]:
-    """Tenant A with a verified domain, relay, DKIM key, SPF, DMARC, an email and an API key."""
+    """Tenant A's domain (verified, relay, DKIM, SPF, DMARC), email, API key, template."""
     owner = new_tenant(settings)
     stubs, m = stack_stubs, owner.metadata
     name = unique_domain("isolation.test")
@@ -513,6 +597,14 @@ async def victim(
     api_key = await stubs.api_keys.CreateApiKey(
         api_keys_pb2.CreateApiKeyRequest(name="owner", scopes=["domains:read"]), metadata=m
     )
+    template = await stubs.mail.CreateTemplate(
+        mail_pb2.CreateTemplateRequest(
+            name=f"owner-{new_id()}", subject="Hi {{ name }}", text="Hello {{ name }}"
+        ),
+        metadata=m,
+    )
+    await stubs.mail.PublishTemplate(mail_pb2.PublishTemplateRequest(id=template.id), metadata=m)
+    template = await stubs.mail.GetTemplate(mail_pb2.GetTemplateRequest(id=template.id), metadata=m)
     yield Victim(
         tenant=owner,
         domain=verified.domain,
@@ -521,6 +613,7 @@ async def victim(
         api_key_id=api_key.api_key.id,
         api_key_secret=api_key.secret,
         relay_host=relay_host,
+        template=template,
     )
     knot_server.remove_zone(name)
 
@@ -550,6 +643,14 @@ async def intact(stubs: GrpcStubs, victim: Victim) -> None:
     listed = await stubs.api_keys.ListApiKeys(api_keys_pb2.ListApiKeysRequest(), metadata=m)
     (key,) = [k for k in listed.api_keys if k.id == victim.api_key_id]
     assert not key.HasField("revoke_time")
+    template = await stubs.mail.GetTemplate(
+        mail_pb2.GetTemplateRequest(id=victim.template.id), metadata=m
+    )
+    assert template == victim.template
+    versions = await stubs.mail.ListTemplateVersions(
+        mail_pb2.ListTemplateVersionsRequest(id=victim.template.id), metadata=m
+    )
+    assert [v.version for v in versions.versions] == [1]
 
 
 def test_every_rpc_has_a_case() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from azora.mail.v1 import mail_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -131,3 +132,33 @@ async def test_quota_over_rest(
     assert error["code"] == 8
     reasons = [d.get("reason") for d in error["details"]]
     assert "SENDING_QUOTA_EXCEEDED" in reasons
+
+
+# A batch counts each message: against the quota before it runs (a batch larger than what is
+# left is refused whole), and afterwards only the messages it accepted are used up.
+async def test_batch_counts_each_message(limited: LimitedServices, settings: Settings) -> None:
+    mail = await _mail(limited, AZORA_QUOTA_EMAILS_PER_HOUR="4")
+    tenant = new_tenant(settings)
+    domain = mail.add_domain(tenant)
+
+    def batch(*to: list[str]) -> Any:
+        return mail.stub.SendEmailBatch(
+            mail_pb2.SendEmailBatchRequest(
+                messages=[
+                    mail_pb2.SendEmailRequest(from_address=f"s@{domain}", to=t, text="t")
+                    for t in to
+                ]
+            ),
+            metadata=tenant.metadata,
+        )
+
+    answer = await batch(["a@example.org"], ["not an address"])
+    assert answer.accepted_count == 1
+    answer = await batch(["a@example.org"], ["b@example.org"])
+    assert answer.accepted_count == 2
+    code, details = await _refused(batch(["a@example.org"], ["b@example.org"]))
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details["ErrorInfo"].reason == "SENDING_QUOTA_EXCEEDED"
+    await mail.send(tenant, domain)  # the fourth email still fits
+    code, _ = await _refused(mail.send(tenant, domain))
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED

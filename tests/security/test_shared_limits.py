@@ -205,6 +205,7 @@ def _production(**env: str) -> Settings:
             "AZORA_ENV": "production",
             "JWT_SECRET": secrets.token_urlsafe(32),
             "AZORA_SECRETS_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+            "AZORA_SERVICE_TOKEN_SECRET": secrets.token_urlsafe(32),
             **env,
         }
     )

@@ -150,6 +150,22 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: only a scheduled, queued or deferred email can be rescheduled."""
     EMAIL_NOT_RESENDABLE: _ErrorReason.ValueType  # 44
     """FAILED_PRECONDITION: only a failed, bounced or partially sent email can be resent."""
+    TEMPLATE_NOT_FOUND: _ErrorReason.ValueType  # 120
+    """--- Email templates.
+
+    NOT_FOUND: no template with this id or name in the tenant.
+    """
+    TEMPLATE_ALREADY_EXISTS: _ErrorReason.ValueType  # 121
+    """ALREADY_EXISTS: another template of the tenant has this name."""
+    TEMPLATE_VERSION_NOT_FOUND: _ErrorReason.ValueType  # 122
+    """NOT_FOUND: the template has no version with this number."""
+    TEMPLATE_NOT_PUBLISHED: _ErrorReason.ValueType  # 123
+    """FAILED_PRECONDITION: the template has never been published, and no version was asked for."""
+    TEMPLATE_RENDER_FAILED: _ErrorReason.ValueType  # 124
+    """INVALID_ARGUMENT: rendering failed: unsafe access refused by the sandbox, output too
+    large, took too long, or an error inside the template (field "template", or "id" for a
+    preview).
+    """
     DOMAIN_SERVICE_UNAVAILABLE: _ErrorReason.ValueType  # 45
     """--- Other Azora services (UNAVAILABLE, retry).
 
@@ -398,6 +414,22 @@ EMAIL_NOT_RESCHEDULABLE: ErrorReason.ValueType  # 43
 """FAILED_PRECONDITION: only a scheduled, queued or deferred email can be rescheduled."""
 EMAIL_NOT_RESENDABLE: ErrorReason.ValueType  # 44
 """FAILED_PRECONDITION: only a failed, bounced or partially sent email can be resent."""
+TEMPLATE_NOT_FOUND: ErrorReason.ValueType  # 120
+"""--- Email templates.
+
+NOT_FOUND: no template with this id or name in the tenant.
+"""
+TEMPLATE_ALREADY_EXISTS: ErrorReason.ValueType  # 121
+"""ALREADY_EXISTS: another template of the tenant has this name."""
+TEMPLATE_VERSION_NOT_FOUND: ErrorReason.ValueType  # 122
+"""NOT_FOUND: the template has no version with this number."""
+TEMPLATE_NOT_PUBLISHED: ErrorReason.ValueType  # 123
+"""FAILED_PRECONDITION: the template has never been published, and no version was asked for."""
+TEMPLATE_RENDER_FAILED: ErrorReason.ValueType  # 124
+"""INVALID_ARGUMENT: rendering failed: unsafe access refused by the sandbox, output too
+large, took too long, or an error inside the template (field "template", or "id" for a
+preview).
+"""
 DOMAIN_SERVICE_UNAVAILABLE: ErrorReason.ValueType  # 45
 """--- Other Azora services (UNAVAILABLE, retry).
 

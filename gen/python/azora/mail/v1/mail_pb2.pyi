@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -304,6 +305,9 @@ class SendEmailRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     SEND_AT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
     from_address: _builtins.str
     """Sender, e.g. "Team <noreply@yourdomain.com>"; its domain must be active for the tenant."""
     subject: _builtins.str
@@ -314,6 +318,10 @@ class SendEmailRequest(_message.Message):
     """HTML body (multipart/alternative with text when both are given)."""
     idempotency_key: _builtins.str
     """Same key + same request within 24 hours returns the first result."""
+    template: _builtins.str
+    """Template to render (its id or name) instead of giving subject, text and html."""
+    template_version: _builtins.int
+    """Version of the template to render; 0 (default) is the published one."""
     @_builtins.property
     def to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """To recipients."""
@@ -350,6 +358,10 @@ class SendEmailRequest(_message.Message):
     def send_at(self) -> _timestamp_pb2.Timestamp:
         """Deliver at this time instead of now."""
 
+    @_builtins.property
+    def variables(self) -> _struct_pb2.Struct:
+        """Variables of the template (JSON values: strings, numbers, booleans, lists, objects)."""
+
     def __init__(
         self,
         *,
@@ -367,10 +379,13 @@ class SendEmailRequest(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         send_at: _timestamp_pb2.Timestamp | None = ...,
         idempotency_key: _builtins.str = ...,
+        template: _builtins.str = ...,
+        template_version: _builtins.int = ...,
+        variables: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["send_at", b"send_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["send_at", b"send_at", "variables", b"variables"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "cc", b"cc", "from_address", b"from_address", "headers", b"headers", "html", b"html", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "reply_to", b"reply_to", "send_at", b"send_at", "subject", b"subject", "tags", b"tags", "text", b"text", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "cc", b"cc", "from_address", b"from_address", "headers", b"headers", "html", b"html", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "reply_to", b"reply_to", "send_at", b"send_at", "subject", b"subject", "tags", b"tags", "template", b"template", "template_version", b"template_version", "text", b"text", "to", b"to", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -541,6 +556,8 @@ class Email(_message.Message):
     RESENT_FROM_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Opaque identifier."""
     domain_id: _builtins.str
@@ -559,6 +576,10 @@ class Email(_message.Message):
     """Size of the built message in bytes."""
     resent_from_id: _builtins.str
     """The email this one re-sends, if any."""
+    template_id: _builtins.str
+    """The template the content was rendered from, if any."""
+    template_version: _builtins.int
+    """The version of that template."""
     @_builtins.property
     def to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """To recipients."""
@@ -631,10 +652,12 @@ class Email(_message.Message):
         resent_from_id: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        template_id: _builtins.str = ...,
+        template_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "next_attempt_time", b"next_attempt_time", "send_at", b"send_at", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "attempts", b"attempts", "bcc", b"bcc", "cc", b"cc", "create_time", b"create_time", "domain_id", b"domain_id", "events", b"events", "from_address", b"from_address", "id", b"id", "message_id", b"message_id", "metadata", b"metadata", "next_attempt_time", b"next_attempt_time", "recipients", b"recipients", "resent_from_id", b"resent_from_id", "send_at", b"send_at", "size_bytes", b"size_bytes", "status", b"status", "subject", b"subject", "tags", b"tags", "to", b"to", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "attempts", b"attempts", "bcc", b"bcc", "cc", b"cc", "create_time", b"create_time", "domain_id", b"domain_id", "events", b"events", "from_address", b"from_address", "id", b"id", "message_id", b"message_id", "metadata", b"metadata", "next_attempt_time", b"next_attempt_time", "recipients", b"recipients", "resent_from_id", b"resent_from_id", "send_at", b"send_at", "size_bytes", b"size_bytes", "status", b"status", "subject", b"subject", "tags", b"tags", "template_id", b"template_id", "template_version", b"template_version", "to", b"to", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1134,3 +1157,617 @@ class CancelDomainEmailsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelDomainEmailsResponse: _TypeAlias = CancelDomainEmailsResponse  # noqa: Y015
+
+@_typing.final
+class SendEmailBatchRequest(_message.Message):
+    """SendEmailBatchRequest is up to 500 emails sent in one call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    ALL_OR_NOTHING_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    all_or_nothing: _builtins.bool
+    """Refuse the whole batch, storing nothing, when any message is invalid."""
+    idempotency_key: _builtins.str
+    """Same key + same batch within 24 hours returns the first answer (same ids)."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___SendEmailRequest]:
+        """The emails, each a complete send request (templates allowed); at most 500. A message's own
+        idempotency_key is refused: the batch's key covers every message.
+        """
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___SendEmailRequest] | None = ...,
+        all_or_nothing: _builtins.bool = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_or_nothing", b"all_or_nothing", "idempotency_key", b"idempotency_key", "messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendEmailBatchRequest: _TypeAlias = SendEmailBatchRequest  # noqa: Y015
+
+@_typing.final
+class SendEmailBatchResponse(_message.Message):
+    """SendEmailBatchResponse answers for each message of a batch, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
+    accepted_count: _builtins.int
+    """How many messages were accepted."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchResult]:
+        """One result per message, in the order of the request."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___BatchResult] | None = ...,
+        accepted_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendEmailBatchResponse: _TypeAlias = SendEmailBatchResponse  # noqa: Y015
+
+@_typing.final
+class BatchResult(_message.Message):
+    """BatchResult is the outcome of one message of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Position of the message in the request."""
+    id: _builtins.str
+    """The accepted email's id (empty when refused)."""
+    status: Global___EmailStatus.ValueType
+    """QUEUED or SCHEDULED when accepted; UNSPECIFIED when refused."""
+    @_builtins.property
+    def error(self) -> Global___BatchError:
+        """Why the message was refused (unset when accepted)."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        id: _builtins.str = ...,
+        status: Global___EmailStatus.ValueType = ...,
+        error: Global___BatchError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "index", b"index", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchResult: _TypeAlias = BatchResult  # noqa: Y015
+
+@_typing.final
+class BatchError(_message.Message):
+    """BatchError is why one message of a batch was refused."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    FIELD_VIOLATIONS_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """The gRPC status code name a single SendEmail would have answered, e.g.
+    "INVALID_ARGUMENT" or "FAILED_PRECONDITION".
+    """
+    reason: _builtins.str
+    """The azora.errors.v1.ErrorReason, e.g. "SENDER_DOMAIN_NOT_ACTIVE"."""
+    message: _builtins.str
+    """Human-readable message."""
+    @_builtins.property
+    def field_violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldError]:
+        """The fields at fault, with their path in the batch request ("messages[3].to[0]")."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        field_violations: _abc.Iterable[Global___FieldError] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field_violations", b"field_violations", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchError: _TypeAlias = BatchError  # noqa: Y015
+
+@_typing.final
+class FieldError(_message.Message):
+    """FieldError is one field of a batch message at fault."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """Path of the field in the batch request, e.g. "messages[3].to[0]"."""
+    description: _builtins.str
+    """What is wrong with it."""
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "field", b"field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldError: _TypeAlias = FieldError  # noqa: Y015
+
+@_typing.final
+class Template(_message.Message):
+    """Template is a named email template of a tenant: a draft that edits change, and the number
+    of the version that sends use by default.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    HTML_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    DEFAULT_VARIABLES_FIELD_NUMBER: _builtins.int
+    PUBLISHED_VERSION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Opaque identifier."""
+    name: _builtins.str
+    """Name, unique in the tenant (case-insensitive): letters, digits, '.', '_' and '-', at most
+    100 characters, starting with a letter or digit.
+    """
+    subject: _builtins.str
+    """Subject template (Jinja syntax, no autoescaping)."""
+    html: _builtins.str
+    """HTML body template (Jinja syntax, HTML-autoescaped variables)."""
+    text: _builtins.str
+    """Plain-text body template (Jinja syntax, no autoescaping); generated from the HTML when
+    empty.
+    """
+    published_version: _builtins.int
+    """The published version (what sends use by default); 0 until the first publish."""
+    @_builtins.property
+    def default_variables(self) -> _struct_pb2.Struct:
+        """Values of variables that a send or render does not give."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the template was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When its draft last changed."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        html: _builtins.str = ...,
+        text: _builtins.str = ...,
+        default_variables: _struct_pb2.Struct | None = ...,
+        published_version: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_variables", b"default_variables", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_variables", b"default_variables", "html", b"html", "id", b"id", "name", b"name", "published_version", b"published_version", "subject", b"subject", "text", b"text", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Template: _TypeAlias = Template  # noqa: Y015
+
+@_typing.final
+class TemplateVersion(_message.Message):
+    """TemplateVersion is a frozen copy of a template's draft, numbered from 1."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    HTML_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    DEFAULT_VARIABLES_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    template_id: _builtins.str
+    """The template's id."""
+    version: _builtins.int
+    """Version number."""
+    subject: _builtins.str
+    """Subject template."""
+    html: _builtins.str
+    """HTML body template."""
+    text: _builtins.str
+    """Plain-text body template."""
+    @_builtins.property
+    def default_variables(self) -> _struct_pb2.Struct:
+        """Default variables."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was published."""
+
+    def __init__(
+        self,
+        *,
+        template_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        subject: _builtins.str = ...,
+        html: _builtins.str = ...,
+        text: _builtins.str = ...,
+        default_variables: _struct_pb2.Struct | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_variables", b"default_variables"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_variables", b"default_variables", "html", b"html", "subject", b"subject", "template_id", b"template_id", "text", b"text", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TemplateVersion: _TypeAlias = TemplateVersion  # noqa: Y015
+
+@_typing.final
+class CreateTemplateRequest(_message.Message):
+    """CreateTemplateRequest is a new template's draft."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    HTML_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    DEFAULT_VARIABLES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name, unique in the tenant."""
+    subject: _builtins.str
+    """Subject template."""
+    html: _builtins.str
+    """HTML body template (html, text or both)."""
+    text: _builtins.str
+    """Plain-text body template."""
+    @_builtins.property
+    def default_variables(self) -> _struct_pb2.Struct:
+        """Default variables."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        html: _builtins.str = ...,
+        text: _builtins.str = ...,
+        default_variables: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_variables", b"default_variables"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_variables", b"default_variables", "html", b"html", "name", b"name", "subject", b"subject", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTemplateRequest: _TypeAlias = CreateTemplateRequest  # noqa: Y015
+
+@_typing.final
+class ListTemplatesRequest(_message.Message):
+    """ListTemplatesRequest pages the tenant's templates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum templates per page (default 50, at most 200)."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTemplatesRequest: _TypeAlias = ListTemplatesRequest  # noqa: Y015
+
+@_typing.final
+class ListTemplatesResponse(_message.Message):
+    """ListTemplatesResponse is one page of templates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def templates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Template]:
+        """Templates on this page."""
+
+    def __init__(
+        self,
+        *,
+        templates: _abc.Iterable[Global___Template] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "templates", b"templates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTemplatesResponse: _TypeAlias = ListTemplatesResponse  # noqa: Y015
+
+@_typing.final
+class GetTemplateRequest(_message.Message):
+    """GetTemplateRequest names a template."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The template's id or name."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTemplateRequest: _TypeAlias = GetTemplateRequest  # noqa: Y015
+
+@_typing.final
+class UpdateTemplateRequest(_message.Message):
+    """UpdateTemplateRequest replaces a template's draft."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    HTML_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    DEFAULT_VARIABLES_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The template's id or name."""
+    name: _builtins.str
+    """Name, unique in the tenant."""
+    subject: _builtins.str
+    """Subject template."""
+    html: _builtins.str
+    """HTML body template (html, text or both)."""
+    text: _builtins.str
+    """Plain-text body template."""
+    @_builtins.property
+    def default_variables(self) -> _struct_pb2.Struct:
+        """Default variables."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        html: _builtins.str = ...,
+        text: _builtins.str = ...,
+        default_variables: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_variables", b"default_variables"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_variables", b"default_variables", "html", b"html", "id", b"id", "name", b"name", "subject", b"subject", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTemplateRequest: _TypeAlias = UpdateTemplateRequest  # noqa: Y015
+
+@_typing.final
+class DeleteTemplateRequest(_message.Message):
+    """DeleteTemplateRequest names the template to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The template's id or name."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteTemplateRequest: _TypeAlias = DeleteTemplateRequest  # noqa: Y015
+
+@_typing.final
+class PublishTemplateRequest(_message.Message):
+    """PublishTemplateRequest names the template whose draft to publish."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The template's id or name."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishTemplateRequest: _TypeAlias = PublishTemplateRequest  # noqa: Y015
+
+@_typing.final
+class ListTemplateVersionsRequest(_message.Message):
+    """ListTemplateVersionsRequest pages a template's versions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The template's id or name."""
+    page_size: _builtins.int
+    """Maximum versions per page (default 50, at most 200)."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTemplateVersionsRequest: _TypeAlias = ListTemplateVersionsRequest  # noqa: Y015
+
+@_typing.final
+class ListTemplateVersionsResponse(_message.Message):
+    """ListTemplateVersionsResponse is one page of versions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TemplateVersion]:
+        """Versions on this page, newest first."""
+
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[Global___TemplateVersion] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTemplateVersionsResponse: _TypeAlias = ListTemplateVersionsResponse  # noqa: Y015
+
+@_typing.final
+class RenderTemplateRequest(_message.Message):
+    """RenderTemplateRequest asks for a preview."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The template's id or name."""
+    version: _builtins.int
+    """Version to render; 0 (default) renders the draft."""
+    @_builtins.property
+    def variables(self) -> _struct_pb2.Struct:
+        """Sample variables."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        variables: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["variables", b"variables"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "variables", b"variables", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenderTemplateRequest: _TypeAlias = RenderTemplateRequest  # noqa: Y015
+
+@_typing.final
+class RenderedTemplate(_message.Message):
+    """RenderedTemplate is a template rendered with variables: what a send would deliver."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    HTML_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    """Rendered subject."""
+    html: _builtins.str
+    """Rendered HTML with CSS inlined (empty when the template has no HTML)."""
+    text: _builtins.str
+    """Rendered text, or text generated from the HTML when the template has none."""
+    version: _builtins.int
+    """The version rendered; 0 for the draft."""
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Things worth knowing that did not stop rendering (unused variables, defaults used, text
+        generated from the HTML).
+        """
+
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+        html: _builtins.str = ...,
+        text: _builtins.str = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["html", b"html", "subject", b"subject", "text", b"text", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenderedTemplate: _TypeAlias = RenderedTemplate  # noqa: Y015

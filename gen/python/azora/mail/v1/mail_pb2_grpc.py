@@ -88,6 +88,51 @@ class MailServiceStub:
                 request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.CancelDomainEmailsRequest.SerializeToString,
                 response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.CancelDomainEmailsResponse.FromString,
                 _registered_method=True)
+        self.SendEmailBatch = channel.unary_unary(
+                '/azora.mail.v1.MailService/SendEmailBatch',
+                request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.SendEmailBatchRequest.SerializeToString,
+                response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.SendEmailBatchResponse.FromString,
+                _registered_method=True)
+        self.CreateTemplate = channel.unary_unary(
+                '/azora.mail.v1.MailService/CreateTemplate',
+                request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.CreateTemplateRequest.SerializeToString,
+                response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.Template.FromString,
+                _registered_method=True)
+        self.ListTemplates = channel.unary_unary(
+                '/azora.mail.v1.MailService/ListTemplates',
+                request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.ListTemplatesRequest.SerializeToString,
+                response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.ListTemplatesResponse.FromString,
+                _registered_method=True)
+        self.GetTemplate = channel.unary_unary(
+                '/azora.mail.v1.MailService/GetTemplate',
+                request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.GetTemplateRequest.SerializeToString,
+                response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.Template.FromString,
+                _registered_method=True)
+        self.UpdateTemplate = channel.unary_unary(
+                '/azora.mail.v1.MailService/UpdateTemplate',
+                request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.UpdateTemplateRequest.SerializeToString,
+                response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.Template.FromString,
+                _registered_method=True)
+        self.DeleteTemplate = channel.unary_unary(
+                '/azora.mail.v1.MailService/DeleteTemplate',
+                request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.DeleteTemplateRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.PublishTemplate = channel.unary_unary(
+                '/azora.mail.v1.MailService/PublishTemplate',
+                request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.PublishTemplateRequest.SerializeToString,
+                response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.TemplateVersion.FromString,
+                _registered_method=True)
+        self.ListTemplateVersions = channel.unary_unary(
+                '/azora.mail.v1.MailService/ListTemplateVersions',
+                request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.ListTemplateVersionsRequest.SerializeToString,
+                response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.ListTemplateVersionsResponse.FromString,
+                _registered_method=True)
+        self.RenderTemplate = channel.unary_unary(
+                '/azora.mail.v1.MailService/RenderTemplate',
+                request_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.RenderTemplateRequest.SerializeToString,
+                response_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.RenderedTemplate.FromString,
+                _registered_method=True)
 
 
 class MailServiceServicer:
@@ -199,6 +244,92 @@ class MailServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendEmailBatch(self, request, context):
+        """Accepts up to 500 emails in one call and answers for each, in order: its id and status,
+        or its error with field paths such as "messages[3].to[0]". Valid messages are accepted
+        even when others are not, unless all_or_nothing is set (then any invalid message refuses
+        the whole batch and nothing is stored). One idempotency key covers the whole batch.
+        Rate limits and sending quotas count every message.
+        Errors: INVALID_ARGUMENT (no messages, more than 500, or with all_or_nothing every invalid
+        message's fields), IDEMPOTENCY_KEY_ALREADY_EXISTS, SEND_RATE_LIMIT_EXCEEDED,
+        SENDING_QUOTA_EXCEEDED, DOMAIN_SERVICE_UNAVAILABLE, SMTP_SERVICE_UNAVAILABLE; per message
+        the errors of SendEmail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateTemplate(self, request, context):
+        """Creates a template: its draft is what the request holds; nothing is sendable until the
+        first publish.
+        Errors: INVALID_ARGUMENT (field named; template syntax errors name the part and line),
+        TEMPLATE_ALREADY_EXISTS (the name is taken in this tenant).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTemplates(self, request, context):
+        """Lists the tenant's templates, newest first.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTemplate(self, request, context):
+        """Returns a template (its draft and which version is published), by id or name.
+        Errors: TEMPLATE_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTemplate(self, request, context):
+        """Replaces a template's draft (name, subject, bodies, default variables); published
+        versions do not change.
+        Errors: INVALID_ARGUMENT, TEMPLATE_NOT_FOUND, TEMPLATE_ALREADY_EXISTS (new name taken).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTemplate(self, request, context):
+        """Deletes a template and its versions; emails already sent with it keep their content.
+        Errors: TEMPLATE_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishTemplate(self, request, context):
+        """Freezes the current draft as the next numbered version and makes it the published one.
+        Errors: TEMPLATE_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTemplateVersions(self, request, context):
+        """Lists a template's published versions, newest first.
+        Errors: TEMPLATE_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenderTemplate(self, request, context):
+        """Renders the draft (or a version) with sample variables, exactly as a send would, without
+        sending: subject, HTML (CSS inlined), text (generated from the HTML when the template has
+        none) and warnings.
+        Errors: INVALID_ARGUMENT (a missing variable is named "variables.<name>"),
+        TEMPLATE_RENDER_FAILED (unsafe access, too long, too large, or an error in the template),
+        TEMPLATE_NOT_FOUND, TEMPLATE_VERSION_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MailServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -251,6 +382,51 @@ def add_MailServiceServicer_to_server(servicer, server):
                     servicer.CancelDomainEmails,
                     request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.CancelDomainEmailsRequest.FromString,
                     response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.CancelDomainEmailsResponse.SerializeToString,
+            ),
+            'SendEmailBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendEmailBatch,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.SendEmailBatchRequest.FromString,
+                    response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.SendEmailBatchResponse.SerializeToString,
+            ),
+            'CreateTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTemplate,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.CreateTemplateRequest.FromString,
+                    response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.Template.SerializeToString,
+            ),
+            'ListTemplates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTemplates,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.ListTemplatesRequest.FromString,
+                    response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.ListTemplatesResponse.SerializeToString,
+            ),
+            'GetTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTemplate,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.GetTemplateRequest.FromString,
+                    response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.Template.SerializeToString,
+            ),
+            'UpdateTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTemplate,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.UpdateTemplateRequest.FromString,
+                    response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.Template.SerializeToString,
+            ),
+            'DeleteTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTemplate,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.DeleteTemplateRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'PublishTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishTemplate,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.PublishTemplateRequest.FromString,
+                    response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.TemplateVersion.SerializeToString,
+            ),
+            'ListTemplateVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTemplateVersions,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.ListTemplateVersionsRequest.FromString,
+                    response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.ListTemplateVersionsResponse.SerializeToString,
+            ),
+            'RenderTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenderTemplate,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_mail__pb2.RenderTemplateRequest.FromString,
+                    response_serializer=azora_dot_mail_dot_v1_dot_mail__pb2.RenderedTemplate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -526,6 +702,249 @@ class MailService:
             '/azora.mail.v1.MailService/CancelDomainEmails',
             azora_dot_mail_dot_v1_dot_mail__pb2.CancelDomainEmailsRequest.SerializeToString,
             azora_dot_mail_dot_v1_dot_mail__pb2.CancelDomainEmailsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendEmailBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.MailService/SendEmailBatch',
+            azora_dot_mail_dot_v1_dot_mail__pb2.SendEmailBatchRequest.SerializeToString,
+            azora_dot_mail_dot_v1_dot_mail__pb2.SendEmailBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.MailService/CreateTemplate',
+            azora_dot_mail_dot_v1_dot_mail__pb2.CreateTemplateRequest.SerializeToString,
+            azora_dot_mail_dot_v1_dot_mail__pb2.Template.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTemplates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.MailService/ListTemplates',
+            azora_dot_mail_dot_v1_dot_mail__pb2.ListTemplatesRequest.SerializeToString,
+            azora_dot_mail_dot_v1_dot_mail__pb2.ListTemplatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.MailService/GetTemplate',
+            azora_dot_mail_dot_v1_dot_mail__pb2.GetTemplateRequest.SerializeToString,
+            azora_dot_mail_dot_v1_dot_mail__pb2.Template.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.MailService/UpdateTemplate',
+            azora_dot_mail_dot_v1_dot_mail__pb2.UpdateTemplateRequest.SerializeToString,
+            azora_dot_mail_dot_v1_dot_mail__pb2.Template.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.MailService/DeleteTemplate',
+            azora_dot_mail_dot_v1_dot_mail__pb2.DeleteTemplateRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.MailService/PublishTemplate',
+            azora_dot_mail_dot_v1_dot_mail__pb2.PublishTemplateRequest.SerializeToString,
+            azora_dot_mail_dot_v1_dot_mail__pb2.TemplateVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTemplateVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.MailService/ListTemplateVersions',
+            azora_dot_mail_dot_v1_dot_mail__pb2.ListTemplateVersionsRequest.SerializeToString,
+            azora_dot_mail_dot_v1_dot_mail__pb2.ListTemplateVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenderTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.MailService/RenderTemplate',
+            azora_dot_mail_dot_v1_dot_mail__pb2.RenderTemplateRequest.SerializeToString,
+            azora_dot_mail_dot_v1_dot_mail__pb2.RenderedTemplate.FromString,
             options,
             channel_credentials,
             insecure,

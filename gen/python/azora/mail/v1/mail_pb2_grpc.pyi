@@ -100,6 +100,56 @@ class MailServiceStub:
     after a domain is deleted. Internal: never exposed through the gateway.
     Errors: INVALID_ARGUMENT (domain_id), PERMISSION_DENIED (not a service principal).
     """
+    SendEmailBatch: _grpc.UnaryUnaryMultiCallable[_mail_pb2.SendEmailBatchRequest, _mail_pb2.SendEmailBatchResponse]
+    """Accepts up to 500 emails in one call and answers for each, in order: its id and status,
+    or its error with field paths such as "messages[3].to[0]". Valid messages are accepted
+    even when others are not, unless all_or_nothing is set (then any invalid message refuses
+    the whole batch and nothing is stored). One idempotency key covers the whole batch.
+    Rate limits and sending quotas count every message.
+    Errors: INVALID_ARGUMENT (no messages, more than 500, or with all_or_nothing every invalid
+    message's fields), IDEMPOTENCY_KEY_ALREADY_EXISTS, SEND_RATE_LIMIT_EXCEEDED,
+    SENDING_QUOTA_EXCEEDED, DOMAIN_SERVICE_UNAVAILABLE, SMTP_SERVICE_UNAVAILABLE; per message
+    the errors of SendEmail.
+    """
+    CreateTemplate: _grpc.UnaryUnaryMultiCallable[_mail_pb2.CreateTemplateRequest, _mail_pb2.Template]
+    """Creates a template: its draft is what the request holds; nothing is sendable until the
+    first publish.
+    Errors: INVALID_ARGUMENT (field named; template syntax errors name the part and line),
+    TEMPLATE_ALREADY_EXISTS (the name is taken in this tenant).
+    """
+    ListTemplates: _grpc.UnaryUnaryMultiCallable[_mail_pb2.ListTemplatesRequest, _mail_pb2.ListTemplatesResponse]
+    """Lists the tenant's templates, newest first.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
+    GetTemplate: _grpc.UnaryUnaryMultiCallable[_mail_pb2.GetTemplateRequest, _mail_pb2.Template]
+    """Returns a template (its draft and which version is published), by id or name.
+    Errors: TEMPLATE_NOT_FOUND.
+    """
+    UpdateTemplate: _grpc.UnaryUnaryMultiCallable[_mail_pb2.UpdateTemplateRequest, _mail_pb2.Template]
+    """Replaces a template's draft (name, subject, bodies, default variables); published
+    versions do not change.
+    Errors: INVALID_ARGUMENT, TEMPLATE_NOT_FOUND, TEMPLATE_ALREADY_EXISTS (new name taken).
+    """
+    DeleteTemplate: _grpc.UnaryUnaryMultiCallable[_mail_pb2.DeleteTemplateRequest, _empty_pb2.Empty]
+    """Deletes a template and its versions; emails already sent with it keep their content.
+    Errors: TEMPLATE_NOT_FOUND.
+    """
+    PublishTemplate: _grpc.UnaryUnaryMultiCallable[_mail_pb2.PublishTemplateRequest, _mail_pb2.TemplateVersion]
+    """Freezes the current draft as the next numbered version and makes it the published one.
+    Errors: TEMPLATE_NOT_FOUND.
+    """
+    ListTemplateVersions: _grpc.UnaryUnaryMultiCallable[_mail_pb2.ListTemplateVersionsRequest, _mail_pb2.ListTemplateVersionsResponse]
+    """Lists a template's published versions, newest first.
+    Errors: TEMPLATE_NOT_FOUND.
+    """
+    RenderTemplate: _grpc.UnaryUnaryMultiCallable[_mail_pb2.RenderTemplateRequest, _mail_pb2.RenderedTemplate]
+    """Renders the draft (or a version) with sample variables, exactly as a send would, without
+    sending: subject, HTML (CSS inlined), text (generated from the HTML when the template has
+    none) and warnings.
+    Errors: INVALID_ARGUMENT (a missing variable is named "variables.<name>"),
+    TEMPLATE_RENDER_FAILED (unsafe access, too long, too large, or an error in the template),
+    TEMPLATE_NOT_FOUND, TEMPLATE_VERSION_NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class MailServiceAsyncStub(MailServiceStub):
@@ -171,6 +221,56 @@ class MailServiceAsyncStub(MailServiceStub):
     that attempt (`in_delivery_count`). Called by the domain service
     after a domain is deleted. Internal: never exposed through the gateway.
     Errors: INVALID_ARGUMENT (domain_id), PERMISSION_DENIED (not a service principal).
+    """
+    SendEmailBatch: _aio.UnaryUnaryMultiCallable[_mail_pb2.SendEmailBatchRequest, _mail_pb2.SendEmailBatchResponse]  # type: ignore[assignment]
+    """Accepts up to 500 emails in one call and answers for each, in order: its id and status,
+    or its error with field paths such as "messages[3].to[0]". Valid messages are accepted
+    even when others are not, unless all_or_nothing is set (then any invalid message refuses
+    the whole batch and nothing is stored). One idempotency key covers the whole batch.
+    Rate limits and sending quotas count every message.
+    Errors: INVALID_ARGUMENT (no messages, more than 500, or with all_or_nothing every invalid
+    message's fields), IDEMPOTENCY_KEY_ALREADY_EXISTS, SEND_RATE_LIMIT_EXCEEDED,
+    SENDING_QUOTA_EXCEEDED, DOMAIN_SERVICE_UNAVAILABLE, SMTP_SERVICE_UNAVAILABLE; per message
+    the errors of SendEmail.
+    """
+    CreateTemplate: _aio.UnaryUnaryMultiCallable[_mail_pb2.CreateTemplateRequest, _mail_pb2.Template]  # type: ignore[assignment]
+    """Creates a template: its draft is what the request holds; nothing is sendable until the
+    first publish.
+    Errors: INVALID_ARGUMENT (field named; template syntax errors name the part and line),
+    TEMPLATE_ALREADY_EXISTS (the name is taken in this tenant).
+    """
+    ListTemplates: _aio.UnaryUnaryMultiCallable[_mail_pb2.ListTemplatesRequest, _mail_pb2.ListTemplatesResponse]  # type: ignore[assignment]
+    """Lists the tenant's templates, newest first.
+    Errors: only the common ones (azora.errors.v1.ErrorReason).
+    """
+    GetTemplate: _aio.UnaryUnaryMultiCallable[_mail_pb2.GetTemplateRequest, _mail_pb2.Template]  # type: ignore[assignment]
+    """Returns a template (its draft and which version is published), by id or name.
+    Errors: TEMPLATE_NOT_FOUND.
+    """
+    UpdateTemplate: _aio.UnaryUnaryMultiCallable[_mail_pb2.UpdateTemplateRequest, _mail_pb2.Template]  # type: ignore[assignment]
+    """Replaces a template's draft (name, subject, bodies, default variables); published
+    versions do not change.
+    Errors: INVALID_ARGUMENT, TEMPLATE_NOT_FOUND, TEMPLATE_ALREADY_EXISTS (new name taken).
+    """
+    DeleteTemplate: _aio.UnaryUnaryMultiCallable[_mail_pb2.DeleteTemplateRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Deletes a template and its versions; emails already sent with it keep their content.
+    Errors: TEMPLATE_NOT_FOUND.
+    """
+    PublishTemplate: _aio.UnaryUnaryMultiCallable[_mail_pb2.PublishTemplateRequest, _mail_pb2.TemplateVersion]  # type: ignore[assignment]
+    """Freezes the current draft as the next numbered version and makes it the published one.
+    Errors: TEMPLATE_NOT_FOUND.
+    """
+    ListTemplateVersions: _aio.UnaryUnaryMultiCallable[_mail_pb2.ListTemplateVersionsRequest, _mail_pb2.ListTemplateVersionsResponse]  # type: ignore[assignment]
+    """Lists a template's published versions, newest first.
+    Errors: TEMPLATE_NOT_FOUND.
+    """
+    RenderTemplate: _aio.UnaryUnaryMultiCallable[_mail_pb2.RenderTemplateRequest, _mail_pb2.RenderedTemplate]  # type: ignore[assignment]
+    """Renders the draft (or a version) with sample variables, exactly as a send would, without
+    sending: subject, HTML (CSS inlined), text (generated from the HTML when the template has
+    none) and warnings.
+    Errors: INVALID_ARGUMENT (a missing variable is named "variables.<name>"),
+    TEMPLATE_RENDER_FAILED (unsafe access, too long, too large, or an error in the template),
+    TEMPLATE_NOT_FOUND, TEMPLATE_VERSION_NOT_FOUND.
     """
 
 class MailServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -300,6 +400,110 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         that attempt (`in_delivery_count`). Called by the domain service
         after a domain is deleted. Internal: never exposed through the gateway.
         Errors: INVALID_ARGUMENT (domain_id), PERMISSION_DENIED (not a service principal).
+        """
+
+    @_abc_1.abstractmethod
+    def SendEmailBatch(
+        self,
+        request: _mail_pb2.SendEmailBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mail_pb2.SendEmailBatchResponse, _abc.Awaitable[_mail_pb2.SendEmailBatchResponse]]:
+        """Accepts up to 500 emails in one call and answers for each, in order: its id and status,
+        or its error with field paths such as "messages[3].to[0]". Valid messages are accepted
+        even when others are not, unless all_or_nothing is set (then any invalid message refuses
+        the whole batch and nothing is stored). One idempotency key covers the whole batch.
+        Rate limits and sending quotas count every message.
+        Errors: INVALID_ARGUMENT (no messages, more than 500, or with all_or_nothing every invalid
+        message's fields), IDEMPOTENCY_KEY_ALREADY_EXISTS, SEND_RATE_LIMIT_EXCEEDED,
+        SENDING_QUOTA_EXCEEDED, DOMAIN_SERVICE_UNAVAILABLE, SMTP_SERVICE_UNAVAILABLE; per message
+        the errors of SendEmail.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateTemplate(
+        self,
+        request: _mail_pb2.CreateTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mail_pb2.Template, _abc.Awaitable[_mail_pb2.Template]]:
+        """Creates a template: its draft is what the request holds; nothing is sendable until the
+        first publish.
+        Errors: INVALID_ARGUMENT (field named; template syntax errors name the part and line),
+        TEMPLATE_ALREADY_EXISTS (the name is taken in this tenant).
+        """
+
+    @_abc_1.abstractmethod
+    def ListTemplates(
+        self,
+        request: _mail_pb2.ListTemplatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mail_pb2.ListTemplatesResponse, _abc.Awaitable[_mail_pb2.ListTemplatesResponse]]:
+        """Lists the tenant's templates, newest first.
+        Errors: only the common ones (azora.errors.v1.ErrorReason).
+        """
+
+    @_abc_1.abstractmethod
+    def GetTemplate(
+        self,
+        request: _mail_pb2.GetTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mail_pb2.Template, _abc.Awaitable[_mail_pb2.Template]]:
+        """Returns a template (its draft and which version is published), by id or name.
+        Errors: TEMPLATE_NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateTemplate(
+        self,
+        request: _mail_pb2.UpdateTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mail_pb2.Template, _abc.Awaitable[_mail_pb2.Template]]:
+        """Replaces a template's draft (name, subject, bodies, default variables); published
+        versions do not change.
+        Errors: INVALID_ARGUMENT, TEMPLATE_NOT_FOUND, TEMPLATE_ALREADY_EXISTS (new name taken).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteTemplate(
+        self,
+        request: _mail_pb2.DeleteTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Deletes a template and its versions; emails already sent with it keep their content.
+        Errors: TEMPLATE_NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def PublishTemplate(
+        self,
+        request: _mail_pb2.PublishTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mail_pb2.TemplateVersion, _abc.Awaitable[_mail_pb2.TemplateVersion]]:
+        """Freezes the current draft as the next numbered version and makes it the published one.
+        Errors: TEMPLATE_NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTemplateVersions(
+        self,
+        request: _mail_pb2.ListTemplateVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mail_pb2.ListTemplateVersionsResponse, _abc.Awaitable[_mail_pb2.ListTemplateVersionsResponse]]:
+        """Lists a template's published versions, newest first.
+        Errors: TEMPLATE_NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def RenderTemplate(
+        self,
+        request: _mail_pb2.RenderTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mail_pb2.RenderedTemplate, _abc.Awaitable[_mail_pb2.RenderedTemplate]]:
+        """Renders the draft (or a version) with sample variables, exactly as a send would, without
+        sending: subject, HTML (CSS inlined), text (generated from the HTML when the template has
+        none) and warnings.
+        Errors: INVALID_ARGUMENT (a missing variable is named "variables.<name>"),
+        TEMPLATE_RENDER_FAILED (unsafe access, too long, too large, or an error in the template),
+        TEMPLATE_NOT_FOUND, TEMPLATE_VERSION_NOT_FOUND.
         """
 
 def add_MailServiceServicer_to_server(servicer: MailServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
