@@ -15,13 +15,13 @@ import grpc
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 from publicsuffixlist import PublicSuffixList
 
+from services.core.api_key_client import remote_api_key_resolver
 from services.core.clock import Clock, SystemClock
 from services.core.dns import DnsResolver
 from services.core.netguard import AddressPolicy, host_resolver
 from services.core.runtime import Database, RunningService, run_periodically, start_service
 from services.core.secrets_box import SecretsBox
 from services.core.settings import Settings
-from services.iam.servicer import remote_api_key_resolver
 from services.smtp.connection_test import RelayTester
 from services.smtp.dmarc import DmarcBuilder
 from services.smtp.dns_check import RecordChecker
