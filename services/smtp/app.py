@@ -22,7 +22,6 @@ from services.core.netguard import AddressPolicy, host_resolver
 from services.core.runtime import Database, RunningService, run_periodically, start_service
 from services.core.secrets_box import SecretsBox
 from services.core.settings import Settings
-from services.smtp.connection_test import RelayTester
 from services.smtp.dkim_manager import DkimManager, DkimPolicy
 from services.smtp.dmarc import DmarcBuilder
 from services.smtp.dns_check import RecordChecker
@@ -30,6 +29,7 @@ from services.smtp.domain_data import DomainDataRemover
 from services.smtp.domains_client import GrpcDomainDirectory
 from services.smtp.records_manager import RecordsManager
 from services.smtp.relay_manager import RelayManager, RelayPolicy
+from services.smtp.relay_probe import RelayTester
 from services.smtp.repository import INDEXES as SMTP_INDEXES
 from services.smtp.repository import (
     MongoAuthRecordRepository,

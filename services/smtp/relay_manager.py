@@ -15,10 +15,10 @@ from services.core.clock import Clock
 from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.core.netguard import AddressPolicy
 from services.core.secrets_box import SecretsBox, SecretsError
-from services.smtp.connection_test import RelayTester
 from services.smtp.domains_client import DomainDirectory
 from services.smtp.models import ConnectionReport, RelaySettings, RelaySettingsInput, SmtpConfig
-from services.smtp.relay import normalize_relay
+from services.smtp.relay_probe import RelayTester
+from services.smtp.relay_settings import normalize_relay
 from services.smtp.repository import SmtpConfigRepository
 
 log = logging.getLogger(__name__)
