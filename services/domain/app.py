@@ -30,7 +30,7 @@ from services.domain.repository import MongoClaimRepository, MongoDomainReposito
 from services.domain.servicer import DomainServicer
 from services.domain.status_gauge import DomainStatusGauge
 from services.domain.verifier import OwnershipVerifier
-from services.health.delivery import MailDeliveryProbe
+from services.health.mail_client import MailDeliveryProbe
 from services.health.servicer import SuiteHealthServicer
 from services.iam.api_keys import INDEXES as API_KEY_INDEXES
 from services.iam.api_keys import ApiKeyManager, MongoApiKeyRepository

@@ -4,7 +4,7 @@ Components: each service's grpc.health.v1 status (asked over gRPC, so the answer
 Kubernetes gRPC probe would see) and MongoDB (a ping, with its latency). All are required:
 when one is down, GetHealth fails with UNAVAILABLE (HTTP 503) and the HealthReport travels in
 the google.rpc.Status details. The queue and the SMTP relays' last outcomes come from the mail
-service (`services.health.delivery`) as optional components: trouble there is ``degraded``.
+service (`services.health.mail_client`) as optional components: trouble there is ``degraded``.
 
 Readiness is about the answering process only (database reachable and its own grpc.health.v1
 SERVING: indexes ready, not shutting down), the same rule each service's grpc.health.v1 status
@@ -41,7 +41,7 @@ from services.core.errors import AzoraError, Unavailable
 from services.core.metrics import CONTENT_TYPE, Peer, render_suite
 from services.core.mongo import Document, ping
 from services.core.protobuf import to_duration, to_timestamp
-from services.health.delivery import MailDeliveryProbe
+from services.health.mail_client import MailDeliveryProbe
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _UP = suite_pb2.COMPONENT_STATUS_UP

@@ -30,9 +30,9 @@ from services.core.server import ServiceServer, create_server
 from services.core.settings import Settings, SettingsError
 from services.core.tracing import configure_tracing, traced_channel
 from services.submission import replies
+from services.submission.mail_client import GrpcMailSubmitter
 from services.submission.server import (
     ClientLimits,
-    GrpcMailSubmitter,
     MailSubmitter,
     SubmissionHandler,
     SubmissionSMTP,
