@@ -67,7 +67,7 @@ def policy_from(settings: Settings) -> DomainPolicy:
     )
 
 
-async def build(
+async def build_app(
     settings: Settings,
     *,
     clock: Clock | None = None,
@@ -156,9 +156,9 @@ async def build(
     return DomainApp(running, manager, api_keys)
 
 
-async def build_running(settings: Settings) -> RunningService:
-    """`build` for the process entry point."""
-    return (await build(settings)).running
+async def build(settings: Settings, *, bind: str | None = None) -> RunningService:
+    """Start the process and return only its server (what suites of several services use)."""
+    return (await build_app(settings, bind=bind)).running
 
 
-__all__ = ["DomainApp", "build", "build_running"]
+__all__ = ["DomainApp", "build", "build_app"]

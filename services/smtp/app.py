@@ -155,9 +155,4 @@ async def build(settings: Settings, *, bind: str | None = None) -> RunningServic
     return (await build_app(settings, bind=bind)).running
 
 
-async def build_running(settings: Settings) -> RunningService:
-    """`build` for the process entry point."""
-    return await build(settings)
-
-
-__all__ = ["SERVICE_NAME", "SMTP_SERVICE", "SmtpApp", "build", "build_app", "build_running"]
+__all__ = ["SERVICE_NAME", "SMTP_SERVICE", "SmtpApp", "build", "build_app"]
