@@ -52,7 +52,7 @@ from services.core.clock import SystemClock
 from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary
 from services.core.ids import new_id
 from services.core.settings import DEV_TENANT_ID, Settings
-from services.domain.app import build as build_domain_app
+from services.domain.app import build_app as build_domain_app
 from services.mail.app import MailApp, build_app, make_worker
 from services.mail.models import (
     Email,

@@ -22,7 +22,7 @@ from services.core.auth import ALL_SCOPES, issue_jwt
 from services.core.clock import ManualClock
 from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary
 from services.core.settings import Settings
-from services.domain.app import DomainApp, build
+from services.domain.app import DomainApp, build_app
 from tests.support.dns_server import KnotServer
 
 pytest_plugins = [
@@ -94,7 +94,7 @@ def settings(ferretdb: str, knot_server: KnotServer) -> Settings:
 @pytest.fixture(scope="session")
 async def domain_app(settings: Settings, clock: ManualClock) -> AsyncIterator[DomainApp]:
     """The domain service process's server, in-process on a free port."""
-    app = await build(settings, clock=clock, bind="127.0.0.1:0", run_lifecycle=False)
+    app = await build_app(settings, clock=clock, bind="127.0.0.1:0", run_lifecycle=False)
     yield app
     await app.running.stop(None)
 

@@ -1,7 +1,7 @@
 """`python -m services.domain`: run the domain service until SIGTERM."""
 
 from services.core.runtime import main
-from services.domain.app import SERVICE_NAME, build_running
+from services.domain.app import SERVICE_NAME, build
 
 if __name__ == "__main__":
-    main(SERVICE_NAME, build_running)
+    main(SERVICE_NAME, build)

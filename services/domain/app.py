@@ -28,8 +28,9 @@ from services.domain.manager import DomainManager, DomainPolicy
 from services.domain.repository import INDEXES as DOMAIN_INDEXES
 from services.domain.repository import MongoClaimRepository, MongoDomainRepository
 from services.domain.servicer import DomainServicer
+from services.domain.status_gauge import DomainStatusGauge
 from services.domain.verifier import OwnershipVerifier
-from services.health.delivery import MailDeliveryProbe
+from services.health.mail_client import MailDeliveryProbe
 from services.health.servicer import SuiteHealthServicer
 from services.iam.api_keys import INDEXES as API_KEY_INDEXES
 from services.iam.api_keys import ApiKeyManager, MongoApiKeyRepository
@@ -66,7 +67,7 @@ def policy_from(settings: Settings) -> DomainPolicy:
     )
 
 
-async def build(
+async def build_app(
     settings: Settings,
     *,
     clock: Clock | None = None,
@@ -107,6 +108,7 @@ async def build(
         default_page_size=settings.default_page_size,
         max_page_size=settings.max_page_size,
     )
+    gauge = DomainStatusGauge(database.db)
     health = SuiteHealthServicer(
         services={
             "smtp-service": (smtp_channel, SMTP_SERVICE),
@@ -118,6 +120,9 @@ async def build(
         process=SERVICE_NAME,
         metrics_peers=[Peer.parse(peer) for peer in settings.metrics_peers],
         delivery=MailDeliveryProbe(mail_channel, settings=settings),
+        # Health is hosted here and asks the domain service's own code to count its domains,
+        # rather than reading the domains collection itself.
+        before_metrics=[gauge.refresh],
     )
     server = await start_service(
         settings=settings,
@@ -140,7 +145,7 @@ async def build(
     self_channel = traced_channel(f"127.0.0.1:{server.port}")
     health.watch(SERVICE_NAME, self_channel, DOMAIN_SERVICE)
     # Keeps the azora_domains gauge current on the per-process scrape port, too.
-    server.background.append(run_periodically("domain-gauge", 60.0, health.refresh_domain_counts))
+    server.background.append(run_periodically("domain-gauge", 60.0, gauge.refresh))
     if run_lifecycle:
         server.background.append(
             run_periodically(
@@ -151,9 +156,9 @@ async def build(
     return DomainApp(running, manager, api_keys)
 
 
-async def build_running(settings: Settings) -> RunningService:
-    """`build` for the process entry point."""
-    return (await build(settings)).running
+async def build(settings: Settings, *, bind: str | None = None) -> RunningService:
+    """Start the process and return only its server (what suites of several services use)."""
+    return (await build_app(settings, bind=bind)).running
 
 
-__all__ = ["DomainApp", "build", "build_running"]
+__all__ = ["DomainApp", "build", "build_app"]

@@ -1,9 +1,8 @@
 """Validation, normalisation and zone-file rendering of a tenant's DNS records.
 
-Three entry points:
+Two entry points (the name rules themselves, shared with the smtp service, are in
+`services.core.dns_names`):
 
-* `normalize_domain_name` turns what a user typed as a domain into its IDNA 2008 A-label form
-  (what goes on the wire and in storage) and its U-label form (what we show).
 * `normalize_record_set` validates a whole record set of one domain at once and reports every
   problem in a single `InvalidArgument`, so a form can highlight all bad fields in one round trip.
 * `to_zone_file` renders validated records as an RFC 1035 master file.
@@ -19,36 +18,27 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import idna
-import unicodedataplus
-
+from services.core.dns_names import (
+    MAX_TXT_OCTETS,
+    DnsRuleError,
+    check_name_length,
+    check_registrable_shape,
+    encode_labels,
+    is_ip_address,
+    parses_as,
+    shown,
+    split_txt,
+    strip_name,
+)
 from services.core.errors import FieldViolation, InvalidArgument
 from services.domain.models import DnsRecord, DnsRecordInput, DnsRecordType
 
 __all__ = [
-    "MAX_LABEL_OCTETS",
-    "MAX_NAME_OCTETS",
-    "MAX_TXT_OCTETS",
-    "MAX_TXT_STRING_OCTETS",
     "SRV_PROTOCOLS",
     "ZONE_FILE_DEFAULT_TTL",
-    "normalize_domain_name",
     "normalize_record_set",
-    "split_txt",
     "to_zone_file",
 ]
-
-MAX_NAME_OCTETS = 253
-"""Longest domain name in presentation form without the trailing dot (255 on the wire)."""
-
-MAX_LABEL_OCTETS = 63
-"""Longest single label (RFC 1035 §2.3.4)."""
-
-MAX_TXT_OCTETS = 4000
-"""Longest TXT value we accept (UTF-8 octets); enough for 4096-bit DKIM keys."""
-
-MAX_TXT_STRING_OCTETS = 255
-"""Longest character-string inside TXT rdata (RFC 1035 §3.3: one length octet)."""
 
 SRV_PROTOCOLS = frozenset({"_tcp", "_udp", "_tls"})
 """Protocol labels accepted in SRV owner names (``_service._proto.name``)."""
@@ -58,64 +48,12 @@ ZONE_FILE_DEFAULT_TTL = 3600
 
 _MAX_U16 = 65535
 _REVERSE_SUFFIXES = (".in-addr.arpa", ".ip6.arpa")
-_LDH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 _TYPE_NAMES = ", ".join(t.value for t in DnsRecordType)
 # Which of priority/weight/port each type uses; every other one must stay 0.
 _NUMERIC_FIELDS: dict[DnsRecordType, frozenset[str]] = {
     DnsRecordType.MX: frozenset({"priority"}),
     DnsRecordType.SRV: frozenset({"priority", "weight", "port"}),
 }
-
-
-class _RuleError(ValueError):
-    """A name or value failed validation; the message is a user-facing description."""
-
-
-def normalize_domain_name(raw: str, *, field: str = "name") -> tuple[str, str]:
-    """Validate a domain name and return its A-label and U-label forms.
-
-    Surrounding whitespace and one trailing dot are removed, the name is mapped with UTS #46
-    (which also lowercases it) and encoded with IDNA 2008.
-
-    Args:
-        raw: the domain as the user typed it, e.g. ``" Bücher.Example. "``.
-        field: the request field to name in the violation.
-
-    Returns:
-        ``(a_label_name, u_label_name)``, e.g. ``("xn--bcher-kva.example", "bücher.example")``.
-
-    Raises:
-        InvalidArgument: with one violation on `field` if the name is empty, too long, has an
-            empty, too long or malformed label, is a single label, has an all-numeric top-level
-            label, is an IP address, or has a label mixing scripts beyond what UTS #39's
-            "highly restrictive" level allows (e.g. a Cyrillic "\u0430" among Latin letters).
-    """
-    text = _strip_name(raw)
-    if not text:
-        raise InvalidArgument.single(field, "a domain name is required")
-    if _is_ip_address(text):
-        raise InvalidArgument.single(field, "must be a domain name, not an IP address")
-    try:
-        labels = _encode_labels(text, underscore=False, wildcard=False, strict=True)
-        _check_registrable_shape(labels, what="a domain name", example="example.com")
-    except _RuleError as exc:
-        raise InvalidArgument.single(field, str(exc)) from None
-    a_name = ".".join(labels)
-    try:
-        u_name = idna.decode(a_name)
-    except UnicodeError:
-        # Unreachable for labels that passed the strict checks; kept so a library quirk becomes
-        # a client error rather than an internal one.
-        raise InvalidArgument.single(field, "is not a valid IDNA 2008 domain name") from None
-    for label in u_name.split("."):
-        mixed = _mixed_scripts(label)
-        if mixed:
-            raise InvalidArgument.single(
-                field,
-                f"label {_show(label)} mixes the {' and '.join(mixed)} scripts, so it can pass for "
-                "another name (UTS #39, highly restrictive): write each label in one script",
-            )
-    return a_name, u_name
 
 
 @dataclass(slots=True)
@@ -183,7 +121,7 @@ def normalize_record_set(
                 )
             ]
         )
-    zone = _strip_name(domain).lower()
+    zone = strip_name(domain).lower()
     violations: list[FieldViolation] = []
     checked = [
         _check_record(index, record, zone, default_ttl, min_ttl, max_ttl, violations)
@@ -232,7 +170,7 @@ def to_zone_file(
     Returns:
         The zone file text, ending with a newline.
     """
-    origin = _strip_name(domain).lower()
+    origin = strip_name(domain).lower()
     lines = [f"$ORIGIN {origin}.", f"$TTL {ZONE_FILE_DEFAULT_TTL}"]
     for record in (*records, *extra):
         owner = _relative_owner(record.name, origin)
@@ -265,12 +203,12 @@ def _check_record(
 
     rtype = _parse_type(record.type)
     if rtype is None:
-        bad("type", f"must be one of {_TYPE_NAMES}; got {_show(record.type)}")
+        bad("type", f"must be one of {_TYPE_NAMES}; got {shown(record.type)}")
 
     name: str | None = None
     try:
         name = _owner_name(record.name, zone, rtype)
-    except _RuleError as exc:
+    except DnsRuleError as exc:
         bad("name", str(exc))
 
     ttl: int | None = None
@@ -295,7 +233,7 @@ def _check_record(
                 name = None
         try:
             value = _parse_value(rtype, record.value, zone)
-        except _RuleError as exc:
+        except DnsRuleError as exc:
             bad("value", str(exc))
         if value is not None and rtype is DnsRecordType.TXT:
             txt_strings = split_txt(value)
@@ -341,17 +279,17 @@ def _owner_name(raw: str, zone: str, rtype: DnsRecordType | None) -> str:
     if absolute:
         text = text[:-1]
         if not text:
-            raise _RuleError(f'"." is the DNS root; use "@" for the domain {zone} itself')
-    name = ".".join(_encode_labels(text, underscore=True, wildcard=True, strict=False))
+            raise DnsRuleError(f'"." is the DNS root; use "@" for the domain {zone} itself')
+    name = ".".join(encode_labels(text, underscore=True, wildcard=True, strict=False))
     if _is_at_or_below(name, zone):
         return name
     if rtype is DnsRecordType.PTR and name.endswith(_REVERSE_SUFFIXES):
         # Reverse names are absolute by nature; nobody means 4.3.2.1.in-addr.arpa.example.com.
         return name
     if absolute:
-        raise _RuleError(f"must be {zone} or a name below it")
+        raise DnsRuleError(f"must be {zone} or a name below it")
     name = f"{name}.{zone}"
-    _check_name_length(name)
+    check_name_length(name)
     return name
 
 
@@ -390,15 +328,15 @@ def _ipv4(raw: str) -> str:
     """Canonical IPv4 address; rejects IPv6 with a pointer to AAAA."""
     text = raw.strip()
     if not text:
-        raise _RuleError("an IPv4 address is required")
+        raise DnsRuleError("an IPv4 address is required")
     try:
         return str(ipaddress.IPv4Address(text))
     except ValueError:
         pass
-    if _parses(ipaddress.IPv6Address, text):
-        raise _RuleError("is an IPv6 address; use an AAAA record for IPv6")
-    raise _RuleError(
-        f"{_show(text)} is not a valid IPv4 address (four decimal numbers 0-255 without "
+    if parses_as(ipaddress.IPv6Address, text):
+        raise DnsRuleError("is an IPv6 address; use an AAAA record for IPv6")
+    raise DnsRuleError(
+        f"{shown(text)} is not a valid IPv4 address (four decimal numbers 0-255 without "
         "leading zeros, e.g. 192.0.2.1)"
     )
 
@@ -407,73 +345,56 @@ def _ipv6(raw: str) -> str:
     """Canonical (compressed) IPv6 address; rejects IPv4 and IPv4-mapped forms."""
     text = raw.strip()
     if not text:
-        raise _RuleError("an IPv6 address is required")
+        raise DnsRuleError("an IPv6 address is required")
     try:
         address = ipaddress.IPv6Address(text)
     except ValueError:
-        if _parses(ipaddress.IPv4Address, text):
-            raise _RuleError("is an IPv4 address; use an A record for IPv4") from None
-        raise _RuleError(f"{_show(text)} is not a valid IPv6 address") from None
+        if parses_as(ipaddress.IPv4Address, text):
+            raise DnsRuleError("is an IPv4 address; use an A record for IPv4") from None
+        raise DnsRuleError(f"{shown(text)} is not a valid IPv6 address") from None
     if address.scope_id is not None:
         # A zone index (fe80::1%eth0) only means something on one host, never in DNS.
-        raise _RuleError("must not contain a zone index (%...)")
+        raise DnsRuleError("must not contain a zone index (%...)")
     if address.ipv4_mapped is not None:
-        raise _RuleError("is an IPv4-mapped address; use an A record for IPv4")
+        raise DnsRuleError("is an IPv4-mapped address; use an A record for IPv4")
     return address.compressed
 
 
 def _txt(raw: str) -> str:
     """Validate TXT text; the value is kept verbatim (whitespace can be significant)."""
     if raw == "":
-        raise _RuleError("a TXT record needs a non-empty value")
+        raise DnsRuleError("a TXT record needs a non-empty value")
     for char in raw:
         # Tab is harmless and shows up in pasted SPF/DKIM values; other controls are not.
         if char != "\t" and unicodedata.category(char) == "Cc":
-            raise _RuleError(
+            raise DnsRuleError(
                 f"contains the control character U+{ord(char):04X}; only tab is allowed"
             )
     try:
         size = len(raw.encode("utf-8"))
     except UnicodeEncodeError:
-        raise _RuleError("is not valid Unicode text (it contains unpaired surrogates)") from None
+        raise DnsRuleError("is not valid Unicode text (it contains unpaired surrogates)") from None
     if size > MAX_TXT_OCTETS:
-        raise _RuleError(f"is {size} octets long in UTF-8; the maximum is {MAX_TXT_OCTETS}")
+        raise DnsRuleError(f"is {size} octets long in UTF-8; the maximum is {MAX_TXT_OCTETS}")
     return raw
-
-
-def split_txt(text: str) -> tuple[str, ...]:
-    """Split TXT text into strings of at most 255 UTF-8 octets, never inside a character."""
-    chunks: list[str] = []
-    current: list[str] = []
-    size = 0
-    for char in text:
-        width = len(char.encode("utf-8"))
-        if size + width > MAX_TXT_STRING_OCTETS:
-            chunks.append("".join(current))
-            current, size = [], 0
-        current.append(char)
-        size += width
-    if current:
-        chunks.append("".join(current))
-    return tuple(chunks)
 
 
 def _host_value(raw: str, zone: str, *, underscore: bool, allow_root: bool) -> str:
     """Validate a host name in rdata; always taken as absolute, ``@`` means the domain."""
     text = raw.strip()
     if not text:
-        raise _RuleError("a host name is required")
+        raise DnsRuleError("a host name is required")
     if text == ".":
         if allow_root:
             return "."  # RFC 2782: the service is decidedly not available at this domain.
-        raise _RuleError('"." (no host) is only allowed as an SRV target')
+        raise DnsRuleError('"." (no host) is only allowed as an SRV target')
     if text == "@":
         return zone
-    text = _strip_name(text)
-    if _is_ip_address(text):
-        raise _RuleError("must be a host name, not an IP address")
-    labels = _encode_labels(text, underscore=underscore, wildcard=False, strict=False)
-    _check_registrable_shape(labels, what="a fully-qualified host name", example="mail.example.com")
+    text = strip_name(text)
+    if is_ip_address(text):
+        raise DnsRuleError("must be a host name, not an IP address")
+    labels = encode_labels(text, underscore=underscore, wildcard=False, strict=False)
+    check_registrable_shape(labels, what="a fully-qualified host name", example="mail.example.com")
     return ".".join(labels)
 
 
@@ -540,195 +461,9 @@ def _check_set(checked: Sequence[_Checked], violations: list[FieldViolation]) ->
 # --- names -----------------------------------------------------------------------------------
 
 
-def _strip_name(raw: str) -> str:
-    """Drop surrounding whitespace and one trailing dot (the root label)."""
-    text = raw.strip()
-    return text[:-1] if text.endswith(".") else text
-
-
-def _encode_labels(text: str, *, underscore: bool, wildcard: bool, strict: bool) -> list[str]:
-    """Turn a dot-separated name (without trailing dot) into lowercase A-labels.
-
-    Args:
-        text: the name; may contain U-labels, A-labels and upper case.
-        underscore: allow a leading underscore in a label (``_dmarc``, ``_sip``).
-        wildcard: allow ``*`` as the leftmost label.
-        strict: run ASCII labels through IDNA 2008 too. That additionally rejects ``--`` in
-            positions 3-4 (reserved for A-labels), which real third-party host names such as
-            ``r3---sn-abc.googlevideo.com`` violate, so only our own domain names use it.
-
-    Raises:
-        _RuleError: describing the first problem found.
-    """
-    try:
-        # UTS #46 lowercases and maps look-alikes such as the ideographic full stop to ".".
-        mapped = idna.uts46_remap(text, std3_rules=False)
-    except UnicodeError as exc:
-        if len(text) > MAX_NAME_OCTETS:
-            raise _RuleError(f"is longer than {MAX_NAME_OCTETS} octets") from None
-        raise _RuleError(
-            f"contains a character that is not allowed in domain names ({exc})"
-        ) from None
-    labels: list[str] = []
-    for index, label in enumerate(mapped.split(".")):
-        if not label:
-            raise _RuleError("contains an empty label (a leading dot or two dots in a row)")
-        if label == "*":
-            if not wildcard:
-                raise _RuleError('a wildcard label "*" is not allowed here')
-            if index != 0:
-                raise _RuleError('"*" is only allowed as the leftmost label')
-            labels.append(label)
-        elif label.isascii() and not label.startswith("xn--"):
-            labels.append(_ascii_label(label, underscore=underscore, strict=strict))
-        else:
-            labels.append(_idna_label(label))
-    _check_name_length(".".join(labels))
-    return labels
-
-
-def _ascii_label(label: str, *, underscore: bool, strict: bool) -> str:
-    """Check a lowercase ASCII label against the LDH rules (plus leading underscore)."""
-    if len(label) > MAX_LABEL_OCTETS:
-        raise _RuleError(
-            f"label {_show(label)} is {len(label)} octets long; the maximum is {MAX_LABEL_OCTETS}"
-        )
-    body = label[1:] if underscore and label.startswith("_") else label
-    if not body:
-        raise _RuleError('a label cannot be just "_"')
-    for char in body:
-        if char not in _LDH_CHARS:
-            if char == "_":
-                hint = (
-                    "an underscore is only allowed as the first character of a label"
-                    if underscore
-                    else "underscores are not allowed here"
-                )
-                raise _RuleError(f"label {_show(label)}: {hint}")
-            raise _RuleError(
-                f"label {_show(label)} contains {char!r}; only letters, digits and hyphens "
-                "are allowed"
-            )
-    if body.startswith("-") or body.endswith("-"):
-        raise _RuleError(f"label {_show(label)} must not start or end with a hyphen")
-    if strict:
-        try:
-            idna.alabel(label)
-        except UnicodeError as exc:
-            raise _RuleError(f"label {_show(label)} is not valid under IDNA 2008 ({exc})") from None
-    return label
-
-
-def _idna_label(label: str) -> str:
-    """Encode a U-label (or validate an ``xn--`` A-label) with IDNA 2008."""
-    try:
-        if label.isascii():
-            idna.ulabel(label)  # rejects bad or non-canonical Punycode
-            encoded = label
-        else:
-            # Python's punycode codec is what idna uses; measure first for a clear message.
-            encoded = "xn--" + label.encode("punycode").decode("ascii")
-            if len(encoded) <= MAX_LABEL_OCTETS:
-                encoded = idna.alabel(label).decode("ascii")
-    except UnicodeError as exc:
-        raise _RuleError(
-            f"label {_show(label)} is not a valid internationalised (IDNA 2008) label ({exc})"
-        ) from None
-    if len(encoded) > MAX_LABEL_OCTETS:
-        raise _RuleError(
-            f"label {_show(label)} is {len(encoded)} octets long when encoded; "
-            f"the maximum is {MAX_LABEL_OCTETS}"
-        )
-    return encoded
-
-
-def _check_name_length(name: str) -> None:
-    """Enforce the 253-octet limit on an A-label name."""
-    if len(name) > MAX_NAME_OCTETS:
-        raise _RuleError(
-            f"is {len(name)} octets long when encoded; the maximum is {MAX_NAME_OCTETS}"
-        )
-
-
-def _check_registrable_shape(labels: Sequence[str], *, what: str, example: str) -> None:
-    """Names that must be resolvable on the Internet: two labels or more, non-numeric TLD."""
-    if len(labels) < 2:
-        raise _RuleError(f"must be {what} with at least two labels (e.g. {example})")
-    if labels[-1].isdigit():
-        raise _RuleError("the top-level label must not be all-numeric")
-
-
 def _is_at_or_below(name: str, zone: str) -> bool:
     """Whether `name` is `zone` or a subdomain of it (label-wise, not string-wise)."""
     return name == zone or name.endswith("." + zone)
-
-
-def _is_ip_address(text: str) -> bool:
-    """Whether `text` (optionally in brackets) parses as an IPv4 or IPv6 address."""
-    candidate = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    return _parses(ipaddress.IPv4Address, candidate) or _parses(ipaddress.IPv6Address, candidate)
-
-
-def _parses(kind: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address], text: str) -> bool:
-    """Whether `text` is a valid address of `kind`."""
-    try:
-        kind(text)
-    except ValueError:
-        return False
-    return True
-
-
-# UTS #39 section 5.1: a character's Script_Extensions, "augmented" so that Han text written
-# with kana (Jpan), Bopomofo (Hanb) or Hangul (Kore) counts as one script.
-_AUGMENTED = {
-    "Hani": ("Hanb", "Jpan", "Kore"),
-    "Hira": ("Jpan",),
-    "Kana": ("Jpan",),
-    "Hang": ("Kore",),
-    "Bopo": ("Hanb",),
-}
-_COMMON_OR_INHERITED = frozenset({"Zyyy", "Zinh"})
-# UTS #39 section 5.2, highly restrictive: besides one script, Latin plus one of these.
-_WITH_LATIN = frozenset({"Jpan", "Hanb", "Kore"})
-
-
-def _mixed_scripts(label: str) -> list[str]:
-    """The scripts a label mixes (sorted names) if UTS #39 "highly restrictive" refuses it.
-
-    An empty list means the label is fine.
-    Common and Inherited characters (digits, hyphen, combining marks) belong to every script.
-    A label passes if one script covers all its characters, or if its non-Latin characters are
-    all Japanese (Han, Hiragana, Katakana), all Han with Bopomofo, or all Korean (Han, Hangul).
-    """
-    if label.isascii():
-        return []
-    sets: list[frozenset[str]] = []
-    non_latin: list[frozenset[str]] = []
-    for char in label:
-        scripts = set(unicodedataplus.script_extensions(char))
-        if scripts & _COMMON_OR_INHERITED:
-            continue
-        for script in list(scripts):
-            scripts.update(_AUGMENTED.get(script, ()))
-        sets.append(frozenset(scripts))
-        if "Latn" not in scripts:
-            non_latin.append(frozenset(scripts))
-    if not sets or frozenset.intersection(*sets):
-        return []  # a single script
-    if non_latin and frozenset.intersection(*non_latin) & _WITH_LATIN:
-        return []
-    return sorted(
-        {
-            str(unicodedataplus.script(char))
-            for char in label
-            if not set(unicodedataplus.script_extensions(char)) & _COMMON_OR_INHERITED
-        }
-    )
-
-
-def _show(text: str, limit: int = 40) -> str:
-    """Quote user input for a message, truncated so errors stay small."""
-    return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
 # --- zone file -------------------------------------------------------------------------------

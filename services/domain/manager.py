@@ -20,9 +20,11 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from services.core.clock import Clock
+from services.core.dns_names import normalize_domain_name
 from services.core.errors import Conflict, FailedPrecondition, PreconditionViolation
 from services.core.ids import check_id, decode_page_token, encode_page_token, new_id, page_size
-from services.domain.dns_records import normalize_domain_name, normalize_record_set, to_zone_file
+from services.core.ownership import expected_record
+from services.domain.dns_records import normalize_record_set, to_zone_file
 from services.domain.models import (
     DnsRecordInput,
     DnsRecordType,
@@ -34,7 +36,6 @@ from services.domain.models import (
     VerificationOutcome,
 )
 from services.domain.repository import Claim, ClaimRepository, DomainRepository
-from services.domain.verifier import expected_record
 
 log = logging.getLogger(__name__)
 

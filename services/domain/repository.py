@@ -18,9 +18,9 @@ from pymongo import ASCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
+from services.core.dns_names import split_txt
 from services.core.errors import AlreadyExists, Conflict, NotFound
 from services.core.mongo import Document, IndexSpec, is_duplicate_key
-from services.domain.dns_records import split_txt
 from services.domain.models import (
     DnsRecord,
     DnsRecordType,

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from services.core.clock import Clock
 from services.core.dns import DnsResolver, LookupOutcome
+from services.core.ownership import TOKEN_PREFIX, expected_record, ownership_values
 from services.domain.models import VerificationCheck, VerificationOutcome
-
-TOKEN_PREFIX = "azora-verify="  # noqa: S105 - a record prefix, not a secret
 
 # Lookup failures map one to one; FOUND is decided by comparing the values.
 _FAILED_LOOKUPS = {
@@ -21,11 +20,6 @@ _FAILED_LOOKUPS = {
     LookupOutcome.TIMEOUT: VerificationOutcome.TIMEOUT,
     LookupOutcome.ERROR: VerificationOutcome.ERROR,
 }
-
-
-def expected_record(token: str) -> str:
-    """The TXT value a domain must publish to prove ownership."""
-    return f"{TOKEN_PREFIX}{token}"
 
 
 class OwnershipVerifier:
@@ -42,8 +36,8 @@ class OwnershipVerifier:
         lookup = await self._resolver.txt(name)
         if lookup.outcome is not LookupOutcome.FOUND:
             return VerificationCheck(_FAILED_LOOKUPS[lookup.outcome], now, name, (), lookup.detail)
-        ours = [v for v in lookup.values if v.startswith(TOKEN_PREFIX)]
-        found = tuple(ours + [v for v in lookup.values if not v.startswith(TOKEN_PREFIX)])[:20]
+        ours = ownership_values(lookup.values)
+        found = (ours + tuple(v for v in lookup.values if not v.startswith(TOKEN_PREFIX)))[:20]
         if expected in ours:
             return VerificationCheck(
                 VerificationOutcome.MATCHED, now, name, found, "ownership record found"

@@ -4,7 +4,7 @@ Components: each service's grpc.health.v1 status (asked over gRPC, so the answer
 Kubernetes gRPC probe would see) and MongoDB (a ping, with its latency). All are required:
 when one is down, GetHealth fails with UNAVAILABLE (HTTP 503) and the HealthReport travels in
 the google.rpc.Status details. The queue and the SMTP relays' last outcomes come from the mail
-service (`services.health.delivery`) as optional components: trouble there is ``degraded``.
+service (`services.health.mail_client`) as optional components: trouble there is ``degraded``.
 
 Readiness is about the answering process only (database reachable and its own grpc.health.v1
 SERVING: indexes ready, not shutting down), the same rule each service's grpc.health.v1 status
@@ -13,15 +13,17 @@ readiness report still lists the other services, as optional components: one bei
 ``/health`` unhealthy (503) and ``/health/ready`` degraded (200), not this process unready.
 
 GetMetrics answers the Prometheus exposition of this process merged with its configured peers'
-(`services.core.metrics.render_suite`); GetHealthMetrics derives the key figures from it.
+(`services.core.metrics.render_suite`); GetHealthMetrics derives the key figures from it. Gauges
+that another service of this process owns (the domain service's ``azora_domains``) are brought up
+to date through the `before_metrics` callables the composition root hands in: this module never
+reads another service's collections or imports its code.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -33,18 +35,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
 
 from services.core.clock import Clock
 from services.core.errors import AzoraError, Unavailable
-from services.core.metrics import CONTENT_TYPE, DOMAINS, Peer, render_suite
+from services.core.metrics import CONTENT_TYPE, Peer, render_suite
 from services.core.mongo import Document, ping
 from services.core.protobuf import to_duration, to_timestamp
-from services.domain.models import DomainStatus
-from services.domain.repository import DOMAINS as DOMAINS_COLLECTION
-from services.health.delivery import MailDeliveryProbe
-
-log = logging.getLogger(__name__)
+from services.health.mail_client import MailDeliveryProbe
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _UP = suite_pb2.COMPONENT_STATUS_UP
@@ -66,6 +63,7 @@ class SuiteHealthServicer(suite_pb2_grpc.SuiteHealthServiceServicer):
         process: str = "domain-service",
         metrics_peers: Sequence[Peer] = (),
         delivery: MailDeliveryProbe | None = None,
+        before_metrics: Sequence[Callable[[], Awaitable[None]]] = (),
     ) -> None:
         """Build the servicer.
 
@@ -79,6 +77,7 @@ class SuiteHealthServicer(suite_pb2_grpc.SuiteHealthServiceServicer):
             process: this process's name in the ``process`` label of GetMetrics.
             metrics_peers: other processes whose expositions GetMetrics merges.
             delivery: where the queue and relay components come from (None: not reported).
+            before_metrics: refreshes of this process's gauges, awaited before each exposition.
         """
         self._services: dict[str, tuple[health_pb2_grpc.HealthStub, str]] = {}
         for name, (channel, service) in services.items():
@@ -92,6 +91,7 @@ class SuiteHealthServicer(suite_pb2_grpc.SuiteHealthServiceServicer):
         self._process = process
         self._peers = tuple(metrics_peers)
         self._delivery = delivery
+        self._before_metrics = tuple(before_metrics)
 
     def watch(self, name: str, channel: grpc.aio.Channel, service: str) -> None:
         """Add a service component (used for the hosting process once its port is known)."""
@@ -210,23 +210,9 @@ class SuiteHealthServicer(suite_pb2_grpc.SuiteHealthServiceServicer):
         """See the proto: Prometheus text format 0.0.4."""
         return httpbody_pb2.HttpBody(content_type=CONTENT_TYPE, data=await self._exposition())
 
-    async def refresh_domain_counts(self) -> None:
-        """Set ``azora_domains{status}`` from the domains collection (this process owns it)."""
-        counts = dict.fromkeys((s.value for s in DomainStatus), 0)
-        try:
-            async for row in await self._db[DOMAINS_COLLECTION].aggregate(
-                [{"$group": {"_id": "$status", "n": {"$sum": 1}}}]
-            ):
-                if row["_id"] in counts:
-                    counts[row["_id"]] = int(row["n"])
-        except PyMongoError as exc:
-            log.warning("domain counts unavailable", extra={"fields": {"error": str(exc)[:200]}})
-            return
-        for status, count in counts.items():
-            DOMAINS.labels(status).set(count)
-
     async def _exposition(self) -> bytes:
-        await self.refresh_domain_counts()
+        for refresh in self._before_metrics:
+            await refresh()
         return await render_suite(self._process, self._peers, scrape_timeout=self._timeout)
 
 
@@ -250,7 +236,6 @@ def key_figures(families: Iterable[Metric]) -> dict[str, float]:
         "http_requests_5xx_total": 0.0,
         "emails_accepted_total": 0.0,
         **{f"emails_{o}_total": 0.0 for o in _EMAIL_OUTCOMES},
-        **{f"domains_{s.value}": 0.0 for s in DomainStatus},
         "dkim_signatures_total": 0.0,
         "dns_lookups_total": 0.0,
     }

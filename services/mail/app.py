@@ -14,12 +14,12 @@ from datetime import timedelta
 import grpc
 from azora.mail.v1 import mail_pb2, mail_pb2_grpc
 
+from services.core.api_key_client import remote_api_key_resolver
 from services.core.clock import Clock, SystemClock
 from services.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_DUE_AGE
 from services.core.netguard import AddressPolicy, host_resolver
 from services.core.runtime import Database, RunningService, run_periodically, start_service
 from services.core.settings import Settings
-from services.iam.servicer import remote_api_key_resolver
 from services.mail.batch import INDEXES as BATCH_INDEXES
 from services.mail.batch import MongoBatchRepository
 from services.mail.compose import Limits

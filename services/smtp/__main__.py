@@ -1,7 +1,7 @@
 """`python -m services.smtp`: run the SMTP service until SIGTERM."""
 
 from services.core.runtime import main
-from services.smtp.app import SERVICE_NAME, build_running
+from services.smtp.app import SERVICE_NAME, build
 
 if __name__ == "__main__":
-    main(SERVICE_NAME, build_running)
+    main(SERVICE_NAME, build)

@@ -20,8 +20,8 @@ from datetime import datetime
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from services.core.dns_names import MAX_NAME_OCTETS, split_txt
 from services.core.errors import InvalidArgument
-from services.domain.dns_records import MAX_NAME_OCTETS, split_txt
 from services.smtp.models import DkimAlgorithm
 
 RSA_KEY_SIZES = (1024, 2048, 3072, 4096)

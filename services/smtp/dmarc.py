@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 from publicsuffixlist import PublicSuffixList
 
+from services.core.dns_names import normalize_domain_name, split_txt
 from services.core.errors import FieldViolation, InvalidArgument
-from services.domain.dns_records import normalize_domain_name, split_txt
 from services.smtp.models import DmarcInput, DmarcPolicy, DmarcRecord, ExternalAuthorization
 
 _LOCAL_PART_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._%+=-]{0,62}[A-Za-z0-9_%+=-])?$")

@@ -13,11 +13,11 @@ from collections.abc import Callable
 
 from services.core.clock import Clock
 from services.core.dns import DnsResolver, Lookup, LookupOutcome
+from services.core.ownership import expected_record, ownership_values
 from services.smtp.dkim_keys import parse_tags, published_matches, record_name, record_value
 from services.smtp.models import CheckStatus, DkimKey, RecordCheck
 from services.smtp.spf import is_spf_record
 
-VERIFICATION_PREFIX = "azora-verify="
 _DMARC_RE = re.compile(r"^\s*v\s*=\s*DMARC1\s*(?:;|$)", re.IGNORECASE)
 
 
@@ -93,11 +93,11 @@ class RecordChecker:
 
     async def verification(self, domain: str, token: str) -> RecordCheck:
         """Is the ownership token published at the domain?"""
-        expected = f"{VERIFICATION_PREFIX}{token}"
+        expected = expected_record(token)
         lookup = await self._dns.txt(domain)
         if not lookup.outcome.definite:
             return self._failed("verification", "TXT", lookup, expected)
-        ours = tuple(v for v in lookup.values if v.startswith(VERIFICATION_PREFIX))
+        ours = ownership_values(lookup.values)
         if expected in ours:
             return self._result(
                 "verification", "TXT", lookup, expected, CheckStatus.OK, ours, "published"

@@ -1,4 +1,4 @@
-"""gRPC servicer of azora.smtp.v1.SmtpService: translates, calls the manager, translates."""
+"""gRPC servicer of azora.smtp.v1.SmtpService: translates, calls one of the managers, translates."""
 
 from __future__ import annotations
 
@@ -12,22 +12,35 @@ from services.core.context import current_principal
 from services.core.errors import NotFound
 from services.core.ids import check_id
 from services.smtp import mapping
-from services.smtp.manager import SmtpManager
+from services.smtp.dkim_manager import DkimManager
+from services.smtp.domain_data import DomainDataRemover
+from services.smtp.records_manager import RecordsManager
+from services.smtp.relay_manager import RelayManager
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
-    """SmtpService over an `SmtpManager`."""
+    """SmtpService over the relay, DKIM and records managers."""
 
-    def __init__(self, manager: SmtpManager) -> None:
-        self._manager = manager
+    def __init__(
+        self,
+        *,
+        relays: RelayManager,
+        dkim: DkimManager,
+        records: RecordsManager,
+        remover: DomainDataRemover,
+    ) -> None:
+        self._relays = relays
+        self._dkim = dkim
+        self._records = records
+        self._remover = remover
 
     async def GetSmtpConfig(
         self, request: smtp_pb2.GetSmtpConfigRequest, context: Context
     ) -> smtp_pb2.SmtpConfig:
         """See the proto."""
-        config = await self._manager.get_config(
+        config = await self._relays.get_config(
             tenant_id=current_principal().tenant_id, domain_id=request.domain_id
         )
         return mapping.config_to_proto(config)
@@ -36,7 +49,7 @@ class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
         self, request: smtp_pb2.UpdateSmtpConfigRequest, context: Context
     ) -> smtp_pb2.SmtpConfig:
         """See the proto."""
-        config = await self._manager.update_config(
+        config = await self._relays.update_config(
             tenant_id=current_principal().tenant_id,
             domain_id=request.domain_id,
             settings=mapping.relay_from_proto(request),
@@ -47,7 +60,7 @@ class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
         self, request: smtp_pb2.TestSmtpConnectionRequest, context: Context
     ) -> smtp_pb2.TestSmtpConnectionResponse:
         """See the proto."""
-        report = await self._manager.test_connection(
+        report = await self._relays.test_connection(
             tenant_id=current_principal().tenant_id,
             domain_id=request.domain_id,
             settings=mapping.relay_from_proto(request.config)
@@ -60,7 +73,7 @@ class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
         self, request: smtp_pb2.GenerateDkimKeyRequest, context: Context
     ) -> smtp_pb2.DkimKey:
         """See the proto."""
-        ring, key = await self._manager.generate_dkim_key(
+        ring, key = await self._dkim.generate_dkim_key(
             tenant_id=current_principal().tenant_id,
             domain_id=request.domain_id,
             selector=request.selector,
@@ -74,7 +87,7 @@ class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
         self, request: smtp_pb2.ListDkimKeysRequest, context: Context
     ) -> smtp_pb2.ListDkimKeysResponse:
         """See the proto."""
-        ring, keys = await self._manager.list_dkim_keys(
+        ring, keys = await self._dkim.list_dkim_keys(
             tenant_id=current_principal().tenant_id,
             domain_id=request.domain_id,
             check_dns=request.check_dns,
@@ -85,7 +98,7 @@ class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
         self, request: smtp_pb2.ActivateDkimKeyRequest, context: Context
     ) -> smtp_pb2.DkimKey:
         """See the proto."""
-        ring, key = await self._manager.activate_dkim_key(
+        ring, key = await self._dkim.activate_dkim_key(
             tenant_id=current_principal().tenant_id,
             domain_id=request.domain_id,
             selector=request.selector,
@@ -97,7 +110,7 @@ class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
         self, request: smtp_pb2.GenerateSpfRecordRequest, context: Context
     ) -> smtp_pb2.SpfRecord:
         """See the proto."""
-        record = await self._manager.generate_spf(
+        record = await self._records.generate_spf(
             tenant_id=current_principal().tenant_id,
             domain_id=request.domain_id,
             mechanisms=mapping.mechanisms_from_proto(request.mechanisms),
@@ -111,7 +124,7 @@ class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
         self, request: smtp_pb2.GenerateDmarcRecordRequest, context: Context
     ) -> smtp_pb2.DmarcRecord:
         """See the proto."""
-        record = await self._manager.generate_dmarc(
+        record = await self._records.generate_dmarc(
             tenant_id=current_principal().tenant_id,
             domain_id=request.domain_id,
             request=mapping.dmarc_from_proto(request),
@@ -122,7 +135,7 @@ class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
         self, request: smtp_pb2.CheckDnsRecordsRequest, context: Context
     ) -> smtp_pb2.CheckDnsRecordsResponse:
         """See the proto."""
-        checks = await self._manager.check_dns(
+        checks = await self._records.check_dns(
             tenant_id=current_principal().tenant_id, domain_id=request.domain_id
         )
         return smtp_pb2.CheckDnsRecordsResponse(
@@ -140,7 +153,7 @@ class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
         if request.tenant_id and request.tenant_id != tenant_id:
             # The token's tenant scopes the lookup; naming another tenant finds nothing there.
             raise NotFound("SmtpConfig", request.domain_id)
-        config, password = await self._manager.relay_credentials(
+        config, password = await self._relays.relay_credentials(
             tenant_id=tenant_id, domain_id=request.domain_id
         )
         public = mapping.config_to_proto(config)  # one place converts enums and times
@@ -167,7 +180,7 @@ class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
         """See the proto."""
         # signing_key skips the ownership round trip, so the id is validated here.
         domain_id = check_id(request.domain_id, field="domain_id")
-        key = await self._manager.signing_key(
+        key = await self._dkim.signing_key(
             tenant_id=current_principal().tenant_id, domain_id=domain_id
         )
         if key is None:
@@ -184,7 +197,7 @@ class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
         self, request: smtp_pb2.DeleteDomainDataRequest, context: Context
     ) -> empty_pb2.Empty:
         """See the proto."""
-        await self._manager.delete_domain_data(
+        await self._remover.delete_domain_data(
             tenant_id=current_principal().tenant_id,
             domain_id=check_id(request.domain_id, field="domain_id"),
         )

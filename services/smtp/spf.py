@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.core.dns import DnsResolver, LookupOutcome
+from services.core.dns_names import MAX_TXT_OCTETS, split_txt
 from services.core.errors import FieldViolation, InvalidArgument
-from services.domain.dns_records import MAX_TXT_OCTETS, split_txt
 from services.smtp.models import SpfMechanismInput, SpfQualifier, SpfRecord
-from services.smtp.relay import parse_ip_literal
+from services.smtp.relay_settings import parse_ip_literal
 
 LOOKUP_LIMIT = 10
 KINDS = ("include", "ip4", "ip6", "a", "mx", "exists")

@@ -22,17 +22,17 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from services.core.api_key_client import remote_api_key_resolver
 from services.core.auth import ApiKeyResolver
 from services.core.logs import configure_logging
 from services.core.metrics import start_exposition
 from services.core.server import ServiceServer, create_server
 from services.core.settings import Settings, SettingsError
 from services.core.tracing import configure_tracing, traced_channel
-from services.iam.servicer import remote_api_key_resolver
 from services.submission import replies
+from services.submission.mail_client import GrpcMailSubmitter
 from services.submission.server import (
     ClientLimits,
-    GrpcMailSubmitter,
     MailSubmitter,
     SubmissionHandler,
     SubmissionSMTP,

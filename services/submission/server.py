@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 import grpc
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
-from azora.mail.v1 import mail_pb2, mail_pb2_grpc
 
 from services.core.auth import API_KEY_PREFIX, ApiKeyResolver
 from services.core.context import Principal
@@ -69,41 +68,6 @@ class MailSubmitter(Protocol):
             grpc.aio.AioRpcError: the mail service refused it or could not be reached.
         """
         ...
-
-
-class GrpcMailSubmitter:
-    """`MailSubmitter` over `MailService.SubmitMessage`, authenticated with the client's key."""
-
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
-        self._stub = mail_pb2_grpc.MailServiceStub(channel)
-        self._timeout = timeout
-
-    async def submit(
-        self,
-        *,
-        identity: Identity,
-        raw: bytes,
-        envelope_from: str,
-        envelope_to: list[str],
-        client_address: str,
-    ) -> str:
-        """See `MailSubmitter.submit`."""
-        email = await self._stub.SubmitMessage(
-            mail_pb2.SubmitMessageRequest(
-                raw_message=raw,
-                envelope_from=envelope_from,
-                envelope_to=envelope_to,
-                client_address=client_address,
-            ),
-            # The client address is what the mail service's rate limits count (it believes
-            # x-forwarded-for only from trusted proxies: AZORA_TRUSTED_PROXIES).
-            metadata=(
-                ("authorization", f"Bearer {identity.api_key}"),
-                ("x-forwarded-for", client_address),
-            ),
-            timeout=self._timeout,
-        )
-        return email.id
 
 
 class ClientLimits:
@@ -530,7 +494,6 @@ def silence_protocol_log() -> None:
 
 __all__ = [
     "ClientLimits",
-    "GrpcMailSubmitter",
     "Identity",
     "MailSubmitter",
     "SubmissionHandler",

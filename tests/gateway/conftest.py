@@ -22,7 +22,7 @@ from services.core.clock import ManualClock
 from services.core.runtime import RunningService
 from services.core.settings import Settings
 from services.domain.app import DomainApp
-from services.domain.app import build as build_domain
+from services.domain.app import build_app as build_domain
 from services.mail.app import build as build_mail
 from services.smtp.app import build_app as build_smtp
 from tests.conftest import Tenant, new_tenant

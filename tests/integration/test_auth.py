@@ -20,7 +20,7 @@ from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 from services.core.auth import issue_jwt
 from services.core.runtime import RunningService
 from services.core.settings import Settings
-from services.domain.app import DomainApp, build
+from services.domain.app import DomainApp, build_app
 from services.smtp.app import build as build_smtp
 from tests.conftest import TEST_JWT_SECRET, Tenant, make_settings, new_tenant
 from tests.support.grpc_errors import failure_of
@@ -262,7 +262,7 @@ async def test_production_mode_requires_credentials(ferretdb: str) -> None:
         AZORA_ENV="production",
         AZORA_SECRETS_KEY="c2VjcmV0cy1rZXktZm9yLXRoZS10ZXN0LXN1aXRlISE=",
     )
-    app = await build(settings, bind="127.0.0.1:0", run_lifecycle=False)
+    app = await build_app(settings, bind="127.0.0.1:0", run_lifecycle=False)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.running.port}") as channel:
             stub = domain_pb2_grpc.DomainServiceStub(channel)

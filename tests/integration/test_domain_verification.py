@@ -15,7 +15,7 @@ from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 
 from services.core.clock import ManualClock
 from services.core.settings import Settings
-from services.domain.app import DomainApp, build
+from services.domain.app import DomainApp, build_app
 from tests.conftest import Tenant, make_settings, new_tenant, unique_domain
 from tests.support.dns_server import KnotServer, SilentDnsServer
 from tests.support.grpc_errors import failure_of
@@ -191,7 +191,7 @@ async def lifecycle(
         AZORA_RECHECK_INTERVAL=str(600),
         AZORA_SUSPENSION_GRACE=str(1800),
     )
-    app = await build(settings, clock=clock, bind="127.0.0.1:0", run_lifecycle=False)
+    app = await build_app(settings, clock=clock, bind="127.0.0.1:0", run_lifecycle=False)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.running.port}") as channel:
         yield app, domain_pb2_grpc.DomainServiceStub(channel), clock, settings
     await app.running.stop(None)
@@ -309,7 +309,7 @@ async def test_dns_server_not_answering_is_a_timeout(
         AZORA_DNS_PORT=str(silent_dns_server.port),
         AZORA_DNS_TIMEOUT="1",
     )
-    app = await build(settings, bind="127.0.0.1:0", run_lifecycle=False)
+    app = await build_app(settings, bind="127.0.0.1:0", run_lifecycle=False)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.running.port}") as channel:
             stub = domain_pb2_grpc.DomainServiceStub(channel)

@@ -14,7 +14,7 @@ import grpc
 from azora.health.v1 import health_pb2 as suite_pb2
 from azora.mail.v1 import mail_pb2
 
-from services.health.delivery import MailDeliveryProbe
+from services.health.mail_client import MailDeliveryProbe
 from tests.conftest import Tenant
 from tests.mail.conftest import LocalMail, Script, ScriptedRelay
 from tests.support.grpc_errors import failure_of

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import Relaxed  # type: ignore[import-untyped]
 
-from services.domain.dns_records import split_txt
+from services.core.dns_names import split_txt
 from services.mail.dkim_signer import Algorithm, DkimSigner, relaxed_body
 from tests.conftest import unique_domain
 from tests.smtp.verifiers import opendkim_verdict, quoted

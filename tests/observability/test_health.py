@@ -18,7 +18,7 @@ from services.core.runtime import watch_readiness
 from services.core.server import create_server
 from services.core.settings import Settings
 from services.domain.app import DOMAIN_SERVICE, DomainApp
-from services.domain.app import build as build_domain
+from services.domain.app import build_app as build_domain
 from tests.gateway.rest import call
 from tests.observability.conftest import serve_gateway
 

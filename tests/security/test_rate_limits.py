@@ -413,7 +413,7 @@ async def test_two_service_processes_enforce_one_budget(
 async def test_api_key_lookups_between_services_are_not_limited(
     limited: LimitedServices,
 ) -> None:
-    from services.iam.servicer import remote_api_key_resolver
+    from services.core.api_key_client import remote_api_key_resolver
 
     service = await _domain(limited, RATE_LIMIT_MAX="1")
     caller = service.settings.with_overrides(

@@ -96,7 +96,7 @@ async def test_generated_keys_sign_mail_that_dkimpy_and_opendkim_verify(
     )
     assert active.status == ACTIVE
     assert active.dns_check.status == smtp_pb2.RECORD_CHECK_STATUS_OK
-    signing = await smtp_app.smtp.signing_key(tenant_id=tenant.id, domain_id=domain.id)
+    signing = await smtp_app.dkim.signing_key(tenant_id=tenant.id, domain_id=domain.id)
     assert signing is not None
     assert signing.selector == key.selector
     signed = sign(signing, message(domain.name))
@@ -246,4 +246,4 @@ async def test_pending_keys_never_sign(
     # Until a key is active there is nothing to sign with (never a key that may be unpublished).
     domain = await register(domains_stub, tenant)
     await generate(smtp_stub, tenant, domain.id, algorithm=ED25519)
-    assert await smtp_app.smtp.signing_key(tenant_id=tenant.id, domain_id=domain.id) is None
+    assert await smtp_app.dkim.signing_key(tenant_id=tenant.id, domain_id=domain.id) is None

@@ -72,14 +72,14 @@ async def statuses(r: Rotation, tenant: Tenant, domain_id: str) -> dict[str, int
 
 
 async def signed_now(r: Rotation, tenant: Tenant, domain: domain_pb2.Domain, tag: str) -> bytes:
-    key = await r.app.smtp.signing_key(tenant_id=tenant.id, domain_id=domain.id)
+    key = await r.app.dkim.signing_key(tenant_id=tenant.id, domain_id=domain.id)
     assert key is not None, "no active key: mail would leave unsigned"
     return sign(key, message(domain.name, tag))
 
 
 async def tick(r: Rotation, delta: timedelta) -> None:
     r.clock.advance(delta)
-    await r.app.smtp.run_lifecycle_once()
+    await r.app.dkim.run_lifecycle_once()
 
 
 async def test_rotation_never_leaves_mail_unsigned_or_unverifiable(
@@ -206,7 +206,7 @@ async def test_manual_rotation_and_rollback_to_a_retiring_key(
     )
     assert back.status == STATUS.Value("DKIM_KEY_STATUS_ACTIVE")
     assert (await statuses(r, tenant, domain.id))["b"] == STATUS.Value("DKIM_KEY_STATUS_RETIRING")
-    signing = await r.app.smtp.signing_key(tenant_id=tenant.id, domain_id=domain.id)
+    signing = await r.app.dkim.signing_key(tenant_id=tenant.id, domain_id=domain.id)
     assert signing is not None
     assert signing.selector == "a"
 

@@ -89,7 +89,7 @@ async def test_database_dump_contains_no_password_or_private_key(
             smtp_pb2.ActivateDkimKeyRequest(domain_id=domain.id, selector=key.selector),
             metadata=tenant.metadata,
         )
-        signing = await smtp_app.smtp.signing_key(tenant_id=tenant.id, domain_id=domain.id)
+        signing = await smtp_app.dkim.signing_key(tenant_id=tenant.id, domain_id=domain.id)
         assert signing is not None
         pems.append(signing.private_key_pem)
 

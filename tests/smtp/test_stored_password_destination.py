@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     DomainStub = domain_pb2_grpc.DomainServiceAsyncStub
     Stub = smtp_pb2_grpc.SmtpServiceAsyncStub
 
-NONE = smtp_pb2.SECURITY_MODE_NONE
+NONE = "none"  # UpdateSmtpConfigRequest.security is a string (the product spec's words)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from services.core.ids import new_id
 from services.core.ratelimit import RateLimiter
 from services.core.runtime import RunningService
 from services.core.settings import Settings
-from services.domain.app import build as build_domain
+from services.domain.app import build_app as build_domain
 from services.mail.app import build_app as build_mail
 from services.mail.relay_directory import InMemoryRelayDirectory, RelaySecurity, RelaySettings
 from services.mail.relay_lookup import DirectoryRelayLookup

@@ -1,4 +1,4 @@
-"""Unit tests for services.domain.dns_records: name normalisation, record-set rules, zone files."""
+"""Unit tests for DNS names (services.core.dns_names) and record sets, zone files (domain)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ import dns.rdatatype
 import dns.zone
 import pytest
 
+from services.core.dns_names import normalize_domain_name
 from services.core.errors import InvalidArgument
-from services.domain.dns_records import (
-    normalize_domain_name,
-    normalize_record_set,
-    to_zone_file,
-)
+from services.domain.dns_records import normalize_record_set, to_zone_file
 from services.domain.models import DnsRecord, DnsRecordInput, DnsRecordType
 
 DOMAIN = "example.com"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import ipaddress
 from datetime import timedelta
 
+from services.core.dns_names import normalize_domain_name
 from services.core.errors import FieldViolation, InvalidArgument
 from services.core.netguard import AddressPolicy
-from services.domain.dns_records import normalize_domain_name
 from services.smtp.models import RelaySettings, RelaySettingsInput, SecurityMode
 
 MAX_TIMEOUT = timedelta(minutes=5)

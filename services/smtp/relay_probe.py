@@ -41,7 +41,7 @@ from services.smtp.models import (
     SecurityMode,
     TlsInfo,
 )
-from services.smtp.relay import parse_ip_literal
+from services.smtp.relay_settings import parse_ip_literal
 
 # Mechanisms aiosmtplib implements, in our order of preference (PLAIN and LOGIN are equally
 # exposed without TLS; CRAM-MD5 is last because servers rarely offer it any more).
