@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,7 +41,14 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from services.core.errors import NotFound
-from services.core.mongo import Document, IndexSpec, is_duplicate_key
+from services.core.mongo import (
+    MAX_WRITE_BATCH,
+    Document,
+    IndexSpec,
+    chunked,
+    is_duplicate_key,
+    is_transient,
+)
 from services.mail.models import (
     UNFINISHED,
     AttachmentInfo,
@@ -55,6 +63,8 @@ from services.mail.models import (
     RecipientStatus,
     SmtpReply,
 )
+
+log = logging.getLogger(__name__)
 
 EMAILS = "emails"
 IDEMPOTENCY = "email_idempotency"
@@ -146,7 +156,15 @@ class EmailRepository(Protocol):
         events: Sequence[Event],
         now: datetime,
     ) -> bool:
-        """Record an attempt's outcome if the lease is still ours (False otherwise)."""
+        """Record an attempt's outcome if the lease is still ours (False otherwise).
+
+        While the database is unreachable the outcome is kept and written once it answers;
+        until then this does not return, and the email is not claimed again by this process.
+        """
+        ...
+
+    async def flush_outcomes(self, *, within: float) -> int:
+        """Wait up to `within` s for kept outcomes to be written; how many are still kept."""
         ...
 
     async def release(self, *, claimed: Claimed, now: datetime) -> None:
@@ -376,15 +394,38 @@ class _GroupCommit(Generic[_Item]):
     FerretDB (SQLite) pays mostly per command and per transaction: one insertMany of 50
     documents costs about as much as two single inserts. Callers that arrive while a batch is
     being written wait for the next one, so a lone caller is written at once and a burst
-    shares commands (group commit, as databases do with their log).
+    shares commands (group commit, as databases do with their log). A batch never exceeds
+    `MAX_WRITE_BATCH` items, so neither does any command written for it.
+
+    With ``keep_while_unreachable`` a batch that fails because the database is away (see
+    `is_transient`) is not failed: it stays first in line and is written again, with a capped
+    backoff, until the database answers. Its callers simply wait, so memory stays bounded by
+    the number of callers (delivery loops), who claim nothing new meanwhile. Other failures
+    fail the batch's callers, as without the option.
     """
 
-    _MAX_BATCH = 256
+    # Waits between attempts to write a batch the database did not take (seconds).
+    _RETRY_FIRST = 0.1
+    _RETRY_MAX = 2.0
 
-    def __init__(self, write: Callable[[list[_Item]], Awaitable[list[bool]]]) -> None:
+    def __init__(
+        self,
+        write: Callable[[list[_Item]], Awaitable[list[bool]]],
+        *,
+        keep_while_unreachable: bool = False,
+    ) -> None:
         self._write = write
+        self._keep = keep_while_unreachable
         self._pending: list[tuple[_Item, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._writing = 0  # items of the batch being written
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def pending(self) -> int:
+        """Items submitted and not written yet (the batch being written included)."""
+        return len(self._pending) + self._writing
 
     async def submit(self, item: _Item) -> bool:
         """Have `item` written with the next batch; the batch's verdict on it."""
@@ -394,45 +435,92 @@ class _GroupCommit(Generic[_Item]):
             # A fresh context: the writer serves many callers, so it must not inherit the
             # first one's request deadline (pymongo.timeout lives in a context variable and
             # would fail every later batch once that request's time is up) or its trace.
+            self._idle.clear()
             self._writer = asyncio.create_task(self._write_all(), context=contextvars.Context())
         # Shielded: a caller that gives up (deadline, cancellation) does not cancel the write
         # of the others' items; its own may still be written, as with a single command.
         return await asyncio.shield(done)
 
+    async def drain(self, within: float) -> bool:
+        """Wait up to `within` seconds until everything submitted is written (or failed).
+
+        Returns:
+            Whether nothing is left to write.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=within)
+        return self._idle.is_set()
+
     async def _write_all(self) -> None:
-        while self._pending:
-            batch = self._pending[: self._MAX_BATCH]
-            del self._pending[: self._MAX_BATCH]
-            try:
-                verdicts = await self._write([item for item, _ in batch])
-            except Exception as exc:
-                for _, done in batch:
+        delay = self._RETRY_FIRST
+        try:
+            while self._pending:
+                batch = self._pending[:MAX_WRITE_BATCH]
+                del self._pending[:MAX_WRITE_BATCH]
+                self._writing = len(batch)
+                try:
+                    verdicts = await self._write([item for item, _ in batch])
+                except Exception as exc:
+                    self._writing = 0
+                    if self._keep and is_transient(exc):
+                        if delay == self._RETRY_FIRST:
+                            log.warning(
+                                "database unreachable; keeping writes to retry",
+                                extra={"fields": {"kept": len(batch) + len(self._pending)}},
+                            )
+                        self._pending[:0] = batch  # first in line when the database is back
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, self._RETRY_MAX)
+                        continue
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                            # Retrieved here so that a caller who gave up meanwhile (deadline)
+                            # leaves no "exception never retrieved" noise; others still get it.
+                            done.exception()
+                    continue
+                self._writing = 0
+                if delay != self._RETRY_FIRST:
+                    log.warning("database back; kept writes written", extra={"fields": {}})
+                delay = self._RETRY_FIRST
+                for (_, done), ok in zip(batch, verdicts, strict=True):
                     if not done.done():
-                        done.set_exception(exc)
-                        # Retrieved here so that a caller who gave up meanwhile (deadline)
-                        # leaves no "exception never retrieved" noise; others still get it.
-                        done.exception()
-                continue
-            for (_, done), ok in zip(batch, verdicts, strict=True):
-                if not done.done():
-                    done.set_result(ok)
+                        done.set_result(ok)
+        finally:
+            if not self._pending:
+                self._idle.set()
 
 
 async def _insert_many_unique(
     collection: AsyncCollection[Document], docs: list[Document]
 ) -> list[bool]:
-    """Insert `docs` in one command; which went in (False: the _id was taken already)."""
-    if not docs:
-        return []
-    try:
-        await collection.insert_many(docs, ordered=False)
-    except BulkWriteError as exc:
-        errors = exc.details.get("writeErrors", [])
-        if any(int(e.get("code", 0)) != 11000 for e in errors):
-            raise
-        failed = {int(e["index"]) for e in errors}
-        return [i not in failed for i in range(len(docs))]
-    return [True] * len(docs)
+    """Insert `docs` (in commands of `MAX_WRITE_BATCH`); which went in (False: _id taken)."""
+    taken: list[bool] = []
+    for part in chunked(docs):
+        try:
+            await collection.insert_many(part, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(int(e.get("code", 0)) != 11000 for e in errors):
+                raise
+            failed = {int(e["index"]) for e in errors}
+            taken.extend(i not in failed for i in range(len(part)))
+            continue
+        taken.extend([True] * len(part))
+    return taken
+
+
+@dataclass(slots=True)
+class _PendingOutcome:
+    """An attempt's outcome waiting to be written (see `MongoEmailRepository.finish_attempt`)."""
+
+    email_id: str
+    claim_no: int
+    attempts: int
+    email: UpdateOne
+    entry: UpdateOne | DeleteOne
+    # A write of it failed before: it may have landed without our hearing the answer.
+    retried: bool = False
 
 
 class MongoEmailRepository:
@@ -446,7 +534,12 @@ class MongoEmailRepository:
         self._bucket = AsyncGridFSBucket(db, bucket_name=CONTENT_BUCKET)
         self._inline_limit = inline_limit
         self._inserts = _GroupCommit(self._write_new)
-        self._outcomes = _GroupCommit(self._write_outcomes)
+        # Outcomes are kept while the database is away: the relay has answered, and an
+        # outcome dropped now would have the email delivered again after its lease.
+        self._outcomes = _GroupCommit(self._write_outcomes, keep_while_unreachable=True)
+        # Emails whose outcome waits to be written -> their claim number. Never claimed again
+        # by this process meanwhile, even once their lease has expired.
+        self._recording: dict[str, int] = {}
         # Emails seen leased (by anyone, this process included) -> when that lease expires.
         # Left out of the next claims' queries: FerretDB returns the first due entries in
         # insertion order, and without this a window full of emails being delivered would
@@ -599,8 +692,9 @@ class MongoEmailRepository:
             if expiry > now and token not in self._returned
         }
         query: Document = {"due": {"$lte": now}}
-        if self._leased:
-            query["_id"] = {"$nin": list(self._leased)}
+        skip = [*self._leased, *(eid for eid in self._recording if eid not in self._leased)]
+        if skip:
+            query["_id"] = {"$nin": skip}
         # No sort on the server (FerretDB sorts by scanning everything); a plain filter with a
         # limit stops early. The most overdue of the window go first; the head is shuffled so
         # that concurrent claimers do not all fight over the same few emails.
@@ -641,10 +735,10 @@ class MongoEmailRepository:
                 Event(EventType.CLAIMED, now, detail=worker_id),
             )
             out.append(Claimed(email, token, number, now + lease, events))
-        if stale:
-            await self._queue.delete_many({"_id": {"$in": stale}})
-        if unborn:
-            await self._claims.bulk_write([DeleteOne({"_id": c}) for c in unborn])
+        for part in chunked(stale):
+            await self._queue.delete_many({"_id": {"$in": list(part)}})
+        for part in chunked(unborn):
+            await self._claims.bulk_write([DeleteOne({"_id": c}) for c in part])
         return out
 
     async def _win_claims(
@@ -711,11 +805,11 @@ class MongoEmailRepository:
                 retry[eid] = number + 1
         return won, expired
 
-    async def _holds(self, claimed: Claimed) -> bool:
+    async def _holds(self, email_id: str, claim_no: int) -> bool:
         # The fence against a worker whose lease expired and was taken over: the next claim
         # number exists. (Read, then write by _id: FerretDB has no conditional update that is
         # isolated, so a takeover between the two is the remaining, lease-sized, window.)
-        later = await self._claims.find_one({"_id": f"{claimed.email.id}:{claimed.claim_no + 1}"})
+        later = await self._claims.find_one({"_id": f"{email_id}:{claim_no + 1}"})
         return later is None
 
     async def queue_health(self, *, now: datetime) -> tuple[int, float]:
@@ -742,10 +836,15 @@ class MongoEmailRepository:
         events: Sequence[Event],
         now: datetime,
     ) -> bool:
-        """See `EmailRepository.finish_attempt`."""
+        """See `EmailRepository.finish_attempt`.
+
+        Written with other outcomes (`_GroupCommit`), and kept while the database is away:
+        this waits until the database has taken it. A caller cancelled meanwhile (shutdown)
+        leaves it with the group commit, which still writes it if the database returns before
+        the process ends (`flush_outcomes`); otherwise the lease, never released, runs out and
+        the email is attempted again (the documented duplicate window).
+        """
         email_id = claimed.email.id
-        if not await self._holds(claimed):
-            return False
         update: Document = {
             "$set": {
                 "recipients": [_recipient_doc(r) for r in recipients],
@@ -765,19 +864,66 @@ class MongoEmailRepository:
             )
         else:
             entry = DeleteOne({"_id": email_id})
-        await self._outcomes.submit((UpdateOne({"_id": email_id}, update), entry))
-        self._leased.pop(email_id, None)
-        return True
+        self._recording[email_id] = claimed.claim_no
+        return await self._outcomes.submit(
+            _PendingOutcome(
+                email_id,
+                claimed.claim_no,
+                claimed.email.attempts,
+                UpdateOne({"_id": email_id}, update),
+                entry,
+            )
+        )
 
-    async def _write_outcomes(
-        self, batch: list[tuple[UpdateOne, UpdateOne | DeleteOne]]
-    ) -> list[bool]:
+    async def flush_outcomes(self, *, within: float) -> int:
+        """See `EmailRepository.flush_outcomes`."""
+        await self._outcomes.drain(within)
+        return self._outcomes.pending
+
+    async def _write_outcomes(self, batch: list[_PendingOutcome]) -> list[bool]:
+        try:
+            return await self._write_outcome_batch(batch)
+        except Exception as exc:
+            for outcome in batch:
+                outcome.retried = True
+                if not is_transient(exc) and self._recording.get(outcome.email_id) == (
+                    outcome.claim_no
+                ):
+                    # Failed for good (not kept): the lease decides as for any failure.
+                    del self._recording[outcome.email_id]
+            raise
+
+    async def _write_outcome_batch(self, batch: list[_PendingOutcome]) -> list[bool]:
+        # The fence, per outcome: the lease is still ours unless the next claim exists.
+        held = await asyncio.gather(*(self._holds(o.email_id, o.claim_no) for o in batch))
+        mine = [o for o, ok in zip(batch, held, strict=True) if ok]
+        # A retry after a failed write: an email whose update did land (the answer was lost)
+        # is not updated twice, which would repeat its events.
+        landed: set[str] = set()
+        retried = [o for o in mine if o.retried]
+        if retried:
+            docs = await asyncio.gather(
+                *(self._emails.find_one({"_id": o.email_id}, {"attempts": 1}) for o in retried)
+            )
+            landed = {
+                o.email_id
+                for o, doc in zip(retried, docs, strict=True)
+                if doc is not None and int(doc.get("attempts", 0)) >= o.attempts
+            }
         # Emails first, entries second: a crash in between leaves entries whose next claim
         # sees the recorded outcome (finished: entry dropped; deferred: retried early), never
         # an unrecorded delivery.
-        await self._emails.bulk_write([email for email, _ in batch], ordered=False)
-        await self._queue.bulk_write([entry for _, entry in batch], ordered=False)
-        return [True] * len(batch)
+        emails = [o.email for o in mine if o.email_id not in landed]
+        if emails:
+            await self._emails.bulk_write(emails, ordered=False)
+        if mine:
+            await self._queue.bulk_write([o.entry for o in mine], ordered=False)
+        for o, ok in zip(batch, held, strict=True):
+            if self._recording.get(o.email_id) == o.claim_no:
+                del self._recording[o.email_id]
+            if ok:
+                self._leased.pop(o.email_id, None)
+        return list(held)
 
     async def release(self, *, claimed: Claimed, now: datetime) -> None:
         """See `EmailRepository.release`: the lease ends now, nothing else was written."""
