@@ -132,8 +132,11 @@ class CommandObserver(monitoring.CommandListener):
             span.end()
 
 
-def create_client(settings: Settings) -> AsyncMongoClient[Document]:
-    """A client for the configured server (call inside the running event loop)."""
+def create_client(settings: Settings, **options: Any) -> AsyncMongoClient[Document]:
+    """A client for the configured server (call inside the running event loop).
+
+    `options` are further client options (a short-lived client of a health check uses them).
+    """
     return AsyncMongoClient(
         settings.mongodb_uri,
         event_listeners=[CommandObserver()],
@@ -142,6 +145,7 @@ def create_client(settings: Settings) -> AsyncMongoClient[Document]:
         tz_aware=True,
         appname=settings.service_name,
         uuidRepresentation="standard",
+        **options,
     )
 
 
@@ -182,13 +186,17 @@ async def probe(db: AsyncDatabase[Document], *, within: float) -> None:
             end the caller).
     """
     try:
-        async with asyncio.timeout(within):
+        # The driver's own timeout bounds the probe. The outer one is only a guard against a
+        # client that hangs, and fires well after it: a cancellation landing while PyMongo
+        # times out its server selection corrupts its topology lock on Python 3.11 (it uses
+        # asyncio.wait_for), which wedges the client for good.
+        async with asyncio.timeout(2 * within + 1):
             with pymongo.timeout(within):
                 await db.command("ping")
                 await db[PROBE_COLLECTION].find_one({"_id": "probe"})
     except TimeoutError:
         raise Unavailable(
-            f"the database did not answer within {within:g} s", retry_after_seconds=2
+            f"the database did not answer within {2 * within + 1:g} s", retry_after_seconds=2
         ) from None
     except PyMongoError as exc:
         raise translate_error(exc) from exc

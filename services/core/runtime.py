@@ -181,7 +181,9 @@ class DatabaseWatch:
             return None
 
         async def fresh_answers() -> bool:
-            client = create_client(settings)
+            # Polling monitoring: no background RTT connection left half-open when this
+            # short-lived client closes right after its one probe.
+            client = create_client(settings, serverMonitoringMode="poll")
             try:
                 await probe(
                     client[settings.mongodb_database],
