@@ -24,12 +24,15 @@ import grpc
 import pytest
 from aiosmtpd.smtp import SMTP
 from azora.mail.v1 import mail_pb2, mail_pb2_grpc
+from pymongo import AsyncMongoClient
 
 from services.core.clock import ManualClock
 from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary, pick_free_port
-from services.mail.app import build_app
+from services.core.mongo import Document
+from services.mail.app import build_app, make_worker
 from services.mail.relay_directory import InMemoryRelayDirectory
 from services.mail.relay_lookup import DirectoryRelayLookup
+from services.mail.repository import MongoEmailRepository
 from services.mail.senders import StaticSenderDirectory
 from tests.conftest import REPO_ROOT, Tenant, make_settings
 from tests.mail.conftest import RETRY_ENV, START, LocalMail
@@ -171,3 +174,74 @@ async def test_outcomes_given_by_the_relay_survive_a_database_outage(
     copies = Counter(handler.message_ids)
     assert set(copies) == {email.message_id for email in sent}
     assert {mid: n for mid, n in copies.items() if n > 1} == {}
+
+
+async def test_shutdown_during_an_outage_keeps_the_leases_of_unrecorded_outcomes(
+    outage_mail: LocalMail, own_ferretdb: EmbeddedFerretDB, tenant: Tenant
+) -> None:
+    # SIGTERM with outcomes the database has not taken: the grace period ends with the
+    # deliveries still recording, they are cancelled, and their leases are kept (not released),
+    # so another process claims nothing while they last; the outcomes are written once the
+    # database answers, and nothing is delivered twice.
+    handler = GatedHandler()
+    relay = await asyncio.get_running_loop().create_server(
+        lambda: SMTP(handler, hostname="relay.test"), "127.0.0.1", 0
+    )
+    worker = outage_mail.worker(
+        AZORA_MAIL_WORKER_CONCURRENCY=str(IN_FLIGHT), AZORA_MAIL_RELAY_CONNECTIONS=str(IN_FLIGHT)
+    )
+    other_client: AsyncMongoClient[Document] = AsyncMongoClient(own_ferretdb.uri, tz_aware=True)
+    # A worker of another process: its own client and repository, same database and clock.
+    other = make_worker(
+        outage_mail.settings,
+        emails=MongoEmailRepository(
+            other_client[outage_mail.settings.mongodb_database], inline_limit=256 * 1024
+        ),
+        relays=outage_mail.lookup,
+        clock=outage_mail.clock,
+    )
+    run: asyncio.Task[None] | None = None
+    try:
+        _, name = outage_mail.add_domain(
+            tenant, port=relay.sockets[0].getsockname()[1], timeout=HANG_GUARD_SECONDS
+        )
+        sent = [
+            await outage_mail.send(
+                tenant, from_address=f"s@{name}", to=[f"r{i}@example.org"], subject="x", text="y"
+            )
+            for i in range(IN_FLIGHT)
+        ]
+        async with asyncio.timeout(HANG_GUARD_SECONDS):
+            run = asyncio.create_task(worker.run())
+            await wait_until(lambda: handler.waiting == IN_FLIGHT)
+            await asyncio.to_thread(own_ferretdb.stop)
+            handler.gate.set()
+            await wait_until(lambda: handler.answered == IN_FLIGHT)
+            # SIGTERM: stop claiming, a (short) grace period, then cancel what is left.
+            worker.stop()
+            assert await worker.wait_quiet(OUTAGE_SECONDS) is False
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+            await asyncio.to_thread(own_ferretdb.start)
+            # Another process, within the lease: every email is still held.
+            assert await other.run_once() == 0
+
+            async def all_sent() -> bool:
+                for email in sent:
+                    got = await outage_mail.get(tenant, email.id)
+                    if got.status != mail_pb2.EMAIL_STATUS_SENT:
+                        return False
+                return True
+
+            # This process's kept outcomes are written once the database answers.
+            await wait_until(all_sent)
+            outage_mail.clock.advance(timedelta(seconds=float(RETRY_ENV["AZORA_MAIL_LEASE"]) * 2))
+            assert await other.run_once() == 0
+    finally:
+        if run is not None and not run.done():
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+        await other_client.close()
+        relay.close()
+        await relay.wait_closed()
+    assert sorted(handler.message_ids) == sorted(email.message_id for email in sent)
