@@ -7,8 +7,11 @@ after 5 days), ``AZORA_MAIL_LEASE`` = ``DRILL_LEASE`` (default 15 s; production 
 
 * ``kill9``: N emails, two worker processes, ``DRILL_KILLS`` SIGKILLs of a random worker at
   random moments (each restarted at once);
-* ``database``: FerretDB stopped for ``DRILL_DB_DOWN_SECONDS`` under load, then restarted on
-  the same data directory and port; the services are not restarted;
+* ``database``: FerretDB stopped for ``DRILL_DB_DOWN_SECONDS`` under load, with deliveries in
+  flight (the sink holds each message ``DRILL_RELAY_DELAY`` seconds before its 250, so some
+  are accepted by the relay while the database is away), then restarted on the same data
+  directory and port; the services are not restarted. Duplicates must be 0: an outcome the
+  relay gave is kept until the database takes it;
 * ``relay-down``: the relay (sink) stopped for ``DRILL_RELAY_DOWN_SECONDS`` with mail queued;
 * ``relay-4xx``: the relay answers 451 to every RCPT for ``DRILL_TEMPFAIL_SECONDS``, and 550
   always to ``reject-*`` recipients (undeliverable on purpose);
@@ -97,8 +100,12 @@ class Drill:
         accepted_ids: list[str],
         *,
         undeliverable: str = "",
+        no_duplicates: bool = False,
     ) -> None:
-        """Every accepted email finished as expected; duplicates only inside the window."""
+        """Every accepted email finished as expected; duplicates only inside the window.
+
+        With `no_duplicates`, where no process dies, any duplicate at all is a failure.
+        """
         by_id = {str(e["_id"]): e for e in emails}
         statuses = Counter(e["status"] for e in emails)
         self.say(f"stored emails: {len(emails)}, statuses {dict(statuses)}")
@@ -143,6 +150,8 @@ class Drill:
         )
         if outside:
             self.fail(f"{len(outside)} duplicates without a second claim (outside the window)")
+        if no_duplicates and duplicated:
+            self.fail(f"{len(duplicated)} emails delivered more than once (no process died)")
         if not wrong and not lost and not missing:
             self.say("every accepted email ended as expected")
 
@@ -223,6 +232,9 @@ async def database(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     try:
         await start(d)
         assert d.suite.ferret is not None
+        # Deliveries stay in flight: the relay holds each message before its 250.
+        d.suite.stop_sink()
+        d.suite.start_sink(data_delay=args.relay_delay)
         tag = "database"
         before, down = 5.0, args.db_down
         end = time.time() + before + down + 15
@@ -240,6 +252,7 @@ async def database(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         await asyncio.sleep(before)
         down_at = time.time()
         await asyncio.to_thread(d.suite.ferret.stop)
+        gone_at = time.time()  # FerretDB has exited (it may drain connections after SIGTERM)
         d.say(f"FerretDB stopped at +{down_at - d.started:.1f}s for {down:.0f} s "
               "(DRILL_DB_DOWN_SECONDS)")  # fmt: skip
         await asyncio.sleep(down)
@@ -269,9 +282,15 @@ async def database(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         first = f", the first {ok_after[0] - up_at:.1f}s after it" if ok_after else ""
         d.say(f"{len(ok_after)} sends accepted after the restart{first}")
         emails = await d.wait_finished(tag, args.timeout)
+        during = [t for t, _, _, _ in read_sink_log(d.suite.sink_log)[0] if gone_at <= t <= up_at]
+        d.say(f"the relay accepted {len(during)} messages after FerretDB had exited "
+              f"(+{gone_at - d.started:.1f}s) and before its restart "
+              f"(each held {args.relay_delay:g} s before its 250, DRILL_RELAY_DELAY)")  # fmt: skip
+        if not during:
+            d.fail("no delivery was in flight when the database stopped")
         # UNAVAILABLE allowed from the stop until 15 s after the restart (reconnection).
         d.check_client_errors(load, [(down_at - 1, up_at + 15)])
-        d.check_outcome(emails, load.ids)
+        d.check_outcome(emails, load.ids, no_duplicates=True)
     finally:
         await asyncio.to_thread(d.suite.stop)
     return d.verdict()
@@ -419,6 +438,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=int(env_number("DRILL_KILLS", 3)))
     parser.add_argument("--lease", type=float, default=env_number("DRILL_LEASE", 15))
     parser.add_argument("--db-down", type=float, default=env_number("DRILL_DB_DOWN_SECONDS", 30))
+    parser.add_argument("--relay-delay", type=float, default=env_number("DRILL_RELAY_DELAY", 1))
     parser.add_argument(
         "--relay-down", type=float, default=env_number("DRILL_RELAY_DOWN_SECONDS", 60)
     )

@@ -8,7 +8,9 @@ the faults the drills need:
 
 * ``--tempfail-until EPOCH``: answer ``451 4.3.0`` to every RCPT TO until then (relay 4xx);
 * ``--reject-prefix PREFIX``: answer ``550 5.1.1`` to recipients whose local part starts
-  with PREFIX, always (permanently undeliverable mail).
+  with PREFIX, always (permanently undeliverable mail);
+* ``--data-delay SECONDS``: wait that long before the final 250 to each message (deliveries
+  stay in flight for a while: the database drill stops the database in the middle of them).
 
 Run: ``python -m bench.sink --port 2525 --log build/bench/sink.log``. SIGTERM stops it.
 """
@@ -28,10 +30,13 @@ MAX_LINE = 1 << 20
 class Sink:
     """The SMTP conversation: enough of RFC 5321 for our relays, Postfix and smtp-source."""
 
-    def __init__(self, log: TextIO, *, tempfail_until: float, reject_prefix: str) -> None:
+    def __init__(
+        self, log: TextIO, *, tempfail_until: float, reject_prefix: str, data_delay: float = 0.0
+    ) -> None:
         self.log = log
         self.tempfail_until = tempfail_until
         self.reject_prefix = reject_prefix.lower()
+        self.data_delay = data_delay
         self.count = 0
 
     def rcpt_reply(self, address: str) -> bytes:
@@ -67,6 +72,8 @@ class Sink:
                     writer.write(b"354 go ahead\r\n")
                     await writer.drain()
                     message_id, signed = await self.read_data(reader)
+                    if self.data_delay:
+                        await asyncio.sleep(self.data_delay)
                     self.count += 1
                     self.log.write(f"{time.time():.6f}\t{message_id}\t{rcpts[0]}\t{signed:d}\n")
                     writer.write(b"250 2.0.0 ok: queued\r\n")
@@ -104,7 +111,12 @@ class Sink:
 async def main_async(args: argparse.Namespace) -> None:
     """Serve until SIGTERM/SIGINT."""
     with open(args.log, "a", buffering=1) as log:  # noqa: ASYNC230 - one open at start-up
-        sink = Sink(log, tempfail_until=args.tempfail_until, reject_prefix=args.reject_prefix)
+        sink = Sink(
+            log,
+            tempfail_until=args.tempfail_until,
+            reject_prefix=args.reject_prefix,
+            data_delay=args.data_delay,
+        )
         server = await asyncio.start_server(
             sink.serve, args.host, args.port, limit=MAX_LINE, backlog=1024
         )
@@ -128,6 +140,7 @@ def main() -> None:
     parser.add_argument("--log", required=True, help="file that gets one line per message")
     parser.add_argument("--tempfail-until", type=float, default=0.0)
     parser.add_argument("--reject-prefix", default="")
+    parser.add_argument("--data-delay", type=float, default=0.0)
     asyncio.run(main_async(parser.parse_args()))
 
 

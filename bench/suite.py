@@ -188,13 +188,15 @@ class Suite:
         except subprocess.TimeoutExpired:
             return None
 
-    def start_sink(self, *, tempfail_until: float = 0.0, reject_prefix: str = "") -> None:
+    def start_sink(
+        self, *, tempfail_until: float = 0.0, reject_prefix: str = "", data_delay: float = 0.0
+    ) -> None:
         """(Re)start the counting sink on the suite's sink port, appending to the same log."""
         self.sink = subprocess.Popen(  # noqa: S603
             [
                 sys.executable, "-m", "bench.sink", "--port", str(self.sink_port),
                 "--log", str(self.sink_log), "--tempfail-until", str(tempfail_until),
-                "--reject-prefix", reject_prefix,
+                "--reject-prefix", reject_prefix, "--data-delay", str(data_delay),
             ],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},

@@ -17,8 +17,14 @@ already built everything. Configuration is the services' own environment, passed
   counters live in the mail process) without configuration. Set it (even empty) to choose.
 
 SIGTERM or SIGINT stops the services (SIGTERM, then SIGKILL after a grace period) and then
-FerretDB, which the services need while they drain. If any child exits on its own, everything
-is stopped and the script exits non-zero.
+FerretDB, which the services need while they drain.
+
+A child that exits on its own (crash, ``kill -9``, or a service that found its database client
+wedged and exited for a restart) is started again, alone, after a backoff that starts at
+``AZORA_RESTART_BACKOFF`` seconds (default 1) and doubles up to 30 s while it keeps failing; a
+child that stayed up for a minute starts from the short backoff again. FerretDB is restarted
+the same way on the same port and data, so the services' ``MONGODB_URI`` stays valid. The other
+children keep serving meanwhile: one crash never stops the suite.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
@@ -41,6 +48,7 @@ from services.core.embedded_db import (
     EmbeddedFerretDB,
     die_with_parent_preexec,
     find_ferretdb_binary,
+    pick_free_port,
 )
 from services.core.settings import METRICS_PORTS
 
@@ -49,6 +57,11 @@ FERRETDB_DATA_DIR = REPO_ROOT / "var" / "ferretdb"
 FERRETDB_DEFAULT_PORT = 27017
 # How long the services get to finish in-flight calls after SIGTERM before they are killed.
 SHUTDOWN_GRACE_S = 15.0
+# Restart backoff of a child that exited: first wait (AZORA_RESTART_BACKOFF), doubling up to
+# the cap; reset once the child has run this long.
+RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0
 # (name, python module, port variable, default port)
 SERVICES = (
     ("domain", "services.domain", "AZORA_DOMAIN_GRPC_PORT", 50051),
@@ -113,8 +126,13 @@ def suite_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def start_ferretdb() -> EmbeddedFerretDB:
-    """Start FerretDB on var/ferretdb/, preferring MongoDB's usual port."""
-    port = FERRETDB_DEFAULT_PORT if port_is_free("127.0.0.1", FERRETDB_DEFAULT_PORT) else 0
+    """Start FerretDB on var/ferretdb/, preferring MongoDB's usual port.
+
+    The port is fixed now (not picked at each start) so that a restart keeps the address the
+    services were given.
+    """
+    free = port_is_free("127.0.0.1", FERRETDB_DEFAULT_PORT)
+    port = FERRETDB_DEFAULT_PORT if free else pick_free_port()
     db = EmbeddedFerretDB(
         binary=find_ferretdb_binary(REPO_ROOT), data_dir=FERRETDB_DATA_DIR, port=port
     )
@@ -138,6 +156,25 @@ def start_service(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
+@dataclass
+class Restarts:
+    """When an exited child may start again, and how long the next wait is."""
+
+    first_wait: float
+    wait: float = 0.0
+    due: float | None = None  # monotonic time of the pending restart
+    started_at: float = 0.0
+
+    def exited(self, now: float) -> float:
+        """Schedule the restart of a child that just exited; the wait chosen."""
+        if now - self.started_at >= STABLE_AFTER_S or not self.wait:
+            self.wait = self.first_wait
+        else:
+            self.wait = min(self.wait * 2, RESTART_BACKOFF_MAX_S)
+        self.due = now + self.wait
+        return self.wait
+
+
 def stop_services(children: dict[str, subprocess.Popen[bytes]]) -> None:
     """SIGTERM every running service, wait up to the grace period, then SIGKILL the rest."""
     for proc in children.values():
@@ -154,7 +191,7 @@ def stop_services(children: dict[str, subprocess.Popen[bytes]]) -> None:
 
 
 def main() -> int:
-    """Run the suite until a signal arrives or a child exits; return the exit status."""
+    """Run the suite until a signal arrives, restarting children that exit; the exit status."""
     stop = threading.Event()
     received: list[str] = []
 
@@ -166,38 +203,56 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     env = suite_environment(os.environ)
+    first_wait = float(env.get("AZORA_RESTART_BACKOFF") or RESTART_BACKOFF_S)
     db: EmbeddedFerretDB | None = None
     children: dict[str, subprocess.Popen[bytes]] = {}
+    restarts: dict[str, Restarts] = {}
+    modules = {name: module for name, module, _, _ in SERVICES}
     status = 0
+
+    def start_child(name: str) -> None:
+        children[name] = start_service(modules[name], env)
+        restarts.setdefault(name, Restarts(first_wait)).started_at = time.monotonic()
+        port_var, default_port = next((v, p) for n, _, v, p in SERVICES if n == name)
+        log(
+            "info",
+            "service started",
+            child=name,
+            pid=children[name].pid,
+            listen=f"{env.get('AZORA_HOST', '127.0.0.1')}:{env.get(port_var, str(default_port))}",
+        )
+
     try:
         if not env.get("MONGODB_URI"):
             db = start_ferretdb()
+            restarts["ferretdb"] = Restarts(first_wait, started_at=time.monotonic())
             env["MONGODB_URI"] = db.uri
         else:
             log("info", "using MONGODB_URI from the environment; no embedded FerretDB")
 
-        host = env.get("AZORA_HOST", "127.0.0.1")
-        for name, module, port_var, default_port in SERVICES:
+        for name, _module, _port_var, _default_port in SERVICES:
             if stop.is_set():
                 break
-            children[name] = start_service(module, env)
-            port = env.get(port_var, str(default_port))
-            log(
-                "info",
-                "service started",
-                child=name,
-                pid=children[name].pid,
-                listen=f"{host}:{port}",
-            )
+            start_child(name)
 
         while not stop.wait(0.2):
-            exited = {name: p.returncode for name, p in children.items() if p.poll() is not None}
-            if db is not None and db.poll() is not None:
-                exited["ferretdb"] = db.poll()
-            if exited:
-                log("error", "child exited unexpectedly; stopping the suite", exited=exited)
-                status = 1
-                break
+            now = time.monotonic()
+            if db is not None:
+                supervise_ferretdb(db, restarts["ferretdb"], now)
+            for name, proc in list(children.items()):
+                plan = restarts[name]
+                if plan.due is None and proc.poll() is not None:
+                    wait = plan.exited(now)
+                    log(
+                        "warn",
+                        "child exited; restarting it",
+                        child=name,
+                        status=proc.returncode,
+                        restart_in_s=wait,
+                    )
+                elif plan.due is not None and now >= plan.due:
+                    plan.due = None
+                    start_child(name)
         if received:
             log("info", "stopping the suite", signal=received[0])
     except Exception as err:
@@ -212,6 +267,24 @@ def main() -> int:
             db.stop()
         log("info", "suite stopped", status=status)
     return status
+
+
+def supervise_ferretdb(db: EmbeddedFerretDB, plan: Restarts, now: float) -> None:
+    """Restart an embedded FerretDB that exited (same port and data), with backoff."""
+    if plan.due is None and db.poll() is not None:
+        wait = plan.exited(now)
+        log("warn", "FerretDB exited; restarting it", status=db.poll(), restart_in_s=wait)
+    elif plan.due is not None and now >= plan.due:
+        plan.due = None
+        plan.started_at = now
+        try:
+            db.start()
+        except Exception as err:
+            # Not fatal: the services wait for their database; try again after a backoff.
+            log("error", "FerretDB did not start", error=str(err)[:500])
+            plan.exited(time.monotonic())
+            return
+        log("info", "FerretDB listening", uri=db.uri)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                         # an unreachable server as long as the block allows (it replaces the
                         # server selection timeout), so without it a client with a long deadline
                         # would wait all of it instead of hearing UNAVAILABLE.
-                        budget = _smaller(deadline, self._database_timeout)
+                        # The driver gets slightly less than the deadline, so that it gives up
+                        # (and we answer) before gRPC cancels this handler: a cancellation that
+                        # lands while PyMongo is timing out its own server selection corrupts
+                        # its topology lock on Python 3.11 (asyncio.wait_for), which leaves
+                        # the client failing every operation from then on.
+                        budget = _smaller(_driver_deadline(deadline), self._database_timeout)
                         with pymongo.timeout(budget):
                             response = await behavior(request, context)
                         await _send_headers(context, headers)
@@ -172,7 +177,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                         code, status = to_status(exc, service_domain=domain)
                     except PyMongoError as exc:
                         left = context.time_remaining()
-                        expired = deadline is not None and left is not None and left <= 0.05
+                        expired = (
+                            deadline is not None
+                            and left is not None
+                            and left <= _DEADLINE_MARGIN + 0.05
+                        )
                         mapped = translate_error(exc, deadline_expired=expired, time_limit=budget)
                         code, status = to_status(mapped, service_domain=domain)
                     except NotImplementedError:
@@ -364,6 +373,17 @@ def _accepted_in(response: Any) -> int:
     if "accepted_count" in fields:
         return int(response.accepted_count)
     return 1
+
+
+# What the database driver leaves of a request's deadline for the handler to answer in.
+_DEADLINE_MARGIN = 0.25
+
+
+def _driver_deadline(deadline: float | None) -> float | None:
+    """The part of a request's remaining deadline its database calls may use."""
+    if deadline is None:
+        return None
+    return max(deadline - _DEADLINE_MARGIN, deadline / 2)
 
 
 def _smaller(a: float | None, b: float | None) -> float | None:

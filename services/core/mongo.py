@@ -4,6 +4,16 @@ PyMongo's asyncio API (`AsyncMongoClient`); the client is bound to the event loo
 it, so each service builds it inside its composition root. Everything used here works on
 MongoDB 7 and on FerretDB 1.24 (the embedded default): no transactions, no change streams.
 
+Every batched write a service issues (``insertMany``, ``bulkWrite``, ``update``/``delete`` with
+several statements, ``$in`` lists of a ``delete_many``) carries at most `MAX_WRITE_BATCH`
+statements or values: FerretDB 1.24 can hang forever on a write command of 64 statements or more
+(each statement's cursor holds a pooled backend connection until the whole command ends; 100 in
+one command exhaust the SQLite pool, 64 the PostgreSQL one, measured). `chunked` cuts a batch.
+MongoDB 7 accepts far larger commands; the cap only costs it a few more round trips.
+
+`is_transient` says which driver errors mean "the database is away for now" (retry later) as
+opposed to "the database refused this" (do not repeat).
+
 Every client carries a `CommandObserver` (PyMongo command monitoring): one CLIENT span per
 database command, child of the span active when the command was issued, and the
 ``azora_db_command_duration_seconds{command,outcome}`` histogram. Neither records the command's
@@ -12,12 +22,14 @@ arguments (they hold tenant data), only its name, database and collection.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import pymongo
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from pymongo import ASCENDING, AsyncMongoClient, DeleteOne, monitoring
@@ -43,6 +55,17 @@ from services.core.tracing import tracer
 log = logging.getLogger(__name__)
 
 Document = dict[str, Any]
+_T = TypeVar("_T")
+
+# The most statements (documents of an insertMany, operations of a bulk_write, values of a
+# write's $in list) one write command may carry; below FerretDB 1.24's hang threshold (64).
+MAX_WRITE_BATCH = 40
+
+
+def chunked(items: Sequence[_T], size: int = MAX_WRITE_BATCH) -> Iterator[Sequence[_T]]:
+    """`items` in consecutive slices of at most `size` (none for an empty sequence)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +133,11 @@ class CommandObserver(monitoring.CommandListener):
             span.end()
 
 
-def create_client(settings: Settings) -> AsyncMongoClient[Document]:
-    """A client for the configured server (call inside the running event loop)."""
+def create_client(settings: Settings, **options: Any) -> AsyncMongoClient[Document]:
+    """A client for the configured server (call inside the running event loop).
+
+    `options` are further client options (a short-lived client of a health check uses them).
+    """
     return AsyncMongoClient(
         settings.mongodb_uri,
         event_listeners=[CommandObserver()],
@@ -120,6 +146,7 @@ def create_client(settings: Settings) -> AsyncMongoClient[Document]:
         tz_aware=True,
         appname=settings.service_name,
         uuidRepresentation="standard",
+        **options,
     )
 
 
@@ -145,19 +172,13 @@ async def ping(db: AsyncDatabase[Document]) -> None:
         raise translate_error(exc) from exc
 
 
-# Statements per write command the services send. FerretDB 1.24 holds a pooled connection per
-# statement's cursor until the command ends, and a command of 64 or more statements can hang it
-# forever; 40 leaves room below that on both of its backends.
-MAX_BATCH_STATEMENTS = 40
-
-
 async def delete_older(
     collection: AsyncCollection[Document],
     field: str,
     before: Any,
     *,
     batches: int = 25,
-    batch_size: int = MAX_BATCH_STATEMENTS,
+    batch_size: int = MAX_WRITE_BATCH,
 ) -> int:
     """Delete documents whose `field` is below `before`, oldest first, in bounded batches.
 
@@ -188,10 +209,58 @@ async def delete_older(
     return deleted
 
 
+# Read by readiness probes: a lookup by _id in a collection nobody writes (absent is fine).
+PROBE_COLLECTION = "readiness_probe"
+
+
+async def probe(db: AsyncDatabase[Document], *, within: float) -> None:
+    """A real round trip within `within` seconds: ``ping``, then a read through the backend.
+
+    A ping alone can be answered by the database's front end while its storage is stuck; the
+    read (by ``_id``, served by the primary key) goes through the same path as every query.
+
+    Raises:
+        Unavailable: no answer in time, the database refused, or the client itself failed
+            (a driver fault such as an internal lock error must read as "not ready", not
+            end the caller).
+    """
+    try:
+        # The driver's own timeout bounds the probe. The outer one is only a guard against a
+        # client that hangs, and fires well after it: a cancellation landing while PyMongo
+        # times out its server selection corrupts its topology lock on Python 3.11 (it uses
+        # asyncio.wait_for), which wedges the client for good.
+        async with asyncio.timeout(2 * within + 1):
+            with pymongo.timeout(within):
+                await db.command("ping")
+                await db[PROBE_COLLECTION].find_one({"_id": "probe"})
+    except TimeoutError:
+        raise Unavailable(
+            f"the database did not answer within {2 * within + 1:g} s", retry_after_seconds=2
+        ) from None
+    except PyMongoError as exc:
+        raise translate_error(exc) from exc
+    except Exception as exc:
+        log.warning(
+            "database client failed", extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}}
+        )
+        raise Unavailable("the database client failed", retry_after_seconds=2) from exc
+
+
 def is_duplicate_key(exc: BaseException) -> bool:
     """Whether a write failed on a unique index (FerretDB and MongoDB report code 11000)."""
     return isinstance(exc, DuplicateKeyError) or (
         isinstance(exc, OperationFailure) and exc.code == 11000
+    )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a driver error means the database is unreachable for now (worth retrying).
+
+    Server selection timeouts, refused or dropped connections and network timeouts; not a
+    refusal by the server (duplicate key, validation, ...), which would fail again.
+    """
+    return isinstance(exc, ConnectionFailure) or (
+        isinstance(exc, PyMongoError) and exc.has_error_label("RetryableWriteError")
     )
 
 

@@ -2,6 +2,13 @@
 
 Settings, logging, database, server start-up, background loops and the graceful-shutdown main
 loop. Each service's `app.py` only wires its own managers and servicers and calls into here.
+
+Processes recover by themselves: readiness follows a real database round trip (`probe`), and
+a watchdog (`DatabaseWatch`) tells a database that is down from a client that is wedged (PyMongo
+clients have been seen failing every operation after the database came back, while a new
+client worked at once). A wedged process exits non-zero (`EXIT_DATABASE_CLIENT_WEDGED`) and its
+supervisor restarts it with a new client: Kubernetes, compose (``restart``) or ``make run``
+(scripts/run_suite.py).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from services.core.interceptors import (
 )
 from services.core.logs import configure_logging
 from services.core.metrics import start_exposition
-from services.core.mongo import Document, IndexSpec, create_client, ensure_indexes, ping
+from services.core.mongo import Document, IndexSpec, create_client, ensure_indexes, probe
 from services.core.ratelimit import BLOCKS_COLLECTION as RATE_LIMIT_BLOCKS_COLLECTION
 from services.core.ratelimit import COLLECTION as RATE_LIMIT_COLLECTION
 from services.core.ratelimit import INDEXES as RATE_LIMIT_INDEXES
@@ -37,6 +44,10 @@ from services.core.settings import Settings, SettingsError
 from services.core.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
+
+# Exit status of a process whose database client stopped working while the database answers
+# others (EX_TEMPFAIL: worth restarting).
+EXIT_DATABASE_CLIENT_WEDGED = 75
 
 
 @dataclass
@@ -140,7 +151,12 @@ async def start_service(
     server.background.append(asyncio.create_task(limiter.run(), name="rate-limits"))
     server.background.append(
         asyncio.create_task(
-            watch_readiness(server, database.db, settings.readiness_interval),
+            watch_readiness(
+                server,
+                database.db,
+                settings.readiness_interval,
+                watchdog=DatabaseWatch.from_settings(settings),
+            ),
             name="readiness",
         )
     )
@@ -151,29 +167,116 @@ async def start_service(
     return server
 
 
-async def watch_readiness(
-    server: ServiceServer, db: AsyncDatabase[Document], interval: float
-) -> None:
-    """Keep the server's health status equal to "the database answers a ping" until cancelled.
+@dataclass
+class DatabaseWatch:
+    """Tells a database that is down from a client of ours that is wedged.
 
-    Indexes exist (start-up waited for them); shutting down is handled by the health servicer,
-    which ignores changes once graceful shutdown has begun.
+    Once our client has had no answer for `after` seconds, `fresh_answers` asks the database
+    with a client made for the occasion. It answering means ours is broken (nothing else is),
+    and only a new process (new client, new connection pools) is sure to recover.
     """
-    serving = True
+
+    after: float
+    fresh_answers: Callable[[], Awaitable[bool]]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DatabaseWatch | None:
+        """The watchdog configured by AZORA_DATABASE_WATCHDOG (None when 0)."""
+        if settings.database_watchdog <= 0:
+            return None
+
+        async def fresh_answers() -> bool:
+            # Polling monitoring: no background RTT connection left half-open when this
+            # short-lived client closes right after its one probe.
+            client = create_client(settings, serverMonitoringMode="poll")
+            try:
+                await probe(
+                    client[settings.mongodb_database],
+                    within=settings.mongodb_server_selection_timeout,
+                )
+            except AzoraError:
+                return False
+            finally:
+                await client.close()
+            return True
+
+        return cls(settings.database_watchdog, fresh_answers)
+
+
+async def watch_database(
+    db: AsyncDatabase[Document],
+    interval: float,
+    *,
+    on_change: Callable[[bool], Awaitable[None]] | None = None,
+    watchdog: DatabaseWatch | None = None,
+    on_wedged: Callable[[], None] | None = None,
+) -> None:
+    """Probe the database every `interval` s until cancelled, or until our client is wedged.
+
+    Args:
+        db: the process's database (its own client).
+        interval: seconds between probes; each probe gets as long (at least 1 s).
+        on_change: called with the new state when the database starts or stops answering.
+        watchdog: when set, a database silent for `watchdog.after` s is tried with a new
+            client; if that one gets an answer, `on_wedged` is called and this returns.
+        on_wedged: what the process does about a wedged client (exit for a restart).
+    """
+    loop = asyncio.get_running_loop()
+    answering = True
+    silent_since: float | None = None
     while True:
         await asyncio.sleep(interval)
         try:
-            await asyncio.wait_for(ping(db), timeout=max(interval, 1.0))
-            reachable = True
-        except (AzoraError, TimeoutError, PyMongoError):
-            reachable = False
-        if reachable != serving:
-            serving = reachable
-            await server.set_serving(serving)
+            await probe(db, within=max(interval, 1.0))
+            now_answering = True
+        except AzoraError:
+            now_answering = False
+        if now_answering != answering:
+            answering = now_answering
             log.warning(
                 "readiness changed",
-                extra={"fields": {"serving": serving, "reason": "database ping"}},
+                extra={"fields": {"serving": answering, "reason": "database probe"}},
             )
+            if on_change is not None:
+                await on_change(answering)
+        if answering:
+            silent_since = None
+            continue
+        if silent_since is None:
+            silent_since = loop.time()
+        if watchdog is None or loop.time() - silent_since < watchdog.after:
+            continue
+        if await watchdog.fresh_answers():
+            if on_wedged is not None:
+                on_wedged()
+            return
+        # The database itself is away: nothing a restart would fix. Ask again a period later.
+        silent_since = loop.time()
+
+
+async def watch_readiness(
+    server: ServiceServer,
+    db: AsyncDatabase[Document],
+    interval: float,
+    *,
+    watchdog: DatabaseWatch | None = None,
+) -> None:
+    """Keep the server's health status equal to "the database answers a probe".
+
+    Indexes exist (start-up waited for them); shutting down is handled by the health servicer,
+    which ignores changes once graceful shutdown has begun. With a `watchdog`, a wedged client
+    makes the process exit (`ServiceServer.fail`) for its supervisor to restart it.
+    """
+    await watch_database(
+        db,
+        interval,
+        on_change=server.set_serving,
+        watchdog=watchdog,
+        on_wedged=lambda: server.fail(
+            EXIT_DATABASE_CLIENT_WEDGED,
+            "the database answers a new client but not this process's client",
+        ),
+    )
 
 
 def run_periodically(
@@ -207,10 +310,12 @@ def main(service_name: str, build: Callable[[Settings], Awaitable[RunningService
     )
     start_exposition(settings.metrics_host, settings.metrics_port)
 
-    async def serve() -> None:
+    async def serve() -> int:
         running = await build(settings)
-        await run_until_signalled(
+        return await run_until_signalled(
             running.server, grace=settings.shutdown_grace, on_stop=running.close_resources
         )
 
-    asyncio.run(serve())
+    status = asyncio.run(serve())
+    if status:
+        raise SystemExit(status)

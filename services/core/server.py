@@ -3,8 +3,11 @@
 `create_server` registers the service's servicers plus grpc.health.v1 (one status per service
 name and the overall "") and server reflection, binds, and returns `(server, port)` so tests can
 bind port 0. `run_until_signalled` implements graceful shutdown: on SIGTERM/SIGINT health turns
-NOT_SERVING first (load balancers stop sending), then in-flight calls get `shutdown_grace`
-seconds to finish.
+NOT_SERVING first (load balancers stop sending), background work registered as a shutdown hook
+finishes what it is in (delivery workers), then in-flight calls get `shutdown_grace` seconds to
+finish. A process that finds itself broken beyond repair (a wedged database client, see
+`services.core.runtime.watch_readiness`) calls `ServiceServer.fail`: it then shuts down the same
+way and exits non-zero, so that its supervisor (Kubernetes, compose, `make run`) restarts it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Registrar = Callable[[grpc.aio.Server], None]
+# Work to finish on shutdown, given the grace period in seconds (0 when there is none).
+ShutdownHook = Callable[[float], Awaitable[None]]
 # Default of the largest message a service accepts (AZORA_GRPC_MAX_MESSAGE_BYTES); a bigger
 # request fails with RESOURCE_EXHAUSTED before any of our code sees it.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -42,6 +47,17 @@ class ServiceServer:
     background: list[asyncio.Task[None]] = field(default_factory=list)
     # The rate limiter of the service's interceptors (tests sync it explicitly).
     rate_limiter: RateLimiter | None = None
+    # Run on stop, before background tasks are cancelled (e.g. deliveries finishing).
+    shutdown_hooks: list[ShutdownHook] = field(default_factory=list)
+    # Set by `fail`: the process must exit (non-zero) so that its supervisor restarts it.
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+    exit_code: int = 0
+
+    def fail(self, exit_code: int, reason: str) -> None:
+        """Ask the process to shut down gracefully and exit with `exit_code` (non-zero)."""
+        log.error("process cannot recover; exiting", extra={"fields": {"reason": reason}})
+        self.exit_code = exit_code
+        self.failed.set()
 
     async def set_serving(self, serving: bool) -> None:
         """Report every service (and the overall server) as SERVING or NOT_SERVING."""
@@ -54,8 +70,13 @@ class ServiceServer:
             await self.health.set(name, status)
 
     async def stop(self, grace: float | None) -> None:
-        """Flip health to NOT_SERVING, stop background tasks, then drain calls for `grace` s."""
+        """Flip health to NOT_SERVING, run shutdown hooks, stop background tasks, drain calls.
+
+        Hooks and the draining of calls each get up to `grace` seconds.
+        """
         await self.health.enter_graceful_shutdown()
+        if self.shutdown_hooks:
+            await asyncio.gather(*(hook(grace or 0.0) for hook in self.shutdown_hooks))
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
@@ -110,15 +131,23 @@ async def create_server(
 
 async def run_until_signalled(
     server: ServiceServer, *, grace: float, on_stop: Callable[[], Awaitable[None]] | None = None
-) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+) -> int:
+    """Serve until SIGTERM or SIGINT (or `ServiceServer.fail`), then shut down gracefully.
+
+    Returns:
+        The exit status the process should end with: 0, or the one given to `fail`.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(server.failed.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
     log.info("shutting down", extra={"fields": {"grace_seconds": grace}})
     await server.stop(grace)
     if on_stop is not None:
         await on_stop()
-    log.info("stopped")
+    log.info("stopped", extra={"fields": {"exit_code": server.exit_code}})
+    return server.exit_code

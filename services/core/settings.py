@@ -181,6 +181,10 @@ class Settings:
     metrics_peers: tuple[str, ...] = ()
     # How often each service re-checks its database for its grpc.health.v1 status.
     readiness_interval: float = 5.0
+    # After this many seconds without an answer from the database, a new client tries it; if
+    # that one gets an answer, the process's own client is wedged and the process exits
+    # non-zero for its supervisor to restart it (0 = never).
+    database_watchdog: float = 60.0
     # GET /health reports the queue degraded once its oldest due email waited this long (s).
     health_queue_max_age: float = 900.0
 
@@ -387,6 +391,7 @@ class Settings:
             readiness_interval=reader.number(
                 "AZORA_READINESS_INTERVAL", defaults.readiness_interval
             ),
+            database_watchdog=reader.number("AZORA_DATABASE_WATCHDOG", defaults.database_watchdog),
             health_queue_max_age=reader.number(
                 "AZORA_HEALTH_QUEUE_MAX_AGE", defaults.health_queue_max_age
             ),

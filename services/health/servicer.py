@@ -39,7 +39,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from services.core.clock import Clock
 from services.core.errors import AzoraError, Unavailable
 from services.core.metrics import CONTENT_TYPE, Peer, render_suite
-from services.core.mongo import Document, ping
+from services.core.mongo import Document, probe
 from services.core.protobuf import to_duration, to_timestamp
 from services.health.mail_client import MailDeliveryProbe
 
@@ -120,10 +120,10 @@ class SuiteHealthServicer(suite_pb2_grpc.SuiteHealthServiceServicer):
     async def _database_component(self) -> suite_pb2.Component:
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(ping(self._db), self._timeout)
+            await probe(self._db, within=self._timeout)
             ok, detail = True, "ping ok"
-        except (AzoraError, TimeoutError) as exc:
-            ok, detail = False, str(exc) or "ping timed out"
+        except AzoraError as exc:
+            ok, detail = False, str(exc)
         return suite_pb2.Component(
             name="mongodb",
             status=_UP if ok else _DOWN,

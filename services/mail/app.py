@@ -7,6 +7,7 @@ settings and DKIM keys of the SMTP service (both over gRPC with service tokens).
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,6 +43,7 @@ from services.mail.templates import INDEXES as TEMPLATE_INDEXES
 from services.mail.templates import MongoTemplateRepository
 
 SERVICE_NAME = "mail-service"
+log = logging.getLogger(__name__)
 MAIL_SERVICE = mail_pb2.DESCRIPTOR.services_by_name["MailService"].full_name
 # How often expired idempotency keys are swept.
 IDEMPOTENCY_SWEEP_INTERVAL = 600.0
@@ -202,8 +204,10 @@ async def build_app(
         worker = make_worker(
             settings, emails=emails, relays=relays, clock=clock, relay_health=relay_health
         )
-        # Cancelled by the server's stop: the worker hands back what it holds (see delivery).
+        # Stopped gracefully first (`finish_deliveries`), then cancelled with the other
+        # background tasks: the worker hands back what it has not started (see delivery).
         server.background.append(run_periodically("mail-worker", 1.0, worker.run))
+        server.shutdown_hooks.append(lambda grace: finish_deliveries(worker, emails, grace))
     server.background.append(
         run_periodically("idempotency-sweep", IDEMPOTENCY_SWEEP_INTERVAL, manager.sweep_idempotency)
     )
@@ -225,6 +229,22 @@ async def build_app(
         run_periodically("queue-metrics", QUEUE_METRICS_INTERVAL, measure_queue)
     )
     return MailApp(RunningService(server, database, channels), manager, emails, worker)
+
+
+async def finish_deliveries(worker: DeliveryWorker, emails: EmailRepository, grace: float) -> None:
+    """Shutdown: claim nothing more; deliveries in progress get `grace` s to finish and record.
+
+    One whose outcome the database has not taken by then keeps its lease (never released), so
+    it is attempted again only once the lease expires: the documented duplicate window.
+    """
+    worker.stop()
+    await worker.wait_quiet(grace)
+    kept = await emails.flush_outcomes(within=0)
+    if kept:
+        log.warning(
+            "outcomes not recorded at shutdown; their leases are kept",
+            extra={"fields": {"outcomes": kept}},
+        )
 
 
 async def build(settings: Settings, *, bind: str | None = None) -> RunningService:

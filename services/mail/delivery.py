@@ -8,6 +8,14 @@ longer than the lease: the email becomes due again when the lease expires and an
 retries it. The only duplicate this allows is a resend after a crash between the relay's 250
 and our record of it (RFC 5321's window).
 
+An outcome the relay gave is never dropped because the database is away: recording it waits,
+retrying, until the database answers (`MongoEmailRepository.finish_attempt`). The delivery loop
+holding it stays busy meanwhile, so the claimer takes no new work for it: what is kept in memory
+is bounded by the worker's concurrency. On shutdown (`stop`, then `wait_quiet` for the grace
+period) deliveries in progress finish and record; one still unrecorded when the grace period
+ends is cancelled without releasing its lease, so nobody attempts it again before the lease
+expires (the window above, no wider).
+
 Replies are classified per recipient: 2xx sent, 5xx bounced (no retry), 4xx and transport
 failures (timeouts, dropped connections, TLS failures) deferred with exponential backoff and
 jitter until the email's maximum lifetime, then failed. A timeout while waiting for the final
@@ -478,6 +486,9 @@ class DeliveryWorker:
         self.worker_id = worker_id or f"w-{uuid.uuid4().hex[:12]}"
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._stopping = asyncio.Event()
+        self._busy = 0  # deliveries in progress (attempt and record)
+        self._quiet = asyncio.Event()
+        self._quiet.set()
 
     async def claim(self) -> Claimed | None:
         """Take one due email."""
@@ -534,6 +545,16 @@ class DeliveryWorker:
         """Return once `stop` was called."""
         await self._stopping.wait()
 
+    async def wait_quiet(self, within: float) -> bool:
+        """Wait up to `within` s until no delivery is in progress; whether none is.
+
+        After `stop` this is the graceful shutdown: every delivery started has been recorded
+        (or given back) once it returns True.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._quiet.wait(), timeout=within)
+        return self._quiet.is_set()
+
     async def _claim_loop(
         self, handed: asyncio.Queue[Claimed | None], idle: asyncio.Semaphore
     ) -> None:
@@ -569,6 +590,8 @@ class DeliveryWorker:
             claimed = await handed.get()
             if claimed is None:
                 return
+            self._busy += 1
+            self._quiet.clear()
             try:
                 await self.deliver(claimed)
             except asyncio.CancelledError:
@@ -577,6 +600,9 @@ class DeliveryWorker:
                 # Not recorded: the lease expires and another attempt is made.
                 log.exception("delivery failed", extra={"fields": {"email": claimed.email.id}})
             finally:
+                self._busy -= 1
+                if not self._busy:
+                    self._quiet.set()
                 idle.release()
 
     async def _release_all(self, handed: asyncio.Queue[Claimed | None]) -> None:
@@ -618,6 +644,8 @@ class DeliveryWorker:
             raise
         now = self._clock.now()
         outcome = decide(claimed, replies, now=now, policy=self._policy, rng=self._rng)
+        # Waits while the database is away (the outcome is kept, not dropped). Cancelled here
+        # (shutdown after the grace period) the lease is deliberately not released.
         recorded = await self._emails.finish_attempt(
             claimed=claimed,
             recipients=outcome.recipients,

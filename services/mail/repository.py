@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import random
 import uuid
 from collections import Counter
@@ -62,11 +63,13 @@ from pymongo.errors import BulkWriteError
 
 from services.core.errors import NotFound
 from services.core.mongo import (
-    MAX_BATCH_STATEMENTS,
+    MAX_WRITE_BATCH,
     Document,
     IndexSpec,
+    chunked,
     delete_older,
     is_duplicate_key,
+    is_transient,
 )
 from services.mail.models import (
     FINISHED,
@@ -85,6 +88,8 @@ from services.mail.models import (
 )
 from services.mail.tallies import FINEST, Tallies, ceil_to, floor_to
 from services.mail.tallies import INDEXES as TALLY_INDEXES
+
+log = logging.getLogger(__name__)
 
 EMAILS = "emails"
 IDEMPOTENCY = "email_idempotency"
@@ -110,7 +115,7 @@ _CLAIM_WINDOW_EXTRA = 32
 _MAX_ROUNDS = 16
 CONTENT_BUCKET = "email_content"
 # Documents per insert command of `insert_many` (the services' write-batch cap).
-INSERT_CHUNK = MAX_BATCH_STATEMENTS
+INSERT_CHUNK = MAX_WRITE_BATCH
 # Statuses a worker takes once next_attempt_at has passed (for SENDING: the lease expired).
 CLAIMABLE = [
     EmailStatus.QUEUED.value,
@@ -214,7 +219,15 @@ class EmailRepository(Protocol):
         events: Sequence[Event],
         now: datetime,
     ) -> bool:
-        """Record an attempt's outcome if the lease is still ours (False otherwise)."""
+        """Record an attempt's outcome if the lease is still ours (False otherwise).
+
+        While the database is unreachable the outcome is kept and written once it answers;
+        until then this does not return, and the email is not claimed again by this process.
+        """
+        ...
+
+    async def flush_outcomes(self, *, within: float) -> int:
+        """Wait up to `within` s for kept outcomes to be written; how many are still kept."""
         ...
 
     async def release(self, *, claimed: Claimed, now: datetime) -> None:
@@ -521,15 +534,38 @@ class _GroupCommit(Generic[_Item]):
     FerretDB (SQLite) pays mostly per command and per transaction: one insertMany of 50
     documents costs about as much as two single inserts. Callers that arrive while a batch is
     being written wait for the next one, so a lone caller is written at once and a burst
-    shares commands (group commit, as databases do with their log).
+    shares commands (group commit, as databases do with their log). A batch never exceeds
+    `MAX_WRITE_BATCH` items, so neither does any command written for it.
+
+    With ``keep_while_unreachable`` a batch that fails because the database is away (see
+    `is_transient`) is not failed: it stays first in line and is written again, with a capped
+    backoff, until the database answers. Its callers simply wait, so memory stays bounded by
+    the number of callers (delivery loops), who claim nothing new meanwhile. Other failures
+    fail the batch's callers, as without the option.
     """
 
-    _MAX_BATCH = 256
+    # Waits between attempts to write a batch the database did not take (seconds).
+    _RETRY_FIRST = 0.1
+    _RETRY_MAX = 2.0
 
-    def __init__(self, write: Callable[[list[_Item]], Awaitable[list[bool]]]) -> None:
+    def __init__(
+        self,
+        write: Callable[[list[_Item]], Awaitable[list[bool]]],
+        *,
+        keep_while_unreachable: bool = False,
+    ) -> None:
         self._write = write
+        self._keep = keep_while_unreachable
         self._pending: list[tuple[_Item, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._writing = 0  # items of the batch being written
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def pending(self) -> int:
+        """Items submitted and not written yet (the batch being written included)."""
+        return len(self._pending) + self._writing
 
     async def submit(self, item: _Item) -> bool:
         """Have `item` written with the next batch; the batch's verdict on it."""
@@ -539,45 +575,92 @@ class _GroupCommit(Generic[_Item]):
             # A fresh context: the writer serves many callers, so it must not inherit the
             # first one's request deadline (pymongo.timeout lives in a context variable and
             # would fail every later batch once that request's time is up) or its trace.
+            self._idle.clear()
             self._writer = asyncio.create_task(self._write_all(), context=contextvars.Context())
         # Shielded: a caller that gives up (deadline, cancellation) does not cancel the write
         # of the others' items; its own may still be written, as with a single command.
         return await asyncio.shield(done)
 
+    async def drain(self, within: float) -> bool:
+        """Wait up to `within` seconds until everything submitted is written (or failed).
+
+        Returns:
+            Whether nothing is left to write.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=within)
+        return self._idle.is_set()
+
     async def _write_all(self) -> None:
-        while self._pending:
-            batch = self._pending[: self._MAX_BATCH]
-            del self._pending[: self._MAX_BATCH]
-            try:
-                verdicts = await self._write([item for item, _ in batch])
-            except Exception as exc:
-                for _, done in batch:
+        delay = self._RETRY_FIRST
+        try:
+            while self._pending:
+                batch = self._pending[:MAX_WRITE_BATCH]
+                del self._pending[:MAX_WRITE_BATCH]
+                self._writing = len(batch)
+                try:
+                    verdicts = await self._write([item for item, _ in batch])
+                except Exception as exc:
+                    self._writing = 0
+                    if self._keep and is_transient(exc):
+                        if delay == self._RETRY_FIRST:
+                            log.warning(
+                                "database unreachable; keeping writes to retry",
+                                extra={"fields": {"kept": len(batch) + len(self._pending)}},
+                            )
+                        self._pending[:0] = batch  # first in line when the database is back
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, self._RETRY_MAX)
+                        continue
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                            # Retrieved here so that a caller who gave up meanwhile (deadline)
+                            # leaves no "exception never retrieved" noise; others still get it.
+                            done.exception()
+                    continue
+                self._writing = 0
+                if delay != self._RETRY_FIRST:
+                    log.warning("database back; kept writes written", extra={"fields": {}})
+                delay = self._RETRY_FIRST
+                for (_, done), ok in zip(batch, verdicts, strict=True):
                     if not done.done():
-                        done.set_exception(exc)
-                        # Retrieved here so that a caller who gave up meanwhile (deadline)
-                        # leaves no "exception never retrieved" noise; others still get it.
-                        done.exception()
-                continue
-            for (_, done), ok in zip(batch, verdicts, strict=True):
-                if not done.done():
-                    done.set_result(ok)
+                        done.set_result(ok)
+        finally:
+            if not self._pending:
+                self._idle.set()
 
 
 async def _insert_many_unique(
     collection: AsyncCollection[Document], docs: list[Document]
 ) -> list[bool]:
-    """Insert `docs` in one command; which went in (False: the _id was taken already)."""
-    if not docs:
-        return []
-    try:
-        await collection.insert_many(docs, ordered=False)
-    except BulkWriteError as exc:
-        errors = exc.details.get("writeErrors", [])
-        if any(int(e.get("code", 0)) != 11000 for e in errors):
-            raise
-        failed = {int(e["index"]) for e in errors}
-        return [i not in failed for i in range(len(docs))]
-    return [True] * len(docs)
+    """Insert `docs` (in commands of `MAX_WRITE_BATCH`); which went in (False: _id taken)."""
+    taken: list[bool] = []
+    for part in chunked(docs):
+        try:
+            await collection.insert_many(part, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(int(e.get("code", 0)) != 11000 for e in errors):
+                raise
+            failed = {int(e["index"]) for e in errors}
+            taken.extend(i not in failed for i in range(len(part)))
+            continue
+        taken.extend([True] * len(part))
+    return taken
+
+
+@dataclass(slots=True)
+class _PendingOutcome:
+    """An attempt's outcome waiting to be written (see `MongoEmailRepository.finish_attempt`)."""
+
+    email_id: str
+    claim_no: int
+    attempts: int
+    email: UpdateOne
+    entry: UpdateOne | DeleteOne
+    # A write of it failed before: it may have landed without our hearing the answer.
+    retried: bool = False
 
 
 class MongoEmailRepository:
@@ -596,7 +679,12 @@ class MongoEmailRepository:
         self._keys = db[KEYS]
         self._migrations = db[MIGRATIONS]
         self._key_inserts = _GroupCommit(self._write_keys)
-        self._outcomes = _GroupCommit(self._write_outcomes)
+        # Outcomes are kept while the database is away: the relay has answered, and an
+        # outcome dropped now would have the email delivered again after its lease.
+        self._outcomes = _GroupCommit(self._write_outcomes, keep_while_unreachable=True)
+        # Emails whose outcome waits to be written -> their claim number. Never claimed again
+        # by this process meanwhile, even once their lease has expired.
+        self._recording: dict[str, int] = {}
         # Emails seen leased (by anyone, this process included) -> when that lease expires.
         # Left out of the next claims' queries: FerretDB returns the first due entries in
         # insertion order, and without this a window full of emails being delivered would
@@ -650,9 +738,9 @@ class MongoEmailRepository:
 
     async def _write_keys(self, batch: list[list[Document]]) -> list[bool]:
         docs = [d for keys in batch for d in keys]
-        for start in range(0, len(docs), MAX_BATCH_STATEMENTS):
+        for start in range(0, len(docs), MAX_WRITE_BATCH):
             # A taken _id is the same key written by an earlier try: nothing to do.
-            await _insert_many_unique(self._keys, docs[start : start + MAX_BATCH_STATEMENTS])
+            await _insert_many_unique(self._keys, docs[start : start + MAX_WRITE_BATCH])
         return [True] * len(batch)
 
     def _count_doc(self, doc: Document, n: int) -> None:
@@ -812,7 +900,7 @@ class MongoEmailRepository:
         """
         key = f"r:{filter.recipient}" if filter.recipient else f"t:{filter.tag}"
         out: list[Email] = []
-        batch = max(limit, MAX_BATCH_STATEMENTS)
+        batch = max(limit, MAX_WRITE_BATCH)
         while len(out) < limit:
             query: Document = {"tenant_id": tenant_id, "key": key}
             if before_id:
@@ -857,7 +945,7 @@ class MongoEmailRepository:
         for _ in range(batches):
             query: Document = {"_id": {"$gt": last}} if last else {}
             cursor = self._emails.find(query, fields).sort("_id", ASCENDING)
-            docs = [d async for d in cursor.limit(MAX_BATCH_STATEMENTS)]
+            docs = [d async for d in cursor.limit(MAX_WRITE_BATCH)]
             if not docs:
                 await self._migrations.update_one(
                     {"_id": KEYS}, {"$set": {"done": True}}, upsert=True
@@ -912,8 +1000,9 @@ class MongoEmailRepository:
             if expiry > now and token not in self._returned
         }
         query: Document = {"due": {"$lte": now}}
-        if self._leased:
-            query["_id"] = {"$nin": list(self._leased)}
+        skip = [*self._leased, *(eid for eid in self._recording if eid not in self._leased)]
+        if skip:
+            query["_id"] = {"$nin": skip}
         # No sort on the server (FerretDB sorts by scanning everything); a plain filter with a
         # limit stops early. The most overdue of the window go first; the head is shuffled so
         # that concurrent claimers do not all fight over the same few emails.
@@ -955,10 +1044,10 @@ class MongoEmailRepository:
             )
             stored = EmailStatus(doc["status"])
             out.append(Claimed(email, token, number, now + lease, events, stored))
-        if stale:
-            await self._queue.delete_many({"_id": {"$in": stale}})
-        if unborn:
-            await self._claims.bulk_write([DeleteOne({"_id": c}) for c in unborn])
+        for part in chunked(stale):
+            await self._queue.delete_many({"_id": {"$in": list(part)}})
+        for part in chunked(unborn):
+            await self._claims.bulk_write([DeleteOne({"_id": c}) for c in part])
         return out
 
     async def _win_claims(
@@ -1025,11 +1114,11 @@ class MongoEmailRepository:
                 retry[eid] = number + 1
         return won, expired
 
-    async def _holds(self, claimed: Claimed) -> bool:
+    async def _holds(self, email_id: str, claim_no: int) -> bool:
         # The fence against a worker whose lease expired and was taken over: the next claim
         # number exists. (Read, then write by _id: FerretDB has no conditional update that is
         # isolated, so a takeover between the two is the remaining, lease-sized, window.)
-        later = await self._claims.find_one({"_id": f"{claimed.email.id}:{claimed.claim_no + 1}"})
+        later = await self._claims.find_one({"_id": f"{email_id}:{claim_no + 1}"})
         return later is None
 
     async def queue_health(self, *, now: datetime) -> tuple[int, float]:
@@ -1055,10 +1144,15 @@ class MongoEmailRepository:
         events: Sequence[Event],
         now: datetime,
     ) -> bool:
-        """See `EmailRepository.finish_attempt`."""
+        """See `EmailRepository.finish_attempt`.
+
+        Written with other outcomes (`_GroupCommit`), and kept while the database is away:
+        this waits until the database has taken it. A caller cancelled meanwhile (shutdown)
+        leaves it with the group commit, which still writes it if the database returns before
+        the process ends (`flush_outcomes`); otherwise the lease, never released, runs out and
+        the email is attempted again (the documented duplicate window).
+        """
         email_id = claimed.email.id
-        if not await self._holds(claimed):
-            return False
         update: Document = {
             "$set": {
                 "recipients": [_recipient_doc(r) for r in recipients],
@@ -1078,9 +1172,17 @@ class MongoEmailRepository:
             )
         else:
             entry = DeleteOne({"_id": email_id})
-        await self._outcomes.submit((UpdateOne({"_id": email_id}, update), entry))
-        self._leased.pop(email_id, None)
-        if claimed.stored_status is not None:
+        self._recording[email_id] = claimed.claim_no
+        written = await self._outcomes.submit(
+            _PendingOutcome(
+                email_id,
+                claimed.claim_no,
+                claimed.email.attempts,
+                UpdateOne({"_id": email_id}, update),
+                entry,
+            )
+        )
+        if written and claimed.stored_status is not None:
             self.tallies.move(
                 tenant_id=claimed.email.tenant_id,
                 created_at=claimed.email.created_at,
@@ -1089,17 +1191,57 @@ class MongoEmailRepository:
                 new=status.value,
             )
             await self.tallies.flush()
-        return True
+        return written
 
-    async def _write_outcomes(
-        self, batch: list[tuple[UpdateOne, UpdateOne | DeleteOne]]
-    ) -> list[bool]:
+    async def flush_outcomes(self, *, within: float) -> int:
+        """See `EmailRepository.flush_outcomes`."""
+        await self._outcomes.drain(within)
+        return self._outcomes.pending
+
+    async def _write_outcomes(self, batch: list[_PendingOutcome]) -> list[bool]:
+        try:
+            return await self._write_outcome_batch(batch)
+        except Exception as exc:
+            for outcome in batch:
+                outcome.retried = True
+                if not is_transient(exc) and self._recording.get(outcome.email_id) == (
+                    outcome.claim_no
+                ):
+                    # Failed for good (not kept): the lease decides as for any failure.
+                    del self._recording[outcome.email_id]
+            raise
+
+    async def _write_outcome_batch(self, batch: list[_PendingOutcome]) -> list[bool]:
+        # The fence, per outcome: the lease is still ours unless the next claim exists.
+        held = await asyncio.gather(*(self._holds(o.email_id, o.claim_no) for o in batch))
+        mine = [o for o, ok in zip(batch, held, strict=True) if ok]
+        # A retry after a failed write: an email whose update did land (the answer was lost)
+        # is not updated twice, which would repeat its events.
+        landed: set[str] = set()
+        retried = [o for o in mine if o.retried]
+        if retried:
+            docs = await asyncio.gather(
+                *(self._emails.find_one({"_id": o.email_id}, {"attempts": 1}) for o in retried)
+            )
+            landed = {
+                o.email_id
+                for o, doc in zip(retried, docs, strict=True)
+                if doc is not None and int(doc.get("attempts", 0)) >= o.attempts
+            }
         # Emails first, entries second: a crash in between leaves entries whose next claim
         # sees the recorded outcome (finished: entry dropped; deferred: retried early), never
         # an unrecorded delivery.
-        await self._emails.bulk_write([email for email, _ in batch], ordered=False)
-        await self._queue.bulk_write([entry for _, entry in batch], ordered=False)
-        return [True] * len(batch)
+        emails = [o.email for o in mine if o.email_id not in landed]
+        if emails:
+            await self._emails.bulk_write(emails, ordered=False)
+        if mine:
+            await self._queue.bulk_write([o.entry for o in mine], ordered=False)
+        for o, ok in zip(batch, held, strict=True):
+            if self._recording.get(o.email_id) == o.claim_no:
+                del self._recording[o.email_id]
+            if ok:
+                self._leased.pop(o.email_id, None)
+        return list(held)
 
     async def release(self, *, claimed: Claimed, now: datetime) -> None:
         """See `EmailRepository.release`: the lease ends now, nothing else was written."""
@@ -1246,8 +1388,8 @@ class MongoEmailRepository:
         """
         await self._emails.bulk_write([DeleteOne({"_id": d["_id"]}) for d in docs], ordered=False)
         keys = [DeleteOne({"_id": k["_id"]}) for d in docs for k in _key_docs(d)]
-        for start in range(0, len(keys), MAX_BATCH_STATEMENTS):
-            await self._keys.bulk_write(keys[start : start + MAX_BATCH_STATEMENTS], ordered=False)
+        for start in range(0, len(keys), MAX_WRITE_BATCH):
+            await self._keys.bulk_write(keys[start : start + MAX_WRITE_BATCH], ordered=False)
         for doc in docs:
             if doc.get("content_file_id"):
                 # NoFile: deleted by an earlier attempt of this call.
@@ -1302,7 +1444,7 @@ class MongoEmailRepository:
         """Remove finished emails (content and timeline with them) older than their retention.
 
         Reads each finished status in the order emails finished (``finished_age`` index:
-        status, updated_at), at most `batches` batches of `MAX_BATCH_STATEMENTS` per status, up
+        status, updated_at), at most `batches` batches of `MAX_WRITE_BATCH` per status, up
         to `now - shortest`; an email is removed once `now - retention(tenant)` has passed its
         last write. Emails waiting for delivery (queued, scheduled however far ahead, deferred)
         are never read. Each removal wins its transition claim first, so concurrent sweepers
@@ -1322,7 +1464,7 @@ class MongoEmailRepository:
                 cursor = (
                     self._emails.find({"status": status, "updated_at": window}, _NO_CONTENT)
                     .sort("updated_at", ASCENDING)
-                    .limit(MAX_BATCH_STATEMENTS)
+                    .limit(MAX_WRITE_BATCH)
                 )
                 docs = [d async for d in cursor]
                 if not docs:
@@ -1335,7 +1477,7 @@ class MongoEmailRepository:
                 if gone:
                     await self._remove(gone)
                 removed += len(gone)
-                if len(docs) < MAX_BATCH_STATEMENTS:
+                if len(docs) < MAX_WRITE_BATCH:
                     break
         return removed
 

@@ -65,7 +65,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from services.core.mongo import MAX_BATCH_STATEMENTS, Document, IndexSpec, delete_older
+from services.core.mongo import MAX_WRITE_BATCH, Document, IndexSpec, delete_older
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +206,12 @@ class Tallies:
     async def _round(self) -> None:
         dirty = [(i, d) for i, d in self._docs.items() if any(d.pending.values())]
         try:
-            for start in range(0, len(dirty), MAX_BATCH_STATEMENTS):
-                await self._write(dirty[start : start + MAX_BATCH_STATEMENTS])
+            for start in range(0, len(dirty), MAX_WRITE_BATCH):
+                await self._write(dirty[start : start + MAX_WRITE_BATCH])
             # Documents this writer had forgotten, found by their insert: read back, written.
             again = [(i, d) for i, d in dirty if d.stored is None and any(d.pending.values())]
-            for start in range(0, len(again), MAX_BATCH_STATEMENTS):
-                await self._write(again[start : start + MAX_BATCH_STATEMENTS])
+            for start in range(0, len(again), MAX_WRITE_BATCH):
+                await self._write(again[start : start + MAX_WRITE_BATCH])
         except PyMongoError as exc:
             log.warning(
                 "email tallies not written; kept for the next flush",

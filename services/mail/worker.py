@@ -2,7 +2,13 @@
 
 Scale-out is more of these on the same database; leases are the only coordination. On SIGTERM
 (or SIGINT) the worker stops claiming, finishes the deliveries it is in for up to
-AZORA_SHUTDOWN_GRACE seconds, hands back whatever it still holds, and exits.
+AZORA_SHUTDOWN_GRACE seconds (recording their outcomes, which waits while the database is
+away), hands back whatever it has not started, and exits. An outcome still unrecorded then
+keeps its lease: the email is attempted again once the lease expires, not before.
+
+Like the services, it watches its database client (`services.core.runtime.watch_database`):
+wedged while the database answers a new client, the worker stops the same way and exits with
+`EXIT_DATABASE_CLIENT_WEDGED`, for its supervisor to start a fresh process.
 """
 
 from __future__ import annotations
@@ -16,7 +22,13 @@ import sys
 
 from services.core.clock import SystemClock
 from services.core.logs import configure_logging
-from services.core.runtime import Database, prepare_database
+from services.core.runtime import (
+    EXIT_DATABASE_CLIENT_WEDGED,
+    Database,
+    DatabaseWatch,
+    prepare_database,
+    watch_database,
+)
 from services.core.settings import Settings, SettingsError
 from services.mail.app import MAIL_INDEXES, RELAY_HEALTH_REFRESH, make_worker
 from services.mail.relay_health import RelayHealthStore
@@ -27,8 +39,8 @@ SERVICE_NAME = "mail-worker"
 log = logging.getLogger(__name__)
 
 
-async def serve(settings: Settings) -> None:
-    """Run one worker until SIGTERM/SIGINT."""
+async def serve(settings: Settings) -> int:
+    """Run one worker until SIGTERM/SIGINT (or a wedged database client); the exit status."""
     database = Database.connect(settings)
     relays, channel = smtp_service_relays(settings)
     try:
@@ -45,22 +57,47 @@ async def serve(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
+        status = 0
+
+        def wedged() -> None:
+            nonlocal status
+            status = EXIT_DATABASE_CLIENT_WEDGED
+            log.error("database client wedged; stopping for a restart")
+            worker.stop()
+
+        watch = asyncio.create_task(
+            watch_database(
+                database.db,
+                settings.readiness_interval,
+                watchdog=DatabaseWatch.from_settings(settings),
+                on_wedged=wedged,
+            )
+        )
         task = asyncio.create_task(worker.run())
         log.info("worker started", extra={"fields": {"worker": worker.worker_id}})
         stopping = asyncio.create_task(worker.wait_stopping())
         await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
         try:
-            # Deliveries in progress get the grace period; then they are cancelled, which
-            # releases their leases.
+            # Deliveries in progress get the grace period to finish and record; then they
+            # are cancelled: those not past the relay release their leases, those whose
+            # outcome is still unrecorded keep them.
             await asyncio.wait_for(asyncio.shield(task), timeout=settings.shutdown_grace)
         except TimeoutError:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         stopping.cancel()
+        watch.cancel()
+        kept = await emails.flush_outcomes(within=0)
+        if kept:
+            log.warning(
+                "outcomes not recorded at shutdown; their leases are kept",
+                extra={"fields": {"outcomes": kept}},
+            )
         # Stats counts whose write failed earlier (database away) get a last chance.
         with contextlib.suppress(Exception):
             await emails.tallies.flush()
         log.info("worker stopped", extra={"fields": {"worker": worker.worker_id}})
+        return status
     finally:
         await channel.close()
         await database.close()
@@ -74,7 +111,9 @@ def main() -> None:
         print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(service=SERVICE_NAME, level=settings.log_level)
-    asyncio.run(serve(settings))
+    status = asyncio.run(serve(settings))
+    if status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":

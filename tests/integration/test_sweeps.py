@@ -13,7 +13,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient, monitoring
 
-from services.core.mongo import MAX_BATCH_STATEMENTS, delete_older
+from services.core.mongo import MAX_WRITE_BATCH, delete_older
 from services.core.ratelimit import COLLECTION, INDEXES
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -61,7 +61,7 @@ async def test_sweeps_oldest_first_in_bounded_batches(ferretdb: str) -> None:
         left = sorted([d["_id"] async for d in collection.find({})])
         assert left == [f"w{i:03d}" for i in range(130, 150)]
         assert listener.sizes
-        assert max(listener.sizes) <= MAX_BATCH_STATEMENTS
+        assert max(listener.sizes) <= MAX_WRITE_BATCH
     finally:
         await client.drop_database(db.name)
         await client.close()

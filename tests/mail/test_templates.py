@@ -20,7 +20,7 @@ from azora.mail.v1 import mail_pb2
 from google.protobuf import struct_pb2
 from prometheus_client import REGISTRY
 
-from services.core.mongo import MAX_BATCH_STATEMENTS
+from services.core.mongo import MAX_WRITE_BATCH
 from services.mail.templates import TEMPLATE_NAMES, TEMPLATE_VERSIONS
 from tests.conftest import Tenant
 from tests.mail.conftest import LocalMail
@@ -389,7 +389,7 @@ async def test_batch_of_500_idempotent_in_few_commands(
     assert first.accepted_count == 500
     # Lookup keys, queue entries and emails, each in chunks of the write-batch cap, plus the
     # idempotency record and the stats counts: a few dozen, not 500+.
-    chunks = math.ceil(500 / MAX_BATCH_STATEMENTS)
+    chunks = math.ceil(500 / MAX_WRITE_BATCH)
     assert inserts <= 3 * chunks + 4, inserts
     again = await local_mail.stub.SendEmailBatch(
         E.SendEmailBatchRequest(messages=messages, idempotency_key="batch-1"),
