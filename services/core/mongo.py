@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import pymongo
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from pymongo import ASCENDING, AsyncMongoClient, DeleteOne, monitoring
+from pymongo import ASCENDING, AsyncMongoClient, DeleteOne, ReturnDocument, monitoring
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
@@ -251,6 +251,43 @@ def is_duplicate_key(exc: BaseException) -> bool:
     return isinstance(exc, DuplicateKeyError) or (
         isinstance(exc, OperationFailure) and exc.code == 11000
     )
+
+
+async def reserve_expiring(
+    collection: AsyncCollection[Document], doc: Document, *, now: Any
+) -> Document:
+    """Insert `doc` unless a live document holds its ``_id``; the document that holds it.
+
+    For records that reserve a key for a while (``expires_at``): insert-first, so concurrent
+    reservations meet on the unique ``_id`` (FerretDB isolates nothing else). A record whose
+    ``expires_at`` has passed but that no sweeper removed yet is taken over, unless another
+    caller took it over first.
+
+    Raises:
+        PyMongoError: the database failed (anything but the duplicate key).
+        RuntimeError: the record kept changing under three tries in a row.
+    """
+    for _ in range(3):
+        try:
+            await collection.insert_one(doc)
+            return doc
+        except PyMongoError as exc:
+            if not is_duplicate_key(exc):
+                raise
+        existing = await collection.find_one({"_id": doc["_id"]})
+        if existing is None:
+            continue  # swept meanwhile: try again
+        if existing["expires_at"] > now:
+            return existing
+        # Expired but not swept yet: take it over unless someone else just did.
+        replaced = await collection.find_one_and_update(
+            {"_id": doc["_id"], "expires_at": existing["expires_at"]},
+            {"$set": {k: v for k, v in doc.items() if k != "_id"}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if replaced is not None:
+            return replaced
+    raise RuntimeError("a reservation record kept changing")  # pragma: no cover
 
 
 def is_transient(exc: BaseException) -> bool:

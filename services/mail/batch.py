@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from pymongo import ASCENDING, ReturnDocument
+from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.core.errors import (
@@ -27,7 +27,7 @@ from services.core.errors import (
     InvalidArgument,
     NotFound,
 )
-from services.core.mongo import Document, IndexSpec, is_duplicate_key
+from services.core.mongo import Document, IndexSpec, reserve_expiring
 from services.mail.compose import SendInput
 from services.mail.models import EmailStatus
 from services.mail.template_manager import TemplateUse
@@ -198,26 +198,8 @@ class MongoBatchRepository:
             "expires_at": record.expires_at,
             "results": None,
         }
-        for _ in range(3):
-            try:
-                await self._records.insert_one(doc)
-                return record
-            except Exception as exc:
-                if not is_duplicate_key(exc):
-                    raise
-            existing = await self._records.find_one({"_id": doc_id})
-            if existing is None:
-                continue  # swept meanwhile: try again
-            if existing["expires_at"] > now:
-                return _record(existing)
-            replaced = await self._records.find_one_and_update(
-                {"_id": doc_id, "expires_at": existing["expires_at"]},
-                {"$set": {k: v for k, v in doc.items() if k != "_id"}},
-                return_document=ReturnDocument.AFTER,
-            )
-            if replaced is not None:
-                return _record(replaced)
-        raise RuntimeError("batch idempotency record kept changing")  # pragma: no cover
+        held = await reserve_expiring(self._records, doc, now=now)
+        return record if held is doc else _record(held)
 
     async def finish(self, *, tenant_id: str, key: str, results: list[BatchResult]) -> None:
         """See `BatchRepository.finish`."""

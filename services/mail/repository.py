@@ -56,7 +56,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from bson import Binary, ObjectId
 from gridfs.asynchronous import AsyncGridFSBucket
 from gridfs.errors import NoFile
-from pymongo import ASCENDING, DESCENDING, DeleteOne, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, DeleteOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
@@ -68,8 +68,8 @@ from services.core.mongo import (
     IndexSpec,
     chunked,
     delete_older,
-    is_duplicate_key,
     is_transient,
+    reserve_expiring,
 )
 from services.mail.models import (
     FINISHED,
@@ -1530,27 +1530,8 @@ class MongoIdempotencyRepository:
             "email_id": record.email_id,
             "expires_at": record.expires_at,
         }
-        for _ in range(3):
-            try:
-                await self._records.insert_one(doc)
-                return record
-            except Exception as exc:
-                if not is_duplicate_key(exc):
-                    raise
-            existing = await self._records.find_one({"_id": doc_id})
-            if existing is None:
-                continue  # swept meanwhile: try again
-            if existing["expires_at"] > now:
-                return _record(existing)
-            # Expired but not swept yet: take it over unless someone else just did.
-            replaced = await self._records.find_one_and_update(
-                {"_id": doc_id, "expires_at": existing["expires_at"]},
-                {"$set": {k: v for k, v in doc.items() if k != "_id"}},
-                return_document=ReturnDocument.AFTER,
-            )
-            if replaced is not None:
-                return _record(replaced)
-        raise RuntimeError("idempotency record kept changing")  # pragma: no cover
+        held = await reserve_expiring(self._records, doc, now=now)
+        return record if held is doc else _record(held)
 
     async def release(self, *, record: IdempotencyRecord) -> None:
         """See `IdempotencyRepository.release`."""
