@@ -253,7 +253,7 @@ class MailManager:
                 request, template = message
                 if request.idempotency_key:
                     raise InvalidArgument.single(
-                        "idempotency_key", "set the batch's idempotency_key instead"
+                        "idempotency_key", "set the batch's idempotencyKey instead"
                     )
                 prepared = await self._prepare(
                     tenant_id=tenant_id,
