@@ -312,8 +312,14 @@ class Transcoder:
                 descriptor_pool=self._pool,
             )
         except (json_format.ParseError, ValueError, TypeError) as exc:
+            detail = str(exc)
+            if leaf.enum_type is not None:
+                # The parser's own text names only the proto type; say what would be accepted.
+                names = [v.name for v in leaf.enum_type.values if v.number != 0]
+                got = next((v for v in values if v not in names), values[0])
+                detail = f"expected one of {', '.join(names)} (exact names), got {got[:100]!r}"
             raise GatewayError.invalid(
-                f"invalid value for {display!r}: {exc}", reason=reason, field=display
+                f"invalid value for {display!r}: {detail}", reason=reason, field=display
             ) from None
         new_value = getattr(scratch, leaf.name)
         if leaf.is_repeated:

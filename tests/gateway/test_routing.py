@@ -371,6 +371,27 @@ def test_bad_query_parameters(
     assert raised.value.violations[0][0] == query.split("=")[0]
 
 
+# An enum filter given in another spelling says which names it takes (what ListEmails' status
+# accepts is not guessable from "Invalid enum value sent").
+def test_bad_enum_query_value_lists_the_accepted_names(
+    router: Router, transcoder: Transcoder
+) -> None:
+    with pytest.raises(GatewayError) as raised:
+        transcoder.build_request(
+            _binding(router, "GET", "/api/v1/emails"),
+            variables={},
+            query=parse_query("status=sent"),
+            body=b"",
+            content_type="",
+        )
+    assert raised.value.reason == "INVALID_QUERY_PARAMETER"
+    field, description = raised.value.violations[0]
+    assert field == "status"
+    assert "EMAIL_STATUS_SENT" in description
+    assert "EMAIL_STATUS_UNSPECIFIED" not in description
+    assert "got 'sent'" in description
+
+
 # "+" stays a plus (Envoy's query_param_unescape_plus false); bad encodings are refused.
 def test_parse_query() -> None:
     assert parse_query("a=1+2&b=%2B&c&=x&&d=%C3%A9") == [
