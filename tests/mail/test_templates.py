@@ -364,6 +364,26 @@ async def test_batch_size_limits(local_mail: LocalMail, tenant: Tenant) -> None:
     ]
 
 
+async def test_missing_name_is_required_on_create_and_replace(
+    local_mail: LocalMail, tenant: Tenant
+) -> None:
+    # A draft without a name (PUT replaces the whole draft) is told the name is required,
+    # not that an empty name breaks the naming rule.
+    created = await create(local_mail, tenant)
+    for call in (
+        local_mail.stub.CreateTemplate(
+            E.CreateTemplateRequest(subject="s", text="t"), metadata=tenant.metadata
+        ),
+        local_mail.stub.UpdateTemplate(
+            E.UpdateTemplateRequest(id=created.id, subject="s", text="t"),
+            metadata=tenant.metadata,
+        ),
+    ):
+        failure = await failure_of(call)
+        assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert failure.field_violations["name"].startswith("required")
+
+
 async def test_batch_errors_name_fields_in_json_spelling(
     local_mail: LocalMail, tenant: Tenant
 ) -> None:
