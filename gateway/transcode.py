@@ -63,6 +63,8 @@ _SCALAR_JSON_MESSAGES = frozenset(
     }
 )
 _INTEGER = re.compile(r"^-?[0-9]+$")
+# Deeper than any request message of ours (recursive Struct values carry no fields to check).
+_MAX_BODY_DEPTH = 32
 # json_format names the field at fault in these shapes; used for BadRequest violations. The
 # names are the client's own spelling (JSON or proto name, whichever it sent); "at" is the path
 # of the message holding the field, starting with the request message's own name.
@@ -111,6 +113,61 @@ def _json_problem(exc: Exception, *, default_field: str) -> tuple[str, str, bool
         return _without_root(at.group(1)), message, False
     nested = _BAD_FIELD.findall(message)
     return (".".join(nested) if nested else default_field), message, False
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key given twice (json.loads keeps the last one).
+
+    Raises:
+        GatewayError: INVALID_JSON_BODY naming the key (its path is not known here).
+    """
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise GatewayError.invalid(
+                f"{key[:100]!r} is given twice in one JSON object of the request body",
+                reason="INVALID_JSON_BODY",
+                field=key[:100],
+            )
+        document[key] = value
+    return document
+
+
+def _refuse_field_given_twice(
+    value: Any, descriptor: Descriptor, path: str = "", depth: int = 0
+) -> None:
+    """Refuse an object giving one field under both its names (``from`` and ``from_address``).
+
+    The Python JSON parser compares keys, not fields, so the later spelling silently replaced
+    the earlier value. Unknown keys and wrong types are left to the parser, which names them.
+
+    Raises:
+        GatewayError: INVALID_JSON_BODY naming the field by its path.
+    """
+    if not isinstance(value, dict) or depth > _MAX_BODY_DEPTH:
+        return
+    by_key = {f.json_name: f for f in descriptor.fields} | {f.name: f for f in descriptor.fields}
+    seen: dict[str, str] = {}
+    for key, item in value.items():
+        field = by_key.get(key)
+        if field is None:
+            continue
+        where = f"{path}.{key}" if path else key
+        if field.name in seen:
+            raise GatewayError.invalid(
+                f"{where!r} is given twice in the request body "
+                f"(as {seen[field.name]!r} and {key!r})",
+                reason="INVALID_JSON_BODY",
+                field=where,
+            )
+        seen[field.name] = key
+        target = field.message_type
+        if target is None or target.GetOptions().map_entry:
+            continue
+        elements = item if field.is_repeated and isinstance(item, list) else [item]
+        for i, element in enumerate(elements):
+            step = f"{where}[{i}]" if field.is_repeated else where
+            _refuse_field_given_twice(element, target, step, depth + 1)
 
 
 def is_json_media_type(content_type: str) -> bool:
@@ -225,6 +282,7 @@ class Transcoder:
             for field in reversed(target_fields):
                 document = {field.name: document}
         check_bytes_fields(document, descriptor_of(request))
+        _refuse_field_given_twice(document, descriptor_of(request))
         try:
             # Unknown fields (and unknown enum names) are refused, not dropped: a misspelt
             # `scheduledAt` must not send an email now. Envoy's transcoder has no such option
@@ -258,7 +316,7 @@ class Transcoder:
                 field="body",
             ) from None
         try:
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_object_without_duplicate_keys)
         except json.JSONDecodeError as exc:
             raise GatewayError.invalid(
                 f"malformed JSON in the request body: {exc.msg} at line {exc.lineno} "
@@ -312,8 +370,14 @@ class Transcoder:
                 descriptor_pool=self._pool,
             )
         except (json_format.ParseError, ValueError, TypeError) as exc:
+            detail = str(exc)
+            if leaf.enum_type is not None:
+                # The parser's own text names only the proto type; say what would be accepted.
+                names = [v.name for v in leaf.enum_type.values if v.number != 0]
+                got = next((v for v in values if v not in names), values[0])
+                detail = f"expected one of {', '.join(names)} (exact names), got {got[:100]!r}"
             raise GatewayError.invalid(
-                f"invalid value for {display!r}: {exc}", reason=reason, field=display
+                f"invalid value for {display!r}: {detail}", reason=reason, field=display
             ) from None
         new_value = getattr(scratch, leaf.name)
         if leaf.is_repeated:

@@ -24,8 +24,13 @@ from services.core.dns_names import normalize_domain_name
 from services.core.errors import Conflict, FailedPrecondition, PreconditionViolation
 from services.core.ids import check_id, decode_page_token, encode_page_token, new_id, page_size
 from services.core.ownership import expected_record
-from services.domain.dns_records import normalize_record_set, to_zone_file
+from services.domain.dns_records import (
+    ZONE_FILE_DEFAULT_TTL,
+    normalize_record_set,
+    to_zone_file,
+)
 from services.domain.models import (
+    DnsRecord,
     DnsRecordInput,
     DnsRecordType,
     Domain,
@@ -227,9 +232,24 @@ class DomainManager:
         log.info("domain deleted", extra={"fields": {"domain_id": removed.id}})
 
     async def zone_file(self, *, tenant_id: str, domain_id: str) -> str:
-        """The domain's stored records and its ownership record as a zone file."""
+        """The domain's stored records and its ownership record as a zone file.
+
+        The ownership TXT record is added unless the stored records already hold it: it must
+        stay published after verification (the periodic re-check suspends a domain whose
+        record disappeared), so a zone imported from this file has to carry it.
+        """
         domain = await self.get(tenant_id=tenant_id, domain_id=domain_id)
-        return to_zone_file(domain.name, domain.dns_records)
+        ownership = DnsRecord(
+            DnsRecordType.TXT,
+            domain.name,
+            expected_record(domain.verification_token),
+            ZONE_FILE_DEFAULT_TTL,
+        )
+        stored = any(
+            (r.type, r.name, r.value) == (ownership.type, ownership.name, ownership.value)
+            for r in domain.dns_records
+        )
+        return to_zone_file(domain.name, domain.dns_records, extra=() if stored else [ownership])
 
     async def run_lifecycle_once(self) -> tuple[int, int]:
         """Expire overdue pending domains and re-check due active/suspended ones.

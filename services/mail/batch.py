@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -74,22 +75,37 @@ class BatchRecord:
     results: list[BatchResult] | None = None
 
 
-def batch_error(exc: InvalidArgument | NotFound | FailedPrecondition, prefix: str) -> BatchError:
-    """A per-message error, every field named from the batch request (``messages[3].to[0]``)."""
+def batch_error(
+    exc: InvalidArgument | NotFound | FailedPrecondition,
+    prefix: str,
+    field_name: Callable[[str], str] = str,
+) -> BatchError:
+    """A per-message error, every field named from the batch request (``messages[3].to[0]``).
+
+    `field_name` turns a send request's field path into the spelling clients use (JSON names,
+    ``send_at`` -> ``sendAt``): these errors travel inside a successful answer, where the error
+    interceptor that renames a failed call's fields never sees them.
+    """
     violations: list[FieldViolation] = []
+    message = exc.message
     if isinstance(exc, InvalidArgument):
+        exc = exc.renamed(field_name)
+        message = exc.message
         violations = [FieldViolation(f"{prefix}.{v.field}", v.description) for v in exc.violations]
     elif isinstance(exc, FailedPrecondition):
         subjects = [v.subject for v in exc.violations] or [exc.metadata.get("field", "")]
         violations = [
-            FieldViolation(f"{prefix}.{s}" if s else prefix, exc.message) for s in subjects
+            FieldViolation(f"{prefix}.{field_name(s)}" if s else prefix, exc.message)
+            for s in subjects
         ]
     else:
         field = {"Template": "template", "TemplateVersion": "template_version"}.get(
             exc.resource_type, ""
         )
-        violations = [FieldViolation(f"{prefix}.{field}" if field else prefix, exc.message)]
-    return BatchError(exc.kind.value, exc.reason, exc.message, violations)
+        violations = [
+            FieldViolation(f"{prefix}.{field_name(field)}" if field else prefix, exc.message)
+        ]
+    return BatchError(exc.kind.value, exc.reason, message, violations)
 
 
 def send_fingerprint(request: SendInput, template: TemplateUse | None) -> str:

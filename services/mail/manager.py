@@ -190,13 +190,15 @@ class MailManager:
         messages: Sequence[BatchMessage],
         all_or_nothing: bool,
         idempotency_key: str,
+        field_name: Callable[[str], str] = str,
     ) -> list[BatchResult]:
         """Accept up to `MAX_BATCH` emails; one result per message, in order.
 
         Each message is checked as `send` checks one; the valid ones are stored together
         (a few insert commands, not one per message) unless `all_or_nothing` and any is
         invalid. The idempotency key covers the whole batch: the same batch again within the
-        window gets the first answer, same ids.
+        window gets the first answer, same ids. `field_name` spells a message's field paths
+        in the per-message errors (`batch_error`).
 
         Raises:
             InvalidArgument: no messages, too many, a bad idempotency key, or (with
@@ -251,7 +253,7 @@ class MailManager:
                 request, template = message
                 if request.idempotency_key:
                     raise InvalidArgument.single(
-                        "idempotency_key", "set the batch's idempotency_key instead"
+                        "idempotency_key", "set the batch's idempotencyKey instead"
                     )
                 prepared = await self._prepare(
                     tenant_id=tenant_id,
@@ -263,7 +265,7 @@ class MailManager:
                 )
                 email = self._build(prepared, tenant_id=tenant_id, email_id=ids[i], now=now)
             except (InvalidArgument, NotFound, FailedPrecondition) as exc:
-                results.append(BatchResult(i, error=batch_error(exc, f"messages[{i}]")))
+                results.append(BatchResult(i, error=batch_error(exc, f"messages[{i}]", field_name)))
                 continue
             emails.append(email)
             results.append(BatchResult(i, email_id=email.id, status=email.status))

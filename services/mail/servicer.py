@@ -9,7 +9,7 @@ from azora.mail.v1 import mail_pb2, mail_pb2_grpc
 from google.protobuf import empty_pb2
 
 from services.core.context import current_principal
-from services.core.protobuf import from_timestamp
+from services.core.protobuf import from_timestamp, json_field_path
 from services.mail import mapping
 from services.mail.manager import MailManager
 from services.mail.raw_message import SubmitInput
@@ -138,6 +138,7 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):
             messages=mapping.batch_from_proto(request),
             all_or_nothing=request.all_or_nothing,
             idempotency_key=request.idempotency_key,
+            field_name=lambda path: json_field_path(mail_pb2.SendEmailRequest.DESCRIPTOR, path),
         )
         return mail_pb2.SendEmailBatchResponse(
             results=[mapping.batch_result_to_proto(r) for r in results],

@@ -103,7 +103,10 @@ class TemplateManager:
 
     def _check(self, draft: TemplateDraft) -> None:
         violations: list[FieldViolation] = []
-        if not _NAME_RE.match(draft.name):
+        if not draft.name:
+            # PUT replaces the whole draft, name included: leaving it out is the usual slip.
+            violations.append(FieldViolation("name", "required (the template's name)"))
+        elif not _NAME_RE.match(draft.name):
             violations.append(
                 FieldViolation(
                     "name",

@@ -123,6 +123,8 @@ def decode(error: grpc.aio.AioRpcError) -> Failure:
     return failure
 
 
+# SubmitMessageRequest.raw_message as the mail service names it in errors (JSON spelling).
+_RAW_MESSAGE_FIELD = "rawMessage"
 _INVALID = {
     "MESSAGE_TOO_LARGE": "552 5.3.4",
     "TOO_MANY_RECIPIENTS": "550 5.5.3",
@@ -136,6 +138,9 @@ def for_failure(failure: Failure) -> str:
     text = _one_line(failure.message)
     code = failure.code
     if code == grpc.StatusCode.INVALID_ARGUMENT:
+        # "rawMessage: " names SubmitMessage's field, which an SMTP client never sent: the
+        # message is what it sent after DATA, so the reply says only what is wrong with it.
+        text = text.removeprefix(f"{_RAW_MESSAGE_FIELD}: ")
         return f"{_INVALID.get(failure.reason, '550 5.6.0')} {text}"
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         domain = failure.metadata.get("domain", "")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from base64 import b64decode
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -274,6 +274,14 @@ class SubmissionSMTP(SMTP):
         self._closing = False
         self._commands_before_auth = 0
         self._bad_commands = 0
+        # aiosmtpd keeps these limits in one dict shared by every connection (a class
+        # attribute), and holds AUTH to the 512 octets of other commands: an AUTH PLAIN line
+        # carrying a token of a few hundred characters was "500 Command line too long" instead
+        # of being checked. RFC 4954 allows AUTH lines up to 12288 octets; lines are read with
+        # `line_length_limit` (1001) at most, so that is the limit AUTH gets here.
+        self.command_size_limits = defaultdict(
+            lambda: SMTP.command_size_limit, {"AUTH": self.line_length_limit}
+        )
         self._session_timer: asyncio.TimerHandle | None = None
         # A close started from a timer callback (kept so the task is not collected early).
         self._closer: asyncio.Task[None] | None = None

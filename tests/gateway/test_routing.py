@@ -371,6 +371,27 @@ def test_bad_query_parameters(
     assert raised.value.violations[0][0] == query.split("=")[0]
 
 
+# An enum filter given in another spelling says which names it takes (what ListEmails' status
+# accepts is not guessable from "Invalid enum value sent").
+def test_bad_enum_query_value_lists_the_accepted_names(
+    router: Router, transcoder: Transcoder
+) -> None:
+    with pytest.raises(GatewayError) as raised:
+        transcoder.build_request(
+            _binding(router, "GET", "/api/v1/emails"),
+            variables={},
+            query=parse_query("status=sent"),
+            body=b"",
+            content_type="",
+        )
+    assert raised.value.reason == "INVALID_QUERY_PARAMETER"
+    field, description = raised.value.violations[0]
+    assert field == "status"
+    assert "EMAIL_STATUS_SENT" in description
+    assert "EMAIL_STATUS_UNSPECIFIED" not in description
+    assert "got 'sent'" in description
+
+
 # "+" stays a plus (Envoy's query_param_unescape_plus false); bad encodings are refused.
 def test_parse_query() -> None:
     assert parse_query("a=1+2&b=%2B&c&=x&&d=%C3%A9") == [
@@ -421,6 +442,39 @@ def test_body_field_spellings(router: Router, transcoder: Transcoder) -> None:
             "reply_to": ["r@b.c"],
             "send_at": "2026-11-24T00:00:00Z",
         }
+
+
+# A field given twice, as a repeated JSON key or under both of its names, is refused naming
+# it: the parser kept the last value and dropped the first without a word (a recipient lost,
+# another sender used).
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"from": "a@b.c", "to": ["x@b.c"], "to": ["y@b.c"]}', "to"),
+        (b'{"from": "a@b.c", "from_address": "b@b.c"}', "from_address"),
+        (b'{"sendAt": "2026-11-24T00:00:00Z", "send_at": "2026-11-25T00:00:00Z"}', "send_at"),
+        (
+            b'{"attachments": [{"filename": "a"}, {"contentType": "a/b", "content_type": "c/d"}]}',
+            "attachments[1].content_type",
+        ),
+        (b'{"variables": {"name": "A", "name": "B"}}', "name"),
+    ],
+)
+def test_field_given_twice_is_refused(
+    router: Router, transcoder: Transcoder, body: bytes, field: str
+) -> None:
+    with pytest.raises(GatewayError) as raised:
+        transcoder.build_request(
+            _binding(router, "POST", "/api/v1/emails"),
+            variables={},
+            query=[],
+            body=body,
+            content_type="application/json",
+        )
+    assert raised.value.reason == "INVALID_JSON_BODY"
+    assert raised.value.http_status == 400
+    assert raised.value.violations[0][0] == field
+    assert "twice" in raised.value.violations[0][1]
 
 
 # Responses: camelCase JSON with every field without presence printed; HttpBody sent raw.

@@ -314,6 +314,42 @@ async def test_export_zone_file_parses_as_a_zone(domains_stub: Stub, tenant: Ten
     assert {rdataset.rdtype.name for rdataset in apex.rdatasets} == {"A", "TXT"}
 
 
+async def test_export_zone_file_carries_the_ownership_record(
+    domains_stub: Stub, tenant: Tenant
+) -> None:
+    # The ownership TXT record has to stay published (the periodic re-check suspends a domain
+    # without it), so the export a user imports into their DNS host carries it, exactly once
+    # also when the user stored it among their own records.
+    domain = await create(domains_stub, tenant)
+    ownership = f"azora-verify={domain.verification_token}"
+
+    async def apex_txt() -> list[str]:
+        body = await domains_stub.ExportZoneFile(
+            domain_pb2.ExportZoneFileRequest(id=domain.id), metadata=tenant.metadata
+        )
+        text = body.data.decode()
+        # A parsed rdataset is a set (it would hide a duplicate line), so count in the text.
+        assert text.count(f'"{ownership}"') == 1
+        zone = dns.zone.from_text(text, origin=domain.name, check_origin=False)
+        node = zone.get_node("@")
+        assert node is not None
+        rdatasets = [r for r in node.rdatasets if r.rdtype.name == "TXT"]
+        return sorted(b"".join(rd.strings).decode() for rs in rdatasets for rd in rs)
+
+    assert await apex_txt() == [ownership]
+    await domains_stub.UpdateDnsRecords(
+        domain_pb2.UpdateDnsRecordsRequest(
+            id=domain.id,
+            records=[
+                domain_pb2.DnsRecord(type=TXT, name="@", value=ownership),
+                domain_pb2.DnsRecord(type=TXT, name="@", value="v=spf1 -all"),
+            ],
+        ),
+        metadata=tenant.metadata,
+    )
+    assert await apex_txt() == [ownership, "v=spf1 -all"]
+
+
 async def test_delete_removes_the_domain(domains_stub: Stub, tenant: Tenant) -> None:
     # After Delete the domain is gone: Get and a second Delete are NOT_FOUND.
     domain = await create(domains_stub, tenant)

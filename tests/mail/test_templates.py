@@ -360,8 +360,62 @@ async def test_batch_size_limits(local_mail: LocalMail, tenant: Tenant) -> None:
         metadata=tenant.metadata,
     )
     assert [v.field for v in own_key.results[0].error.field_violations] == [
-        "messages[0].idempotency_key"
+        "messages[0].idempotencyKey"
     ]
+
+
+async def test_missing_name_is_required_on_create_and_replace(
+    local_mail: LocalMail, tenant: Tenant
+) -> None:
+    # A draft without a name (PUT replaces the whole draft) is told the name is required,
+    # not that an empty name breaks the naming rule.
+    created = await create(local_mail, tenant)
+    for call in (
+        local_mail.stub.CreateTemplate(
+            E.CreateTemplateRequest(subject="s", text="t"), metadata=tenant.metadata
+        ),
+        local_mail.stub.UpdateTemplate(
+            E.UpdateTemplateRequest(id=created.id, subject="s", text="t"),
+            metadata=tenant.metadata,
+        ),
+    ):
+        failure = await failure_of(call)
+        assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert failure.field_violations["name"].startswith("required")
+
+
+async def test_batch_errors_name_fields_in_json_spelling(
+    local_mail: LocalMail, tenant: Tenant
+) -> None:
+    # A message's errors name its fields as REST clients write them (and as SendEmail's errors
+    # do), in the violations and in the message, also when all_or_nothing refuses the batch.
+    _, domain = local_mail.add_domain(tenant, port=2525)
+    bad = [
+        message(domain, reply_to=["bad"]),
+        message(
+            domain,
+            attachments=[E.Attachment(filename="a.txt", content=b"hi", content_type="bad type")],
+        ),
+    ]
+    answer = await local_mail.stub.SendEmailBatch(
+        E.SendEmailBatchRequest(messages=bad), metadata=tenant.metadata
+    )
+    assert [[v.field for v in r.error.field_violations] for r in answer.results] == [
+        ["messages[0].replyTo[0]"],
+        ["messages[1].attachments[0].contentType"],
+    ]
+    assert answer.results[0].error.message.startswith("replyTo[0]: ")
+    assert answer.results[1].error.message.startswith("attachments[0].contentType: ")
+    refused = await failure_of(
+        local_mail.stub.SendEmailBatch(
+            E.SendEmailBatchRequest(messages=bad, all_or_nothing=True), metadata=tenant.metadata
+        )
+    )
+    assert set(refused.field_violations) == {
+        "messages[0].replyTo[0]",
+        "messages[1].attachments[0].contentType",
+    }
+    assert "messages[1]: attachments[0].contentType: " in refused.message
 
 
 def _inserts() -> float:
@@ -493,7 +547,7 @@ async def test_batch_message_with_stray_template_fields(
     )
     assert answer.accepted_count == 1
     assert [v.field for v in answer.results[1].error.field_violations] == [
-        "messages[1].template_version"
+        "messages[1].templateVersion"
     ]
     negative = await failure_of(
         local_mail.stub.RenderTemplate(

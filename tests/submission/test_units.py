@@ -101,6 +101,19 @@ def test_reply_table(
     assert "\n" not in reply
 
 
+def test_reply_leaves_out_the_api_field_name() -> None:
+    # The mail service names the refused field (rawMessage); the SMTP client sent a message
+    # after DATA, not that field, so its reply says only what is wrong with the message.
+    failure = replies.Failure(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "rawMessage: bare CR or LF on line 1: every line must end with CRLF",
+        "MESSAGE_MALFORMED",
+    )
+    assert replies.for_failure(failure) == (
+        "550 5.6.0 bare CR or LF on line 1: every line must end with CRLF"
+    )
+
+
 def test_aiosmtpd_replies_get_enhanced_codes() -> None:
     assert replies.enhanced("250 OK") == "250 2.0.0 OK"
     assert replies.enhanced("500 Error: bad syntax") == "500 5.5.2 Error: bad syntax"
