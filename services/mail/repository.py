@@ -900,7 +900,17 @@ class MongoEmailRepository:
         """
         key = f"r:{filter.recipient}" if filter.recipient else f"t:{filter.tag}"
         out: list[Email] = []
-        batch = max(limit, MAX_WRITE_BATCH)
+        # With the key as the only filter every keyed email belongs on the page (orphans
+        # aside, which the next round makes up for): read exactly the page. Each email is one
+        # more lookup, so spares are fetched only when the rest of the filter may reject some.
+        alone = (
+            filter.status is None
+            and not filter.domain_id
+            and filter.start is None
+            and filter.end is None
+            and not (filter.recipient and filter.tag)
+        )
+        batch = limit if alone else max(limit, MAX_WRITE_BATCH)
         while len(out) < limit:
             query: Document = {"tenant_id": tenant_id, "key": key}
             if before_id:

@@ -13,8 +13,10 @@ from datetime import timedelta
 from typing import Any
 
 from azora.mail.v1 import mail_pb2
+from pymongo import AsyncMongoClient, monitoring
 
-from services.mail.repository import EMAILS, KEYS
+from services.mail.models import EmailFilter, EmailStatus
+from services.mail.repository import EMAILS, KEYS, MongoEmailRepository
 from tests.conftest import Tenant
 from tests.mail.conftest import START, LocalMail
 
@@ -118,6 +120,55 @@ async def test_recipient_and_tag_filters_match_the_emails_exactly(
             assert got == want, (api_key, api_more, size)
     assert await expected(local_mail, tenant, {"recipient_addresses": "ann@example.org"})
     assert d1 != d2
+
+
+class EmailLookups(monitoring.CommandListener):
+    """Commands the driver sends to the ``emails`` collection (each a lookup of emails)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "find" and event.command["find"] == EMAILS:
+            self.count += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_a_key_alone_reads_only_the_page_of_emails(
+    local_mail: LocalMail, tenant: Tenant
+) -> None:
+    # Each keyed email costs one lookup: with the tag or recipient as the only filter, a page
+    # of 5 (6 asked for, as ListEmails does to know whether a next page exists) looks up 6 of
+    # the 30 tagged emails, not spares for filters that are not there; with a status as well
+    # spares are still read, and every page is the one the emails' own fields give.
+    _, name = local_mail.add_domain(tenant, port=9)
+    for _ in range(30):
+        await local_mail.send(
+            tenant, from_address=f"s@{name}", to=["a@example.org"], text="t", tags=["x"]
+        )
+    listener = EmailLookups()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        local_mail.settings.mongodb_uri, tz_aware=True, event_listeners=[listener]
+    )
+    try:
+        repo = MongoEmailRepository(client[local_mail.settings.mongodb_database], inline_limit=0)
+        newest = await expected(local_mail, tenant, {"tags": "x"}, limit=6)
+        for key in (EmailFilter(tag="x"), EmailFilter(recipient="a@example.org")):
+            page = await repo.page(tenant_id=tenant.id, filter=key, before_id=None, limit=6)
+            assert [e.id for e in page] == newest
+        assert listener.count == 12
+        listener.count = 0
+        queued = EmailFilter(tag="x", status=EmailStatus.QUEUED)
+        page = await repo.page(tenant_id=tenant.id, filter=queued, before_id=None, limit=6)
+        assert [e.id for e in page] == newest
+        assert listener.count > 6
+    finally:
+        await client.close()
 
 
 async def test_orphan_keys_are_skipped_and_removed_and_removals_take_keys(
