@@ -148,6 +148,9 @@ class Tallies:
         self._collection: AsyncCollection[Document] = db[TALLIES]
         self.writer_id = writer_id or uuid.uuid4().hex
         self._docs: dict[str, _Doc] = {}
+        # Ids of documents with counts added since their last write: a round visits only these
+        # (walking every cached document per flush cost a quarter of delivery's CPU).
+        self._dirty: set[str] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._next_round: asyncio.Future[None] | None = None
 
@@ -167,6 +170,7 @@ class Tallies:
                 # already, which its insert reveals (duplicate key); it is then read back.
                 doc = self._docs[doc_id] = _Doc(tenant_id, grain, bucket, Counter())
             doc.pending[(domain_id, status)] += n
+            self._dirty.add(doc_id)
 
     def move(
         self, *, tenant_id: str, created_at: datetime, domain_id: str, old: str, new: str
@@ -204,7 +208,10 @@ class Tallies:
                 round_done.set_result(None)
 
     async def _round(self) -> None:
-        dirty = [(i, d) for i, d in self._docs.items() if any(d.pending.values())]
+        ids, self._dirty = self._dirty, set()
+        dirty = [
+            (i, d) for i in ids if (d := self._docs.get(i)) is not None and any(d.pending.values())
+        ]
         try:
             for start in range(0, len(dirty), MAX_WRITE_BATCH):
                 await self._write(dirty[start : start + MAX_WRITE_BATCH])
@@ -218,6 +225,9 @@ class Tallies:
                 extra={"fields": {"error": str(exc)[:200], "documents": len(dirty)}},
             )
             return
+        finally:
+            # What this round did not write (a failure, a partial landing) stays for the next.
+            self._dirty.update(i for i, d in dirty if any(d.pending.values()))
         if len(self._docs) > _MAX_CACHED:
             self._docs = {i: d for i, d in self._docs.items() if any(d.pending.values())}
 
