@@ -231,6 +231,11 @@ async def watch_database(
             now_answering = True
         except AzoraError:
             now_answering = False
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            # Cancelled while probing, and the cancellation came back as a probe failure
+            # (Python 3.11's asyncio.timeout can do that): stop as asked.
+            raise asyncio.CancelledError
         if now_answering != answering:
             answering = now_answering
             log.warning(
@@ -291,6 +296,9 @@ def run_periodically(
             except asyncio.CancelledError:
                 raise
             except Exception:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise asyncio.CancelledError from None  # a cancellation the job swallowed
                 log.exception("background job failed", extra={"fields": {"job": name}})
             await asyncio.sleep(interval)
 

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from services.core.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
+# How long `ServiceServer.stop` waits for cancelled background tasks to end.
+_BACKGROUND_STOP_S = 10.0
 
 Registrar = Callable[[grpc.aio.Server], None]
 # Work to finish on shutdown, given the grace period in seconds (0 when there is none).
@@ -79,7 +81,18 @@ class ServiceServer:
             await asyncio.gather(*(hook(grace or 0.0) for hook in self.shutdown_hooks))
         for task in self.background:
             task.cancel()
-        await asyncio.gather(*self.background, return_exceptions=True)
+        if self.background:
+            # Bounded: a task that swallowed its cancellation (Python 3.11's asyncio.timeout can
+            # turn a cancellation that meets its own expiry into TimeoutError, and a loop that
+            # catches errors then carries on) must not hold the shutdown forever.
+            done, pending = await asyncio.wait(self.background, timeout=_BACKGROUND_STOP_S)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: a failure at shutdown is no news
+            for task in pending:
+                log.warning(
+                    "background task did not stop", extra={"fields": {"task": task.get_name()}}
+                )
         await self.server.stop(grace)
 
 
