@@ -53,6 +53,7 @@ from typing import Any
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
+from services.core.cancellation import raise_if_cancelling
 from services.core.context import Principal
 from services.core.errors import ResourceExhausted
 from services.core.metrics import RATE_LIMIT_REFUSALS, RATE_LIMIT_SYNCS
@@ -268,6 +269,7 @@ class SharedCounters:
                     log.warning(
                         "rate-limit sweep failed", extra={"fields": {"error": str(exc)[:200]}}
                     )
+            raise_if_cancelling()  # a cancellation a database call reported as a failure
             await asyncio.sleep(self._interval)
 
 

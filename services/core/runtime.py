@@ -26,6 +26,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from services.core.auth import ApiKeyResolver, Authenticator
+from services.core.cancellation import raise_if_cancelling
 from services.core.errors import AzoraError
 from services.core.interceptors import (
     AuthInterceptor,
@@ -231,11 +232,7 @@ async def watch_database(
             now_answering = True
         except AzoraError:
             now_answering = False
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            # Cancelled while probing, and the cancellation came back as a probe failure
-            # (Python 3.11's asyncio.timeout can do that): stop as asked.
-            raise asyncio.CancelledError
+        raise_if_cancelling()  # a cancellation the probe reported as a failure
         if now_answering != answering:
             answering = now_answering
             log.warning(
@@ -296,9 +293,7 @@ def run_periodically(
             except asyncio.CancelledError:
                 raise
             except Exception:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise asyncio.CancelledError from None  # a cancellation the job swallowed
+                raise_if_cancelling()  # a cancellation the job reported as a failure
                 log.exception("background job failed", extra={"fields": {"job": name}})
             await asyncio.sleep(interval)
 
