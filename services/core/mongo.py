@@ -159,19 +159,6 @@ async def ensure_indexes(db: AsyncDatabase[Document], specs: Sequence[IndexSpec]
     log.info("indexes ready", extra={"fields": {"indexes": [s.name for s in specs]}})
 
 
-async def ping(db: AsyncDatabase[Document]) -> None:
-    """Round-trip to the server.
-
-    Raises:
-        Unavailable: the server cannot be reached.
-        DeadlineExceeded: it was reached but did not answer in time.
-    """
-    try:
-        await db.command("ping")
-    except PyMongoError as exc:
-        raise translate_error(exc) from exc
-
-
 async def delete_older(
     collection: AsyncCollection[Document],
     field: str,

@@ -61,6 +61,7 @@ from services.core.netguard import (
     connect_checked,
 )
 from services.core.tracing import delivery_span
+from services.mail.compose import needs_smtputf8
 from services.mail.models import (
     OPEN_RECIPIENTS,
     Claimed,
@@ -170,9 +171,7 @@ def _reply(code: int, text: str) -> SmtpReply:
 def _needs_smtputf8(envelope_from: str, recipients: Sequence[str], message: bytes) -> bool:
     """Whether an address or the header section (UTF-8 addresses, RFC 6532) is not ASCII."""
     headers = message.split(b"\r\n\r\n", 1)[0]
-    return not (
-        envelope_from.isascii() and all(r.isascii() for r in recipients) and headers.isascii()
-    )
+    return needs_smtputf8([envelope_from, *recipients]) or not headers.isascii()
 
 
 def _failure_reply(exc: BaseException) -> SmtpReply:

@@ -114,8 +114,6 @@ _CLAIM_WINDOW_EXTRA = 32
 # expired leases followed in a row when reading who holds an email.
 _MAX_ROUNDS = 16
 CONTENT_BUCKET = "email_content"
-# Documents per insert command of `insert_many` (the services' write-batch cap).
-INSERT_CHUNK = MAX_WRITE_BATCH
 # Statuses a worker takes once next_attempt_at has passed (for SENDING: the lease expired).
 CLAIMABLE = [
     EmailStatus.QUEUED.value,
@@ -737,10 +735,8 @@ class MongoEmailRepository:
         return stored
 
     async def _write_keys(self, batch: list[list[Document]]) -> list[bool]:
-        docs = [d for keys in batch for d in keys]
-        for start in range(0, len(docs), MAX_WRITE_BATCH):
-            # A taken _id is the same key written by an earlier try: nothing to do.
-            await _insert_many_unique(self._keys, docs[start : start + MAX_WRITE_BATCH])
+        # A taken _id is the same key written by an earlier try: nothing to do.
+        await _insert_many_unique(self._keys, [d for keys in batch for d in keys])
         return [True] * len(batch)
 
     def _count_doc(self, doc: Document, n: int) -> None:
@@ -766,13 +762,12 @@ class MongoEmailRepository:
     async def insert_many(self, *, emails: Sequence[Email]) -> list[bool]:
         """See `EmailRepository.insert_many`.
 
-        Written in chunks of `INSERT_CHUNK` documents per command (FerretDB 1.24 can hang on
+        Written in chunks of `MAX_WRITE_BATCH` documents per command (FerretDB 1.24 can hang on
         a write command of 64 or more statements), queue entries before emails as `insert`
         does; large content goes to GridFS first, one file per email.
         """
         stored: list[bool] = []
-        for start in range(0, len(emails), INSERT_CHUNK):
-            chunk = emails[start : start + INSERT_CHUNK]
+        for chunk in chunked(emails):
             items: list[tuple[Document | None, Document]] = []
             files: list[ObjectId | None] = []
             for email in chunk:
@@ -1398,8 +1393,8 @@ class MongoEmailRepository:
         """
         await self._emails.bulk_write([DeleteOne({"_id": d["_id"]}) for d in docs], ordered=False)
         keys = [DeleteOne({"_id": k["_id"]}) for d in docs for k in _key_docs(d)]
-        for start in range(0, len(keys), MAX_WRITE_BATCH):
-            await self._keys.bulk_write(keys[start : start + MAX_WRITE_BATCH], ordered=False)
+        for part in chunked(keys):
+            await self._keys.bulk_write(list(part), ordered=False)
         for doc in docs:
             if doc.get("content_file_id"):
                 # NoFile: deleted by an earlier attempt of this call.

@@ -55,7 +55,6 @@ import contextvars
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -65,7 +64,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from services.core.mongo import MAX_WRITE_BATCH, Document, IndexSpec, delete_older
+from services.core.mongo import Document, IndexSpec, chunked, delete_older
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +212,12 @@ class Tallies:
             (i, d) for i in ids if (d := self._docs.get(i)) is not None and any(d.pending.values())
         ]
         try:
-            for start in range(0, len(dirty), MAX_WRITE_BATCH):
-                await self._write(dirty[start : start + MAX_WRITE_BATCH])
+            for part in chunked(dirty):
+                await self._write(list(part))
             # Documents this writer had forgotten, found by their insert: read back, written.
             again = [(i, d) for i, d in dirty if d.stored is None and any(d.pending.values())]
-            for start in range(0, len(again), MAX_WRITE_BATCH):
-                await self._write(again[start : start + MAX_WRITE_BATCH])
+            for part in chunked(again):
+                await self._write(list(part))
         except PyMongoError as exc:
             log.warning(
                 "email tallies not written; kept for the next flush",
@@ -324,8 +323,3 @@ def _counts(doc: Document | None) -> Counter[Key]:
     for row in (doc or {}).get("counts", []):
         out[(str(row["d"]), str(row["s"]))] += int(row["n"])
     return out
-
-
-def nonzero(counts: Iterable[tuple[Key, int]]) -> list[tuple[str, str, int]]:
-    """(domain, status, n) rows of the counts that are not zero."""
-    return [(d, s, n) for (d, s), n in counts if n]

@@ -35,7 +35,6 @@ TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure, try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients (at most {limit})"
-MESSAGE_TOO_BIG = "552 5.3.4 Message too big (at most {limit} bytes)"
 TEMPORARY_FAILURE = "451 4.3.0 Temporary failure, try again later"
 # 421: the server closes the connection after it.
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
@@ -177,7 +176,6 @@ __all__ = [
     "AUTH_TEMPORARY",
     "Failure",
     "IDLE_TIMEOUT",
-    "MESSAGE_TOO_BIG",
     "QUEUED",
     "RECIPIENT_OK",
     "SENDER_OK",
