@@ -27,7 +27,7 @@ from azora.mail.v1 import mail_pb2
 
 from services.core.auth import ServiceTokens
 from services.core.ratelimit import RateLimiter
-from services.core.settings import Settings
+from services.core.settings import Settings, SettingsError
 from tests.conftest import new_tenant
 from tests.support.grpc_errors import decode
 from tests.support.ratelimit_fixtures import (
@@ -233,5 +233,5 @@ def test_limit_settings_are_read() -> None:
     )
     assert (settings.auth_failure_max, settings.auth_failure_window_ms) == (7, 60000)
     assert settings.rate_limit_blocks == 4
-    with pytest.raises(Exception, match="AZORA_RATE_LIMIT_BLOCKS"):
+    with pytest.raises(SettingsError, match="AZORA_RATE_LIMIT_BLOCKS"):
         Settings.from_env({"AZORA_RATE_LIMIT_BLOCKS": "0"})
