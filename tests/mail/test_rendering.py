@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from services.core.errors import InvalidArgument
 from services.mail.rendering import RENDER_FAILED, RenderLimits, TemplateEngine, TemplateSource
@@ -114,10 +115,27 @@ async def test_linked_stylesheets_are_never_loaded(engine: TemplateEngine, tmp_p
     # (whose rules would otherwise show up in the message).
     sheet = tmp_path / "server.css"
     sheet.write_text("p { color: red }")
-    for href in (str(sheet), sheet.as_uri(), "http://127.0.0.1:9/x.css"):
-        out = await render(engine, f'<link rel="stylesheet" href="{href}"><p>x</p>')
-        assert "<p>x</p>" in out.html
-        assert "red" not in out.html
+    fetched: list[str] = []
+
+    async def stylesheet(request: web.Request) -> web.Response:
+        fetched.append(request.path)
+        return web.Response(text="p { color: red }", content_type="text/css")
+
+    app = web.Application()
+    app.router.add_get("/x.css", stylesheet)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        for href in (str(sheet), sheet.as_uri(), f"http://127.0.0.1:{port}/x.css"):
+            out = await render(engine, f'<link rel="stylesheet" href="{href}"><p>x</p>')
+            assert "<p>x</p>" in out.html
+            assert "red" not in out.html
+    finally:
+        await runner.cleanup()
+    assert fetched == []  # a real server that would have served it was never asked
 
 
 @pytest.mark.parametrize(
