@@ -442,3 +442,97 @@ async def test_retention_sweeps_only_old_events(db: AsyncDatabase[Document]) -> 
     assert [d["eventId"] async for d in db[TAG_KEYS].find()] == [young[0]["_id"]]
     page = await store.page(tenant_id="t-1", filter=EventFilter(tag="t"), size=0, page_token="")
     assert [e["_id"] for e in page.events] == [young[0]["_id"]]
+
+
+# --- every query is served by an index on the embedded database ---------------------------
+
+LO, HI = "evt_01KAAAAAAA0000000000000000", "evt_01KZZZZZZZ0000000000000000"
+HOT = [
+    ("events", {"tenantId": "t-1"}, {"_id": -1}, "events_tenant_newest", True),
+    ("events", {"tenantId": "t-1", "_id": {"$lt": HI}}, {"_id": -1}, "events_tenant_newest", True),
+    ("events", {"tenantId": "t-1", "type": "sent"}, {"_id": -1}, "events_tenant_type", True),
+    ("events", {"tenantId": "t-1", "emailId": "e1"}, {"_id": -1}, "events_tenant_emailId", True),
+    (
+        "events",
+        {"tenantId": "t-1", "recipient": "a0@x.example", "_id": {"$gte": LO, "$lt": HI}},
+        {"_id": -1},
+        "events_tenant_recipient",
+        True,
+    ),
+    (
+        "events",
+        {"tenantId": "t-1", "domain": "x.example"},
+        {"_id": -1},
+        "events_tenant_domain",
+        True,
+    ),
+    ("events", {"occurredAt": {"$lt": START}}, {"occurredAt": 1}, "events_age", True),
+    ("event_tags", {"tenantId": "t-1", "tag": "a"}, {"eventId": -1}, "event_tags_newest", True),
+    ("event_hints", {"at": {"$lte": START}}, {"at": 1}, "event_hint_age", True),
+    ("suppressions", {"tenantId": "t-1"}, {"_id": 1}, "suppressions_tenant", True),
+    (
+        "suppressions",
+        {"tenantId": "t-1", "_id": {"$gte": "t-1|ab", "$lt": "t-1|ab\U0010ffff"}},
+        {"_id": 1},
+        "suppressions_tenant",
+        True,
+    ),
+    (
+        "suppressions",
+        {"tenantId": "t-1", "reason": "manual"},
+        {"_id": 1},
+        "suppressions_tenant_reason",
+        True,
+    ),
+    (
+        "suppressions",
+        {"tenantId": "t-1", "domain": "x.example"},
+        {"_id": 1},
+        "suppressions_tenant_domain",
+        True,
+    ),
+    ("suppressions", {"expiresAt": {"$lt": START}}, {"expiresAt": 1}, "suppressions_expiry", True),
+]
+
+
+@pytest.mark.parametrize(("coll", "flt", "sort", "index", "sorted_"), HOT)
+async def test_queries_use_an_index_on_the_embedded_database(
+    db: AsyncDatabase[Document], coll: str, flt: Document, sort: Document, index: str, sorted_: bool
+) -> None:
+    # The shapes ListEvents, the publisher, the sweepers and the suppression list issue are
+    # answered from their index (no table scan, no temporary sort) by the local FerretDB build.
+    history = [
+        event(
+            "sent",
+            START + timedelta(seconds=n),
+            f"e{n}",
+            tags=["a"],
+            domain="x.example",
+            # Whole-email events (no recipient) mixed with recipient events, as in real life.
+            recipient="a0@x.example" if n % 2 else None,
+        )
+        for n in range(5)
+    ]
+    await EventPublisher(db, clock=ManualClock(START)).copy_outbox(
+        [{"_id": "e", OUTBOX_FIELD: history}]
+    )
+    await EventRecorder(db).announce([Change("e", history)], now=START)
+    await db["suppressions"].insert_one(
+        {
+            "_id": "t-1|ab@x.example",
+            "tenantId": "t-1",
+            "address": "ab@x.example",
+            "domain": "x.example",
+            "reason": "manual",
+            "createdAt": START,
+            "expiresAt": START,
+        }
+    )
+    plan = await db.command("explain", {"find": coll, "filter": flt, "sort": sort, "limit": 20})
+    lines = " ".join(plan["queryPlanner"]["Plan"])
+    used = lines.split("USING INDEX ")[1].split(" ")[0] if "USING INDEX " in lines else ""
+    assert used.endswith(f"_{index}"), lines
+    assert "SCAN" not in lines, lines
+    assert "TEMP B-TREE" not in lines, lines
+    assert plan["filterPushdown"] is True
+    assert plan["sortPushdown"] is sorted_

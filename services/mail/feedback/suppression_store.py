@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
@@ -368,4 +368,7 @@ class SuppressionList:
 
     async def sweep(self) -> int:
         """Remove entries past their expiry, in bounded batches; how many."""
-        return await delete_older(self._coll, "expiresAt", self._clock.now())
+        # An entry stops applying at its expiry (`applies`), so the sweep takes expiry <= now.
+        return await delete_older(
+            self._coll, "expiresAt", self._clock.now() + timedelta(milliseconds=1)
+        )
