@@ -175,7 +175,10 @@ class EventStore:
         ids = [doc["eventId"] async for doc in cursor]
         if not ids:
             return []
-        found = {doc["_id"]: doc async for doc in self._events.find({"_id": {"$in": ids}})}
+        found = {
+            doc["_id"]: doc
+            async for doc in self._events.find({"_id": {"$in": ids}, "tenantId": tenant_id})
+        }
         # A key whose event was swept a moment ago has nothing to show.
         return [found[i] for i in ids if i in found]
 

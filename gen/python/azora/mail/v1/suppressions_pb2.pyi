@@ -167,7 +167,9 @@ Global___AddSuppressionsRequest: _TypeAlias = AddSuppressionsRequest  # noqa: Y0
 
 @_typing.final
 class AddSuppressionsResponse(_message.Message):
-    """AddSuppressionsResponse holds the entry of every address sent, in the order sent."""
+    """AddSuppressionsResponse holds the entry of every address sent, in the order sent (an address
+    sent twice, in its stored spelling, once).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -80,7 +80,7 @@ class SuppressionServiceServicer:
 
     def AddSuppressions(self, request, context):
         """Adds up to 1,000 addresses with reason "manual"; an address already on the list keeps its
-        entry. Returns the entries of every address sent.
+        entry. Returns the entry of every address sent (an address sent twice, once).
         Errors: INVALID_ARGUMENT (field named: no address, more than 1,000, a malformed address,
         an expiry not in the future).
         """

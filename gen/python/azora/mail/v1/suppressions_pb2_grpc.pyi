@@ -45,7 +45,7 @@ class SuppressionServiceStub:
     """
     AddSuppressions: _grpc.UnaryUnaryMultiCallable[_suppressions_pb2.AddSuppressionsRequest, _suppressions_pb2.AddSuppressionsResponse]
     """Adds up to 1,000 addresses with reason "manual"; an address already on the list keeps its
-    entry. Returns the entries of every address sent.
+    entry. Returns the entry of every address sent (an address sent twice, once).
     Errors: INVALID_ARGUMENT (field named: no address, more than 1,000, a malformed address,
     an expiry not in the future).
     """
@@ -74,7 +74,7 @@ class SuppressionServiceAsyncStub(SuppressionServiceStub):
     """
     AddSuppressions: _aio.UnaryUnaryMultiCallable[_suppressions_pb2.AddSuppressionsRequest, _suppressions_pb2.AddSuppressionsResponse]  # type: ignore[assignment]
     """Adds up to 1,000 addresses with reason "manual"; an address already on the list keeps its
-    entry. Returns the entries of every address sent.
+    entry. Returns the entry of every address sent (an address sent twice, once).
     Errors: INVALID_ARGUMENT (field named: no address, more than 1,000, a malformed address,
     an expiry not in the future).
     """
@@ -112,7 +112,7 @@ class SuppressionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_suppressions_pb2.AddSuppressionsResponse, _abc.Awaitable[_suppressions_pb2.AddSuppressionsResponse]]:
         """Adds up to 1,000 addresses with reason "manual"; an address already on the list keeps its
-        entry. Returns the entries of every address sent.
+        entry. Returns the entry of every address sent (an address sent twice, once).
         Errors: INVALID_ARGUMENT (field named: no address, more than 1,000, a malformed address,
         an expiry not in the future).
         """
