@@ -7,8 +7,10 @@ import binascii
 import json
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 
 from bson import ObjectId
+from ulid import ULID
 
 from services.core.errors import InvalidArgument
 
@@ -18,6 +20,16 @@ _ID_RE = re.compile(r"^[0-9a-f]{24}$")
 def new_id() -> str:
     """A new resource id: 24 hex characters, roughly time-ordered (a BSON ObjectId)."""
     return str(ObjectId())
+
+
+def new_ulid(at: datetime) -> str:
+    """A 26-character ULID whose time part is `at` (to the millisecond), the rest random.
+
+    ULIDs sort as their times do (Crockford base32, most significant first), so a collection
+    keyed by them lists newest first with a descending sort on ``_id`` alone. A naive `at` is
+    UTC (what the database stores), never the machine's local time.
+    """
+    return str(ULID.from_datetime(at if at.tzinfo else at.replace(tzinfo=UTC)))
 
 
 def check_id(value: str, *, field: str = "id") -> str:

@@ -16,7 +16,7 @@ import hmac
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, TypedDict
 
 DEV_JWT_SECRET = "azora-development-jwt-secret-not-for-production"  # noqa: S105 - dev only
 # 32 zero-free bytes, base64; refused in production like the JWT default.
@@ -34,6 +34,14 @@ def derived_service_token_secret(jwt_secret: str) -> str:
 
 
 DEV_SERVICE_TOKEN_SECRET = derived_service_token_secret(DEV_JWT_SECRET)
+
+
+class _FeedbackEnv(TypedDict):
+    """The events and suppressions settings read by `Settings.from_env`."""
+
+    event_retention_days: float
+    event_publish_interval: float
+    event_hint_abandon_after: float
 
 
 class Environment(enum.StrEnum):
@@ -171,6 +179,29 @@ class Settings:
     mail_run_workers: bool = True
     # Built messages larger than this go to GridFS instead of the queue document.
     mail_inline_content_limit: int = 256 * 1024
+    # --- events and suppressions ---
+    # Days events are kept (AZORA_EVENT_RETENTION_DAYS), then swept.
+    event_retention_days: float = 30.0
+    # How often the event publisher copies recorded events into the events collection (s).
+    event_publish_interval: float = 1.0
+    # After this many seconds, an event hint whose state change never landed is dropped
+    # (longer than any write can stay in flight; see services/mail/feedback/event_log.py).
+    event_hint_abandon_after: float = 1800.0
+
+    @staticmethod
+    def _feedback_from_env(reader: _Reader, defaults: Settings) -> _FeedbackEnv:
+        return {
+            "event_retention_days": reader.number(
+                "AZORA_EVENT_RETENTION_DAYS", defaults.event_retention_days
+            ),
+            "event_publish_interval": reader.number(
+                "AZORA_EVENT_PUBLISH_INTERVAL", defaults.event_publish_interval
+            ),
+            "event_hint_abandon_after": reader.number(
+                "AZORA_EVENT_HINT_ABANDON_AFTER", defaults.event_hint_abandon_after
+            ),
+        }
+
     # Observability
     # OTLP/HTTP collector base URL (OTEL_EXPORTER_OTLP_ENDPOINT); empty = tracing off.
     otel_endpoint: str = ""
@@ -395,6 +426,7 @@ class Settings:
             health_queue_max_age=reader.number(
                 "AZORA_HEALTH_QUEUE_MAX_AGE", defaults.health_queue_max_age
             ),
+            **cls._feedback_from_env(reader, defaults),
         )
         reader.raise_if_errors()
         return _apply_secret_defaults(settings)

@@ -66,7 +66,11 @@ async def test_grpcurl_lists_and_describes_every_service(
             "azora.health.v1.SuiteHealthService": "GetReadiness",
         },
         peers["smtp"].port: {"azora.smtp.v1.SmtpService": "GenerateDkimKey"},
-        peers["mail"].port: {"azora.mail.v1.MailService": "SendEmail"},
+        peers["mail"].port: {
+            "azora.mail.v1.MailService": "SendEmail",
+            "azora.mail.v1.EventService": "ListEvents",
+            "azora.mail.v1.SuppressionService": "AddSuppressions",
+        },
     }
     for port, services in expected.items():
         target = f"127.0.0.1:{port}"

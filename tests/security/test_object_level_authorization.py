@@ -1,7 +1,8 @@
 """Object-level authorization (OWASP API1) on every rpc of the API, enumerated from the descriptor.
 
 Tenant A owns one of everything: a verified domain, its relay config, a DKIM key, SPF and DMARC
-records, a queued email, an API key and a published template. Tenant B, with every scope, aims
+records, a queued email, an API key, a published template, a suppressed address and an
+event. Tenant B, with every scope, aims
 each rpc at them: an object rpc answers NOT_FOUND exactly as for an id that does not exist
 (never PERMISSION_DENIED, which would confirm the object exists), a list never shows them, a
 create cannot borrow them, an internal rpc refuses B's user token and finds nothing for a
@@ -25,14 +26,18 @@ import pytest
 from azora.domain.v1 import domain_pb2
 from azora.health.v1 import health_pb2, health_pb2_grpc
 from azora.iam.v1 import api_keys_pb2
-from azora.mail.v1 import mail_pb2
+from azora.mail.v1 import events_pb2, mail_pb2, suppressions_pb2
 from azora.smtp.v1 import smtp_pb2
 from google.protobuf import descriptor_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
+from pymongo import AsyncMongoClient
 
 from services.core.auth import ServiceTokens
+from services.core.clock import SystemClock
 from services.core.ids import new_id
+from services.core.mongo import Document
 from services.core.settings import Settings
+from services.mail.feedback.event_log import OUTBOX_FIELD, EventPublisher, build_event
 from tests.conftest import REPO_ROOT, Tenant, new_tenant, unique_domain
 from tests.security.conftest import GrpcStubs, RestStack
 from tests.support.dns_server import KnotServer
@@ -65,6 +70,8 @@ class Victim:
     api_key_secret: str
     relay_host: str
     template: mail_pb2.Template
+    suppression: suppressions_pb2.Suppression
+    event_id: str
 
 
 @dataclass
@@ -132,6 +139,8 @@ def mentions_victim(message: Message | str | bytes, victim: Victim) -> list[str]
         "api key id": victim.api_key_id,
         "relay host": victim.relay_host,
         "template id": victim.template.id,
+        "suppressed address": victim.suppression.address,
+        "event id": victim.event_id,
     }
     return [label for label, value in secrets.items() if value in text]
 
@@ -161,6 +170,7 @@ D, H, K, M, S = (
     "azora.mail.v1.MailService.",
     "azora.smtp.v1.SmtpService.",
 )
+EV, SU = "azora.mail.v1.EventService.", "azora.mail.v1.SuppressionService."
 
 
 @case(D + "ListDomains")
@@ -553,6 +563,61 @@ async def _smtp_internal(a: Attack) -> None:
     )
 
 
+@case(EV + "ListEvents")
+async def _list_events(a: Attack) -> None:
+    # No filter, not even A's email id or A's recipient, shows A's event to B.
+    stub, v = a.stubs.events, a.victim
+    for request in (
+        events_pb2.ListEventsRequest(),
+        events_pb2.ListEventsRequest(email_id=v.email_id),
+        events_pb2.ListEventsRequest(recipient="someone@example.org"),
+        events_pb2.ListEventsRequest(domain=v.domain.name, type="accepted"),
+    ):
+        listed = await stub.ListEvents(request, metadata=a.b)
+        assert list(listed.events) == []
+
+
+@case(SU + "GetSuppression", SU + "DeleteSuppression")
+async def _suppression_object(a: Attack) -> None:
+    # A's suppressed address is NOT_FOUND for B, exactly like an address nobody suppressed.
+    stub, b = a.stubs.suppressions, a.b
+    fresh = f"{new_id()}@example.org"
+    for call in (
+        lambda addr: stub.GetSuppression(
+            suppressions_pb2.GetSuppressionRequest(address=addr), metadata=b
+        ),
+        lambda addr: stub.DeleteSuppression(
+            suppressions_pb2.DeleteSuppressionRequest(address=addr), metadata=b
+        ),
+    ):
+        failure = await failure_of(call(a.victim.suppression.address))
+        unknown = await failure_of(call(fresh))
+        assert failure.code == unknown.code == grpc.StatusCode.NOT_FOUND, failure
+        assert failure.reason == unknown.reason == "SUPPRESSION_NOT_FOUND"
+        assert failure.resource == ("Suppression", a.victim.suppression.address)
+
+
+@case(SU + "ListSuppressions", SU + "AddSuppressions")
+async def _suppression_list(a: Attack) -> None:
+    # B's list never shows A's entries; B adding the same address makes B's own entry and
+    # leaves A's as it was (checked by `intact`).
+    stub, b, address = a.stubs.suppressions, a.b, a.victim.suppression.address
+    for request in (
+        suppressions_pb2.ListSuppressionsRequest(),
+        suppressions_pb2.ListSuppressionsRequest(domain="example.org", reason="manual"),
+        suppressions_pb2.ListSuppressionsRequest(address_prefix=address[:8]),
+    ):
+        listed = await stub.ListSuppressions(request, metadata=b)
+        assert list(listed.suppressions) == []
+    added = await stub.AddSuppressions(
+        suppressions_pb2.AddSuppressionsRequest(addresses=[address]), metadata=b
+    )
+    assert added.added_count == 1
+    listed = await stub.ListSuppressions(suppressions_pb2.ListSuppressionsRequest(), metadata=b)
+    assert [s.address for s in listed.suppressions] == [address]
+    assert listed.suppressions[0].create_time != a.victim.suppression.create_time
+
+
 # --- fixtures and the test -------------------------------------------------------------------
 
 
@@ -605,6 +670,23 @@ async def victim(
     )
     await stubs.mail.PublishTemplate(mail_pb2.PublishTemplateRequest(id=template.id), metadata=m)
     template = await stubs.mail.GetTemplate(mail_pb2.GetTemplateRequest(id=template.id), metadata=m)
+    added = await stubs.suppressions.AddSuppressions(
+        suppressions_pb2.AddSuppressionsRequest(addresses=[f"victim-{new_id()}@example.org"]),
+        metadata=m,
+    )
+    # An event of A's email, stored as the mail service's publisher stores one.
+    accepted = build_event(
+        type="accepted",
+        occurred_at=SystemClock().now(),
+        tenant_id=owner.id,
+        domain=name,
+        email_id=email.id,
+        recipient="someone@example.org",
+    )
+    client: AsyncMongoClient[Document] = AsyncMongoClient(settings.mongodb_uri, tz_aware=True)
+    publisher = EventPublisher(client[settings.mongodb_database], clock=SystemClock())
+    await publisher.copy_outbox([{"_id": email.id, OUTBOX_FIELD: [accepted]}])
+    await client.close()
     yield Victim(
         tenant=owner,
         domain=verified.domain,
@@ -614,6 +696,8 @@ async def victim(
         api_key_secret=api_key.secret,
         relay_host=relay_host,
         template=template,
+        suppression=added.suppressions[0],
+        event_id=accepted["_id"],
     )
     knot_server.remove_zone(name)
 
@@ -651,6 +735,12 @@ async def intact(stubs: GrpcStubs, victim: Victim) -> None:
         mail_pb2.ListTemplateVersionsRequest(id=victim.template.id), metadata=m
     )
     assert [v.version for v in versions.versions] == [1]
+    suppression = await stubs.suppressions.GetSuppression(
+        suppressions_pb2.GetSuppressionRequest(address=victim.suppression.address), metadata=m
+    )
+    assert suppression == victim.suppression
+    events = await stubs.events.ListEvents(events_pb2.ListEventsRequest(), metadata=m)
+    assert [e.id for e in events.events] == [victim.event_id]
 
 
 def test_every_rpc_has_a_case() -> None:

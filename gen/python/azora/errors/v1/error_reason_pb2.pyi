@@ -166,6 +166,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     large, took too long, or an error inside the template (field "template", or "id" for a
     preview).
     """
+    SUPPRESSION_NOT_FOUND: _ErrorReason.ValueType  # 160
+    """--- Events and suppressions.
+
+    NOT_FOUND: the address is not on the tenant's suppression list.
+    """
     DOMAIN_SERVICE_UNAVAILABLE: _ErrorReason.ValueType  # 45
     """--- Other Azora services (UNAVAILABLE, retry).
 
@@ -429,6 +434,11 @@ TEMPLATE_RENDER_FAILED: ErrorReason.ValueType  # 124
 """INVALID_ARGUMENT: rendering failed: unsafe access refused by the sandbox, output too
 large, took too long, or an error inside the template (field "template", or "id" for a
 preview).
+"""
+SUPPRESSION_NOT_FOUND: ErrorReason.ValueType  # 160
+"""--- Events and suppressions.
+
+NOT_FOUND: the address is not on the tenant's suppression list.
 """
 DOMAIN_SERVICE_UNAVAILABLE: ErrorReason.ValueType  # 45
 """--- Other Azora services (UNAVAILABLE, retry).

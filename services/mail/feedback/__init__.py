@@ -1,0 +1,1 @@
+"""Delivery feedback of the mail service: events, suppressions and webhooks."""
