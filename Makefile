@@ -267,6 +267,10 @@ bench-gateway: bench-tools ## Only GetEmail/SendEmail over gRPC vs through the g
 bench-submission: bench-tools ## Only the SMTP submission row (STARTTLS + AUTH) of `make bench`
 	$(BENCH_ENV) $(PY) -m bench.run --phases smtp --out $(BENCH_OUT)
 
+.PHONY: bench-mime
+bench-mime: deps ## MIME build per message: simple messages written directly vs the stdlib path
+	$(RUN_ENV) PYTHONPATH="$(CURDIR)" $(PY) -m bench.mime
+
 .PHONY: soak
 soak: bench-tools ## Steady load at half the measured maximum for SOAK_SECONDS (default 30 min)
 	$(BENCH_ENV) $(PY) -m bench.soak --out $(SOAK_OUT)
