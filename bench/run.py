@@ -742,9 +742,10 @@ def main() -> None:
     print(render_table(rows, references))
     print()
     print(render_cpu_table(rows))
+    print("Last run of each row:")
     for row in rows:
-        notes = "; ".join(dict.fromkeys(r.notes for r in row.runs if r.notes))
-        print(f"  {row.name}: {row.runs[-1].delivery}{'; ' + notes if notes else ''}")
+        last = row.runs[-1]
+        print(f"  {row.name}: {last.delivery}{'; ' + last.notes if last.notes else ''}")
     scale = found.get("scale_out")
     if scale:
         print("\nscale-out (queue filled first, then drained by N worker processes):")
