@@ -211,6 +211,8 @@ BENCH_SCALE_MESSAGES ?= 1000
 BENCH_WORKERS ?= 1,2,4
 BENCH_GATEWAY_REQUESTS ?= 400
 BENCH_CONCURRENCY ?= 16
+# Runs per row of the main table (medians with min-max are printed).
+BENCH_RUNS ?= 3
 BENCH_OUT ?= build/bench/bench.json
 SOAK_SECONDS ?= 1800
 SOAK_RATE ?=
@@ -224,7 +226,7 @@ DRILL_OUT ?= build/bench/drills.json
 BENCH_ENV := $(RUN_ENV) PYTHONPATH="$(CURDIR)" BENCH_MESSAGES=$(BENCH_MESSAGES) \
 	BENCH_POSTFIX_MESSAGES=$(BENCH_POSTFIX_MESSAGES) BENCH_SCALE_MESSAGES=$(BENCH_SCALE_MESSAGES) \
 	BENCH_WORKERS=$(BENCH_WORKERS) BENCH_GATEWAY_REQUESTS=$(BENCH_GATEWAY_REQUESTS) \
-	BENCH_CONCURRENCY=$(BENCH_CONCURRENCY) SOAK_SECONDS=$(SOAK_SECONDS) SOAK_RATE=$(SOAK_RATE) \
+	BENCH_CONCURRENCY=$(BENCH_CONCURRENCY) BENCH_RUNS=$(BENCH_RUNS) SOAK_SECONDS=$(SOAK_SECONDS) SOAK_RATE=$(SOAK_RATE) \
 	DRILL_MESSAGES=$(DRILL_MESSAGES) DRILL_KILLS=$(DRILL_KILLS) \
 	DRILL_DB_DOWN_SECONDS=$(DRILL_DB_DOWN_SECONDS) \
 	DRILL_RELAY_DOWN_SECONDS=$(DRILL_RELAY_DOWN_SECONDS) \
@@ -266,6 +268,10 @@ bench-gateway: bench-tools ## Only GetEmail/SendEmail over gRPC vs through the g
 .PHONY: bench-submission
 bench-submission: bench-tools ## Only the SMTP submission row (STARTTLS + AUTH) of `make bench`
 	$(BENCH_ENV) $(PY) -m bench.run --phases smtp --out $(BENCH_OUT)
+
+.PHONY: bench-mime
+bench-mime: deps ## MIME build per message: simple messages written directly vs the stdlib path
+	$(RUN_ENV) PYTHONPATH="$(CURDIR)" $(PY) -m bench.mime
 
 .PHONY: soak
 soak: bench-tools ## Steady load at half the measured maximum for SOAK_SECONDS (default 30 min)

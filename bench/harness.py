@@ -3,8 +3,10 @@
 * `percentile`: nearest-rank percentiles of latency samples;
 * `check_exactly_once`: which expected Message-IDs arrived once, never, or more than once;
 * `ProcStats` / `ProcSampler`: CPU seconds and RSS of processes (and their children) from
-  ``/proc/<pid>/stat`` and ``/proc/<pid>/status``;
-* `Result`, `ratios`, `render_table`: one row per variant and the printed table;
+  ``/proc/<pid>/stat`` and ``/proc/<pid>/status``, and optionally of the load generator (this
+  process and the load tools it ran to completion);
+* `Result` (one run of a variant), `Row` (a variant's runs: medians with min-max), `ratios`,
+  `render_table`, `render_cpu_table`: the printed tables;
 * `write_json`: every run's output file.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
+import statistics
 import threading
 import time
 from collections import Counter
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+LOAD_GENERATOR = "load generator"
 
 
 def percentile(samples: Sequence[float], pct: float) -> float:
@@ -160,30 +165,46 @@ class ProcSampler:
     time series (for the soak).
     """
 
-    def __init__(self, pids: Mapping[str, int], interval: float = 0.5) -> None:
+    def __init__(
+        self, pids: Mapping[str, int], interval: float = 0.5, *, load_generator: bool = False
+    ) -> None:
+        """Sample `pids` (name -> pid) every `interval` s.
+
+        With `load_generator`, `cpu_seconds` also has a ``load generator`` entry: the CPU of
+        this process (its in-process clients, the sink-log reader) minus this sampler's own
+        thread, plus the children it reaped meanwhile (ghz, smtp-source: run to completion
+        inside the block). Nothing else may be reaped inside the block.
+        """
         self.pids = dict(pids)
         self.interval = interval
         self.first: dict[str, ProcSample] = {}
         self.last: dict[str, ProcSample] = {}
         self.peak_rss: dict[str, int] = {}
         self.series: list[tuple[float, dict[str, int]]] = []
+        self.load_generator = load_generator
+        self._own_start = 0.0
+        self._own_cpu = math.nan
+        self._thread_cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> ProcSampler:
         self._sample()
         self.first = dict(self.last)
+        self._own_start = own_cpu_seconds()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._own_cpu = own_cpu_seconds() - self._own_start - self._thread_cpu
         self._sample()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
+        self._thread_cpu = time.thread_time()
 
     def _sample(self) -> None:
         rss_now: dict[str, int] = {}
@@ -197,12 +218,22 @@ class ProcSampler:
         self.series.append((time.time(), rss_now))
 
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU seconds per name between the first and last sample."""
-        return {
+        """CPU seconds per name between the first and last sample (+ the load generator)."""
+        found = {
             name: round(self.last[name].cpu - self.first[name].cpu, 3)
             for name in self.first
             if name in self.last
         }
+        if self.load_generator and not math.isnan(self._own_cpu):
+            found[LOAD_GENERATOR] = round(max(self._own_cpu, 0.0), 3)
+        return found
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it has reaped (getrusage)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 # --------------------------------------------------------------------------- results
@@ -231,6 +262,9 @@ class Result:
     notes: str = ""
     # The slowest deliveries with their timelines (diagnosis of outliers).
     slowest: list[dict[str, Any]] = field(default_factory=list)
+    # 1-minute load average when the run started and ended (how busy the machine was).
+    load_start: float = math.nan
+    load_end: float = math.nan
 
     @property
     def cpu_per_1000(self) -> float:
@@ -239,11 +273,120 @@ class Result:
             return math.nan
         return sum(self.cpu_s.values()) * 1000.0 / self.messages
 
+    @property
+    def cpu_ms_per_message(self) -> dict[str, float]:
+        """CPU milliseconds per message of each measured process (and the load generator)."""
+        if not self.messages:
+            return {}
+        return {name: s * 1000.0 / self.messages for name, s in self.cpu_s.items()}
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (nan becomes null)."""
         data = asdict(self)
         data["cpu_s_per_1000"] = self.cpu_per_1000
+        data["cpu_ms_per_message"] = {k: round(v, 3) for k, v in self.cpu_ms_per_message.items()}
         return {k: _clean(v) for k, v in data.items()}
+
+
+@dataclass
+class Row:
+    """One variant run several times: the tables show medians with min-max over its runs."""
+
+    name: str
+    runs: list[Result] = field(default_factory=list)
+
+    def values(self, metric: str) -> list[float]:
+        """`metric` (a Result attribute or property) of every run, nan left out."""
+        found = [float(getattr(r, metric)) for r in self.runs]
+        return [v for v in found if not math.isnan(v)]
+
+    def median(self, metric: str) -> float:
+        """Median of `metric` over the runs (nan without values)."""
+        values = self.values(metric)
+        return statistics.median(values) if values else math.nan
+
+    def spread(self, metric: str) -> str:
+        """``median (min-max)`` of `metric`, or the one value for a single run."""
+        return _spread(self.values(metric))
+
+    @property
+    def counted(self) -> bool:
+        """Every run delivered every message exactly once."""
+        return bool(self.runs) and all(r.exactly_once for r in self.runs)
+
+    def cpu_ms(self) -> dict[str, list[float]]:
+        """CPU-ms per message of each process, one value per run that measured it."""
+        found: dict[str, list[float]] = {}
+        for run in self.runs:
+            for name, value in run.cpu_ms_per_message.items():
+                found.setdefault(name, []).append(value)
+        return found
+
+    def loads(self) -> str:
+        """The 1-minute load average at the start and end of each run."""
+        return " ".join(f"{_fmt(r.load_start, 2)}>{_fmt(r.load_end, 2)}" for r in self.runs)
+
+    def summary(self) -> Result:
+        """A Result holding the medians (what the charts draw)."""
+        first = self.runs[0]
+        cpu = {
+            name: statistics.median(v) * first.messages / 1000 for name, v in self.cpu_ms().items()
+        }
+        return Result(
+            self.name,
+            first.messages,
+            self.median("accepted_per_s"),
+            self.median("delivered_per_s"),
+            submit_p50_ms=self.median("submit_p50_ms"),
+            submit_p99_ms=self.median("submit_p99_ms"),
+            delivered_99_per_s=self.median("delivered_99_per_s"),
+            e2e_p50_ms=self.median("e2e_p50_ms"),
+            e2e_p99_ms=self.median("e2e_p99_ms"),
+            cpu_s=cpu,
+            peak_rss_kib={
+                k: max(r.peak_rss_kib.get(k, 0) for r in self.runs) for k in first.peak_rss_kib
+            },
+            exactly_once=self.counted,
+            delivery="; ".join(r.delivery for r in self.runs),
+            notes=f"median of {len(self.runs)} run(s)",
+            load_start=self.runs[0].load_start,
+            load_end=self.runs[-1].load_end,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Every run, and the medians with min and max of the main figures."""
+        figures = {}
+        for metric in ("delivered_per_s", "delivered_99_per_s", "accepted_per_s", "cpu_per_1000"):
+            values = self.values(metric)
+            figures[metric] = {
+                "median": _clean(statistics.median(values)) if values else None,
+                "min": _clean(min(values)) if values else None,
+                "max": _clean(max(values)) if values else None,
+            }
+        return {
+            "name": self.name,
+            "runs": [r.to_json() for r in self.runs],
+            "exactly_once": self.counted,
+            "figures": figures,
+            "cpu_ms_per_message": {
+                name: {
+                    "median": round(statistics.median(v), 3),
+                    "min": round(min(v), 3),
+                    "max": round(max(v), 3),
+                }
+                for name, v in self.cpu_ms().items()
+            },
+            "load_average": [[r.load_start, r.load_end] for r in self.runs],
+        }
+
+
+def _spread(values: Sequence[float], digits: int = 1) -> str:
+    if not values:
+        return "-"
+    middle = _fmt(statistics.median(values), digits)
+    if len(values) == 1:
+        return middle
+    return f"{middle} ({_fmt(min(values), digits)}-{_fmt(max(values), digits)})"
 
 
 def _clean(value: Any) -> Any:
@@ -254,62 +397,70 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def ratios(ours: Result, references: Sequence[Result]) -> dict[str, float]:
-    """Our delivered msg/s divided by each reference's (only references that counted)."""
-    return {
-        ref.name: ours.delivered_per_s / ref.delivered_per_s
-        for ref in references
-        if ref.exactly_once and ref.delivered_per_s > 0
-    }
+def ratios(ours: Row, references: Sequence[Row]) -> dict[str, float]:
+    """Our median delivered msg/s over each reference's (only references whose runs counted)."""
+    found = {}
+    for ref in references:
+        theirs = ref.median("delivered_per_s")
+        if ref.counted and theirs > 0:
+            found[ref.name] = ours.median("delivered_per_s") / theirs
+    return found
 
 
-def _fmt(value: float, digits: int = 1) -> str:
+def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
 
 
-def render_table(
-    results: Sequence[Result], references: Sequence[Result], ours: Sequence[Result] = ()
-) -> str:
-    """The printed table: one row per result, then `ours` relative to every reference."""
+def render_table(rows: Sequence[Row], references: Sequence[Row]) -> str:
+    """The main table: medians (min-max) of each variant's runs, ratios to each reference."""
     header = (
         "variant",
-        "msgs",
+        "runs",
         "deliv/s",
+        *(f"x {ref.name}" for ref in references),
         "deliv/s 99%",
         "accept/s",
         "submit p50/p99 ms",
         "e2e p50/p99 ms",
-        "CPU s/1k",
-        "peak RSS MiB (per process)",
+        "CPU-ms/msg",
+        "load avg start>end",
         "exactly once",
     )
-    rows = [header]
-    for r in results:
-        rss = ", ".join(f"{k} {v / 1024:.0f}" for k, v in sorted(r.peak_rss_kib.items()))
-        rows.append(
+    lines_: list[tuple[str, ...]] = [header]
+    for row in rows:
+        found = ratios(row, references)
+        lines_.append(
             (
-                r.name,
-                str(r.messages),
-                _fmt(r.delivered_per_s),
-                _fmt(r.delivered_99_per_s),
-                _fmt(r.accepted_per_s),
-                f"{_fmt(r.submit_p50_ms)} / {_fmt(r.submit_p99_ms)}",
-                f"{_fmt(r.e2e_p50_ms, 0)} / {_fmt(r.e2e_p99_ms, 0)}",
-                _fmt(r.cpu_per_1000, 2),
-                rss or "-",
-                "yes" if r.exactly_once else "NO",
+                row.name,
+                str(len(row.runs)),
+                row.spread("delivered_per_s"),
+                *(
+                    f"{found[ref.name]:.2f}x" if ref.name in found and ref is not row else "-"
+                    for ref in references
+                ),
+                row.spread("delivered_99_per_s"),
+                row.spread("accepted_per_s"),
+                f"{_fmt(row.median('submit_p50_ms'))} / {_fmt(row.median('submit_p99_ms'))}",
+                f"{_fmt(row.median('e2e_p50_ms'), 0)} / {_fmt(row.median('e2e_p99_ms'), 0)}",
+                # CPU seconds per 1,000 messages are CPU milliseconds per message.
+                _spread(row.values("cpu_per_1000"), 2),
+                row.loads(),
+                "yes" if row.counted else "NO",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    if references and ours:
-        lines.append("")
-        lines.append("delivered msg/s relative to each Postfix variant (same run):")
-        for r in ours:
-            parts = [f"{name}: {value:.3f}x" for name, value in ratios(r, references).items()]
-            lines.append(f"  {r.name}: " + (", ".join(parts) or "no reference counted"))
-    return "\n".join(lines)
+    widths = [max(len(line[i]) for line in lines_) for i in range(len(header))]
+    out = [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines_]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def render_cpu_table(rows: Sequence[Row]) -> str:
+    """CPU-ms per message of each process, per variant: median (min-max) of the runs."""
+    out = ["CPU-ms per message, per process (median (min-max) of the runs):"]
+    for row in rows:
+        parts = [f"{name} {_spread(v, 2)}" for name, v in sorted(row.cpu_ms().items())]
+        out.append(f"  {row.name}: " + ("; ".join(parts) or "-"))
+    return "\n".join(out)
 
 
 def rate_until(arrivals: Sequence[float], started: float, fraction: float) -> float:

@@ -11,17 +11,27 @@ Phases (``--phases``, default all), everything on loopback, everything it starts
   bounded aiohttp client through the local gateway, and delivers them to the sink.
 * ``smtp``: the same N emails submitted over SMTP (STARTTLS + AUTH with an API key) to the
   submission server by aiosmtplib sessions (smtp-source has neither STARTTLS nor AUTH).
+* ``batch``: the same N emails through SendEmailBatch, 100 per call, a few calls in flight;
+  then again with every message rendered from a template (loop, filters, CSS inlining, text
+  generated from the HTML), plus the engine's render time per email measured alone.
 * ``scale``: the mail service without in-process workers; N emails queued first, then 1, 2 and
   4 worker processes (``python -m services.mail.worker``) drain them; py-spy profiles the
   single worker and the mail API process while it accepts (when py-spy can attach).
 * ``gateway``: SendEmail and GetEmail directly over gRPC and through the gateway (REST), same
   client style (bounded async), same counts.
-* ``batch``: the same N emails through SendEmailBatch, 100 per call, a few calls in flight;
-  then again with every message rendered from a template (loop, filters, CSS inlining, text
-  generated from the HTML), plus the engine's render time per email measured alone.
 
-A row counts only if every message arrived exactly once at the sink (Message-IDs compared
-with the database). Prints the table and writes everything to ``--out`` (JSON).
+Every row of the main table (the Postfix, gRPC, REST, SMTP and batch rows) runs ``--runs``
+times (``BENCH_RUNS``, default 3), the runs of different rows interleaved; the table shows the
+median with min-max, the ratio of the median delivered/s to Postfix + OpenDKIM and to the
+Postfix relay, and the 1-minute load average at the start and end of each run. A run ends when
+the sink has received as many messages as were accepted: the harness counts the sink's log and
+never polls our database while it measures (the database is read once afterwards, for the
+exactly-once check). CPU is read from ``/proc/<pid>/stat`` (utime+stime, children included)
+for every process of the row (FerretDB, each service, Postfix, OpenDKIM, the sink) and from
+getrusage for the load generator (this process's clients and the ghz/smtp-source runs it
+reaps), and printed per message per process. A row counts only if every message of every run
+arrived exactly once at the sink (Message-IDs compared with the database). Scale-out and
+gateway overhead run once. Prints the tables and writes everything to ``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,11 +58,13 @@ from bench import postfix
 from bench.harness import (
     ProcSampler,
     Result,
+    Row,
     check_exactly_once,
     machine,
     percentile,
     rate_until,
     read_sink_log,
+    render_cpu_table,
     render_table,
     write_json,
 )
@@ -74,6 +87,13 @@ from services.mail.rendering import TemplateEngine, TemplateSource
 from services.submission.tls import development_pair
 
 PHASES = ("postfix", "grpc", "rest", "smtp", "batch", "scale", "gateway")
+POSTFIX_RELAY = "Postfix relay"
+POSTFIX_DKIM = "Postfix relay + OpenDKIM"
+
+
+def add_run(rows: dict[str, Row], result: Result) -> None:
+    """File one run under its row (rows keep the order they first ran in)."""
+    rows.setdefault(result.name, Row(result.name)).runs.append(result)
 
 
 def env_int(name: str, default: int) -> int:
@@ -142,17 +162,33 @@ def wait_sink(log: Path, offset: int, count: int, timeout: float) -> list[tuple[
 # --------------------------------------------------------------------------- Postfix
 
 
-def postfix_phase(args: argparse.Namespace, run_dir: Path) -> list[Result]:
-    """The Postfix reference rows."""
+def postfix_phase(args: argparse.Namespace, run_dir: Path) -> dict[str, Row]:
+    """The Postfix reference rows, each `args.runs` times (runs of the rows interleaved)."""
     if not postfix.installed():
         print("postfix/opendkim not installed: Postfix rows skipped", file=sys.stderr)
-        return []
-    n, sessions = args.postfix_messages, args.postfix_sessions
-    results: list[Result] = []
+        return {}
+    rows: dict[str, Row] = {}
+    variants: list[tuple[str, bool | None]] = [
+        ("smtp-source -> bench sink", None),
+        (POSTFIX_RELAY, False),
+        (POSTFIX_DKIM, True),
+    ]
+    for run in range(1, args.runs + 1):
+        print(f"phase postfix: run {run}/{args.runs}", file=sys.stderr)
+        add_run(rows, smtp_sink_run(args))
+        for name, dkim in variants:
+            work = run_dir / f"{name.replace(' ', '_').replace('>', '').replace('+', '')}-{run}"
+            add_run(rows, postfix_run(args, work, name, dkim))
+    return rows
 
-    # T0: Postfix's own source into Postfix's own sink. smtp-sink keeps no Message-IDs (only
-    # its slow -d dumps would), so "counted" here means smtp-source got 250 for every message
-    # (it aborts on anything else).
+
+def smtp_sink_run(args: argparse.Namespace) -> Result:
+    """T0: Postfix's own source into Postfix's own sink.
+
+    smtp-sink keeps no Message-IDs (only its slow -d dumps would), so "counted" here means
+    smtp-source got 250 for every message (it aborts on anything else).
+    """
+    n, sessions = args.postfix_messages, args.postfix_sessions
     sink_port = pick_free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     sink = subprocess.Popen(  # noqa: S603
@@ -161,94 +197,97 @@ def postfix_phase(args: argparse.Namespace, run_dir: Path) -> list[Result]:
     )  # fmt: skip
     try:
         postfix.wait_port(sink_port, 10)
-        with ProcSampler({"smtp-sink": sink.pid}) as sampler:
+        load_start = os.getloadavg()[0]
+        with ProcSampler({"smtp-sink": sink.pid}, load_generator=True) as sampler:
             elapsed = smtp_source(sink_port, total=n, sessions=sessions)
-        results.append(
-            Result(
-                "smtp-source -> smtp-sink", n, n / elapsed, n / elapsed,
-                cpu_s=sampler.cpu_seconds(), peak_rss_kib=sampler.peak_rss,
-                exactly_once=True,
-                delivery=f"smtp-source got 250 for all {n} (smtp-sink keeps no Message-IDs)",
-            )
+        return Result(
+            "smtp-source -> smtp-sink", n, n / elapsed, n / elapsed,
+            cpu_s=sampler.cpu_seconds(), peak_rss_kib=sampler.peak_rss,
+            exactly_once=True,
+            delivery=f"smtp-source got 250 for all {n} (smtp-sink keeps no Message-IDs)",
+            load_start=load_start, load_end=os.getloadavg()[0],
         )  # fmt: skip
     finally:
         sink.terminate()
         sink.wait(10)
 
-    variants: list[tuple[str, bool | None]] = [
-        ("smtp-source -> bench sink", None),
-        ("Postfix relay", False),
-        ("Postfix relay + OpenDKIM", True),
-    ]
-    for name, dkim in variants:
-        work = run_dir / name.replace(" ", "_").replace(">", "").replace("+", "")
-        work.mkdir(parents=True, exist_ok=True)
-        sink_port = pick_free_port()
-        sink_log = work / "sink.log"
-        sink_log.touch()
-        bench_sink = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "bench.sink", "--port", str(sink_port), "--log", str(sink_log)],
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        )  # fmt: skip
-        milter: postfix.OpenDkim | None = None
-        instance: postfix.PrivatePostfix | None = None
-        try:
-            postfix.wait_port(sink_port, 10)
-            pids = {"sink": bench_sink.pid}
-            target = sink_port
-            if dkim is not None:
-                if dkim:
-                    milter = postfix.OpenDkim(work / "opendkim", pick_free_port(), "bench.example")
-                    milter.start()
-                    assert milter.proc is not None
-                    pids["opendkim"] = milter.proc.pid
-                instance = postfix.PrivatePostfix(
-                    work / "postfix", pick_free_port(), sink_port,
-                    milter_port=milter.port if milter else 0,
-                )  # fmt: skip
-                instance.start()
-                pids["postfix (all processes)"] = instance.master_pid()
-                target = instance.port
-            with ProcSampler(pids) as sampler:
-                started = time.time()
-                accept_s = smtp_source(target, total=n, sessions=sessions)
-                rows = wait_sink(sink_log, 0, n, args.timeout)
-            ids = [mid for _, mid in rows]
-            # smtp-source writes its own Message-Id (pid.session.count@host): unique per run.
-            expected = ids if len(set(ids)) == n else [*set(ids)]
-            delivery = check_exactly_once(expected, ids) if len(ids) == n else None
-            last = max((t for t, _ in rows), default=time.time())
-            result = Result(
-                name, n, n / accept_s, len(rows) / max(last - started, 1e-9),
-                delivered_99_per_s=rate_until([t for t, _ in rows], started, 0.99),
-                cpu_s=sampler.cpu_seconds(), peak_rss_kib=sampler.peak_rss,
-                exactly_once=bool(delivery and delivery.exactly_once),
-                delivery=delivery.summary() if delivery else f"{len(rows)} of {n} arrived",
-            )  # fmt: skip
-            if instance is not None:
-                delays = instance.delays()
-                result.e2e_p50_ms = percentile(delays, 50) * 1000
-                result.e2e_p99_ms = percentile(delays, 99) * 1000
-                result.notes = "e2e latency = Postfix's own delay= (arrival to 250 at the sink)"
+
+def postfix_run(args: argparse.Namespace, work: Path, name: str, dkim: bool | None) -> Result:
+    """One run of smtp-source -> [Postfix [+ OpenDKIM] ->] our counting sink."""
+    n, sessions = args.postfix_messages, args.postfix_sessions
+    work.mkdir(parents=True, exist_ok=True)
+    sink_port = pick_free_port()
+    sink_log = work / "sink.log"
+    sink_log.touch()
+    bench_sink = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "bench.sink", "--port", str(sink_port), "--log", str(sink_log)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    milter: postfix.OpenDkim | None = None
+    instance: postfix.PrivatePostfix | None = None
+    try:
+        postfix.wait_port(sink_port, 10)
+        pids = {"sink": bench_sink.pid}
+        target = sink_port
+        if dkim is not None:
             if dkim:
-                signed = sum(1 for r in read_sink_log(sink_log)[0] if r[3])
-                result.notes += f"; {signed} of {len(rows)} DKIM-signed"
-            results.append(result)
-        finally:
-            if instance is not None:
-                instance.stop()
-            if milter is not None:
-                milter.stop()
-            bench_sink.terminate()
-            bench_sink.wait(10)
-    return results
+                milter = postfix.OpenDkim(work / "opendkim", pick_free_port(), "bench.example")
+                milter.start()
+                assert milter.proc is not None
+                pids["opendkim"] = milter.proc.pid
+            instance = postfix.PrivatePostfix(
+                work / "postfix", pick_free_port(), sink_port,
+                milter_port=milter.port if milter else 0,
+            )  # fmt: skip
+            instance.start()
+            pids["postfix (all processes)"] = instance.master_pid()
+            target = instance.port
+        load_start = os.getloadavg()[0]
+        with ProcSampler(pids, load_generator=True) as sampler:
+            started = time.time()
+            accept_s = smtp_source(target, total=n, sessions=sessions)
+            rows = wait_sink(sink_log, 0, n, args.timeout)
+        load_end = os.getloadavg()[0]
+        ids = [mid for _, mid in rows]
+        # smtp-source writes its own Message-Id (pid.session.count@host): unique per run.
+        expected = ids if len(set(ids)) == n else [*set(ids)]
+        delivery = check_exactly_once(expected, ids) if len(ids) == n else None
+        last = max((t for t, _ in rows), default=time.time())
+        result = Result(
+            name, n, n / accept_s, len(rows) / max(last - started, 1e-9),
+            delivered_99_per_s=rate_until([t for t, _ in rows], started, 0.99),
+            cpu_s=sampler.cpu_seconds(), peak_rss_kib=sampler.peak_rss,
+            exactly_once=bool(delivery and delivery.exactly_once),
+            delivery=delivery.summary() if delivery else f"{len(rows)} of {n} arrived",
+            load_start=load_start, load_end=load_end,
+        )  # fmt: skip
+        if instance is not None:
+            delays = instance.delays()
+            result.e2e_p50_ms = percentile(delays, 50) * 1000
+            result.e2e_p99_ms = percentile(delays, 99) * 1000
+            result.notes = "e2e latency = Postfix's own delay= (arrival to 250 at the sink)"
+        if dkim:
+            signed = sum(1 for r in read_sink_log(sink_log)[0] if r[3])
+            result.notes += f"; {signed} of {len(rows)} DKIM-signed"
+        return result
+    finally:
+        if instance is not None:
+            instance.stop()
+        if milter is not None:
+            milter.stop()
+        bench_sink.terminate()
+        bench_sink.wait(10)
 
 
 # --------------------------------------------------------------------------- our suite
 
 
 async def wait_finished(suite: Suite, tag: str, count: int, wait_s: float) -> list[dict[str, Any]]:
-    """Wait until `count` emails with `tag` are finished (not queued/sending/deferred)."""
+    """Wait until `count` emails with `tag` are finished (not queued/sending/deferred).
+
+    Polls the database every 0.5 s (the soak's drain uses it); the bench's rows wait on the
+    sink instead (`measure`), so that the waiting adds nothing to the database's CPU.
+    """
     deadline = time.monotonic() + wait_s
     while True:
         emails = await asyncio.to_thread(suite.emails, tag)
@@ -307,26 +346,50 @@ def suite_result(
     )
 
 
-async def submit_phase(suite: Suite, args: argparse.Namespace, via: str) -> Result:
-    """N emails over gRPC (ghz) or REST (gateway), delivered by the in-process workers."""
-    tag = f"{via}-{int(time.time())}"
+async def measure(
+    suite: Suite,
+    args: argparse.Namespace,
+    label: str,
+    tag: str,
+    submit: Callable[[], Awaitable[LoadResult]],
+    extra_pids: dict[str, int] | None = None,
+) -> Result:
+    """One run of a row of our suite: submit, wait until the sink has every message, check.
+
+    The wait counts what the sink logged; the database is read once, after the measurement,
+    for the Message-IDs the run stored (exactly once) and their creation times (e2e latency).
+    """
     _, offset = read_sink_log(suite.sink_log)
-    with ProcSampler(suite.pids()) as sampler:
+    load_start = os.getloadavg()[0]
+    with ProcSampler({**suite.pids(), **(extra_pids or {})}, load_generator=True) as sampler:
         started = time.time()
+        load = await submit()
+        await asyncio.to_thread(wait_sink, suite.sink_log, offset, load.ok, args.timeout)
+    load_end = os.getloadavg()[0]
+    emails = await asyncio.to_thread(suite.emails, tag)
+    arrivals, _ = read_sink_log(suite.sink_log, offset)
+    result = suite_result(label, load, emails, arrivals, started, sampler)
+    result.load_start, result.load_end = load_start, load_end
+    return result
+
+
+async def submit_phase(suite: Suite, args: argparse.Namespace, via: str, run: int) -> Result:
+    """N emails over gRPC (ghz) or REST (gateway), delivered by the in-process workers."""
+    tag = f"{via}-{run}-{int(time.time())}"
+
+    async def submit() -> LoadResult:
         if via == "grpc":
-            load = await asyncio.to_thread(
+            return await asyncio.to_thread(
                 run_ghz, suite.ports["mail"], total=args.messages,
                 concurrency=args.concurrency, tag=tag,
             )  # fmt: skip
-        else:
-            load = await rest_send(suite.ports["gateway"], args.messages, args.concurrency, tag)
-        emails = await wait_finished(suite, tag, load.ok, args.timeout)
-        arrivals, _ = read_sink_log(suite.sink_log, offset)
+        return await rest_send(suite.ports["gateway"], args.messages, args.concurrency, tag)
+
     label = "ours: gRPC (ghz)" if via == "grpc" else "ours: REST via gateway"
-    return suite_result(label, load, emails, arrivals, started, sampler)
+    return await measure(suite, args, label, tag, submit)
 
 
-async def smtp_phase(suite: Suite, args: argparse.Namespace, run_dir: Path) -> Result:
+async def smtp_phase(suite: Suite, args: argparse.Namespace, run_dir: Path, run: int) -> Result:
     """N emails submitted over SMTP (STARTTLS + AUTH with an API key), delivered to the sink.
 
     The submission server (``python -m services.submission``) is started here next to the
@@ -353,22 +416,19 @@ async def smtp_phase(suite: Suite, args: argparse.Namespace, run_dir: Path) -> R
             created = await api_keys_pb2_grpc.ApiKeyServiceStub(channel).CreateApiKey(
                 api_keys_pb2.CreateApiKeyRequest(name="bench-smtp", scopes=["emails:send"])
             )
-        tag = f"smtp-{int(time.time())}"
-        _, offset = read_sink_log(suite.sink_log)
-        with ProcSampler({**suite.pids(), "submission": proc.pid}) as sampler:
-            started = time.time()
-            load = await smtp_send(
+        tag = f"smtp-{run}-{int(time.time())}"
+
+        async def submit() -> LoadResult:
+            return await smtp_send(
                 port, cafile=cert, api_key=created.secret, total=args.messages,
                 sessions=args.concurrency, tag=tag,
             )  # fmt: skip
-            emails = await wait_finished(suite, tag, load.ok, args.timeout)
-            arrivals, _ = read_sink_log(suite.sink_log, offset)
+
+        # suite.pids() already has "submission" (started through the suite).
+        return await measure(suite, args, "ours: SMTP submission (STARTTLS + AUTH)", tag, submit)
     finally:
         proc.terminate()
         await asyncio.to_thread(proc.wait, 30)
-    return suite_result(
-        "ours: SMTP submission (STARTTLS + AUTH)", load, emails, arrivals, started, sampler
-    )
 
 
 BATCH_SIZE = 100
@@ -388,10 +448,10 @@ async def render_cost_ms(samples: int = 200) -> float:
         engine.close()
 
 
-async def batch_phase(suite: Suite, args: argparse.Namespace) -> list[Result]:
+async def batch_phase(suite: Suite, args: argparse.Namespace, run: int) -> list[Result]:
     """N emails in batches of 100 over gRPC, plain and rendered from a template."""
     results: list[Result] = []
-    template = f"bench-receipt-{int(time.time())}"
+    template = f"bench-receipt-{run}-{int(time.time())}"
     async with grpc.aio.insecure_channel(f"127.0.0.1:{suite.ports['mail']}") as channel:
         stub = mail_pb2_grpc.MailServiceStub(channel)
         await stub.CreateTemplate(
@@ -405,16 +465,14 @@ async def batch_phase(suite: Suite, args: argparse.Namespace) -> list[Result]:
         (f"ours: gRPC batches of {BATCH_SIZE}", ""),
         (f"ours: gRPC batches of {BATCH_SIZE}, template", template),
     ):
-        tag = f"batch{'-tpl' if use else ''}-{int(time.time())}"
-        _, offset = read_sink_log(suite.sink_log)
-        with ProcSampler(suite.pids()) as sampler:
-            started = time.time()
-            load = await grpc_batch(
+        tag = f"batch{'-tpl' if use else ''}-{run}-{int(time.time())}"
+
+        async def submit(tag: str = tag, use: str = use) -> LoadResult:
+            return await grpc_batch(
                 suite.ports["mail"], args.messages, BATCH_SIZE, lanes, tag, template=use
             )
-            emails = await wait_finished(suite, tag, load.ok, args.timeout)
-            arrivals, _ = read_sink_log(suite.sink_log, offset)
-        result = suite_result(label, load, emails, arrivals, started, sampler)
+
+        result = await measure(suite, args, label, tag, submit)
         result.notes += f"; {lanes} batch calls in flight; latency per batch call"
         if use:
             result.notes += f"; engine alone: {await render_cost_ms():.2f} ms per render"
@@ -524,8 +582,10 @@ async def scale_phase(suite: Suite, args: argparse.Namespace, out_dir: Path) -> 
             profiles.append(str(out_dir / "profile-worker.svg"))
         pids = {n: p for n, p in suite.pids().items() if n in (*names, "ferretdb", "sink", "smtp")}
         with ProcSampler(pids) as sampler:
-            emails = await wait_finished(suite, tag, load.ok, args.timeout)
-            arrivals, _ = read_sink_log(suite.sink_log, offset)
+            # Waits on the sink; the database is read once the workers are done.
+            await asyncio.to_thread(wait_sink, suite.sink_log, offset, load.ok, args.timeout)
+        emails = await asyncio.to_thread(suite.emails, tag)
+        arrivals, _ = read_sink_log(suite.sink_log, offset)
         problems = finish_profile(spy)
         for name in names:
             suite.signal(name, signal.SIGTERM)
@@ -605,22 +665,27 @@ def gateway_table(rows: list[dict[str, Any]]) -> str:
 
 
 async def suite_phases(args: argparse.Namespace, run_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Everything that needs our suite, on one suite instance."""
-    found: dict[str, Any] = {"results": []}
+    """Everything that needs our suite, on one instance (main-table rows `args.runs` times)."""
+    rows: dict[str, Row] = {}
+    found: dict[str, Any] = {"rows": rows}
     suite = Suite(run_dir / "suite")
     try:
         await asyncio.to_thread(suite.start)
         await suite.setup_domain()
-        for via in ("grpc", "rest"):
-            if via in args.phases:
-                print(f"phase {via}: {args.messages} emails", file=sys.stderr)
-                found["results"].append(await submit_phase(suite, args, via))
-        if "smtp" in args.phases:
-            print(f"phase smtp: {args.messages} emails", file=sys.stderr)
-            found["results"].append(await smtp_phase(suite, args, run_dir))
-        if "batch" in args.phases:
-            print(f"phase batch: {args.messages} emails, twice", file=sys.stderr)
-            found["results"].extend(await batch_phase(suite, args))
+        for run in range(1, args.runs + 1):
+            for via in ("grpc", "rest"):
+                if via in args.phases:
+                    print(f"phase {via}: {args.messages} emails, run {run}/{args.runs}",
+                          file=sys.stderr)  # fmt: skip
+                    add_run(rows, await submit_phase(suite, args, via, run))
+            if "smtp" in args.phases:
+                print(f"phase smtp: {args.messages} emails, run {run}/{args.runs}", file=sys.stderr)
+                add_run(rows, await smtp_phase(suite, args, run_dir, run))
+            if "batch" in args.phases:
+                print(f"phase batch: {args.messages} emails, twice, run {run}/{args.runs}",
+                      file=sys.stderr)  # fmt: skip
+                for result in await batch_phase(suite, args, run):
+                    add_run(rows, result)
         if "scale" in args.phases:
             print(f"phase scale-out: {args.scale_messages} emails per run", file=sys.stderr)
             found["scale_out"] = await scale_phase(suite, args, out_dir)
@@ -648,6 +713,9 @@ def main() -> None:
         "--gateway-requests", type=int, default=env_int("BENCH_GATEWAY_REQUESTS", 100)
     )
     parser.add_argument("--timeout", type=float, default=env_int("BENCH_TIMEOUT", 600))
+    parser.add_argument(
+        "--runs", type=int, default=env_int("BENCH_RUNS", 3), help="runs per main-table row"
+    )
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", default=os.environ.get("BENCH_OUT", ""))
     args = parser.parse_args()
@@ -659,20 +727,25 @@ def main() -> None:
     run_dir = REPO / "build" / "bench" / f"run-{stamp}"
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    references = postfix_phase(args, run_dir) if "postfix" in args.phases else []
+    load_at_start = os.getloadavg()
+    postfix_rows = postfix_phase(args, run_dir) if "postfix" in args.phases else {}
     found = asyncio.run(suite_phases(args, run_dir, out_dir))
-    results: list[Result] = [*references, *found["results"]]
+    rows: list[Row] = [*postfix_rows.values(), *found["rows"].values()]
+    references = [postfix_rows[n] for n in (POSTFIX_DKIM, POSTFIX_RELAY) if n in postfix_rows]
     print()
-    print(f"make bench: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {git_commit()}")
     print(
-        render_table(
-            results,
-            [r for r in references if r.name.startswith("Postfix")],
-            found["results"],
-        )
+        f"make bench: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {git_commit()}, "
+        f"{args.runs} run(s) per row; load average (1/5/15 min) at start "
+        f"{' '.join(f'{x:.2f}' for x in load_at_start)}, at end "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    for r in results:
-        print(f"  {r.name}: {r.delivery}{'; ' + r.notes if r.notes else ''}")
+    print(render_table(rows, references))
+    print()
+    print(render_cpu_table(rows))
+    print("Last run of each row:")
+    for row in rows:
+        last = row.runs[-1]
+        print(f"  {row.name}: {last.delivery}{'; ' + last.notes if last.notes else ''}")
     scale = found.get("scale_out")
     if scale:
         print("\nscale-out (queue filled first, then drained by N worker processes):")
@@ -694,11 +767,15 @@ def main() -> None:
         "git_commit": git_commit(),
         "machine": machine(),
         # Other work on the machine disturbs the figures; this says how busy it was.
+        "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
         "versions": versions(),
         "params": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": [r.to_json() for r in results],
-        "reference_names": [r.name for r in references if r.name.startswith("Postfix")],
+        # One entry per row with the medians (what bench/charts.py draws) ...
+        "results": [row.summary().to_json() for row in rows],
+        # ... and every run of every row, with medians and min-max of the main figures.
+        "rows": [row.to_json() for row in rows],
+        "reference_names": [row.name for row in references],
         "scale_out": scale,
         "gateway": found.get("gateway"),
     }

@@ -6,19 +6,28 @@ reports correctly, fast and without Postfix or the suite.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
 import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
 
 from bench.charts import charts
 from bench.harness import (
+    LOAD_GENERATOR,
+    ProcSampler,
     Result,
+    Row,
     check_exactly_once,
     latency_verdict,
     latency_windows,
@@ -27,10 +36,12 @@ from bench.harness import (
     rate_until,
     ratios,
     read_sink_log,
+    render_cpu_table,
     render_table,
     sample_tree,
 )
-from bench.run import top_frames
+from bench.load import LoadResult
+from bench.run import measure, top_frames
 from bench.sink import Sink
 
 
@@ -73,7 +84,14 @@ def test_rate_until_ignores_stragglers() -> None:
     assert math.isnan(rate_until([], 0.0, 0.99))
 
 
-def _result(name: str, delivered: float, *, counted: bool = True) -> Result:
+def _result(
+    name: str,
+    delivered: float,
+    *,
+    counted: bool = True,
+    cpu: dict[str, float] | None = None,
+    load: tuple[float, float] = (0.5, 0.75),
+) -> Result:
     return Result(
         name,
         1000,
@@ -81,30 +99,146 @@ def _result(name: str, delivered: float, *, counted: bool = True) -> Result:
         delivered,
         submit_p50_ms=1.0,
         submit_p99_ms=2.0,
-        cpu_s={"a": 1.5, "b": 0.5},
+        cpu_s=cpu if cpu is not None else {"a": 1.5, "b": 0.5},
         peak_rss_kib={"a": 2048},
         exactly_once=counted,
+        load_start=load[0],
+        load_end=load[1],
     )
 
 
-def test_ratios_only_against_references_that_counted() -> None:
-    # A Postfix run that lost mail is no yardstick.
-    ours = _result("ours", 50)
-    refs = [_result("Postfix relay", 200), _result("Postfix + DKIM", 100, counted=False)]
+def _row(name: str, *delivered: float, counted: bool = True) -> Row:
+    return Row(name, [_result(name, d, counted=counted) for d in delivered])
+
+
+def test_ratios_use_medians_and_only_references_whose_runs_all_counted() -> None:
+    # A Postfix row with one run that lost mail is no yardstick; medians, not means.
+    ours = _row("ours", 40, 50, 300)
+    refs = [
+        _row("Postfix relay", 100, 200, 210),
+        Row("Postfix + DKIM", [_result("Postfix + DKIM", 100), _result("x", 90, counted=False)]),
+    ]
     assert ratios(ours, refs) == {"Postfix relay": 0.25}
 
 
-def test_table_shows_every_row_cpu_per_thousand_and_ratios() -> None:
-    # One line per variant, CPU seconds per 1,000 messages, the exactly-once verdict, ratios.
-    ref = _result("Postfix relay", 200)
-    ours = _result("ours: gRPC", 50, counted=False)
-    table = render_table([ref, ours], [ref], [ours])
+def test_table_shows_medians_with_min_max_ratio_columns_load_and_verdict() -> None:
+    # One line per variant: runs, median (min-max) delivered/s, a ratio column per reference,
+    # CPU-ms per message, the load average at start and end of each run, exactly once.
+    dkim = _row("Postfix relay + OpenDKIM", 100, 120, 110)
+    relay = _row("Postfix relay", 400, 410, 390)
+    ours = Row(
+        "ours: gRPC",
+        [_result("ours: gRPC", d, load=(1.0 + i, 2.0 + i)) for i, d in enumerate((150, 165, 170))],
+    )
+    lost = _row("ours: REST", 50, counted=False)
+    table = render_table([relay, dkim, ours, lost], [dkim, relay])
     lines = table.splitlines()
-    assert lines[0].startswith("variant")
-    assert any(line.startswith("ours: gRPC") and line.rstrip().endswith("NO") for line in lines)
-    assert "2.00" in table  # (1.5 + 0.5) CPU s for 1,000 messages
-    assert "ours: gRPC: Postfix relay: 0.250x" in table
-    assert ours.to_json()["cpu_s_per_1000"] == 2.0
+    header = [cell.strip() for cell in lines[0].split("|")]
+    assert header[:5] == [
+        "variant",
+        "runs",
+        "deliv/s",
+        "x Postfix relay + OpenDKIM",
+        "x Postfix relay",
+    ]
+    row = next(line for line in lines if line.startswith("ours: gRPC"))
+    cells = [cell.strip() for cell in row.split("|")]
+    assert cells[1] == "3"
+    assert cells[2] == "165.0 (150.0-170.0)"
+    assert cells[3:5] == ["1.50x", "0.41x"]  # 165/110 and 165/400
+    assert "2.00 (2.00-2.00)" in cells  # (1.5 + 0.5) CPU s for 1,000 messages = 2 ms each
+    assert "1.00>2.00 2.00>3.00 3.00>4.00" in cells
+    assert cells[-1] == "yes"
+    rest = next(line for line in lines if line.startswith("ours: REST"))
+    assert rest.rstrip().endswith("NO")
+
+
+def test_cpu_per_message_per_process_table_and_json() -> None:
+    # Each process's CPU-ms per message, median (min-max) over the runs, the load generator
+    # included; the JSON keeps every run and the medians.
+    row = Row(
+        "ours: gRPC",
+        [
+            _result("ours: gRPC", 100, cpu={"ferretdb": 4.0, "mail": 3.0, "load generator": 0.5}),
+            _result("ours: gRPC", 100, cpu={"ferretdb": 5.0, "mail": 2.0, "load generator": 0.7}),
+            _result("ours: gRPC", 100, cpu={"ferretdb": 4.5, "mail": 2.5, "load generator": 0.6}),
+        ],
+    )
+    text = render_cpu_table([row])
+    assert "ferretdb 4.50 (4.00-5.00)" in text
+    assert "mail 2.50 (2.00-3.00)" in text
+    assert "load generator 0.60 (0.50-0.70)" in text
+    data = row.to_json()
+    assert len(data["runs"]) == 3
+    assert data["cpu_ms_per_message"]["ferretdb"] == {"median": 4.5, "min": 4.0, "max": 5.0}
+    assert data["figures"]["delivered_per_s"] == {"median": 100.0, "min": 100.0, "max": 100.0}
+    assert data["load_average"] == [[0.5, 0.75]] * 3
+    summary = row.summary()
+    assert summary.cpu_ms_per_message["mail"] == pytest.approx(2.5)
+
+
+def test_load_generator_cpu_counts_this_process_and_reaped_children() -> None:
+    # The load generator's CPU includes a child run to completion inside the block (as ghz
+    # and smtp-source are), measured from the child's own resource usage.
+    with ProcSampler({}, load_generator=True) as sampler:
+        child = subprocess.Popen([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"])
+        _, _, usage = os.wait4(child.pid, 0)
+        child.returncode = 0  # reaped by wait4
+    spent = usage.ru_utime + usage.ru_stime
+    assert spent > 0
+    assert sampler.cpu_seconds()[LOAD_GENERATOR] >= spent - 0.01  # rounding to ms
+    # Without the option there is no such entry (the soak and drills do not ask for it).
+    with ProcSampler({}) as plain:
+        pass
+    assert LOAD_GENERATOR not in plain.cpu_seconds()
+
+
+class _FakeSuite:
+    """What `bench.run.measure` uses of the suite: pids, the sink log, the stored emails."""
+
+    def __init__(self, sink_log: Path) -> None:
+        self.sink_log = sink_log
+        self.database_reads: list[int] = []  # sink lines present at each database read
+
+    def pids(self) -> dict[str, int]:
+        return {"me": os.getpid()}
+
+    def emails(self, tag: str) -> list[dict[str, Any]]:
+        self.database_reads.append(len(read_sink_log(self.sink_log)[0]))
+        created = datetime.now(UTC).replace(tzinfo=None)
+        return [
+            {"message_id": f"m{i}@bench.example", "status": "sent", "created_at": created}
+            for i in range(3)
+        ]
+
+
+async def test_a_run_waits_on_the_sink_and_reads_the_database_once_afterwards(
+    tmp_path: Path,
+) -> None:
+    # Messages trickle into the sink after the submissions returned; the run ends when the
+    # sink has all of them and reads the database once, then, never while it waits.
+    log = tmp_path / "sink.log"
+    log.touch()
+    suite = _FakeSuite(log)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def submit() -> LoadResult:
+        async def trickle() -> None:
+            for i in range(3):
+                await asyncio.sleep(0.3)
+                with log.open("a") as f:
+                    f.write(f"{time.time():.6f}\t<m{i}@bench.example>\tr{i}@sink.example\t1\n")
+
+        tasks.append(asyncio.get_running_loop().create_task(trickle()))
+        return LoadResult(requests=3, ok=3, elapsed_s=0.01, latencies_s=[0.01] * 3)
+
+    args = argparse.Namespace(timeout=30.0)
+    result = await measure(suite, args, "ours: fake", "tag", submit)  # type: ignore[arg-type]
+    await asyncio.gather(*tasks)
+    assert suite.database_reads == [3]
+    assert result.exactly_once, result.delivery
+    assert not math.isnan(result.load_start)
+    assert LOAD_GENERATOR in result.cpu_s
 
 
 def test_sink_log_reader_strips_brackets_and_waits_for_whole_lines(tmp_path: Path) -> None:
