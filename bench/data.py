@@ -52,7 +52,7 @@ from bench.mail_pipeline import BODY, free_port, start_sink
 from services.core.clock import SystemClock
 from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary
 from services.core.ids import new_id
-from services.core.settings import DEV_TENANT_ID, Settings
+from services.core.settings import DEV_TENANT_ID
 from services.domain.app import build_app as build_domain_app
 from services.mail.app import MailApp, build_app, make_worker
 from services.mail.models import (
@@ -68,6 +68,7 @@ from services.mail.relay_directory import InMemoryRelayDirectory, RelaySecurity,
 from services.mail.relay_health import RelayHealthStore
 from services.mail.relay_lookup import DirectoryRelayLookup
 from services.mail.senders import SenderDomain, StaticSenderDirectory
+from tests.support.settings import SuiteSettings
 
 REPO = Path(__file__).resolve().parent.parent
 DOMAINS_PER_TENANT = 3
@@ -303,7 +304,7 @@ async def deliver(
     stub: mail_pb2_grpc.MailServiceAsyncStub,
     lookup: DirectoryRelayLookup,
     count: int,
-    settings: Settings,
+    settings: SuiteSettings,
     domain: str,
 ) -> float:
     """Submit `count` emails, then deliver them with one worker: delivered per second."""
@@ -338,7 +339,7 @@ async def measure(
     uri: str, database: str, args: argparse.Namespace, sink_port: int, *, full: bool
 ) -> dict[str, Any]:
     """Fill (if `full`) and measure one database."""
-    settings = Settings.from_env(
+    settings = SuiteSettings.from_env(
         {
             "MONGODB_URI": uri,
             "AZORA_MONGODB_DATABASE": database,

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from services.core.clock import SystemClock  # noqa: E402
 from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary  # noqa: E402
 from services.core.ids import new_id  # noqa: E402
-from services.core.settings import DEV_TENANT_ID, Settings  # noqa: E402
+from services.core.settings import DEV_TENANT_ID  # noqa: E402
 from services.mail.app import build_app  # noqa: E402
 from services.mail.relay_directory import (  # noqa: E402
     InMemoryRelayDirectory,
@@ -52,6 +52,7 @@ from services.mail.relay_directory import (  # noqa: E402
 )
 from services.mail.relay_lookup import DirectoryRelayLookup  # noqa: E402
 from services.mail.senders import SenderDomain, StaticSenderDirectory  # noqa: E402
+from services.mail.settings import MailSettings  # noqa: E402
 
 DOMAIN = "bench.example"
 BODY = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 32)[:1800]
@@ -125,7 +126,7 @@ async def run(args: argparse.Namespace) -> None:
         uri = ferret.start()
     sink_port = free_port()
     sink, sink_name = start_sink(sink_port)
-    settings = Settings.from_env(
+    settings = MailSettings.from_env(
         {
             "MONGODB_URI": uri,
             "AZORA_MONGODB_DATABASE": f"bench_{secrets.token_hex(4)}",

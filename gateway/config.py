@@ -2,17 +2,20 @@
 
 `Settings` already holds what the gateway shares with the services (PORT, the three service
 targets, LOG_LEVEL, shutdown grace). What only the gateway needs is read here, from variables
-prefixed ``AZORA_GATEWAY_`` (plus ``AZORA_SWAGGER_UI_DIR``), with the same fail-at-start-up rule.
+prefixed ``AZORA_GATEWAY_`` (plus ``AZORA_SWAGGER_UI_DIR`` and ``AZORA_CORS_ORIGINS``), declared
+and validated like every setting (`services.core.settings.setting`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Annotated, Self
+
+from pydantic import BeforeValidator
 
 from services.core.server import MAX_MESSAGE_BYTES
-from services.core.settings import Settings, SettingsError
+from services.core.settings import Settings, SettingsModel, setting
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DESCRIPTOR_PATH = REPO_ROOT / "gen" / "azora.binpb"
@@ -24,89 +27,70 @@ DEFAULT_MAX_BODY_BYTES = MAX_MESSAGE_BYTES
 DEFAULT_DEADLINE_SECONDS = 30.0
 
 
-@dataclass(frozen=True, slots=True)
-class GatewayConfig:
-    """Gateway-only configuration.
+def _origins(value: object) -> object:
+    """A comma-separated list of origins, compared without a trailing slash."""
+    if isinstance(value, str):
+        return tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+    return value
 
-    Attributes:
-        descriptor_path: the FileDescriptorSet to transcode from (AZORA_GATEWAY_DESCRIPTOR).
-        openapi_path: the generated OpenAPI document served at /api-docs/openapi.json
-            (AZORA_GATEWAY_OPENAPI); read at request time, so it may appear later.
-        swagger_ui_dir: the swagger-ui-dist package directory (AZORA_SWAGGER_UI_DIR).
-        max_body_bytes: largest accepted request body (AZORA_GATEWAY_MAX_BODY_BYTES; default
-            the services' AZORA_GRPC_MAX_MESSAGE_BYTES, itself 64 MiB by default).
-        deadline_seconds: deadline of every upstream call (AZORA_GATEWAY_DEADLINE, seconds).
-        cors_origins: origins allowed to call from a browser (AZORA_CORS_ORIGINS, comma-
-            separated, exact match); empty = CORS off.
-        upstreams: gRPC service full name -> "host:port" of the process serving it; None
-            takes the targets of `Settings` (see `upstream_targets`). A service of the
-            descriptor set without a target answers 501.
-    """
 
-    descriptor_path: Path = DEFAULT_DESCRIPTOR_PATH
-    openapi_path: Path = DEFAULT_OPENAPI_PATH
-    swagger_ui_dir: Path = DEFAULT_SWAGGER_UI_DIR
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    deadline_seconds: float = DEFAULT_DEADLINE_SECONDS
-    upstreams: Mapping[str, str] | None = None
-    cors_origins: tuple[str, ...] = ()
+class GatewayConfig(SettingsModel):
+    """Gateway-only configuration."""
 
-    def with_overrides(self, **changes: object) -> GatewayConfig:
-        """A copy with some fields changed (tests)."""
-        return replace(self, **changes)  # type: ignore[arg-type]
+    descriptor_path: Path = setting(
+        DEFAULT_DESCRIPTOR_PATH,
+        "AZORA_GATEWAY_DESCRIPTOR",
+        "the FileDescriptorSet to transcode from",
+        shown="`gen/azora.binpb`",
+    )
+    openapi_path: Path = setting(
+        DEFAULT_OPENAPI_PATH,
+        "AZORA_GATEWAY_OPENAPI",
+        "the generated OpenAPI document served at /api-docs/openapi.json; read at request time, "
+        "so it may appear later",
+        shown="`gen/openapi/azora.swagger.json`",
+    )
+    swagger_ui_dir: Path = setting(
+        DEFAULT_SWAGGER_UI_DIR,
+        "AZORA_SWAGGER_UI_DIR",
+        "the swagger-ui-dist package directory",
+        shown="`node_modules/swagger-ui-dist`",
+    )
+    # By default the services' own gRPC limit, so a body the gateway accepts is never refused by
+    # a service as RESOURCE_EXHAUSTED (which would read as a 429).
+    max_body_bytes: int = setting(
+        DEFAULT_MAX_BODY_BYTES,
+        ("AZORA_GATEWAY_MAX_BODY_BYTES", "AZORA_GRPC_MAX_MESSAGE_BYTES"),
+        "largest accepted request body (bytes); unset = the services' "
+        "`AZORA_GRPC_MAX_MESSAGE_BYTES`",
+        gt=0,
+    )
+    deadline_seconds: float = setting(
+        DEFAULT_DEADLINE_SECONDS,
+        "AZORA_GATEWAY_DEADLINE",
+        "deadline of every upstream call (seconds)",
+        gt=0,
+    )
+    # gRPC service full name -> "host:port" of the process serving it; None takes the targets
+    # of `Settings` (see `upstream_targets`). A service of the descriptor set without a target
+    # answers 501.
+    upstreams: Mapping[str, str] | None = setting(
+        None, None, "which process serves which gRPC service (tests)"
+    )
+    cors_origins: Annotated[tuple[str, ...], BeforeValidator(_origins)] = setting(
+        (),
+        "AZORA_CORS_ORIGINS",
+        "origins allowed to call from a browser (comma-separated, exact match); empty = CORS off",
+    )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> GatewayConfig:
+    def from_env(cls, env: Mapping[str, str]) -> Self:
         """Read the gateway variables.
 
         Raises:
             SettingsError: a value is malformed.
         """
-        errors: list[str] = []
-
-        def number(name: str, default: float, *, integer: bool) -> float:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = int(raw) if integer else float(raw)
-            except ValueError:
-                errors.append(f"{name} must be a {'whole ' if integer else ''}number, got {raw!r}")
-                return default
-            if value <= 0:
-                errors.append(f"{name} must be > 0, got {raw!r}")
-                return default
-            return value
-
-        def path(name: str, default: Path) -> Path:
-            raw = env.get(name, "").strip()
-            return Path(raw) if raw else default
-
-        config = cls(
-            descriptor_path=path("AZORA_GATEWAY_DESCRIPTOR", DEFAULT_DESCRIPTOR_PATH),
-            openapi_path=path("AZORA_GATEWAY_OPENAPI", DEFAULT_OPENAPI_PATH),
-            swagger_ui_dir=path("AZORA_SWAGGER_UI_DIR", DEFAULT_SWAGGER_UI_DIR),
-            # By default the services' own gRPC limit, so a body the gateway accepts is never
-            # refused by a service as RESOURCE_EXHAUSTED (which would read as a 429).
-            max_body_bytes=int(
-                number(
-                    "AZORA_GATEWAY_MAX_BODY_BYTES",
-                    number("AZORA_GRPC_MAX_MESSAGE_BYTES", DEFAULT_MAX_BODY_BYTES, integer=True),
-                    integer=True,
-                )
-            ),
-            deadline_seconds=number(
-                "AZORA_GATEWAY_DEADLINE", DEFAULT_DEADLINE_SECONDS, integer=False
-            ),
-            cors_origins=tuple(
-                o.strip().rstrip("/")
-                for o in env.get("AZORA_CORS_ORIGINS", "").split(",")
-                if o.strip()
-            ),
-        )
-        if errors:
-            raise SettingsError("; ".join(errors))
-        return config
+        return cls.validated(cls.values_from_env(env, production=False))
 
 
 def upstream_targets(settings: Settings) -> dict[str, str]:

@@ -24,6 +24,7 @@ from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary
 from services.core.settings import Settings
 from services.domain.app import DomainApp, build_app
 from tests.support.dns_server import KnotServer
+from tests.support.settings import SuiteSettings
 
 pytest_plugins = [
     "tests.support.dns_fixtures",
@@ -49,9 +50,9 @@ def ferretdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
-def make_settings(mongodb_uri: str, database: str, **env: str) -> Settings:
+def make_settings(mongodb_uri: str, database: str, **env: str) -> SuiteSettings:
     """Test settings: test environment, our DB, our JWT secret, plus overrides."""
-    return Settings.from_env(
+    return SuiteSettings.from_env(
         {
             "AZORA_ENV": "test",
             "MONGODB_URI": mongodb_uri,
@@ -80,7 +81,7 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture(scope="session")
-def settings(ferretdb: str, knot_server: KnotServer) -> Settings:
+def settings(ferretdb: str, knot_server: KnotServer) -> SuiteSettings:
     """Settings of the session-wide services: DNS lookups go to the test's Knot server."""
     return make_settings(
         ferretdb,
@@ -92,7 +93,7 @@ def settings(ferretdb: str, knot_server: KnotServer) -> Settings:
 
 
 @pytest.fixture(scope="session")
-async def domain_app(settings: Settings, clock: ManualClock) -> AsyncIterator[DomainApp]:
+async def domain_app(settings: SuiteSettings, clock: ManualClock) -> AsyncIterator[DomainApp]:
     """The domain service process's server, in-process on a free port."""
     app = await build_app(settings, clock=clock, bind="127.0.0.1:0", run_lifecycle=False)
     yield app

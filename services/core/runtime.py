@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from pymongo import AsyncMongoClient
@@ -45,6 +46,8 @@ from services.core.settings import Settings, SettingsError
 from services.core.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
+
+SettingsT = TypeVar("SettingsT", bound=Settings)
 
 # Exit status of a process whose database client stopped working while the database answers
 # others (EX_TEMPFAIL: worth restarting).
@@ -300,10 +303,20 @@ def run_periodically(
     return asyncio.create_task(loop(), name=name)
 
 
-def main(service_name: str, build: Callable[[Settings], Awaitable[RunningService]]) -> None:
-    """Entry point of a service process: settings, logging, build, serve until SIGTERM."""
+def main(
+    service_name: str,
+    build: Callable[[SettingsT], Awaitable[RunningService]],
+    settings_class: type[SettingsT],
+) -> None:
+    """Entry point of a service process: settings, logging, build, serve until SIGTERM.
+
+    Args:
+        service_name: the process's name (logs, traces, metrics port).
+        build: the service's composition root.
+        settings_class: the service's settings (shared ones plus its own).
+    """
     try:
-        settings = Settings.from_env(os.environ, service_name=service_name)
+        settings = settings_class.from_env(os.environ, service_name=service_name)
     except SettingsError as exc:
         print(f"{service_name}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,9 +1,17 @@
 """Typed settings read once from the environment and passed down from each composition root.
 
+Each setting is declared once, as a field of a pydantic model, with `setting()`: its type,
+default, environment variable and meaning (docs/operations.md's table is generated from these
+declarations by `python -m scripts.settings_table`). `Settings` here holds what every process
+shares (environment, database, secrets, logs, tracing and metrics, ports and targets of the
+services, rate limits, limits of one email, relay egress policy); each service declares its own
+in its ``settings.py`` as a subclass of `Settings` (`services.domain.settings.DomainSettings`,
+...), so its code reads ``settings.<name>`` for shared and own settings alike.
+
 The product spec's variables keep their names and defaults (PORT, MONGODB_URI, JWT_SECRET,
 LOG_LEVEL, SMTP_TIMEOUT, MAX_ATTACHMENT_SIZE, RATE_LIMIT_WINDOW, RATE_LIMIT_MAX); the rest are
-ours and prefixed ``AZORA_``. Nothing here is a module-level singleton: `Settings.from_env` is
-called by `app.py` of each service (and by tests with their own mapping).
+ours and prefixed ``AZORA_``. Nothing here is a module-level singleton: `from_env` is called by
+the entry point of each process (and by tests with their own mapping).
 """
 
 from __future__ import annotations
@@ -14,14 +22,26 @@ import enum
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
-from typing import Any, TypedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Self, get_origin
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+from pydantic.fields import FieldInfo
 
 DEV_JWT_SECRET = "azora-development-jwt-secret-not-for-production"  # noqa: S105 - dev only
 # 32 zero-free bytes, base64; refused in production like the JWT default.
 DEV_SECRETS_KEY = base64.b64encode(b"azora-dev-secrets-key-32-bytes!!").decode()
 DEV_TENANT_ID = "dev"
+# RATE_LIMIT_MAX when unset outside production: about 11 requests a second for a whole window.
+DEVELOPMENT_RATE_LIMIT_MAX = 10_000
 
 
 def derived_service_token_secret(jwt_secret: str) -> str:
@@ -36,14 +56,6 @@ def derived_service_token_secret(jwt_secret: str) -> str:
 DEV_SERVICE_TOKEN_SECRET = derived_service_token_secret(DEV_JWT_SECRET)
 
 
-class _FeedbackEnv(TypedDict):
-    """The events and suppressions settings read by `Settings.from_env`."""
-
-    event_retention_days: float
-    event_publish_interval: float
-    event_hint_abandon_after: float
-
-
 class Environment(enum.StrEnum):
     """Where the suite runs; production refuses missing or default secrets."""
 
@@ -56,168 +68,465 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; the process must not start."""
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """All configuration of the suite. Durations are seconds unless the name says otherwise."""
+# Observability: each process's metrics port variable and default (0 = not served).
+METRICS_PORTS = {
+    "domain-service": ("AZORA_METRICS_PORT_DOMAIN", 9101),
+    "smtp-service": ("AZORA_METRICS_PORT_SMTP", 9102),
+    "mail-service": ("AZORA_METRICS_PORT_MAIL", 9103),
+    "gateway": ("AZORA_METRICS_PORT_GATEWAY", 9104),
+    "mail-worker": ("AZORA_METRICS_PORT_MAIL_WORKER", 9105),
+    "submission": ("AZORA_METRICS_PORT_SUBMISSION", 9106),
+}
 
-    environment: Environment = Environment.DEVELOPMENT
-    service_name: str = "azora"
-    version: str = "0.1.0"
-    # REST gateway port (product spec: PORT, default 3006).
-    port: int = 3006
-    host: str = "127.0.0.1"
-    domain_grpc_port: int = 50051
-    smtp_grpc_port: int = 50052
-    mail_grpc_port: int = 50053
-    # Where each service reaches the others (host:port).
-    domain_service_target: str = "127.0.0.1:50051"
-    smtp_service_target: str = "127.0.0.1:50052"
-    mail_service_target: str = "127.0.0.1:50053"
-    mongodb_uri: str = "mongodb://127.0.0.1:27017/"
-    mongodb_database: str = "azora"
-    mongodb_server_selection_timeout: float = 5.0
-    # The most one request spends on the database in total (also bounded by the caller's
-    # deadline). Past it the answer is UNAVAILABLE (retry), so a database outage reaches clients
-    # as UNAVAILABLE after this long rather than as their own deadline expiring.
-    mongodb_request_timeout: float = 10.0
-    jwt_secret: str = DEV_JWT_SECRET
-    jwt_issuer: str = ""
-    jwt_audience: str = ""
-    # Signs the tokens services mint for each other (AZORA_SERVICE_TOKEN_SECRET). Distinct from
-    # JWT_SECRET, so whoever issues user tokens cannot mint a service identity; outside
-    # production it defaults to a value derived from JWT_SECRET.
-    service_token_secret: str = DEV_SERVICE_TOKEN_SECRET
-    secrets_key: str = DEV_SECRETS_KEY
-    log_level: str = "info"
+# ---------------------------------------------------------------------------------------------
+# Declaring settings
+
+
+class _Unset(enum.Enum):
+    UNSET = enum.auto()
+
+
+_UNSET = _Unset.UNSET
+
+
+@dataclass(frozen=True, slots=True)
+class EnvSpec:
+    """How one field is read: its variables (the first one set wins) and per-environment defaults.
+
+    Attributes:
+        names: the environment variables, in order of precedence.
+        production: the default when unset in production (`_UNSET`: the field's default).
+        development: the default when unset outside production.
+        shown: the default as the docs table shows it, when the field's own value would mislead.
+    """
+
+    names: tuple[str, ...]
+    production: Any = _UNSET
+    development: Any = _UNSET
+    shown: str = ""
+
+    @property
+    def has_production_default(self) -> bool:
+        """Whether production has a default of its own."""
+        return self.production is not _UNSET
+
+    @property
+    def has_development_default(self) -> bool:
+        """Whether development (and test) have a default of their own."""
+        return self.development is not _UNSET
+
+
+def setting(
+    default: Any,
+    env: str | tuple[str, ...] | None,
+    doc: str,
+    *,
+    production: Any = _UNSET,
+    development: Any = _UNSET,
+    shown: str = "",
+    **constraints: Any,
+) -> Any:
+    """Declare one setting: default, variable(s), meaning and constraints (`Field`'s ge, le...).
+
+    `production` / `development` replace the default when the variable is unset in (outside)
+    production; `env=None` declares a field that no variable sets (derived at start-up).
+    """
+    names = (env,) if isinstance(env, str) else (env or ())
+    spec = EnvSpec(names, production, development, shown)
+    return Field(default, description=doc, json_schema_extra={"env": _SpecRef(spec)}, **constraints)
+
+
+class _SpecRef(dict[str, Any]):
+    """Carries an `EnvSpec` through pydantic's json_schema_extra (kept out of JSON schemas)."""
+
+    def __init__(self, spec: EnvSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+
+def env_spec(field: FieldInfo) -> EnvSpec:
+    """The `EnvSpec` of a field declared with `setting()` (no variables otherwise)."""
+    extra = field.json_schema_extra
+    ref = extra.get("env") if isinstance(extra, dict) else None
+    return ref.spec if isinstance(ref, _SpecRef) else EnvSpec(())
+
+
+# Value types: what a variable's text must look like. A blank variable counts as unset, except
+# for lists, where it is the empty list (AZORA_TRUSTED_PROXIES="" trusts nobody).
+
+
+def _comma_list(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+def _lower(value: object) -> object:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _networks(values: tuple[str, ...]) -> tuple[str, ...]:
+    for network in values:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"expected IP networks (CIDR), got {network!r}") from None
+    return values
+
+
+def _keys(values: tuple[str, ...]) -> tuple[str, ...]:
+    for key in values:
+        decode_key(key)  # SettingsError is a ValueError: pydantic reports it as this field's
+    return values
+
+
+def _peers(values: tuple[str, ...]) -> tuple[str, ...]:
+    for peer in values:
+        label, sep, url = peer.partition("=")
+        if not sep or not label.strip() or not url.strip().startswith(("http://", "https://")):
+            raise ValueError(f"expected name=http://host:port/metrics, got {peer!r}")
+    return values
+
+
+def _day_map(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    found: list[tuple[str, float]] = []
+    for pair in (p.strip() for p in value.split(",") if p.strip()):
+        key, sep, raw = pair.partition("=")
+        try:
+            days = float(raw)
+        except ValueError:
+            days = -1.0
+        if not sep or not key.strip() or days < 0:
+            raise ValueError(f"expected tenant=days (days >= 0), got {pair!r}")
+        found.append((key.strip(), days))
+    return tuple(found)
+
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+Count = Annotated[int, Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0)]
+Strings = Annotated[tuple[str, ...], BeforeValidator(_comma_list)]
+Networks = Annotated[tuple[str, ...], BeforeValidator(_comma_list), AfterValidator(_networks)]
+Keys = Annotated[tuple[str, ...], BeforeValidator(_comma_list), AfterValidator(_keys)]
+Peers = Annotated[tuple[str, ...], BeforeValidator(_comma_list), AfterValidator(_peers)]
+TenantDays = Annotated[tuple[tuple[str, float], ...], BeforeValidator(_day_map)]
+LogLevel = Annotated[Literal["debug", "info", "warn", "warning", "error"], BeforeValidator(_lower)]
+
+
+class SettingsModel(BaseModel):
+    """Base of every settings class: reading from an environment mapping, copies, errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def declared(cls) -> Iterator[tuple[str, FieldInfo, EnvSpec]]:
+        """The fields this class itself declares (not inherited), with their `EnvSpec`."""
+        own = vars(cls).get("__annotations__", {})
+        for name, field in cls.model_fields.items():
+            if name in own:
+                yield name, field, env_spec(field)
+
+    @classmethod
+    def values_from_env(cls, env: Mapping[str, str], *, production: bool) -> dict[str, Any]:
+        """The raw text of every field whose variable is set, or its per-environment default."""
+        values: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            spec = env_spec(field)
+            listed = get_origin(field.annotation) is tuple
+            raw = next(
+                (
+                    env[variable].strip()
+                    for variable in spec.names
+                    if variable in env and (listed or env[variable].strip())
+                ),
+                None,
+            )
+            if raw is not None:
+                values[name] = raw
+            elif production and spec.production is not _UNSET:
+                values[name] = spec.production
+            elif not production and spec.development is not _UNSET:
+                values[name] = spec.development
+        return values
+
+    @classmethod
+    def validated(
+        cls, values: Mapping[str, Any], *, names: Mapping[str, str] | None = None
+    ) -> Self:
+        """Validate values read by `values_from_env`; every problem in one `SettingsError`.
+
+        Args:
+            values: raw values by field name.
+            names: variable names of fields whose variable is not their declared one.
+        """
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors():
+                field = str(error["loc"][0]) if error["loc"] else ""
+                variable = (names or {}).get(field) or "/".join(
+                    env_spec(cls.model_fields[field]).names if field in cls.model_fields else ()
+                )
+                message = str(error["msg"]).removeprefix("Value error, ")
+                problems.append(f"{variable or field}: {message} (got {error['input']!r})")
+            raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+    def with_overrides(self, **changes: Any) -> Self:
+        """A copy with some fields changed (tests, per-service names); values are not checked."""
+        unknown = sorted(set(changes) - set(type(self).model_fields))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no settings {unknown}")
+        return self.model_copy(update=changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# What every process shares
+
+
+class Settings(SettingsModel):
+    """What every process shares. Durations are seconds unless the name says otherwise."""
+
+    environment: Annotated[Environment, BeforeValidator(_lower)] = setting(
+        Environment.DEVELOPMENT,
+        ("AZORA_ENV", "NODE_ENV"),
+        "`development`, `test` or `production`; production refuses missing or default secrets, "
+        "anonymous access and private relay addresses",
+    )
+    service_name: str = setting("azora", None, "the process's name (logs, traces, metrics port)")
+    version: str = setting("0.1.0", "AZORA_VERSION", "version reported by health and traces")
+    # Ports and targets of the processes.
+    port: Port = setting(3006, "PORT", "REST gateway port")
+    host: str = setting("127.0.0.1", "AZORA_HOST", "listen address of the services")
+    domain_grpc_port: Port = setting(50051, "AZORA_DOMAIN_GRPC_PORT", "domain service gRPC port")
+    smtp_grpc_port: Port = setting(50052, "AZORA_SMTP_GRPC_PORT", "SMTP service gRPC port")
+    mail_grpc_port: Port = setting(50053, "AZORA_MAIL_GRPC_PORT", "mail service gRPC port")
+    domain_service_target: str = setting(
+        "127.0.0.1:50051",
+        "AZORA_DOMAIN_SERVICE_TARGET",
+        "where the others reach the domain service (host:port)",
+        shown="127.0.0.1:`AZORA_DOMAIN_GRPC_PORT`",
+    )
+    smtp_service_target: str = setting(
+        "127.0.0.1:50052",
+        "AZORA_SMTP_SERVICE_TARGET",
+        "where the others reach the SMTP service (host:port)",
+        shown="127.0.0.1:`AZORA_SMTP_GRPC_PORT`",
+    )
+    mail_service_target: str = setting(
+        "127.0.0.1:50053",
+        "AZORA_MAIL_SERVICE_TARGET",
+        "where the others reach the mail service (host:port)",
+        shown="127.0.0.1:`AZORA_MAIL_GRPC_PORT`",
+    )
+    # Database.
+    mongodb_uri: str = setting("mongodb://127.0.0.1:27017/", "MONGODB_URI", "MongoDB URI")
+    mongodb_database: str = setting("azora", "AZORA_MONGODB_DATABASE", "database name")
+    mongodb_server_selection_timeout: Seconds = setting(
+        5.0,
+        "AZORA_MONGODB_SERVER_SELECTION_TIMEOUT",
+        "seconds to find a reachable database server before a request is UNAVAILABLE",
+    )
+    mongodb_request_timeout: Seconds = setting(
+        10.0,
+        "AZORA_MONGODB_REQUEST_TIMEOUT",
+        "the most seconds one request spends on the database (the caller's deadline bounds it "
+        'too); a query that is still running then is DEADLINE_EXCEEDED (HTTP 504, "the '
+        'database query ran out of time ... the database is reachable"); only a database that '
+        "cannot be reached (no server selected within `AZORA_MONGODB_SERVER_SELECTION_TIMEOUT`, "
+        'connection refused or reset) is UNAVAILABLE (503, "the database is unreachable") '
+        "with a retry delay",
+    )
+    # Secrets.
+    jwt_secret: str = setting(
+        DEV_JWT_SECRET,
+        "JWT_SECRET",
+        "key of user JWTs; production requires a random value of at least 32 characters",
+        shown="a development value (refused in production)",
+    )
+    jwt_issuer: str = setting("", "AZORA_JWT_ISSUER", "required `iss` of user JWTs; empty = any")
+    jwt_audience: str = setting(
+        "", "AZORA_JWT_AUDIENCE", "required `aud` of user JWTs; empty = any"
+    )
+    service_token_secret: str = setting(
+        DEV_SERVICE_TOKEN_SECRET,
+        "AZORA_SERVICE_TOKEN_SECRET",
+        "key of the tokens the services mint for each other (the only tokens internal rpcs "
+        "accept); production requires at least 32 characters, different from `JWT_SECRET`; give "
+        "it to the service processes only, never to whoever issues user tokens",
+        shown="outside production: derived from `JWT_SECRET`",
+    )
+    secrets_key: str = setting(
+        DEV_SECRETS_KEY,
+        "AZORA_SECRETS_KEY",
+        "master key of secrets at rest (32 random bytes, base64); required in production",
+        shown="a development value (refused in production)",
+    )
+    secrets_previous_keys: Keys = setting(
+        (),
+        "AZORA_SECRETS_PREVIOUS_KEYS",
+        "former `AZORA_SECRETS_KEY` values (base64, comma-separated): still decrypt, never encrypt",
+    )
+    log_level: LogLevel = setting(
+        "info", "LOG_LEVEL", "`debug`, `info`, `warn`, `warning` or `error`"
+    )
     # Product spec names, kept in its units: SMTP_TIMEOUT and RATE_LIMIT_WINDOW in milliseconds.
-    smtp_timeout_ms: int = 30_000
-    max_attachment_size: int = 10 * 1024 * 1024
+    smtp_timeout_ms: int = setting(30_000, "SMTP_TIMEOUT", "SMTP timeout (ms)", ge=1)
+    # Limits of one email, whichever way it comes in (API or SMTP submission).
+    max_attachment_size: int = setting(
+        10 * 1024 * 1024, "MAX_ATTACHMENT_SIZE", "largest attachment (bytes)", ge=1
+    )
+    mail_max_recipients: int = setting(
+        50, "AZORA_MAIL_MAX_RECIPIENTS", "most recipients (to + cc + bcc) of one email", ge=1
+    )
+    mail_max_message_size: int = setting(
+        30 * 1024 * 1024,
+        "AZORA_MAIL_MAX_MESSAGE_SIZE",
+        "largest built message (headers, bodies, encoded attachments) in bytes",
+        ge=1,
+    )
     # Rate limits and quotas (services.core.ratelimit; docs/operations.md "Rate limits").
-    # RATE_LIMIT_MAX requests per RATE_LIMIT_WINDOW per client IP and per principal, for every
-    # rpc except the sending ones, which have their own budget (AZORA_SEND_RATE_LIMIT_*).
     # 100 is the product spec's figure and production's default; outside production the
     # default is DEVELOPMENT_RATE_LIMIT_MAX, so someone following the setup guide (polling an
     # email once a second, say) is not refused by a budget meant for the internet.
-    rate_limit_window_ms: int = 15 * 60 * 1000
-    rate_limit_max: int = 100
-    send_rate_limit_window_ms: int = 60 * 1000
-    send_rate_limit_max: int = 100
-    # Emails a tenant may submit per clock hour and per UTC day (0 = unlimited).
-    quota_emails_per_hour: int = 1000
-    quota_emails_per_day: int = 10_000
-    # How often each process publishes its counts to the database and reads the others'.
-    rate_limit_sync_interval: float = 0.25
-    # How many blocks a key's window of a request budget is cut into: a process claims one
-    # block (one database insert) at a time and admits requests from it (ratelimit.SharedBlocks).
-    rate_limit_blocks: int = 32
-    # Failed authentications (bad keys or tokens) per client address and window before the
-    # address is refused with RESOURCE_EXHAUSTED until the window ends (0 = not limited).
-    auth_failure_max: int = 20
-    auth_failure_window_ms: int = 15 * 60 * 1000
-    # Peers whose x-forwarded-for is believed (CIDRs): the gateway's addresses. Anyone else's
-    # header is ignored, so a direct gRPC caller cannot pick the IP it is counted under.
-    # from_env trusts loopback (the local gateway) outside production and nothing in it.
-    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
-    # Largest gRPC message a service accepts (AZORA_GRPC_MAX_MESSAGE_BYTES).
-    grpc_max_message_bytes: int = 64 * 1024 * 1024
-    shutdown_grace: float = 10.0
-    # Verification DNS: empty nameservers = the system resolver.
-    dns_nameservers: tuple[str, ...] = ()
-    dns_port: int = 53
-    dns_timeout: float = 5.0
-    verification_window: float = 72 * 3600.0
-    recheck_interval: float = 3600.0
-    suspension_grace: float = 72 * 3600.0
-    lifecycle_sweep_interval: float = 60.0
-    api_key_cache_ttl: float = 30.0
-    max_page_size: int = 200
-    default_page_size: int = 50
-    max_domains_per_tenant: int = 1000
-    max_dns_records_per_domain: int = 500
-    max_dns_records_per_tenant: int = 5000
-    # SMTP service
-    # SSRF guard: may relay hosts resolve to loopback, private, link-local, CGNAT or metadata
-    # addresses? from_env makes it true outside production (local relays, tests), false in it.
-    smtp_allow_private_hosts: bool = True
-    # A PEM file of extra CA certificates trusted for relay TLS, besides the system store.
-    smtp_ca_file: str = ""
-    # How long a replaced DKIM key stays RETIRING (its record must stay published meanwhile).
-    dkim_rotation_overlap: float = 7 * 24 * 3600.0
-    # How often the lifecycle loop looks the DKIM records of a domain up again.
-    dkim_check_interval: float = 600.0
-    # How long the SMTP service trusts an answer of the domain service about a domain.
-    domain_cache_ttl: float = 5.0
-    # Former AZORA_SECRETS_KEY values (base64, comma-separated): still decrypt, never encrypt.
-    secrets_previous_keys: tuple[str, ...] = ()
-    # Mail service
-    # Most recipients (to + cc + bcc) of one email.
-    mail_max_recipients: int = 50
-    # Largest built message (headers, bodies, encoded attachments) in bytes.
-    mail_max_message_size: int = 30 * 1024 * 1024
-    # How far ahead sendAt may be.
-    mail_schedule_horizon: float = 30 * 24 * 3600.0
-    # How long an idempotency key is remembered.
-    mail_idempotency_ttl: float = 24 * 3600.0
-    # Days a finished email (content and timeline) is kept after it finished, and per-tenant
-    # exceptions as (tenant id, days) pairs (AZORA_RETENTION_TENANT_DAYS="tenant=days,...").
-    retention_days: float = 30.0
-    retention_tenant_days: tuple[tuple[str, float], ...] = ()
-    # Retry schedule after a temporary failure (Postfix defaults: 300 s doubling to 4000 s,
-    # give up after 5 days; RFC 5321 4.5.4.1 wants these configurable). Jitter is a fraction.
-    mail_retry_min_backoff: float = 300.0
-    mail_retry_max_backoff: float = 4000.0
-    mail_retry_jitter: float = 0.2
-    mail_max_lifetime: float = 5 * 24 * 3600.0
-    # How long a worker holds a claimed email before another worker may take it over.
-    mail_lease: float = 120.0
-    # How often an idle worker looks for due emails.
-    mail_poll_interval: float = 1.0
-    # Deliveries one worker runs at once, and SMTP connections it opens per relay.
-    mail_worker_concurrency: int = 16
-    mail_relay_connections: int = 4
-    # Whether the mail service process runs delivery workers itself (besides separate ones).
-    mail_run_workers: bool = True
-    # Built messages larger than this go to GridFS instead of the queue document.
-    mail_inline_content_limit: int = 256 * 1024
-    # --- events and suppressions ---
-    # Days events are kept (AZORA_EVENT_RETENTION_DAYS), then swept.
-    event_retention_days: float = 30.0
-    # How often the event publisher copies recorded events into the events collection (s).
-    event_publish_interval: float = 1.0
-    # After this many seconds, an event hint whose state change never landed is dropped
-    # (longer than any write can stay in flight; see services/mail/feedback/event_log.py).
-    event_hint_abandon_after: float = 1800.0
-
-    @staticmethod
-    def _feedback_from_env(reader: _Reader, defaults: Settings) -> _FeedbackEnv:
-        return {
-            "event_retention_days": reader.number(
-                "AZORA_EVENT_RETENTION_DAYS", defaults.event_retention_days
-            ),
-            "event_publish_interval": reader.number(
-                "AZORA_EVENT_PUBLISH_INTERVAL", defaults.event_publish_interval
-            ),
-            "event_hint_abandon_after": reader.number(
-                "AZORA_EVENT_HINT_ABANDON_AFTER", defaults.event_hint_abandon_after
-            ),
-        }
-
-    # Observability
-    # OTLP/HTTP collector base URL (OTEL_EXPORTER_OTLP_ENDPOINT); empty = tracing off.
-    otel_endpoint: str = ""
-    # Where this process serves its Prometheus registry for scraping; port 0 = not served.
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 0
-    # Other processes' metrics URLs ("name=http://host:port/metrics") that GET /metrics merges.
-    metrics_peers: tuple[str, ...] = ()
-    # How often each service re-checks its database for its grpc.health.v1 status.
-    readiness_interval: float = 5.0
-    # After this many seconds without an answer from the database, a new client tries it; if
-    # that one gets an answer, the process's own client is wedged and the process exits
-    # non-zero for its supervisor to restart it (0 = never).
-    database_watchdog: float = 60.0
-    # GET /health reports the queue degraded once its oldest due email waited this long (s).
-    health_queue_max_age: float = 900.0
+    rate_limit_window_ms: int = setting(
+        15 * 60 * 1000, "RATE_LIMIT_WINDOW", "window of the API budget (ms)", ge=1
+    )
+    rate_limit_max: int = setting(
+        100,
+        "RATE_LIMIT_MAX",
+        "API budget per client address and per principal, for every rpc except the sending ones",
+        development=DEVELOPMENT_RATE_LIMIT_MAX,
+        ge=1,
+    )
+    send_rate_limit_window_ms: int = setting(
+        60 * 1000, "AZORA_SEND_RATE_LIMIT_WINDOW", "window of the sending budget (ms)", ge=1
+    )
+    send_rate_limit_max: int = setting(
+        100,
+        "AZORA_SEND_RATE_LIMIT_MAX",
+        "budget of the sending rpcs, per client address and per principal",
+        ge=1,
+    )
+    quota_emails_per_hour: Count = setting(
+        1000,
+        "AZORA_QUOTA_EMAILS_PER_HOUR",
+        "accepted emails per tenant per clock hour; 0 = unlimited",
+    )
+    quota_emails_per_day: Count = setting(
+        10_000,
+        "AZORA_QUOTA_EMAILS_PER_DAY",
+        "accepted emails per tenant per UTC day; 0 = unlimited",
+    )
+    rate_limit_sync_interval: Seconds = setting(
+        0.25,
+        "AZORA_RATE_LIMIT_SYNC_INTERVAL",
+        "seconds between exchanges of counts with the other replicas",
+    )
+    rate_limit_blocks: int = setting(
+        32,
+        "AZORA_RATE_LIMIT_BLOCKS",
+        "blocks a key's window of the API or send budget is cut into (one database insert per "
+        'block; see "One budget across processes")',
+        ge=1,
+    )
+    auth_failure_max: Count = setting(
+        20,
+        "AZORA_AUTH_FAILURE_MAX",
+        "failed authentications per client address per window before the address is refused "
+        "with RESOURCE_EXHAUSTED until the window ends; 0 = not limited",
+    )
+    auth_failure_window_ms: int = setting(
+        15 * 60 * 1000,
+        "AZORA_AUTH_FAILURE_WINDOW",
+        "window of `AZORA_AUTH_FAILURE_MAX` (ms)",
+        ge=1,
+    )
+    # In production any process on the same host could otherwise claim any client address
+    # through x-forwarded-for: trust proxies only where they are configured.
+    trusted_proxies: Networks = setting(
+        ("127.0.0.1/32", "::1/128"),
+        "AZORA_TRUSTED_PROXIES",
+        "CIDRs whose `x-forwarded-for` is believed (the gateways'); empty = none, so a direct "
+        "gRPC caller cannot pick the address it is counted under",
+        production=(),
+        shown="`127.0.0.1/32,::1/128`; empty in production",
+    )
+    grpc_max_message_bytes: int = setting(
+        64 * 1024 * 1024,
+        "AZORA_GRPC_MAX_MESSAGE_BYTES",
+        "largest gRPC message a service accepts",
+        ge=1024,
+    )
+    shutdown_grace: Seconds = setting(
+        10.0, "AZORA_SHUTDOWN_GRACE", "seconds in-flight calls get after SIGTERM"
+    )
+    # DNS lookups (verification, record checks).
+    dns_nameservers: Strings = setting(
+        (), "AZORA_DNS_NAMESERVERS", "nameserver addresses (comma-separated); empty = the system's"
+    )
+    dns_port: Port = setting(53, "AZORA_DNS_PORT", "port of those nameservers")
+    dns_timeout: Seconds = setting(5.0, "AZORA_DNS_TIMEOUT", "seconds per DNS lookup")
+    # Work shared by the services.
+    lifecycle_sweep_interval: Seconds = setting(
+        60.0,
+        "AZORA_LIFECYCLE_SWEEP_INTERVAL",
+        "seconds between runs of the domain and DKIM lifecycle loops",
+    )
+    api_key_cache_ttl: Seconds = setting(
+        30.0, "AZORA_API_KEY_CACHE_TTL", "seconds an answer about an API key is trusted"
+    )
+    domain_cache_ttl: Seconds = setting(
+        5.0,
+        "AZORA_DOMAIN_CACHE_TTL",
+        "seconds the SMTP and mail services trust an answer of the domain service about a domain",
+    )
+    max_page_size: int = setting(
+        200,
+        "AZORA_MAX_PAGE_SIZE",
+        "largest page of a list; larger sizes are coerced to it (AIP-158)",
+        ge=1,
+    )
+    default_page_size: int = setting(50, None, "page size when a list request gives none")
+    # Relays (SMTP service probes, mail service delivers).
+    smtp_allow_private_hosts: bool = setting(
+        True,
+        "AZORA_SMTP_ALLOW_PRIVATE_HOSTS",
+        "whether relay hosts may resolve to loopback, private, link-local, CGNAT or metadata "
+        "addresses (SSRF guard)",
+        production=False,
+        shown="true; false in production",
+    )
+    smtp_ca_file: str = setting(
+        "",
+        "AZORA_SMTP_CA_FILE",
+        "a PEM file of extra CA certificates trusted for relay TLS, besides the system store",
+    )
+    # Observability.
+    otel_endpoint: str = setting(
+        "",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTLP/HTTP collector base URL; unset = tracing off",
+    )
+    metrics_host: str = setting(
+        "127.0.0.1", "AZORA_METRICS_HOST", "listen address of the per-process metrics endpoint"
+    )
+    metrics_port: Port = setting(
+        0, None, "this process's metrics port (`AZORA_METRICS_PORT_*`, below); 0 = not served"
+    )
+    readiness_interval: Seconds = setting(
+        5.0,
+        "AZORA_READINESS_INTERVAL",
+        "seconds between database probes of the grpc.health.v1 readiness watcher",
+    )
+    database_watchdog: Seconds = setting(
+        60.0,
+        "AZORA_DATABASE_WATCHDOG",
+        "seconds of failed probes after which a new client tries the database; if it answers, "
+        "the process exits (75) for its supervisor to restart it; 0 = off",
+    )
 
     @property
     def is_production(self) -> bool:
@@ -236,20 +545,15 @@ class Settings:
 
     def secrets_key_bytes(self) -> bytes:
         """The master key for secrets at rest (32 bytes, decoded from base64)."""
-        return _decode_key(self.secrets_key)
-
-    def with_overrides(self, **changes: Any) -> Settings:
-        """A copy with some fields changed (tests, per-service names)."""
-        return replace(self, **changes)
+        return decode_key(self.secrets_key)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], *, service_name: str = "azora") -> Settings:
+    def from_env(cls, env: Mapping[str, str], *, service_name: str = "azora") -> Self:
         """Read settings from an environment mapping and validate them.
 
         Raises:
             SettingsError: a value is malformed, or production lacks a required secret.
         """
-        reader = _Reader(env)
         raw_env = env.get("AZORA_ENV") or env.get("NODE_ENV") or "development"
         try:
             environment = Environment(raw_env.strip().lower())
@@ -258,213 +562,61 @@ class Settings:
                 f"AZORA_ENV/NODE_ENV must be one of {[e.value for e in Environment]}, "
                 f"got {raw_env!r}"
             ) from None
-        defaults = cls()
-        nameservers = tuple(
-            s.strip() for s in env.get("AZORA_DNS_NAMESERVERS", "").split(",") if s.strip()
-        )
-        settings = cls(
-            environment=environment,
-            service_name=service_name,
-            version=env.get("AZORA_VERSION", defaults.version),
-            port=reader.port("PORT", defaults.port),
-            host=env.get("AZORA_HOST", defaults.host),
-            domain_grpc_port=reader.port("AZORA_DOMAIN_GRPC_PORT", defaults.domain_grpc_port),
-            smtp_grpc_port=reader.port("AZORA_SMTP_GRPC_PORT", defaults.smtp_grpc_port),
-            mail_grpc_port=reader.port("AZORA_MAIL_GRPC_PORT", defaults.mail_grpc_port),
-            domain_service_target=env.get(
-                "AZORA_DOMAIN_SERVICE_TARGET",
-                f"127.0.0.1:{reader.port('AZORA_DOMAIN_GRPC_PORT', defaults.domain_grpc_port)}",
-            ),
-            smtp_service_target=env.get(
-                "AZORA_SMTP_SERVICE_TARGET",
-                f"127.0.0.1:{reader.port('AZORA_SMTP_GRPC_PORT', defaults.smtp_grpc_port)}",
-            ),
-            mail_service_target=env.get(
-                "AZORA_MAIL_SERVICE_TARGET",
-                f"127.0.0.1:{reader.port('AZORA_MAIL_GRPC_PORT', defaults.mail_grpc_port)}",
-            ),
-            mongodb_uri=env.get("MONGODB_URI", defaults.mongodb_uri),
-            mongodb_database=env.get("AZORA_MONGODB_DATABASE", defaults.mongodb_database),
-            mongodb_request_timeout=reader.number(
-                "AZORA_MONGODB_REQUEST_TIMEOUT", defaults.mongodb_request_timeout
-            ),
-            jwt_secret=env.get("JWT_SECRET", ""),
-            jwt_issuer=env.get("AZORA_JWT_ISSUER", ""),
-            jwt_audience=env.get("AZORA_JWT_AUDIENCE", ""),
-            service_token_secret=env.get("AZORA_SERVICE_TOKEN_SECRET", ""),
-            secrets_key=env.get("AZORA_SECRETS_KEY", ""),
-            log_level=reader.choice(
-                "LOG_LEVEL", defaults.log_level, ("debug", "info", "warn", "warning", "error")
-            ),
-            smtp_timeout_ms=reader.integer("SMTP_TIMEOUT", defaults.smtp_timeout_ms, minimum=1),
-            max_attachment_size=reader.integer(
-                "MAX_ATTACHMENT_SIZE", defaults.max_attachment_size, minimum=1
-            ),
-            rate_limit_window_ms=reader.integer(
-                "RATE_LIMIT_WINDOW", defaults.rate_limit_window_ms, minimum=1
-            ),
-            rate_limit_max=reader.integer(
-                "RATE_LIMIT_MAX",
-                defaults.rate_limit_max
-                if environment is Environment.PRODUCTION
-                else DEVELOPMENT_RATE_LIMIT_MAX,
-                minimum=1,
-            ),
-            send_rate_limit_window_ms=reader.integer(
-                "AZORA_SEND_RATE_LIMIT_WINDOW", defaults.send_rate_limit_window_ms, minimum=1
-            ),
-            send_rate_limit_max=reader.integer(
-                "AZORA_SEND_RATE_LIMIT_MAX", defaults.send_rate_limit_max, minimum=1
-            ),
-            quota_emails_per_hour=reader.integer(
-                "AZORA_QUOTA_EMAILS_PER_HOUR", defaults.quota_emails_per_hour
-            ),
-            quota_emails_per_day=reader.integer(
-                "AZORA_QUOTA_EMAILS_PER_DAY", defaults.quota_emails_per_day
-            ),
-            rate_limit_sync_interval=reader.number(
-                "AZORA_RATE_LIMIT_SYNC_INTERVAL", defaults.rate_limit_sync_interval
-            ),
-            rate_limit_blocks=reader.integer(
-                "AZORA_RATE_LIMIT_BLOCKS", defaults.rate_limit_blocks, minimum=1
-            ),
-            auth_failure_max=reader.integer("AZORA_AUTH_FAILURE_MAX", defaults.auth_failure_max),
-            auth_failure_window_ms=reader.integer(
-                "AZORA_AUTH_FAILURE_WINDOW", defaults.auth_failure_window_ms, minimum=1
-            ),
-            # In production any process on the same host could otherwise claim any client
-            # address through x-forwarded-for: trust proxies only where they are configured.
-            trusted_proxies=reader.networks(
-                "AZORA_TRUSTED_PROXIES",
-                () if environment is Environment.PRODUCTION else defaults.trusted_proxies,
-            ),
-            grpc_max_message_bytes=reader.integer(
-                "AZORA_GRPC_MAX_MESSAGE_BYTES", defaults.grpc_max_message_bytes, minimum=1024
-            ),
-            shutdown_grace=reader.number("AZORA_SHUTDOWN_GRACE", defaults.shutdown_grace),
-            dns_nameservers=nameservers,
-            dns_port=reader.port("AZORA_DNS_PORT", defaults.dns_port),
-            dns_timeout=reader.number("AZORA_DNS_TIMEOUT", defaults.dns_timeout),
-            verification_window=reader.number(
-                "AZORA_VERIFICATION_WINDOW", defaults.verification_window
-            ),
-            recheck_interval=reader.number("AZORA_RECHECK_INTERVAL", defaults.recheck_interval),
-            suspension_grace=reader.number("AZORA_SUSPENSION_GRACE", defaults.suspension_grace),
-            lifecycle_sweep_interval=reader.number(
-                "AZORA_LIFECYCLE_SWEEP_INTERVAL", defaults.lifecycle_sweep_interval
-            ),
-            api_key_cache_ttl=reader.number("AZORA_API_KEY_CACHE_TTL", defaults.api_key_cache_ttl),
-            max_page_size=reader.integer("AZORA_MAX_PAGE_SIZE", defaults.max_page_size, minimum=1),
-            max_domains_per_tenant=reader.integer(
-                "AZORA_MAX_DOMAINS_PER_TENANT", defaults.max_domains_per_tenant, minimum=1
-            ),
-            max_dns_records_per_tenant=reader.integer(
-                "AZORA_MAX_DNS_RECORDS_PER_TENANT", defaults.max_dns_records_per_tenant, minimum=1
-            ),
-            max_dns_records_per_domain=reader.integer(
-                "AZORA_MAX_DNS_RECORDS", defaults.max_dns_records_per_domain, minimum=1
-            ),
-            # SMTP service
-            smtp_allow_private_hosts=reader.flag(
-                "AZORA_SMTP_ALLOW_PRIVATE_HOSTS", environment is not Environment.PRODUCTION
-            ),
-            smtp_ca_file=env.get("AZORA_SMTP_CA_FILE", defaults.smtp_ca_file).strip(),
-            dkim_rotation_overlap=reader.number(
-                "AZORA_DKIM_ROTATION_OVERLAP", defaults.dkim_rotation_overlap
-            ),
-            dkim_check_interval=reader.number(
-                "AZORA_DKIM_CHECK_INTERVAL", defaults.dkim_check_interval
-            ),
-            domain_cache_ttl=reader.number("AZORA_DOMAIN_CACHE_TTL", defaults.domain_cache_ttl),
-            secrets_previous_keys=reader.keys("AZORA_SECRETS_PREVIOUS_KEYS"),
-            # Mail service
-            mail_max_recipients=reader.integer(
-                "AZORA_MAIL_MAX_RECIPIENTS", defaults.mail_max_recipients, minimum=1
-            ),
-            mail_max_message_size=reader.integer(
-                "AZORA_MAIL_MAX_MESSAGE_SIZE", defaults.mail_max_message_size, minimum=1
-            ),
-            mail_schedule_horizon=reader.number(
-                "AZORA_MAIL_SCHEDULE_HORIZON", defaults.mail_schedule_horizon
-            ),
-            mail_idempotency_ttl=reader.number(
-                "AZORA_MAIL_IDEMPOTENCY_TTL", defaults.mail_idempotency_ttl
-            ),
-            retention_days=reader.number("AZORA_RETENTION_DAYS", defaults.retention_days),
-            retention_tenant_days=reader.day_map("AZORA_RETENTION_TENANT_DAYS"),
-            mail_retry_min_backoff=reader.number(
-                "AZORA_MAIL_RETRY_MIN_BACKOFF", defaults.mail_retry_min_backoff
-            ),
-            mail_retry_max_backoff=reader.number(
-                "AZORA_MAIL_RETRY_MAX_BACKOFF", defaults.mail_retry_max_backoff
-            ),
-            mail_retry_jitter=reader.number("AZORA_MAIL_RETRY_JITTER", defaults.mail_retry_jitter),
-            mail_max_lifetime=reader.number("AZORA_MAIL_MAX_LIFETIME", defaults.mail_max_lifetime),
-            mail_lease=reader.number("AZORA_MAIL_LEASE", defaults.mail_lease),
-            mail_poll_interval=reader.number(
-                "AZORA_MAIL_POLL_INTERVAL", defaults.mail_poll_interval
-            ),
-            mail_worker_concurrency=reader.integer(
-                "AZORA_MAIL_WORKER_CONCURRENCY", defaults.mail_worker_concurrency, minimum=1
-            ),
-            mail_relay_connections=reader.integer(
-                "AZORA_MAIL_RELAY_CONNECTIONS", defaults.mail_relay_connections, minimum=1
-            ),
-            mail_run_workers=reader.flag("AZORA_MAIL_RUN_WORKERS", defaults.mail_run_workers),
-            mail_inline_content_limit=reader.integer(
-                "AZORA_MAIL_INLINE_CONTENT_LIMIT", defaults.mail_inline_content_limit
-            ),
-            # Observability
-            otel_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip(),
-            metrics_host=env.get("AZORA_METRICS_HOST", defaults.metrics_host).strip(),
-            metrics_port=_metrics_port(reader, service_name),
-            metrics_peers=reader.peers("AZORA_METRICS_PEERS"),
-            readiness_interval=reader.number(
-                "AZORA_READINESS_INTERVAL", defaults.readiness_interval
-            ),
-            database_watchdog=reader.number("AZORA_DATABASE_WATCHDOG", defaults.database_watchdog),
-            health_queue_max_age=reader.number(
-                "AZORA_HEALTH_QUEUE_MAX_AGE", defaults.health_queue_max_age
-            ),
-            **cls._feedback_from_env(reader, defaults),
-        )
-        reader.raise_if_errors()
-        return _apply_secret_defaults(settings)
-
-
-def _apply_secret_defaults(settings: Settings) -> Settings:
-    """Fill development secrets outside production; refuse weak or missing ones in production."""
-    if settings.is_production:
-        problems = []
-        if len(settings.jwt_secret) < 32 or settings.jwt_secret == DEV_JWT_SECRET:
-            problems.append("JWT_SECRET must be set to a random value of at least 32 characters")
-        if not settings.secrets_key or settings.secrets_key == DEV_SECRETS_KEY:
-            problems.append("AZORA_SECRETS_KEY must be set (32 random bytes, base64)")
-        if len(settings.service_token_secret) < 32 or settings.service_token_secret in (
-            settings.jwt_secret,
-            derived_service_token_secret(settings.jwt_secret),
-            DEV_SERVICE_TOKEN_SECRET,
+        production = environment is Environment.PRODUCTION
+        values = cls.values_from_env(env, production=production)
+        values["service_name"] = service_name
+        # A target defaults to the port of its service on loopback.
+        for target, port in (
+            ("domain_service_target", "domain_grpc_port"),
+            ("smtp_service_target", "smtp_grpc_port"),
+            ("mail_service_target", "mail_grpc_port"),
         ):
-            problems.append(
-                "AZORA_SERVICE_TOKEN_SECRET must be set to a random value of at least 32 "
-                "characters, different from JWT_SECRET"
+            if target not in values:
+                values[target] = f"127.0.0.1:{values.get(port, cls.model_fields[port].default)}"
+        names = {}
+        variable, default = METRICS_PORTS.get(service_name, ("", 0))
+        if variable:
+            names["metrics_port"] = variable
+            values["metrics_port"] = env.get(variable, "").strip() or default
+        settings = cls.validated(values, names=names)
+        return settings._with_secrets(given=set(values))
+
+    def _with_secrets(self, *, given: set[str]) -> Self:
+        """Fill development secrets outside production; refuse weak or missing ones in it."""
+        settings = self
+        if self.is_production:
+            problems = []
+            if len(self.jwt_secret) < 32 or self.jwt_secret == DEV_JWT_SECRET:
+                problems.append(
+                    "JWT_SECRET must be set to a random value of at least 32 characters"
+                )
+            if self.secrets_key == DEV_SECRETS_KEY:
+                problems.append("AZORA_SECRETS_KEY must be set (32 random bytes, base64)")
+            if len(self.service_token_secret) < 32 or self.service_token_secret in (
+                self.jwt_secret,
+                derived_service_token_secret(self.jwt_secret),
+                DEV_SERVICE_TOKEN_SECRET,
+            ):
+                problems.append(
+                    "AZORA_SERVICE_TOKEN_SECRET must be set to a random value of at least 32 "
+                    "characters, different from JWT_SECRET"
+                )
+            if problems:
+                raise SettingsError("production mode refuses to start: " + "; ".join(problems))
+        elif "service_token_secret" not in given:
+            settings = self.model_copy(
+                update={"service_token_secret": derived_service_token_secret(self.jwt_secret)}
             )
-        if problems:
-            raise SettingsError("production mode refuses to start: " + "; ".join(problems))
-    else:
-        jwt_secret = settings.jwt_secret or DEV_JWT_SECRET
-        settings = replace(
-            settings,
-            jwt_secret=jwt_secret,
-            secrets_key=settings.secrets_key or DEV_SECRETS_KEY,
-            service_token_secret=settings.service_token_secret
-            or derived_service_token_secret(jwt_secret),
-        )
-    _decode_key(settings.secrets_key)  # fail at start-up, not on first use
-    return settings
+        decode_key(settings.secrets_key)  # fail at start-up, not on first use
+        return settings
 
 
-def _decode_key(value: str) -> bytes:
+def decode_key(value: str) -> bytes:
+    """A 32-byte key from base64.
+
+    Raises:
+        SettingsError: not base64, or not 32 bytes.
+    """
     try:
         key = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
@@ -474,142 +626,21 @@ def _decode_key(value: str) -> bytes:
     return key
 
 
-# RATE_LIMIT_MAX when unset outside production: about 11 requests a second for a whole window.
-DEVELOPMENT_RATE_LIMIT_MAX = 10_000
-
-
-# Observability: each process's metrics port variable and default (0 = not served).
-METRICS_PORTS = {
-    "domain-service": ("AZORA_METRICS_PORT_DOMAIN", 9101),
-    "smtp-service": ("AZORA_METRICS_PORT_SMTP", 9102),
-    "mail-service": ("AZORA_METRICS_PORT_MAIL", 9103),
-    "gateway": ("AZORA_METRICS_PORT_GATEWAY", 9104),
-    "mail-worker": ("AZORA_METRICS_PORT_MAIL_WORKER", 9105),
-    "submission": ("AZORA_METRICS_PORT_SUBMISSION", 9106),
-}
-
-
-def _metrics_port(reader: _Reader, service_name: str) -> int:
-    variable, default = METRICS_PORTS.get(service_name, ("", 0))
-    return reader.port(variable, default) if variable else 0
-
-
-class _Reader:
-    """Parses typed values and collects every problem, so one start-up error lists them all."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.errors: list[str] = []
-
-    def _raw(self, name: str) -> str | None:
-        value = self.env.get(name)
-        return value.strip() if value is not None and value.strip() else None
-
-    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            self.errors.append(f"{name} must be an integer, got {raw!r}")
-            return default
-        if value < minimum:
-            self.errors.append(f"{name} must be >= {minimum}, got {value}")
-        return value
-
-    def port(self, name: str, default: int) -> int:
-        value = self.integer(name, default)
-        if not 0 <= value <= 65535:
-            self.errors.append(f"{name} must be a port number (0-65535), got {value}")
-        return value
-
-    def number(self, name: str, default: float) -> float:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            self.errors.append(f"{name} must be a number, got {raw!r}")
-            return default
-        if value < 0:
-            self.errors.append(f"{name} must not be negative")
-        return value
-
-    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        if raw.lower() not in allowed:
-            self.errors.append(f"{name} must be one of {allowed}, got {raw!r}")
-            return default
-        return raw.lower()
-
-    # SMTP service
-    def flag(self, name: str, default: bool) -> bool:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        self.errors.append(f"{name} must be true or false, got {raw!r}")
-        return default
-
-    def keys(self, name: str) -> tuple[str, ...]:
-        found = tuple(k.strip() for k in self.env.get(name, "").split(",") if k.strip())
-        for key in found:
-            try:
-                _decode_key(key)
-            except SettingsError as exc:
-                self.errors.append(f"{name}: {exc}")
-        return found
-
-    # Rate limits
-    def networks(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        raw = self.env.get(name)
-        if raw is None:
-            return default
-        found = tuple(n.strip() for n in raw.split(",") if n.strip())
-        for network in found:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                self.errors.append(f"{name}: expected IP networks (CIDR), got {network!r}")
-        return found
-
-    # Retention
-    def day_map(self, name: str) -> tuple[tuple[str, float], ...]:
-        found: list[tuple[str, float]] = []
-        for pair in (p.strip() for p in self.env.get(name, "").split(",") if p.strip()):
-            key, sep, raw = pair.partition("=")
-            try:
-                days = float(raw)
-            except ValueError:
-                days = -1.0
-            if not sep or not key.strip() or days < 0:
-                self.errors.append(f"{name}: expected tenant=days (days >= 0), got {pair!r}")
-                continue
-            found.append((key.strip(), days))
-        return tuple(found)
-
-    # Observability
-    def peers(self, name: str) -> tuple[str, ...]:
-        found = tuple(p.strip() for p in self.env.get(name, "").split(",") if p.strip())
-        for peer in found:
-            label, sep, url = peer.partition("=")
-            if not sep or not label.strip() or not url.strip().startswith(("http://", "https://")):
-                self.errors.append(f"{name}: expected name=http://host:port/metrics, got {peer!r}")
-        return found
-
-    def raise_if_errors(self) -> None:
-        if self.errors:
-            raise SettingsError("invalid settings: " + "; ".join(self.errors))
-
-
-# The typed environment reader, for processes with settings of their own (services.submission).
-EnvReader = _Reader
-
-__all__ = ["DEV_TENANT_ID", "EnvReader", "Environment", "Settings", "SettingsError", "fields"]
+__all__ = [
+    "DEV_TENANT_ID",
+    "METRICS_PORTS",
+    "Count",
+    "Keys",
+    "Networks",
+    "Peers",
+    "EnvSpec",
+    "Environment",
+    "Port",
+    "Seconds",
+    "Settings",
+    "SettingsError",
+    "SettingsModel",
+    "Strings",
+    "TenantDays",
+    "setting",
+]

@@ -2,6 +2,7 @@
 
 from services.core.runtime import main
 from services.domain.app import SERVICE_NAME, build
+from services.domain.settings import DomainSettings
 
 if __name__ == "__main__":
-    main(SERVICE_NAME, build)
+    main(SERVICE_NAME, build, DomainSettings)

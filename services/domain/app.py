@@ -21,13 +21,13 @@ from services.core.clock import Clock, SystemClock
 from services.core.dns import DnsResolver
 from services.core.metrics import Peer
 from services.core.runtime import Database, RunningService, run_periodically, start_service
-from services.core.settings import Settings
 from services.core.tracing import traced_channel
 from services.domain.cascade import MailCancelCascade, SmtpDataCascade
 from services.domain.manager import DomainManager, DomainPolicy
 from services.domain.repository import INDEXES as DOMAIN_INDEXES
 from services.domain.repository import MongoClaimRepository, MongoDomainRepository
 from services.domain.servicer import DomainServicer
+from services.domain.settings import DomainSettings
 from services.domain.status_gauge import DomainStatusGauge
 from services.domain.verifier import OwnershipVerifier
 from services.health.mail_client import MailDeliveryProbe
@@ -53,7 +53,7 @@ class DomainApp:
     api_keys: ApiKeyManager
 
 
-def policy_from(settings: Settings) -> DomainPolicy:
+def policy_from(settings: DomainSettings) -> DomainPolicy:
     """Lifecycle rules and limits from settings."""
     return DomainPolicy(
         verification_window=timedelta(seconds=settings.verification_window),
@@ -68,7 +68,7 @@ def policy_from(settings: Settings) -> DomainPolicy:
 
 
 async def build_app(
-    settings: Settings,
+    settings: DomainSettings,
     *,
     clock: Clock | None = None,
     bind: str | None = None,
@@ -156,7 +156,7 @@ async def build_app(
     return DomainApp(running, manager, api_keys)
 
 
-async def build(settings: Settings, *, bind: str | None = None) -> RunningService:
+async def build(settings: DomainSettings, *, bind: str | None = None) -> RunningService:
     """Start the process and return only its server (what suites of several services use)."""
     return (await build_app(settings, bind=bind)).running
 

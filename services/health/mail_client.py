@@ -23,7 +23,7 @@ from google.protobuf import duration_pb2
 
 from services.core.auth import ServiceTokens
 from services.core.protobuf import to_duration
-from services.core.settings import Settings
+from services.health.settings import HealthSettings
 
 SERVICE_SUBJECT = "service:health"
 # The tenant claim of the probe's token; the rpc reports on every tenant.
@@ -35,7 +35,7 @@ _DOWN = suite_pb2.COMPONENT_STATUS_DOWN
 class MailDeliveryProbe:
     """Asks the mail service for the queue and relay components."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, settings: Settings) -> None:
+    def __init__(self, channel: grpc.aio.Channel, *, settings: HealthSettings) -> None:
         self._stub = mail_pb2_grpc.MailServiceStub(channel)
         self._tokens = ServiceTokens.from_settings(
             settings, subject=SERVICE_SUBJECT, scopes=["emails:read"]

@@ -20,7 +20,6 @@ from services.core.clock import Clock, SystemClock
 from services.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_DUE_AGE
 from services.core.netguard import AddressPolicy, host_resolver
 from services.core.runtime import Database, RunningService, run_periodically, start_service
-from services.core.settings import Settings
 from services.mail.batch import INDEXES as BATCH_INDEXES
 from services.mail.batch import MongoBatchRepository
 from services.mail.compose import Limits
@@ -39,6 +38,7 @@ from services.mail.repository import (
 )
 from services.mail.senders import GrpcSenderDirectory, SenderDirectory
 from services.mail.servicer import MailServicer
+from services.mail.settings import MailSettings
 from services.mail.template_manager import TemplateManager
 from services.mail.templates import INDEXES as TEMPLATE_INDEXES
 from services.mail.templates import MongoTemplateRepository
@@ -70,7 +70,7 @@ class MailApp:
     worker: DeliveryWorker | None
 
 
-def policy_from(settings: Settings) -> MailPolicy:
+def policy_from(settings: MailSettings) -> MailPolicy:
     """Rules of the mail service from settings."""
     return MailPolicy(
         limits=Limits(
@@ -88,7 +88,7 @@ def policy_from(settings: Settings) -> MailPolicy:
     )
 
 
-def retry_policy_from(settings: Settings) -> RetryPolicy:
+def retry_policy_from(settings: MailSettings) -> RetryPolicy:
     """The retry schedule from settings."""
     return RetryPolicy(
         min_backoff=timedelta(seconds=settings.mail_retry_min_backoff),
@@ -98,13 +98,13 @@ def retry_policy_from(settings: Settings) -> RetryPolicy:
     )
 
 
-def remote_relays(settings: Settings) -> tuple[RelayLookup, grpc.aio.Channel]:
+def remote_relays(settings: MailSettings) -> tuple[RelayLookup, grpc.aio.Channel]:
     """Relay settings and signing keys from the SMTP service, with the channel to close."""
     return smtp_service_relays(settings)
 
 
 def make_worker(
-    settings: Settings,
+    settings: MailSettings,
     *,
     emails: EmailRepository,
     relays: RelayLookup,
@@ -135,7 +135,7 @@ def make_worker(
 
 
 async def build_app(
-    settings: Settings,
+    settings: MailSettings,
     *,
     clock: Clock | None = None,
     bind: str | None = None,
@@ -248,7 +248,7 @@ async def finish_deliveries(worker: DeliveryWorker, emails: EmailRepository, gra
         )
 
 
-async def build(settings: Settings, *, bind: str | None = None) -> RunningService:
+async def build(settings: MailSettings, *, bind: str | None = None) -> RunningService:
     """Start the process and return only its server (what suites of several services use)."""
     return (await build_app(settings, bind=bind)).running
 

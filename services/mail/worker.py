@@ -29,17 +29,18 @@ from services.core.runtime import (
     prepare_database,
     watch_database,
 )
-from services.core.settings import Settings, SettingsError
+from services.core.settings import SettingsError
 from services.mail.app import MAIL_INDEXES, RELAY_HEALTH_REFRESH, make_worker
 from services.mail.relay_health import RelayHealthStore
 from services.mail.relay_lookup import smtp_service_relays
 from services.mail.repository import MongoEmailRepository
+from services.mail.settings import MailSettings
 
 SERVICE_NAME = "mail-worker"
 log = logging.getLogger(__name__)
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: MailSettings) -> int:
     """Run one worker until SIGTERM/SIGINT (or a wedged database client); the exit status."""
     database = Database.connect(settings)
     relays, channel = smtp_service_relays(settings)
@@ -106,7 +107,7 @@ async def serve(settings: Settings) -> int:
 def main() -> None:
     """Entry point."""
     try:
-        settings = Settings.from_env(os.environ, service_name=SERVICE_NAME)
+        settings = MailSettings.from_env(os.environ, service_name=SERVICE_NAME)
     except SettingsError as exc:
         print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -2,6 +2,7 @@
 
 from services.core.runtime import main
 from services.smtp.app import SERVICE_NAME, build
+from services.smtp.settings import SmtpSettings
 
 if __name__ == "__main__":
-    main(SERVICE_NAME, build)
+    main(SERVICE_NAME, build, SmtpSettings)

@@ -21,7 +21,6 @@ from services.core.dns import DnsResolver
 from services.core.netguard import AddressPolicy, host_resolver
 from services.core.runtime import Database, RunningService, run_periodically, start_service
 from services.core.secrets_box import SecretsBox
-from services.core.settings import Settings
 from services.smtp.dkim_manager import DkimManager, DkimPolicy
 from services.smtp.dmarc import DmarcBuilder
 from services.smtp.dns_check import RecordChecker
@@ -37,6 +36,7 @@ from services.smtp.repository import (
     MongoSmtpConfigRepository,
 )
 from services.smtp.servicer import SmtpServicer
+from services.smtp.settings import SmtpSettings
 from services.smtp.spf import SpfBuilder
 
 SERVICE_NAME = "smtp-service"
@@ -53,12 +53,12 @@ class SmtpApp:
     records: RecordsManager
 
 
-def relay_policy_from(settings: Settings) -> RelayPolicy:
+def relay_policy_from(settings: SmtpSettings) -> RelayPolicy:
     """Rules of relay configuration from settings."""
     return RelayPolicy(default_timeout=timedelta(milliseconds=settings.smtp_timeout_ms))
 
 
-def dkim_policy_from(settings: Settings) -> DkimPolicy:
+def dkim_policy_from(settings: SmtpSettings) -> DkimPolicy:
     """Rules of the DKIM key lifecycle from settings."""
     return DkimPolicy(
         rotation_overlap=timedelta(seconds=settings.dkim_rotation_overlap),
@@ -67,7 +67,7 @@ def dkim_policy_from(settings: Settings) -> DkimPolicy:
 
 
 async def build_app(
-    settings: Settings,
+    settings: SmtpSettings,
     *,
     clock: Clock | None = None,
     bind: str | None = None,
@@ -150,7 +150,7 @@ async def build_app(
     return SmtpApp(RunningService(server, database, channels), relays, dkim, records)
 
 
-async def build(settings: Settings, *, bind: str | None = None) -> RunningService:
+async def build(settings: SmtpSettings, *, bind: str | None = None) -> RunningService:
     """Start the process and return only its server (what suites of several services use)."""
     return (await build_app(settings, bind=bind)).running
 

@@ -1,20 +1,23 @@
 """Settings of the SMTP submission server (``AZORA_SUBMISSION_*``), read once at start-up.
 
 The shared `Settings` still apply (mail service target, API key cache TTL, message size and
-recipient limits, JWT secret for service tokens, log level, environment); these are the
-listener's own: ports, TLS files, and the abuse limits. Production defaults to the standard
-ports 587 (STARTTLS) and 465 (implicit TLS, RFC 8314) and refuses to start without a certificate
-and key; development defaults to unprivileged ports and a self-signed pair under ``var/``.
+recipient limits, JWT secret for service tokens, log level, environment) and are passed beside
+these, which are the listener's own (so ``host``, ``port`` and ``shutdown_grace`` here are the
+listener's): ports, TLS files, and the abuse limits. Production defaults to the standard ports
+587 (STARTTLS) and 465 (implicit TLS, RFC 8314) and refuses to start without a certificate and
+key; development defaults to unprivileged ports and a self-signed pair under ``var/``.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Annotated, Self
 
-from services.core.settings import EnvReader, Settings, SettingsError
+from pydantic import Field
+
+from services.core.settings import Port, Seconds, Settings, SettingsError, SettingsModel, setting
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DEV_TLS_DIR = REPO_ROOT / "var" / "submission"
@@ -23,105 +26,128 @@ PRODUCTION_PORTS = (587, 465)
 DEVELOPMENT_PORTS = (2587, 2465)
 
 
-@dataclass(frozen=True, slots=True)
-class SubmissionSettings:
+# A listening port, or -1: do not listen.
+ListenPort = Annotated[int, Field(ge=-1, le=65535)]
+
+
+class SubmissionSettings(SettingsModel):
     """Configuration of the submission listeners. Durations are seconds."""
 
-    host: str = "127.0.0.1"
-    # STARTTLS port and implicit-TLS port; 0 picks a free port (tests), -1 turns it off.
-    port: int = DEVELOPMENT_PORTS[0]
-    tls_port: int = DEVELOPMENT_PORTS[1]
-    # grpc.health.v1 for probes (the SMTP ports only say that a socket is open).
-    health_port: int = 50054
-    hostname: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    # AUTH only over TLS (530 5.7.0 before STARTTLS). Always true in production.
-    require_tls_for_auth: bool = False
-    max_connections_per_ip: int = 20
-    max_commands_before_auth: int = 20
-    idle_timeout: float = 300.0
-    session_timeout: float = 1800.0
-    max_bad_commands: int = 10
+    host: str = setting(
+        "127.0.0.1", "AZORA_SUBMISSION_HOST", "listen address", shown="`AZORA_HOST`"
+    )
+    port: ListenPort = setting(
+        DEVELOPMENT_PORTS[0],
+        "AZORA_SUBMISSION_PORT",
+        "SMTP submission with STARTTLS; 0 = a free port, -1 = off",
+        production=PRODUCTION_PORTS[0],
+        shown=f"{PRODUCTION_PORTS[0]} in production, {DEVELOPMENT_PORTS[0]} otherwise",
+    )
+    tls_port: ListenPort = setting(
+        DEVELOPMENT_PORTS[1],
+        "AZORA_SUBMISSION_TLS_PORT",
+        "SMTP submission with implicit TLS (RFC 8314); 0 = a free port, -1 = off",
+        production=PRODUCTION_PORTS[1],
+        shown=f"{PRODUCTION_PORTS[1]} in production, {DEVELOPMENT_PORTS[1]} otherwise",
+    )
+    # The SMTP ports only say that a socket is open.
+    health_port: Port = setting(
+        50054, "AZORA_SUBMISSION_HEALTH_PORT", "grpc.health.v1 of the submission server (probes)"
+    )
+    hostname: str = setting(
+        "",
+        "AZORA_SUBMISSION_HOSTNAME",
+        "name in the greeting and EHLO reply",
+        shown="the machine's FQDN",
+    )
+    cert_file: str = setting(
+        "",
+        "AZORA_SUBMISSION_CERT_FILE",
+        "certificate chain (PEM); required in production",
+        shown="development: generated under `var/submission/`",
+    )
+    key_file: str = setting(
+        "",
+        "AZORA_SUBMISSION_KEY_FILE",
+        "private key of that certificate (PEM); required in production",
+        shown="development: generated under `var/submission/`",
+    )
+    require_tls_for_auth: bool = setting(
+        False,
+        "AZORA_SUBMISSION_REQUIRE_TLS_FOR_AUTH",
+        "AUTH only after STARTTLS or on the implicit-TLS port (530 5.7.0 before); always true "
+        "in production",
+        shown="true in production, false otherwise",
+    )
+    max_connections_per_ip: int = setting(
+        20, "AZORA_SUBMISSION_MAX_CONNECTIONS_PER_IP", "connections per client address", ge=1
+    )
+    max_commands_before_auth: int = setting(
+        20, "AZORA_SUBMISSION_MAX_COMMANDS_BEFORE_AUTH", "commands of a session before AUTH", ge=1
+    )
+    idle_timeout: Seconds = setting(
+        300.0, "AZORA_SUBMISSION_IDLE_TIMEOUT", "seconds a session may wait between commands"
+    )
+    session_timeout: Seconds = setting(
+        1800.0, "AZORA_SUBMISSION_SESSION_TIMEOUT", "seconds one session may last"
+    )
+    max_bad_commands: int = setting(
+        10, "AZORA_SUBMISSION_MAX_BAD_COMMANDS", "malformed commands of a session", ge=1
+    )
     # Wrong credentials per client address within `auth_failure_window`: from the
     # `auth_failures_before_delay`-th on, each answer is held back `auth_failure_delay` s per
     # failure past that (at most 10 s); at `auth_failures_before_block` the address is refused
     # (connections and AUTH) for `auth_block_seconds`.
-    auth_failure_window: float = 600.0
-    auth_failures_before_delay: int = 3
-    auth_failure_delay: float = 1.0
-    auth_failures_before_block: int = 10
-    auth_block_seconds: float = 900.0
-    # How long transactions in progress may finish after SIGTERM before the rest get 421.
-    shutdown_grace: float = 30.0
-    # Deadline of the mail service call that stores a message (then 451 4.3.0).
-    submit_timeout: float = 60.0
+    auth_failure_window: Seconds = setting(
+        600.0,
+        "AZORA_SUBMISSION_AUTH_FAILURE_WINDOW",
+        "seconds over which wrong credentials of a client address are counted",
+    )
+    auth_failures_before_delay: int = setting(
+        3,
+        "AZORA_SUBMISSION_AUTH_FAILURES_BEFORE_DELAY",
+        "wrong credentials after which each answer is held back",
+        ge=1,
+    )
+    auth_failure_delay: Seconds = setting(
+        1.0,
+        "AZORA_SUBMISSION_AUTH_FAILURE_DELAY",
+        "seconds of hold-back per failure past that (at most 10 s)",
+    )
+    auth_failures_before_block: int = setting(
+        10,
+        "AZORA_SUBMISSION_AUTH_FAILURES_BEFORE_BLOCK",
+        "wrong credentials after which the address is refused (connections and AUTH)",
+        ge=1,
+    )
+    auth_block_seconds: Seconds = setting(
+        900.0, "AZORA_SUBMISSION_AUTH_BLOCK_SECONDS", "seconds such an address stays refused"
+    )
+    shutdown_grace: Seconds = setting(
+        30.0,
+        "AZORA_SUBMISSION_SHUTDOWN_GRACE",
+        "seconds transactions in progress may finish after SIGTERM before the rest get 421",
+    )
+    submit_timeout: Seconds = setting(
+        60.0,
+        "AZORA_SUBMISSION_SUBMIT_TIMEOUT",
+        "deadline of the mail service call that stores a message (then 451 4.3.0)",
+    )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], base: Settings) -> SubmissionSettings:
+    def from_env(cls, env: Mapping[str, str], base: Settings) -> Self:
         """Read ``AZORA_SUBMISSION_*`` and check production's requirements.
 
         Raises:
             SettingsError: a value is malformed, or production lacks its certificate and key.
         """
-        reader = EnvReader(env)
-        defaults = cls()
         production = base.is_production
-        port, tls_port = PRODUCTION_PORTS if production else DEVELOPMENT_PORTS
-        settings = cls(
-            host=env.get("AZORA_SUBMISSION_HOST", base.host).strip(),
-            port=_port(reader, "AZORA_SUBMISSION_PORT", port),
-            tls_port=_port(reader, "AZORA_SUBMISSION_TLS_PORT", tls_port),
-            health_port=reader.port("AZORA_SUBMISSION_HEALTH_PORT", defaults.health_port),
-            hostname=env.get("AZORA_SUBMISSION_HOSTNAME", "").strip() or socket.getfqdn(),
-            cert_file=env.get("AZORA_SUBMISSION_CERT_FILE", "").strip(),
-            key_file=env.get("AZORA_SUBMISSION_KEY_FILE", "").strip(),
-            require_tls_for_auth=production
-            or reader.flag("AZORA_SUBMISSION_REQUIRE_TLS_FOR_AUTH", False),
-            max_connections_per_ip=reader.integer(
-                "AZORA_SUBMISSION_MAX_CONNECTIONS_PER_IP",
-                defaults.max_connections_per_ip,
-                minimum=1,
-            ),
-            max_commands_before_auth=reader.integer(
-                "AZORA_SUBMISSION_MAX_COMMANDS_BEFORE_AUTH",
-                defaults.max_commands_before_auth,
-                minimum=1,
-            ),
-            idle_timeout=reader.number("AZORA_SUBMISSION_IDLE_TIMEOUT", defaults.idle_timeout),
-            session_timeout=reader.number(
-                "AZORA_SUBMISSION_SESSION_TIMEOUT", defaults.session_timeout
-            ),
-            max_bad_commands=reader.integer(
-                "AZORA_SUBMISSION_MAX_BAD_COMMANDS", defaults.max_bad_commands, minimum=1
-            ),
-            auth_failure_window=reader.number(
-                "AZORA_SUBMISSION_AUTH_FAILURE_WINDOW", defaults.auth_failure_window
-            ),
-            auth_failures_before_delay=reader.integer(
-                "AZORA_SUBMISSION_AUTH_FAILURES_BEFORE_DELAY",
-                defaults.auth_failures_before_delay,
-                minimum=1,
-            ),
-            auth_failure_delay=reader.number(
-                "AZORA_SUBMISSION_AUTH_FAILURE_DELAY", defaults.auth_failure_delay
-            ),
-            auth_failures_before_block=reader.integer(
-                "AZORA_SUBMISSION_AUTH_FAILURES_BEFORE_BLOCK",
-                defaults.auth_failures_before_block,
-                minimum=1,
-            ),
-            auth_block_seconds=reader.number(
-                "AZORA_SUBMISSION_AUTH_BLOCK_SECONDS", defaults.auth_block_seconds
-            ),
-            shutdown_grace=reader.number(
-                "AZORA_SUBMISSION_SHUTDOWN_GRACE", defaults.shutdown_grace
-            ),
-            submit_timeout=reader.number(
-                "AZORA_SUBMISSION_SUBMIT_TIMEOUT", defaults.submit_timeout
-            ),
-        )
-        reader.raise_if_errors()
+        values = cls.values_from_env(env, production=production)
+        values.setdefault("host", base.host)
+        values.setdefault("hostname", socket.getfqdn())
+        settings = cls.validated(values)
+        if production:
+            settings = settings.model_copy(update={"require_tls_for_auth": True})
         if bool(settings.cert_file) != bool(settings.key_file):
             raise SettingsError(
                 "AZORA_SUBMISSION_CERT_FILE and AZORA_SUBMISSION_KEY_FILE go together"
@@ -134,18 +160,6 @@ class SubmissionSettings:
         if settings.port < 0 and settings.tls_port < 0:
             raise SettingsError("AZORA_SUBMISSION_PORT and AZORA_SUBMISSION_TLS_PORT are both off")
         return settings
-
-    def with_overrides(self, **changes: object) -> SubmissionSettings:
-        """A copy with some fields changed (tests)."""
-        return replace(self, **changes)  # type: ignore[arg-type]
-
-
-def _port(reader: EnvReader, name: str, default: int) -> int:
-    """A port, where -1 means "do not listen"."""
-    value = reader.integer(name, default, minimum=-1)
-    if value > 65535:
-        reader.errors.append(f"{name} must be a port number (0-65535) or -1, got {value}")
-    return value
 
 
 __all__ = ["DEV_TLS_DIR", "SubmissionSettings"]

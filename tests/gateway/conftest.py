@@ -20,12 +20,12 @@ from gateway.app import create_app
 from gateway.server import create_runner
 from services.core.clock import ManualClock
 from services.core.runtime import RunningService
-from services.core.settings import Settings
 from services.domain.app import DomainApp
 from services.domain.app import build_app as build_domain
 from services.mail.app import build as build_mail
 from services.smtp.app import build_app as build_smtp
 from tests.conftest import Tenant, new_tenant
+from tests.support.settings import SuiteSettings
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class RestStack:
     """The running gateway and what it calls."""
 
     base_url: str
-    settings: Settings
+    settings: SuiteSettings
     domain: DomainApp
     smtp: RunningService
     mail: RunningService
@@ -41,7 +41,7 @@ class RestStack:
 
 @pytest.fixture(scope="session")
 async def rest_stack(
-    settings: Settings, clock: ManualClock, domain_app: DomainApp
+    settings: SuiteSettings, clock: ManualClock, domain_app: DomainApp
 ) -> AsyncIterator[RestStack]:
     """Start SMTP, mail, a domain service watching them, and the gateway in front."""
     # SMTP and mail resolve API keys through a domain service: the session one will do (same
@@ -112,7 +112,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def rest_tenant(settings: Settings) -> Tenant:
+def rest_tenant(settings: SuiteSettings) -> Tenant:
     """A fresh tenant for one test."""
     return new_tenant(settings)
 

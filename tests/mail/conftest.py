@@ -28,7 +28,6 @@ from azora.mail.v1 import mail_pb2, mail_pb2_grpc
 
 from services.core.clock import ManualClock
 from services.core.ids import new_id
-from services.core.settings import Settings
 from services.mail.app import RELAY_HEALTH_REFRESH, MailApp, build_app, make_worker
 from services.mail.delivery import DeliveryWorker
 from services.mail.relay_directory import InMemoryRelayDirectory, RelaySecurity, RelaySettings
@@ -36,6 +35,7 @@ from services.mail.relay_health import RelayHealthStore
 from services.mail.relay_lookup import DirectoryRelayLookup
 from services.mail.senders import SenderDomain, StaticSenderDirectory
 from tests.conftest import Tenant, make_settings, new_tenant, unique_domain
+from tests.support.settings import SuiteSettings
 
 # Backoff settings that make retry times easy to assert: 60 s doubling to 600 s, no jitter
 # unless a test asks, give up after one hour.
@@ -198,7 +198,7 @@ class LocalMail:
     app: MailApp
     stub: mail_pb2_grpc.MailServiceAsyncStub
     clock: ManualClock
-    settings: Settings
+    settings: SuiteSettings
     senders: StaticSenderDirectory
     relays: InMemoryRelayDirectory
     lookup: DirectoryRelayLookup
@@ -302,6 +302,6 @@ async def local_mail(ferretdb: str, domain_app: object) -> AsyncIterator[LocalMa
 
 
 @pytest.fixture
-def other_tenant(settings: Settings) -> Tenant:
+def other_tenant(settings: SuiteSettings) -> Tenant:
     """A second tenant, for isolation checks."""
     return new_tenant(settings)

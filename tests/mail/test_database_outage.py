@@ -10,7 +10,6 @@ time (counted by Message-ID at the relay).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import secrets
 from collections import Counter
@@ -92,7 +91,7 @@ async def outage_mail(
         **{**RETRY_ENV, "AZORA_MAIL_WORKER_CONCURRENCY": str(IN_FLIGHT)},
     )
     # Fail fast while the database is away, so the outage is felt by every delivery loop.
-    settings = dataclasses.replace(settings, mongodb_server_selection_timeout=1.0)
+    settings = settings.with_overrides(mongodb_server_selection_timeout=1.0)
     clock = ManualClock(START)
     senders = StaticSenderDirectory()
     relays = InMemoryRelayDirectory()

@@ -33,7 +33,6 @@ from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 
 from services.core.clock import ManualClock
 from services.core.runtime import Database
-from services.core.settings import Settings
 from services.domain.app import DomainApp
 from services.mail.app import MailApp, build_app, make_worker
 from services.mail.relay_lookup import smtp_service_relays
@@ -58,6 +57,7 @@ from tests.smtp.conftest import (  # noqa: F401 - fixtures used by this module
 )
 from tests.smtp.verifiers import dkimpy_verifies, opendkim_verdict, quoted
 from tests.support.dns_server import KnotServer
+from tests.support.settings import SuiteSettings
 from tests.support.smtp_relay import RecordingHandler, RunningRelay, start_relay
 
 E = mail_pb2
@@ -69,7 +69,7 @@ class EndToEnd:
 
     app: MailApp
     stub: mail_pb2_grpc.MailServiceAsyncStub
-    settings: Settings
+    settings: SuiteSettings
     tenant: Tenant
     domain: str
     relay: RunningRelay
@@ -264,7 +264,7 @@ async def test_two_workers_deliver_each_message_exactly_once(e2e: EndToEnd) -> N
     assert page.next_page_token
 
 
-def _worker_process(settings: Settings, worker_id: str) -> subprocess.Popen[bytes]:
+def _worker_process(settings: SuiteSettings, worker_id: str) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "AZORA_ENV": "test",

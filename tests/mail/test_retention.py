@@ -16,12 +16,12 @@ import grpc
 from azora.mail.v1 import mail_pb2
 from google.protobuf import timestamp_pb2
 
-from services.core.settings import Settings
 from services.mail.app import policy_from
 from services.mail.repository import CLAIMS, EMAILS, IDEMPOTENCY
 from tests.conftest import Tenant, make_settings
 from tests.mail.conftest import START, LocalMail, Script, ScriptedRelay
 from tests.support.grpc_errors import failure_of
+from tests.support.settings import SuiteSettings
 
 Start = Callable[[Script], "asyncio.Future[ScriptedRelay]"]
 E = mail_pb2
@@ -127,7 +127,7 @@ async def test_a_tenant_override_and_bounded_batches(
     worker = local_mail.worker(AZORA_MAIL_WORKER_CONCURRENCY="16")
     while await worker.run_once():
         pass
-    settings: Settings = make_settings(
+    settings: SuiteSettings = make_settings(
         local_mail.settings.mongodb_uri,
         local_mail.settings.mongodb_database,
         AZORA_RETENTION_TENANT_DAYS=f"{tenant.id}=2",

@@ -16,11 +16,11 @@ from services.core.clock import ManualClock
 from services.core.mongo import Document
 from services.core.runtime import watch_readiness
 from services.core.server import create_server
-from services.core.settings import Settings
 from services.domain.app import DOMAIN_SERVICE, DomainApp
 from services.domain.app import build_app as build_domain
 from tests.gateway.rest import call
 from tests.observability.conftest import serve_gateway
+from tests.support.settings import SuiteSettings
 
 HEALTH_REPORT = "type.googleapis.com/azora.health.v1.HealthReport"
 SERVING = int(health_pb2.HealthCheckResponse.SERVING)
@@ -37,7 +37,7 @@ class LonelyDomain:
 
 @pytest.fixture
 async def lonely(
-    settings: Settings, clock: ManualClock, closed_port: int
+    settings: SuiteSettings, clock: ManualClock, closed_port: int
 ) -> AsyncIterator[LonelyDomain]:
     dead = f"127.0.0.1:{closed_port}"
     app = await build_domain(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.core.settings import Settings, SettingsError
+from services.health.settings import HealthSettings
 
 
 # Each process reads its own metrics port variable; other names (tests) get no port at all.
@@ -19,7 +20,7 @@ def test_metrics_port_follows_the_process() -> None:
 
 # Peers must be name=URL; the OTLP endpoint is taken as given (empty = tracing off).
 def test_peers_and_endpoint() -> None:
-    settings = Settings.from_env(
+    settings = HealthSettings.from_env(
         {
             "AZORA_METRICS_PEERS": "smtp-service=http://127.0.0.1:9102/metrics",
             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
@@ -27,6 +28,6 @@ def test_peers_and_endpoint() -> None:
     )
     assert settings.metrics_peers == ("smtp-service=http://127.0.0.1:9102/metrics",)
     assert settings.otel_endpoint == "http://collector:4318"
-    assert Settings.from_env({}).otel_endpoint == ""
+    assert HealthSettings.from_env({}).otel_endpoint == ""
     with pytest.raises(SettingsError, match="AZORA_METRICS_PEERS"):
-        Settings.from_env({"AZORA_METRICS_PEERS": "127.0.0.1:9102"})
+        HealthSettings.from_env({"AZORA_METRICS_PEERS": "127.0.0.1:9102"})

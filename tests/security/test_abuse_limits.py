@@ -18,6 +18,7 @@ from services.core.settings import Settings, SettingsError
 from tests.conftest import new_tenant, unique_domain
 from tests.support.grpc_errors import RpcFailure, failure_of
 from tests.support.ratelimit_fixtures import LimitedServices, limited
+from tests.support.settings import SuiteSettings
 
 __all__ = ["limited"]
 
@@ -214,7 +215,7 @@ def test_limit_settings_are_validated(variable: str) -> None:
     # A limit that is not a positive number stops the process at start-up, naming the variable.
     for bad in ("lots", "0", "-5"):
         with pytest.raises(SettingsError, match=variable):
-            Settings.from_env({variable: bad})
+            SuiteSettings.from_env({variable: bad})
 
 
 def test_trusted_proxies_setting_is_validated() -> None:

@@ -7,7 +7,7 @@ through the REST gateway to each service (each authenticates on its own): expire
 another secret, tampered payload, unsigned (alg=none), another algorithm, garbage, a service
 subject signed with the user-token key, the tenant claim spelled `tenant_id`, malformed,
 unknown and revoked API keys; each is a 401 whose body does not echo the credentials.
-tests/integration/test_auth.py covers the same token kinds over gRPC on the domain service,
+tests/security/test_auth.py covers the same token kinds over gRPC on the domain service,
 API key scopes and the production rule that a request without credentials is refused.
 """
 

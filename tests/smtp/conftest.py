@@ -23,10 +23,10 @@ from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 from azora.smtp.v1 import smtp_pb2_grpc
 
 from services.core.clock import ManualClock
-from services.core.settings import Settings
 from services.domain.app import DomainApp
 from services.smtp.app import SmtpApp, build_app
 from tests.conftest import Tenant, unique_domain
+from tests.support.settings import SuiteSettings
 from tests.support.smtp_relay import RELAY_HOSTNAME as RELAY_HOSTNAME
 from tests.support.smtp_relay import Authenticator, StartRelay
 from tests.support.smtp_relay import authenticator as accept_only
@@ -64,7 +64,7 @@ def smtp_clock() -> ManualClock:
 
 
 @pytest.fixture(scope="session")
-def smtp_settings(settings: Settings, domain_app: DomainApp, ca_file: Path) -> Settings:
+def smtp_settings(settings: SuiteSettings, domain_app: DomainApp, ca_file: Path) -> SuiteSettings:
     """Settings of the SMTP service: the real domain service and the test CA."""
     return settings.with_overrides(
         domain_service_target=f"127.0.0.1:{domain_app.running.port}",
@@ -73,7 +73,7 @@ def smtp_settings(settings: Settings, domain_app: DomainApp, ca_file: Path) -> S
 
 
 @pytest.fixture(scope="session")
-async def smtp_app(smtp_settings: Settings, smtp_clock: ManualClock) -> AsyncIterator[SmtpApp]:
+async def smtp_app(smtp_settings: SuiteSettings, smtp_clock: ManualClock) -> AsyncIterator[SmtpApp]:
     """The SMTP service process's server, in-process on a free port."""
     app = await build_app(smtp_settings, clock=smtp_clock, bind="127.0.0.1:0", run_lifecycle=False)
     yield app

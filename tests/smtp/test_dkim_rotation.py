@@ -21,13 +21,13 @@ from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 from google.protobuf import duration_pb2
 
 from services.core.clock import ManualClock
-from services.core.settings import Settings
 from services.smtp.app import SmtpApp, build_app
 from tests.conftest import Tenant
 from tests.smtp.conftest import register
 from tests.smtp.verifiers import dkimpy_verifies, message, quoted, sign
 from tests.support.dns_server import KnotServer
 from tests.support.grpc_errors import failure_of
+from tests.support.settings import SuiteSettings
 
 if TYPE_CHECKING:
     from azora.domain.v1 import domain_pb2_grpc
@@ -49,7 +49,7 @@ class Rotation:
 
 
 @pytest.fixture(scope="module")
-async def rotation(smtp_settings: Settings) -> AsyncIterator[Rotation]:
+async def rotation(smtp_settings: SuiteSettings) -> AsyncIterator[Rotation]:
     """An SMTP service with its own database, clock, overlap and no domain cache."""
     clock = ManualClock(datetime(2027, 3, 1, 9, 0, tzinfo=UTC))
     settings = smtp_settings.with_overrides(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.core.settings import Settings, SettingsError
+from services.core.settings import SettingsError
+from services.smtp.settings import SmtpSettings
 
 PRODUCTION = {
     "AZORA_ENV": "production",
@@ -16,17 +17,19 @@ PRODUCTION = {
 
 def test_private_relays_are_allowed_outside_production_only() -> None:
     # Development and tests may use local relays; production refuses them unless told.
-    assert Settings.from_env({}).smtp_allow_private_hosts
-    assert Settings.from_env({"AZORA_ENV": "test"}).smtp_allow_private_hosts
-    assert not Settings.from_env(PRODUCTION).smtp_allow_private_hosts
-    allowed = Settings.from_env({**PRODUCTION, "AZORA_SMTP_ALLOW_PRIVATE_HOSTS": "true"})
+    assert SmtpSettings.from_env({}).smtp_allow_private_hosts
+    assert SmtpSettings.from_env({"AZORA_ENV": "test"}).smtp_allow_private_hosts
+    assert not SmtpSettings.from_env(PRODUCTION).smtp_allow_private_hosts
+    allowed = SmtpSettings.from_env({**PRODUCTION, "AZORA_SMTP_ALLOW_PRIVATE_HOSTS": "true"})
     assert allowed.smtp_allow_private_hosts
-    assert not Settings.from_env({"AZORA_SMTP_ALLOW_PRIVATE_HOSTS": "off"}).smtp_allow_private_hosts
+    assert not SmtpSettings.from_env(
+        {"AZORA_SMTP_ALLOW_PRIVATE_HOSTS": "off"}
+    ).smtp_allow_private_hosts
 
 
 def test_smtp_settings_are_read() -> None:
     # Every SMTP variable is read with its unit.
-    settings = Settings.from_env(
+    settings = SmtpSettings.from_env(
         {
             "AZORA_SMTP_CA_FILE": " /etc/ssl/relay-ca.pem ",
             "AZORA_DKIM_ROTATION_OVERLAP": "86400",
@@ -38,7 +41,7 @@ def test_smtp_settings_are_read() -> None:
     assert settings.dkim_rotation_overlap == 86400
     assert settings.dkim_check_interval == 120
     assert settings.domain_cache_ttl == 2.5
-    defaults = Settings.from_env({})
+    defaults = SmtpSettings.from_env({})
     assert defaults.dkim_rotation_overlap == 7 * 24 * 3600
     assert defaults.smtp_ca_file == ""
 
@@ -54,4 +57,4 @@ def test_smtp_settings_are_read() -> None:
 def test_malformed_values_stop_start_up(name: str, value: str) -> None:
     # A typo in a setting is a start-up error naming the variable.
     with pytest.raises(SettingsError, match=name):
-        Settings.from_env({name: value})
+        SmtpSettings.from_env({name: value})

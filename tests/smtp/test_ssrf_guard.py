@@ -18,12 +18,12 @@ from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 
 from services.core.clock import ManualClock
 from services.core.netguard import AddressPolicy, SystemHostResolver, classify
-from services.core.settings import Settings
 from services.smtp.app import build_app
 from tests.conftest import Tenant
 from tests.smtp.conftest import StartServer, register
 from tests.support.dns_server import KnotServer
 from tests.support.grpc_errors import failure_of
+from tests.support.settings import SuiteSettings
 
 if TYPE_CHECKING:
     from azora.domain.v1 import domain_pb2_grpc
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="module")
 async def guarded_stub(
-    smtp_settings: Settings, smtp_clock: ManualClock
+    smtp_settings: SuiteSettings, smtp_clock: ManualClock
 ) -> AsyncIterator[smtp_pb2_grpc.SmtpServiceAsyncStub]:
     """An SMTP service that refuses non-public relays."""
     app = await build_app(

@@ -25,7 +25,6 @@ from azora.iam.v1 import api_keys_pb2, api_keys_pb2_grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from services.core.settings import Settings
 from services.mail.app import MailApp
 from services.mail.app import build_app as build_mail_app
 from services.mail.relay_directory import InMemoryRelayDirectory, SigningKey
@@ -36,6 +35,7 @@ from services.submission.settings import SubmissionSettings
 from services.submission.tls import development_pair, server_context
 from tests.conftest import Tenant
 from tests.mail.conftest import LocalMail, local_mail, other_tenant  # noqa: F401 - fixtures
+from tests.support.settings import SuiteSettings
 
 SELECTOR = "sub1"
 
@@ -65,7 +65,7 @@ class Submission:
     relay: RecordingRelay
     cafile: Path
     public_key: bytes
-    settings: Settings
+    settings: SuiteSettings
 
     @property
     def port(self) -> int:
@@ -249,7 +249,7 @@ class RawClient:
         self.writer.transport.abort()
 
 
-async def mail_app_like(submission: Submission, settings: Settings) -> MailApp:
+async def mail_app_like(submission: Submission, settings: SuiteSettings) -> MailApp:
     """Another mail service (own settings) knowing the same sender domains and relays."""
     senders = StaticSenderDirectory(dict(submission.mail.senders.domains))
     relays = InMemoryRelayDirectory()
@@ -266,7 +266,7 @@ async def mail_app_like(submission: Submission, settings: Settings) -> MailApp:
 
 
 async def submission_in_front_of(
-    submission: Submission, mail: MailApp, settings: Settings, **overrides: Any
+    submission: Submission, mail: MailApp, settings: SuiteSettings, **overrides: Any
 ) -> SubmissionApp:
     """Another submission server (same certificate, `settings`) in front of `mail`."""
     return await build_app(

@@ -25,7 +25,6 @@ from azora.mail.v1 import mail_pb2
 from pymongo import AsyncMongoClient
 
 from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary
-from services.core.settings import Settings
 from services.mail.repository import EMAILS
 from services.submission import replies
 from services.submission.tls import development_pair
@@ -37,6 +36,7 @@ from tests.submission.conftest import (
     submission_in_front_of,
 )
 from tests.submission.test_refusals import message, stored_count
+from tests.support.settings import SuiteSettings
 
 E = mail_pb2
 
@@ -172,7 +172,7 @@ async def test_database_down_is_451_4_3_0_and_nothing_is_stored(
     from services.domain.app import DomainApp
 
     assert isinstance(domain_app, DomainApp)
-    settings: Settings = make_settings(
+    settings: SuiteSettings = make_settings(
         own_ferretdb.uri,
         f"azora_down_{secrets.token_hex(4)}",
         AZORA_DOMAIN_SERVICE_TARGET=f"127.0.0.1:{domain_app.running.port}",

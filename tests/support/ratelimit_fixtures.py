@@ -37,13 +37,13 @@ from gateway.server import create_runner
 from services.core.ids import new_id
 from services.core.ratelimit import RateLimiter
 from services.core.runtime import RunningService
-from services.core.settings import Settings
 from services.domain.app import build_app as build_domain
 from services.mail.app import build_app as build_mail
 from services.mail.relay_directory import InMemoryRelayDirectory, RelaySecurity, RelaySettings
 from services.mail.relay_lookup import DirectoryRelayLookup
 from services.mail.senders import SenderDomain, StaticSenderDirectory
 from tests.conftest import REPO_ROOT, Tenant, make_settings, unique_domain
+from tests.support.settings import SuiteSettings
 
 
 def limiter_of(running: RunningService) -> RateLimiter:
@@ -59,7 +59,7 @@ class LimitedDomain:
 
     running: RunningService
     stub: domain_pb2_grpc.DomainServiceAsyncStub
-    settings: Settings
+    settings: SuiteSettings
 
     @property
     def limiter(self) -> RateLimiter:
@@ -73,7 +73,7 @@ class LimitedMail:
 
     running: RunningService
     stub: mail_pb2_grpc.MailServiceAsyncStub
-    settings: Settings
+    settings: SuiteSettings
     senders: StaticSenderDirectory
     relays: InMemoryRelayDirectory
 
@@ -114,7 +114,7 @@ class LimitedServices:
     runners: list[web.AppRunner] = field(default_factory=list)
     databases: set[str] = field(default_factory=set)
 
-    def settings(self, database: str | None = None, **env: str) -> Settings:
+    def settings(self, database: str | None = None, **env: str) -> SuiteSettings:
         """Test settings on `database` (a fresh one by default) with `env` on top."""
         database = database or f"azora_limits_{secrets.token_hex(4)}"
         self.databases.add(database)
@@ -125,14 +125,14 @@ class LimitedServices:
         self.channels.append(channel)
         return channel
 
-    async def domain(self, settings: Settings) -> LimitedDomain:
+    async def domain(self, settings: SuiteSettings) -> LimitedDomain:
         """A domain service (it also owns API keys) with `settings`."""
         app = await build_domain(settings, bind="127.0.0.1:0", run_lifecycle=False)
         self.services.append(app.running)
         stub = domain_pb2_grpc.DomainServiceStub(self._channel(app.running.port))
         return LimitedDomain(app.running, stub, settings)
 
-    async def mail(self, settings: Settings) -> LimitedMail:
+    async def mail(self, settings: SuiteSettings) -> LimitedMail:
         """A mail service with in-memory sender domains and relays, without workers."""
         senders = StaticSenderDirectory()
         relays = InMemoryRelayDirectory()
@@ -147,7 +147,9 @@ class LimitedServices:
         stub = mail_pb2_grpc.MailServiceStub(self._channel(app.running.port))
         return LimitedMail(app.running, stub, settings, senders, relays)
 
-    async def gateway(self, settings: Settings, upstreams: dict[str, int], **config: Any) -> str:
+    async def gateway(
+        self, settings: SuiteSettings, upstreams: dict[str, int], **config: Any
+    ) -> str:
         """A local REST gateway (service full name -> port); returns its base URL."""
         targets = {service: f"127.0.0.1:{port}" for service, port in upstreams.items()}
         app = await create_app(
@@ -243,7 +245,7 @@ def service_processes(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]
     """Start domain service processes with an environment on top of the test settings'."""
     started: list[ServiceProcess] = []
 
-    def start(settings: Settings, **env: str) -> ServiceProcess:
+    def start(settings: SuiteSettings, **env: str) -> ServiceProcess:
         port, metrics_port = _free_port(), _free_port()
         log = tmp_path / f"domain-{len(started)}.log"
         environment = {

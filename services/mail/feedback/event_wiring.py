@@ -23,13 +23,13 @@ from services.core.clock import Clock, SystemClock
 from services.core.mongo import Document
 from services.core.runtime import Database, run_periodically
 from services.core.server import ServiceServer
-from services.core.settings import Settings
 from services.mail.feedback import event_log, event_store, suppression_store
 from services.mail.feedback.event_log import EventPublisher
 from services.mail.feedback.event_service import EventServicer
 from services.mail.feedback.event_store import EventStore
 from services.mail.feedback.suppression_service import SuppressionServicer
 from services.mail.feedback.suppression_store import SuppressionList
+from services.mail.settings import MailSettings
 
 EVENT_SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name
 SUPPRESSION_SERVICE = suppressions_pb2.DESCRIPTOR.services_by_name["SuppressionService"].full_name
@@ -39,7 +39,9 @@ FEEDBACK_INDEXES = (*event_log.INDEXES, *event_store.INDEXES, *suppression_store
 SWEEP_INTERVAL = 300.0
 
 
-def event_store_from(settings: Settings, db: AsyncDatabase[Document], clock: Clock) -> EventStore:
+def event_store_from(
+    settings: MailSettings, db: AsyncDatabase[Document], clock: Clock
+) -> EventStore:
     """The events API's store, configured from settings."""
     return EventStore(
         db,
@@ -51,7 +53,7 @@ def event_store_from(settings: Settings, db: AsyncDatabase[Document], clock: Clo
 
 
 def suppression_list_from(
-    settings: Settings, db: AsyncDatabase[Document], clock: Clock
+    settings: MailSettings, db: AsyncDatabase[Document], clock: Clock
 ) -> SuppressionList:
     """The suppression lists, configured from settings."""
     return SuppressionList(
@@ -72,7 +74,7 @@ def start_with_feedback(
     """
 
     async def started(**kwargs: Any) -> ServiceServer:
-        settings: Settings = kwargs["settings"]
+        settings: MailSettings = kwargs["settings"]
         database: Database = kwargs["database"]
         now = clock or SystemClock()
         db = database.db

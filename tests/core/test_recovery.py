@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import json
 import os
@@ -74,7 +73,7 @@ async def serving_server() -> ServiceServer:
 async def test_a_wedged_client_makes_the_process_exit_for_a_restart(ferretdb: str) -> None:
     # Our client fails every operation (here: closed) while the database answers a new one:
     # NOT_SERVING first, then the watchdog asks the process to exit with its own status.
-    settings = dataclasses.replace(make_settings(ferretdb, "azora_watchdog"), database_watchdog=0.3)
+    settings = make_settings(ferretdb, "azora_watchdog").with_overrides(database_watchdog=0.3)
     watch = DatabaseWatch.from_settings(settings)
     assert watch is not None
     watch, answers = counted(watch)
@@ -98,8 +97,7 @@ async def test_a_database_that_is_down_is_not_a_wedged_client() -> None:
     # Nobody reaches the database: a restart would not help, so the process stays (NOT_SERVING)
     # and asks again a period later.
     uri = f"mongodb://127.0.0.1:{ports.closed_port()}/"
-    settings = dataclasses.replace(
-        make_settings(uri, "azora_watchdog"),
+    settings = make_settings(uri, "azora_watchdog").with_overrides(
         database_watchdog=0.2,
         mongodb_server_selection_timeout=0.2,
     )

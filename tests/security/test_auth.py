@@ -19,11 +19,11 @@ from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 
 from services.core.auth import issue_jwt
 from services.core.runtime import RunningService
-from services.core.settings import Settings
 from services.domain.app import DomainApp, build_app
 from services.smtp.app import build as build_smtp
 from tests.conftest import TEST_JWT_SECRET, Tenant, make_settings, new_tenant
 from tests.support.grpc_errors import failure_of
+from tests.support.settings import SuiteSettings
 
 if TYPE_CHECKING:
     Stub = domain_pb2_grpc.DomainServiceAsyncStub
@@ -104,7 +104,9 @@ async def test_malformed_authorization_header(domains_stub: Stub) -> None:
         assert failure.code == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_wrong_scope_is_permission_denied(domains_stub: Stub, settings: Settings) -> None:
+async def test_wrong_scope_is_permission_denied(
+    domains_stub: Stub, settings: SuiteSettings
+) -> None:
     # A read-only token can list but not create; the error names the missing scope.
     reader = new_tenant(settings, frozenset({"domains:read"}))
     await list_with(domains_stub, reader.metadata)
@@ -178,7 +180,7 @@ async def test_unknown_and_malformed_api_keys(domains_stub: Stub) -> None:
 
 
 async def test_api_keys_cannot_escalate_scopes(
-    api_keys_stub: api_keys_pb2_grpc.ApiKeyServiceAsyncStub, settings: Settings
+    api_keys_stub: api_keys_pb2_grpc.ApiKeyServiceAsyncStub, settings: SuiteSettings
 ) -> None:
     # A principal cannot mint a key with scopes it does not hold, or with unknown scopes.
     manager = new_tenant(settings, frozenset({"api_keys:manage", "domains:read"}))
@@ -200,7 +202,7 @@ async def test_api_keys_cannot_escalate_scopes(
 
 
 async def test_api_keys_of_another_tenant_are_not_found(
-    api_keys_stub: api_keys_pb2_grpc.ApiKeyServiceAsyncStub, tenant: Tenant, settings: Settings
+    api_keys_stub: api_keys_pb2_grpc.ApiKeyServiceAsyncStub, tenant: Tenant, settings: SuiteSettings
 ) -> None:
     # Revoking another tenant's key is NOT_FOUND, and its keys are not listed.
     created = await api_keys_stub.CreateApiKey(
@@ -220,7 +222,9 @@ async def test_api_keys_of_another_tenant_are_not_found(
 
 
 @pytest.fixture(scope="module")
-async def smtp_service(settings: Settings, domain_app: DomainApp) -> AsyncIterator[RunningService]:
+async def smtp_service(
+    settings: SuiteSettings, domain_app: DomainApp
+) -> AsyncIterator[RunningService]:
     """The SMTP service process, resolving API keys through the domain service over gRPC."""
     smtp_settings = settings.with_overrides(
         domain_service_target=f"127.0.0.1:{domain_app.running.port}", api_key_cache_ttl=0.0

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from services.core.runtime import RunningService
-from services.core.settings import Settings
 from services.domain.app import DomainApp
 from services.mail.app import build as build_mail
 from services.smtp.app import build as build_smtp
+from tests.support.settings import SuiteSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ async def grpcurl(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-async def peers(settings: Settings) -> AsyncIterator[dict[str, RunningService]]:
+async def peers(settings: SuiteSettings) -> AsyncIterator[dict[str, RunningService]]:
     """The SMTP and mail service processes (in-process servers on free ports)."""
     smtp = await build_smtp(settings, bind="127.0.0.1:0")
     mail = await build_mail(settings, bind="127.0.0.1:0")

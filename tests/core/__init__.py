@@ -1,0 +1,1 @@
+"""Tests of the shared runtime in services/core/: settings, cache, server runtime, embedded DB."""

@@ -1,1 +1,0 @@
-"""Integration tests that run against real local servers."""
