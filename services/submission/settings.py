@@ -43,15 +43,15 @@ class SubmissionSettings:
     idle_timeout: float = 300.0
     session_timeout: float = 1800.0
     max_bad_commands: int = 10
-    # Wrong credentials per client address within `auth_failure_window`: from the
+    # Wrong credentials per client address within a window of `auth_failure_window` (fixed
+    # windows aligned to the clock, as every rate limit of the suite): from the
     # `auth_failures_before_delay`-th on, each answer is held back `auth_failure_delay` s per
     # failure past that (at most 10 s); at `auth_failures_before_block` the address is refused
-    # (connections and AUTH) for `auth_block_seconds`.
+    # (connections and AUTH) until the window ends.
     auth_failure_window: float = 600.0
     auth_failures_before_delay: int = 3
     auth_failure_delay: float = 1.0
     auth_failures_before_block: int = 10
-    auth_block_seconds: float = 900.0
     # How long transactions in progress may finish after SIGTERM before the rest get 421.
     shutdown_grace: float = 30.0
     # Deadline of the mail service call that stores a message (then 451 4.3.0).
@@ -111,9 +111,6 @@ class SubmissionSettings:
                 defaults.auth_failures_before_block,
                 minimum=1,
             ),
-            auth_block_seconds=reader.number(
-                "AZORA_SUBMISSION_AUTH_BLOCK_SECONDS", defaults.auth_block_seconds
-            ),
             shutdown_grace=reader.number(
                 "AZORA_SUBMISSION_SHUTDOWN_GRACE", defaults.shutdown_grace
             ),
@@ -121,6 +118,13 @@ class SubmissionSettings:
                 "AZORA_SUBMISSION_SUBMIT_TIMEOUT", defaults.submit_timeout
             ),
         )
+        if "AZORA_SUBMISSION_AUTH_BLOCK_SECONDS" in env:
+            # Said rather than ignored: a block length of its own no longer exists.
+            reader.errors.append(
+                "AZORA_SUBMISSION_AUTH_BLOCK_SECONDS is gone: an address that failed "
+                "authentication AZORA_SUBMISSION_AUTH_FAILURES_BEFORE_BLOCK times is refused "
+                "until the AZORA_SUBMISSION_AUTH_FAILURE_WINDOW window ends"
+            )
         reader.raise_if_errors()
         if bool(settings.cert_file) != bool(settings.key_file):
             raise SettingsError(

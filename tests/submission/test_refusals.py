@@ -227,8 +227,11 @@ async def test_failed_auth_is_refused_then_the_address_is_blocked(
     start_submission: Callable[..., Any],
 ) -> None:
     # Three wrong keys from one address: the third ends the session with 421, and new
-    # connections from that address are refused until the block expires.
-    submission: Submission = await start_submission(auth_failures_before_block=3)
+    # connections from that address are refused until the window ends (a window of a year,
+    # so that the three failures cannot straddle two windows).
+    submission: Submission = await start_submission(
+        auth_failures_before_block=3, auth_failure_window=365 * 86400.0
+    )
     client = await RawClient.connect(submission.tls_port, submission.client_context())
     try:
         assert await client.login("azk_wrong1") == replies.AUTH_INVALID
