@@ -73,6 +73,9 @@ def test_development_pair_is_generated_once_and_loads(tmp_path: Path) -> None:
         (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RECIPIENT", {}, "550 5.1.3 boom"),
         (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SENDER", {}, "550 5.1.7 boom"),
         (grpc.StatusCode.INVALID_ARGUMENT, "MESSAGE_MALFORMED", {}, "550 5.6.0 boom"),
+        # The mail service's request fields are said as the SMTP commands the client sent.
+        (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SENDER", {}, "550 5.1.7 MAIL FROM: boom"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RECIPIENT", {}, "550 5.1.3 RCPT TO: boom"),
         (
             grpc.StatusCode.FAILED_PRECONDITION,
             "SENDER_DOMAIN_NOT_ACTIVE",
@@ -93,7 +96,12 @@ def test_development_pair_is_generated_once_and_loads(tmp_path: Path) -> None:
 def test_reply_table(
     code: grpc.StatusCode, reason: str, metadata: dict[str, str], expected: str
 ) -> None:
-    failure = replies.Failure(code, "boom\r\nRCPT TO:<injected>", reason, metadata)
+    text = "boom"
+    if expected.endswith("MAIL FROM: boom"):
+        text = "envelopeFrom: boom"
+    elif expected.endswith("RCPT TO: boom"):
+        text = "envelopeTo[3]: boom"
+    failure = replies.Failure(code, f"{text}\r\nRCPT TO:<injected>", reason, metadata)
     reply = replies.for_failure(failure)
     # The service's message is flattened to one line: a reply never carries a line break.
     assert reply.replace(" RCPT TO:<injected>", "") == expected
