@@ -501,6 +501,7 @@ async def test_refusals_of_the_abuse_limits_are_logged_with_the_address(
 ) -> None:
     # Each abuse refusal leaves a log line naming the client address (and no credentials).
     submission: Submission = await start_submission(max_connections_per_ip=1, max_bad_commands=1)
+    chatty: Submission = await start_submission(max_commands_before_auth=1, idle_timeout=0.3)
     with caplog.at_level(logging.INFO):
         first = await RawClient.connect(submission.port)
         try:
@@ -512,9 +513,22 @@ async def test_refusals_of_the_abuse_limits_are_logged_with_the_address(
             assert await first.reply() == replies.TOO_MANY_BAD_COMMANDS
         finally:
             await first.close()
+        talker = await RawClient.connect(chatty.port)
+        idler = await RawClient.connect(chatty.port)
+        try:
+            assert (await talker.reply()).startswith("220 ")
+            assert await talker.command("NOOP") == "250 2.0.0 OK"
+            assert await talker.command("NOOP") == replies.TOO_MANY_COMMANDS
+            assert (await idler.reply()).startswith("220 ")
+            assert await idler.reply() == replies.IDLE_TIMEOUT
+        finally:
+            await talker.close()
+            await idler.close()
     logged = {r.getMessage(): getattr(r, "fields", {}) for r in caplog.records}
     for what in (
         "connection refused: too many connections from the address",
         "too many bad commands",
+        "too many commands before authentication",
+        "idle timeout",
     ):
         assert logged[what]["client"] == "127.0.0.1", logged
