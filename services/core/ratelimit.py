@@ -150,6 +150,9 @@ class SharedCounters:
         start = budget.window_start(now_ms)
         window = self._windows.get((budget.name, start))
         if window is None:
+            # A new window: forget those that ended (also where no sync runs, which would).
+            for key in [k for k, w in self._windows.items() if w.end_ms <= now_ms]:
+                del self._windows[key]
             window = self._windows[(budget.name, start)] = _Window(end_ms=start + budget.window_ms)
         return window
 

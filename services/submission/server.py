@@ -85,7 +85,7 @@ class ClientLimits:
 
     def __init__(self, settings: SubmissionSettings, *, failed_auth: RateLimiter) -> None:
         self._settings = settings
-        self._failed_auth = failed_auth
+        self.failed_auth = failed_auth
         self.connections: dict[str, int] = {}
         self.sessions: set[SubmissionSMTP] = set()
         self.draining = False
@@ -129,14 +129,14 @@ class ClientLimits:
     def blocked(self, address: str) -> bool:
         """Whether the address is refused for failing authentication too often."""
         try:
-            self._failed_auth.check_failed_authentications(address)
+            self.failed_auth.check_failed_authentications(address)
         except RateLimitExceeded:
             return True
         return False
 
     def auth_failed(self, address: str) -> float:
         """Record a wrong credential; return how long to hold the answer back (seconds)."""
-        count = self._failed_auth.record_failed_authentication(address)
+        count = self.failed_auth.record_failed_authentication(address)
         past = count - self._settings.auth_failures_before_delay + 1
         return min(max(past, 0) * self._settings.auth_failure_delay, _MAX_AUTH_DELAY)
 

@@ -290,3 +290,19 @@ def test_the_removed_block_length_setting_is_refused_not_ignored() -> None:
         SubmissionSettings.from_env(
             {"AZORA_SUBMISSION_AUTH_BLOCK_SECONDS": "900"}, Settings.from_env({})
         )
+
+
+def test_failed_auth_counts_of_ended_windows_are_forgotten() -> None:
+    # The submission server runs no sync of its counts (they stay in the process): the windows
+    # that ended must still go, or a long-running server keeps every address it ever counted.
+    now = [0.0]
+    limits = ClientLimits.from_settings(
+        SubmissionSettings(auth_failures_before_block=100, auth_failure_window=10.0),
+        clock=lambda: now[0],
+    )
+    for window in range(50):
+        now[0] = window * 10.0
+        for host in range(20):
+            limits.auth_failed(f"192.0.2.{host}")
+    counters = limits.failed_auth.counters
+    assert len(counters._windows) == 1  # what is kept is the point here
