@@ -150,6 +150,9 @@ class SharedCounters:
         start = budget.window_start(now_ms)
         window = self._windows.get((budget.name, start))
         if window is None:
+            # A new window: forget those that ended (also where no sync runs, which would).
+            for key in [k for k, w in self._windows.items() if w.end_ms <= now_ms]:
+                del self._windows[key]
             window = self._windows[(budget.name, start)] = _Window(end_ms=start + budget.window_ms)
         return window
 
@@ -559,6 +562,43 @@ class RateLimiter:
             )
         return cls(policy, counters, blocks)
 
+    @classmethod
+    def for_failed_authentications(
+        cls, *, limit: int, window_ms: int, clock: Callable[[], float] = time.time
+    ) -> RateLimiter:
+        """A limiter of failed authentications alone, counted in this process.
+
+        For a front door that is not a gRPC service (the SMTP submission server): the requests
+        it passes on meet the request budgets and quotas of the service behind it, so here only
+        wrong credentials per client address are counted, with limits of its own.
+
+        Args:
+            limit: failures per client address and window; the address is refused from there
+                until the window ends.
+            window_ms: window length in milliseconds (fixed windows aligned to the epoch).
+            clock: wall-clock seconds.
+        """
+
+        def unlimited(name: str) -> Budget:
+            return Budget(name, 0, HOUR_MS, reason="", what="")
+
+        policy = RateLimitPolicy(
+            api=unlimited("api"),
+            send=unlimited("send"),
+            hourly=unlimited("quota-hour"),
+            daily=unlimited("quota-day"),
+            trusted_proxies=(),
+            auth_failures=Budget(
+                "auth-fail",
+                limit,
+                window_ms,
+                reason="TOO_MANY_FAILED_AUTHENTICATIONS",
+                what="failed authentications",
+            ),
+        )
+        counters = SharedCounters(None, policy.budgets, sync_interval=60.0, clock=clock)
+        return cls(policy, counters)
+
     async def run(self) -> None:
         """Share counts (and sweep ended windows' counts and blocks) until cancelled."""
         await self.counters.run(extra_sweep=self._sweep_blocks)
@@ -707,11 +747,19 @@ class RateLimiter:
         if used >= budget.limit:
             raise self._refusal(budget, "ip", now)
 
-    def record_failed_authentication(self, ip: str | None) -> None:
-        """Count a failed authentication of a client address."""
+    def record_failed_authentication(self, ip: str | None) -> int:
+        """Count a failed authentication of a client address.
+
+        Returns:
+            The address's failures in the current window, this one included (0 when not
+            counted), for callers that slow down repeated failures.
+        """
         budget = self.policy.auth_failures
-        if ip is not None and budget.limit:
-            self.counters.add(budget, f"ip:{ip}", self.counters.now_ms())
+        if ip is None or not budget.limit:
+            return 0
+        now = self.counters.now_ms()
+        self.counters.add(budget, f"ip:{ip}", now)
+        return self.counters.total(budget, f"ip:{ip}", now)[0]
 
     def record_send(self, principal: Principal, emails: int = 1) -> None:
         """Count accepted emails against the tenant's hourly and daily quotas."""

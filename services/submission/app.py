@@ -117,7 +117,7 @@ async def build_app(
         mail = GrpcMailSubmitter(mail_channel, timeout=submission.submit_timeout)
     context = context or tls_context(submission)
     loop = asyncio.get_running_loop()
-    limits = ClientLimits(submission, clock=loop.time)
+    limits = ClientLimits.from_settings(submission)
     handler = SubmissionHandler(mail=mail, max_recipients=settings.mail_max_recipients)
 
     def factory(implicit_tls: bool) -> SubmissionSMTP:

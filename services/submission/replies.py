@@ -22,6 +22,7 @@ service's answer to SubmitMessage decides the final reply to DATA:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import grpc
@@ -122,8 +123,14 @@ def decode(error: grpc.aio.AioRpcError) -> Failure:
     return failure
 
 
-# SubmitMessageRequest.raw_message as the mail service names it in errors (JSON spelling).
+# SubmitMessageRequest's fields as the mail service names them in errors (JSON spelling), and
+# what the SMTP client sent them as: the message after DATA (said without a name: the reply is
+# to DATA), the envelope sender and recipients.
 _RAW_MESSAGE_FIELD = "rawMessage"
+_ENVELOPE_FIELDS = (
+    (re.compile(r"^envelopeFrom: "), "MAIL FROM: "),
+    (re.compile(r"^envelopeTo\[\d+\]: "), "RCPT TO: "),
+)
 _INVALID = {
     "MESSAGE_TOO_LARGE": "552 5.3.4",
     "TOO_MANY_RECIPIENTS": "550 5.5.3",
@@ -140,6 +147,8 @@ def for_failure(failure: Failure) -> str:
         # "rawMessage: " names SubmitMessage's field, which an SMTP client never sent: the
         # message is what it sent after DATA, so the reply says only what is wrong with it.
         text = text.removeprefix(f"{_RAW_MESSAGE_FIELD}: ")
+        for field_name, command in _ENVELOPE_FIELDS:
+            text = field_name.sub(command, text)
         return f"{_INVALID.get(failure.reason, '550 5.6.0')} {text}"
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         domain = failure.metadata.get("domain", "")

@@ -8,16 +8,18 @@ once the mail service has answered, i.e. the email is stored; any failure to get
 451 4.3.0, so the client keeps the message and retries.
 
 Abuse limits are per client address (`ClientLimits`): concurrent connections, wrong credentials
-(slowed down, then refused for a while), commands before AUTH, bad commands, idle and total
-session time. Every refusal is logged with the client address, never with credentials.
+(counted by the suite's rate limiter: slowed down, then refused until the window ends),
+commands before AUTH, bad commands, idle and total session time. Every refusal is logged with
+the client address, never with credentials.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from base64 import b64decode
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,6 +30,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from services.core.auth import API_KEY_PREFIX, ApiKeyResolver
 from services.core.context import Principal
 from services.core.errors import Unavailable
+from services.core.ratelimit import RateLimiter, RateLimitExceeded
 from services.submission import replies
 from services.submission.settings import SubmissionSettings
 
@@ -71,18 +74,35 @@ class MailSubmitter(Protocol):
 
 
 class ClientLimits:
-    """Per-client-address bookkeeping shared by every session of the process."""
+    """Per-client-address bookkeeping shared by every session of the process.
 
-    def __init__(self, settings: SubmissionSettings, *, clock: Callable[[], float]) -> None:
+    Wrong credentials are counted by the suite's rate limiter (`services.core.ratelimit`, the
+    same failed-authentication budget the gRPC services apply), here with the submission
+    server's own limits: from the `auth_failures_before_delay`-th failure within a window on,
+    answers are held back; at `auth_failures_before_block` the address is refused until the
+    window ends.
+    """
+
+    def __init__(self, settings: SubmissionSettings, *, failed_auth: RateLimiter) -> None:
         self._settings = settings
-        self._clock = clock
+        self.failed_auth = failed_auth
         self.connections: dict[str, int] = {}
-        self._failures: dict[str, deque[float]] = {}
-        self._blocked_until: dict[str, float] = {}
         self.sessions: set[SubmissionSMTP] = set()
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
+
+    @classmethod
+    def from_settings(
+        cls, settings: SubmissionSettings, *, clock: Callable[[], float] = time.time
+    ) -> ClientLimits:
+        """Limits with a failed-authentication budget of this process, from `settings`."""
+        limiter = RateLimiter.for_failed_authentications(
+            limit=settings.auth_failures_before_block,
+            window_ms=max(1, round(settings.auth_failure_window * 1000)),
+            clock=clock,
+        )
+        return cls(settings, failed_auth=limiter)
 
     def connect(self, session: SubmissionSMTP, address: str) -> bool:
         """Count a new connection; False if the address has too many already."""
@@ -108,29 +128,15 @@ class ClientLimits:
 
     def blocked(self, address: str) -> bool:
         """Whether the address is refused for failing authentication too often."""
-        until = self._blocked_until.get(address)
-        if until is None:
-            return False
-        if until <= self._clock():
-            del self._blocked_until[address]
-            return False
-        return True
+        try:
+            self.failed_auth.check_failed_authentications(address)
+        except RateLimitExceeded:
+            return True
+        return False
 
     def auth_failed(self, address: str) -> float:
         """Record a wrong credential; return how long to hold the answer back (seconds)."""
-        now = self._clock()
-        window = self._settings.auth_failure_window
-        failures = self._failures.setdefault(address, deque())
-        failures.append(now)
-        while failures and failures[0] <= now - window:
-            failures.popleft()
-        if len(self._failures) > 100_000:  # bounded memory under a spray of addresses
-            for key in [k for k, v in self._failures.items() if not v or v[-1] <= now - window]:
-                del self._failures[key]
-        count = len(failures)
-        if count >= self._settings.auth_failures_before_block:
-            self._blocked_until[address] = now + self._settings.auth_block_seconds
-            failures.clear()
+        count = self.failed_auth.record_failed_authentication(address)
         past = count - self._settings.auth_failures_before_delay + 1
         return min(max(past, 0) * self._settings.auth_failure_delay, _MAX_AUTH_DELAY)
 

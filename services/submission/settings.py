@@ -97,7 +97,8 @@ class SubmissionSettings(SettingsModel):
     # Wrong credentials per client address within `auth_failure_window`: from the
     # `auth_failures_before_delay`-th on, each answer is held back `auth_failure_delay` s per
     # failure past that (at most 10 s); at `auth_failures_before_block` the address is refused
-    # (connections and AUTH) for `auth_block_seconds`.
+    # (connections and AUTH) until the window ends (fixed windows aligned to the clock, as
+    # every rate limit of the suite).
     auth_failure_window: Seconds = setting(
         600.0,
         "AZORA_SUBMISSION_AUTH_FAILURE_WINDOW",
@@ -120,9 +121,6 @@ class SubmissionSettings(SettingsModel):
         "wrong credentials after which the address is refused (connections and AUTH)",
         ge=1,
     )
-    auth_block_seconds: Seconds = setting(
-        900.0, "AZORA_SUBMISSION_AUTH_BLOCK_SECONDS", "seconds such an address stays refused"
-    )
     shutdown_grace: Seconds = setting(
         30.0,
         "AZORA_SUBMISSION_SHUTDOWN_GRACE",
@@ -142,6 +140,13 @@ class SubmissionSettings(SettingsModel):
             SettingsError: a value is malformed, or production lacks its certificate and key.
         """
         production = base.is_production
+        if "AZORA_SUBMISSION_AUTH_BLOCK_SECONDS" in env:
+            # Said rather than ignored: a block length of its own no longer exists.
+            raise SettingsError(
+                "AZORA_SUBMISSION_AUTH_BLOCK_SECONDS is gone: an address that failed "
+                "authentication AZORA_SUBMISSION_AUTH_FAILURES_BEFORE_BLOCK times is refused "
+                "until the AZORA_SUBMISSION_AUTH_FAILURE_WINDOW window ends"
+            )
         values = cls.values_from_env(env, production=production)
         values.setdefault("host", base.host)
         values.setdefault("hostname", socket.getfqdn())

@@ -2,70 +2,24 @@
 
 Accepted by SendEmail; delivered in an SMTPUTF8 transaction when the relay offers SMTPUTF8;
 failed at once with the reason recorded when it does not (never sent 8-bit anyway, never
-retried for nothing). The relays are aiosmtpd servers with and without SMTPUTF8.
+retried for nothing). The relays are the suite's aiosmtpd ones (tests/support/smtp_relay.py),
+with and without SMTPUTF8.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from email import policy
 from typing import Any
 
 import idna
-import pytest
-from aiosmtpd.smtp import SMTP, Envelope, Session
 from azora.mail.v1 import mail_pb2
 
 from tests.conftest import Tenant
 from tests.mail.conftest import LocalMail
+from tests.support.smtp_relay import StartRelay
 
 E = mail_pb2
-
-
-@dataclass
-class Recorder:
-    """An aiosmtpd handler that keeps every envelope it accepts."""
-
-    envelopes: list[Envelope] = field(default_factory=list)
-
-    async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
-        self, server: SMTP, session: Session, envelope: Envelope
-    ) -> str:
-        self.envelopes.append(envelope)
-        return "250 2.0.0 OK"
-
-
-@dataclass
-class Relay:
-    port: int
-    handler: Recorder
-
-
-StartRelay = Callable[[bool], Awaitable[Relay]]
-
-
-@pytest.fixture
-async def aiosmtpd_relay() -> AsyncIterator[StartRelay]:
-    """Start aiosmtpd relays on loopback, with or without SMTPUTF8; closed afterwards."""
-    servers: list[asyncio.Server] = []
-
-    async def start(smtputf8: bool) -> Relay:
-        handler = Recorder()
-
-        def factory() -> SMTP:
-            return SMTP(handler, hostname="relay.test", enable_SMTPUTF8=smtputf8)
-
-        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-        servers.append(server)
-        return Relay(server.sockets[0].getsockname()[1], handler)
-
-    yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
 
 
 async def send(mail: LocalMail, tenant: Tenant, name: str, **fields: Any) -> str:
@@ -83,9 +37,9 @@ async def send(mail: LocalMail, tenant: Tenant, name: str, **fields: Any) -> str
 
 
 async def test_delivered_with_smtputf8_when_the_relay_offers_it(
-    local_mail: LocalMail, tenant: Tenant, aiosmtpd_relay: StartRelay
+    local_mail: LocalMail, tenant: Tenant, start_smtp_relay: StartRelay
 ) -> None:
-    relay = await aiosmtpd_relay(True)
+    relay = await start_smtp_relay(smtputf8=True)
     _, name = local_mail.add_domain(tenant, port=relay.port, name="bücher-utf8.example")
     a_label = idna.encode(name, uts46=True).decode()
     email_id = await send(local_mail, tenant, name)
@@ -97,30 +51,29 @@ async def test_delivered_with_smtputf8_when_the_relay_offers_it(
     assert await local_mail.worker().run_once() == 1
     got = await local_mail.get(tenant, email_id)
     assert got.status == E.EMAIL_STATUS_SENT, [e.detail for e in got.events]
-    (envelope,) = relay.handler.envelopes
-    assert "SMTPUTF8" in envelope.mail_options
+    (envelope,) = relay.envelopes
+    assert envelope.smtp_utf8
     assert envelope.mail_from == f"équipe@{a_label}"
     assert envelope.rcpt_tos == ["josé@xn--exmple-cua.com", "plain@example.org"]
     # Headers as UTF-8 (RFC 6532), addresses as they travel in the envelope.
-    assert envelope.original_content is not None
-    headers = envelope.original_content.split(b"\r\n\r\n", 1)[0].decode()
+    headers = envelope.content.split(b"\r\n\r\n", 1)[0].decode()
     assert 'To: "José Müller" <josé@xn--exmple-cua.com>, plain@example.org' in headers
     assert f'From: "Équipe" <équipe@{a_label}>' in headers
-    message = email.message_from_bytes(envelope.original_content, policy=policy.SMTPUTF8)
+    message = email.message_from_bytes(envelope.content, policy=policy.SMTPUTF8)
     assert message["Subject"] == "Grüße"
 
 
 async def test_failed_with_the_reason_when_the_relay_lacks_smtputf8(
-    local_mail: LocalMail, tenant: Tenant, aiosmtpd_relay: StartRelay
+    local_mail: LocalMail, tenant: Tenant, start_smtp_relay: StartRelay
 ) -> None:
-    relay = await aiosmtpd_relay(False)
+    relay = await start_smtp_relay()
     _, name = local_mail.add_domain(tenant, port=relay.port)
     email_id = await send(local_mail, tenant, name, from_address=f"team@{name}")
     assert await local_mail.worker().run_once() == 1
     got = await local_mail.get(tenant, email_id)
     assert got.status == E.EMAIL_STATUS_FAILED, got
     assert not got.HasField("next_attempt_time")
-    assert relay.handler.envelopes == []
+    assert relay.envelopes == []
     assert {r.status for r in got.recipients} == {E.RECIPIENT_STATUS_FAILED}
     failed = [e for e in got.events if e.type == E.EVENT_TYPE_FAILED]
     assert len(failed) == 2
@@ -132,10 +85,10 @@ async def test_failed_with_the_reason_when_the_relay_lacks_smtputf8(
 
 
 async def test_ascii_mail_still_goes_through_a_relay_without_smtputf8(
-    local_mail: LocalMail, tenant: Tenant, aiosmtpd_relay: StartRelay
+    local_mail: LocalMail, tenant: Tenant, start_smtp_relay: StartRelay
 ) -> None:
     # A Unicode display name or domain needs no SMTPUTF8 (RFC 2047 words, A-labels).
-    relay = await aiosmtpd_relay(False)
+    relay = await start_smtp_relay()
     _, name = local_mail.add_domain(tenant, port=relay.port)
     email_id = await send(
         local_mail,
@@ -146,7 +99,6 @@ async def test_ascii_mail_still_goes_through_a_relay_without_smtputf8(
     )
     assert await local_mail.worker().run_once() == 1
     assert (await local_mail.get(tenant, email_id)).status == E.EMAIL_STATUS_SENT
-    (envelope,) = relay.handler.envelopes
-    assert "SMTPUTF8" not in envelope.mail_options
-    assert envelope.original_content is not None
-    assert envelope.original_content.split(b"\r\n\r\n", 1)[0].isascii()
+    (envelope,) = relay.envelopes
+    assert not envelope.smtp_utf8
+    assert envelope.content.split(b"\r\n\r\n", 1)[0].isascii()

@@ -1,10 +1,10 @@
 """Fixtures of the submission server tests: the server in-process in front of a real mail service.
 
 The mail service is the `local_mail` one (fresh database, real FerretDB; sender domains and
-relays from in-memory directories, API keys from the session's real domain service). Relays are
-aiosmtpd servers on loopback recording what they get; the sending domain has an RSA DKIM key
-whose public half `dkim_dns` answers for dkimpy. Clients are real programs: Python's smtplib
-(in a thread, the server runs on the test's loop) and swaks where installed.
+relays from in-memory directories, API keys from the session's real domain service). The relay
+is the suite's aiosmtpd one (tests/support/smtp_relay.py) with SMTPUTF8 offered; the sending
+domain has an RSA DKIM key whose public half `dkim_dns` answers for dkimpy. Clients are real
+programs: Python's smtplib (in a thread, the server runs on the test's loop) and swaks.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ import contextlib
 import smtplib
 import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP
 from azora.iam.v1 import api_keys_pb2, api_keys_pb2_grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -36,21 +35,9 @@ from services.submission.tls import development_pair, server_context
 from tests.conftest import Tenant
 from tests.mail.conftest import LocalMail, local_mail, other_tenant  # noqa: F401 - fixtures
 from tests.support.settings import SuiteSettings
+from tests.support.smtp_relay import RunningRelay, start_relay
 
 SELECTOR = "sub1"
-
-
-@dataclass
-class RecordingRelay:
-    """An aiosmtpd relay keeping what it receives."""
-
-    port: int
-    server: asyncio.Server
-    received: list[tuple[str, list[str], bytes]] = field(default_factory=list)
-
-    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:  # noqa: N802
-        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
-        return "250 2.0.0 OK"
 
 
 @dataclass
@@ -62,7 +49,7 @@ class Submission:
     tenant: Tenant
     api_key: str
     domain: str
-    relay: RecordingRelay
+    relay: RunningRelay
     cafile: Path
     public_key: bytes
     settings: SuiteSettings
@@ -107,20 +94,14 @@ class Submission:
             return b"v=DKIM1; k=rsa; p=" + base64.b64encode(self.public_key)
         return b""
 
+    @property
+    def received(self) -> list[tuple[str, list[str], bytes]]:
+        """What the relay accepted: (envelope sender, recipients, content) per transaction."""
+        return [(e.mail_from, e.rcpt_tos, e.content) for e in self.relay.envelopes]
+
     async def deliver(self) -> int:
         """Run one delivery pass of a worker on the mail service's database."""
         return await self.mail.worker().run_once()
-
-
-async def start_relay() -> RecordingRelay:
-    """An aiosmtpd relay on a free loopback port."""
-    relay = RecordingRelay(0, None)  # type: ignore[arg-type]
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: SMTP(relay, hostname="relay.test", enable_SMTPUTF8=True), "127.0.0.1", 0
-    )
-    relay.server, relay.port = server, server.sockets[0].getsockname()[1]
-    return relay
 
 
 async def new_api_key(
@@ -144,7 +125,8 @@ async def start_submission(
     tmp_path: Path,
 ) -> AsyncIterator[Callable[..., Any]]:
     """Start a submission server (settings overridable) in front of `local_mail`."""
-    relay = await start_relay()
+    # SMTPUTF8 offered: internationalised addresses are delivered, not failed.
+    relay = await start_relay(smtputf8=True)
     domain_id, name = local_mail.add_domain(tenant, port=relay.port)
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = private.private_bytes(
@@ -184,8 +166,7 @@ async def start_submission(
     yield start
     for app in apps:
         await app.stop(0)
-    relay.server.close()
-    await relay.server.wait_closed()
+    await relay.close()
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """The API's limits through SMTP, with mail services and submission servers of their own.
 
-The send rate limit of the mail service counts SMTP submissions like SendEmail calls (451 4.7.1
-with the retry delay once used up), and a revoked API key stops opening sessions once the
-submission server's key cache (AZORA_API_KEY_CACHE_TTL) has expired.
+The send rate limit and the tenant's sending quota of the mail service count SMTP submissions
+like SendEmail calls (451 4.7.1 with the retry delay once used up), and a revoked API key stops
+opening sessions once the submission server's key cache (AZORA_API_KEY_CACHE_TTL) has expired.
 """
 
 from __future__ import annotations
@@ -59,6 +59,32 @@ async def test_send_rate_limit_is_451_4_7_1_with_the_retry_delay(
         third = await send_one(port, submission, "three")
         assert third.startswith("451 4.7.1 "), third
         assert "retry in " in third
+    finally:
+        await app.stop(0)
+        await mail.running.database.client.drop_database(settings.mongodb_database)
+        await mail.running.stop(None)
+
+
+async def test_sending_quota_is_451_4_7_1_naming_it(
+    submission: Submission, ferretdb: str, domain_app: DomainApp
+) -> None:
+    # The tenant's hourly quota (AZORA_QUOTA_EMAILS_PER_HOUR) counts SMTP submissions like
+    # SendEmail's: one email, then a temporary refusal that says which limit and when to retry.
+    settings = make_settings(
+        ferretdb,
+        f"azora_quota_{secrets.token_hex(4)}",
+        AZORA_DOMAIN_SERVICE_TARGET=f"127.0.0.1:{domain_app.running.port}",
+        AZORA_QUOTA_EMAILS_PER_HOUR="1",
+    )
+    mail = await mail_app_like(submission, settings)
+    app = await submission_in_front_of(submission, mail, settings)
+    try:
+        port = app.ports["tls"]
+        assert (await send_one(port, submission, "one")).startswith("250 2.0.0 Ok: queued as ")
+        second = await send_one(port, submission, "two")
+        assert second.startswith("451 4.7.1 "), second
+        assert "1 emails per hour" in second, second
+        assert "retry in " in second, second
     finally:
         await app.stop(0)
         await mail.running.database.client.drop_database(settings.mongodb_database)

@@ -145,7 +145,7 @@ async def test_after_250_the_email_is_delivered_even_if_the_process_dies(
         await client.close()
     assert final.startswith("250 2.0.0 Ok: queued as "), final
     assert await submission.deliver() == 1
-    [(_, _, data)] = submission.relay.received
+    [(_, _, data)] = submission.received
     assert b"Subject: survives" in data
     email = await submission.mail.get(submission.tenant, final.rsplit(" ", 1)[1])
     assert email.status == E.EMAIL_STATUS_SENT

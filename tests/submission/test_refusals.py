@@ -1,9 +1,10 @@
 """Every refusal of the submission server, with its exact reply and enhanced status code.
 
-Authentication (no AUTH, AUTH before TLS, wrong key, JWT, key without emails:send), the
-API's rules (another tenant's domain, size, recipients, header injection and smuggling,
-idempotency), and the abuse limits (failed AUTH, connections, commands before AUTH, bad
-commands, idle time), plus the graceful drain on shutdown. Nothing refused is stored.
+Authentication (no AUTH, AUTH before TLS, wrong key, JWT, key without emails:send, the key
+service unreachable), the API's rules (another tenant's domain, size, recipients, invalid sender
+and recipient, header injection and smuggling, idempotency), the mail service unreachable, and
+the abuse limits (failed AUTH, connections, commands before AUTH, bad commands, idle time, each
+logged with the client address), plus the graceful drain on shutdown. Nothing refused is stored.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from azora.mail.v1 import mail_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.submission import replies
+from services.submission.app import build_app
 from services.submission.server import Identity
+from services.submission.tls import server_context
 from tests.conftest import Tenant
-from tests.submission.conftest import RawClient, Submission, new_api_key
+from tests.submission.conftest import RawClient, Submission, new_api_key, submission_in_front_of
+from tests.support.ports import closed_port
 
 E = mail_pb2
 
@@ -227,8 +231,11 @@ async def test_failed_auth_is_refused_then_the_address_is_blocked(
     start_submission: Callable[..., Any],
 ) -> None:
     # Three wrong keys from one address: the third ends the session with 421, and new
-    # connections from that address are refused until the block expires.
-    submission: Submission = await start_submission(auth_failures_before_block=3)
+    # connections from that address are refused until the window ends (a window of a year,
+    # so that the three failures cannot straddle two windows).
+    submission: Submission = await start_submission(
+        auth_failures_before_block=3, auth_failure_window=365 * 86400.0
+    )
     client = await RawClient.connect(submission.tls_port, submission.client_context())
     try:
         assert await client.login("azk_wrong1") == replies.AUTH_INVALID
@@ -422,3 +429,106 @@ async def test_health_is_serving_until_shutdown(submission: Submission) -> None:
     await stopping
     await busy.close()
     await idle.close()
+
+
+async def test_null_sender_is_550_5_1_7(submission: Submission) -> None:
+    # MAIL FROM:<> (a bounce's sender) is no sender an application may submit as: the mail
+    # service refuses it as INVALID_SENDER; nothing is stored.
+    reply = await submit_raw(submission, message(f"app@{submission.domain}"), sender="")
+    assert reply == "550 5.1.7 MAIL FROM: '<>' is not a valid email address"
+    assert await stored_count(submission) == 0
+
+
+async def test_undeliverable_recipient_is_550_5_1_3(submission: Submission) -> None:
+    # An address SMTP's syntax allows but no mailbox can have (a domain without a dot): the mail
+    # service refuses it as INVALID_RECIPIENT; the reply names the command the client used, not
+    # the field of the mail service's request.
+    reply = await submit_raw(
+        submission,
+        message(f"app@{submission.domain}"),
+        sender=f"app@{submission.domain}",
+        recipients=("jane@example.org", "root@localhost"),
+    )
+    assert reply == "550 5.1.3 RCPT TO: 'root@localhost' has an invalid domain"
+    assert await stored_count(submission) == 0
+
+
+async def test_key_service_unreachable_at_auth_is_454_4_7_0(submission: Submission) -> None:
+    # The domain service (which resolves keys) cannot be reached: a temporary failure, not a
+    # wrong credential (no 535, nothing counted against the address).
+    settings = submission.settings.with_overrides(
+        domain_service_target=f"127.0.0.1:{closed_port()}"
+    )
+    app = await submission_in_front_of(submission, submission.mail.app, settings)
+    try:
+        client = await RawClient.connect(app.ports["tls"], submission.client_context())
+        try:
+            assert await client.login(submission.api_key) == replies.AUTH_TEMPORARY
+        finally:
+            await client.close()
+        assert not app.limits.blocked("127.0.0.1")
+    finally:
+        await app.stop(0)
+
+
+async def test_mail_service_unreachable_is_451_4_3_0(submission: Submission) -> None:
+    # The hand-over cannot happen (no mail service listening): the client keeps the message.
+    settings = submission.settings.with_overrides(mail_service_target=f"127.0.0.1:{closed_port()}")
+    app = await build_app(
+        settings,
+        submission.app.settings.with_overrides(submit_timeout=5.0),
+        context=server_context(submission.cafile, submission.cafile.with_name("key.pem")),
+    )
+    sender = f"app@{submission.domain}"
+    try:
+        client = await RawClient.connect(app.ports["tls"], submission.client_context())
+        try:
+            assert (await client.login(submission.api_key)).startswith("235")
+            assert (await client.command(f"MAIL FROM:<{sender}>")).startswith("250")
+            assert (await client.command("RCPT TO:<jane@example.org>")).startswith("250")
+            assert (await client.command("DATA")).startswith("354")
+            await client.send(message(sender) + b".\r\n")
+            assert await client.reply() == replies.TEMPORARY_FAILURE
+        finally:
+            await client.close()
+    finally:
+        await app.stop(0)
+    assert await stored_count(submission) == 0
+
+
+async def test_refusals_of_the_abuse_limits_are_logged_with_the_address(
+    start_submission: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each abuse refusal leaves a log line naming the client address (and no credentials).
+    submission: Submission = await start_submission(max_connections_per_ip=1, max_bad_commands=1)
+    chatty: Submission = await start_submission(max_commands_before_auth=1, idle_timeout=0.3)
+    with caplog.at_level(logging.INFO):
+        first = await RawClient.connect(submission.port)
+        try:
+            assert (await first.reply()).startswith("220 ")
+            second = await RawClient.connect(submission.port)
+            assert await second.reply() == replies.TOO_MANY_CONNECTIONS
+            await second.close()
+            assert (await first.command("FOO")).startswith("500 5.5.2 ")
+            assert await first.reply() == replies.TOO_MANY_BAD_COMMANDS
+        finally:
+            await first.close()
+        talker = await RawClient.connect(chatty.port)
+        idler = await RawClient.connect(chatty.port)
+        try:
+            assert (await talker.reply()).startswith("220 ")
+            assert await talker.command("NOOP") == "250 2.0.0 OK"
+            assert await talker.command("NOOP") == replies.TOO_MANY_COMMANDS
+            assert (await idler.reply()).startswith("220 ")
+            assert await idler.reply() == replies.IDLE_TIMEOUT
+        finally:
+            await talker.close()
+            await idler.close()
+    logged = {r.getMessage(): getattr(r, "fields", {}) for r in caplog.records}
+    for what in (
+        "connection refused: too many connections from the address",
+        "too many bad commands",
+        "too many commands before authentication",
+        "idle timeout",
+    ):
+        assert logged[what]["client"] == "127.0.0.1", logged

@@ -129,7 +129,7 @@ async def test_plain_message_over_starttls_is_stored_then_delivered_as_sent_and_
     assert accepted.type == E.EVENT_TYPE_ACCEPTED
     assert accepted.detail == "submission: SMTP; client: 127.0.0.1"
     assert await submission.deliver() == 1
-    [(mail_from, rcpt_to, data)] = submission.relay.received
+    [(mail_from, rcpt_to, data)] = submission.received
     assert mail_from == f"app@{submission.domain}"
     assert rcpt_to == ["jane@example.org"]
     assert data.startswith(b"DKIM-Signature:")
@@ -183,7 +183,7 @@ async def test_html_text_attachment_and_utf8_subject_over_implicit_tls(
         "hidden@example.net": E.RECIPIENT_KIND_BCC,
     }
     assert await submission.deliver() == 1
-    [(_, rcpt_to, data)] = submission.relay.received
+    [(_, rcpt_to, data)] = submission.received
     assert sorted(rcpt_to) == ["hidden@example.net", "jane@example.org"]
     assert dkim.verify(data, dnsfunc=submission.dkim_dns)
     received = email.message_from_bytes(data, policy=policy.default)
@@ -215,7 +215,7 @@ async def test_smtputf8_message_with_utf8_headers_and_idn_recipient(
     stored = await submission.mail.get(submission.tenant, queued_id(reply))
     assert stored.subject == "Grüße aus Köln"
     assert await submission.deliver() == 1
-    [(_, rcpt_to, data)] = submission.relay.received
+    [(_, rcpt_to, data)] = submission.received
     assert rcpt_to == ["j@xn--bcher-kva.example"]
     assert "Subject: Grüße aus Köln".encode() in data
     assert dkim.verify(data, dnsfunc=submission.dkim_dns)
@@ -243,7 +243,7 @@ async def test_control_headers_are_read_and_removed(submission: Submission) -> N
     assert stored.send_at.ToJsonString() == "2026-11-23T13:00:00Z"
     submission.mail.clock.advance(timedelta(hours=2))
     assert await submission.deliver() == 1
-    [(_, _, data)] = submission.relay.received
+    [(_, _, data)] = submission.received
     assert b"X-Azora" not in data
 
 
@@ -261,3 +261,40 @@ async def test_idempotency_key_header(submission: Submission) -> None:
     assert queued_id(first[1]) == queued_id(again[1])
     code, reply = await submit(submission, message("two"))
     assert (code, reply.split(" ", 1)[0]) == (550, "5.6.0"), reply
+
+
+async def test_smtputf8_local_parts_reach_the_relay_in_an_smtputf8_transaction(
+    submission: Submission,
+) -> None:
+    # RFC 6531: UTF-8 local parts in the envelope (sender and recipient) and in the header. The
+    # relay offers SMTPUTF8, so the delivery is an SMTPUTF8 transaction carrying the addresses
+    # exactly as the client wrote them, the message unchanged and signed.
+    sender, recipient = f"zoë.müller@{submission.domain}", "jürgen@example.org"
+    raw = (
+        f"From: Zoë <{sender}>\r\n"
+        f"To: Jürgen <{recipient}>\r\n"
+        "Subject: Grüße\r\n"
+        "\r\n"
+        "Schöne Grüße.\r\n"
+    ).encode()
+    code, reply = await submit(
+        submission,
+        raw,
+        sender=sender,
+        recipients=[recipient],
+        options=("SMTPUTF8", "BODY=8BITMIME"),
+    )
+    assert code == 250, reply
+    stored = await submission.mail.get(submission.tenant, queued_id(reply))
+    assert [r.address for r in stored.recipients] == [recipient]
+    assert await submission.deliver() == 1
+    [envelope] = submission.relay.envelopes
+    assert envelope.smtp_utf8
+    assert envelope.mail_from == sender
+    assert envelope.rcpt_tos == [recipient]
+    # Everything the client wrote comes after the two added fields (Message-ID, Date).
+    assert header_lines(envelope.content)[2:] == header_lines(raw)
+    assert envelope.content.split(b"\r\n\r\n", 1)[1] == raw.split(b"\r\n\r\n", 1)[1]
+    assert dkim.verify(envelope.content, dnsfunc=submission.dkim_dns)
+    sent = await submission.mail.get(submission.tenant, stored.id)
+    assert sent.status == E.EMAIL_STATUS_SENT

@@ -89,7 +89,7 @@ async def test_swaks_submits_over_tls_with_an_api_key(
     if extra:
         assert [a.filename for a in stored.attachments] == ["report.csv"]
     assert await submission.deliver() == 1
-    [(_, rcpt_to, data)] = submission.relay.received
+    [(_, rcpt_to, data)] = submission.received
     assert rcpt_to == ["jane@example.org"]
     assert dkim.verify(data, dnsfunc=submission.dkim_dns)
     assert b"Subject: swaks over TLS" in data

@@ -73,6 +73,9 @@ def test_development_pair_is_generated_once_and_loads(tmp_path: Path) -> None:
         (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RECIPIENT", {}, "550 5.1.3 boom"),
         (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SENDER", {}, "550 5.1.7 boom"),
         (grpc.StatusCode.INVALID_ARGUMENT, "MESSAGE_MALFORMED", {}, "550 5.6.0 boom"),
+        # The mail service's request fields are said as the SMTP commands the client sent.
+        (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SENDER", {}, "550 5.1.7 MAIL FROM: boom"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RECIPIENT", {}, "550 5.1.3 RCPT TO: boom"),
         (
             grpc.StatusCode.FAILED_PRECONDITION,
             "SENDER_DOMAIN_NOT_ACTIVE",
@@ -93,7 +96,12 @@ def test_development_pair_is_generated_once_and_loads(tmp_path: Path) -> None:
 def test_reply_table(
     code: grpc.StatusCode, reason: str, metadata: dict[str, str], expected: str
 ) -> None:
-    failure = replies.Failure(code, "boom\r\nRCPT TO:<injected>", reason, metadata)
+    text = "boom"
+    if expected.endswith("MAIL FROM: boom"):
+        text = "envelopeFrom: boom"
+    elif expected.endswith("RCPT TO: boom"):
+        text = "envelopeTo[3]: boom"
+    failure = replies.Failure(code, f"{text}\r\nRCPT TO:<injected>", reason, metadata)
     reply = replies.for_failure(failure)
     # The service's message is flattened to one line: a reply never carries a line break.
     assert reply.replace(" RCPT TO:<injected>", "") == expected
@@ -238,16 +246,15 @@ async def test_waiting_for_the_hand_over_is_not_idle(tmp_path: Path) -> None:
     assert len(mail.stored) == 1
 
 
-def test_failed_auth_is_slowed_down_then_blocked_until_the_block_ends() -> None:
+def test_failed_auth_is_slowed_down_then_refused_until_the_window_ends() -> None:
     # From the 3rd wrong key on, answers are held back 1 s more per failure (at most 10 s); the
-    # 5th blocks the address for 60 s; failures older than the window are forgotten.
-    now = [0.0]
-    limits = ClientLimits(
+    # 5th refuses the address until the 100 s window ends (the suite's rate limiter counts).
+    now = [1000.0]  # the start of a window (windows are aligned to multiples of 100 s)
+    limits = ClientLimits.from_settings(
         SubmissionSettings(
             auth_failures_before_delay=3,
             auth_failure_delay=1.0,
             auth_failures_before_block=5,
-            auth_block_seconds=60.0,
             auth_failure_window=100.0,
         ),
         clock=lambda: now[0],
@@ -258,7 +265,44 @@ def test_failed_auth_is_slowed_down_then_blocked_until_the_block_ends() -> None:
     limits.auth_failed("192.0.2.1")
     assert limits.blocked("192.0.2.1")
     assert not limits.blocked("192.0.2.2")
-    now[0] = 61.0
+    now[0] = 1099.0  # still the same window
+    assert limits.blocked("192.0.2.1")
+    now[0] = 1100.0  # the next window: refused no more, earlier failures forgotten
     assert not limits.blocked("192.0.2.1")
-    now[0] = 500.0  # the earlier failures left the window
     assert limits.auth_failed("192.0.2.1") == 0.0
+
+
+def test_delay_is_capped_at_ten_seconds() -> None:
+    limits = ClientLimits.from_settings(
+        SubmissionSettings(
+            auth_failures_before_delay=1,
+            auth_failure_delay=3.0,
+            auth_failures_before_block=100,
+            auth_failure_window=3600.0,
+        ),
+        clock=lambda: 0.0,
+    )
+    assert [limits.auth_failed("192.0.2.9") for _ in range(5)] == [3.0, 6.0, 9.0, 10.0, 10.0]
+
+
+def test_the_removed_block_length_setting_is_refused_not_ignored() -> None:
+    with pytest.raises(SettingsError, match="AZORA_SUBMISSION_AUTH_BLOCK_SECONDS is gone"):
+        SubmissionSettings.from_env(
+            {"AZORA_SUBMISSION_AUTH_BLOCK_SECONDS": "900"}, Settings.from_env({})
+        )
+
+
+def test_failed_auth_counts_of_ended_windows_are_forgotten() -> None:
+    # The submission server runs no sync of its counts (they stay in the process): the windows
+    # that ended must still go, or a long-running server keeps every address it ever counted.
+    now = [0.0]
+    limits = ClientLimits.from_settings(
+        SubmissionSettings(auth_failures_before_block=100, auth_failure_window=10.0),
+        clock=lambda: now[0],
+    )
+    for window in range(50):
+        now[0] = window * 10.0
+        for host in range(20):
+            limits.auth_failed(f"192.0.2.{host}")
+    counters = limits.failed_auth.counters
+    assert len(counters._windows) == 1  # what is kept is the point here

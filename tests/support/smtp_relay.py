@@ -3,9 +3,10 @@
 One relay for every test that delivers or probes through SMTP: it records every transaction it
 accepts and can offer STARTTLS or speak TLS from the first byte, require AUTH (one username
 and password; optionally echoing refused credentials back, as a hostile or buggy server might),
-and take its time per message. Servers that misbehave in ways aiosmtpd has no switch for
-(silence, 421 at the greeting, chosen reply codes, dropped connections) are the scripted ones
-in tests/smtp/conftest.py (`raw_server`) and tests/mail/conftest.py (`ScriptedRelay`).
+offer SMTPUTF8 (RFC 6531: internationalised addresses), and take its time per message. Servers
+that misbehave in ways aiosmtpd has no switch for (silence, 421 at the greeting, chosen reply
+codes, dropped connections) are the scripted ones in tests/smtp/conftest.py (`raw_server`) and
+tests/mail/conftest.py (`ScriptedRelay`).
 
 Use `start_relay` (the caller closes it) in fixtures of any scope, or the `start_smtp_relay`
 fixture, which closes its relays after the test. Registered by tests/conftest.py.
@@ -34,6 +35,8 @@ class Envelope:
     mail_from: str
     rcpt_tos: list[str]
     content: bytes
+    # Whether the client asked for an SMTPUTF8 transaction (MAIL FROM ... SMTPUTF8).
+    smtp_utf8: bool = False
 
 
 @dataclass
@@ -52,7 +55,12 @@ class RecordingHandler:
             await asyncio.sleep(self.delay)
         self.messages.append(envelope.content)
         self.envelopes.append(
-            Envelope(envelope.mail_from, list(envelope.rcpt_tos), envelope.content)
+            Envelope(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                envelope.content,
+                smtp_utf8=bool(envelope.smtp_utf8),
+            )
         )
         return "250 2.0.0 OK"
 
@@ -109,6 +117,7 @@ async def start_relay(
     require_starttls: bool = False,
     auth: Authenticator | None = None,
     auth_require_tls: bool = True,
+    smtputf8: bool = False,
     delay: float = 0.0,
 ) -> RunningRelay:
     """Start a relay on 127.0.0.1:0 in the running loop; the caller closes it.
@@ -120,6 +129,7 @@ async def start_relay(
         require_starttls: refuse everything but EHLO/STARTTLS/QUIT before TLS.
         auth: an `authenticator`; None offers no AUTH.
         auth_require_tls: offer AUTH only over TLS (aiosmtpd's default).
+        smtputf8: advertise SMTPUTF8 and take UTF-8 addresses and headers.
         delay: seconds the relay takes per message.
     """
     handler = RecordingHandler(delay=delay)
@@ -132,6 +142,7 @@ async def start_relay(
             require_starttls=require_starttls,
             authenticator=auth,
             auth_require_tls=auth_require_tls,
+            enable_SMTPUTF8=smtputf8,
         )
 
     server = await asyncio.get_running_loop().create_server(
@@ -152,6 +163,7 @@ class StartRelay(Protocol):
         require_starttls: bool = ...,
         auth: Authenticator | None = ...,
         auth_require_tls: bool = ...,
+        smtputf8: bool = ...,
         delay: float = ...,
     ) -> Awaitable[RunningRelay]: ...
 
