@@ -42,6 +42,8 @@ SERVICE_PORTS = {
     "azora.health.v1.SuiteHealthService": "domain",
     "azora.smtp.v1.SmtpService": "smtp",
     "azora.mail.v1.MailService": "mail",
+    "azora.mail.v1.EventService": "mail",
+    "azora.mail.v1.SuppressionService": "mail",
 }
 
 
