@@ -300,8 +300,11 @@ def run_periodically(
     return asyncio.create_task(loop(), name=name)
 
 
-def main(service_name: str, build: Callable[[Settings], Awaitable[RunningService]]) -> None:
-    """Entry point of a service process: settings, logging, build, serve until SIGTERM."""
+def start_process(service_name: str) -> Settings:
+    """What every process does first: settings, JSON logs, tracing, its metrics endpoint.
+
+    Exits with status 2 (and the reason on stderr) when the settings are invalid.
+    """
     try:
         settings = Settings.from_env(os.environ, service_name=service_name)
     except SettingsError as exc:
@@ -312,6 +315,12 @@ def main(service_name: str, build: Callable[[Settings], Awaitable[RunningService
         service=service_name, version=settings.version, otlp_endpoint=settings.otel_endpoint
     )
     start_exposition(settings.metrics_host, settings.metrics_port)
+    return settings
+
+
+def main(service_name: str, build: Callable[[Settings], Awaitable[RunningService]]) -> None:
+    """Entry point of a service process: settings, logging, build, serve until SIGTERM."""
+    settings = start_process(service_name)
 
     async def serve() -> int:
         running = await build(settings)

@@ -2,13 +2,16 @@
 
 Scale-out is more of these on the same database; leases are the only coordination. On SIGTERM
 (or SIGINT) the worker stops claiming, finishes the deliveries it is in for up to
-AZORA_SHUTDOWN_GRACE seconds (recording their outcomes, which waits while the database is
-away), hands back whatever it has not started, and exits. An outcome still unrecorded then
-keeps its lease: the email is attempted again once the lease expires, not before.
+AZORA_SHUTDOWN_GRACE seconds (recording their outcomes, which waits while the database is away),
+hands back whatever it has not started, and exits. An outcome still unrecorded then keeps its
+lease: the email is attempted again once the lease expires, not before.
 
-Like the services, it watches its database client (`services.core.runtime.watch_database`):
-wedged while the database answers a new client, the worker stops the same way and exits with
-`EXIT_DATABASE_CLIENT_WEDGED`, for its supervisor to start a fresh process.
+It starts like every other process (`services.core.runtime.start_process`: JSON logs,
+OpenTelemetry tracing when configured, its Prometheus endpoint on
+AZORA_METRICS_PORT_MAIL_WORKER). Like the services, it watches its database client
+(`services.core.runtime.watch_database`): wedged while the database answers a new client, the
+worker stops the same way and exits with `EXIT_DATABASE_CLIENT_WEDGED`, for its supervisor to
+start a fresh process.
 """
 
 from __future__ import annotations
@@ -18,18 +21,17 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 
 from services.core.clock import SystemClock
-from services.core.logs import configure_logging
 from services.core.runtime import (
     EXIT_DATABASE_CLIENT_WEDGED,
     Database,
     DatabaseWatch,
     prepare_database,
+    start_process,
     watch_database,
 )
-from services.core.settings import Settings, SettingsError
+from services.core.settings import Settings
 from services.mail.app import MAIL_INDEXES, RELAY_HEALTH_REFRESH, make_worker
 from services.mail.relay_health import RelayHealthStore
 from services.mail.relay_lookup import smtp_service_relays
@@ -87,7 +89,7 @@ async def serve(settings: Settings) -> int:
             await asyncio.gather(task, return_exceptions=True)
         stopping.cancel()
         watch.cancel()
-        kept = await emails.flush_outcomes(within=0)
+        kept = await emails.delivery_queue.flush_outcomes(within=0)
         if kept:
             log.warning(
                 "outcomes not recorded at shutdown; their leases are kept",
@@ -104,13 +106,8 @@ async def serve(settings: Settings) -> int:
 
 
 def main() -> None:
-    """Entry point."""
-    try:
-        settings = Settings.from_env(os.environ, service_name=SERVICE_NAME)
-    except SettingsError as exc:
-        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_logging(service=SERVICE_NAME, level=settings.log_level)
+    """Entry point: the shared process start (settings, logs, tracing, metrics), then serve."""
+    settings = start_process(SERVICE_NAME)
     status = asyncio.run(serve(settings))
     if status:
         raise SystemExit(status)

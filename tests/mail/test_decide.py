@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.mail.delivery import RetryPolicy, decide
 from services.mail.models import (
     Claimed,
     Email,
@@ -18,6 +17,7 @@ from services.mail.models import (
     RecipientStatus,
     SmtpReply,
 )
+from services.mail.outcomes import RetryPolicy, decide
 
 
 def seeded(seed: int) -> random.Random:
