@@ -205,11 +205,13 @@ class DeliveryWorker:
                 idle.release()
 
     async def _release_all(self, handed: asyncio.Queue[Claimed | None]) -> None:
-        now = self._clock.now()
+        held: list[Claimed] = []
         while not handed.empty():
             claimed = handed.get_nowait()
             if claimed is not None:
-                await self._queue.release(claimed=claimed, now=now)
+                held.append(claimed)
+        if held:
+            await self._queue.release(claimed=held, now=self._clock.now())
 
     async def deliver(self, claimed: Claimed) -> Outcome | None:
         """One delivery attempt of a claimed email, recorded (None if the lease was lost)."""
@@ -235,7 +237,7 @@ class DeliveryWorker:
             # Shutdown mid-delivery: hand the email back so another worker takes it at once.
             # The release must complete even if the shutdown cancels us again meanwhile.
             release = asyncio.ensure_future(
-                self._queue.release(claimed=claimed, now=self._clock.now())
+                self._queue.release(claimed=[claimed], now=self._clock.now())
             )
             while not release.done():
                 with contextlib.suppress(asyncio.CancelledError):

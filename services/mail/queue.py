@@ -20,7 +20,6 @@ is a resend after a crash between the relay's 250 and our record of it (RFC 5321
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import uuid
@@ -42,6 +41,7 @@ from services.mail.documents import (
     EMAILS,
     QUEUE,
     email_from_doc,
+    find_by_ids,
     insert_many_unique,
     transition_update,
 )
@@ -89,8 +89,8 @@ class DeliveryQueue(Protocol):
         """Wait up to `within` s for kept outcomes to be written; how many are still kept."""
         ...
 
-    async def release(self, *, claimed: Claimed, now: datetime) -> None:
-        """Give a claimed email back untouched (shutdown): due again at once."""
+    async def release(self, *, claimed: Sequence[Claimed], now: datetime) -> None:
+        """Give claimed emails back untouched (shutdown): due again at once."""
         ...
 
     async def content(self, *, email: Email) -> bytes:
@@ -257,11 +257,13 @@ class MongoDeliveryQueue:
         won, expired = await self._win_claims(
             untried, limit=limit, now=now, lease=lease, worker_id=worker_id
         )
-        docs_by_id = await asyncio.gather(*(self._emails.find_one({"_id": eid}) for eid in won))
+        # The emails won, in one read (not one per email).
+        found = await find_by_ids(self._emails, list(won))
         out: list[Claimed] = []
         stale: list[str] = []
         unborn: list[str] = []
-        for (eid, (number, token)), doc in zip(won.items(), docs_by_id, strict=True):
+        for eid, (number, token) in won.items():
+            doc = found.get(eid)
             if doc is None and created.get(eid, now) > now - ORPHAN_AGE:
                 # Its email is being stored right now (entries go first): take the claim back
                 # (ours alone: we just inserted it), or the email would wait for the lease.
@@ -334,12 +336,12 @@ class MongoDeliveryQueue:
                     won[eid] = (number, tokens[eid])
                 else:
                     lost[eid] = number
-            # Whoever holds the ones we lost: live (skip) or expired (take the next number).
-            holders = await asyncio.gather(
-                *(self._claims.find_one({"_id": f"{eid}:{n}"}) for eid, n in lost.items())
-            )
+            # Whoever holds the ones we lost (one read for all of them): live (skip) or expired
+            # (take the next number).
+            holders = await find_by_ids(self._claims, [f"{eid}:{n}" for eid, n in lost.items()])
             retry = {}
-            for (eid, number), holder in zip(lost.items(), holders, strict=True):
+            for eid, number in lost.items():
+                holder = holders.get(f"{eid}:{number}")
                 if holder is None:
                     continue  # swept meanwhile (an hour old): the next round of claims
                 if holder["expires_at"] > now:
@@ -355,12 +357,16 @@ class MongoDeliveryQueue:
                 retry[eid] = number + 1
         return won, expired
 
-    async def _holds(self, email_id: str, claim_no: int) -> bool:
-        # The fence against a worker whose lease expired and was taken over: the next claim
-        # number exists. (Read, then write by _id: FerretDB has no conditional update that is
-        # isolated, so a takeover between the two is the remaining, lease-sized, window.)
-        later = await self._claims.find_one({"_id": f"{email_id}:{claim_no + 1}"})
-        return later is None
+    async def _holding(self, batch: Sequence[_PendingOutcome]) -> list[bool]:
+        """Per outcome, whether its lease is still ours, in one read for the whole batch.
+
+        The fence against a worker whose lease expired and was taken over: the next claim
+        number exists. (Read, then write by _id: FerretDB has no conditional update that is
+        isolated, so a takeover between the two is the remaining, lease-sized, window.)
+        """
+        later = [f"{o.email_id}:{o.claim_no + 1}" for o in batch]
+        taken = await find_by_ids(self._claims, later, {"_id": 1})
+        return [claim_id not in taken for claim_id in later]
 
     async def queue_health(self, *, now: datetime) -> tuple[int, float]:
         """Entries due now in the whole queue, and how long the oldest has been due (s)."""
@@ -434,20 +440,18 @@ class MongoDeliveryQueue:
 
     async def _write_outcome_batch(self, batch: list[_PendingOutcome]) -> list[bool]:
         # The fence, per outcome: the lease is still ours unless the next claim exists.
-        held = await asyncio.gather(*(self._holds(o.email_id, o.claim_no) for o in batch))
+        held = await self._holding(batch)
         mine = [o for o, ok in zip(batch, held, strict=True) if ok]
         # A retry after a failed write: an email whose update did land (the answer was lost)
         # is not updated twice, which would repeat its events.
         landed: set[str] = set()
         retried = [o for o in mine if o.retried]
         if retried:
-            docs = await asyncio.gather(
-                *(self._emails.find_one({"_id": o.email_id}, {"attempts": 1}) for o in retried)
-            )
+            docs = await find_by_ids(self._emails, [o.email_id for o in retried], {"attempts": 1})
             landed = {
                 o.email_id
-                for o, doc in zip(retried, docs, strict=True)
-                if doc is not None and int(doc.get("attempts", 0)) >= o.attempts
+                for o in retried
+                if o.email_id in docs and int(docs[o.email_id].get("attempts", 0)) >= o.attempts
             }
         # Emails first, entries second: a crash in between leaves entries whose next claim
         # sees the recorded outcome (finished: entry dropped; deferred: retried early), never
@@ -464,13 +468,23 @@ class MongoDeliveryQueue:
                 self._leased.pop(o.email_id, None)
         return list(held)
 
-    async def release(self, *, claimed: Claimed, now: datetime) -> None:
-        """See `DeliveryQueue.release`: the lease ends now, nothing else was written."""
-        claim_id = f"{claimed.email.id}:{claimed.claim_no}"
-        lease = await self._claims.find_one({"_id": claim_id})
-        if lease is not None and lease.get("token") == claimed.lease_token:
-            await self._claims.update_one({"_id": claim_id}, {"$set": {"expires_at": now}})
-        self._leased.pop(claimed.email.id, None)
+    async def release(self, *, claimed: Sequence[Claimed], now: datetime) -> None:
+        """See `DeliveryQueue.release`: the leases end now, nothing else was written.
+
+        One read of the claims and one write (per `chunked` slice) for all of them; a claim
+        whose token is no longer ours (taken over meanwhile) is left alone.
+        """
+        ids = {f"{c.email.id}:{c.claim_no}": c.lease_token for c in claimed}
+        held = await find_by_ids(self._claims, list(ids), {"token": 1})
+        ours = [
+            UpdateOne({"_id": claim_id}, {"$set": {"expires_at": now}})
+            for claim_id, token in ids.items()
+            if claim_id in held and held[claim_id].get("token") == token
+        ]
+        for part in chunked(ours):
+            await self._claims.bulk_write(list(part), ordered=False)
+        for c in claimed:
+            self._leased.pop(c.email.id, None)
 
 
 __all__ = [
