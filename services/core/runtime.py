@@ -300,9 +300,10 @@ def run_periodically(
     return asyncio.create_task(loop(), name=name)
 
 
-def start_process(service_name: str) -> Settings:
+def start_process(service_name: str, *, metrics: bool = True) -> Settings:
     """What every process does first: settings, JSON logs, tracing, its metrics endpoint.
 
+    `metrics` False: no scrape endpoint (a supervisor whose children serve their own).
     Exits with status 2 (and the reason on stderr) when the settings are invalid.
     """
     try:
@@ -314,7 +315,8 @@ def start_process(service_name: str) -> Settings:
     configure_tracing(
         service=service_name, version=settings.version, otlp_endpoint=settings.otel_endpoint
     )
-    start_exposition(settings.metrics_host, settings.metrics_port)
+    if metrics:
+        start_exposition(settings.metrics_host, settings.metrics_port)
     return settings
 
 

@@ -171,6 +171,11 @@ class Settings:
     mail_run_workers: bool = True
     # Built messages larger than this go to GridFS instead of the queue document.
     mail_inline_content_limit: int = 256 * 1024
+    # --- mail queue ---
+    # Separate delivery worker processes: how many `python -m services.mail.worker` runs (it
+    # starts and supervises that many when above 1), and how many `make run` starts besides
+    # the mail service (0: none, the mail service delivers in-process).
+    mail_worker_processes: int = 0
     # Observability
     # OTLP/HTTP collector base URL (OTEL_EXPORTER_OTLP_ENDPOINT); empty = tracing off.
     otel_endpoint: str = ""
@@ -382,6 +387,10 @@ class Settings:
             mail_run_workers=reader.flag("AZORA_MAIL_RUN_WORKERS", defaults.mail_run_workers),
             mail_inline_content_limit=reader.integer(
                 "AZORA_MAIL_INLINE_CONTENT_LIMIT", defaults.mail_inline_content_limit
+            ),
+            # --- mail queue ---
+            mail_worker_processes=reader.integer(
+                "AZORA_MAIL_WORKER_PROCESSES", defaults.mail_worker_processes
             ),
             # Observability
             otel_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip(),

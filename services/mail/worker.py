@@ -12,6 +12,13 @@ AZORA_METRICS_PORT_MAIL_WORKER). Like the services, it watches its database clie
 (`services.core.runtime.watch_database`): wedged while the database answers a new client, the
 worker stops the same way and exits with `EXIT_DATABASE_CLIENT_WEDGED`, for its supervisor to
 start a fresh process.
+
+With AZORA_MAIL_WORKER_PROCESSES above 1 it runs that many worker processes instead (each this
+module with one process, its own event loop, database client and leases: Python runs one core
+per process) and supervises them: a child that exits is started again with a backoff, SIGTERM
+is passed on and waited for (each child's grace period, plus a little). Child i is worker
+``<AZORA_MAIL_WORKER_ID or host-pid>-<i>`` and serves its metrics on
+AZORA_METRICS_PORT_MAIL_WORKER + i; the supervisor serves none.
 """
 
 from __future__ import annotations
@@ -21,8 +28,12 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import sys
 
 from services.core.clock import SystemClock
+from services.core.embedded_db import die_with_parent_preexec
+from services.core.metrics import start_exposition
 from services.core.runtime import (
     EXIT_DATABASE_CLIENT_WEDGED,
     Database,
@@ -105,10 +116,80 @@ async def serve(settings: Settings) -> int:
         await database.close()
 
 
+# Restart backoff of a child worker process that exited: first wait, cap, and how long a child
+# must have run for the next exit to start from the first wait again.
+_RESTART_FIRST = 1.0
+_RESTART_MAX = 30.0
+_STABLE_AFTER = 60.0
+
+
+async def supervise(settings: Settings, count: int) -> int:
+    """Run `count` worker processes until SIGTERM/SIGINT, restarting any that exits."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    base_id = os.environ.get("AZORA_MAIL_WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}"
+
+    async def child(index: int) -> None:
+        port = settings.metrics_port + index if settings.metrics_port else 0
+        env = {
+            **os.environ,
+            "AZORA_MAIL_WORKER_PROCESSES": "1",
+            "AZORA_MAIL_WORKER_ID": f"{base_id}-{index}",
+            "AZORA_METRICS_PORT_MAIL_WORKER": str(port),
+        }
+        wait = _RESTART_FIRST
+        while not stopping.is_set():
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "services.mail.worker",
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                # A supervisor killed outright must not leave its workers running unsupervised.
+                preexec_fn=die_with_parent_preexec(),
+            )
+            started = loop.time()
+            log.info("worker process started", extra={"fields": {"index": index, "pid": proc.pid}})
+            exited = asyncio.ensure_future(proc.wait())
+            stop = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if stopping.is_set():
+                if proc.returncode is None:
+                    proc.terminate()
+                    try:
+                        await asyncio.wait_for(exited, timeout=settings.shutdown_grace + 5)
+                    except TimeoutError:
+                        proc.kill()
+                        await proc.wait()
+                return
+            if loop.time() - started >= _STABLE_AFTER:
+                wait = _RESTART_FIRST
+            log.warning(
+                "worker process exited; restarting it",
+                extra={"fields": {"index": index, "status": proc.returncode, "restart_in_s": wait}},
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=wait)
+            wait = min(wait * 2, _RESTART_MAX)
+
+    await asyncio.gather(*(child(i) for i in range(count)))
+    return 0
+
+
 def main() -> None:
-    """Entry point: the shared process start (settings, logs, tracing, metrics), then serve."""
-    settings = start_process(SERVICE_NAME)
-    status = asyncio.run(serve(settings))
+    """Entry point: the shared process start (settings, logs, tracing, metrics), then serve.
+
+    More than one worker process configured: this process only supervises them.
+    """
+    settings = start_process(SERVICE_NAME, metrics=False)
+    if settings.mail_worker_processes > 1:
+        status = asyncio.run(supervise(settings, settings.mail_worker_processes))
+    else:
+        start_exposition(settings.metrics_host, settings.metrics_port)
+        status = asyncio.run(serve(settings))
     if status:
         raise SystemExit(status)
 
