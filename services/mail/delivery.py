@@ -46,6 +46,8 @@ from services.mail.relay_pool import RelayPool
 log = logging.getLogger(__name__)
 
 # Email status after an attempt -> the outcome label of the delivery metrics.
+# How long the claimer waits for more idle delivery loops when there is a backlog (seconds).
+_CLAIM_LINGER = 0.05
 _METRIC_OUTCOME = {
     EmailStatus.SENT: "sent",
     EmailStatus.PARTIALLY_SENT: "sent",
@@ -157,6 +159,7 @@ class DeliveryWorker:
     async def _claim_loop(
         self, handed: asyncio.Queue[Claimed | None], idle: asyncio.Semaphore
     ) -> None:
+        backlog = False  # the last claim got all it asked for: more is probably due
         while not self._stopping.is_set():
             # At least one delivery loop is idle; claim for every idle one (a claim never
             # waits for a loop: its lease runs from the moment it is taken).
@@ -165,6 +168,8 @@ class DeliveryWorker:
             while not idle.locked():
                 await idle.acquire()
                 free += 1
+            if backlog:
+                free += await self._more_idle(idle, free)
             try:
                 batch = await self.claim_batch(free)
             except asyncio.CancelledError:
@@ -174,6 +179,7 @@ class DeliveryWorker:
                 batch = []
             for claimed in batch:
                 handed.put_nowait(claimed)
+            backlog = len(batch) == free
             for _ in range(free - len(batch)):
                 idle.release()
             if not batch:
@@ -181,6 +187,28 @@ class DeliveryWorker:
                     await asyncio.wait_for(self._stopping.wait(), timeout=self._poll)
         # Stopping: what was claimed but not started yet goes back at once.
         await self._release_all(handed)
+
+    async def _more_idle(self, idle: asyncio.Semaphore, free: int) -> int:
+        """With a backlog, wait briefly for more loops to be idle; how many more there are.
+
+        Loops finish one at a time; claiming for each alone would cost the database a queue
+        read and a claim insert per email. Waiting up to `_CLAIM_LINGER` for a quarter of the
+        loops makes those one read and one insert per group; without a backlog (the queue is
+        drained) a claim is made at once, so new mail is not delayed.
+        """
+        want = max(1, self._concurrency // 4)
+        more = 0
+        deadline = asyncio.get_running_loop().time() + _CLAIM_LINGER
+        while free + more < want and not self._stopping.is_set():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait_for(idle.acquire(), timeout=left)
+            except TimeoutError:
+                break
+            more += 1
+        return more
 
     async def _deliver_loop(
         self, handed: asyncio.Queue[Claimed | None], idle: asyncio.Semaphore

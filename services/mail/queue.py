@@ -245,13 +245,15 @@ class MongoDeliveryQueue:
             query["_id"] = {"$nin": skip}
         # No sort on the server (FerretDB sorts by scanning everything); a plain filter with a
         # limit stops early. The most overdue of the window go first; the head is shuffled so
-        # that concurrent claimers do not all fight over the same few emails.
+        # that concurrent claimers (other processes read the same window) do not all fight
+        # over the same few emails: a lost claim costs another insert and a read.
         size = limit * _CLAIM_WINDOW_FACTOR + _CLAIM_WINDOW_EXTRA
         window = [d async for d in self._queue.find(query).limit(size)]
         window.sort(key=lambda d: d["due"])
-        head = window[: limit * 2]
+        spread = max(limit * 4, _CLAIM_WINDOW_EXTRA)
+        head = window[:spread]
         self._rng.shuffle(head)
-        untried = [(d["_id"], int(d.get("claims", 0))) for d in (*head, *window[limit * 2 :])]
+        untried = [(d["_id"], int(d.get("claims", 0))) for d in (*head, *window[spread:])]
         untried.reverse()  # popped from the end
         created = {d["_id"]: d.get("created_at", now) for d in window}
         won, expired = await self._win_claims(
