@@ -221,13 +221,15 @@ class MongoDeliveryQueue:
         ``<email id>:<n>`` in ``email_claims``, and the queue entry says which n is next. Unique
         ``_id``s decide between concurrent claimers (FerretDB 1.24 does not isolate
         find-and-modify or conditional updates, measured: 8 claimers took 50 documents 123-157
-        times; unique keys do hold). Neither the entry nor the email is written at claim time:
-        each write by ``_id`` costs FerretDB 2-3 ms, and one claim insert per email goes into
-        a single ``insertMany`` for the whole batch.
+        times; unique keys do hold). The email is not written at claim time, and the claims
+        of a batch go into a single ``insertMany`` (each write by ``_id`` costs FerretDB
+        2-3 ms), the entries' marks into a single update.
 
         * Claim n exists and is unexpired: another worker holds the email; skip it.
         * Claim n exists but expired (its worker died or released it): try n+1. The expired
           holder's late record is refused because n+1 exists (`finish_attempt`).
+        * A won claim marks its entry due at the lease's end, so that polls skip it meanwhile
+          and find it again exactly when the lease expires (takeover).
         * The attempt's outcome moves the entry on (``due``, ``claims`` = n+1) or removes it.
 
         The queue is its own small collection because FerretDB filters by scanning: a query
@@ -289,6 +291,13 @@ class MongoDeliveryQueue:
                     taken_over=tuple(expired.get(eid, ())),
                 )
             )
+        # The entries of the emails won become due when their leases end: other workers' polls
+        # (`due <= now`) no longer see them, instead of each learning of them by losing a
+        # claim insert. Only a hint: the claim decides, and an entry left unmarked (a crash
+        # in between) is skipped by whoever meets its live claim, as before.
+        marks = [UpdateOne({"_id": c.email.id}, {"$set": {"due": c.lease_expires}}) for c in out]
+        for marked in chunked(marks):
+            await self._queue.bulk_write(list(marked), ordered=False)
         for part in chunked(stale):
             await self._queue.delete_many({"_id": {"$in": list(part)}})
         for part in chunked(unborn):
@@ -479,12 +488,20 @@ class MongoDeliveryQueue:
         ids = {f"{c.email.id}:{c.claim_no}": c.lease_token for c in claimed}
         held = await find_by_ids(self._claims, list(ids), {"token": 1})
         ours = [
-            UpdateOne({"_id": claim_id}, {"$set": {"expires_at": now}})
+            claim_id
             for claim_id, token in ids.items()
             if claim_id in held and held[claim_id].get("token") == token
         ]
         for part in chunked(ours):
-            await self._claims.bulk_write(list(part), ordered=False)
+            await self._claims.bulk_write(
+                [UpdateOne({"_id": c}, {"$set": {"expires_at": now}}) for c in part],
+                ordered=False,
+            )
+            # Due again at once (the claim marked the entry due at the lease's end).
+            await self._queue.bulk_write(
+                [UpdateOne({"_id": c.rpartition(":")[0]}, {"$set": {"due": now}}) for c in part],
+                ordered=False,
+            )
         for c in claimed:
             self._leased.pop(c.email.id, None)
 
