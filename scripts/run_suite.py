@@ -12,6 +12,11 @@ already built everything. Configuration is the services' own environment, passed
 - ``AZORA_DOMAIN_GRPC_PORT``, ``AZORA_SMTP_GRPC_PORT``, ``AZORA_MAIL_GRPC_PORT`` (defaults
   50051, 50052, 50053) and ``AZORA_HOST`` only decide what is printed here; the services read
   them themselves.
+- ``AZORA_MAIL_WORKER_PROCESSES`` (default 0): with 1 or more, delivery runs in that many
+  separate worker processes (``python -m services.mail.worker``, started and restarted like
+  the services) and the mail service delivers nothing itself unless ``AZORA_MAIL_RUN_WORKERS``
+  says otherwise; on 2 vCPUs, 2 processes deliver more than the in-process workers
+  (docs/benchmarks.md).
 - ``AZORA_METRICS_PEERS`` unset: set to the suite's own smtp, mail and gateway scrape endpoints
   (``AZORA_METRICS_PORT_*``), so ``GET /metrics`` shows every process's counters (the email
   counters live in the mail process) without configuration. Set it (even empty) to choose.
@@ -73,6 +78,10 @@ SERVICES = (
     # default 2465; development certificate generated under var/submission/).
     ("submission", "services.submission", "AZORA_SUBMISSION_PORT", 2587),
 )
+# Separate delivery workers, started when AZORA_MAIL_WORKER_PROCESSES is 1 or more: one
+# `python -m services.mail.worker`, which runs (and supervises) that many processes. It serves
+# no port of its own; its metrics are on AZORA_METRICS_PORT_MAIL_WORKER (+ i per process).
+MAIL_WORKER = ("mail-worker", "services.mail.worker", "AZORA_METRICS_PORT_MAIL_WORKER", 9105)
 
 
 def log(level: str, msg: str, **fields: Any) -> None:
@@ -109,6 +118,9 @@ def suite_environment(environ: Mapping[str, str]) -> dict[str, str]:
     A port set to 0 (metrics off) leaves that process out.
     """
     env = dict(environ)
+    if worker_processes(env) and "AZORA_MAIL_RUN_WORKERS" not in env:
+        # The separate workers deliver; the mail service only accepts and answers.
+        env["AZORA_MAIL_RUN_WORKERS"] = "false"
     if "AZORA_METRICS_PEERS" not in env:
         host = env.get("AZORA_METRICS_HOST", "").strip() or "127.0.0.1"
         if host in ("0.0.0.0", "::"):  # noqa: S104 - a listen address, not a bind
@@ -123,6 +135,14 @@ def suite_environment(environ: Mapping[str, str]) -> dict[str, str]:
                 peers.append(f"{name}=http://{host}:{port}/metrics")
         env["AZORA_METRICS_PEERS"] = ",".join(peers)
     return env
+
+
+def worker_processes(env: Mapping[str, str]) -> int:
+    """AZORA_MAIL_WORKER_PROCESSES (0 when unset; a bad value is the services' to refuse)."""
+    try:
+        return max(0, int(env.get("AZORA_MAIL_WORKER_PROCESSES", "").strip() or 0))
+    except ValueError:
+        return 0
 
 
 def start_ferretdb() -> EmbeddedFerretDB:
@@ -207,13 +227,14 @@ def main() -> int:
     db: EmbeddedFerretDB | None = None
     children: dict[str, subprocess.Popen[bytes]] = {}
     restarts: dict[str, Restarts] = {}
-    modules = {name: module for name, module, _, _ in SERVICES}
+    children_to_run = (*SERVICES, MAIL_WORKER) if worker_processes(env) else SERVICES
+    modules = {name: module for name, module, _, _ in children_to_run}
     status = 0
 
     def start_child(name: str) -> None:
         children[name] = start_service(modules[name], env)
         restarts.setdefault(name, Restarts(first_wait)).started_at = time.monotonic()
-        port_var, default_port = next((v, p) for n, _, v, p in SERVICES if n == name)
+        port_var, default_port = next((v, p) for n, _, v, p in children_to_run if n == name)
         log(
             "info",
             "service started",
@@ -230,7 +251,7 @@ def main() -> int:
         else:
             log("info", "using MONGODB_URI from the environment; no embedded FerretDB")
 
-        for name, _module, _port_var, _default_port in SERVICES:
+        for name, _module, _port_var, _default_port in children_to_run:
             if stop.is_set():
                 break
             start_child(name)

@@ -303,6 +303,32 @@ def run_periodically(
     return asyncio.create_task(loop(), name=name)
 
 
+def start_process(
+    service_name: str, settings_class: type[SettingsT], *, metrics: bool = True
+) -> SettingsT:
+    """What every process does first: settings, JSON logs, tracing, its metrics endpoint.
+
+    Args:
+        service_name: the process's name (logs, traces, metrics port).
+        settings_class: the process's settings (shared ones plus its own).
+        metrics: False for no scrape endpoint (a supervisor whose children serve their own).
+
+    Exits with status 2 (and the reason on stderr) when the settings are invalid.
+    """
+    try:
+        settings = settings_class.from_env(os.environ, service_name=service_name)
+    except SettingsError as exc:
+        print(f"{service_name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(service=service_name, level=settings.log_level)
+    configure_tracing(
+        service=service_name, version=settings.version, otlp_endpoint=settings.otel_endpoint
+    )
+    if metrics:
+        start_exposition(settings.metrics_host, settings.metrics_port)
+    return settings
+
+
 def main(
     service_name: str,
     build: Callable[[SettingsT], Awaitable[RunningService]],
@@ -315,16 +341,7 @@ def main(
         build: the service's composition root.
         settings_class: the service's settings (shared ones plus its own).
     """
-    try:
-        settings = settings_class.from_env(os.environ, service_name=service_name)
-    except SettingsError as exc:
-        print(f"{service_name}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_logging(service=service_name, level=settings.log_level)
-    configure_tracing(
-        service=service_name, version=settings.version, otlp_endpoint=settings.otel_endpoint
-    )
-    start_exposition(settings.metrics_host, settings.metrics_port)
+    settings = start_process(service_name, settings_class)
 
     async def serve() -> int:
         running = await build(settings)

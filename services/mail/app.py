@@ -23,19 +23,17 @@ from services.core.runtime import Database, RunningService, run_periodically, st
 from services.mail.batch import INDEXES as BATCH_INDEXES
 from services.mail.batch import MongoBatchRepository
 from services.mail.compose import Limits
-from services.mail.delivery import DeliveryWorker, RelayLookup, RelayPool, RetryPolicy
+from services.mail.delivery import DeliveryWorker
 from services.mail.feedback.event_wiring import start_with_feedback
 from services.mail.manager import MailManager, MailPolicy
+from services.mail.outcomes import RetryPolicy
 from services.mail.relay_health import INDEXES as RELAY_HEALTH_INDEXES
 from services.mail.relay_health import RelayHealthStore
-from services.mail.relay_lookup import smtp_service_relays
+from services.mail.relay_lookup import RelayLookup, smtp_service_relays
+from services.mail.relay_pool import RelayPool
 from services.mail.rendering import TemplateEngine
 from services.mail.repository import INDEXES as EMAIL_INDEXES
-from services.mail.repository import (
-    EmailRepository,
-    MongoEmailRepository,
-    MongoIdempotencyRepository,
-)
+from services.mail.repository import MongoEmailRepository, MongoIdempotencyRepository
 from services.mail.senders import GrpcSenderDirectory, SenderDirectory
 from services.mail.servicer import MailServicer
 from services.mail.settings import MailSettings
@@ -66,7 +64,7 @@ class MailApp:
 
     running: RunningService
     mail: MailManager
-    emails: EmailRepository
+    emails: MongoEmailRepository
     worker: DeliveryWorker | None
 
 
@@ -106,16 +104,16 @@ def remote_relays(settings: MailSettings) -> tuple[RelayLookup, grpc.aio.Channel
 def make_worker(
     settings: MailSettings,
     *,
-    emails: EmailRepository,
+    emails: MongoEmailRepository,
     relays: RelayLookup,
     clock: Clock,
     worker_id: str | None = None,
     rng: random.Random | None = None,
     relay_health: RelayHealthStore | None = None,
 ) -> DeliveryWorker:
-    """A delivery worker configured from settings."""
+    """A delivery worker configured from settings, on the queue engine of `emails`."""
     return DeliveryWorker(
-        emails=emails,
+        queue=emails.delivery_queue,
         relays=relays,
         pool=RelayPool(
             max_per_relay=settings.mail_relay_connections,
@@ -232,7 +230,9 @@ async def build_app(
     return MailApp(RunningService(server, database, channels), manager, emails, worker)
 
 
-async def finish_deliveries(worker: DeliveryWorker, emails: EmailRepository, grace: float) -> None:
+async def finish_deliveries(
+    worker: DeliveryWorker, emails: MongoEmailRepository, grace: float
+) -> None:
     """Shutdown: claim nothing more; deliveries in progress get `grace` s to finish and record.
 
     One whose outcome the database has not taken by then keeps its lease (never released), so
@@ -240,7 +240,7 @@ async def finish_deliveries(worker: DeliveryWorker, emails: EmailRepository, gra
     """
     worker.stop()
     await worker.wait_quiet(grace)
-    kept = await emails.flush_outcomes(within=0)
+    kept = await emails.delivery_queue.flush_outcomes(within=0)
     if kept:
         log.warning(
             "outcomes not recorded at shutdown; their leases are kept",

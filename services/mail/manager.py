@@ -2,13 +2,14 @@
 
 Submitting validates, finds the sender's active domain and its relay, builds the message once
 and stores it durably before answering; delivery happens later, in the workers
-(`services.mail.delivery`). Idempotency is insert-first: the key's record reserves the email's
-id, and the email itself is inserted under that id, so concurrent duplicates meet on a unique
-``_id`` twice and exactly one email exists per key (same key + different request: ALREADY_EXISTS,
-HTTP 409, like a conflicting resource). A request that fails after reserving its key and before
-its email is stored gives the key back, so the corrected retry is accepted. A batch checks and
-builds every message first, then stores the valid ones together (`EmailRepository.insert_many`);
-its one idempotency key is covered by `services.mail.batch`.
+(`services.mail.delivery`, on the queue engine `services.mail.queue`). Idempotency is
+insert-first: the key's record reserves the email's id, and the email itself is inserted under
+that id, so concurrent duplicates meet on a unique ``_id`` twice and exactly one email exists
+per key (same key + different request: ALREADY_EXISTS, HTTP 409, like a conflicting resource). A
+request that fails after reserving its key and before its email is stored gives the key back, so
+the corrected retry is accepted. A batch checks and builds every message first, then stores the
+valid ones together (`EmailRepository.insert_many`); its one idempotency key is covered by
+`services.mail.batch`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ from services.mail.compose import (
     parse_mailbox,
     validate,
 )
-from services.mail.delivery import RelayLookup, RetryPolicy
 from services.mail.models import (
     AttachmentInfo,
     Email,
@@ -68,8 +68,10 @@ from services.mail.models import (
     RecipientKind,
     RecipientStatus,
 )
+from services.mail.outcomes import RetryPolicy
 from services.mail.raw_message import SubmitInput
 from services.mail.relay_health import RelayHealthStore, RelayOutcome
+from services.mail.relay_lookup import RelayLookup
 from services.mail.repository import EmailRepository, IdempotencyRecord, IdempotencyRepository
 from services.mail.senders import SenderDirectory, SenderDomain
 from services.mail.tallies import FINEST, ceil_to
@@ -503,10 +505,7 @@ class MailManager:
             )
         if relays is not None and domain.id in relays:
             return domain
-        try:
-            await self._relays.endpoint(tenant_id=tenant_id, domain_id=domain.id)
-        except NotFound:
-            # The relay lookup reports a domain without relay as NotFound (relay_lookup).
+        if not await self._relays.has_relay(tenant_id=tenant_id, domain_id=domain.id):
             raise FailedPrecondition(
                 f"{domain.name} has no SMTP relay configured",
                 reason="RELAY_NOT_CONFIGURED",
@@ -518,7 +517,7 @@ class MailManager:
                     )
                 ],
                 metadata={"field": field, "domainId": domain.id, "domain": domain.name},
-            ) from None
+            )
         if relays is not None:
             relays.add(domain.id)
         return domain

@@ -156,9 +156,10 @@ class Email:
 class Claimed:
     """An email a worker holds: the lease it won and what to record with the attempt.
 
-    The lease is claim number `claim_no` of the email (see `MongoEmailRepository.claim_batch`);
-    `events` are the timeline entries of the claim itself (this one, and claims of workers whose
-    lease expired before they recorded anything), written together with the attempt's outcome.
+    The lease is claim number `claim_no` of the email (see
+    `services.mail.queue.MongoDeliveryQueue.claim_batch`); `events` are the timeline entries of
+    the claim itself (this one, and claims of workers whose lease expired before they recorded
+    anything), written together with the attempt's outcome.
     """
 
     email: Email

@@ -93,6 +93,14 @@ class SigningKey:
 class RelayDirectory(Protocol):
     """Looks up a tenant's domain's relay and active DKIM key at their owner."""
 
+    async def relay_exists(self, *, tenant_id: str, domain_id: str) -> bool:
+        """Whether the tenant's domain has a relay configured; never fetches its secrets.
+
+        Raises:
+            Unavailable: the SMTP service cannot answer right now.
+        """
+        ...
+
     async def relay_for(self, *, tenant_id: str, domain_id: str) -> RelaySettings:
         """The relay to deliver the domain's mail through.
 
@@ -146,6 +154,18 @@ class GrpcRelayDirectory:
         self._tokens = ServiceTokens.from_settings(
             settings, subject=SERVICE_SUBJECT, scopes=["smtp:read"]
         )
+
+    async def relay_exists(self, *, tenant_id: str, domain_id: str) -> bool:
+        """See `RelayDirectory.relay_exists`.
+
+        Asks the public GetSmtpConfig (no password in its answer) rather than the credentials
+        rpc; a relay this process fetched for delivery moments ago answers without a call.
+        """
+        fetched = self._cache.get(("relay", tenant_id, domain_id))
+        if fetched is not None and fetched.error is None and fetched.expires > time.monotonic():
+            return True
+        value = await self._cached(("exists", tenant_id, domain_id), self._fetch_exists)
+        return value is True
 
     async def relay_for(self, *, tenant_id: str, domain_id: str) -> RelaySettings:
         """See `RelayDirectory.relay_for`."""
@@ -205,6 +225,24 @@ class GrpcRelayDirectory:
             updated_at=reply.update_time.ToDatetime() if reply.HasField("update_time") else None,
         )
         return _Entry(expires, relay)
+
+    async def _fetch_exists(self, tenant_id: str, domain_id: str) -> _Entry:
+        expires = time.monotonic() + self._ttl
+        try:
+            await self._stub.GetSmtpConfig(
+                smtp_pb2.GetSmtpConfigRequest(domain_id=domain_id),
+                metadata=self._tokens.metadata(tenant_id),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                # No relay, or no such domain in this tenant: no relay either way.
+                return _Entry(expires, False)
+            raise Unavailable(
+                f"the SMTP service did not answer ({exc.code().name})",
+                reason="SMTP_SERVICE_UNAVAILABLE",
+            ) from None
+        return _Entry(expires, True)
 
     async def _fetch_key(self, tenant_id: str, domain_id: str) -> _Entry:
         expires = time.monotonic() + self._ttl
@@ -267,6 +305,7 @@ class InMemoryRelayDirectory:
         self.keys: dict[tuple[str, str], SigningKey] = {}
         self.domains: set[tuple[str, str]] = set()  # domains that exist without a relay
         self.calls = 0  # lets tests see how often the directory was asked
+        self.credential_reads = 0  # and how often for a relay's credentials
 
     def add_relay(self, *, tenant_id: str, relay: RelaySettings) -> None:
         """Configure `relay` for its domain in `tenant_id`."""
@@ -278,9 +317,15 @@ class InMemoryRelayDirectory:
         self.domains.add((tenant_id, key.domain_id))
         self.keys[(tenant_id, key.domain_id)] = key
 
+    async def relay_exists(self, *, tenant_id: str, domain_id: str) -> bool:
+        """See `RelayDirectory.relay_exists`."""
+        self.calls += 1
+        return (tenant_id, domain_id) in self.relays
+
     async def relay_for(self, *, tenant_id: str, domain_id: str) -> RelaySettings:
         """See `RelayDirectory.relay_for`."""
         self.calls += 1
+        self.credential_reads += 1
         relay = self.relays.get((tenant_id, domain_id))
         if relay is not None:
             return relay

@@ -76,6 +76,14 @@ class MailSettings(Settings):
         ge=0,
     )
 
+    mail_worker_processes: int = setting(
+        0,
+        "AZORA_MAIL_WORKER_PROCESSES",
+        "separate delivery worker processes: how many `python -m services.mail.worker` runs (it "
+        "supervises that many when above 1) and `make run` starts besides the mail service (0: "
+        "none, the mail service delivers in-process)",
+        ge=0,
+    )
     # Events (services/mail/feedback/event_log.py).
     event_retention_days: float = setting(
         30.0, "AZORA_EVENT_RETENTION_DAYS", "days events are kept, then swept", ge=0
@@ -91,5 +99,6 @@ class MailSettings(Settings):
         "after this long an event hint whose state change never landed is dropped (longer than "
         "any write can stay in flight)",
     )
+
 
 __all__ = ["MailSettings"]

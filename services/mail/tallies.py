@@ -44,7 +44,7 @@ count can drift, all documented in docs/operations.md:
 * a flush that fails (database down) is kept in memory and retried by the next flush and by
   the periodic flush; a process that dies before the database comes back loses those counts;
 * the lease fence itself has a lease-sized window on FerretDB (see
-  `MongoEmailRepository._holds`): a worker whose expired lease was taken over between its
+  `MongoDeliveryQueue._holds`): a worker whose expired lease was taken over between its
   check and its write records twice.
 """
 

@@ -1,4 +1,4 @@
-"""Pure rules of delivery: the retry schedule and how replies become states (no I/O)."""
+"""The outcome rules: retry schedule, replies, claims, cancels, reschedules (pure, no I/O)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,20 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.mail.delivery import RetryPolicy, decide
+from services.mail import outcomes
+from services.mail.documents import transition_update
 from services.mail.models import (
     Claimed,
     Email,
     EmailStatus,
+    Event,
     EventType,
     Recipient,
     RecipientKind,
     RecipientStatus,
     SmtpReply,
 )
+from services.mail.outcomes import RetryPolicy, decide
 
 
 def seeded(seed: int) -> random.Random:
@@ -144,3 +147,79 @@ def test_decided_recipients_are_left_alone() -> None:
     assert outcome.status == EmailStatus.SENT
     assert [r.attempts for r in outcome.recipients] == [1, 1]
     assert [e.recipient for e in outcome.events] == ["b@y.example"]
+
+
+def waiting(status: EmailStatus, *addresses: str) -> Email:
+    """A stored email in `status` (not claimed), its first recipient already sent."""
+    email = claimed(*addresses).email
+    email.status = status
+    email.recipients[0].status = RecipientStatus.SENT
+    return email
+
+
+def test_cancel_decides_only_for_waiting_emails_and_open_recipients() -> None:
+    # Queued, scheduled or deferred: cancelled, open recipients cancelled, sent ones kept.
+    event = Event(EventType.CANCELLED, NOW, detail="by the API")
+    for status in (EmailStatus.SENT, EmailStatus.SENDING, EmailStatus.CANCELLED):
+        assert outcomes.cancel(waiting(status, "a@x.org", "b@x.org"), event=event) is None
+    email = waiting(EmailStatus.DEFERRED, "a@x.org", "b@x.org")
+    change = outcomes.cancel(email, event=event)
+    assert change is not None
+    assert change.old_status == EmailStatus.DEFERRED
+    assert change.status == EmailStatus.CANCELLED
+    assert change.recipients is not None
+    assert [r.status for r in change.recipients] == [
+        RecipientStatus.SENT,
+        RecipientStatus.CANCELLED,
+    ]
+    after = outcomes.apply(email, change)
+    assert after.next_attempt_at is None
+    assert after.events[-1] == event
+    assert after.updated_at == NOW
+
+
+def test_one_write_records_state_and_timeline_together() -> None:
+    # The update of a transition sets its fields and appends its events; a note moves no state
+    # (and not the retention clock, updated_at).
+    email = waiting(EmailStatus.QUEUED, "a@x.org")
+    later = NOW + timedelta(hours=1)
+    moved = outcomes.reschedule(
+        email,
+        start=later,
+        scheduled=True,
+        expires_at=later + timedelta(days=5),
+        event=Event(EventType.RESCHEDULED, NOW),
+    )
+    assert moved is not None
+    update = transition_update(moved)
+    assert update["$set"]["status"] == EmailStatus.SCHEDULED.value
+    assert update["$set"]["next_attempt_at"] == later
+    assert update["$set"]["send_at"] == later
+    assert [e["type"] for e in update["$push"]["events"]["$each"]] == ["rescheduled"]
+    note = transition_update(outcomes.note(email, event=Event(EventType.RESENT, NOW)))
+    assert "$set" not in note
+    assert [e["type"] for e in note["$push"]["events"]["$each"]] == ["resent"]
+
+
+def test_an_attempt_records_its_claims_then_its_outcome() -> None:
+    # The claim's own events (a taken-over lease, then this claim) go first, with the count.
+    email = waiting(EmailStatus.QUEUED, "a@x.org")
+    email.recipients[0].status = RecipientStatus.PENDING
+    taken = outcomes.claim(
+        email,
+        token="t",
+        number=1,
+        now=NOW,
+        lease=timedelta(minutes=2),
+        worker_id="w2",
+        taken_over=(Event(EventType.CLAIMED, NOW, detail="w1 (lease expired)"),),
+    )
+    assert taken.email.status == EmailStatus.SENDING
+    assert taken.stored_status == EmailStatus.QUEUED
+    ok = {"a@x.org": SmtpReply(250, "2.0.0", "ok")}
+    outcome = decide(taken, ok, now=NOW, policy=POLICY, rng=seeded(1))
+    change = outcomes.after_attempt(taken, outcome, now=NOW)
+    assert [e.type for e in change.events] == [EventType.CLAIMED, EventType.CLAIMED, EventType.SENT]
+    assert change.attempts == 2
+    assert change.old_status == EmailStatus.QUEUED
+    assert change.status == EmailStatus.SENT

@@ -1,4 +1,4 @@
-"""The queue's group commit (`services.mail.repository._GroupCommit`): batching and isolation.
+"""The queue's group commit (`services.mail.group_commit.GroupCommit`): batching and isolation.
 
 No database: the write function is ours, so what each batch contains and which context it runs
 in are observed directly.
@@ -12,7 +12,7 @@ import pymongo
 import pymongo._csot as csot  # private, read-only: the deadline a database call would get
 import pytest
 
-from services.mail.repository import _GroupCommit
+from services.mail.group_commit import GroupCommit
 
 
 async def test_callers_arriving_during_a_write_share_the_next_batch() -> None:
@@ -24,7 +24,7 @@ async def test_callers_arriving_during_a_write_share_the_next_batch() -> None:
         await gate.wait()
         return [item != "taken" for item in items]
 
-    group = _GroupCommit(write)
+    group = GroupCommit(write)
     first = asyncio.create_task(group.submit("a"))
     await asyncio.sleep(0)  # the writer starts on "a" and waits at the gate
     await asyncio.sleep(0)
@@ -45,7 +45,7 @@ async def test_the_writer_does_not_inherit_its_first_callers_deadline() -> None:
         seen.append(csot.get_timeout())
         return [True] * len(items)
 
-    group = _GroupCommit(write)
+    group = GroupCommit(write)
     with pymongo.timeout(0.25):
         assert await group.submit("a") is True
     assert seen == [None]
@@ -55,7 +55,7 @@ async def test_a_failed_batch_fails_each_of_its_callers() -> None:
     async def write(items: list[str]) -> list[bool]:
         raise ConnectionError("database unreachable")
 
-    group = _GroupCommit(write)
+    group = GroupCommit(write)
     results = await asyncio.gather(group.submit("a"), group.submit("b"), return_exceptions=True)
     assert all(isinstance(r, ConnectionError) for r in results)
     with pytest.raises(ConnectionError):

@@ -114,6 +114,26 @@ async def test_answers_are_cached_for_the_ttl(
     assert fresh.host == "second.example.com"
 
 
+async def test_relay_exists_is_answered_without_credentials(
+    domains_stub: DomainStub,
+    smtp_stub: Stub,
+    smtp_channel: grpc.aio.Channel,
+    smtp_settings: Settings,
+    tenant: Tenant,
+) -> None:
+    # Whether a relay exists: no relay, a relay, another tenant's domain, an unknown domain.
+    domain = await register(domains_stub, tenant)
+    assert not await GrpcRelayDirectory(smtp_channel, smtp_settings).relay_exists(
+        tenant_id=tenant.id, domain_id=domain.id
+    )
+    await configure(smtp_stub, tenant, domain.id, "relay.example.net")
+    directory = GrpcRelayDirectory(smtp_channel, smtp_settings)
+    assert await directory.relay_exists(tenant_id=tenant.id, domain_id=domain.id)
+    stranger = new_tenant(smtp_settings)
+    assert not await directory.relay_exists(tenant_id=stranger.id, domain_id=domain.id)
+    assert not await directory.relay_exists(tenant_id=tenant.id, domain_id="0" * 24)
+
+
 async def test_missing_relay_and_foreign_domains(
     domains_stub: DomainStub,
     smtp_channel: grpc.aio.Channel,

@@ -255,6 +255,22 @@ async def test_sender_domain_must_be_an_active_domain_of_the_tenant(
         assert failure.metadata["field"] == "from"
 
 
+async def test_sending_asks_whether_a_relay_exists_never_for_its_credentials(
+    local_mail: LocalMail, tenant: Tenant
+) -> None:
+    # Accepting needs to know that the domain has a relay; its password is delivery's business.
+    _, name = local_mail.add_domain(tenant, port=2525)
+    _, no_relay = local_mail.add_domain(tenant, port=None)
+    sent = await local_mail.send(tenant, from_address=f"a@{name}", to=["x@example.org"], text="t")
+    assert sent.id
+    failure = await failure_of(
+        local_mail.send(tenant, from_address=f"a@{no_relay}", to=["x@example.org"], text="t")
+    )
+    assert failure.reason == "RELAY_NOT_CONFIGURED"
+    assert local_mail.relays.calls >= 2
+    assert local_mail.relays.credential_reads == 0
+
+
 async def test_large_content_goes_to_gridfs_not_the_queue_document(
     local_mail: LocalMail, tenant: Tenant
 ) -> None:

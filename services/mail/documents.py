@@ -1,0 +1,303 @@
+"""How the mail service's emails are stored: collection names and BSON forms, one place.
+
+The API storage (`services.mail.repository`) and the queue engine (`services.mail.queue`)
+write the same email documents; both build them here. `transition_update` is the only place
+a change of an email's state (status, recipients, timeline) becomes a database write: every
+transition the outcome rules decide (`services.mail.outcomes`) is applied through it, as one
+update of the email's document, so whatever must be recorded with a change (its timeline
+entries) goes into that same write.
+
+Collections (written only by the mail service):
+* ``emails``: one document per email: envelope, content (or its GridFS id), recipients,
+  timeline (an array of flat documents: no nested arrays on FerretDB).
+* ``email_queue``: one tiny entry per unfinished email (`services.mail.queue`).
+* ``email_claims``: leases and transition claims, an append-only log (`services.mail.queue`).
+* ``email_idempotency``: ``_id`` = tenant + key, insert-first (`services.mail.repository`).
+* ``email_keys``: one small document per (email, recipient address) and (email, tag) for
+  ListEmails' recipient and tag filters (`services.mail.repository`).
+* GridFS bucket ``email_content``: built messages above the inline limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from bson import Binary
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import BulkWriteError
+
+from services.core.mongo import Document, chunked
+from services.mail.models import (
+    AttachmentInfo,
+    Email,
+    EmailStatus,
+    Event,
+    EventType,
+    Recipient,
+    RecipientKind,
+    RecipientStatus,
+    SmtpReply,
+)
+from services.mail.outcomes import Transition
+
+EMAILS = "emails"
+IDEMPOTENCY = "email_idempotency"
+CLAIMS = "email_claims"
+QUEUE = "email_queue"
+KEYS = "email_keys"
+# Progress of one-off data migrations of the mail storage, one document each.
+MIGRATIONS = "email_migrations"
+CONTENT_BUCKET = "email_content"
+# Reads for the API never carry the message bytes. (findAndModify cannot project on FerretDB
+# 1.24, "fields is not implemented yet": those return the whole document, content dropped.)
+NO_CONTENT = {"content": 0}
+
+
+def _reply_doc(reply: SmtpReply | None) -> Document | None:
+    if reply is None:
+        return None
+    return {"code": reply.code, "enhanced": reply.enhanced_code, "text": reply.text}
+
+
+def _reply(doc: Document | None) -> SmtpReply | None:
+    if not doc:
+        return None
+    return SmtpReply(int(doc["code"]), str(doc.get("enhanced", "")), str(doc.get("text", "")))
+
+
+def event_doc(event: Event) -> Document:
+    """BSON form of an event."""
+    return {
+        "type": event.type.value,
+        "time": event.time,
+        "recipient": event.recipient,
+        "reply": _reply_doc(event.reply),
+        "detail": event.detail,
+    }
+
+
+def _event(doc: Document) -> Event:
+    return Event(
+        EventType(doc["type"]),
+        doc["time"],
+        doc.get("recipient", ""),
+        _reply(doc.get("reply")),
+        doc.get("detail", ""),
+    )
+
+
+def recipient_doc(r: Recipient) -> Document:
+    """BSON form of a recipient and its delivery state."""
+    return {
+        "address": r.address,
+        "kind": r.kind.value,
+        "status": r.status.value,
+        "last_reply": _reply_doc(r.last_reply),
+        "attempts": r.attempts,
+        "updated_at": r.updated_at,
+    }
+
+
+def _recipient(doc: Document) -> Recipient:
+    return Recipient(
+        doc["address"],
+        RecipientKind(doc["kind"]),
+        RecipientStatus(doc["status"]),
+        _reply(doc.get("last_reply")),
+        int(doc.get("attempts", 0)),
+        doc.get("updated_at"),
+    )
+
+
+def email_doc(email: Email) -> Document:
+    """BSON form of a new email (its first state: the insert, not a transition)."""
+    return {
+        "_id": email.id,
+        "tenant_id": email.tenant_id,
+        "domain_id": email.domain_id,
+        "domain_name": email.domain_name,
+        "from": email.from_address,
+        "envelope_from": email.envelope_from,
+        "to": email.to,
+        "cc": email.cc,
+        "bcc": email.bcc,
+        "reply_to": email.reply_to,
+        "subject": email.subject,
+        "message_id": email.message_id,
+        "size": email.size,
+        "recipients": [recipient_doc(r) for r in email.recipients],
+        # Flat lowercase copy for the recipient filter of ListEmails (which lowercases too).
+        "recipient_addresses": [r.address.lower() for r in email.recipients],
+        "status": email.status.value,
+        "created_at": email.created_at,
+        "updated_at": email.updated_at,
+        "next_attempt_at": email.next_attempt_at,
+        "expires_at": email.expires_at,
+        "tags": email.tags,
+        # A list of pairs, not a sub-document: keys may contain '$' or '.'.
+        "metadata": [{"k": k, "v": v} for k, v in email.metadata.items()],
+        "attachments": [
+            {
+                "filename": a.filename,
+                "content_type": a.content_type,
+                "size": a.size,
+                "content_id": a.content_id,
+                "inline": a.inline,
+            }
+            for a in email.attachments
+        ],
+        "send_at": email.send_at,
+        "attempts": email.attempts,
+        "events": [event_doc(e) for e in email.events],
+        "resent_from_id": email.resent_from_id,
+        "idempotency_key": email.idempotency_key,
+        "content": Binary(email.content) if email.content is not None else None,
+        "content_file_id": email.content_file_id,
+        "trace_context": dict(email.trace_context),
+        "template_id": email.template_id,
+        "template_version": email.template_version,
+        "lease_token": "",
+        "claims": 0,
+    }
+
+
+def email_from_doc(doc: Document) -> Email:
+    """The email a stored document holds."""
+    content = doc.get("content")
+    return Email(
+        id=doc["_id"],
+        tenant_id=doc["tenant_id"],
+        domain_id=doc["domain_id"],
+        domain_name=doc["domain_name"],
+        from_address=doc["from"],
+        envelope_from=doc["envelope_from"],
+        to=list(doc["to"]),
+        cc=list(doc["cc"]),
+        bcc=list(doc["bcc"]),
+        reply_to=list(doc["reply_to"]),
+        subject=doc["subject"],
+        message_id=doc["message_id"],
+        size=int(doc["size"]),
+        recipients=[_recipient(r) for r in doc["recipients"]],
+        status=EmailStatus(doc["status"]),
+        created_at=doc["created_at"],
+        updated_at=doc["updated_at"],
+        next_attempt_at=doc.get("next_attempt_at"),
+        expires_at=doc["expires_at"],
+        tags=list(doc.get("tags", [])),
+        metadata={p["k"]: p["v"] for p in doc.get("metadata", [])},
+        attachments=[
+            AttachmentInfo(
+                a["filename"], a["content_type"], int(a["size"]), a["content_id"], a["inline"]
+            )
+            for a in doc.get("attachments", [])
+        ],
+        send_at=doc.get("send_at"),
+        attempts=int(doc.get("attempts", 0)),
+        events=[_event(e) for e in doc.get("events", [])],
+        resent_from_id=doc.get("resent_from_id", ""),
+        idempotency_key=doc.get("idempotency_key", ""),
+        trace_context=dict(doc.get("trace_context") or {}),
+        content=bytes(content) if content is not None else None,
+        content_file_id=doc.get("content_file_id", ""),
+        template_id=doc.get("template_id", ""),
+        template_version=int(doc.get("template_version", 0)),
+    )
+
+
+def key_docs(doc: Document) -> list[Document]:
+    """The ``email_keys`` documents of an email document: one per recipient and per tag."""
+    keys = {f"r:{a}" for a in doc.get("recipient_addresses", [])}
+    keys.update(f"t:{t}" for t in doc.get("tags", []))
+    return [
+        {
+            "_id": f"{doc['tenant_id']}|{key}|{doc['_id']}",
+            "tenant_id": doc["tenant_id"],
+            "key": key,
+            "email_id": doc["_id"],
+            "created_at": doc["created_at"],
+        }
+        for key in sorted(keys)
+    ]
+
+
+def transition_update(transition: Transition) -> Document:
+    """The update of an email's document that records `transition`: the one place it is built.
+
+    State and timeline in one write: the fields the transition sets, and its events appended
+    (``$push``, never read back and rewritten). A write of this update by ``_id`` is the whole
+    record of the change.
+    """
+    fields: Document = {}
+    if transition.status is not None:
+        fields["status"] = transition.status.value
+        fields["next_attempt_at"] = transition.next_attempt_at
+        fields["updated_at"] = transition.time
+    if transition.recipients is not None:
+        fields["recipients"] = [recipient_doc(r) for r in transition.recipients]
+    if transition.attempts is not None:
+        fields["attempts"] = transition.attempts
+        fields["lease_token"] = ""
+    if transition.schedule is not None:
+        fields["send_at"] = transition.schedule.send_at
+        fields["expires_at"] = transition.schedule.expires_at
+    update: Document = {"$push": {"events": {"$each": [event_doc(e) for e in transition.events]}}}
+    if fields:
+        update["$set"] = fields
+    return update
+
+
+async def find_by_ids(
+    collection: AsyncCollection[Document],
+    ids: Sequence[str],
+    projection: Document | None = None,
+) -> dict[str, Document]:
+    """The documents of `ids` that exist, by id: one ``_id $in`` read per `chunked` slice.
+
+    ``_id`` with ``$in`` is served by the primary key on MongoDB and on the embedded database
+    (its local build pushes ``_id`` ``$in`` down to the ``_id_`` index).
+    """
+    found: dict[str, Document] = {}
+    for part in chunked(list(dict.fromkeys(ids))):
+        async for doc in collection.find({"_id": {"$in": list(part)}}, projection):
+            found[str(doc["_id"])] = doc
+    return found
+
+
+async def insert_many_unique(
+    collection: AsyncCollection[Document], docs: list[Document]
+) -> list[bool]:
+    """Insert `docs` (in commands of `MAX_WRITE_BATCH`); which went in (False: _id taken)."""
+    taken: list[bool] = []
+    for part in chunked(docs):
+        try:
+            await collection.insert_many(part, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(int(e.get("code", 0)) != 11000 for e in errors):
+                raise
+            failed = {int(e["index"]) for e in errors}
+            taken.extend(i not in failed for i in range(len(part)))
+            continue
+        taken.extend([True] * len(part))
+    return taken
+
+
+__all__ = [
+    "CLAIMS",
+    "CONTENT_BUCKET",
+    "EMAILS",
+    "IDEMPOTENCY",
+    "KEYS",
+    "MIGRATIONS",
+    "NO_CONTENT",
+    "QUEUE",
+    "email_doc",
+    "email_from_doc",
+    "event_doc",
+    "find_by_ids",
+    "insert_many_unique",
+    "key_docs",
+    "recipient_doc",
+    "transition_update",
+]

@@ -1,0 +1,121 @@
+"""The queue engine reads in batches: a claim, a group of outcomes or a release is a few commands.
+
+Against the real FerretDB, with a PyMongo command listener counting every command per
+collection: claiming N emails reads the emails once (not once per email), recording N outcomes
+checks their lease fences with one read, and a shutdown gives N leases back with one read and
+one write. What each step wrote is checked too, so a batch that skipped an email would fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+from pymongo import AsyncMongoClient, monitoring
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.core.ids import new_id
+from services.core.mongo import Document, ensure_indexes
+from services.mail.app import MAIL_INDEXES
+from services.mail.documents import CLAIMS, EMAILS, QUEUE
+from services.mail.models import EmailStatus, SmtpReply
+from services.mail.outcomes import RetryPolicy, after_attempt, decide
+from services.mail.repository import MongoEmailRepository
+from tests.mail.conftest import START
+from tests.mail.test_write_batch_cap import new_email
+
+EMAILS_CLAIMED = 20
+LEASE = timedelta(minutes=2)
+
+
+class Commands(monitoring.CommandListener):
+    """Counts commands by (name, collection)."""
+
+    def __init__(self) -> None:
+        self.seen: Counter[tuple[str, str]] = Counter()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        """Count one command."""
+        target = event.command.get(event.command_name)
+        self.seen[(event.command_name, target if isinstance(target, str) else "")] += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        """Nothing to do."""
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        """Nothing to do."""
+
+
+@pytest.fixture
+async def counted(
+    ferretdb: str,
+) -> AsyncIterator[tuple[MongoEmailRepository, Commands, AsyncDatabase[Document]]]:
+    """The mail storage on a fresh database whose client counts every command."""
+    commands = Commands()
+    name = f"azora_batches_{secrets.token_hex(4)}"
+    client: AsyncMongoClient[Document] = AsyncMongoClient(
+        ferretdb, event_listeners=[commands], tz_aware=True
+    )
+    await ensure_indexes(client[name], MAIL_INDEXES)
+    yield MongoEmailRepository(client[name], inline_limit=256 * 1024), commands, client[name]
+    await client.drop_database(name)
+    await client.close()
+
+
+async def test_claims_outcomes_and_releases_are_batched(
+    counted: tuple[MongoEmailRepository, Commands, AsyncDatabase[Document]],
+) -> None:
+    # 20 due emails: one claim takes them all with one read of the emails; 20 outcomes
+    # recorded together check their fences with one read; 20 more given back at shutdown.
+    emails, commands, db = counted
+    queue = emails.delivery_queue
+    domain_id = new_id()
+    first = [new_email(domain_id, n) for n in range(EMAILS_CLAIMED)]
+    assert all(await emails.insert_many(emails=first))
+
+    commands.seen.clear()
+    claimed = await queue.claim_batch(now=START, lease=LEASE, worker_id="w1", limit=EMAILS_CLAIMED)
+    assert {c.email.id for c in claimed} == {e.id for e in first}
+    assert commands.seen[("find", EMAILS)] == 1
+    assert commands.seen[("insert", CLAIMS)] == 1
+
+    commands.seen.clear()
+    policy = RetryPolicy()
+    rng = random.Random(1)  # noqa: S311 - jitter only
+    sent = {c.email.recipients[0].address: SmtpReply(250, "2.0.0", "ok") for c in claimed}
+    written = await asyncio.gather(
+        *(
+            queue.finish_attempt(
+                claimed=c,
+                transition=after_attempt(
+                    c, decide(c, sent, now=START, policy=policy, rng=rng), now=START
+                ),
+            )
+            for c in claimed
+        )
+    )
+    assert all(written)
+    assert commands.seen[("find", CLAIMS)] == 1
+    assert commands.seen[("update", EMAILS)] == 1
+    assert commands.seen[("delete", QUEUE)] == 1
+    stored = [d async for d in db[EMAILS].find({}, {"status": 1, "events": 1})]
+    assert {d["status"] for d in stored} == {EmailStatus.SENT.value}
+    assert all([e["type"] for e in d["events"]][-2:] == ["claimed", "sent"] for d in stored)
+    assert await db[QUEUE].count_documents({}) == 0
+
+    second = [new_email(domain_id, n) for n in range(EMAILS_CLAIMED)]
+    assert all(await emails.insert_many(emails=second))
+    held = await queue.claim_batch(now=START, lease=LEASE, worker_id="w2", limit=EMAILS_CLAIMED)
+    assert len(held) == EMAILS_CLAIMED
+    commands.seen.clear()
+    await queue.release(claimed=held, now=START)
+    assert commands.seen[("find", CLAIMS)] == 1
+    assert commands.seen[("update", CLAIMS)] == 1
+    # Given back: another worker takes every one of them at once.
+    again = await queue.claim_batch(now=START, lease=LEASE, worker_id="w3", limit=EMAILS_CLAIMED)
+    assert {c.email.id for c in again} == {e.id for e in second}
