@@ -16,7 +16,7 @@ and the same query shape, then the page's events by ``_id``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
@@ -80,8 +80,17 @@ class EventPage:
     next_page_token: str
 
 
+# The earliest time a ULID can carry (its time part is unsigned milliseconds since the epoch).
+_ULID_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _bound(at: datetime) -> str:
-    """The smallest event id of the millisecond `at`: ids of later events sort after it."""
+    """The smallest event id of the millisecond `at`: ids of later events sort after it.
+
+    A time before 1970 (a valid filter value that no event can have) bounds like 1970: the
+    smallest id there is.
+    """
+    at = max(at if at.tzinfo else at.replace(tzinfo=UTC), _ULID_EPOCH)
     return EVENT_ID_PREFIX + new_ulid(to_millis(at))[:10] + "0" * 16
 
 
