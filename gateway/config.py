@@ -117,4 +117,5 @@ def upstream_targets(settings: Settings) -> dict[str, str]:
         "azora.health.v1.SuiteHealthService": settings.domain_service_target,
         "azora.smtp.v1.SmtpService": settings.smtp_service_target,
         "azora.mail.v1.MailService": settings.mail_service_target,
+        "azora.mail.v1.WebhookService": settings.mail_service_target,
     }

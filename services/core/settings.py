@@ -48,6 +48,91 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; the process must not start."""
 
 
+# --- webhooks ---
+# Settings of webhook delivery (services/mail/feedback/webhook_*), kept together in one block:
+# the nested `Settings.webhooks`, read from AZORA_WEBHOOK_* by `WebhookSettings.read`.
+
+# Standard Webhooks' suggested schedule: the waits before attempts 2, 3, ... (over a day).
+DEFAULT_WEBHOOK_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """Webhook endpoints and their dispatcher. Durations are seconds."""
+
+    # Waits before each retry (AZORA_WEBHOOK_RETRY_SCHEDULE="5,300,..."); after the last one
+    # fails the delivery is FAILED. Each wait is stretched or shrunk by up to `retry_jitter`.
+    retry_schedule: tuple[float, ...] = DEFAULT_WEBHOOK_SCHEDULE
+    retry_jitter: float = 0.2
+    # How long one request may take (connection, TLS, answer) before it counts as failed.
+    timeout: float = 15.0
+    # How long the previous secret keeps signing after a rotation.
+    secret_overlap: float = 24 * 3600.0
+    # An endpoint whose every attempt failed for this long is disabled automatically.
+    disable_after: float = 5 * 24 * 3600.0
+    # SSRF guard: may endpoints resolve to loopback, private, link-local or metadata addresses?
+    # And is plain http accepted? Both true outside production (tests, local receivers).
+    allow_private_hosts: bool = True
+    allow_http: bool = True
+    # Dispatcher: lease of a claimed delivery (longer than `timeout`), poll interval, how far
+    # back each scan of the events collection starts (events inserted late, out of id order,
+    # are found within it), how many requests run at once in all and per endpoint.
+    lease: float = 60.0
+    poll_interval: float = 0.5
+    lookback: float = 300.0
+    concurrency: int = 64
+    endpoint_concurrency: int = 4
+    # Days a delivery and its attempt log are kept.
+    delivery_retention_days: float = 30.0
+    # grpc.health.v1 port of the dispatcher process (its probes' target).
+    dispatcher_health_port: int = 50055
+
+    @classmethod
+    def read(cls, reader: _Reader, *, production: bool) -> WebhookSettings:
+        """The AZORA_WEBHOOK_* variables (outside production private hosts and http are on)."""
+        d = cls()
+        return cls(
+            retry_schedule=_seconds_list(reader, "AZORA_WEBHOOK_RETRY_SCHEDULE", d.retry_schedule),
+            retry_jitter=reader.number("AZORA_WEBHOOK_RETRY_JITTER", d.retry_jitter),
+            timeout=reader.number("AZORA_WEBHOOK_TIMEOUT", d.timeout),
+            secret_overlap=reader.number("AZORA_WEBHOOK_SECRET_OVERLAP", d.secret_overlap),
+            disable_after=reader.number("AZORA_WEBHOOK_DISABLE_AFTER", d.disable_after),
+            allow_private_hosts=reader.flag("AZORA_WEBHOOK_ALLOW_PRIVATE_HOSTS", not production),
+            allow_http=reader.flag("AZORA_WEBHOOK_ALLOW_HTTP", not production),
+            lease=reader.number("AZORA_WEBHOOK_LEASE", d.lease),
+            poll_interval=reader.number("AZORA_WEBHOOK_POLL_INTERVAL", d.poll_interval),
+            lookback=reader.number("AZORA_WEBHOOK_LOOKBACK", d.lookback),
+            concurrency=reader.integer("AZORA_WEBHOOK_CONCURRENCY", d.concurrency, minimum=1),
+            endpoint_concurrency=reader.integer(
+                "AZORA_WEBHOOK_ENDPOINT_CONCURRENCY", d.endpoint_concurrency, minimum=1
+            ),
+            delivery_retention_days=reader.number(
+                "AZORA_WEBHOOK_DELIVERY_RETENTION_DAYS", d.delivery_retention_days
+            ),
+            dispatcher_health_port=reader.port(
+                "AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT", d.dispatcher_health_port
+            ),
+        )
+
+
+def _seconds_list(reader: _Reader, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    """Comma-separated seconds (at least one, none negative)."""
+    raw = reader.env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        found = tuple(float(v) for v in raw.split(",") if v.strip())
+    except ValueError:
+        found = ()
+    if not found or any(v < 0 for v in found):
+        reader.errors.append(f"{name} must be comma-separated seconds (>= 0), got {raw!r}")
+        return default
+    return found
+
+
+# --- end of webhooks ---
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """All configuration of the suite. Durations are seconds unless the name says otherwise."""
@@ -187,6 +272,7 @@ class Settings:
     database_watchdog: float = 60.0
     # GET /health reports the queue degraded once its oldest due email waited this long (s).
     health_queue_max_age: float = 900.0
+    webhooks: WebhookSettings = WebhookSettings()  # the `# --- webhooks ---` block
 
     @property
     def is_production(self) -> bool:
@@ -395,6 +481,7 @@ class Settings:
             health_queue_max_age=reader.number(
                 "AZORA_HEALTH_QUEUE_MAX_AGE", defaults.health_queue_max_age
             ),
+            webhooks=WebhookSettings.read(reader, production=environment is Environment.PRODUCTION),
         )
         reader.raise_if_errors()
         return _apply_secret_defaults(settings)
