@@ -109,11 +109,15 @@ class WebhookDispatcher:
         settings: WebhookSettings,
         holder: str | None = None,
         rng: random.Random | None = None,
+        wall_clock: Clock | None = None,
     ) -> None:
         self._store = store
         self._secrets = secrets
         self._transport = transport
         self._clock = clock
+        # webhook-timestamp is compared by receivers with their own clock (within minutes), so
+        # it is the real time even where schedules run on a test's manual clock.
+        self._wall = wall_clock or SystemClock()
         self._settings = settings
         self.holder = holder or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
@@ -309,7 +313,7 @@ class WebhookDispatcher:
         headers = signed_headers(
             secrets=self._secrets.active(hook, now),
             message_id=delivery.event_id,
-            at=now,
+            at=self._wall.now(),
             body=delivery.body,
         )
         attempt = await self._transport.post(
@@ -392,6 +396,7 @@ def build_dispatcher(
     clock: Clock | None = None,
     holder: str | None = None,
     rng: random.Random | None = None,
+    wall_clock: Clock | None = None,
 ) -> tuple[WebhookDispatcher, WebhookTransport]:
     """A dispatcher over `db` configured from settings, with its transport (close it)."""
     hooks = settings.webhooks
@@ -409,6 +414,7 @@ def build_dispatcher(
         settings=hooks,
         holder=holder,
         rng=rng,
+        wall_clock=wall_clock,
     )
     return dispatcher, transport
 

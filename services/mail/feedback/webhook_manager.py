@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 from yarl import URL
 
-from services.core.clock import Clock
+from services.core.clock import Clock, SystemClock
 from services.core.dns_names import normalize_domain_name
 from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.core.ids import check_id, decode_page_token, encode_page_token, new_id, new_ulid
@@ -291,8 +291,12 @@ class WebhookManager:
             "webhookId": webhook.id,
         }
         body = body_of(payload)
+        # Receivers compare webhook-timestamp with their own clock: the real time.
         headers = signed_headers(
-            secrets=self._secrets.active(webhook, now), message_id=event_id, at=now, body=body
+            secrets=self._secrets.active(webhook, now),
+            message_id=event_id,
+            at=SystemClock().now(),
+            body=body,
         )
         attempt = await self._transport.post(url=webhook.url, headers=headers, body=body, at=now)
         delivery = Delivery(
