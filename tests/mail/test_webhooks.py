@@ -7,7 +7,12 @@ driven step by step with a manual clock, so retry times are exact without waitin
 
 from __future__ import annotations
 
+import asyncio
+import os
 import secrets
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,7 +35,7 @@ from services.mail.feedback.webhook_transport import WebhookTransport, address_p
 from services.mail.relay_directory import InMemoryRelayDirectory
 from services.mail.relay_lookup import DirectoryRelayLookup
 from services.mail.senders import StaticSenderDirectory
-from tests.conftest import Tenant, make_settings, new_tenant
+from tests.conftest import REPO_ROOT, Tenant, make_settings, new_tenant
 from tests.support.grpc_errors import failure_of
 from tests.support.webhook_receiver import Receiver
 
@@ -628,3 +633,66 @@ async def test_production_guard_checks_the_address_at_connection_time(hooks: Hoo
 
 
 Step = Callable[[], Awaitable[None]]
+
+
+# --- the dispatcher process -------------------------------------------------------------------
+
+
+def dispatcher_process(settings: Settings, **env: str) -> subprocess.Popen[bytes]:
+    """`python -m services.mail.feedback.webhook_dispatcher` on the test's database."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.mail.feedback.webhook_dispatcher"],
+        cwd=REPO_ROOT,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("AZORA_")},
+            "AZORA_ENV": "test",
+            "MONGODB_URI": settings.mongodb_uri,
+            "AZORA_MONGODB_DATABASE": settings.mongodb_database,
+            "JWT_SECRET": settings.jwt_secret,
+            "AZORA_SERVICE_TOKEN_SECRET": settings.service_token_secret,
+            "AZORA_SECRETS_KEY": settings.secrets_key,
+            "AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT": "0",
+            "AZORA_WEBHOOK_TIMEOUT": "1",
+            "AZORA_WEBHOOK_POLL_INTERVAL": "0.1",
+            "AZORA_WEBHOOK_RETRY_SCHEDULE": "1",
+            "LOG_LEVEL": "warning",
+            # Leases of a killed dispatcher expire after 7 s (twice the timeout plus 5 s).
+            "AZORA_WEBHOOK_LEASE": "3",
+            **env,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def test_kill_9_of_the_dispatcher_loses_no_event(hooks: Hooks, tenant: Tenant) -> None:
+    # Killed while requests are in flight, the next dispatcher takes the expired leases over:
+    # every event reaches the receiver at least once (by webhook-id = event id).
+    receiver = await hooks.receiver()
+    receiver.delay = 0.3
+    endpoint = await hooks.endpoint(tenant, receiver.url)
+    events = [await hooks.event(tenant) for _ in range(20)]
+    first = dispatcher_process(hooks.settings, AZORA_WEBHOOK_ENDPOINT_CONCURRENCY="4")
+    try:
+        await receiver.wait_for(3, within=60)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=30)
+    assert first.returncode == -signal.SIGKILL
+    cut_off = len(receiver.requests)
+    second = dispatcher_process(hooks.settings)
+    deliveries = hooks.db["webhook_deliveries"]
+    try:
+        async with asyncio.timeout(120):
+            # Requests cut off by the kill are sent again once their lease has expired.
+            while await deliveries.count_documents({"state": "succeeded"}) < len(events):  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        _, stderr = second.communicate(timeout=30)
+    assert second.returncode == 0, stderr.decode()[-2000:]
+    assert cut_off < len(events)  # the kill really came in the middle
+    received = {r.webhook_id for r in receiver.requests}
+    assert received == {e["_id"] for e in events}
+    for request in receiver.requests:
+        verify(endpoint.secret, request)

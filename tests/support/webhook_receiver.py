@@ -1,7 +1,7 @@
 """A real HTTP receiver for webhook tests: aiohttp on 127.0.0.1, recording every request.
 
 Its answers are scripted: a queue of status codes (then `default`), or "HANG" (never answer
-until the receiver closes), with a body per answer.
+until the receiver closes), with a body per answer and an optional delay.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class Receiver:
     answers: list[int | str] = field(default_factory=list)
     default: int | str = 200
     body: str = "ok"
+    # Seconds each answer waits (keeps requests in flight).
+    delay: float = 0.0
     requests: list[Request] = field(default_factory=list)
     hanging: int = 0
     url: str = ""
@@ -88,4 +90,6 @@ class Receiver:
                 self.hanging -= 1
             return web.Response(status=503, text="released")
         assert isinstance(answer, int)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         return web.Response(status=answer, text=self.body)
