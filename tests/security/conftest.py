@@ -16,7 +16,7 @@ import grpc
 import pytest
 from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 from azora.iam.v1 import api_keys_pb2_grpc
-from azora.mail.v1 import mail_pb2_grpc
+from azora.mail.v1 import mail_pb2_grpc, webhooks_pb2_grpc
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
@@ -47,6 +47,7 @@ class GrpcStubs:
     api_keys: api_keys_pb2_grpc.ApiKeyServiceAsyncStub
     smtp: smtp_pb2_grpc.SmtpServiceAsyncStub
     mail: mail_pb2_grpc.MailServiceAsyncStub
+    webhooks: webhooks_pb2_grpc.WebhookServiceAsyncStub
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +61,7 @@ async def stack_stubs(rest_stack: RestStack) -> AsyncIterator[GrpcStubs]:
         api_keys=api_keys_pb2_grpc.ApiKeyServiceStub(domain),
         smtp=smtp_pb2_grpc.SmtpServiceStub(smtp),
         mail=mail_pb2_grpc.MailServiceStub(mail),
+        webhooks=webhooks_pb2_grpc.WebhookServiceStub(mail),
     )
     for channel in (domain, smtp, mail):
         await channel.close()

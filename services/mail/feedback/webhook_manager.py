@@ -44,8 +44,6 @@ from services.mail.feedback.webhook_transport import WebhookTransport
 MAX_URL_LENGTH = 2048
 MAX_DESCRIPTION = 500
 MAX_DOMAINS = 100
-WEBHOOK = "Webhook"
-DELIVERY = "WebhookDelivery"
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +219,7 @@ class WebhookManager:
         check_id(webhook_id)
         webhook = await self._store.get_webhook(webhook_id=webhook_id, tenant_id=tenant_id)
         if webhook is None:
-            raise NotFound(WEBHOOK, webhook_id)
+            raise NotFound("Webhook", webhook_id)
         return webhook
 
     async def list(self, *, tenant_id: str, page_size: int, page_token: str) -> Page[Webhook]:
@@ -251,14 +249,14 @@ class WebhookManager:
             webhook.enabled = data.enabled
         webhook.update_time = self._clock.now()
         if not await self._store.save_webhook(webhook):
-            raise NotFound(WEBHOOK, webhook_id)
+            raise NotFound("Webhook", webhook_id)
         return webhook
 
     async def delete(self, *, tenant_id: str, webhook_id: str) -> None:
         """Delete an endpoint and its delivery log."""
         check_id(webhook_id)
         if not await self._store.delete_webhook(webhook_id=webhook_id, tenant_id=tenant_id):
-            raise NotFound(WEBHOOK, webhook_id)
+            raise NotFound("Webhook", webhook_id)
 
     async def rotate_secret(self, *, tenant_id: str, webhook_id: str) -> Webhook:
         """A new secret (returned once); the former one signs too until the overlap ends."""
@@ -274,7 +272,7 @@ class WebhookManager:
         webhook.secrets = [SealedSecret(self._secrets.seal(webhook.id, secret)), *former]
         webhook.update_time = now
         if not await self._store.save_webhook(webhook):
-            raise NotFound(WEBHOOK, webhook_id)
+            raise NotFound("Webhook", webhook_id)
         webhook.secret = secret
         return webhook
 
@@ -352,7 +350,7 @@ class WebhookManager:
         webhook = await self.get(tenant_id=tenant_id, webhook_id=webhook_id)
         delivery = await self._store.get_delivery(webhook_id=webhook.id, delivery_id=delivery_id)
         if delivery is None:
-            raise NotFound(DELIVERY, delivery_id)
+            raise NotFound("WebhookDelivery", delivery_id)
         if not webhook.enabled:
             raise FailedPrecondition(
                 "the endpoint is disabled; enable it before replaying deliveries",
@@ -361,7 +359,7 @@ class WebhookManager:
             )
         requeued = await self._store.requeue(delivery_id=delivery.id, now=self._clock.now())
         if requeued is None:
-            raise NotFound(DELIVERY, delivery_id)
+            raise NotFound("WebhookDelivery", delivery_id)
         return requeued
 
 
