@@ -259,7 +259,7 @@ def _extended(
     """The descriptor set with one more MailService rpc carrying `rule`."""
     copy = descriptor_pb2.FileDescriptorSet()
     copy.CopyFrom(files)
-    (mail,) = [f for f in copy.file if f.package == "azora.mail.v1"]
+    (mail,) = [f for f in copy.file if f.name == "azora/mail/v1/mail.proto"]
     method = mail.service[0].method.add(
         name=name, input_type=".azora.mail.v1.GetEmailRequest", output_type=".azora.mail.v1.Email"
     )
