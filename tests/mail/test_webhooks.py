@@ -534,6 +534,25 @@ async def test_unknown_ids_and_states_are_clear_errors(hooks: Hooks, tenant: Ten
     assert gone.reason == "WEBHOOK_NOT_FOUND"
 
 
+async def test_a_tenant_has_at_most_twenty_endpoints(hooks: Hooks, tenant: Tenant) -> None:
+    # Every event is matched against all of a tenant's endpoints: their number is bounded.
+    for index in range(20):
+        await hooks.endpoint(tenant, f"https://hooks.example/{index}")
+    failure = await failure_of(hooks.endpoint(tenant, "https://hooks.example/extra"))
+    assert failure.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert failure.reason == "TOO_MANY_WEBHOOKS"
+    listed = await hooks.stub.ListWebhooks(
+        webhooks_pb2.ListWebhooksRequest(page_size=15), metadata=tenant.metadata
+    )
+    rest = await hooks.stub.ListWebhooks(
+        webhooks_pb2.ListWebhooksRequest(page_size=15, page_token=listed.next_page_token),
+        metadata=tenant.metadata,
+    )
+    assert len(listed.webhooks) + len(rest.webhooks) == 20
+    assert rest.next_page_token == ""
+    assert len({w.id for w in [*listed.webhooks, *rest.webhooks]}) == 20
+
+
 # --- SSRF guard in production mode ------------------------------------------------------------
 
 

@@ -16,7 +16,13 @@ from yarl import URL
 
 from services.core.clock import Clock, SystemClock
 from services.core.dns_names import normalize_domain_name
-from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from services.core.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PreconditionViolation,
+)
 from services.core.ids import check_id, decode_page_token, encode_page_token, new_id, new_ulid
 from services.core.ids import page_size as clamp_page_size
 from services.core.netguard import classify
@@ -44,6 +50,8 @@ from services.mail.feedback.webhook_transport import WebhookTransport
 MAX_URL_LENGTH = 2048
 MAX_DESCRIPTION = 500
 MAX_DOMAINS = 100
+# Endpoints per tenant: every event is matched against all of its tenant's endpoints.
+MAX_WEBHOOKS_PER_TENANT = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +199,17 @@ class WebhookManager:
     async def create(self, *, tenant_id: str, data: WebhookInput) -> Webhook:
         """Create an endpoint with a new secret (in the answer, once)."""
         data = check_input(data, self._settings)
+        if await self._store.count_webhooks(tenant_id=tenant_id) >= MAX_WEBHOOKS_PER_TENANT:
+            raise FailedPrecondition(
+                f"a tenant has at most {MAX_WEBHOOKS_PER_TENANT} webhook endpoints; "
+                "delete one first",
+                reason="TOO_MANY_WEBHOOKS",
+                violations=[
+                    PreconditionViolation(
+                        "WEBHOOK_LIMIT", "webhooks", f"at most {MAX_WEBHOOKS_PER_TENANT}"
+                    )
+                ],
+            )
         now = self._clock.now()
         webhook_id = new_id()
         secret = new_secret()

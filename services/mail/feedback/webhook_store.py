@@ -222,6 +222,10 @@ class WebhookStore:
         cursor = self._webhooks.find(query).sort("_id", ASCENDING).limit(limit)
         return [webhook_from_doc(d) async for d in cursor]
 
+    async def count_webhooks(self, *, tenant_id: str) -> int:
+        """How many endpoints the tenant has."""
+        return await self._webhooks.count_documents({"tenantId": tenant_id})
+
     async def save_webhook(self, webhook: Webhook) -> bool:
         """Replace the endpoint's document; False when it no longer exists."""
         result = await self._webhooks.replace_one(

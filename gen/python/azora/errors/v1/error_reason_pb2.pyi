@@ -275,6 +275,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the endpoint is disabled (by its owner or automatically after failing
     every attempt for AZORA_WEBHOOK_DISABLE_AFTER); enable it before replaying deliveries.
     """
+    TOO_MANY_WEBHOOKS: _ErrorReason.ValueType  # 82
+    """FAILED_PRECONDITION: the tenant already has the most webhook endpoints allowed (20)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason an Azora error can carry, with its meaning.
@@ -550,4 +552,6 @@ WEBHOOK_DISABLED: ErrorReason.ValueType  # 81
 """FAILED_PRECONDITION: the endpoint is disabled (by its owner or automatically after failing
 every attempt for AZORA_WEBHOOK_DISABLE_AFTER); enable it before replaying deliveries.
 """
+TOO_MANY_WEBHOOKS: ErrorReason.ValueType  # 82
+"""FAILED_PRECONDITION: the tenant already has the most webhook endpoints allowed (20)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -96,7 +96,8 @@ class WebhookServiceServicer:
     def CreateWebhook(self, request, context):
         """Creates an endpoint. The answer carries the signing secret ("whsec_..."), the only time it
         is shown; it is stored encrypted.
-        Errors: INVALID_ARGUMENT (url, event_types, domains or description named).
+        Errors: INVALID_ARGUMENT (url, event_types, domains or description named),
+        TOO_MANY_WEBHOOKS (a tenant has at most 20 endpoints).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,7 +41,8 @@ class WebhookServiceStub:
     CreateWebhook: _grpc.UnaryUnaryMultiCallable[_webhooks_pb2.CreateWebhookRequest, _webhooks_pb2.Webhook]
     """Creates an endpoint. The answer carries the signing secret ("whsec_..."), the only time it
     is shown; it is stored encrypted.
-    Errors: INVALID_ARGUMENT (url, event_types, domains or description named).
+    Errors: INVALID_ARGUMENT (url, event_types, domains or description named),
+    TOO_MANY_WEBHOOKS (a tenant has at most 20 endpoints).
     """
     ListWebhooks: _grpc.UnaryUnaryMultiCallable[_webhooks_pb2.ListWebhooksRequest, _webhooks_pb2.ListWebhooksResponse]
     """Lists the tenant's endpoints, oldest first.
@@ -93,7 +94,8 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     CreateWebhook: _aio.UnaryUnaryMultiCallable[_webhooks_pb2.CreateWebhookRequest, _webhooks_pb2.Webhook]  # type: ignore[assignment]
     """Creates an endpoint. The answer carries the signing secret ("whsec_..."), the only time it
     is shown; it is stored encrypted.
-    Errors: INVALID_ARGUMENT (url, event_types, domains or description named).
+    Errors: INVALID_ARGUMENT (url, event_types, domains or description named),
+    TOO_MANY_WEBHOOKS (a tenant has at most 20 endpoints).
     """
     ListWebhooks: _aio.UnaryUnaryMultiCallable[_webhooks_pb2.ListWebhooksRequest, _webhooks_pb2.ListWebhooksResponse]  # type: ignore[assignment]
     """Lists the tenant's endpoints, oldest first.
@@ -148,7 +150,8 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_webhooks_pb2.Webhook, _abc.Awaitable[_webhooks_pb2.Webhook]]:
         """Creates an endpoint. The answer carries the signing secret ("whsec_..."), the only time it
         is shown; it is stored encrypted.
-        Errors: INVALID_ARGUMENT (url, event_types, domains or description named).
+        Errors: INVALID_ARGUMENT (url, event_types, domains or description named),
+        TOO_MANY_WEBHOOKS (a tenant has at most 20 endpoints).
         """
 
     @_abc_1.abstractmethod
