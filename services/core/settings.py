@@ -84,8 +84,10 @@ class WebhookSettings:
     endpoint_concurrency: int = 4
     # Days a delivery and its attempt log are kept.
     delivery_retention_days: float = 30.0
-    # grpc.health.v1 port of the dispatcher process (its probes' target).
+    # grpc.health.v1 port of the dispatcher process (its probes' target), and where it serves
+    # its Prometheus metrics (0 = not served).
     dispatcher_health_port: int = 50055
+    dispatcher_metrics_port: int = 9107
 
     @classmethod
     def read(cls, reader: _Reader, *, production: bool) -> WebhookSettings:
@@ -111,6 +113,9 @@ class WebhookSettings:
             ),
             dispatcher_health_port=reader.port(
                 "AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT", d.dispatcher_health_port
+            ),
+            dispatcher_metrics_port=reader.port(
+                "AZORA_WEBHOOK_DISPATCHER_METRICS_PORT", d.dispatcher_metrics_port
             ),
         )
 

@@ -394,6 +394,7 @@ def test_compose_probe_works_against_a_real_webhook_dispatcher(
         "MONGODB_URI": ferretdb,
         "AZORA_MONGODB_DATABASE": "azora_deploy_webhooks",
         "AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT": str(health),
+        "AZORA_WEBHOOK_DISPATCHER_METRICS_PORT": "0",
         "LOG_LEVEL": "info",
     }
     process = subprocess.Popen(

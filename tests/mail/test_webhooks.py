@@ -13,7 +13,7 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from azora.mail.v1 import webhooks_pb2, webhooks_pb2_grpc
+from prometheus_client import REGISTRY
 from standardwebhooks import Webhook as Verifier
 from standardwebhooks.webhooks import WebhookVerificationError
 
@@ -113,6 +114,12 @@ class Hooks:
             webhooks_pb2.ListWebhookDeliveriesRequest(id=webhook_id), metadata=tenant.metadata
         )
         return list(answer.deliveries)
+
+
+def attempts_counted(outcome: str) -> float:
+    """The dispatcher's attempt counter (this process's registry)."""
+    value = REGISTRY.get_sample_value("azora_webhook_attempts_total", {"outcome": outcome})
+    return value or 0.0
 
 
 async def run(dispatcher: WebhookDispatcher) -> None:
@@ -223,8 +230,10 @@ async def test_failed_answers_are_retried_on_the_schedule_logged_and_replayable(
     event = await hooks.event(tenant)
     dispatcher = hooks.dispatcher()
     first = hooks.clock.now()
+    errors_before = attempts_counted("http_error")
     await run(dispatcher)
     assert len(receiver.requests) == 1
+    assert attempts_counted("http_error") == errors_before + 1
     (delivery,) = await hooks.deliveries(tenant, endpoint.id)
     assert delivery.state == webhooks_pb2.WEBHOOK_DELIVERY_STATE_PENDING
     assert delivery.next_attempt_time.ToDatetime() == (first + timedelta(seconds=5)).replace(
@@ -651,9 +660,6 @@ async def test_production_guard_checks_the_address_at_connection_time(hooks: Hoo
     assert len(receiver.requests) == 1
 
 
-Step = Callable[[], Awaitable[None]]
-
-
 # --- the dispatcher process -------------------------------------------------------------------
 
 
@@ -671,6 +677,7 @@ def dispatcher_process(settings: Settings, **env: str) -> subprocess.Popen[bytes
             "AZORA_SERVICE_TOKEN_SECRET": settings.service_token_secret,
             "AZORA_SECRETS_KEY": settings.secrets_key,
             "AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT": "0",
+            "AZORA_WEBHOOK_DISPATCHER_METRICS_PORT": "0",
             "AZORA_WEBHOOK_TIMEOUT": "1",
             "AZORA_WEBHOOK_POLL_INTERVAL": "0.1",
             "AZORA_WEBHOOK_RETRY_SCHEDULE": "1",

@@ -100,6 +100,7 @@ async def suite(
         "AZORA_WEBHOOK_ALLOW_HTTP": "true",
         "AZORA_WEBHOOK_POLL_INTERVAL": "0.1",
         "AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT": str(ports["webhooks"]),
+        "AZORA_WEBHOOK_DISPATCHER_METRICS_PORT": "0",
         "LOG_LEVEL": "debug",
     }
     settings = Settings.from_env(env, service_name="test")

@@ -53,6 +53,12 @@ from pymongo.asynchronous.database import AsyncDatabase
 from services.core.clock import Clock, SystemClock
 from services.core.ids import new_ulid, ulid_floor, ulid_time
 from services.core.logs import configure_logging
+from services.core.metrics import (
+    WEBHOOK_ATTEMPT_DURATION,
+    WEBHOOK_ATTEMPTS,
+    WEBHOOK_LAG,
+    start_exposition,
+)
 from services.core.mongo import Document
 from services.core.netguard import host_resolver
 from services.core.runtime import (
@@ -247,6 +253,7 @@ class WebhookDispatcher:
                             state=DeliveryState.PENDING,
                             create_time=now,
                             next_attempt_time=now,
+                            occurred_time=occurred,
                         )
                     )
         return await self._store.add_deliveries(deliveries) if deliveries else 0
@@ -320,6 +327,7 @@ class WebhookDispatcher:
             url=hook.url, headers=headers, body=delivery.body, at=now
         )
         after = self._clock.now()
+        self._measure(delivery, attempt, after)
         update = self._next(delivery, attempt, after)
         recorded = await self._store.record(lease, attempt=attempt, update=update)
         log.info(
@@ -337,6 +345,20 @@ class WebhookDispatcher:
             },
         )
         await self._endpoint_health(hook, attempt)
+
+    @staticmethod
+    def _measure(delivery: Delivery, attempt: Attempt, now: datetime) -> None:
+        if attempt.success:
+            outcome = "success"
+        elif attempt.status_code:
+            outcome = "http_error"
+        else:
+            outcome = "no_answer"
+        WEBHOOK_ATTEMPTS.labels(outcome=outcome).inc()
+        WEBHOOK_ATTEMPT_DURATION.labels(outcome=outcome).observe(attempt.latency_ms / 1000)
+        first_success = attempt.success and not any(a.success for a in delivery.attempts)
+        if first_success and delivery.occurred_time is not None:
+            WEBHOOK_LAG.observe(max((now - delivery.occurred_time).total_seconds(), 0.0))
 
     def _next(self, delivery: Delivery, attempt: Attempt, now: datetime) -> Delivery:
         """The delivery after an attempt: done, failed for good, or due again later."""
@@ -482,6 +504,7 @@ def main() -> None:
         print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(service=SERVICE_NAME, level=settings.log_level)
+    start_exposition(settings.metrics_host, settings.webhooks.dispatcher_metrics_port)
     status = asyncio.run(serve(settings))
     if status:
         raise SystemExit(status)

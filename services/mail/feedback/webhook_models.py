@@ -120,6 +120,8 @@ class Delivery:
     retries: int = 0
     # The number of the next lease claim (see webhook_store).
     claims: int = 0
+    # When the event occurred (what the lag metric measures from).
+    occurred_time: datetime | None = None
 
 
 def delivery_id(event_id: str, webhook_id: str) -> str:

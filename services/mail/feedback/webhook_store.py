@@ -155,6 +155,7 @@ def delivery_from_doc(doc: Document) -> Delivery:
         attempts=[_attempt_from_doc(a) for a in doc.get("attempts", [])],
         retries=int(doc.get("retries", 0)),
         claims=int(doc.get("claims", 0)),
+        occurred_time=_utc(doc.get("occurredAt")),
     )
 
 
@@ -173,6 +174,8 @@ def delivery_to_doc(delivery: Delivery) -> Document:
         "retries": delivery.retries,
         "claims": delivery.claims,
     }
+    if delivery.occurred_time is not None:
+        doc["occurredAt"] = delivery.occurred_time
     if delivery.state is DeliveryState.PENDING and delivery.next_attempt_time is not None:
         doc["due"] = delivery.next_attempt_time
     return doc
