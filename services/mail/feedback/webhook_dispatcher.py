@@ -96,6 +96,8 @@ EVENT_PREFIX = "evt_"
 _SCAN_PAGE = 200
 # How often delivery logs past their retention and old claims are swept.
 _SWEEP_INTERVAL = 600.0
+# How long an endpoint read from the database is used before it is read again.
+_ENDPOINT_CACHE_S = 1.0
 
 
 def _aware(value: datetime) -> datetime:
@@ -134,8 +136,16 @@ class WebhookDispatcher:
         # Delivering: tasks by delivery id, and requests in flight per endpoint.
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._per_endpoint: collections.Counter[str] = collections.Counter()
+        # Endpoints that may have deliveries due from the given time on (see dispatch_due).
+        self._hints: dict[str, datetime] = {}
+        # Endpoints read recently: id -> (monotonic expiry, endpoint or None when deleted).
+        self._endpoint_cache: dict[str, tuple[float, Webhook | None]] = {}
         self._stopping = asyncio.Event()
+        # Set when a request finishes (a slot is free again) or on stop: the idle wait ends
+        # early, so a busy endpoint is not held to one request per poll interval.
+        self._wake = asyncio.Event()
         self._last_sweep = -float("inf")
+        self._last_full_round = -float("inf")
 
     @property
     def lease(self) -> timedelta:
@@ -145,13 +155,19 @@ class WebhookDispatcher:
     def stop(self) -> None:
         """Claim nothing more; `run` returns."""
         self._stopping.set()
+        self._wake.set()
 
     async def run(self) -> None:
         """Poll until stopped; a failing step (database away) is logged and tried again."""
         while not self._stopping.is_set():
             started = 0
             try:
-                started = await self.step()
+                # Scanning events and the overdue window every poll interval; in between (woken
+                # by a finished request) only the endpoints that may have work are asked.
+                full = time.monotonic() - self._last_full_round >= self._settings.poll_interval
+                if full:
+                    self._last_full_round = time.monotonic()
+                started = await self.step(full=full)
                 if time.monotonic() - self._last_sweep >= _SWEEP_INTERVAL:
                     self._last_sweep = time.monotonic()
                     await self._store.sweep(
@@ -165,12 +181,19 @@ class WebhookDispatcher:
             if started:
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._settings.poll_interval)
+                await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval)
+            self._wake.clear()
 
-    async def step(self) -> int:
-        """One round: discover new events, then start due deliveries; how many were started."""
-        await self.discover()
-        return await self.dispatch_due()
+    async def step(self, *, full: bool = True) -> int:
+        """One round: discover new events, then start due deliveries; how many were started.
+
+        Args:
+            full: also scan for new events and read the window of overdue deliveries (else
+                only endpoints known to have work are asked).
+        """
+        if full:
+            await self.discover()
+        return await self.dispatch_due(window=full)
 
     async def drain(self, within: float | None = None) -> None:
         """Wait for the requests in flight (all of them, or for `within` seconds at most)."""
@@ -256,61 +279,121 @@ class WebhookDispatcher:
                             occurred_time=occurred,
                         )
                     )
-        return await self._store.add_deliveries(deliveries) if deliveries else 0
+        if not deliveries:
+            return 0
+        created = await self._store.add_deliveries(deliveries)
+        for delivery in deliveries:
+            self._hint(delivery.webhook_id, now)
+        return created
 
     # --- delivery
 
-    async def dispatch_due(self) -> int:
-        """Claim due deliveries within the concurrency limits and start sending them."""
+    async def dispatch_due(self, *, window: bool = True) -> int:
+        """Claim due deliveries within the concurrency limits and start sending them.
+
+        Two sources, both index-served, neither growing with another endpoint's backlog: the
+        most overdue deliveries of all endpoints (a window of bounded size), and, per endpoint
+        that may have work (`_hints`: fan-out, retries scheduled here, the window) and a free
+        slot, its own due deliveries. So an endpoint with a large backlog that fills the window
+        cannot starve the others.
+        """
         if self._stopping.is_set():
             return 0
         room = self._settings.concurrency - len(self._inflight)
         if room <= 0:
             return 0
         now = self._clock.now()
-        busy = [
-            w for w, n in self._per_endpoint.items() if n >= self._settings.endpoint_concurrency
-        ]
-        candidates = await self._store.due(
-            now=now, limit=room * 2 + 8, skip_ids=list(self._inflight), skip_webhooks=busy
+        overdue = (
+            await self._store.due(now=now, limit=room * 2 + 8, skip_ids=list(self._inflight))
+            if window
+            else []
         )
-        started = 0
-        for delivery in candidates:
-            if started >= room or self._stopping.is_set():
+        for delivery in overdue:
+            self._hint(delivery.webhook_id, delivery.next_attempt_time or now)
+        # Within the limits: `room` in all, `endpoint_concurrency` per endpoint.
+        limit = self._settings.endpoint_concurrency
+        picked: dict[str, Delivery] = {}
+        planned = collections.Counter(self._per_endpoint)
+
+        def take(delivery: Delivery) -> None:
+            if len(picked) >= room or delivery.id in self._inflight or delivery.id in picked:
+                return
+            if planned[delivery.webhook_id] >= limit:
+                return
+            planned[delivery.webhook_id] += 1
+            picked[delivery.id] = delivery
+
+        for delivery in overdue:
+            take(delivery)
+        for webhook_id, at in sorted(self._hints.items(), key=lambda item: item[1]):
+            if len(picked) >= room or at > now:
                 break
-            if delivery.id in self._inflight:
+            free = limit - planned[webhook_id]
+            if free <= 0:
                 continue
-            if self._per_endpoint[delivery.webhook_id] >= self._settings.endpoint_concurrency:
-                continue
-            lease = await self._store.claim(delivery, now=now, lease=self.lease, holder=self.holder)
-            if lease is None:
-                continue
+            found = await self._store.due_for_webhook(
+                webhook_id, now=now, limit=free, skip_ids=[*self._inflight, *picked]
+            )
+            for delivery in found:
+                take(delivery)
+            if len(found) < free:
+                del self._hints[webhook_id]  # nothing more due now
+        picked_list = list(picked.values())
+        leases = await self._store.claim(picked_list, now=now, lease=self.lease, holder=self.holder)
+        hooks = await self._endpoints({x.delivery.webhook_id for x in leases})
+        for lease in leases:
+            delivery = lease.delivery
             self._per_endpoint[delivery.webhook_id] += 1
             self._inflight[delivery.id] = asyncio.create_task(
-                self._deliver(lease), name=f"webhook:{delivery.id}"
+                self._deliver(lease, hooks.get(delivery.webhook_id)), name=f"webhook:{delivery.id}"
             )
-            started += 1
-        return started
+        return len(leases)
 
-    async def _deliver(self, lease: Lease) -> None:
+    async def _endpoints(self, ids: set[str]) -> dict[str, Webhook | None]:
+        """Endpoints by id, read at most once a second (a change applies within a second)."""
+        fresh = {i: self._endpoint_cache[i][1] for i in ids if i in self._endpoint_cache}
+        fresh = {
+            i: hook for i, hook in fresh.items() if self._endpoint_cache[i][0] > time.monotonic()
+        }
+        missing = sorted(ids - set(fresh))
+        if missing:
+            found = await self._store.webhooks_by_id(missing)
+            expiry = time.monotonic() + _ENDPOINT_CACHE_S
+            for webhook_id in missing:
+                self._endpoint_cache[webhook_id] = (expiry, found.get(webhook_id))
+                fresh[webhook_id] = found.get(webhook_id)
+        if len(self._endpoint_cache) > 10_000:
+            self._endpoint_cache.clear()
+        return fresh
+
+    def _hint(self, webhook_id: str, at: datetime) -> None:
+        known = self._hints.get(webhook_id)
+        if known is None or at < known:
+            self._hints[webhook_id] = at
+
+    async def _deliver(self, lease: Lease, hook: Webhook | None) -> None:
         delivery = lease.delivery
         try:
-            await self._attempt(lease)
+            await self._attempt(lease, hook)
         except asyncio.CancelledError:
             raise
         except Exception:
             # The lease expires and the delivery is attempted again (by anyone).
             log.exception("webhook delivery failed", extra={"fields": {"delivery": delivery.id}})
         finally:
+            self._wake.set()
             self._inflight.pop(delivery.id, None)
             self._per_endpoint[delivery.webhook_id] -= 1
             if self._per_endpoint[delivery.webhook_id] <= 0:
                 del self._per_endpoint[delivery.webhook_id]
 
-    async def _attempt(self, lease: Lease) -> None:
+    async def _attempt(self, lease: Lease, hook: Webhook | None) -> None:
+        """Send a leased delivery to its endpoint (as read when it was claimed) and record it."""
         delivery = lease.delivery
         now = self._clock.now()
-        hook = await self._store.get_webhook(webhook_id=delivery.webhook_id)
+        if hook is None or not hook.enabled:
+            # Read again before ending the delivery: the cached view may be a second old.
+            hook = await self._store.get_webhook(webhook_id=delivery.webhook_id)
         if hook is None or not hook.enabled:
             why = "the endpoint was deleted" if hook is None else "the endpoint is disabled"
             note = Attempt(now, 0, 0, "", f"not sent: {why}")
@@ -330,6 +413,8 @@ class WebhookDispatcher:
         self._measure(delivery, attempt, after)
         update = self._next(delivery, attempt, after)
         recorded = await self._store.record(lease, attempt=attempt, update=update)
+        # The endpoint's next work: this retry, or (after a success) more of its backlog.
+        self._hint(hook.id, update.next_attempt_time or after)
         log.info(
             "webhook attempt",
             extra={

@@ -11,8 +11,10 @@ Collections (written by the mail service only: its API process and its webhook d
 * ``webhook_claims``: leases, one insert per claim, ``_id`` = ``<delivery id>:<n>``, as the
   mail queue does (FerretDB 1.24 does not isolate find-and-modify or conditional updates;
   unique ``_id``s do hold). Claim n of a delivery exists and is unexpired: someone holds it.
-  Expired: its holder died (kill -9) or is late; the next claimer takes n+1 and a late record
-  of the former holder is fenced off because n+1 exists. Swept after a day.
+  Expired: its holder died (kill -9) or is late; the next claimer takes n+1. A record is
+  conditional on the delivery's ``claims`` being what the holder read when it won, and moves
+  it past the holder's claim, so a late holder whose successor has recorded changes nothing.
+  Swept after a day.
 * ``webhook_cursor``: how far the events collection has been scanned (a restart resumes there,
   minus the look-back window).
 
@@ -28,11 +30,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING
+from pymongo import ASCENDING, DESCENDING, DeleteOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
-from services.core.mongo import Document, IndexSpec, chunked, delete_older, is_duplicate_key
+from services.core.mongo import Document, IndexSpec, chunked, delete_older
 from services.mail.feedback.webhook_models import (
     ATTEMPTS_KEPT,
     Attempt,
@@ -58,6 +60,11 @@ WEBHOOK_INDEXES = (
         DELIVERIES,
         [("webhookId", ASCENDING), ("state", ASCENDING), ("_id", DESCENDING)],
         "webhook_deliveries_state_newest",
+    ),
+    IndexSpec(
+        DELIVERIES,
+        [("webhookId", ASCENDING), ("state", ASCENDING), ("due", ASCENDING)],
+        "webhook_endpoint_due",
     ),
     IndexSpec(DELIVERIES, [("createTime", ASCENDING)], "webhook_delivery_age"),
     IndexSpec(CLAIMS, [("createdAt", ASCENDING)], "webhook_claim_age"),
@@ -328,91 +335,145 @@ class WebhookStore:
         return delivery_from_doc(doc) if doc else None
 
     async def due(
-        self,
-        *,
-        now: datetime,
-        limit: int,
-        skip_ids: Sequence[str] = (),
-        skip_webhooks: Sequence[str] = (),
+        self, *, now: datetime, limit: int, skip_ids: Sequence[str] = ()
     ) -> list[Delivery]:
-        """Pending deliveries whose next attempt is due, the most overdue first.
+        """The most overdue pending deliveries of all endpoints (at most `limit`).
 
-        Deliveries this process is sending and those of endpoints at their concurrency limit
-        are left out of the query itself, so they cannot fill the window and hide others.
+        Deliveries this process is sending are left out (a set bounded by its concurrency).
         """
         query: Document = {"state": DeliveryState.PENDING.value, "due": {"$lte": now}}
         if skip_ids:
             query["_id"] = {"$nin": list(skip_ids)}
-        if skip_webhooks:
-            query["webhookId"] = {"$nin": list(skip_webhooks)}
+        cursor = self._deliveries.find(query).limit(limit)
+        found = [delivery_from_doc(d) async for d in cursor]
+        found.sort(key=lambda d: d.next_attempt_time or now)
+        return found
+
+    async def due_for_webhook(
+        self, webhook_id: str, *, now: datetime, limit: int, skip_ids: Sequence[str] = ()
+    ) -> list[Delivery]:
+        """Pending deliveries of one endpoint that are due (at most `limit`)."""
+        query: Document = {
+            "webhookId": webhook_id,
+            "state": DeliveryState.PENDING.value,
+            "due": {"$lte": now},
+        }
+        if skip_ids:
+            query["_id"] = {"$nin": list(skip_ids)}
         cursor = self._deliveries.find(query).limit(limit)
         found = [delivery_from_doc(d) async for d in cursor]
         found.sort(key=lambda d: d.next_attempt_time or now)
         return found
 
     async def claim(
-        self, delivery: Delivery, *, now: datetime, lease: timedelta, holder: str
-    ) -> Lease | None:
-        """Take a lease on a due delivery, or None when someone else holds it (or it moved on).
+        self, deliveries: Sequence[Delivery], *, now: datetime, lease: timedelta, holder: str
+    ) -> list[Lease]:
+        """Take leases on due deliveries; those someone else holds (or that moved on) are left.
 
-        One insert decides between concurrent claimers; see the module docstring.
+        One ``insertMany`` of claims decides between concurrent claimers (see the module
+        docstring); a claim that exists but expired is followed by the next number. The won
+        deliveries are then read again in one query: one may have finished since the poll.
         """
-        number = delivery.claims
+        wanted = {d.id: d.claims for d in deliveries}
+        won: dict[str, tuple[int, str]] = {}
         for _ in range(_MAX_CLAIM_STEPS):
-            token = f"{holder}:{uuid.uuid4().hex}"
-            claim = {
-                "_id": f"{delivery.id}:{number}",
-                "token": token,
-                "createdAt": now,
-                "expiresAt": now + lease,
-            }
-            try:
-                await self._claims.insert_one(claim)
-            except Exception as exc:
-                if not is_duplicate_key(exc):
-                    raise
-                existing = await self._claims.find_one({"_id": claim["_id"]})
-                if existing is not None and _aware(existing["expiresAt"]) > now:
-                    return None  # held by a live lease
-                number += 1  # an expired lease: its holder died or is late
-                continue
-            # Won: read the delivery again, it may have finished since the poll read it.
-            doc = await self._deliveries.find_one({"_id": delivery.id})
-            fresh = delivery_from_doc(doc) if doc else None
+            if not wanted:
+                break
+            tokens = {i: f"{holder}:{uuid.uuid4().hex}" for i in wanted}
+            docs = [
+                {"_id": f"{i}:{n}", "token": tokens[i], "createdAt": now, "expiresAt": now + lease}
+                for i, n in wanted.items()
+            ]
+            taken = await self._insert_unique(self._claims, docs)
+            lost: dict[str, int] = {}
+            for (delivery_id, number), ok in zip(wanted.items(), taken, strict=True):
+                if ok:
+                    won[delivery_id] = (number, tokens[delivery_id])
+                else:
+                    lost[delivery_id] = number
+            wanted = {}
+            if lost:
+                names = [f"{i}:{n}" for i, n in lost.items()]
+                existing = {d["_id"]: d async for d in self._claims.find({"_id": {"$in": names}})}
+                for delivery_id, number in lost.items():
+                    claim = existing.get(f"{delivery_id}:{number}")
+                    # Expired: its holder died (kill -9) or is late; take the next number.
+                    if claim is None or _aware(claim["expiresAt"]) <= now:
+                        wanted[delivery_id] = number + 1
+        if not won:
+            return []
+        fresh = {
+            d["_id"]: delivery_from_doc(d)
+            async for d in self._deliveries.find({"_id": {"$in": list(won)}})
+        }
+        leases: list[Lease] = []
+        give_back: list[tuple[str, str]] = []
+        for delivery_id, (number, token) in won.items():
+            current = fresh.get(delivery_id)
             if (
-                fresh is None
-                or fresh.state is not DeliveryState.PENDING
-                or fresh.claims > number
-                or (fresh.next_attempt_time is not None and fresh.next_attempt_time > now)
+                current is None
+                or current.state is not DeliveryState.PENDING
+                or current.claims > number
+                or (current.next_attempt_time is not None and current.next_attempt_time > now)
             ):
-                await self._claims.delete_one({"_id": claim["_id"], "token": token})
-                return None
-            return Lease(fresh, number, token, now + lease)
-        return None
+                give_back.append((f"{delivery_id}:{number}", token))
+                continue
+            leases.append(Lease(current, number, token, now + lease))
+        for part in chunked(give_back):
+            await self._claims.bulk_write(
+                [DeleteOne({"_id": name, "token": token}) for name, token in part]
+            )
+        return leases
+
+    @staticmethod
+    async def _insert_unique(collection: Any, docs: Sequence[Document]) -> list[bool]:
+        """Insert documents; for each, whether it was inserted (False: its ``_id`` existed)."""
+        taken: list[bool] = []
+        for part in chunked(list(docs)):
+            ok = [True] * len(part)
+            try:
+                await collection.insert_many(list(part), ordered=False)
+            except BulkWriteError as exc:
+                for error in exc.details.get("writeErrors", []):
+                    if error.get("code") != 11000:
+                        raise
+                    ok[int(error["index"])] = False
+            taken.extend(ok)
+        return taken
+
+    async def webhooks_by_id(self, ids: Sequence[str]) -> dict[str, Webhook]:
+        """Endpoints by id (missing ones: deleted)."""
+        if not ids:
+            return {}
+        cursor = self._webhooks.find({"_id": {"$in": list(ids)}})
+        return {d["_id"]: webhook_from_doc(d) async for d in cursor}
 
     async def record(self, lease: Lease, *, attempt: Attempt | None, update: Delivery) -> bool:
-        """Write the outcome of a leased attempt; False when the lease was taken over.
+        """Write the outcome of a leased attempt; False when another holder recorded since.
 
-        A taken-over holder (its lease expired, claim n+1 exists) still adds its attempt to the
-        log, so the log shows every request that was made, but leaves the state to the holder.
+        The write is conditional on ``claims`` being what it was when the lease was won, and
+        moves it past the lease's claim number; a holder whose lease expired and whose
+        successor already recorded changes nothing but adds its attempt to the log, so the log
+        shows every request that was made. FerretDB does not isolate conditional updates, so two holders may both
+        record: both made a request, and the later record stands (at least once either way).
         """
         delivery = lease.delivery
-        taken_over = await self._claims.find_one({"_id": f"{delivery.id}:{lease.number + 1}"})
         attempts = [*delivery.attempts, *([attempt] if attempt else [])][-ATTEMPTS_KEPT:]
-        if taken_over is not None:
-            if attempt is not None:
-                await self._deliveries.update_one(
-                    {"_id": delivery.id},
-                    {"$push": {"attempts": _attempt_to_doc(attempt)}},
-                )
-            return False
         doc = delivery_to_doc(update)
         doc["attempts"] = [_attempt_to_doc(a) for a in attempts]
         doc["claims"] = lease.number + 1
         unset = {} if "due" in doc else {"$unset": {"due": ""}}
         body = {k: v for k, v in doc.items() if k != "_id"}
-        await self._deliveries.update_one({"_id": delivery.id}, {"$set": body, **unset})
-        return True
+        result = await self._deliveries.update_one(
+            {"_id": delivery.id, "claims": delivery.claims}, {"$set": body, **unset}
+        )
+        if result.matched_count == 1:
+            return True
+        if attempt is not None:
+            await self._deliveries.update_one(
+                {"_id": delivery.id}, {"$push": {"attempts": _attempt_to_doc(attempt)}}
+            )
+        return False
 
     async def insert_delivery(self, delivery: Delivery) -> None:
         """Store a finished delivery (a test event's, which is never retried)."""
