@@ -454,8 +454,9 @@ class WebhookStore:
         The write is conditional on ``claims`` being what it was when the lease was won, and
         moves it past the lease's claim number; a holder whose lease expired and whose
         successor already recorded changes nothing but adds its attempt to the log, so the log
-        shows every request that was made. FerretDB does not isolate conditional updates, so two holders may both
-        record: both made a request, and the later record stands (at least once either way).
+        shows every request that was made. FerretDB does not isolate conditional updates, so
+        two holders may both record: both made a request, and the later record stands (at
+        least once either way).
         """
         delivery = lease.delivery
         attempts = [*delivery.attempts, *([attempt] if attempt else [])][-ATTEMPTS_KEPT:]
