@@ -21,10 +21,11 @@ Webhooks, webhook_signing) through the SSRF guard (webhook_transport), and their
 recorded with the attempt: 2xx succeeds; anything else (status, timeout, refused connection,
 guard) is retried after the next wait of AZORA_WEBHOOK_RETRY_SCHEDULE (5 s, 5 min, 30 min, 2 h,
 5 h, 10 h, 10 h, each +-20 % jitter), then the delivery is FAILED. At most
-AZORA_WEBHOOK_ENDPOINT_CONCURRENCY requests per endpoint run at once, and deliveries of an
-endpoint at its limit are left out of the claim query, so a slow endpoint never holds up
-another's. A process killed mid-request (kill -9) loses nothing: its lease expires and another
-dispatcher sends again. Receivers may therefore see an event twice, with the same webhook-id.
+AZORA_WEBHOOK_ENDPOINT_CONCURRENCY requests per endpoint run at once, and each endpoint's due
+deliveries are also looked up on their own (`dispatch_due`), so a slow endpoint or one with a
+large backlog never holds up another's. A process killed mid-request (kill -9) loses nothing:
+its lease expires and another dispatcher sends again. Receivers may therefore see an event
+twice, with the same webhook-id.
 
 Endpoint health. The first failed attempt after a success starts the endpoint's failure streak
 (``failingSince``); a success ends it. A failure when the streak is older than
