@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -32,6 +32,7 @@ from services.core.netguard import IPAddress, ResolveError
 from services.core.settings import Environment, Settings, WebhookSettings
 from services.mail.app import MailApp, build_app
 from services.mail.feedback.webhook_dispatcher import WebhookDispatcher, build_dispatcher
+from services.mail.feedback.webhook_store import WebhookStore
 from services.mail.feedback.webhook_transport import WebhookTransport, address_policy
 from services.mail.relay_directory import InMemoryRelayDirectory
 from services.mail.relay_lookup import DirectoryRelayLookup
@@ -364,6 +365,38 @@ async def test_a_slow_endpoint_does_not_hold_up_another(hooks: Hooks) -> None:
     await slow.wait_for(1)
     assert slow.hanging == 1
     assert len(slow.requests) == 1  # the endpoint's limit: its other two events wait
+    await dispatcher.drain()
+
+
+async def test_a_backlog_larger_than_the_window_does_not_starve_another_endpoint(
+    hooks: Hooks,
+) -> None:
+    # A dispatcher with 2 slots reads a window of 12 overdue deliveries: a hanging endpoint's
+    # backlog of 20 fills it, yet a later event of another endpoint is sent (its own lookup).
+    slow_tenant, quick_tenant = new_tenant(hooks.settings), new_tenant(hooks.settings)
+    slow = await hooks.receiver(default="HANG")
+    quick = await hooks.receiver()
+    slow_endpoint = await hooks.endpoint(slow_tenant, slow.url)
+    await hooks.endpoint(quick_tenant, quick.url)
+    for _ in range(20):
+        await hooks.event(slow_tenant)
+    small = hooks.settings.with_overrides(
+        webhooks=replace(hooks.settings.webhooks, concurrency=2, timeout=30)
+    )
+    dispatcher, transport = build_dispatcher(small, hooks.db, clock=hooks.clock)
+    hooks._transports.append(transport)
+    await dispatcher.step()
+    await slow.wait_for(1)
+    hooks.clock.advance(timedelta(seconds=1))
+    await hooks.event(quick_tenant)
+    # What the window sees (12 at most): only the hanging endpoint's backlog.
+    overdue = await WebhookStore(hooks.db).due(now=hooks.clock.now(), limit=12)
+    assert len(overdue) == 12
+    assert {d.webhook_id for d in overdue} == {slow_endpoint.id}
+    await dispatcher.step()
+    await quick.wait_for(1)
+    assert slow.hanging == 1
+    await slow.close()
     await dispatcher.drain()
 
 
