@@ -80,9 +80,12 @@ def _base32(value: int, length: int) -> str:
     return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in reversed(range(length)))
 
 
-def new_ulid(at: datetime | None = None) -> str:
-    """A ULID: 26 characters, 48 bits of milliseconds then 80 random bits, time-ordered as text."""
-    moment = at or datetime.now(UTC)
+def new_ulid(at: datetime) -> str:
+    """A ULID: 26 characters, 48 bits of milliseconds then 80 random bits, time-ordered as text.
+
+    A naive `at` is UTC (what the database returns).
+    """
+    moment = at if at.tzinfo else at.replace(tzinfo=UTC)
     return _base32(int(moment.timestamp() * 1000), 10) + _base32(
         int.from_bytes(os.urandom(10), "big"), 16
     )

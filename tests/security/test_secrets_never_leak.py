@@ -305,12 +305,13 @@ async def test_no_secret_appears_in_logs_errors_or_metrics(
         assert tested["success"] is True, tested
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(suite.settings.mongodb_uri)
         try:
+            occurred = datetime.now(UTC)
             await client[suite.settings.mongodb_database]["events"].insert_one(
                 {
-                    "_id": f"evt_{new_ulid()}",
+                    "_id": f"evt_{new_ulid(occurred)}",
                     "tenantId": "t-secrets",
                     "type": "sent",
-                    "occurredAt": datetime.now(UTC),
+                    "occurredAt": occurred,
                     "domain": name,
                     "tags": [],
                     "metadata": {},
