@@ -103,4 +103,5 @@ def upstream_targets(settings: Settings) -> dict[str, str]:
         "azora.mail.v1.MailService": settings.mail_service_target,
         "azora.mail.v1.EventService": settings.mail_service_target,
         "azora.mail.v1.SuppressionService": settings.mail_service_target,
+        "azora.mail.v1.WebhookService": settings.mail_service_target,
     }

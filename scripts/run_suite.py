@@ -1,7 +1,7 @@
 """Run the whole suite locally.
 
-FerretDB (unless MONGODB_URI is set), the three gRPC services, the local REST gateway and the
-SMTP submission server.
+FerretDB (unless MONGODB_URI is set), the three gRPC services, the local REST gateway, the
+SMTP submission server and the webhook dispatcher.
 
 Used by ``make run`` and ``make dev`` (which restarts it on code changes); ``make deps`` has
 already built everything. Configuration is the services' own environment, passed through:
@@ -77,6 +77,14 @@ SERVICES = (
     # SMTP submission for applications (STARTTLS port; implicit TLS on AZORA_SUBMISSION_TLS_PORT,
     # default 2465; development certificate generated under var/submission/).
     ("submission", "services.submission", "AZORA_SUBMISSION_PORT", 2587),
+    # Webhook delivery (the mail service's events to tenants' endpoints); its port is the
+    # grpc.health.v1 server of its probes.
+    (
+        "webhooks",
+        "services.mail.feedback.webhook_dispatcher",
+        "AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT",
+        50055,
+    ),
 )
 # Separate delivery workers, started when AZORA_MAIL_WORKER_PROCESSES is 1 or more: one
 # `python -m services.mail.worker`, which runs (and supervises) that many processes. It serves

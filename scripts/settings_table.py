@@ -19,7 +19,7 @@ from gateway.config import GatewayConfig
 from services.core.settings import METRICS_PORTS, EnvSpec, Settings, SettingsModel
 from services.domain.settings import DomainSettings
 from services.health.settings import HealthSettings
-from services.mail.settings import MailSettings
+from services.mail.settings import MailSettings, WebhookSettings
 from services.smtp.settings import SmtpSettings
 from services.submission.settings import SubmissionSettings
 
@@ -35,6 +35,7 @@ OWNERS: tuple[tuple[str, type[SettingsModel]], ...] = (
     ("domain process (health)", HealthSettings),
     ("SMTP service", SmtpSettings),
     ("mail service, workers", MailSettings),
+    ("mail service, webhook dispatcher", WebhookSettings),
     ("submission server", SubmissionSettings),
     ("local gateway", GatewayConfig),
 )

@@ -55,6 +55,8 @@ ALL_SCOPES = frozenset(
         "api_keys:manage",
         "templates:read",
         "templates:write",
+        "webhooks:read",
+        "webhooks:write",
     }
 )
 # Below gRPC's 8 KiB metadata soft limit, where grpc starts rejecting calls at random.

@@ -22,6 +22,10 @@ def new_id() -> str:
     return str(ObjectId())
 
 
+# The earliest time a ULID can carry (its time part is unsigned milliseconds since the epoch).
+_ULID_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def new_ulid(at: datetime) -> str:
     """A 26-character ULID whose time part is `at` (to the millisecond), the rest random.
 
@@ -80,3 +84,21 @@ def page_size(requested: int, *, default: int, maximum: int) -> int:
     if requested == 0:
         return default
     return min(requested, maximum)
+
+
+def ulid_floor(at: datetime) -> str:
+    """The smallest ULID of the millisecond `at`: every ULID made at or after it sorts >= it.
+
+    A naive `at` is UTC. A time before 1970 (which no ULID can carry) floors to the smallest
+    ULID there is.
+    """
+    moment = max(at if at.tzinfo else at.replace(tzinfo=UTC), _ULID_EPOCH)
+    return str(ULID.from_datetime(moment))[:10] + "0" * 16
+
+
+def ulid_time(value: str) -> datetime | None:
+    """The millisecond a ULID was made at (its first 10 characters), or None if it is not one."""
+    try:
+        return ULID.from_str(value[:10].upper() + "0" * 16).datetime
+    except ValueError:
+        return None

@@ -162,6 +162,29 @@ QUEUE_OLDEST_DUE_AGE = Gauge(
 )
 """Mail service: ``QUEUE_OLDEST_DUE_AGE.set(seconds)`` alongside QUEUE_DEPTH."""
 
+WEBHOOK_ATTEMPTS = Counter(
+    "azora_webhook_attempts",
+    "Webhook requests sent by the dispatcher, by outcome: success (2xx), http_error (another "
+    "status), no_answer (timeout, refused connection, refused by the SSRF guard).",
+    ("outcome",),
+)
+"""Webhook dispatcher: ``WEBHOOK_ATTEMPTS.labels(outcome=...).inc()`` once per request."""
+
+WEBHOOK_ATTEMPT_DURATION = Histogram(
+    "azora_webhook_attempt_duration_seconds",
+    "Time of one webhook request (connect to answer or failure), by outcome.",
+    ("outcome",),
+    buckets=LATENCY_BUCKETS,
+)
+"""Webhook dispatcher: observe once per request, outcome as for WEBHOOK_ATTEMPTS."""
+
+WEBHOOK_LAG = Histogram(
+    "azora_webhook_lag_seconds",
+    "From an event's occurrence to the first 2xx answer of an endpoint it was sent to.",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0, 86400.0),
+)
+"""Webhook dispatcher: observe at a delivery's first success (replays are not counted)."""
+
 DKIM_SIGNATURES = Counter(
     "azora_dkim_signatures",
     "DKIM signatures added to outgoing messages, by outcome (signed, failed).",

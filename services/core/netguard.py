@@ -1,7 +1,8 @@
-"""SSRF guard for outgoing SMTP connections: which addresses a relay may resolve to.
+"""SSRF guard for outgoing connections: which addresses a relay (or webhook URL) may resolve to.
 
-Used by the SMTP service (connection tests) and by the mail service's delivery, so a relay
-name is judged again at every connection, not only when it was saved.
+Used by the SMTP service (connection tests), by the mail service's delivery and by webhook
+delivery, so a relay or endpoint name is judged again at every connection, not only when it
+was saved.
 
 A tenant chooses the relay host, so without a guard the service could be pointed at loopback
 services, the private network or a cloud metadata endpoint. The rule: resolve the host once,
@@ -87,9 +88,12 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
 
 @dataclass(frozen=True, slots=True)
 class AddressPolicy:
-    """Which relay addresses are acceptable."""
+    """Which addresses an outgoing connection (to a relay, a webhook endpoint) may reach."""
 
     allow_private: bool
+    # What is connected to, and the setting that allows other addresses (for the message).
+    what: str = "relays"
+    setting: str = "AZORA_SMTP_ALLOW_PRIVATE_HOSTS"
 
     def refusal(self, address: IPAddress) -> str | None:
         """Why connecting to `address` is refused, or None when it is allowed."""
@@ -99,8 +103,8 @@ class AddressPolicy:
         if reason is None:
             return None
         return (
-            f"{address} is {reason}; relays must be public hosts "
-            "(AZORA_SMTP_ALLOW_PRIVATE_HOSTS allows others)"
+            f"{address} is {reason}; {self.what} must be public hosts "
+            f"({self.setting} allows others)"
         )
 
 

@@ -24,6 +24,7 @@ from services.mail.batch import INDEXES as BATCH_INDEXES
 from services.mail.batch import MongoBatchRepository
 from services.mail.compose import Limits
 from services.mail.delivery import DeliveryWorker
+from services.mail.feedback import webhook_servicer as webhooks
 from services.mail.feedback.event_wiring import start_with_feedback
 from services.mail.manager import MailManager, MailPolicy
 from services.mail.outcomes import RetryPolicy
@@ -189,14 +190,15 @@ async def build_app(
         settings=settings,
         database=database,
         bind=bind or f"{settings.host}:{settings.mail_grpc_port}",
-        service_names=(MAIL_SERVICE,),
+        service_names=(MAIL_SERVICE, webhooks.WEBHOOK_SERVICE),
         registrars=(
             lambda s: mail_pb2_grpc.add_MailServiceServicer_to_server(
                 MailServicer(manager, templates), s
             ),
+            webhooks.webhook_registrar(settings, database.db, clock),
         ),
         api_keys=api_keys,
-        indexes=MAIL_INDEXES,
+        indexes=(*MAIL_INDEXES, *webhooks.WEBHOOK_INDEXES),
     )
     worker: DeliveryWorker | None = None
     if settings.mail_run_workers if run_workers is None else run_workers:

@@ -1,12 +1,125 @@
-"""Settings of the mail service and its delivery workers: scheduling, retries, retention.
+"""Settings of the mail service, its delivery workers and its webhook dispatcher.
 
 The shared ones (limits of one email, relay egress policy, rate limits) come from
-`services.core.settings.Settings`.
+`services.core.settings.Settings`. Webhook delivery's own settings (AZORA_WEBHOOK_*) are a
+group of their own, `MailSettings.webhooks`, so the webhook code depends on nothing else.
 """
 
 from __future__ import annotations
 
-from services.core.settings import Seconds, Settings, TenantDays, setting
+from collections.abc import Mapping
+from typing import Annotated, Self
+
+from pydantic import BeforeValidator, Field
+
+from services.core.settings import (
+    Environment,
+    Port,
+    Seconds,
+    Settings,
+    SettingsModel,
+    TenantDays,
+    setting,
+)
+
+
+def _seconds_list(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+# Comma-separated seconds, at least one, none negative.
+SecondsList = Annotated[
+    tuple[Annotated[float, Field(ge=0)], ...], BeforeValidator(_seconds_list), Field(min_length=1)
+]
+
+# Standard Webhooks' suggested schedule: the waits before attempts 2, 3, ... (over a day).
+DEFAULT_WEBHOOK_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+class WebhookSettings(SettingsModel):
+    """Webhook endpoints and their dispatcher. Durations are seconds."""
+
+    retry_schedule: SecondsList = setting(
+        DEFAULT_WEBHOOK_SCHEDULE,
+        "AZORA_WEBHOOK_RETRY_SCHEDULE",
+        "waits before each retry of a webhook delivery, comma-separated; after the last one "
+        "fails the delivery is FAILED",
+        shown="5,300,1800,7200,18000,36000,36000",
+    )
+    retry_jitter: float = setting(
+        0.2,
+        "AZORA_WEBHOOK_RETRY_JITTER",
+        "random spread of each retry wait, as a fraction of it",
+        ge=0,
+        le=1,
+    )
+    timeout: Seconds = setting(
+        15.0,
+        "AZORA_WEBHOOK_TIMEOUT",
+        "how long one webhook request may take (connection, TLS, answer) before it failed",
+    )
+    secret_overlap: Seconds = setting(
+        24 * 3600.0,
+        "AZORA_WEBHOOK_SECRET_OVERLAP",
+        "how long the previous signing secret keeps signing after a rotation",
+    )
+    disable_after: Seconds = setting(
+        5 * 24 * 3600.0,
+        "AZORA_WEBHOOK_DISABLE_AFTER",
+        "an endpoint whose every attempt failed for this long is disabled automatically",
+    )
+    allow_private_hosts: bool = setting(
+        True,
+        "AZORA_WEBHOOK_ALLOW_PRIVATE_HOSTS",
+        "whether endpoints may resolve to loopback, private, link-local or metadata addresses",
+        production=False,
+        shown="false in production, true otherwise",
+    )
+    allow_http: bool = setting(
+        True,
+        "AZORA_WEBHOOK_ALLOW_HTTP",
+        "whether plain-http endpoint URLs are accepted",
+        production=False,
+        shown="false in production, true otherwise",
+    )
+    lease: Seconds = setting(
+        60.0,
+        "AZORA_WEBHOOK_LEASE",
+        "lease of a delivery a dispatcher claimed (longer than the timeout)",
+    )
+    poll_interval: Seconds = setting(
+        0.5, "AZORA_WEBHOOK_POLL_INTERVAL", "how often an idle dispatcher looks for work"
+    )
+    lookback: Seconds = setting(
+        300.0,
+        "AZORA_WEBHOOK_LOOKBACK",
+        "how far back each scan of the events collection starts (events published late, out of "
+        "id order, are found within it); keep it above the event publisher's longest delay",
+    )
+    concurrency: int = setting(
+        64, "AZORA_WEBHOOK_CONCURRENCY", "webhook requests one dispatcher runs at once", ge=1
+    )
+    endpoint_concurrency: int = setting(
+        4, "AZORA_WEBHOOK_ENDPOINT_CONCURRENCY", "requests at once to one endpoint", ge=1
+    )
+    delivery_retention_days: float = setting(
+        30.0,
+        "AZORA_WEBHOOK_DELIVERY_RETENTION_DAYS",
+        "days a webhook delivery and its attempt log are kept",
+        ge=0,
+    )
+    dispatcher_health_port: Port = setting(
+        50055,
+        "AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT",
+        "grpc.health.v1 port of the webhook dispatcher (its probes' target)",
+    )
+    dispatcher_metrics_port: Port = setting(
+        9107,
+        "AZORA_WEBHOOK_DISPATCHER_METRICS_PORT",
+        "the webhook dispatcher's Prometheus scrape port; 0 = off",
+    )
 
 
 class MailSettings(Settings):
@@ -100,5 +213,18 @@ class MailSettings(Settings):
         "any write can stay in flight)",
     )
 
+    # Not a variable itself: the AZORA_WEBHOOK_* group, read by `from_env`.
+    webhooks: WebhookSettings = WebhookSettings()
 
-__all__ = ["MailSettings"]
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, service_name: str = "azora") -> Self:
+        """The shared and mail settings, then the webhook group (every problem reported)."""
+        settings = super().from_env(env, service_name=service_name)
+        production = settings.environment is Environment.PRODUCTION
+        hooks = WebhookSettings.validated(
+            WebhookSettings.values_from_env(env, production=production)
+        )
+        return settings.with_overrides(webhooks=hooks)
+
+
+__all__ = ["DEFAULT_WEBHOOK_SCHEDULE", "MailSettings", "WebhookSettings"]

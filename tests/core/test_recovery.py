@@ -145,6 +145,8 @@ def suite_env(tmp_path: Path, ferretdb: str) -> dict[str, str]:
             "AZORA_SMTP_GRPC_PORT": str(ports.closed_port()),
             "AZORA_MAIL_GRPC_PORT": str(ports.closed_port()),
             "PORT": str(ports.closed_port()),
+            "AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT": str(ports.closed_port()),
+            "AZORA_WEBHOOK_DISPATCHER_METRICS_PORT": "0",
             "AZORA_METRICS_PORT_DOMAIN": "0",
             "AZORA_METRICS_PORT_SMTP": "0",
             "AZORA_METRICS_PORT_MAIL": "0",

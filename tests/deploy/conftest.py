@@ -55,6 +55,9 @@ PROCESSES: dict[str, tuple[str, str, int, tuple[str, ...]]] = {
 # gRPC API, so readiness asks about the server as a whole), and the ports SMTP clients connect to
 # (587 STARTTLS and 465 implicit TLS, mapped to unprivileged ports inside the container).
 SUBMISSION = ("services.submission", 50054, {587: 2587, 465: 2465})
+# The webhook dispatcher: module and grpc.health.v1 port (its probes' target; no gRPC API and
+# no inbound traffic, so readiness asks about the server as a whole).
+WEBHOOK_DISPATCHER = ("services.mail.feedback.webhook_dispatcher", 50055)
 
 
 class ToolError(AssertionError):

@@ -22,6 +22,7 @@ from tests.deploy.conftest import (
     PROCESSES,
     REPO_ROOT,
     SUBMISSION,
+    WEBHOOK_DISPATCHER,
     DeployTools,
     LiveSuite,
     free_port,
@@ -232,14 +233,16 @@ def test_the_images_install_step_provides_every_commands_imports(
         check=False,
     )
     assert install.returncode == 0, install.stderr[-4000:]
+    # `python -m X` runs X/__main__.py for a package, X itself for a module.
     modules = sorted(
         {
-            service["command"][2] + ".__main__"
+            command[2]
+            + (".__main__" if (REPO_ROOT / command[2].replace(".", "/")).is_dir() else "")
             for service in compose["services"].values()
-            if service.get("command", [])[:2] == ["python", "-m"]
+            if (command := service.get("command", []))[:2] == ["python", "-m"]
         }
     )
-    assert len(modules) == 5, modules
+    assert len(modules) == 6, modules
     imported = subprocess.run(
         [
             str(python),
@@ -354,3 +357,71 @@ def test_compose_probe_works_against_a_real_submission_server(
         if process.stderr is not None:
             process.stderr.close()
     assert process.returncode == 0  # SIGTERM: a clean drain
+
+
+def test_webhook_dispatcher_service_is_hardened_and_probed(compose: dict[str, Any]) -> None:
+    # The same image and hardening as the services; no published port; probed over
+    # grpc.health.v1 on its own port; started once the mail service (which owns the
+    # collections it reads) is healthy.
+    service = compose["services"]["webhooks"]
+    module, health_port = WEBHOOK_DISPATCHER
+    assert service["command"] == ["python", "-m", module]
+    assert service["image"] == compose["services"]["mail"]["image"]
+    assert service["read_only"] is True
+    assert service["cap_drop"] == ["ALL"]
+    assert service["user"] == "10001:10001"
+    assert "ports" not in service
+    environment = service["environment"]
+    assert environment["AZORA_ENV"] == "production"
+    assert int(environment["AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT"]) == health_port
+    test = healthcheck_test(service)
+    assert test[:3] == ["CMD", "python", "-c"]
+    assert test[4:] == [str(health_port), ""]
+    assert set(service["depends_on"]) >= {"mongo", "mail"}
+
+
+def test_compose_probe_works_against_a_real_webhook_dispatcher(
+    compose: dict[str, Any], ferretdb: str
+) -> None:
+    # The inline probe, run as compose runs it, exits 0 against a running dispatcher on a real
+    # database; SIGTERM stops it cleanly.
+    test = healthcheck_test(compose["services"]["webhooks"])
+    code, served = test[3], test[5]
+    health = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AZORA_")},
+        "AZORA_ENV": "test",
+        "MONGODB_URI": ferretdb,
+        "AZORA_MONGODB_DATABASE": "azora_deploy_webhooks",
+        "AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT": str(health),
+        "AZORA_WEBHOOK_DISPATCHER_METRICS_PORT": "0",
+        "LOG_LEVEL": "info",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", WEBHOOK_DISPATCHER[0]],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if '"msg": "webhook dispatcher started"' in line:
+                break
+        else:
+            pytest.fail(f"the webhook dispatcher did not start: {process.wait()}")
+        ok = subprocess.run(
+            [sys.executable, "-c", code, str(health), served],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        process.terminate()
+        process.wait(30)
+        if process.stderr is not None:
+            process.stderr.close()
+    assert process.returncode == 0  # SIGTERM: a clean stop

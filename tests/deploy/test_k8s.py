@@ -17,6 +17,7 @@ from tests.deploy.conftest import (
     PROCESSES,
     REPO_ROOT,
     SUBMISSION,
+    WEBHOOK_DISPATCHER,
     DeployTools,
 )
 
@@ -134,17 +135,21 @@ def test_every_container_has_probes_and_app_containers_use_grpc(
             command = container.get("command", [])
             if command[:2] != ["python", "-m"] or not command[2].startswith("services."):
                 continue
-            if command[2] == SUBMISSION[0]:
+            health_only = {
+                SUBMISSION[0]: SUBMISSION[1],
+                WEBHOOK_DISPATCHER[0]: WEBHOOK_DISPATCHER[1],
+            }
+            if command[2] in health_only:
                 # No gRPC API: every probe asks its grpc.health.v1 server about the whole server.
-                health = {"port": SUBMISSION[1]}
+                health = {"port": health_only[command[2]]}
                 assert container["ports"][0] == {
                     "name": "grpc",
-                    "containerPort": SUBMISSION[1],
+                    "containerPort": health_only[command[2]],
                     "protocol": "TCP",
                 }, where
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     assert container[probe]["grpc"] == health, (where, probe)
-                probed.add("submission")
+                probed.add("submission" if command[2] == SUBMISSION[0] else "webhooks")
                 continue
             (process,) = [p for p, spec_ in PROCESSES.items() if spec_[0] == command[2]]
             _, _, port, served = PROCESSES[process]
@@ -157,7 +162,7 @@ def test_every_container_has_probes_and_app_containers_use_grpc(
             assert container["livenessProbe"]["grpc"] == {"port": port}, where
             assert container["startupProbe"]["grpc"]["port"] == port, where
             probed.add(process)
-    assert probed == {*PROCESSES, "submission"}
+    assert probed == {*PROCESSES, "submission", "webhooks"}
 
 
 def test_secrets_are_only_referenced(objects: list[dict[str, Any]]) -> None:
@@ -355,3 +360,19 @@ def test_submission_reads_its_certificate_from_a_tls_secret(objects: list[dict[s
     listening = {int(env["AZORA_SUBMISSION_PORT"] or 0), int(env["AZORA_SUBMISSION_TLS_PORT"] or 0)}
     assert listening == set(SUBMISSION[2].values()) == {ports["smtp"], ports["smtps"]}
     assert int(env["AZORA_SUBMISSION_HEALTH_PORT"] or 0) == SUBMISSION[1]
+
+
+def test_webhook_dispatcher_runs_replicated_with_its_health_port(
+    objects: list[dict[str, Any]],
+) -> None:
+    # Leases make replicas safe: more than one, a disruption budget, and the health port the
+    # probes ask is the one the process listens on.
+    deployment = of_kind(objects, "Deployment")["webhooks"]
+    assert deployment["spec"]["replicas"] >= 2
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", WEBHOOK_DISPATCHER[0]]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert int(env["AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT"] or 0) == WEBHOOK_DISPATCHER[1]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    budgets = of_kind(objects, "PodDisruptionBudget")
+    assert any(matches(b["spec"]["selector"]["matchLabels"], labels) for b in budgets.values())

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 from azora.iam.v1 import api_keys_pb2_grpc
-from azora.mail.v1 import events_pb2_grpc, mail_pb2_grpc, suppressions_pb2_grpc
+from azora.mail.v1 import events_pb2_grpc, mail_pb2_grpc, suppressions_pb2_grpc, webhooks_pb2_grpc
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
@@ -49,6 +49,7 @@ class GrpcStubs:
     mail: mail_pb2_grpc.MailServiceAsyncStub
     events: events_pb2_grpc.EventServiceAsyncStub
     suppressions: suppressions_pb2_grpc.SuppressionServiceAsyncStub
+    webhooks: webhooks_pb2_grpc.WebhookServiceAsyncStub
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +65,7 @@ async def stack_stubs(rest_stack: RestStack) -> AsyncIterator[GrpcStubs]:
         mail=mail_pb2_grpc.MailServiceStub(mail),
         events=events_pb2_grpc.EventServiceStub(mail),
         suppressions=suppressions_pb2_grpc.SuppressionServiceStub(mail),
+        webhooks=webhooks_pb2_grpc.WebhookServiceStub(mail),
     )
     for channel in (domain, smtp, mail):
         await channel.close()

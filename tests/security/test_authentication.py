@@ -43,6 +43,7 @@ SERVICE_PORTS = {
     "azora.smtp.v1.SmtpService": "smtp",
     "azora.mail.v1.MailService": "mail",
     "azora.mail.v1.EventService": "mail",
+    "azora.mail.v1.WebhookService": "mail",
     "azora.mail.v1.SuppressionService": "mail",
 }
 

@@ -26,7 +26,7 @@ import pytest
 from azora.domain.v1 import domain_pb2
 from azora.health.v1 import health_pb2, health_pb2_grpc
 from azora.iam.v1 import api_keys_pb2
-from azora.mail.v1 import events_pb2, mail_pb2, suppressions_pb2
+from azora.mail.v1 import events_pb2, mail_pb2, suppressions_pb2, webhooks_pb2
 from azora.smtp.v1 import smtp_pb2
 from google.protobuf import descriptor_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
@@ -72,6 +72,8 @@ class Victim:
     template: mail_pb2.Template
     suppression: suppressions_pb2.Suppression
     event_id: str
+    webhook: webhooks_pb2.Webhook
+    webhook_delivery_id: str
 
 
 @dataclass
@@ -141,6 +143,8 @@ def mentions_victim(message: Message | str | bytes, victim: Victim) -> list[str]
         "template id": victim.template.id,
         "suppressed address": victim.suppression.address,
         "event id": victim.event_id,
+        "webhook id": victim.webhook.id,
+        "webhook url": victim.webhook.url,
     }
     return [label for label, value in secrets.items() if value in text]
 
@@ -163,12 +167,13 @@ def case(*rpcs: str) -> Callable[[Case], Case]:
     return register
 
 
-D, H, K, M, S = (
+D, H, K, M, S, W = (
     "azora.domain.v1.DomainService.",
     "azora.health.v1.SuiteHealthService.",
     "azora.iam.v1.ApiKeyService.",
     "azora.mail.v1.MailService.",
     "azora.smtp.v1.SmtpService.",
+    "azora.mail.v1.WebhookService.",
 )
 EV, SU = "azora.mail.v1.EventService.", "azora.mail.v1.SuppressionService."
 
@@ -618,6 +623,73 @@ async def _suppression_list(a: Attack) -> None:
     assert listed.suppressions[0].create_time != a.victim.suppression.create_time
 
 
+@case(W + "CreateWebhook", W + "ListWebhooks")
+async def _webhook_create_list(a: Attack) -> None:
+    # B's list never shows A's endpoint; an endpoint B creates (even with A's URL) is B's own.
+    stub = a.stubs.webhooks
+    listed = await stub.ListWebhooks(webhooks_pb2.ListWebhooksRequest(), metadata=a.b)
+    assert list(listed.webhooks) == []
+    mine = await stub.CreateWebhook(
+        webhooks_pb2.CreateWebhookRequest(url=a.victim.webhook.url), metadata=a.b
+    )
+    assert mine.id != a.victim.webhook.id
+    listed = await stub.ListWebhooks(webhooks_pb2.ListWebhooksRequest(), metadata=a.b)
+    assert [w.id for w in listed.webhooks] == [mine.id]
+    assert mentions_victim(listed, a.victim) == ["webhook url"]
+
+
+@case(
+    W + "GetWebhook",
+    W + "UpdateWebhook",
+    W + "DeleteWebhook",
+    W + "TestWebhook",
+    W + "RotateWebhookSecret",
+    W + "ListWebhookDeliveries",
+)
+async def _webhook_object(a: Attack) -> None:
+    stub, b = a.stubs.webhooks, a.b
+    calls: list[Callable[[str], Awaitable[Any]]] = [
+        lambda i: stub.GetWebhook(webhooks_pb2.GetWebhookRequest(id=i), metadata=b),
+        lambda i: stub.UpdateWebhook(
+            webhooks_pb2.UpdateWebhookRequest(id=i, url="https://intruder.example/"),
+            metadata=b,
+        ),
+        lambda i: stub.DeleteWebhook(webhooks_pb2.DeleteWebhookRequest(id=i), metadata=b),
+        lambda i: stub.TestWebhook(webhooks_pb2.TestWebhookRequest(id=i), metadata=b),
+        lambda i: stub.RotateWebhookSecret(
+            webhooks_pb2.RotateWebhookSecretRequest(id=i), metadata=b
+        ),
+        lambda i: stub.ListWebhookDeliveries(
+            webhooks_pb2.ListWebhookDeliveriesRequest(id=i), metadata=b
+        ),
+    ]
+    for call in calls:
+        await not_found_like_unknown(call, a.victim.webhook.id)
+
+
+@case(W + "ReplayWebhookDelivery")
+async def _webhook_replay(a: Attack) -> None:
+    # Neither through A's endpoint nor through an endpoint of B's own.
+    stub, b, delivery = a.stubs.webhooks, a.b, a.victim.webhook_delivery_id
+    await not_found_like_unknown(
+        lambda i: stub.ReplayWebhookDelivery(
+            webhooks_pb2.ReplayWebhookDeliveryRequest(id=i, delivery_id=delivery), metadata=b
+        ),
+        a.victim.webhook.id,
+    )
+    mine = await stub.CreateWebhook(
+        webhooks_pb2.CreateWebhookRequest(url="https://intruder.example/"), metadata=b
+    )
+    failure = await failure_of(
+        stub.ReplayWebhookDelivery(
+            webhooks_pb2.ReplayWebhookDeliveryRequest(id=mine.id, delivery_id=delivery),
+            metadata=b,
+        )
+    )
+    assert failure.code == grpc.StatusCode.NOT_FOUND
+    assert failure.reason == "WEBHOOK_DELIVERY_NOT_FOUND"
+
+
 # --- fixtures and the test -------------------------------------------------------------------
 
 
@@ -687,6 +759,16 @@ async def victim(
     publisher = EventPublisher(client[settings.mongodb_database], clock=SystemClock())
     await publisher.copy_outbox([{"_id": email.id, OUTBOX_FIELD: [accepted]}])
     await client.close()
+    # An endpoint on a closed loopback port: its test attempt fails, but is logged.
+    webhook = await stubs.webhooks.CreateWebhook(
+        webhooks_pb2.CreateWebhookRequest(url=f"http://127.0.0.1:9/{new_id()}"), metadata=m
+    )
+    attempt = await stubs.webhooks.TestWebhook(
+        webhooks_pb2.TestWebhookRequest(id=webhook.id), metadata=m
+    )
+    webhook = await stubs.webhooks.GetWebhook(
+        webhooks_pb2.GetWebhookRequest(id=webhook.id), metadata=m
+    )
     yield Victim(
         tenant=owner,
         domain=verified.domain,
@@ -698,6 +780,8 @@ async def victim(
         template=template,
         suppression=added.suppressions[0],
         event_id=accepted["_id"],
+        webhook=webhook,
+        webhook_delivery_id=attempt.delivery_id,
     )
     knot_server.remove_zone(name)
 
@@ -741,6 +825,15 @@ async def intact(stubs: GrpcStubs, victim: Victim) -> None:
     assert suppression == victim.suppression
     events = await stubs.events.ListEvents(events_pb2.ListEventsRequest(), metadata=m)
     assert [e.id for e in events.events] == [victim.event_id]
+    webhook = await stubs.webhooks.GetWebhook(
+        webhooks_pb2.GetWebhookRequest(id=victim.webhook.id), metadata=m
+    )
+    assert webhook == victim.webhook
+    deliveries = await stubs.webhooks.ListWebhookDeliveries(
+        webhooks_pb2.ListWebhookDeliveriesRequest(id=victim.webhook.id), metadata=m
+    )
+    assert [d.id for d in deliveries.deliveries] == [victim.webhook_delivery_id]
+    assert len(deliveries.deliveries[0].attempts) == 1
 
 
 def test_every_rpc_has_a_case() -> None:

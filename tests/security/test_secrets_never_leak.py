@@ -1,13 +1,15 @@
 """Secrets never appear in logs, error responses or metrics (OWASP API8, security misconfiguration).
 
 The whole suite runs as real processes in production mode (`python -m services.domain`,
-`services.smtp`, `services.mail`, `gateway`) with known secrets and LOG_LEVEL=debug, every
-process's output captured. A scenario goes through the gateway: a verified domain, a relay with
-a password (an aiosmtpd relay that requires AUTH, plus one that echoes the credentials back in
-its refusal), a connection test, a DKIM key, an API key used on every service and then revoked,
-emails sent and delivered, and a series of failing requests. Then every log line, every error
-body and GET /metrics is searched for each secret (JWT secret, a JWT, the API key secret, the
-relay password, the DKIM private key, the secrets-at-rest key) and its base64 forms.
+`services.smtp`, `services.mail`, `gateway`, the webhook dispatcher) with known secrets and
+LOG_LEVEL=debug, every process's output captured. A scenario goes through the gateway: a
+verified domain, a relay with a password (an aiosmtpd relay that requires AUTH, plus one that
+echoes the credentials back in its refusal), a connection test, a DKIM key, an API key used on
+every service and then revoked, emails sent and delivered, a webhook endpoint (created, its
+secret rotated, a test event and a real one delivered to a receiver), and a series of failing
+requests. Then every log line, every error body, GET /metrics and the webhook requests are
+searched for each secret (JWT secret, a JWT, the API key secret, the relay password, the DKIM
+private key, the secrets-at-rest key, the webhook secrets) and its base64 forms.
 The same production suite also shows that a request without credentials is refused.
 """
 
@@ -22,6 +24,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +32,16 @@ import aiohttp
 import grpc
 import pytest
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
+from pymongo import AsyncMongoClient
 
 from services.core.auth import ServiceTokens, issue_jwt
+from services.core.ids import new_ulid
 from services.core.settings import Settings
 from tests.conftest import REPO_ROOT, unique_domain
 from tests.smtp.verifiers import quoted
 from tests.support.dns_server import KnotServer
 from tests.support.smtp_relay import authenticator, start_relay
+from tests.support.webhook_receiver import Receiver
 
 RELAY_USER = "relay-user"
 
@@ -70,7 +76,7 @@ async def suite(
         "AZORA_SECRETS_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
         "relay password": "relay-" + secrets.token_urlsafe(24),
     }
-    ports = {name: _free_port() for name in ("domain", "smtp", "mail", "gateway")}
+    ports = {name: _free_port() for name in ("domain", "smtp", "mail", "gateway", "webhooks")}
     env = {
         **os.environ,
         "AZORA_ENV": "production",
@@ -89,6 +95,12 @@ async def suite(
         # The test relays listen on loopback, which production refuses by default.
         "AZORA_SMTP_ALLOW_PRIVATE_HOSTS": "true",
         "AZORA_MAIL_POLL_INTERVAL": "0.1",
+        # The webhook receiver listens on loopback over plain http, which production refuses.
+        "AZORA_WEBHOOK_ALLOW_PRIVATE_HOSTS": "true",
+        "AZORA_WEBHOOK_ALLOW_HTTP": "true",
+        "AZORA_WEBHOOK_POLL_INTERVAL": "0.1",
+        "AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT": str(ports["webhooks"]),
+        "AZORA_WEBHOOK_DISPATCHER_METRICS_PORT": "0",
         "LOG_LEVEL": "debug",
     }
     settings = Settings.from_env(env, service_name="test")
@@ -102,6 +114,7 @@ async def suite(
                 ("smtp", "services.smtp"),
                 ("mail", "services.mail"),
                 ("gateway", "gateway"),
+                ("webhooks", "services.mail.feedback.webhook_dispatcher"),
             ),
             files,
             strict=True,
@@ -185,8 +198,11 @@ async def test_no_secret_appears_in_logs_errors_or_metrics(
                 method, suite.base_url + path, headers=headers, **kwargs
             ) as response:
                 text = await response.text()
-                # Every answer but the one that hands out the new API key's secret.
-                if not path.endswith("/api-keys"):
+                # Every answer but those that hand out a new secret (API key, webhook).
+                shows_secret = path.endswith("/api-keys") or (
+                    method == "POST" and path.endswith(("/webhooks", "/rotate-secret"))
+                )
+                if not shows_secret:
                     answers.append(text)
                     answers.append(str(response.headers))
                 if response.status >= 400:
@@ -275,6 +291,37 @@ async def test_no_secret_appears_in_logs_errors_or_metrics(
             if email.get("status") in ("EMAIL_STATUS_SENT", "EMAIL_STATUS_FAILED"):
                 break
             await asyncio.sleep(0.1)
+        # Webhooks: secrets shown at creation and rotation, then a test event and a real event
+        # delivered by the dispatcher process to a receiver on loopback.
+        receiver = await Receiver().start()
+        hook = await call("POST", "/api/v1/webhooks", json={"url": receiver.url})
+        assert hook["_status"] == 200, hook
+        known["webhook secret"] = hook["secret"]
+        rotated = await call("POST", f"/api/v1/webhooks/{hook['id']}/rotate-secret", json={})
+        known["rotated webhook secret"] = rotated["secret"]
+        await call("GET", f"/api/v1/webhooks/{hook['id']}")
+        await call("GET", "/api/v1/webhooks")
+        tested = await call("POST", f"/api/v1/webhooks/{hook['id']}/test", json={})
+        assert tested["success"] is True, tested
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(suite.settings.mongodb_uri)
+        try:
+            occurred = datetime.now(UTC)
+            await client[suite.settings.mongodb_database]["events"].insert_one(
+                {
+                    "_id": f"evt_{new_ulid(occurred)}",
+                    "tenantId": "t-secrets",
+                    "type": "sent",
+                    "occurredAt": occurred,
+                    "domain": name,
+                    "tags": [],
+                    "metadata": {},
+                }
+            )
+        finally:
+            await client.close()
+        await receiver.wait_for(2, within=60)
+        await call("GET", f"/api/v1/webhooks/{hook['id']}/deliveries")
+        await receiver.close()
         async with http.get(suite.base_url + "/metrics") as response:
             metrics = await response.text()
         async with http.get(suite.base_url + "/health/metrics") as response:
@@ -316,6 +363,7 @@ async def test_no_secret_appears_in_logs_errors_or_metrics(
         **{f"{name} log": text for name, text in logs.items()},
         "responses": "\n".join(answers),
         "metrics": metrics,
+        "webhook requests": "\n".join(f"{r.headers}{r.body!r}" for r in receiver.requests),
     }
     assert errors, "the scenario produced error responses to search"
     leaks = [

@@ -16,14 +16,14 @@ and the same query shape, then the page's events by ``_id``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.core.clock import Clock
 from services.core.errors import InvalidArgument
-from services.core.ids import decode_page_token, encode_page_token, new_ulid, page_size
+from services.core.ids import decode_page_token, encode_page_token, page_size, ulid_floor
 from services.core.mongo import Document, IndexSpec, delete_older
 from services.mail.feedback.event_log import (
     EVENT_ID_PREFIX,
@@ -80,18 +80,13 @@ class EventPage:
     next_page_token: str
 
 
-# The earliest time a ULID can carry (its time part is unsigned milliseconds since the epoch).
-_ULID_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 def _bound(at: datetime) -> str:
     """The smallest event id of the millisecond `at`: ids of later events sort after it.
 
     A time before 1970 (a valid filter value that no event can have) bounds like 1970: the
     smallest id there is.
     """
-    at = max(at if at.tzinfo else at.replace(tzinfo=UTC), _ULID_EPOCH)
-    return EVENT_ID_PREFIX + new_ulid(to_millis(at))[:10] + "0" * 16
+    return EVENT_ID_PREFIX + ulid_floor(at)
 
 
 class EventStore:

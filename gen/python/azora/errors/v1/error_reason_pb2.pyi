@@ -269,6 +269,19 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     UNSUPPORTED_MEDIA_TYPE: _ErrorReason.ValueType  # 78
     """INVALID_ARGUMENT with HTTP 415: a body was sent with a Content-Type other than JSON."""
+    WEBHOOK_NOT_FOUND: _ErrorReason.ValueType  # 79
+    """--- Webhooks (azora.mail.v1.WebhookService).
+
+    NOT_FOUND: no webhook endpoint with this id in the caller's tenant.
+    """
+    WEBHOOK_DELIVERY_NOT_FOUND: _ErrorReason.ValueType  # 80
+    """NOT_FOUND: the endpoint has no delivery with this id."""
+    WEBHOOK_DISABLED: _ErrorReason.ValueType  # 81
+    """FAILED_PRECONDITION: the endpoint is disabled (by its owner or automatically after failing
+    every attempt for AZORA_WEBHOOK_DISABLE_AFTER); enable it before replaying deliveries.
+    """
+    TOO_MANY_WEBHOOKS: _ErrorReason.ValueType  # 82
+    """FAILED_PRECONDITION: the tenant already has the most webhook endpoints allowed (20)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason an Azora error can carry, with its meaning.
@@ -538,4 +551,17 @@ UNKNOWN_FIELD: ErrorReason.ValueType  # 77
 """
 UNSUPPORTED_MEDIA_TYPE: ErrorReason.ValueType  # 78
 """INVALID_ARGUMENT with HTTP 415: a body was sent with a Content-Type other than JSON."""
+WEBHOOK_NOT_FOUND: ErrorReason.ValueType  # 79
+"""--- Webhooks (azora.mail.v1.WebhookService).
+
+NOT_FOUND: no webhook endpoint with this id in the caller's tenant.
+"""
+WEBHOOK_DELIVERY_NOT_FOUND: ErrorReason.ValueType  # 80
+"""NOT_FOUND: the endpoint has no delivery with this id."""
+WEBHOOK_DISABLED: ErrorReason.ValueType  # 81
+"""FAILED_PRECONDITION: the endpoint is disabled (by its owner or automatically after failing
+every attempt for AZORA_WEBHOOK_DISABLE_AFTER); enable it before replaying deliveries.
+"""
+TOO_MANY_WEBHOOKS: ErrorReason.ValueType  # 82
+"""FAILED_PRECONDITION: the tenant already has the most webhook endpoints allowed (20)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -1,0 +1,601 @@
+"""`python -m services.mail.feedback.webhook_dispatcher`: sends events to webhook endpoints.
+
+Its own process (a process of the mail service: it writes only the mail service's collections),
+so sending mail never waits for webhooks. Several replicas may run on the same database;
+leases are their only coordination.
+
+Discovery. Writers of the ``events`` collection set no flag and know nothing of webhooks. Event
+ids are ``evt_`` + ULID, ordered by creation time, so the dispatcher reads events by ``_id``
+range: every poll the ids after the highest it has seen, and every tenth of the look-back
+window (AZORA_WEBHOOK_LOOKBACK, 5 minutes) the whole window again, for events whose insert
+became visible after later ids did. Each event becomes one delivery document per matching
+endpoint, ``_id`` = ``<event id>:<webhook id>``, created by a plain insert: a rescan, another
+replica or a restart creating it again hits the unique ``_id`` and creates nothing. The scanned
+position is shared in ``webhook_cursor``; a (re)started dispatcher begins a look-back window
+before it, so a dispatcher that was down for a day catches up on that day. An event inserted
+more than the look-back window after its id was made is not delivered: writers insert events
+with the change they report, well within it.
+
+Delivery. Due deliveries are claimed under a lease (webhook_store), sent signed (Standard
+Webhooks, webhook_signing) through the SSRF guard (webhook_transport), and their outcome is
+recorded with the attempt: 2xx succeeds; anything else (status, timeout, refused connection,
+guard) is retried after the next wait of AZORA_WEBHOOK_RETRY_SCHEDULE (5 s, 5 min, 30 min, 2 h,
+5 h, 10 h, 10 h, each +-20 % jitter), then the delivery is FAILED. At most
+AZORA_WEBHOOK_ENDPOINT_CONCURRENCY requests per endpoint run at once, and each endpoint's due
+deliveries are also looked up on their own (`dispatch_due`), so a slow endpoint or one with a
+large backlog never holds up another's. A process killed mid-request (kill -9) loses nothing:
+its lease expires and another dispatcher sends again. Receivers may therefore see an event
+twice, with the same webhook-id.
+
+Endpoint health. The first failed attempt after a success starts the endpoint's failure streak
+(``failingSince``); a success ends it. A failure when the streak is older than
+AZORA_WEBHOOK_DISABLE_AFTER (5 days) disables the endpoint, records why on it, and inserts a
+``webhook.disabled`` event (which the tenant's other endpoints receive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.core.clock import Clock, SystemClock
+from services.core.ids import new_ulid, ulid_floor, ulid_time
+from services.core.logs import configure_logging
+from services.core.metrics import (
+    WEBHOOK_ATTEMPT_DURATION,
+    WEBHOOK_ATTEMPTS,
+    WEBHOOK_LAG,
+    start_exposition,
+)
+from services.core.mongo import Document
+from services.core.netguard import host_resolver
+from services.core.runtime import (
+    EXIT_DATABASE_CLIENT_WEDGED,
+    Database,
+    DatabaseWatch,
+    prepare_database,
+    watch_database,
+)
+from services.core.secrets_box import SecretsBox
+from services.core.server import create_server
+from services.core.settings import SettingsError
+from services.mail.feedback.webhook_manager import WebhookSecrets
+from services.mail.feedback.webhook_models import (
+    DISABLED_EVENT,
+    Attempt,
+    Delivery,
+    DeliveryState,
+    Webhook,
+    delivery_id,
+)
+from services.mail.feedback.webhook_signing import body_of, event_json, rfc3339, signed_headers
+from services.mail.feedback.webhook_store import (
+    WEBHOOK_INDEXES,
+    Lease,
+    WebhookStore,
+    find_events_after,
+)
+from services.mail.feedback.webhook_transport import WebhookTransport, address_policy
+from services.mail.settings import MailSettings, WebhookSettings
+
+SERVICE_NAME = "webhook-dispatcher"
+log = logging.getLogger(__name__)
+EVENT_PREFIX = "evt_"
+# Events read per page of a scan.
+_SCAN_PAGE = 200
+# How often delivery logs past their retention and old claims are swept.
+_SWEEP_INTERVAL = 600.0
+# How long an endpoint read from the database is used before it is read again.
+_ENDPOINT_CACHE_S = 1.0
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class WebhookDispatcher:
+    """Finds new events, fans them out to endpoints, and delivers due deliveries."""
+
+    def __init__(
+        self,
+        *,
+        store: WebhookStore,
+        secrets: WebhookSecrets,
+        transport: WebhookTransport,
+        clock: Clock,
+        settings: WebhookSettings,
+        holder: str | None = None,
+        rng: random.Random | None = None,
+        wall_clock: Clock | None = None,
+    ) -> None:
+        self._store = store
+        self._secrets = secrets
+        self._transport = transport
+        self._clock = clock
+        # webhook-timestamp is compared by receivers with their own clock (within minutes), so
+        # it is the real time even where schedules run on a test's manual clock.
+        self._wall = wall_clock or SystemClock()
+        self._settings = settings
+        self.holder = holder or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        # Scanning: the highest event id seen, ids fanned out recently (skipped by rescans).
+        self._high: str | None = None
+        self._seen: dict[str, datetime] = {}
+        self._last_full_scan = -float("inf")
+        # Delivering: tasks by delivery id, and requests in flight per endpoint.
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._per_endpoint: collections.Counter[str] = collections.Counter()
+        # Endpoints that may have deliveries due from the given time on (see dispatch_due).
+        self._hints: dict[str, datetime] = {}
+        # Endpoints read recently: id -> (monotonic expiry, endpoint or None when deleted).
+        self._endpoint_cache: dict[str, tuple[float, Webhook | None]] = {}
+        self._stopping = asyncio.Event()
+        # Set when a request finishes (a slot is free again) or on stop: the idle wait ends
+        # early, so a busy endpoint is not held to one request per poll interval.
+        self._wake = asyncio.Event()
+        self._last_sweep = -float("inf")
+        self._last_full_round = -float("inf")
+
+    @property
+    def lease(self) -> timedelta:
+        """How long a claim holds: the setting, but always well beyond one request's timeout."""
+        return timedelta(seconds=max(self._settings.lease, 2 * self._settings.timeout + 5))
+
+    def stop(self) -> None:
+        """Claim nothing more; `run` returns."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Poll until stopped; a failing step (database away) is logged and tried again."""
+        while not self._stopping.is_set():
+            started = 0
+            try:
+                # Scanning events and the overdue window every poll interval; in between (woken
+                # by a finished request) only the endpoints that may have work are asked.
+                full = time.monotonic() - self._last_full_round >= self._settings.poll_interval
+                if full:
+                    self._last_full_round = time.monotonic()
+                started = await self.step(full=full)
+                if time.monotonic() - self._last_sweep >= _SWEEP_INTERVAL:
+                    self._last_sweep = time.monotonic()
+                    await self._store.sweep(
+                        now=self._clock.now(),
+                        delivery_retention=timedelta(days=self._settings.delivery_retention_days),
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("webhook dispatch step failed")
+            if started:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval)
+            self._wake.clear()
+
+    async def step(self, *, full: bool = True) -> int:
+        """One round: discover new events, then start due deliveries; how many were started.
+
+        Args:
+            full: also scan for new events and read the window of overdue deliveries (else
+                only endpoints known to have work are asked).
+        """
+        if full:
+            await self.discover()
+        return await self.dispatch_due(window=full)
+
+    async def drain(self, within: float | None = None) -> None:
+        """Wait for the requests in flight (all of them, or for `within` seconds at most)."""
+        tasks = list(self._inflight.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=within)
+
+    # --- discovery
+
+    async def discover(self) -> int:
+        """Fan out events not seen yet; how many deliveries were created."""
+        now = self._clock.now()
+        lookback = timedelta(seconds=self._settings.lookback)
+        window_start = EVENT_PREFIX + ulid_floor(now - lookback)
+        if self._high is None:
+            until = await self._store.scanned_until()
+            base = min(until, now) if until else now
+            start = EVENT_PREFIX + ulid_floor(base - lookback)
+            full = True
+        elif time.monotonic() - self._last_full_scan >= self._settings.lookback / 10:
+            start, full = min(window_start, self._high), True
+        else:
+            start, full = self._high, False
+        created = 0
+        position = start
+        while True:
+            page = [doc async for doc in find_events_after(self._store, position, _SCAN_PAGE)]
+            if not page:
+                break
+            fresh = [doc for doc in page if doc["_id"] not in self._seen]
+            if fresh:
+                created += await self._fan_out(fresh, now)
+                for doc in fresh:
+                    self._seen[doc["_id"]] = ulid_time(doc["_id"][len(EVENT_PREFIX) :]) or now
+            position = page[-1]["_id"]
+            if self._high is None or position > self._high:
+                self._high = position
+            if len(page) < _SCAN_PAGE:
+                break
+        if self._high is None:
+            self._high = start
+        if full:
+            self._last_full_scan = time.monotonic()
+        high_time = ulid_time(self._high[len(EVENT_PREFIX) :])
+        if high_time is not None and position != start:
+            await self._store.advance_cursor(min(high_time, now))
+        horizon = now - 2 * lookback
+        self._seen = {k: v for k, v in self._seen.items() if v >= horizon}
+        return created
+
+    async def _fan_out(self, events: Sequence[Document], now: datetime) -> int:
+        by_tenant: dict[str, list[Document]] = collections.defaultdict(list)
+        for doc in events:
+            by_tenant[str(doc.get("tenantId", ""))].append(doc)
+        deliveries: list[Delivery] = []
+        for tenant_id, docs in by_tenant.items():
+            hooks = await self._store.tenant_webhooks(tenant_id)
+            if not hooks:
+                continue
+            for doc in docs:
+                occurred = _aware(doc.get("occurredAt") or now)
+                payload = event_json(doc)
+                body: str | None = None
+                for hook in hooks:
+                    if not hook.wants(
+                        event_type=str(doc.get("type", "")),
+                        domain=doc.get("domain"),
+                        occurred=occurred,
+                    ):
+                        continue
+                    body = body or body_of(payload)
+                    deliveries.append(
+                        Delivery(
+                            id=delivery_id(doc["_id"], hook.id),
+                            tenant_id=tenant_id,
+                            webhook_id=hook.id,
+                            event_id=doc["_id"],
+                            event_type=str(doc.get("type", "")),
+                            body=body,
+                            state=DeliveryState.PENDING,
+                            create_time=now,
+                            next_attempt_time=now,
+                            occurred_time=occurred,
+                        )
+                    )
+        if not deliveries:
+            return 0
+        created = await self._store.add_deliveries(deliveries)
+        for delivery in deliveries:
+            self._hint(delivery.webhook_id, now)
+        return created
+
+    # --- delivery
+
+    async def dispatch_due(self, *, window: bool = True) -> int:
+        """Claim due deliveries within the concurrency limits and start sending them.
+
+        Two sources, both index-served, neither growing with another endpoint's backlog: the
+        most overdue deliveries of all endpoints (a window of bounded size), and, per endpoint
+        that may have work (`_hints`: fan-out, retries scheduled here, the window) and a free
+        slot, its own due deliveries. So an endpoint with a large backlog that fills the window
+        cannot starve the others.
+        """
+        if self._stopping.is_set():
+            return 0
+        room = self._settings.concurrency - len(self._inflight)
+        if room <= 0:
+            return 0
+        now = self._clock.now()
+        overdue = (
+            await self._store.due(now=now, limit=room * 2 + 8, skip_ids=list(self._inflight))
+            if window
+            else []
+        )
+        for delivery in overdue:
+            self._hint(delivery.webhook_id, delivery.next_attempt_time or now)
+        # Within the limits: `room` in all, `endpoint_concurrency` per endpoint.
+        limit = self._settings.endpoint_concurrency
+        picked: dict[str, Delivery] = {}
+        planned = collections.Counter(self._per_endpoint)
+
+        def take(delivery: Delivery) -> None:
+            if len(picked) >= room or delivery.id in self._inflight or delivery.id in picked:
+                return
+            if planned[delivery.webhook_id] >= limit:
+                return
+            planned[delivery.webhook_id] += 1
+            picked[delivery.id] = delivery
+
+        for delivery in overdue:
+            take(delivery)
+        for webhook_id, at in sorted(self._hints.items(), key=lambda item: item[1]):
+            if len(picked) >= room or at > now:
+                break
+            free = limit - planned[webhook_id]
+            if free <= 0:
+                continue
+            found = await self._store.due_for_webhook(
+                webhook_id, now=now, limit=free, skip_ids=[*self._inflight, *picked]
+            )
+            for delivery in found:
+                take(delivery)
+            if len(found) < free:
+                del self._hints[webhook_id]  # nothing more due now
+        picked_list = list(picked.values())
+        leases = await self._store.claim(picked_list, now=now, lease=self.lease, holder=self.holder)
+        hooks = await self._endpoints({x.delivery.webhook_id for x in leases})
+        for lease in leases:
+            delivery = lease.delivery
+            self._per_endpoint[delivery.webhook_id] += 1
+            self._inflight[delivery.id] = asyncio.create_task(
+                self._deliver(lease, hooks.get(delivery.webhook_id)), name=f"webhook:{delivery.id}"
+            )
+        return len(leases)
+
+    async def _endpoints(self, ids: set[str]) -> dict[str, Webhook | None]:
+        """Endpoints by id, read at most once a second (a change applies within a second)."""
+        fresh = {i: self._endpoint_cache[i][1] for i in ids if i in self._endpoint_cache}
+        fresh = {
+            i: hook for i, hook in fresh.items() if self._endpoint_cache[i][0] > time.monotonic()
+        }
+        missing = sorted(ids - set(fresh))
+        if missing:
+            found = await self._store.webhooks_by_id(missing)
+            expiry = time.monotonic() + _ENDPOINT_CACHE_S
+            for webhook_id in missing:
+                self._endpoint_cache[webhook_id] = (expiry, found.get(webhook_id))
+                fresh[webhook_id] = found.get(webhook_id)
+        if len(self._endpoint_cache) > 10_000:
+            self._endpoint_cache.clear()
+        return fresh
+
+    def _hint(self, webhook_id: str, at: datetime) -> None:
+        known = self._hints.get(webhook_id)
+        if known is None or at < known:
+            self._hints[webhook_id] = at
+
+    async def _deliver(self, lease: Lease, hook: Webhook | None) -> None:
+        delivery = lease.delivery
+        try:
+            await self._attempt(lease, hook)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The lease expires and the delivery is attempted again (by anyone).
+            log.exception("webhook delivery failed", extra={"fields": {"delivery": delivery.id}})
+        finally:
+            self._wake.set()
+            self._inflight.pop(delivery.id, None)
+            self._per_endpoint[delivery.webhook_id] -= 1
+            if self._per_endpoint[delivery.webhook_id] <= 0:
+                del self._per_endpoint[delivery.webhook_id]
+
+    async def _attempt(self, lease: Lease, hook: Webhook | None) -> None:
+        """Send a leased delivery to its endpoint (as read when it was claimed) and record it."""
+        delivery = lease.delivery
+        now = self._clock.now()
+        if hook is None or not hook.enabled:
+            # Read again before ending the delivery: the cached view may be a second old.
+            hook = await self._store.get_webhook(webhook_id=delivery.webhook_id)
+        if hook is None or not hook.enabled:
+            why = "the endpoint was deleted" if hook is None else "the endpoint is disabled"
+            note = Attempt(now, 0, 0, "", f"not sent: {why}")
+            ended = replace(delivery, state=DeliveryState.FAILED, next_attempt_time=None)
+            await self._store.record(lease, attempt=note, update=ended)
+            return
+        headers = signed_headers(
+            secrets=self._secrets.active(hook, now),
+            message_id=delivery.event_id,
+            at=self._wall.now(),
+            body=delivery.body,
+        )
+        attempt = await self._transport.post(
+            url=hook.url, headers=headers, body=delivery.body, at=now
+        )
+        after = self._clock.now()
+        self._measure(delivery, attempt, after)
+        update = self._next(delivery, attempt, after)
+        recorded = await self._store.record(lease, attempt=attempt, update=update)
+        # The endpoint's next work: this retry, or (after a success) more of its backlog.
+        self._hint(hook.id, update.next_attempt_time or after)
+        log.info(
+            "webhook attempt",
+            extra={
+                "fields": {
+                    "delivery": delivery.id,
+                    "webhook": hook.id,
+                    "status": attempt.status_code,
+                    "latency_ms": attempt.latency_ms,
+                    "error": attempt.error[:200],
+                    "state": update.state.value,
+                    "recorded": recorded,
+                }
+            },
+        )
+        await self._endpoint_health(hook, attempt)
+
+    @staticmethod
+    def _measure(delivery: Delivery, attempt: Attempt, now: datetime) -> None:
+        if attempt.success:
+            outcome = "success"
+        elif attempt.status_code:
+            outcome = "http_error"
+        else:
+            outcome = "no_answer"
+        WEBHOOK_ATTEMPTS.labels(outcome=outcome).inc()
+        WEBHOOK_ATTEMPT_DURATION.labels(outcome=outcome).observe(attempt.latency_ms / 1000)
+        first_success = attempt.success and not any(a.success for a in delivery.attempts)
+        if first_success and delivery.occurred_time is not None:
+            WEBHOOK_LAG.observe(max((now - delivery.occurred_time).total_seconds(), 0.0))
+
+    def _next(self, delivery: Delivery, attempt: Attempt, now: datetime) -> Delivery:
+        """The delivery after an attempt: done, failed for good, or due again later."""
+        if attempt.success:
+            return replace(delivery, state=DeliveryState.SUCCEEDED, next_attempt_time=None)
+        schedule = self._settings.retry_schedule
+        if delivery.retries >= len(schedule):
+            return replace(
+                delivery,
+                state=DeliveryState.FAILED,
+                next_attempt_time=None,
+                retries=delivery.retries + 1,
+            )
+        jitter = min(max(self._settings.retry_jitter, 0.0), 1.0)
+        wait = schedule[delivery.retries] * (1 + jitter * self._rng.uniform(-1.0, 1.0))
+        return replace(
+            delivery,
+            state=DeliveryState.PENDING,
+            next_attempt_time=now + timedelta(seconds=wait),
+            retries=delivery.retries + 1,
+        )
+
+    async def _endpoint_health(self, hook: Webhook, attempt: Attempt) -> None:
+        if attempt.success:
+            if hook.failing_since is not None:
+                await self._store.note_success(webhook_id=hook.id)
+            return
+        since = await self._store.note_failure(webhook_id=hook.id, now=attempt.time)
+        limit = timedelta(seconds=self._settings.disable_after)
+        if since is None or attempt.time - since < limit:
+            return
+        last = attempt.error or f"HTTP {attempt.status_code}"
+        reason = f"every attempt failed since {rfc3339(since)}; the last one: {last}"[:500]
+        if not await self._store.disable(webhook_id=hook.id, reason=reason, now=attempt.time):
+            return
+        event: Document = {
+            "_id": f"{EVENT_PREFIX}{new_ulid(attempt.time)}",
+            "tenantId": hook.tenant_id,
+            "type": DISABLED_EVENT,
+            "occurredAt": attempt.time,
+            "tags": [],
+            "metadata": {},
+            "reason": reason,
+            "webhookId": hook.id,
+        }
+        await self._store.events.insert_one(event)
+        log.warning(
+            "webhook endpoint disabled",
+            extra={"fields": {"webhook": hook.id, "tenant": hook.tenant_id, "reason": reason}},
+        )
+
+
+def build_dispatcher(
+    settings: MailSettings,
+    db: AsyncDatabase[Document],
+    *,
+    clock: Clock | None = None,
+    holder: str | None = None,
+    rng: random.Random | None = None,
+    wall_clock: Clock | None = None,
+) -> tuple[WebhookDispatcher, WebhookTransport]:
+    """A dispatcher over `db` configured from settings, with its transport (close it)."""
+    hooks = settings.webhooks
+    transport = WebhookTransport(
+        resolver=host_resolver(settings),
+        policy=address_policy(hooks),
+        timeout=hooks.timeout,
+        limit=hooks.concurrency,
+    )
+    dispatcher = WebhookDispatcher(
+        store=WebhookStore(db),
+        secrets=WebhookSecrets(SecretsBox.from_settings(settings)),
+        transport=transport,
+        clock=clock or SystemClock(),
+        settings=hooks,
+        holder=holder,
+        rng=rng,
+        wall_clock=wall_clock,
+    )
+    return dispatcher, transport
+
+
+async def serve(settings: MailSettings) -> int:
+    """Run one dispatcher until SIGTERM/SIGINT (or a wedged database client); the exit status.
+
+    A grpc.health.v1 server on AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT answers the probes:
+    SERVING once the indexes exist and while the database answers.
+    """
+    database = Database.connect(settings)
+    health = await create_server(
+        bind=f"{settings.host}:{settings.webhooks.dispatcher_health_port}",
+        service_names=(),
+        registrars=(),
+    )
+    dispatcher, transport = build_dispatcher(settings, database.db)
+    status = 0
+    try:
+        await prepare_database(database.db, WEBHOOK_INDEXES)
+        await health.set_serving(True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, dispatcher.stop)
+
+        def wedged() -> None:
+            nonlocal status
+            status = EXIT_DATABASE_CLIENT_WEDGED
+            log.error("database client wedged; stopping for a restart")
+            dispatcher.stop()
+
+        watch = asyncio.create_task(
+            watch_database(
+                database.db,
+                settings.readiness_interval,
+                on_change=health.set_serving,
+                watchdog=DatabaseWatch.from_settings(settings),
+                on_wedged=wedged,
+            )
+        )
+        log.info(
+            "webhook dispatcher started",
+            extra={"fields": {"holder": dispatcher.holder, "health": health.port}},
+        )
+        await dispatcher.run()
+        await health.health.enter_graceful_shutdown()
+        # Requests in flight get the grace period; one cut off keeps its lease and is sent
+        # again after it expires (a duplicate the receiver can recognise by webhook-id).
+        await dispatcher.drain(settings.shutdown_grace)
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        log.info("webhook dispatcher stopped", extra={"fields": {"holder": dispatcher.holder}})
+        return status
+    finally:
+        await transport.close()
+        await health.server.stop(0)
+        await database.close()
+
+
+def main() -> None:
+    """Entry point."""
+    try:
+        settings = MailSettings.from_env(os.environ, service_name=SERVICE_NAME)
+    except SettingsError as exc:
+        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(service=SERVICE_NAME, level=settings.log_level)
+    start_exposition(settings.metrics_host, settings.webhooks.dispatcher_metrics_port)
+    status = asyncio.run(serve(settings))
+    if status:
+        raise SystemExit(status)
+
+
+if __name__ == "__main__":
+    main()
