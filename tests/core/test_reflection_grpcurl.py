@@ -70,6 +70,7 @@ async def test_grpcurl_lists_and_describes_every_service(
             "azora.mail.v1.MailService": "SendEmail",
             "azora.mail.v1.EventService": "ListEvents",
             "azora.mail.v1.SuppressionService": "AddSuppressions",
+            "azora.mail.v1.WebhookService": "CreateWebhook",
         },
     }
     for port, services in expected.items():

@@ -20,7 +20,7 @@ S = suppressions_pb2
 
 
 @pytest.fixture
-def stub(local_mail: LocalMail) -> suppressions_pb2_grpc.SuppressionServiceAsyncStub:
+async def stub(local_mail: LocalMail) -> suppressions_pb2_grpc.SuppressionServiceAsyncStub:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{local_mail.app.running.port}")
     local_mail.app.running.channels.append(channel)
     return suppressions_pb2_grpc.SuppressionServiceStub(channel)
