@@ -47,7 +47,9 @@ class Route(_message.Message):
     case-insensitively.
     """
     priority: _builtins.int
-    """Order among the domain's routes: lower is tried first (0 to 10000; default 100)."""
+    """Order among the domain's routes: lower is tried first (0 to 10000; equal priorities in
+    creation order).
+    """
     action: _builtins.str
     """What happens to matching mail: "store" (kept for GET /api/v1/inbound), "reject" (refused
     at RCPT with reject_text), "forward" (to forward_to), "webhook" (POSTed to webhook_url).

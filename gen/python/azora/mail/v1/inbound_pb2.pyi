@@ -357,10 +357,9 @@ class StoreInboundMessageRequest(_message.Message):
     CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
     HELO_FIELD_NUMBER: _builtins.int
     AUTHENTICATION_FIELD_NUMBER: _builtins.int
+    ADDED_HEADERS_FIELD_NUMBER: _builtins.int
     raw_message: _builtins.bytes
-    """The message as received after DATA, with the inbound server's Received and
-    Authentication-Results headers prepended.
-    """
+    """The message exactly as received after DATA (CRLF line ends, dot-unstuffed)."""
     envelope_from: _builtins.str
     """The MAIL FROM address ("" for a null sender)."""
     recipient: _builtins.str
@@ -375,6 +374,10 @@ class StoreInboundMessageRequest(_message.Message):
     """The SMTP client's address."""
     helo: _builtins.str
     """The EHLO/HELO name."""
+    added_headers: _builtins.bytes
+    """The inbound server's Received and Authentication-Results header lines (CRLF-terminated),
+    stored on top of the message; kept apart so that a retried message is recognised.
+    """
     @_builtins.property
     def authentication(self) -> Global___AuthenticationResults:
         """What the inbound server found checking the message."""
@@ -391,10 +394,11 @@ class StoreInboundMessageRequest(_message.Message):
         client_address: _builtins.str = ...,
         helo: _builtins.str = ...,
         authentication: Global___AuthenticationResults | None = ...,
+        added_headers: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["authentication", b"authentication"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "authentication", b"authentication", "client_address", b"client_address", "domain_id", b"domain_id", "envelope_from", b"envelope_from", "helo", b"helo", "raw_message", b"raw_message", "recipient", b"recipient", "route_id", b"route_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "added_headers", b"added_headers", "authentication", b"authentication", "client_address", b"client_address", "domain_id", b"domain_id", "envelope_from", b"envelope_from", "helo", b"helo", "raw_message", b"raw_message", "recipient", b"recipient", "route_id", b"route_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
