@@ -14,7 +14,7 @@ import pytest
 
 from services.core.metrics import Peer
 from services.core.settings import METRICS_PORTS
-from services.submission.tls import development_pair
+from services.core.smtp_tls import development_pair
 from tests.deploy.conftest import (
     COMPOSE_FILE,
     DESCRIPTOR_SET,

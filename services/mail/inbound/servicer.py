@@ -85,6 +85,8 @@ def record_to_proto(record: InboundRecord, *, parsed: bool) -> inbound_pb2.Inbou
             except (LookupError, ValueError):
                 body = part.get_payload(decode=True)
             text = body if isinstance(body, str) else bytes(body or b"").decode("utf-8", "replace")
+            # The parsed view uses newlines; the wire's CRLFs stay in the raw download.
+            text = text.replace("\r\n", "\n")
             if kind == "plain":
                 out.text = text
             else:
