@@ -1,7 +1,7 @@
 """Run the whole suite locally.
 
-FerretDB (unless MONGODB_URI is set), the three gRPC services, the local REST gateway and the
-SMTP submission server.
+FerretDB (unless MONGODB_URI is set), the three gRPC services, the local REST gateway, the
+SMTP submission server and the inbound SMTP server.
 
 Used by ``make run`` and ``make dev`` (which restarts it on code changes); ``make deps`` has
 already built everything. Configuration is the services' own environment, passed through:
@@ -72,6 +72,9 @@ SERVICES = (
     # SMTP submission for applications (STARTTLS port; implicit TLS on AZORA_SUBMISSION_TLS_PORT,
     # default 2465; development certificate generated under var/submission/).
     ("submission", "services.submission", "AZORA_SUBMISSION_PORT", 2587),
+    # Inbound SMTP (the MX of the hosted domains; 25 in production; development certificate for
+    # STARTTLS generated under var/inbound/).
+    ("inbound", "services.inbound", "AZORA_INBOUND_PORT", 2525),
 )
 
 

@@ -9,7 +9,7 @@ Results use RFC 8601's vocabulary and are also written as an ``Authentication-Re
 * DMARC (RFC 7489): the From header's domain publishes a policy at ``_dmarc.<domain>`` (or at
   its organizational domain); ``pass`` when SPF passed for an aligned MAIL FROM domain or a DKIM
   signature verified for an aligned d= domain (relaxed alignment: the same organizational
-  domain, by the public suffix list that checkdmarc carries), ``fail`` otherwise, ``none``
+  domain, by the Public Suffix List bundled with publicsuffixlist), ``fail`` otherwise, ``none``
   without a policy.
 
 pyspf and dkimpy are synchronous, so each check runs in a worker thread. Both look names up
@@ -31,7 +31,7 @@ import dkim  # type: ignore[import-untyped]  # dkimpy ships no type information
 import dns.exception
 import dns.resolver
 import spf  # type: ignore[import-untyped]  # nor does pyspf
-from checkdmarc.utils import get_base_domain  # type: ignore[import-untyped]  # nor checkdmarc
+from publicsuffixlist import PublicSuffixList
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class MessageAuthenticator:
     ) -> None:
         self._hostname = hostname
         self._dns = _Nameservers(tuple(nameservers), port, timeout)
+        self._suffixes = PublicSuffixList()
 
     async def check(
         self, *, raw: bytes, client_address: str, helo: str, envelope_from: str
@@ -165,15 +166,15 @@ class MessageAuthenticator:
             return "none"
         if not self._has_policy(from_domain):
             return "none"
-        org = _organizational(from_domain)
-        if spf_result == "pass" and _organizational(spf_domain) == org:
+        org = _organizational(self._suffixes, from_domain)
+        if spf_result == "pass" and _organizational(self._suffixes, spf_domain) == org:
             return "pass"
-        if any(_organizational(d) == org for d in dkim_domains):
+        if any(_organizational(self._suffixes, d) == org for d in dkim_domains):
             return "pass"
         return "fail"
 
     def _has_policy(self, domain: str) -> bool:
-        for name in dict.fromkeys((domain, _organizational(domain))):
+        for name in dict.fromkeys((domain, _organizational(self._suffixes, domain))):
             try:
                 answer = self._dns.resolver().resolve(f"_dmarc.{name}", "TXT")
             except dns.exception.DNSException:
@@ -199,13 +200,12 @@ def _from_domain(raw: bytes) -> str:
     return ""
 
 
-def _organizational(domain: str) -> str:
+def _organizational(suffixes: PublicSuffixList, domain: str) -> str:
     if not domain:
         return ""
-    try:
-        return str(get_base_domain(domain)).lower()
-    except Exception:  # an unparsable name has no organizational domain but itself
-        return domain.lower()
+    found = suffixes.privatesuffix(domain.lower().rstrip("."))
+    # A public suffix itself (or an unparsable name) has no organizational domain but itself.
+    return str(found) if found else domain.lower()
 
 
 __all__ = ["AuthenticationResults", "MessageAuthenticator", "configure_default_resolver"]

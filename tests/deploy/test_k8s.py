@@ -13,6 +13,7 @@ from services.core.metrics import Peer
 from services.core.settings import METRICS_PORTS
 from tests.deploy.conftest import (
     ENVOY_YAML,
+    INBOUND,
     K8S_DIR,
     PROCESSES,
     REPO_ROOT,
@@ -134,17 +135,22 @@ def test_every_container_has_probes_and_app_containers_use_grpc(
             command = container.get("command", [])
             if command[:2] != ["python", "-m"] or not command[2].startswith("services."):
                 continue
-            if command[2] == SUBMISSION[0]:
+            front_doors = {
+                SUBMISSION[0]: ("submission", SUBMISSION),
+                INBOUND[0]: ("inbound", INBOUND),
+            }
+            if command[2] in front_doors:
                 # No gRPC API: every probe asks its grpc.health.v1 server about the whole server.
-                health = {"port": SUBMISSION[1]}
+                name, (_, health_port, _) = front_doors[command[2]]
+                health = {"port": health_port}
                 assert container["ports"][0] == {
                     "name": "grpc",
-                    "containerPort": SUBMISSION[1],
+                    "containerPort": health_port,
                     "protocol": "TCP",
                 }, where
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     assert container[probe]["grpc"] == health, (where, probe)
-                probed.add("submission")
+                probed.add(name)
                 continue
             (process,) = [p for p, spec_ in PROCESSES.items() if spec_[0] == command[2]]
             _, _, port, served = PROCESSES[process]
@@ -157,7 +163,7 @@ def test_every_container_has_probes_and_app_containers_use_grpc(
             assert container["livenessProbe"]["grpc"] == {"port": port}, where
             assert container["startupProbe"]["grpc"]["port"] == port, where
             probed.add(process)
-    assert probed == {*PROCESSES, "submission"}
+    assert probed == {*PROCESSES, "submission", "inbound"}
 
 
 def test_secrets_are_only_referenced(objects: list[dict[str, Any]]) -> None:
@@ -198,12 +204,13 @@ def test_services_select_deployments(
             for c in selected[0]["spec"]["template"]["spec"]["containers"]
             for p in c["ports"]
         }
-        if name == "submission":
-            # The public SMTP front door: 587/465 to the container's unprivileged ports, the
-            # client's address kept for the per-address limits; not an Envoy upstream.
+        if name in ("submission", "inbound"):
+            # The public SMTP front doors: 587/465 (25 for inbound) to the container's
+            # unprivileged ports, the client's address kept for the per-address limits (and
+            # SPF); not Envoy upstreams.
             assert service["spec"]["externalTrafficPolicy"] == "Local"
             mapped = {p["port"]: ports[p["targetPort"]] for p in service["spec"]["ports"]}
-            assert mapped == SUBMISSION[2], mapped
+            assert mapped == (SUBMISSION if name == "submission" else INBOUND)[2], mapped
             continue
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports, (name, port)
@@ -256,7 +263,7 @@ def test_disruption_budgets_select_existing_pods(objects: list[dict[str, Any]]) 
         replicas = selected[0]["spec"].get("replicas")
         if "minAvailable" in budget["spec"] and replicas is not None:
             assert budget["spec"]["minAvailable"] < replicas, f"{name} would block every drain"
-    assert {"domain", "smtp", "mail", "envoy", "submission"} <= set(budgets)
+    assert {"domain", "smtp", "mail", "envoy", "submission", "inbound"} <= set(budgets)
 
 
 def test_envoy_configmap_is_generated_from_gateway_envoy_yaml(
@@ -355,3 +362,21 @@ def test_submission_reads_its_certificate_from_a_tls_secret(objects: list[dict[s
     listening = {int(env["AZORA_SUBMISSION_PORT"] or 0), int(env["AZORA_SUBMISSION_TLS_PORT"] or 0)}
     assert listening == set(SUBMISSION[2].values()) == {ports["smtp"], ports["smtps"]}
     assert int(env["AZORA_SUBMISSION_HEALTH_PORT"] or 0) == SUBMISSION[1]
+
+
+def test_inbound_reads_its_certificate_from_a_tls_secret(objects: list[dict[str, Any]]) -> None:
+    # The inbound server's STARTTLS certificate comes from its own mounted TLS Secret, and its
+    # listener is the container port the Service maps from 25.
+    spec = of_kind(objects, "Deployment")["inbound"]["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    tls_dir = mounts["tls"]["mountPath"]
+    assert mounts["tls"]["readOnly"] is True
+    assert volumes["tls"]["secret"]["secretName"] == "azora-inbound-tls"
+    assert env["AZORA_INBOUND_CERT_FILE"] == f"{tls_dir}/tls.crt"
+    assert env["AZORA_INBOUND_KEY_FILE"] == f"{tls_dir}/tls.key"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert {int(env["AZORA_INBOUND_PORT"] or 0)} == set(INBOUND[2].values()) == {ports["smtp"]}
+    assert int(env["AZORA_INBOUND_HEALTH_PORT"] or 0) == INBOUND[1]
