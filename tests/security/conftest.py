@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from azora.domain.v1 import domain_pb2, domain_pb2_grpc
+from azora.domain.v1 import domain_pb2, domain_pb2_grpc, routes_pb2_grpc
 from azora.iam.v1 import api_keys_pb2_grpc
-from azora.mail.v1 import events_pb2_grpc, mail_pb2_grpc, suppressions_pb2_grpc
+from azora.mail.v1 import events_pb2_grpc, inbound_pb2_grpc, mail_pb2_grpc, suppressions_pb2_grpc
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
@@ -49,6 +49,8 @@ class GrpcStubs:
     mail: mail_pb2_grpc.MailServiceAsyncStub
     events: events_pb2_grpc.EventServiceAsyncStub
     suppressions: suppressions_pb2_grpc.SuppressionServiceAsyncStub
+    routes: routes_pb2_grpc.RouteServiceAsyncStub
+    inbound: inbound_pb2_grpc.InboundServiceAsyncStub
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +66,8 @@ async def stack_stubs(rest_stack: RestStack) -> AsyncIterator[GrpcStubs]:
         mail=mail_pb2_grpc.MailServiceStub(mail),
         events=events_pb2_grpc.EventServiceStub(mail),
         suppressions=suppressions_pb2_grpc.SuppressionServiceStub(mail),
+        routes=routes_pb2_grpc.RouteServiceStub(domain),
+        inbound=inbound_pb2_grpc.InboundServiceStub(mail),
     )
     for channel in (domain, smtp, mail):
         await channel.close()
