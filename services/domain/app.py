@@ -92,6 +92,11 @@ async def build_app(
     smtp_channel = traced_channel(settings.smtp_service_target)
     mail_channel = traced_channel(settings.mail_service_target)
     domain_repository = MongoDomainRepository(database.db)
+    routes = RouteManager(
+        routes=MongoRouteRepository(database.db),
+        domains=MongoDomainLookup(database.db, domain_repository),
+        clock=clock,
+    )
     manager = DomainManager(
         domains=domain_repository,
         claims=MongoClaimRepository(database.db),
@@ -106,12 +111,9 @@ async def build_app(
                 smtp_channel,
                 settings=settings,
             ),
+            # Routes are the domain service's own: they go with the domain.
+            routes.purge_domain,
         ],
-    )
-    routes = RouteManager(
-        routes=MongoRouteRepository(database.db),
-        domains=MongoDomainLookup(database.db, domain_repository),
-        clock=clock,
     )
     api_keys = ApiKeyManager(
         keys=MongoApiKeyRepository(database.db),

@@ -14,6 +14,7 @@ most `MAX_ROUTES_PER_DOMAIN` routes, so resolving reads one index-served, bounde
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 from services.core.clock import Clock
 from services.core.dns_names import normalize_domain_name
@@ -37,6 +39,7 @@ from services.core.mongo import IndexSpec
 from services.domain.models import Domain, DomainStatus
 
 Document = dict[str, Any]
+log = logging.getLogger(__name__)
 
 ROUTES = "inbound_routes"
 CLAIMS = "domain_claims"  # name -> domain of the tenant that proved ownership (repository.py)
@@ -120,6 +123,10 @@ class RouteRepository(Protocol):
         """Remove a route; False if there was none."""
         ...
 
+    async def delete_domain(self, *, domain_id: str) -> int:
+        """Remove every route of a domain; return how many."""
+        ...
+
 
 class DomainLookup(Protocol):
     """The domain data routes depend on (the domain repository and claims)."""
@@ -161,6 +168,11 @@ class MongoRouteRepository:
         """See `RouteRepository.delete`."""
         result = await self._routes.delete_one({"_id": route_id})
         return result.deleted_count == 1
+
+    async def delete_domain(self, *, domain_id: str) -> int:
+        """See `RouteRepository.delete_domain` (at most `MAX_ROUTES_PER_DOMAIN` documents)."""
+        result = await self._routes.delete_many({"domain_id": domain_id})
+        return result.deleted_count
 
 
 class MongoDomainLookup:
@@ -272,6 +284,21 @@ class RouteManager:
         await self.get(tenant_id=tenant_id, domain_id=domain_id, route_id=route_id)
         if not await self._routes.delete(domain_id=domain_id, route_id=route_id):
             raise NotFound("InboundRoute", route_id)
+
+    async def purge_domain(self, domain: Domain) -> None:
+        """A `DomainDeletedHook`: a deleted domain's routes go with it (nothing is left over).
+
+        Never fails the deletion, which has happened: routes left behind by a database error
+        are unreachable (a domain registered again gets a new id) and are logged.
+        """
+        try:
+            await self._routes.delete_domain(domain_id=domain.id)
+        except PyMongoError:
+            log.warning(
+                "routes of a deleted domain not removed",
+                extra={"fields": {"domain_id": domain.id}},
+                exc_info=True,
+            )
 
     async def resolve(self, *, address: str) -> Resolution:
         """The route of an inbound recipient, across tenants.

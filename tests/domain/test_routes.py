@@ -14,6 +14,7 @@ from azora.domain.v1 import domain_pb2, domain_pb2_grpc, routes_pb2, routes_pb2_
 
 from services.core.auth import ServiceTokens
 from services.core.settings import Settings
+from services.domain.app import DomainApp
 from tests.conftest import Tenant, new_tenant, unique_domain
 from tests.support.dns_server import KnotServer
 from tests.support.grpc_errors import failure_of
@@ -246,3 +247,22 @@ async def test_resolution_is_internal_and_routes_are_per_tenant(
     assert (failure.code, failure.reason) == (grpc.StatusCode.NOT_FOUND, "DOMAIN_NOT_FOUND")
     failure = await failure_of(add(routes_stub, other, domain.id, match="*", action="store"))
     assert failure.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_deleting_a_domain_removes_its_routes(
+    domains_stub: DomainStub,
+    routes_stub: RouteStub,
+    tenant: Tenant,
+    knot_server: KnotServer,
+    domain_app: DomainApp,
+) -> None:
+    # Routes go with their domain: none is left in the collection.
+    domain = await active_domain(domains_stub, tenant, knot_server)
+    for match in ("a", "b", "*"):
+        await add(routes_stub, tenant, domain.id, match=match, action="store")
+    routes = domain_app.running.database.db["inbound_routes"]
+    assert await routes.count_documents({"domain_id": domain.id}) == 3
+    await domains_stub.DeleteDomain(
+        domain_pb2.DeleteDomainRequest(id=domain.id), metadata=tenant.metadata
+    )
+    assert await routes.count_documents({"domain_id": domain.id}) == 0
