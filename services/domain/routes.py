@@ -351,43 +351,39 @@ def _validated(data: RouteInput, domain: Domain) -> RouteInput:
     problems: list[FieldViolation] = []
     match = data.match.strip()
     if not match:
-        problems.append(FieldViolation("route.match", "is required"))
+        problems.append(FieldViolation("match", "is required"))
     elif "@" in match:
         local, _, raw_domain = match.rpartition("@")
         try:
-            name, _ = normalize_domain_name(raw_domain, field="route.match")
+            name, _ = normalize_domain_name(raw_domain, field="match")
         except InvalidArgument:
             name = ""
         if not _LOCAL_PATTERN.match(local) or "*" in local:
-            problems.append(FieldViolation("route.match", "is not an address"))
+            problems.append(FieldViolation("match", "is not an address"))
         elif name != domain.name:
-            problems.append(FieldViolation("route.match", f"must be an address of {domain.name}"))
+            problems.append(FieldViolation("match", f"must be an address of {domain.name}"))
         else:
             match = f"{local}@{name}"
     elif not _LOCAL_PATTERN.match(match):
-        problems.append(
-            FieldViolation("route.match", "must be an address, a local part (with *), or *")
-        )
+        problems.append(FieldViolation("match", "must be an address, a local part (with *), or *"))
     priority = data.priority
     if not 0 <= priority <= MAX_PRIORITY:
-        problems.append(FieldViolation("route.priority", f"must be 0 to {MAX_PRIORITY}"))
+        problems.append(FieldViolation("priority", f"must be 0 to {MAX_PRIORITY}"))
     if data.action not in ACTIONS:
-        problems.append(FieldViolation("route.action", f"must be one of {', '.join(ACTIONS)}"))
+        problems.append(FieldViolation("action", f"must be one of {', '.join(ACTIONS)}"))
     if data.action != "reject" and data.reject_text:
-        problems.append(FieldViolation("route.reject_text", "only for the reject action"))
+        problems.append(FieldViolation("reject_text", "only for the reject action"))
     if data.action != "forward" and data.forward_to:
-        problems.append(FieldViolation("route.forward_to", "only for the forward action"))
+        problems.append(FieldViolation("forward_to", "only for the forward action"))
     if data.action != "webhook" and data.webhook_url:
-        problems.append(FieldViolation("route.webhook_url", "only for the webhook action"))
+        problems.append(FieldViolation("webhook_url", "only for the webhook action"))
     reject_text = data.reject_text
     if data.action == "reject":
         if len(reject_text) > 200 or not _PRINTABLE.match(reject_text):
-            problems.append(
-                FieldViolation("route.reject_text", "at most 200 printable ASCII characters")
-            )
+            problems.append(FieldViolation("reject_text", "at most 200 printable ASCII characters"))
         reject_text = reject_text.strip() or DEFAULT_REJECT_TEXT
     if len(data.description) > 200:
-        problems.append(FieldViolation("route.description", "at most 200 characters"))
+        problems.append(FieldViolation("description", "at most 200 characters"))
     if problems:
         raise InvalidArgument(problems)
     if data.action in UNAVAILABLE_ACTIONS:

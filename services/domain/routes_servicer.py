@@ -32,8 +32,8 @@ def route_to_proto(route: Route) -> routes_pb2.Route:
     )
 
 
-def route_input(route: routes_pb2.Route) -> RouteInput:
-    """What the client set (output-only fields are not read)."""
+def route_input(route: routes_pb2.CreateRouteRequest | routes_pb2.UpdateRouteRequest) -> RouteInput:
+    """What the client set."""
     return RouteInput(
         match=route.match,
         priority=route.priority,
@@ -67,7 +67,7 @@ class RouteServicer(routes_pb2_grpc.RouteServiceServicer):
         route = await self._manager.create(
             tenant_id=current_principal().tenant_id,
             domain_id=request.domain_id,
-            data=route_input(request.route),
+            data=route_input(request),
         )
         return route_to_proto(route)
 
@@ -90,7 +90,7 @@ class RouteServicer(routes_pb2_grpc.RouteServiceServicer):
             tenant_id=current_principal().tenant_id,
             domain_id=request.domain_id,
             route_id=request.id,
-            data=route_input(request.route),
+            data=route_input(request),
         )
         return route_to_proto(route)
 

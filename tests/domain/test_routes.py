@@ -57,7 +57,7 @@ async def add(
     stub: RouteStub, tenant: Tenant, domain_id: str, **fields: object
 ) -> routes_pb2.Route:
     return await stub.CreateRoute(
-        routes_pb2.CreateRouteRequest(domain_id=domain_id, route=routes_pb2.Route(**fields)),  # type: ignore[arg-type]
+        routes_pb2.CreateRouteRequest(domain_id=domain_id, **fields),  # type: ignore[arg-type]
         metadata=tenant.metadata,
     )
 
@@ -88,9 +88,10 @@ async def test_routes_crud_in_priority_order(
         routes_pb2.UpdateRouteRequest(
             domain_id=domain.id,
             id=support.id,
-            route=routes_pb2.Route(
-                match="help", priority=600, action="reject", reject_text="No such desk"
-            ),
+            match="help",
+            priority=600,
+            action="reject",
+            reject_text="No such desk",
         ),
         metadata=tenant.metadata,
     )
@@ -125,15 +126,15 @@ async def test_malformed_routes_are_refused_naming_the_field(
         add(routes_stub, tenant, domain.id, match="a b", priority=-1, action="bounce")
     )
     assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert set(failure.field_violations) == {"route.match", "route.priority", "route.action"}
+    assert set(failure.field_violations) == {"match", "priority", "action"}
     failure = await failure_of(
         add(routes_stub, tenant, domain.id, match="x@other.example", action="store")
     )
-    assert "route.match" in failure.field_violations
+    assert "match" in failure.field_violations
     failure = await failure_of(
         add(routes_stub, tenant, domain.id, match="x", action="store", reject_text="no")
     )
-    assert "route.rejectText" in failure.field_violations
+    assert "rejectText" in failure.field_violations
     listed = await routes_stub.ListRoutes(
         routes_pb2.ListRoutesRequest(domain_id=domain.id), metadata=tenant.metadata
     )

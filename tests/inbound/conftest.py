@@ -75,10 +75,7 @@ class Inbound:
     async def add_route(self, **fields: Any) -> routes_pb2.Route:
         """A route of the domain."""
         return await self.routes.CreateRoute(
-            routes_pb2.CreateRouteRequest(
-                domain_id=self.domain.id,
-                route=routes_pb2.Route(**fields),
-            ),
+            routes_pb2.CreateRouteRequest(domain_id=self.domain.id, **fields),
             metadata=self.tenant.metadata,
         )
 

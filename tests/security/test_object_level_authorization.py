@@ -629,15 +629,15 @@ async def _suppression_list(a: Attack) -> None:
 async def _routes(a: Attack) -> None:
     # A's domain is NOT_FOUND for B's route rpcs, exactly like a domain that does not exist.
     stub, b, v = a.stubs.routes, a.b, a.victim
-    route = routes_pb2.Route(match="*", action="store")
     calls: list[Callable[[str], Awaitable[Any]]] = [
         lambda d: stub.ListRoutes(routes_pb2.ListRoutesRequest(domain_id=d), metadata=b),
         lambda d: stub.CreateRoute(
-            routes_pb2.CreateRouteRequest(domain_id=d, route=route), metadata=b
+            routes_pb2.CreateRouteRequest(domain_id=d, match="*", action="store"), metadata=b
         ),
         lambda d: stub.GetRoute(routes_pb2.GetRouteRequest(domain_id=d, id=v.route.id), metadata=b),
         lambda d: stub.UpdateRoute(
-            routes_pb2.UpdateRouteRequest(domain_id=d, id=v.route.id, route=route), metadata=b
+            routes_pb2.UpdateRouteRequest(domain_id=d, id=v.route.id, match="*", action="store"),
+            metadata=b,
         ),
         lambda d: stub.DeleteRoute(
             routes_pb2.DeleteRouteRequest(domain_id=d, id=v.route.id), metadata=b
@@ -778,9 +778,7 @@ async def victim(
     await publisher.copy_outbox([{"_id": email.id, OUTBOX_FIELD: [accepted]}])
     await client.close()
     route = await stubs.routes.CreateRoute(
-        routes_pb2.CreateRouteRequest(
-            domain_id=domain.id, route=routes_pb2.Route(match="*", action="store")
-        ),
+        routes_pb2.CreateRouteRequest(domain_id=domain.id, match="*", action="store"),
         metadata=m,
     )
     # A received message, stored as the inbound server stores one (a service token for A).

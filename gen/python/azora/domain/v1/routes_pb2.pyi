@@ -145,27 +145,51 @@ Global___ListRoutesResponse: _TypeAlias = ListRoutesResponse  # noqa: Y015
 
 @_typing.final
 class CreateRouteRequest(_message.Message):
-    """CreateRouteRequest adds a route to a domain."""
+    """CreateRouteRequest adds a route to a domain: the route's settings, as in Route."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DOMAIN_ID_FIELD_NUMBER: _builtins.int
-    ROUTE_FIELD_NUMBER: _builtins.int
+    MATCH_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    FORWARD_TO_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    REJECT_TEXT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain's id."""
+    match: _builtins.str
+    """Which recipients (Route.match)."""
+    priority: _builtins.int
+    """Order among the domain's routes (Route.priority)."""
+    action: _builtins.str
+    """What happens to matching mail (Route.action)."""
+    webhook_url: _builtins.str
+    """"webhook" only (Route.webhook_url)."""
+    reject_text: _builtins.str
+    """"reject" only (Route.reject_text)."""
+    description: _builtins.str
+    """Free text (Route.description)."""
     @_builtins.property
-    def route(self) -> Global___Route:
-        """The route (output-only fields are ignored)."""
+    def forward_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"forward" only (Route.forward_to)."""
 
     def __init__(
         self,
         *,
         domain_id: _builtins.str = ...,
-        route: Global___Route | None = ...,
+        match: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        action: _builtins.str = ...,
+        forward_to: _abc.Iterable[_builtins.str] | None = ...,
+        webhook_url: _builtins.str = ...,
+        reject_text: _builtins.str = ...,
+        description: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id", "route", b"route"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "description", b"description", "domain_id", b"domain_id", "forward_to", b"forward_to", "match", b"match", "priority", b"priority", "reject_text", b"reject_text", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -199,31 +223,55 @@ Global___GetRouteRequest: _TypeAlias = GetRouteRequest  # noqa: Y015
 
 @_typing.final
 class UpdateRouteRequest(_message.Message):
-    """UpdateRouteRequest replaces a route's settings."""
+    """UpdateRouteRequest replaces all of a route's settings (as in Route; unset ones are cleared)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DOMAIN_ID_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
-    ROUTE_FIELD_NUMBER: _builtins.int
+    MATCH_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    FORWARD_TO_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    REJECT_TEXT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain's id."""
     id: _builtins.str
     """The route's id."""
+    match: _builtins.str
+    """Which recipients (Route.match)."""
+    priority: _builtins.int
+    """Order among the domain's routes (Route.priority)."""
+    action: _builtins.str
+    """What happens to matching mail (Route.action)."""
+    webhook_url: _builtins.str
+    """"webhook" only (Route.webhook_url)."""
+    reject_text: _builtins.str
+    """"reject" only (Route.reject_text)."""
+    description: _builtins.str
+    """Free text (Route.description)."""
     @_builtins.property
-    def route(self) -> Global___Route:
-        """The new settings (output-only fields are ignored)."""
+    def forward_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"forward" only (Route.forward_to)."""
 
     def __init__(
         self,
         *,
         domain_id: _builtins.str = ...,
         id: _builtins.str = ...,
-        route: Global___Route | None = ...,
+        match: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        action: _builtins.str = ...,
+        forward_to: _abc.Iterable[_builtins.str] | None = ...,
+        webhook_url: _builtins.str = ...,
+        reject_text: _builtins.str = ...,
+        description: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id", "id", b"id", "route", b"route"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "description", b"description", "domain_id", b"domain_id", "forward_to", b"forward_to", "id", b"id", "match", b"match", "priority", b"priority", "reject_text", b"reject_text", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
