@@ -140,6 +140,13 @@ class MessageAuthenticator:
         return None
 
     def _dkim(self, raw: bytes) -> tuple[str, tuple[str, ...]]:
+        try:
+            return self._verify_signatures(raw)
+        except Exception:  # dkimpy on a message it cannot even parse
+            log.info("DKIM check failed", exc_info=True)
+            return "permerror", ()
+
+    def _verify_signatures(self, raw: bytes) -> tuple[str, tuple[str, ...]]:
         count = len(_signatures(raw))
         if not count:
             return "none", ()

@@ -142,6 +142,12 @@ class InboundHandler:
         except LookupFailed as exc:
             server.refused("recipient lookup failed", reason=str(exc))
             return replies.LOOKUP_FAILED
+        except Exception:
+            # Never aiosmtpd's "500 Error: (...)" with our exception in it: try again later.
+            log.exception(
+                "recipient lookup failed", extra={"fields": {"client": server.client_address}}
+            )
+            return replies.LOOKUP_FAILED
         if recipient is None:
             server.refused("recipient refused: not a routed address of ours", recipient=shown)
             return replies.RELAY_DENIED.format(address=shown)

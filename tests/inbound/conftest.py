@@ -154,10 +154,12 @@ async def start_inbound(
     apps: list[InboundApp] = []
     channels: list[grpc.aio.Channel] = []
 
-    async def start(mail_target: str | None = None, **overrides: Any) -> Inbound:
+    async def start(
+        mail_target: str | None = None, domain_target: str | None = None, **overrides: Any
+    ) -> Inbound:
         suite = settings.with_overrides(
             mail_service_target=mail_target or f"127.0.0.1:{local_mail.app.running.port}",
-            domain_service_target=f"127.0.0.1:{domain_app.running.port}",
+            domain_service_target=domain_target or f"127.0.0.1:{domain_app.running.port}",
         )
         own = InboundSettings(port=0, health_port=0, hostname="mx.test").with_overrides(**overrides)
         app = await build_app(suite, own, context=server_context(cert, key))

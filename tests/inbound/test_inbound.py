@@ -227,6 +227,15 @@ async def test_451_when_the_message_cannot_be_stored(start_inbound: StartInbound
     assert await stored(inbound) == []
 
 
+async def test_451_at_rcpt_when_routes_cannot_be_asked(start_inbound: StartInbound) -> None:
+    # The domain service unreachable: 451 4.4.3 at RCPT (try later), never 550 nor a relay.
+    inbound: Inbound = await start_inbound(
+        domain_target=f"127.0.0.1:{closed_port()}", call_timeout=2.0
+    )
+    code, text = await rcpt_reply(inbound, "x@example.net", f"a@{inbound.domain.name}")
+    assert (code, text[:5]) == (451, "4.4.3")
+
+
 async def test_a_retried_message_is_stored_once(inbound: Inbound) -> None:
     # The same message sent twice (a sender that lost our 250) is one record with one id.
     await inbound.add_route(match="*", action="store")
