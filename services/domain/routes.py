@@ -35,7 +35,7 @@ from services.core.errors import (
     ResourceExhausted,
 )
 from services.core.ids import check_id, new_id
-from services.core.mongo import IndexSpec
+from services.core.mongo import IndexSpec, chunked
 from services.domain.models import Domain, DomainStatus
 
 Document = dict[str, Any]
@@ -170,9 +170,18 @@ class MongoRouteRepository:
         return result.deleted_count == 1
 
     async def delete_domain(self, *, domain_id: str) -> int:
-        """See `RouteRepository.delete_domain` (at most `MAX_ROUTES_PER_DOMAIN` documents)."""
-        result = await self._routes.delete_many({"domain_id": domain_id})
-        return result.deleted_count
+        """See `RouteRepository.delete_domain`.
+
+        The ids are read through the domain index and deleted by ``_id`` in commands of at most
+        `MAX_WRITE_BATCH` (a filtered delete_many would read the whole collection on FerretDB).
+        """
+        cursor = self._routes.find({"domain_id": domain_id}, {"_id": True})
+        ids = [doc["_id"] async for doc in cursor]
+        deleted = 0
+        for batch in chunked(ids):
+            result = await self._routes.delete_many({"_id": {"$in": list(batch)}})
+            deleted += result.deleted_count
+        return deleted
 
 
 class MongoDomainLookup:

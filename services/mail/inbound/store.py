@@ -34,6 +34,7 @@ INDEXES = (
     IndexSpec(MESSAGES, [("expire_at", ASCENDING)], "inbound_expiry"),
 )
 _ID_LENGTH = 24
+SWEEP_BATCHES = 25
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,9 +239,10 @@ class InboundStore:
         return InboundPage([_from_doc(doc) for doc in docs[:limit]], token)
 
     async def sweep(self) -> None:
-        """Delete expired records, one bounded batch after another."""
-        while await self._repository.sweep(now=self._clock.now()):
-            pass
+        """Delete expired records: up to `SWEEP_BATCHES` bounded batches (the next run goes on)."""
+        for _ in range(SWEEP_BATCHES):
+            if not await self._repository.sweep(now=self._clock.now()):
+                return
 
 
 def record_id(tenant_id: str, received: Received) -> str:
