@@ -38,10 +38,14 @@ from tests.support.grpc_errors import decode
 RULES = MethodRules(descriptor_pool.Default())
 SERVICE_PORTS = {
     "azora.domain.v1.DomainService": "domain",
+    "azora.domain.v1.RouteService": "domain",
     "azora.iam.v1.ApiKeyService": "domain",
     "azora.health.v1.SuiteHealthService": "domain",
     "azora.smtp.v1.SmtpService": "smtp",
     "azora.mail.v1.MailService": "mail",
+    "azora.mail.v1.EventService": "mail",
+    "azora.mail.v1.SuppressionService": "mail",
+    "azora.mail.v1.InboundService": "mail",
 }
 
 
