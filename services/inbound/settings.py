@@ -36,7 +36,7 @@ class InboundSettings(SettingsModel):
     )
     # The SMTP port only says that a socket is open.
     health_port: Port = setting(
-        50055, "AZORA_INBOUND_HEALTH_PORT", "grpc.health.v1 of the inbound server (probes)"
+        50056, "AZORA_INBOUND_HEALTH_PORT", "grpc.health.v1 of the inbound server (probes)"
     )
     hostname: str = setting(
         "",

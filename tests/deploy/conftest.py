@@ -56,7 +56,7 @@ PROCESSES: dict[str, tuple[str, str, int, tuple[str, ...]]] = {
 # (587 STARTTLS and 465 implicit TLS, mapped to unprivileged ports inside the container).
 SUBMISSION = ("services.submission", 50054, {587: 2587, 465: 2465})
 # The inbound SMTP server (MX): the same shape, port 25 mapped to 2525.
-INBOUND = ("services.inbound", 50055, {25: 2525})
+INBOUND = ("services.inbound", 50056, {25: 2525})
 
 
 class ToolError(AssertionError):
