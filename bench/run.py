@@ -83,8 +83,8 @@ from bench.load import (
 )
 from bench.suite import REPO, Suite
 from services.core.embedded_db import pick_free_port
+from services.core.smtp_tls import development_pair
 from services.mail.rendering import TemplateEngine, TemplateSource
-from services.submission.tls import development_pair
 
 PHASES = ("postfix", "grpc", "rest", "smtp", "batch", "scale", "gateway")
 POSTFIX_RELAY = "Postfix relay"

@@ -97,6 +97,7 @@ def upstream_targets(settings: Settings) -> dict[str, str]:
     """Which process serves which gRPC service (the clusters of gateway/envoy.yaml)."""
     return {
         "azora.domain.v1.DomainService": settings.domain_service_target,
+        "azora.domain.v1.RouteService": settings.domain_service_target,
         "azora.iam.v1.ApiKeyService": settings.domain_service_target,
         "azora.health.v1.SuiteHealthService": settings.domain_service_target,
         "azora.smtp.v1.SmtpService": settings.smtp_service_target,
@@ -104,4 +105,5 @@ def upstream_targets(settings: Settings) -> dict[str, str]:
         "azora.mail.v1.EventService": settings.mail_service_target,
         "azora.mail.v1.SuppressionService": settings.mail_service_target,
         "azora.mail.v1.WebhookService": settings.mail_service_target,
+        "azora.mail.v1.InboundService": settings.mail_service_target,
     }

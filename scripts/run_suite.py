@@ -1,7 +1,7 @@
 """Run the whole suite locally.
 
 FerretDB (unless MONGODB_URI is set), the three gRPC services, the local REST gateway, the
-SMTP submission server and the webhook dispatcher.
+SMTP submission server, the webhook dispatcher and the inbound SMTP server.
 
 Used by ``make run`` and ``make dev`` (which restarts it on code changes); ``make deps`` has
 already built everything. Configuration is the services' own environment, passed through:
@@ -85,6 +85,9 @@ SERVICES = (
         "AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT",
         50055,
     ),
+    # Inbound SMTP (the MX of the hosted domains; 25 in production; development certificate for
+    # STARTTLS generated under var/inbound/).
+    ("inbound", "services.inbound", "AZORA_INBOUND_PORT", 2525),
 )
 # Separate delivery workers, started when AZORA_MAIL_WORKER_PROCESSES is 1 or more: one
 # `python -m services.mail.worker`, which runs (and supervises) that many processes. It serves

@@ -19,6 +19,7 @@ from gateway.config import GatewayConfig
 from services.core.settings import METRICS_PORTS, EnvSpec, Settings, SettingsModel
 from services.domain.settings import DomainSettings
 from services.health.settings import HealthSettings
+from services.inbound.settings import InboundSettings
 from services.mail.settings import MailSettings, WebhookSettings
 from services.smtp.settings import SmtpSettings
 from services.submission.settings import SubmissionSettings
@@ -37,6 +38,7 @@ OWNERS: tuple[tuple[str, type[SettingsModel]], ...] = (
     ("mail service, workers", MailSettings),
     ("mail service, webhook dispatcher", WebhookSettings),
     ("submission server", SubmissionSettings),
+    ("inbound server", InboundSettings),
     ("local gateway", GatewayConfig),
 )
 METRICS_PROCESSES = {
@@ -46,6 +48,7 @@ METRICS_PROCESSES = {
     "gateway": "local gateway",
     "mail-worker": "separate delivery worker",
     "submission": "submission server",
+    "inbound": "inbound server",
 }
 
 

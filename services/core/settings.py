@@ -76,6 +76,7 @@ METRICS_PORTS = {
     "gateway": ("AZORA_METRICS_PORT_GATEWAY", 9104),
     "mail-worker": ("AZORA_METRICS_PORT_MAIL_WORKER", 9105),
     "submission": ("AZORA_METRICS_PORT_SUBMISSION", 9106),
+    "inbound": ("AZORA_METRICS_PORT_INBOUND", 9108),
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Composition root of the domain service process.
 
-Besides azora.domain.v1.DomainService the process serves azora.iam.v1.ApiKeyService (the
+Besides azora.domain.v1.DomainService the process serves azora.domain.v1.RouteService (inbound
+mail routes, services/domain/routes.py), azora.iam.v1.ApiKeyService (the
 domain service owns tenants' API keys) and azora.health.v1.SuiteHealthService (the REST health
 routes). It runs the domain lifecycle loop (expiry, periodic re-checks) in the background.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from azora.domain.v1 import domain_pb2, domain_pb2_grpc
+from azora.domain.v1 import domain_pb2, domain_pb2_grpc, routes_pb2, routes_pb2_grpc
 from azora.health.v1 import health_pb2 as suite_pb2
 from azora.health.v1 import health_pb2_grpc as suite_pb2_grpc
 from azora.iam.v1 import api_keys_pb2, api_keys_pb2_grpc
@@ -26,6 +27,9 @@ from services.domain.cascade import MailCancelCascade, SmtpDataCascade
 from services.domain.manager import DomainManager, DomainPolicy
 from services.domain.repository import INDEXES as DOMAIN_INDEXES
 from services.domain.repository import MongoClaimRepository, MongoDomainRepository
+from services.domain.routes import INDEXES as ROUTE_INDEXES
+from services.domain.routes import MongoDomainLookup, MongoRouteRepository, RouteManager
+from services.domain.routes_servicer import RouteServicer
 from services.domain.servicer import DomainServicer
 from services.domain.settings import DomainSettings
 from services.domain.status_gauge import DomainStatusGauge
@@ -38,6 +42,7 @@ from services.iam.servicer import ApiKeyServicer
 
 SERVICE_NAME = "domain-service"
 DOMAIN_SERVICE = domain_pb2.DESCRIPTOR.services_by_name["DomainService"].full_name
+ROUTE_SERVICE = routes_pb2.DESCRIPTOR.services_by_name["RouteService"].full_name
 API_KEY_SERVICE = api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name
 SUITE_HEALTH_SERVICE = suite_pb2.DESCRIPTOR.services_by_name["SuiteHealthService"].full_name
 SMTP_SERVICE = smtp_pb2.DESCRIPTOR.services_by_name["SmtpService"].full_name
@@ -86,8 +91,14 @@ async def build_app(
     database = Database.connect(settings)
     smtp_channel = traced_channel(settings.smtp_service_target)
     mail_channel = traced_channel(settings.mail_service_target)
+    domain_repository = MongoDomainRepository(database.db)
+    routes = RouteManager(
+        routes=MongoRouteRepository(database.db),
+        domains=MongoDomainLookup(database.db, domain_repository),
+        clock=clock,
+    )
     manager = DomainManager(
-        domains=MongoDomainRepository(database.db),
+        domains=domain_repository,
         claims=MongoClaimRepository(database.db),
         checker=OwnershipVerifier(resolver=DnsResolver.from_settings(settings), clock=clock),
         clock=clock,
@@ -100,6 +111,8 @@ async def build_app(
                 smtp_channel,
                 settings=settings,
             ),
+            # Routes are the domain service's own: they go with the domain.
+            routes.purge_domain,
         ],
     )
     api_keys = ApiKeyManager(
@@ -128,18 +141,19 @@ async def build_app(
         settings=settings,
         database=database,
         bind=bind or f"{settings.host}:{settings.domain_grpc_port}",
-        service_names=(DOMAIN_SERVICE, API_KEY_SERVICE, SUITE_HEALTH_SERVICE),
+        service_names=(DOMAIN_SERVICE, ROUTE_SERVICE, API_KEY_SERVICE, SUITE_HEALTH_SERVICE),
         registrars=(
             lambda s: domain_pb2_grpc.add_DomainServiceServicer_to_server(
                 DomainServicer(manager), s
             ),
+            lambda s: routes_pb2_grpc.add_RouteServiceServicer_to_server(RouteServicer(routes), s),
             lambda s: api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(
                 ApiKeyServicer(api_keys), s
             ),
             lambda s: suite_pb2_grpc.add_SuiteHealthServiceServicer_to_server(health, s),
         ),
         api_keys=api_keys,
-        indexes=(*DOMAIN_INDEXES, *API_KEY_INDEXES),
+        indexes=(*DOMAIN_INDEXES, *ROUTE_INDEXES, *API_KEY_INDEXES),
     )
     # The suite health report includes this process too, asked the same way as the others.
     self_channel = traced_channel(f"127.0.0.1:{server.port}")

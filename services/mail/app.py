@@ -26,6 +26,7 @@ from services.mail.compose import Limits
 from services.mail.delivery import DeliveryWorker
 from services.mail.feedback import webhook_servicer as webhooks
 from services.mail.feedback.event_wiring import start_with_feedback
+from services.mail.inbound.wiring import start_with_inbound
 from services.mail.manager import MailManager, MailPolicy
 from services.mail.outcomes import RetryPolicy
 from services.mail.relay_health import INDEXES as RELAY_HEALTH_INDEXES
@@ -186,7 +187,7 @@ async def build_app(
         templates=templates,
         batches=MongoBatchRepository(database.db),
     )
-    server = await start_with_feedback(start_service, clock)(
+    server = await start_with_feedback(start_with_inbound(start_service, clock), clock)(
         settings=settings,
         database=database,
         bind=bind or f"{settings.host}:{settings.mail_grpc_port}",

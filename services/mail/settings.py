@@ -213,6 +213,13 @@ class MailSettings(Settings):
         "any write can stay in flight)",
     )
 
+    # Inbound mail (services/mail/inbound/).
+    inbound_retention_days: float = setting(
+        30.0,
+        "AZORA_INBOUND_RETENTION_DAYS",
+        "days a received message (GET /api/v1/inbound) is kept, then swept",
+        gt=0,
+    )
     # Not a variable itself: the AZORA_WEBHOOK_* group, read by `from_env`.
     webhooks: WebhookSettings = WebhookSettings()
 

@@ -28,18 +28,17 @@ from services.core.logs import configure_logging
 from services.core.metrics import start_exposition
 from services.core.server import ServiceServer, create_server
 from services.core.settings import Settings, SettingsError
+from services.core.smtp_server import SmtpListeners, silence_protocol_log
+from services.core.smtp_tls import development_pair, server_context
 from services.core.tracing import configure_tracing, traced_channel
-from services.submission import replies
 from services.submission.mail_client import GrpcMailSubmitter
 from services.submission.server import (
     ClientLimits,
     MailSubmitter,
     SubmissionHandler,
     SubmissionSMTP,
-    silence_protocol_log,
 )
 from services.submission.settings import DEV_TLS_DIR, SubmissionSettings
-from services.submission.tls import development_pair, server_context
 
 SERVICE_NAME = "submission"
 log = logging.getLogger(__name__)
@@ -52,28 +51,18 @@ class SubmissionApp:
     settings: SubmissionSettings
     limits: ClientLimits
     health: ServiceServer
-    # Bound ports: "starttls" and "tls" (absent when turned off).
-    ports: dict[str, int]
-    listeners: list[asyncio.Server] = field(default_factory=list)
+    listeners: SmtpListeners
     channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Bound ports: "starttls" and "tls" (absent when turned off)."""
+        return self.listeners.ports
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let transactions in progress finish for `grace` s, 421 the rest."""
         await self.health.health.enter_graceful_shutdown()
-        for listener in self.listeners:
-            listener.close()
-        self.limits.draining = True
-        idle = [s for s in self.limits.sessions if not s.in_transaction()]
-        await asyncio.gather(*(s.close_with(replies.SHUTTING_DOWN) for s in idle))
-        try:
-            if self.limits.sessions:
-                await asyncio.wait_for(self.limits.idle.wait(), timeout=grace)
-        except TimeoutError:
-            left = list(self.limits.sessions)
-            log.warning("grace period over", extra={"fields": {"sessions": len(left)}})
-            await asyncio.gather(*(s.close_with(replies.SHUTTING_DOWN) for s in left))
-        for listener in self.listeners:
-            await listener.wait_closed()
+        await self.listeners.stop(grace)
         await self.health.server.stop(0)
         for channel in self.channels:
             await channel.close()
@@ -116,7 +105,6 @@ async def build_app(
         channels.append(mail_channel)
         mail = GrpcMailSubmitter(mail_channel, timeout=submission.submit_timeout)
     context = context or tls_context(submission)
-    loop = asyncio.get_running_loop()
     limits = ClientLimits.from_settings(submission)
     handler = SubmissionHandler(mail=mail, max_recipients=settings.mail_max_recipients)
 
@@ -131,26 +119,25 @@ async def build_app(
             tls_context=None if implicit_tls else context,
         )
 
-    listeners: list[asyncio.Server] = []
-    ports: dict[str, int] = {}
+    listeners = SmtpListeners(limits)
     if submission.port >= 0:
-        listener = await loop.create_server(
-            lambda: factory(False), submission.host, submission.port
+        await listeners.listen(
+            "starttls", lambda: factory(False), host=submission.host, port=submission.port
         )
-        listeners.append(listener)
-        ports["starttls"] = listener.sockets[0].getsockname()[1]
     if submission.tls_port >= 0:
-        listener = await loop.create_server(
-            lambda: factory(True), submission.host, submission.tls_port, ssl=context
+        await listeners.listen(
+            "tls",
+            lambda: factory(True),
+            host=submission.host,
+            port=submission.tls_port,
+            ssl_context=context,
         )
-        listeners.append(listener)
-        ports["tls"] = listener.sockets[0].getsockname()[1]
     health = await create_server(
         bind=f"{submission.host}:{submission.health_port}", service_names=(), registrars=()
     )
     await health.set_serving(True)
-    log.info("serving", extra={"fields": {**ports, "health": health.port}})
-    return SubmissionApp(submission, limits, health, ports, listeners, channels)
+    log.info("serving", extra={"fields": {**listeners.ports, "health": health.port}})
+    return SubmissionApp(submission, limits, health, listeners, channels)
 
 
 def main() -> None:

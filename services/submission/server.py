@@ -7,6 +7,8 @@ rate limits and quotas apply exactly as for `SendEmail`). The final reply to DAT
 once the mail service has answered, i.e. the email is stored; any failure to get that answer is
 451 4.3.0, so the client keeps the message and retries.
 
+The session machinery (connection limits, timeouts, bad commands, shutdown) is the shared
+`services.core.smtp_server.GuardedSMTP`; what is submission's own is AUTH and its limits.
 Abuse limits are per client address (`ClientLimits`): concurrent connections, wrong credentials
 (counted by the suite's rate limiter: slowed down, then refused until the window ends),
 commands before AUTH, bad commands, idle and total session time. Every refusal is logged with
@@ -20,7 +22,7 @@ import logging
 import time
 from base64 import b64decode
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,14 +33,17 @@ from services.core.auth import API_KEY_PREFIX, ApiKeyResolver
 from services.core.context import Principal
 from services.core.errors import Unavailable
 from services.core.ratelimit import RateLimiter, RateLimitExceeded
+from services.core.smtp_server import (
+    ConnectionLimits,
+    GuardedSMTP,
+    SessionLimits,
+)
 from services.submission import replies
 from services.submission.settings import SubmissionSettings
 
 log = logging.getLogger(__name__)
 
 SEND_SCOPE = "emails:send"
-# Replies to commands the client got wrong; enough of them and the client is disconnected.
-_BAD_COMMAND_CODES = ("500", "501", "502", "503", "504", "555")
 _MAX_AUTH_DELAY = 10.0
 
 
@@ -73,24 +78,21 @@ class MailSubmitter(Protocol):
         ...
 
 
-class ClientLimits:
+class ClientLimits(ConnectionLimits):
     """Per-client-address bookkeeping shared by every session of the process.
 
-    Wrong credentials are counted by the suite's rate limiter (`services.core.ratelimit`, the
-    same failed-authentication budget the gRPC services apply), here with the submission
-    server's own limits: from the `auth_failures_before_delay`-th failure within a window on,
-    answers are held back; at `auth_failures_before_block` the address is refused until the
-    window ends.
+    Connections per address and draining are the shared `ConnectionLimits`. Wrong credentials
+    are counted by the suite's rate limiter (`services.core.ratelimit`, the same
+    failed-authentication budget the gRPC services apply), here with the submission server's
+    own limits: from the `auth_failures_before_delay`-th failure within a window on, answers
+    are held back; at `auth_failures_before_block` the address is refused until the window
+    ends.
     """
 
     def __init__(self, settings: SubmissionSettings, *, failed_auth: RateLimiter) -> None:
+        super().__init__(max_connections_per_ip=settings.max_connections_per_ip)
         self._settings = settings
         self.failed_auth = failed_auth
-        self.connections: dict[str, int] = {}
-        self.sessions: set[SubmissionSMTP] = set()
-        self.draining = False
-        self.idle = asyncio.Event()
-        self.idle.set()
 
     @classmethod
     def from_settings(
@@ -103,28 +105,6 @@ class ClientLimits:
             clock=clock,
         )
         return cls(settings, failed_auth=limiter)
-
-    def connect(self, session: SubmissionSMTP, address: str) -> bool:
-        """Count a new connection; False if the address has too many already."""
-        if self.connections.get(address, 0) >= self._settings.max_connections_per_ip:
-            return False
-        self.connections[address] = self.connections.get(address, 0) + 1
-        self.sessions.add(session)
-        self.idle.clear()
-        return True
-
-    def disconnect(self, session: SubmissionSMTP, address: str) -> None:
-        """Forget a connection counted by `connect`."""
-        if session not in self.sessions:
-            return
-        self.sessions.discard(session)
-        left = self.connections.get(address, 0) - 1
-        if left > 0:
-            self.connections[address] = left
-        else:
-            self.connections.pop(address, None)
-        if not self.sessions:
-            self.idle.set()
 
     def blocked(self, address: str) -> bool:
         """Whether the address is refused for failing authentication too often."""
@@ -241,8 +221,8 @@ class SubmissionHandler:
         return replies.QUEUED.format(id=email_id)
 
 
-class SubmissionSMTP(SMTP):
-    """One client connection (STARTTLS or implicit TLS)."""
+class SubmissionSMTP(GuardedSMTP):
+    """One client connection (STARTTLS or implicit TLS), with the shared limits of `GuardedSMTP`."""
 
     def __init__(
         self,
@@ -257,12 +237,17 @@ class SubmissionSMTP(SMTP):
     ) -> None:
         super().__init__(
             handler,
+            limits=limits,
+            session_limits=SessionLimits(
+                idle_timeout=settings.idle_timeout,
+                session_timeout=settings.session_timeout,
+                max_bad_commands=settings.max_bad_commands,
+            ),
             data_size_limit=message_size_limit,
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=settings.hostname,
             ident="Azora submission",
-            timeout=settings.idle_timeout,
             auth_required=True,
             **kwargs,
         )
@@ -270,16 +255,11 @@ class SubmissionSMTP(SMTP):
         # also for implicit TLS, which aiosmtpd's own check does not recognise.
         self._auth_require_tls = False
         self._settings = settings
-        self._limits = limits
+        self._client_limits = limits
         self._api_keys = api_keys
         self.implicit_tls = implicit_tls
         self.auth_needs_tls = settings.require_tls_for_auth
-        self.client_address = ""
-        self.submitting = False
-        self._counted = False
-        self._closing = False
         self._commands_before_auth = 0
-        self._bad_commands = 0
         # aiosmtpd keeps these limits in one dict shared by every connection (a class
         # attribute), and holds AUTH to the 512 octets of other commands: an AUTH PLAIN line
         # carrying a token of a few hundred characters was "500 Command line too long" instead
@@ -288,131 +268,29 @@ class SubmissionSMTP(SMTP):
         self.command_size_limits = defaultdict(
             lambda: SMTP.command_size_limit, {"AUTH": self.line_length_limit}
         )
-        self._session_timer: asyncio.TimerHandle | None = None
-        # A close started from a timer callback (kept so the task is not collected early).
-        self._closer: asyncio.Task[None] | None = None
-        # Every command goes through `_guard` (limits, shutdown) before aiosmtpd's own handler.
-        self._smtp_methods = {
-            name: self._guard(name, method) for name, method in self._smtp_methods.items()
-        }
 
     @property
     def secure(self) -> bool:
         """Whether the connection is encrypted (implicit TLS, or after STARTTLS)."""
         return self.implicit_tls or self._tls_protocol is not None
 
-    def refused(self, what: str, **fields: object) -> None:
-        """Log a refusal with the client address (callers never pass credentials)."""
-        log.warning(what, extra={"fields": {"client": self.client_address, **fields}})
-
-    # Connection lifecycle -------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Remember the client address and start the session clock (not again after STARTTLS)."""
-        starttls = self.transport is not None
-        super().connection_made(transport)
-        if starttls:
-            return
-        peer = transport.get_extra_info("peername")
-        self.client_address = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
-        self._session_timer = self.loop.call_later(
-            self._settings.session_timeout, self._session_expired
-        )
-
-    def connection_lost(self, error: Exception | None) -> None:
-        """Forget the connection."""
-        if self._session_timer is not None:
-            self._session_timer.cancel()
-        if self._counted:
-            self._limits.disconnect(self, self.client_address)
-        super().connection_lost(error)
-
-    async def _handle_client(self) -> None:
-        if self._limits.draining:
-            await self.close_with(replies.SHUTTING_DOWN)
-            return
-        if self._limits.blocked(self.client_address):
+    async def admit(self) -> str | None:
+        """Refuse addresses blocked for failing authentication too often."""
+        if self._client_limits.blocked(self.client_address):
             self.refused("connection refused: address blocked after failed authentications")
-            await self.close_with(replies.AUTH_BLOCKED)
-            return
-        if not self._limits.connect(self, self.client_address):
-            self.refused("connection refused: too many connections from the address")
-            await self.close_with(replies.TOO_MANY_CONNECTIONS)
-            return
-        self._counted = True
-        await super()._handle_client()
+            return replies.AUTH_BLOCKED
+        return None
 
-    async def close_with(self, reply: str) -> None:
-        """Say `reply` (a 421) and close the connection."""
-        if self._closing or self.transport is None:
-            return
-        self._closing = True
-        try:
-            self._writer.write(reply.encode("ascii") + b"\r\n")
-            await asyncio.wait_for(self._writer.drain(), timeout=5.0)
-        except (ConnectionError, TimeoutError, RuntimeError):
-            pass  # the client is gone or stuck: closing is all that is left
-        if self.transport is not None:
-            self.transport.close()
-
-    def _timeout_cb(self) -> None:
-        # Idle timeout: say so (aiosmtpd would just close). A client waiting for our answer to
-        # DATA is not idle: cutting it would make it retry a message that may be stored.
-        if self.submitting:
-            self._reset_timeout()
-            return
-        self.refused("idle timeout")
-        self._closer = self.loop.create_task(self.close_with(replies.IDLE_TIMEOUT))
-
-    def _session_expired(self) -> None:
-        if self.submitting:
-            # Never cut a hand-over in flight: the client would retry a message we stored.
-            self._session_timer = self.loop.call_later(1.0, self._session_expired)
-            return
-        self.refused("session time limit reached")
-        self._closer = self.loop.create_task(self.close_with(replies.SESSION_TIMEOUT))
-
-    def in_transaction(self) -> bool:
-        """Whether a MAIL transaction is open (or its DATA being stored)."""
-        return self.submitting or bool(self.envelope is not None and self.envelope.mail_from)
-
-    # Replies and commands -------------------------------------------------------------------
-
-    async def push(self, status: str | bytes) -> None:
-        """Send a reply, with an enhanced status code; count the client's bad commands."""
-        if isinstance(status, str):
-            status = replies.enhanced(status)
-            if status[:3] in _BAD_COMMAND_CODES:
-                self._bad_commands += 1
-            await super().push(status)
-        else:
-            await super().push(status)
-        if self._bad_commands >= self._settings.max_bad_commands and not self._closing:
-            self.refused("too many bad commands", count=self._bad_commands)
-            await self.close_with(replies.TOO_MANY_BAD_COMMANDS)
-
-    def _guard(
-        self, name: str, method: Callable[[str | None], Awaitable[None]]
-    ) -> Callable[[str | None], Awaitable[None]]:
-        async def guarded(arg: str | None) -> None:
-            if self._closing:
-                return
-            if self._limits.draining and not self.in_transaction() and name != "QUIT":
-                await self.close_with(replies.SHUTTING_DOWN)
-                return
-            assert self.session is not None
-            if not self.session.authenticated and name not in ("QUIT",):
-                self._commands_before_auth += 1
-                if self._commands_before_auth > self._settings.max_commands_before_auth:
-                    self.refused("too many commands before authentication")
-                    await self.close_with(replies.TOO_MANY_COMMANDS)
-                    return
-            await method(arg)
-            if self._limits.draining and not self.in_transaction() and not self._closing:
-                # Shutting down: the transaction this command ended was the last one.
-                await self.close_with(replies.SHUTTING_DOWN)
-
-        return guarded
+    async def before_command(self, name: str) -> bool:
+        """Count commands before AUTH; too many closes the connection."""
+        assert self.session is not None
+        if not self.session.authenticated and name != "QUIT":
+            self._commands_before_auth += 1
+            if self._commands_before_auth > self._settings.max_commands_before_auth:
+                self.refused("too many commands before authentication")
+                await self.close_with(replies.TOO_MANY_COMMANDS)
+                return False
+        return True
 
     async def smtp_AUTH(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's command name
         """AUTH, refused before TLS where TLS is required, and from blocked addresses."""
@@ -420,7 +298,7 @@ class SubmissionSMTP(SMTP):
             self.refused("AUTH before TLS")
             await self.push(replies.TLS_REQUIRED)
             return
-        if self._limits.blocked(self.client_address):
+        if self._client_limits.blocked(self.client_address):
             self.refused("AUTH refused: address blocked after failed authentications")
             await self.close_with(replies.AUTH_BLOCKED)
             return
@@ -479,11 +357,11 @@ class SubmissionSMTP(SMTP):
             if principal is not None and not principal.has_scope(SEND_SCOPE):
                 reason, principal = f"API key without the {SEND_SCOPE} scope", None
         if principal is None:
-            delay = self._limits.auth_failed(self.client_address)
+            delay = self._client_limits.auth_failed(self.client_address)
             self.refused("AUTH failed", reason=reason, delay_seconds=delay)
             if delay:
                 await asyncio.sleep(delay)
-            if self._limits.blocked(self.client_address):
+            if self._client_limits.blocked(self.client_address):
                 self.refused("address blocked after failed authentications")
                 await self.close_with(replies.AUTH_BLOCKED)
                 return AuthResult(success=False, handled=True)
@@ -501,16 +379,10 @@ class SubmissionSMTP(SMTP):
         return AuthResult(success=True, auth_data=Identity(principal, secret))
 
 
-def silence_protocol_log() -> None:
-    """Keep aiosmtpd's per-line protocol log (which would include AUTH payloads) out of ours."""
-    logging.getLogger("mail.log").setLevel(logging.ERROR)
-
-
 __all__ = [
     "ClientLimits",
     "Identity",
     "MailSubmitter",
     "SubmissionHandler",
     "SubmissionSMTP",
-    "silence_protocol_log",
 ]

@@ -62,6 +62,7 @@ async def test_grpcurl_lists_and_describes_every_service(
     expected = {
         domain_app.running.port: {
             "azora.domain.v1.DomainService": "CreateDomain",
+            "azora.domain.v1.RouteService": "CreateRoute",
             "azora.iam.v1.ApiKeyService": "CreateApiKey",
             "azora.health.v1.SuiteHealthService": "GetReadiness",
         },
@@ -71,6 +72,7 @@ async def test_grpcurl_lists_and_describes_every_service(
             "azora.mail.v1.EventService": "ListEvents",
             "azora.mail.v1.SuppressionService": "AddSuppressions",
             "azora.mail.v1.WebhookService": "CreateWebhook",
+            "azora.mail.v1.InboundService": "ListInboundMessages",
         },
     }
     for port, services in expected.items():

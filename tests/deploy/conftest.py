@@ -58,6 +58,8 @@ SUBMISSION = ("services.submission", 50054, {587: 2587, 465: 2465})
 # The webhook dispatcher: module and grpc.health.v1 port (its probes' target; no gRPC API and
 # no inbound traffic, so readiness asks about the server as a whole).
 WEBHOOK_DISPATCHER = ("services.mail.feedback.webhook_dispatcher", 50055)
+# The inbound SMTP server (MX): the same shape, port 25 mapped to 2525.
+INBOUND = ("services.inbound", 50056, {25: 2525})
 
 
 class ToolError(AssertionError):

@@ -14,11 +14,12 @@ import pytest
 
 from services.core.metrics import Peer
 from services.core.settings import METRICS_PORTS
-from services.submission.tls import development_pair
+from services.core.smtp_tls import development_pair
 from tests.deploy.conftest import (
     COMPOSE_FILE,
     DESCRIPTOR_SET,
     ENVOY_YAML,
+    INBOUND,
     PROCESSES,
     REPO_ROOT,
     SUBMISSION,
@@ -242,7 +243,8 @@ def test_the_images_install_step_provides_every_commands_imports(
             if (command := service.get("command", []))[:2] == ["python", "-m"]
         }
     )
-    assert len(modules) == 6, modules
+    # three services, gateway (docs), submission, webhook dispatcher, inbound
+    assert len(modules) == 7, modules
     imported = subprocess.run(
         [
             str(python),
@@ -425,3 +427,79 @@ def test_compose_probe_works_against_a_real_webhook_dispatcher(
         if process.stderr is not None:
             process.stderr.close()
     assert process.returncode == 0  # SIGTERM: a clean stop
+
+
+def test_inbound_service_is_a_hardened_front_door(compose: dict[str, Any]) -> None:
+    # Like submission: the same image and hardening, 25 published to the unprivileged listener,
+    # probed over grpc.health.v1, certificate mounted read-only, started after its services.
+    service = compose["services"]["inbound"]
+    module, health_port, published = INBOUND
+    assert service["command"] == ["python", "-m", module]
+    assert service["image"] == compose["services"]["mail"]["image"]
+    assert service["read_only"] is True
+    assert service["cap_drop"] == ["ALL"]
+    assert service["user"] == "10001:10001"
+    environment = service["environment"]
+    assert environment["AZORA_ENV"] == "production"
+    assert {int(environment["AZORA_INBOUND_PORT"])} == set(published.values())
+    assert service["ports"] == [f"{a}:{b}" for a, b in published.items()]
+    test = healthcheck_test(service)
+    assert test[:3] == ["CMD", "python", "-c"]
+    assert test[4:] == [str(health_port), ""]
+    assert int(environment["AZORA_INBOUND_HEALTH_PORT"]) == health_port
+    [volume] = service["volumes"]
+    source, target, mode = volume.rsplit(":", 2)
+    assert source.startswith("${AZORA_INBOUND_TLS_DIR:?")
+    assert mode == "ro"
+    assert environment["AZORA_INBOUND_CERT_FILE"] == f"{target}/tls.crt"
+    assert environment["AZORA_INBOUND_KEY_FILE"] == f"{target}/tls.key"
+    assert set(service["depends_on"]) >= {"domain", "mail"}
+
+
+def test_compose_probe_works_against_a_real_inbound_server(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    # The inbound service's inline probe exits 0 against a running `python -m services.inbound`,
+    # which drains cleanly on SIGTERM.
+    test = healthcheck_test(compose["services"]["inbound"])
+    code, served = test[3], test[5]
+    health = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AZORA_")},
+        "AZORA_ENV": "test",
+        "AZORA_INBOUND_PORT": "0",
+        "AZORA_INBOUND_HEALTH_PORT": str(health),
+        "AZORA_INBOUND_HOSTNAME": "localhost",
+        "AZORA_METRICS_PORT_INBOUND": "0",
+        "LOG_LEVEL": "info",
+    }
+    cert, key = development_pair(tmp_path, "localhost")
+    env["AZORA_INBOUND_CERT_FILE"], env["AZORA_INBOUND_KEY_FILE"] = str(cert), str(key)
+    process = subprocess.Popen(
+        [sys.executable, "-m", INBOUND[0]],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if '"msg": "serving"' in line:
+                break
+        else:
+            pytest.fail(f"the inbound server did not start: {process.wait()}")
+        ok = subprocess.run(
+            [sys.executable, "-c", code, str(health), served],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        process.terminate()
+        process.wait(30)
+        if process.stderr is not None:
+            process.stderr.close()
+    assert process.returncode == 0  # SIGTERM: a clean drain

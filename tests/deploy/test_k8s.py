@@ -13,6 +13,7 @@ from services.core.metrics import Peer
 from services.core.settings import METRICS_PORTS
 from tests.deploy.conftest import (
     ENVOY_YAML,
+    INBOUND,
     K8S_DIR,
     PROCESSES,
     REPO_ROOT,
@@ -136,20 +137,22 @@ def test_every_container_has_probes_and_app_containers_use_grpc(
             if command[:2] != ["python", "-m"] or not command[2].startswith("services."):
                 continue
             health_only = {
-                SUBMISSION[0]: SUBMISSION[1],
-                WEBHOOK_DISPATCHER[0]: WEBHOOK_DISPATCHER[1],
+                SUBMISSION[0]: ("submission", SUBMISSION[1]),
+                INBOUND[0]: ("inbound", INBOUND[1]),
+                WEBHOOK_DISPATCHER[0]: ("webhooks", WEBHOOK_DISPATCHER[1]),
             }
             if command[2] in health_only:
                 # No gRPC API: every probe asks its grpc.health.v1 server about the whole server.
-                health = {"port": health_only[command[2]]}
+                name, health_port = health_only[command[2]]
+                health = {"port": health_port}
                 assert container["ports"][0] == {
                     "name": "grpc",
-                    "containerPort": health_only[command[2]],
+                    "containerPort": health_port,
                     "protocol": "TCP",
                 }, where
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     assert container[probe]["grpc"] == health, (where, probe)
-                probed.add("submission" if command[2] == SUBMISSION[0] else "webhooks")
+                probed.add(name)
                 continue
             (process,) = [p for p, spec_ in PROCESSES.items() if spec_[0] == command[2]]
             _, _, port, served = PROCESSES[process]
@@ -162,7 +165,7 @@ def test_every_container_has_probes_and_app_containers_use_grpc(
             assert container["livenessProbe"]["grpc"] == {"port": port}, where
             assert container["startupProbe"]["grpc"]["port"] == port, where
             probed.add(process)
-    assert probed == {*PROCESSES, "submission", "webhooks"}
+    assert probed == {*PROCESSES, "submission", "inbound", "webhooks"}
 
 
 def test_secrets_are_only_referenced(objects: list[dict[str, Any]]) -> None:
@@ -203,12 +206,13 @@ def test_services_select_deployments(
             for c in selected[0]["spec"]["template"]["spec"]["containers"]
             for p in c["ports"]
         }
-        if name == "submission":
-            # The public SMTP front door: 587/465 to the container's unprivileged ports, the
-            # client's address kept for the per-address limits; not an Envoy upstream.
+        if name in ("submission", "inbound"):
+            # The public SMTP front doors: 587/465 (25 for inbound) to the container's
+            # unprivileged ports, the client's address kept for the per-address limits (and
+            # SPF); not Envoy upstreams.
             assert service["spec"]["externalTrafficPolicy"] == "Local"
             mapped = {p["port"]: ports[p["targetPort"]] for p in service["spec"]["ports"]}
-            assert mapped == SUBMISSION[2], mapped
+            assert mapped == (SUBMISSION if name == "submission" else INBOUND)[2], mapped
             continue
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports, (name, port)
@@ -261,7 +265,7 @@ def test_disruption_budgets_select_existing_pods(objects: list[dict[str, Any]]) 
         replicas = selected[0]["spec"].get("replicas")
         if "minAvailable" in budget["spec"] and replicas is not None:
             assert budget["spec"]["minAvailable"] < replicas, f"{name} would block every drain"
-    assert {"domain", "smtp", "mail", "envoy", "submission"} <= set(budgets)
+    assert {"domain", "smtp", "mail", "envoy", "submission", "inbound"} <= set(budgets)
 
 
 def test_envoy_configmap_is_generated_from_gateway_envoy_yaml(
@@ -376,3 +380,21 @@ def test_webhook_dispatcher_runs_replicated_with_its_health_port(
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     budgets = of_kind(objects, "PodDisruptionBudget")
     assert any(matches(b["spec"]["selector"]["matchLabels"], labels) for b in budgets.values())
+
+
+def test_inbound_reads_its_certificate_from_a_tls_secret(objects: list[dict[str, Any]]) -> None:
+    # The inbound server's STARTTLS certificate comes from its own mounted TLS Secret, and its
+    # listener is the container port the Service maps from 25.
+    spec = of_kind(objects, "Deployment")["inbound"]["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    tls_dir = mounts["tls"]["mountPath"]
+    assert mounts["tls"]["readOnly"] is True
+    assert volumes["tls"]["secret"]["secretName"] == "azora-inbound-tls"
+    assert env["AZORA_INBOUND_CERT_FILE"] == f"{tls_dir}/tls.crt"
+    assert env["AZORA_INBOUND_KEY_FILE"] == f"{tls_dir}/tls.key"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert {int(env["AZORA_INBOUND_PORT"] or 0)} == set(INBOUND[2].values()) == {ports["smtp"]}
+    assert int(env["AZORA_INBOUND_HEALTH_PORT"] or 0) == INBOUND[1]

@@ -14,9 +14,15 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from azora.domain.v1 import domain_pb2, domain_pb2_grpc
+from azora.domain.v1 import domain_pb2, domain_pb2_grpc, routes_pb2_grpc
 from azora.iam.v1 import api_keys_pb2_grpc
-from azora.mail.v1 import events_pb2_grpc, mail_pb2_grpc, suppressions_pb2_grpc, webhooks_pb2_grpc
+from azora.mail.v1 import (
+    events_pb2_grpc,
+    inbound_pb2_grpc,
+    mail_pb2_grpc,
+    suppressions_pb2_grpc,
+    webhooks_pb2_grpc,
+)
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
@@ -50,6 +56,8 @@ class GrpcStubs:
     events: events_pb2_grpc.EventServiceAsyncStub
     suppressions: suppressions_pb2_grpc.SuppressionServiceAsyncStub
     webhooks: webhooks_pb2_grpc.WebhookServiceAsyncStub
+    routes: routes_pb2_grpc.RouteServiceAsyncStub
+    inbound: inbound_pb2_grpc.InboundServiceAsyncStub
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +74,8 @@ async def stack_stubs(rest_stack: RestStack) -> AsyncIterator[GrpcStubs]:
         events=events_pb2_grpc.EventServiceStub(mail),
         suppressions=suppressions_pb2_grpc.SuppressionServiceStub(mail),
         webhooks=webhooks_pb2_grpc.WebhookServiceStub(mail),
+        routes=routes_pb2_grpc.RouteServiceStub(domain),
+        inbound=inbound_pb2_grpc.InboundServiceStub(mail),
     )
     for channel in (domain, smtp, mail):
         await channel.close()

@@ -38,6 +38,7 @@ from tests.support.grpc_errors import decode
 RULES = MethodRules(descriptor_pool.Default())
 SERVICE_PORTS = {
     "azora.domain.v1.DomainService": "domain",
+    "azora.domain.v1.RouteService": "domain",
     "azora.iam.v1.ApiKeyService": "domain",
     "azora.health.v1.SuiteHealthService": "domain",
     "azora.smtp.v1.SmtpService": "smtp",
@@ -45,6 +46,7 @@ SERVICE_PORTS = {
     "azora.mail.v1.EventService": "mail",
     "azora.mail.v1.WebhookService": "mail",
     "azora.mail.v1.SuppressionService": "mail",
+    "azora.mail.v1.InboundService": "mail",
 }
 
 

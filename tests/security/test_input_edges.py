@@ -187,7 +187,7 @@ async def test_a_request_failing_after_its_key_was_reserved_gives_the_key_back(
     base_url = await limited.gateway(shared, {"azora.mail.v1.MailService": mail.running.port})
     tenant = new_tenant(settings)
     domain = mail.add_domain(tenant)
-    stubs = GrpcStubs(None, None, None, mail.stub, None, None, None)  # type: ignore[arg-type]
+    stubs = GrpcStubs(None, None, None, mail.stub, None, None, None, None, None)  # type: ignore[arg-type]
     key = secrets.token_hex(8)
     async with aiohttp.ClientSession() as http:
         big = mail_pb2.SendEmailRequest(**_base(domain, text="é" * 45_000, idempotency_key=key))

@@ -1,8 +1,8 @@
 """Object-level authorization (OWASP API1) on every rpc of the API, enumerated from the descriptor.
 
 Tenant A owns one of everything: a verified domain, its relay config, a DKIM key, SPF and DMARC
-records, a queued email, an API key, a published template, a suppressed address and an
-event. Tenant B, with every scope, aims
+records, a queued email, an API key, a published template, a suppressed address, an
+event, an inbound route and a received message. Tenant B, with every scope, aims
 each rpc at them: an object rpc answers NOT_FOUND exactly as for an id that does not exist
 (never PERMISSION_DENIED, which would confirm the object exists), a list never shows them, a
 create cannot borrow them, an internal rpc refuses B's user token and finds nothing for a
@@ -23,10 +23,10 @@ from typing import Any
 
 import grpc
 import pytest
-from azora.domain.v1 import domain_pb2
+from azora.domain.v1 import domain_pb2, routes_pb2
 from azora.health.v1 import health_pb2, health_pb2_grpc
 from azora.iam.v1 import api_keys_pb2
-from azora.mail.v1 import events_pb2, mail_pb2, suppressions_pb2, webhooks_pb2
+from azora.mail.v1 import events_pb2, inbound_pb2, mail_pb2, suppressions_pb2, webhooks_pb2
 from azora.smtp.v1 import smtp_pb2
 from google.protobuf import descriptor_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
@@ -74,6 +74,8 @@ class Victim:
     event_id: str
     webhook: webhooks_pb2.Webhook
     webhook_delivery_id: str
+    route: routes_pb2.Route
+    inbound: inbound_pb2.InboundMessage
 
 
 @dataclass
@@ -145,6 +147,8 @@ def mentions_victim(message: Message | str | bytes, victim: Victim) -> list[str]
         "event id": victim.event_id,
         "webhook id": victim.webhook.id,
         "webhook url": victim.webhook.url,
+        "route id": victim.route.id,
+        "inbound message id": victim.inbound.id,
     }
     return [label for label, value in secrets.items() if value in text]
 
@@ -176,6 +180,7 @@ D, H, K, M, S, W = (
     "azora.mail.v1.WebhookService.",
 )
 EV, SU = "azora.mail.v1.EventService.", "azora.mail.v1.SuppressionService."
+RO, IN = "azora.domain.v1.RouteService.", "azora.mail.v1.InboundService."
 
 
 @case(D + "ListDomains")
@@ -690,6 +695,91 @@ async def _webhook_replay(a: Attack) -> None:
     assert failure.reason == "WEBHOOK_DELIVERY_NOT_FOUND"
 
 
+@case(
+    RO + "ListRoutes", RO + "CreateRoute", RO + "GetRoute", RO + "UpdateRoute", RO + "DeleteRoute"
+)
+async def _routes(a: Attack) -> None:
+    # A's domain is NOT_FOUND for B's route rpcs, exactly like a domain that does not exist.
+    stub, b, v = a.stubs.routes, a.b, a.victim
+    calls: list[Callable[[str], Awaitable[Any]]] = [
+        lambda d: stub.ListRoutes(routes_pb2.ListRoutesRequest(domain_id=d), metadata=b),
+        lambda d: stub.CreateRoute(
+            routes_pb2.CreateRouteRequest(domain_id=d, match="*", action="store"), metadata=b
+        ),
+        lambda d: stub.GetRoute(routes_pb2.GetRouteRequest(domain_id=d, id=v.route.id), metadata=b),
+        lambda d: stub.UpdateRoute(
+            routes_pb2.UpdateRouteRequest(domain_id=d, id=v.route.id, match="*", action="store"),
+            metadata=b,
+        ),
+        lambda d: stub.DeleteRoute(
+            routes_pb2.DeleteRouteRequest(domain_id=d, id=v.route.id), metadata=b
+        ),
+    ]
+    for call in calls:
+        failure = await not_found_like_unknown(call, v.domain.id)
+        assert failure.reason == "DOMAIN_NOT_FOUND"
+
+
+@case(RO + "ResolveInboundRecipient")
+async def _resolve_inbound_recipient(a: Attack) -> None:
+    # Only services may resolve recipients; it reads across tenants by design (the inbound
+    # server does not know whose mail it is before the answer), so a user token is refused.
+    stub = a.stubs.routes
+    request = routes_pb2.ResolveInboundRecipientRequest(address=f"x@{a.victim.domain.name}")
+    refused = await failure_of(stub.ResolveInboundRecipient(request, metadata=a.b))
+    assert (refused.code, refused.reason) == (grpc.StatusCode.PERMISSION_DENIED, "INTERNAL_ONLY")
+
+
+@case(IN + "ListInboundMessages")
+async def _list_inbound(a: Attack) -> None:
+    # B's list never shows A's received message.
+    listed = await a.stubs.inbound.ListInboundMessages(
+        inbound_pb2.ListInboundMessagesRequest(), metadata=a.b
+    )
+    assert list(listed.messages) == []
+
+
+@case(IN + "GetInboundMessage", IN + "GetInboundMessageRaw")
+async def _inbound_object(a: Attack) -> None:
+    # A's received message is NOT_FOUND for B, exactly like an id nobody has.
+    stub, b = a.stubs.inbound, a.b
+    for call in (
+        lambda i: stub.GetInboundMessage(inbound_pb2.GetInboundMessageRequest(id=i), metadata=b),
+        lambda i: stub.GetInboundMessageRaw(
+            inbound_pb2.GetInboundMessageRawRequest(id=i), metadata=b
+        ),
+    ):
+        failure = await not_found_like_unknown(call, a.victim.inbound.id)
+        assert failure.reason == "INBOUND_MESSAGE_NOT_FOUND"
+
+
+@case(IN + "StoreInboundMessage")
+async def _store_inbound(a: Attack) -> None:
+    # A user token is refused; a service token minted for B stores B's own record, never A's.
+    v = a.victim
+
+    def store(metadata: Any) -> Awaitable[inbound_pb2.InboundMessage]:
+        return a.stubs.inbound.StoreInboundMessage(
+            inbound_pb2.StoreInboundMessageRequest(
+                raw_message=b"Subject: x\r\n\r\nx\r\n",
+                recipient=f"x@{v.domain.name}",
+                domain_id=v.domain.id,
+                route_id=v.route.id,
+                action="store",
+            ),
+            metadata=metadata,
+        )
+
+    refused = await failure_of(store(a.b))
+    assert (refused.code, refused.reason) == (grpc.StatusCode.PERMISSION_DENIED, "INTERNAL_ONLY")
+    stored = await store(a.b_service())
+    listed = await a.stubs.inbound.ListInboundMessages(
+        inbound_pb2.ListInboundMessagesRequest(), metadata=a.b
+    )
+    assert [m.id for m in listed.messages] == [stored.id]
+    assert stored.id != v.inbound.id
+
+
 # --- fixtures and the test -------------------------------------------------------------------
 
 
@@ -769,6 +859,24 @@ async def victim(
     webhook = await stubs.webhooks.GetWebhook(
         webhooks_pb2.GetWebhookRequest(id=webhook.id), metadata=m
     )
+    route = await stubs.routes.CreateRoute(
+        routes_pb2.CreateRouteRequest(domain_id=domain.id, match="*", action="store"),
+        metadata=m,
+    )
+    # A received message, stored as the inbound server stores one (a service token for A).
+    inbound_tokens = ServiceTokens.from_settings(
+        settings, subject="service:inbound", scopes=["emails:write"]
+    )
+    received = await stubs.inbound.StoreInboundMessage(
+        inbound_pb2.StoreInboundMessageRequest(
+            raw_message=b"Subject: for A\r\n\r\nhello\r\n",
+            recipient=f"someone@{name}",
+            domain_id=domain.id,
+            route_id=route.id,
+            action="store",
+        ),
+        metadata=inbound_tokens.metadata(owner.id),
+    )
     yield Victim(
         tenant=owner,
         domain=verified.domain,
@@ -782,6 +890,8 @@ async def victim(
         event_id=accepted["_id"],
         webhook=webhook,
         webhook_delivery_id=attempt.delivery_id,
+        route=route,
+        inbound=received,
     )
     knot_server.remove_zone(name)
 
@@ -834,6 +944,14 @@ async def intact(stubs: GrpcStubs, victim: Victim) -> None:
     )
     assert [d.id for d in deliveries.deliveries] == [victim.webhook_delivery_id]
     assert len(deliveries.deliveries[0].attempts) == 1
+    routes = await stubs.routes.ListRoutes(
+        routes_pb2.ListRoutesRequest(domain_id=victim.domain.id), metadata=m
+    )
+    assert list(routes.routes) == [victim.route]
+    received = await stubs.inbound.ListInboundMessages(
+        inbound_pb2.ListInboundMessagesRequest(), metadata=m
+    )
+    assert list(received.messages) == [victim.inbound]
 
 
 def test_every_rpc_has_a_case() -> None:

@@ -24,6 +24,7 @@ from azora.iam.v1 import api_keys_pb2, api_keys_pb2_grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from services.core.smtp_tls import development_pair, server_context
 from services.mail.app import MailApp
 from services.mail.app import build_app as build_mail_app
 from services.mail.relay_directory import InMemoryRelayDirectory, SigningKey
@@ -31,7 +32,6 @@ from services.mail.relay_lookup import DirectoryRelayLookup
 from services.mail.senders import StaticSenderDirectory
 from services.submission.app import SubmissionApp, build_app
 from services.submission.settings import SubmissionSettings
-from services.submission.tls import development_pair, server_context
 from tests.conftest import Tenant
 from tests.mail.conftest import LocalMail, local_mail, other_tenant  # noqa: F401 - fixtures
 from tests.support.settings import SuiteSettings

@@ -38,13 +38,13 @@ from azora.iam.v1 import api_keys_pb2_grpc
 from azora.mail.v1 import mail_pb2, mail_pb2_grpc
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 
+from services.core.smtp_tls import development_pair, server_context
 from services.domain.app import DomainApp
 from services.mail.app import MailApp, build_app
 from services.smtp.app import SmtpApp
 from services.submission.app import SubmissionApp
 from services.submission.app import build_app as build_submission
 from services.submission.settings import SubmissionSettings
-from services.submission.tls import development_pair, server_context
 from tests.conftest import Tenant, make_settings, unique_domain
 from tests.smtp.conftest import (  # noqa: F401 - fixtures used by this module
     PASSWORD,

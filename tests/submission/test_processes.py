@@ -25,9 +25,9 @@ from azora.mail.v1 import mail_pb2
 from pymongo import AsyncMongoClient
 
 from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary
+from services.core.smtp_tls import development_pair
 from services.mail.repository import EMAILS
 from services.submission import replies
-from services.submission.tls import development_pair
 from tests.conftest import REPO_ROOT, TEST_JWT_SECRET, TEST_SERVICE_TOKEN_SECRET, make_settings
 from tests.submission.conftest import (
     RawClient,

@@ -22,10 +22,10 @@ from azora.iam.v1 import api_keys_pb2_grpc
 from azora.mail.v1 import mail_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.core.smtp_tls import server_context
 from services.submission import replies
 from services.submission.app import build_app
 from services.submission.server import Identity
-from services.submission.tls import server_context
 from tests.conftest import Tenant
 from tests.submission.conftest import RawClient, Submission, new_api_key, submission_in_front_of
 from tests.support.ports import closed_port

@@ -16,12 +16,12 @@ import pytest
 from services.core.context import Principal
 from services.core.errors import InvalidArgument
 from services.core.settings import Settings, SettingsError
+from services.core.smtp_tls import development_pair, server_context
 from services.mail import raw_message
 from services.submission import replies
 from services.submission.app import build_app
 from services.submission.server import ClientLimits, Identity
 from services.submission.settings import SubmissionSettings
-from services.submission.tls import development_pair, server_context
 from tests.submission.conftest import RawClient
 
 PRODUCTION = {

@@ -282,6 +282,21 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     TOO_MANY_WEBHOOKS: _ErrorReason.ValueType  # 82
     """FAILED_PRECONDITION: the tenant already has the most webhook endpoints allowed (20)."""
+    INBOUND_ROUTE_NOT_FOUND: _ErrorReason.ValueType  # 200
+    """Reasons of inbound mail, numbered from 200 so that concurrent additions above do not clash.
+    NOT_FOUND: the inbound route does not exist in the domain (or the domain is another
+    tenant's).
+    """
+    NO_INBOUND_ROUTE: _ErrorReason.ValueType  # 201
+    """NOT_FOUND (ResolveInboundRecipient): the address's domain is not hosted here, not active,
+    or none of its routes matches the address.
+    """
+    INBOUND_ACTION_NOT_AVAILABLE: _ErrorReason.ValueType  # 202
+    """FAILED_PRECONDITION: the route action is not available yet ("webhook", "forward")."""
+    TOO_MANY_ROUTES: _ErrorReason.ValueType  # 203
+    """RESOURCE_EXHAUSTED: the domain already has the maximum number of routes."""
+    INBOUND_MESSAGE_NOT_FOUND: _ErrorReason.ValueType  # 204
+    """NOT_FOUND: the received message does not exist (expired, or another tenant's)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason an Azora error can carry, with its meaning.
@@ -564,4 +579,19 @@ every attempt for AZORA_WEBHOOK_DISABLE_AFTER); enable it before replaying deliv
 """
 TOO_MANY_WEBHOOKS: ErrorReason.ValueType  # 82
 """FAILED_PRECONDITION: the tenant already has the most webhook endpoints allowed (20)."""
+INBOUND_ROUTE_NOT_FOUND: ErrorReason.ValueType  # 200
+"""Reasons of inbound mail, numbered from 200 so that concurrent additions above do not clash.
+NOT_FOUND: the inbound route does not exist in the domain (or the domain is another
+tenant's).
+"""
+NO_INBOUND_ROUTE: ErrorReason.ValueType  # 201
+"""NOT_FOUND (ResolveInboundRecipient): the address's domain is not hosted here, not active,
+or none of its routes matches the address.
+"""
+INBOUND_ACTION_NOT_AVAILABLE: ErrorReason.ValueType  # 202
+"""FAILED_PRECONDITION: the route action is not available yet ("webhook", "forward")."""
+TOO_MANY_ROUTES: ErrorReason.ValueType  # 203
+"""RESOURCE_EXHAUSTED: the domain already has the maximum number of routes."""
+INBOUND_MESSAGE_NOT_FOUND: ErrorReason.ValueType  # 204
+"""NOT_FOUND: the received message does not exist (expired, or another tenant's)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

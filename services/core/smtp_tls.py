@@ -1,8 +1,8 @@
-"""The submission server's TLS: certificate and key from files, or a development pair.
+"""TLS of the SMTP listeners (submission, inbound): certificate and key from files, or a dev pair.
 
 Production names its files in settings (checked at start-up). Outside production, when none are
 named, a self-signed certificate for the server's hostname and ``localhost`` is generated once
-under ``var/submission/`` and reused on later starts, so clients that pin it keep working.
+under ``var/<listener>/`` and reused on later starts, so clients that pin it keep working.
 """
 
 from __future__ import annotations

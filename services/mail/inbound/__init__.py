@@ -1,0 +1,1 @@
+"""Inbound mail kept by the mail service: messages the inbound SMTP server received."""
