@@ -17,11 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from email.parser import BytesHeaderParser
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from aiosmtpd.smtp import SMTP
 from azora.mail.v1 import mail_pb2, mail_pb2_grpc
 from pymongo import AsyncMongoClient
 
@@ -35,6 +33,7 @@ from services.mail.repository import MongoEmailRepository
 from services.mail.senders import StaticSenderDirectory
 from tests.conftest import REPO_ROOT, Tenant, make_settings
 from tests.mail.conftest import RETRY_ENV, START, LocalMail
+from tests.support.smtp_relay import RunningRelay, start_relay
 
 # Deliveries in flight when the database goes away (one per delivery loop).
 IN_FLIGHT = 8
@@ -45,22 +44,12 @@ OUTAGE_SECONDS = 4.0
 HANG_GUARD_SECONDS = 120
 
 
-class GatedHandler:
-    """aiosmtpd handler that holds every message at DATA until `gate` opens, then says 250."""
-
-    def __init__(self) -> None:
-        self.gate = asyncio.Event()
-        self.waiting = 0
-        self.answered = 0
-        self.message_ids: list[str] = []
-
-    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:  # noqa: N802
-        self.waiting += 1
-        await self.gate.wait()
-        headers = BytesHeaderParser().parsebytes(envelope.content)
-        self.message_ids.append(str(headers["Message-ID"]).strip().strip("<>"))
-        self.answered += 1
-        return "250 2.0.0 queued"
+def message_ids(relay: RunningRelay) -> list[str]:
+    """The Message-IDs of what the relay answered 250 to, in order."""
+    return [
+        str(BytesHeaderParser().parsebytes(content)["Message-ID"]).strip().strip("<>")
+        for content in relay.messages
+    ]
 
 
 @pytest.fixture
@@ -122,19 +111,15 @@ async def test_outcomes_given_by_the_relay_survive_a_database_outage(
 ) -> None:
     # The relay accepts while the database is away; after it is back and the leases have run
     # out, every email is SENT and the relay got each Message-ID exactly once.
-    handler = GatedHandler()
-    relay = await asyncio.get_running_loop().create_server(
-        lambda: SMTP(handler, hostname="relay.test"), "127.0.0.1", 0
-    )
+    gate = asyncio.Event()
+    relay = await start_relay(gate=gate)
     worker = outage_mail.worker(
         AZORA_MAIL_WORKER_CONCURRENCY=str(IN_FLIGHT), AZORA_MAIL_RELAY_CONNECTIONS=str(IN_FLIGHT)
     )
     run: asyncio.Task[None] | None = None
     try:
         # A relay timeout longer than the test: the relay's slowness is not what is tested.
-        _, name = outage_mail.add_domain(
-            tenant, port=relay.sockets[0].getsockname()[1], timeout=HANG_GUARD_SECONDS
-        )
+        _, name = outage_mail.add_domain(tenant, port=relay.port, timeout=HANG_GUARD_SECONDS)
         sent = [
             await outage_mail.send(
                 tenant, from_address=f"s@{name}", to=[f"r{i}@example.org"], subject="x", text="y"
@@ -143,10 +128,10 @@ async def test_outcomes_given_by_the_relay_survive_a_database_outage(
         ]
         async with asyncio.timeout(HANG_GUARD_SECONDS):
             run = asyncio.create_task(worker.run())
-            await wait_until(lambda: handler.waiting == IN_FLIGHT)
+            await wait_until(lambda: relay.handler.arrived == IN_FLIGHT)
             await asyncio.to_thread(own_ferretdb.stop)
-            handler.gate.set()
-            await wait_until(lambda: handler.answered == IN_FLIGHT)
+            gate.set()
+            await wait_until(lambda: len(relay.messages) == IN_FLIGHT)
             await asyncio.sleep(OUTAGE_SECONDS)  # the database stays away a while
             await asyncio.to_thread(own_ferretdb.start)
             # Past every lease: an unrecorded email would now be claimed and sent again.
@@ -168,9 +153,8 @@ async def test_outcomes_given_by_the_relay_survive_a_database_outage(
         if run is not None and not run.done():
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
-        relay.close()
-        await relay.wait_closed()
-    copies = Counter(handler.message_ids)
+        await relay.close()
+    copies = Counter(message_ids(relay))
     assert set(copies) == {email.message_id for email in sent}
     assert {mid: n for mid, n in copies.items() if n > 1} == {}
 
@@ -182,10 +166,8 @@ async def test_shutdown_during_an_outage_keeps_the_leases_of_unrecorded_outcomes
     # deliveries still recording, they are cancelled, and their leases are kept (not released),
     # so another process claims nothing while they last; the outcomes are written once the
     # database answers, and nothing is delivered twice.
-    handler = GatedHandler()
-    relay = await asyncio.get_running_loop().create_server(
-        lambda: SMTP(handler, hostname="relay.test"), "127.0.0.1", 0
-    )
+    gate = asyncio.Event()
+    relay = await start_relay(gate=gate)
     worker = outage_mail.worker(
         AZORA_MAIL_WORKER_CONCURRENCY=str(IN_FLIGHT), AZORA_MAIL_RELAY_CONNECTIONS=str(IN_FLIGHT)
     )
@@ -201,9 +183,7 @@ async def test_shutdown_during_an_outage_keeps_the_leases_of_unrecorded_outcomes
     )
     run: asyncio.Task[None] | None = None
     try:
-        _, name = outage_mail.add_domain(
-            tenant, port=relay.sockets[0].getsockname()[1], timeout=HANG_GUARD_SECONDS
-        )
+        _, name = outage_mail.add_domain(tenant, port=relay.port, timeout=HANG_GUARD_SECONDS)
         sent = [
             await outage_mail.send(
                 tenant, from_address=f"s@{name}", to=[f"r{i}@example.org"], subject="x", text="y"
@@ -212,10 +192,10 @@ async def test_shutdown_during_an_outage_keeps_the_leases_of_unrecorded_outcomes
         ]
         async with asyncio.timeout(HANG_GUARD_SECONDS):
             run = asyncio.create_task(worker.run())
-            await wait_until(lambda: handler.waiting == IN_FLIGHT)
+            await wait_until(lambda: relay.handler.arrived == IN_FLIGHT)
             await asyncio.to_thread(own_ferretdb.stop)
-            handler.gate.set()
-            await wait_until(lambda: handler.answered == IN_FLIGHT)
+            gate.set()
+            await wait_until(lambda: len(relay.messages) == IN_FLIGHT)
             # SIGTERM: stop claiming, a (short) grace period, then cancel what is left.
             worker.stop()
             assert await worker.wait_quiet(OUTAGE_SECONDS) is False
@@ -241,6 +221,5 @@ async def test_shutdown_during_an_outage_keeps_the_leases_of_unrecorded_outcomes
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
         await other_client.close()
-        relay.close()
-        await relay.wait_closed()
-    assert sorted(handler.message_ids) == sorted(email.message_id for email in sent)
+        await relay.close()
+    assert sorted(message_ids(relay)) == sorted(email.message_id for email in sent)

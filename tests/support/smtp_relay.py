@@ -3,7 +3,8 @@
 One relay for every test that delivers or probes through SMTP: it records every transaction it
 accepts and can offer STARTTLS or speak TLS from the first byte, require AUTH (one username
 and password; optionally echoing refused credentials back, as a hostile or buggy server might),
-offer SMTPUTF8 (RFC 6531: internationalised addresses), and take its time per message. Servers
+offer SMTPUTF8 (RFC 6531: internationalised addresses), take its time per message, and hold
+every message at DATA until the test opens a gate (deliveries kept in flight). Servers
 that misbehave in ways aiosmtpd has no switch for (silence, 421 at the greeting, chosen reply
 codes, dropped connections) are the scripted ones in tests/smtp/conftest.py (`raw_server`) and
 tests/mail/conftest.py (`ScriptedRelay`).
@@ -47,12 +48,19 @@ class RecordingHandler:
     """
 
     delay: float = 0.0  # seconds per DATA, for tests that need deliveries in flight
+    # When set, every DATA waits until the gate opens before it is answered (and recorded).
+    gate: asyncio.Event | None = None
     messages: list[bytes] = field(default_factory=list)
     envelopes: list[Envelope] = field(default_factory=list)
+    # Transactions that reached DATA, answered or still held at the gate.
+    arrived: int = 0
 
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.arrived += 1
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.gate is not None:
+            await self.gate.wait()
         self.messages.append(envelope.content)
         self.envelopes.append(
             Envelope(
@@ -119,6 +127,7 @@ async def start_relay(
     auth_require_tls: bool = True,
     smtputf8: bool = False,
     delay: float = 0.0,
+    gate: asyncio.Event | None = None,
 ) -> RunningRelay:
     """Start a relay on 127.0.0.1:0 in the running loop; the caller closes it.
 
@@ -131,8 +140,9 @@ async def start_relay(
         auth_require_tls: offer AUTH only over TLS (aiosmtpd's default).
         smtputf8: advertise SMTPUTF8 and take UTF-8 addresses and headers.
         delay: seconds the relay takes per message.
+        gate: hold every message at DATA until this event is set.
     """
-    handler = RecordingHandler(delay=delay)
+    handler = RecordingHandler(delay=delay, gate=gate)
 
     def factory() -> SMTP:
         return SMTP(
@@ -165,6 +175,7 @@ class StartRelay(Protocol):
         auth_require_tls: bool = ...,
         smtputf8: bool = ...,
         delay: float = ...,
+        gate: asyncio.Event | None = ...,
     ) -> Awaitable[RunningRelay]: ...
 
 
