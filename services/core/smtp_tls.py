@@ -75,4 +75,18 @@ def server_context(cert_file: str | Path, key_file: str | Path) -> ssl.SSLContex
     return context
 
 
-__all__ = ["development_pair", "server_context"]
+def listener_context(
+    cert_file: str, key_file: str, *, hostname: str, development_dir: Path
+) -> ssl.SSLContext:
+    """An SMTP listener's context: the configured certificate, or the development pair.
+
+    Without configured files (only outside production: the listeners' settings refuse that in
+    production) a self-signed pair for `hostname` is generated once under `development_dir`.
+    """
+    if cert_file:
+        return server_context(cert_file, key_file)
+    cert, key = development_pair(development_dir, hostname)
+    return server_context(cert, key)
+
+
+__all__ = ["development_pair", "listener_context", "server_context"]

@@ -33,7 +33,7 @@ from services.core.smtp_server import (
     WindowCounter,
     silence_protocol_log,
 )
-from services.core.smtp_tls import development_pair, server_context
+from services.core.smtp_tls import listener_context
 from services.core.tracing import configure_tracing, traced_channel
 from services.inbound.authentication import MessageAuthenticator, configure_default_resolver
 from services.inbound.clients import GrpcInboundStorer, GrpcRecipientResolver
@@ -76,10 +76,12 @@ class InboundApp:
 
 def tls_context(settings: InboundSettings) -> ssl.SSLContext:
     """The configured certificate, or (outside production) the generated development pair."""
-    if settings.cert_file:
-        return server_context(settings.cert_file, settings.key_file)
-    cert, key = development_pair(DEV_TLS_DIR, settings.hostname)
-    return server_context(cert, key)
+    return listener_context(
+        settings.cert_file,
+        settings.key_file,
+        hostname=settings.hostname,
+        development_dir=DEV_TLS_DIR,
+    )
 
 
 async def build_app(

@@ -29,7 +29,7 @@ from services.core.metrics import start_exposition
 from services.core.server import ServiceServer, create_server
 from services.core.settings import Settings, SettingsError
 from services.core.smtp_server import SmtpListeners, silence_protocol_log
-from services.core.smtp_tls import development_pair, server_context
+from services.core.smtp_tls import listener_context
 from services.core.tracing import configure_tracing, traced_channel
 from services.submission.mail_client import GrpcMailSubmitter
 from services.submission.server import (
@@ -70,10 +70,12 @@ class SubmissionApp:
 
 def tls_context(settings: SubmissionSettings) -> ssl.SSLContext:
     """The configured certificate, or (outside production) the generated development pair."""
-    if settings.cert_file:
-        return server_context(settings.cert_file, settings.key_file)
-    cert, key = development_pair(DEV_TLS_DIR, settings.hostname)
-    return server_context(cert, key)
+    return listener_context(
+        settings.cert_file,
+        settings.key_file,
+        hostname=settings.hostname,
+        development_dir=DEV_TLS_DIR,
+    )
 
 
 async def build_app(

@@ -10,22 +10,11 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
-# Every type an event can have; an endpoint lists some of them, or none for all.
-EMAIL_EVENT_TYPES = (
-    "accepted",
-    "scheduled",
-    "rescheduled",
-    "cancelled",
-    "sent",
-    "deferred",
-    "bounced",
-    "failed",
-    "suppressed",
-    "resent",
-    "complained",
-)
+from services.mail.feedback.event_log import EMAIL_EVENT_TYPES, EVENT_TYPES
+
+# Every type an event can have (the events contract, one list in event_log); an endpoint lists
+# some of them, or none for all.
 DISABLED_EVENT = "webhook.disabled"
-EVENT_TYPES = frozenset({*EMAIL_EVENT_TYPES, DISABLED_EVENT})
 # The type of the event TestWebhook sends (never stored in the events collection).
 TEST_EVENT = "webhook.test"
 # The first bytes of an answer (or error) kept per attempt.
