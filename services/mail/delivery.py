@@ -36,6 +36,7 @@ from services.core.metrics import (
     EMAIL_DELIVERIES,
 )
 from services.core.tracing import delivery_span
+from services.mail.feedback.suppression_store import SuppressionList
 from services.mail.models import OPEN_RECIPIENTS, Claimed, EmailStatus, SmtpReply
 from services.mail.outcomes import Outcome, RetryPolicy, after_attempt, decide
 from services.mail.queue import DeliveryQueue
@@ -54,6 +55,7 @@ _METRIC_OUTCOME = {
     EmailStatus.DEFERRED: "deferred",
     EmailStatus.BOUNCED: "bounced",
     EmailStatus.FAILED: "failed",
+    EmailStatus.SUPPRESSED: "suppressed",
 }
 
 
@@ -74,8 +76,11 @@ class DeliveryWorker:
         worker_id: str | None = None,
         rng: random.Random | None = None,
         relay_health: RelayHealthStore | None = None,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self._queue = queue
+        # Checked again at each attempt: an address suppressed after the email was accepted.
+        self._suppressions = suppressions
         self._relay_health = relay_health
         self._relays = relays
         self._pool = pool
@@ -260,7 +265,12 @@ class DeliveryWorker:
         email = claimed.email
         try:
             open_rcpts = [r.address for r in email.recipients if r.status in OPEN_RECIPIENTS]
-            replies, endpoint = await self._attempt(claimed, open_rcpts)
+            suppressed = await self._suppressed(email.tenant_id, open_rcpts)
+            open_rcpts = [a for a in open_rcpts if a not in suppressed]
+            replies: dict[str, SmtpReply] = {}
+            endpoint: RelayEndpoint | None = None
+            if open_rcpts:
+                replies, endpoint = await self._attempt(claimed, open_rcpts)
         except asyncio.CancelledError:
             # Shutdown mid-delivery: hand the email back so another worker takes it at once.
             # The release must complete even if the shutdown cancels us again meanwhile.
@@ -272,7 +282,9 @@ class DeliveryWorker:
                     await asyncio.shield(release)
             raise
         now = self._clock.now()
-        outcome = decide(claimed, replies, now=now, policy=self._policy, rng=self._rng)
+        outcome = decide(
+            claimed, replies, now=now, policy=self._policy, rng=self._rng, suppressed=suppressed
+        )
         # Waits while the database is away (the outcome is kept, not dropped). Cancelled here
         # (shutdown after the grace period) the lease is deliberately not released.
         recorded = await self._queue.finish_attempt(
@@ -296,6 +308,13 @@ class DeliveryWorker:
                 )
             )
         return outcome
+
+    async def _suppressed(self, tenant_id: str, addresses: list[str]) -> dict[str, str]:
+        """Recipients on the tenant's suppression list now -> the entry's reason."""
+        if self._suppressions is None or not addresses:
+            return {}
+        found = await self._suppressions.suppressed(tenant_id, addresses)
+        return {address: entry.reason.value for address, entry in found.items()}
 
     async def _attempt(
         self, claimed: Claimed, recipients: list[str]

@@ -55,6 +55,7 @@ from services.mail.compose import (
     parse_mailbox,
     validate,
 )
+from services.mail.feedback.suppression_store import SuppressionList
 from services.mail.models import (
     AttachmentInfo,
     Email,
@@ -68,7 +69,7 @@ from services.mail.models import (
     RecipientKind,
     RecipientStatus,
 )
-from services.mail.outcomes import RetryPolicy
+from services.mail.outcomes import RetryPolicy, suppress_new
 from services.mail.raw_message import SubmitInput
 from services.mail.relay_health import RelayHealthStore, RelayOutcome
 from services.mail.relay_lookup import RelayLookup
@@ -134,8 +135,10 @@ class MailManager:
         policy: MailPolicy,
         templates: TemplateManager | None = None,
         batches: BatchRepository | None = None,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self._templates = templates
+        self._suppressions = suppressions
         self._batches = batches
         self._emails = emails
         self._relay_health = relay_health
@@ -170,6 +173,7 @@ class MailManager:
 
         async def store(email_id: str) -> Email:
             email = self._build(prepared, tenant_id=tenant_id, email_id=email_id, now=now)
+            await self._suppress(tenant_id, [email], now=now)
             if not await self._emails.insert(email=email):
                 # A concurrent duplicate (same key, same request) stored it first.
                 return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
@@ -281,6 +285,9 @@ class MailManager:
                     if r.error is not None
                 ),
             )
+        await self._suppress(tenant_id, emails, now=now)
+        statuses = {e.id: e.status for e in emails}
+        results = [replace(r, status=statuses[r.email_id]) if r.email_id else r for r in results]
         # Duplicates (a retried batch whose first attempt stored some) count as stored: the
         # ids are the batch's own.
         await self._emails.insert_many(emails=emails)
@@ -289,6 +296,24 @@ class MailManager:
         if idempotency_key and self._batches is not None:
             await self._batches.finish(tenant_id=tenant_id, key=idempotency_key, results=results)
         return results
+
+    async def _suppress(self, tenant_id: str, emails: Sequence[Email], *, now: datetime) -> None:
+        """Apply the tenant's suppression list to new emails before they are stored.
+
+        The one send-time check of every way in (SendEmail, batches, SMTP submission): one
+        lookup for all the emails' recipients, then `outcomes.suppress_new` per email (a
+        suppressed recipient is SUPPRESSED with its entry's reason; all suppressed: the
+        email is, and no relay is ever contacted for it).
+        """
+        if self._suppressions is None or not emails:
+            return
+        addresses = list(dict.fromkeys(r.address for e in emails for r in e.recipients))
+        found = await self._suppressions.suppressed(tenant_id, addresses)
+        if not found:
+            return
+        reasons = {address: entry.reason.value for address, entry in found.items()}
+        for email in emails:
+            suppress_new(email, reasons, now=now)
 
     async def _idempotent(
         self,
@@ -641,6 +666,7 @@ class MailManager:
                 content=content,
                 trace_context=trace_carrier(),
             )
+            await self._suppress(tenant_id, [email], now=now)
             if not await self._emails.insert(email=email):
                 # A concurrent duplicate (same key, same message) stored it first.
                 return await self._emails.get(tenant_id=tenant_id, email_id=email_id)

@@ -19,6 +19,8 @@ class EmailStatus(enum.StrEnum):
     BOUNCED = "bounced"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Every recipient was on the tenant's suppression list: no relay was contacted.
+    SUPPRESSED = "suppressed"
 
 
 # States a worker may still pick up (SENDING only once its lease has expired).
@@ -45,6 +47,8 @@ class RecipientStatus(enum.StrEnum):
     BOUNCED = "bounced"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # On the tenant's suppression list: not delivered.
+    SUPPRESSED = "suppressed"
 
 
 # Recipients a delivery attempt still has to try.
@@ -64,6 +68,7 @@ class EventType(enum.StrEnum):
     CANCELLED = "cancelled"
     RESENT = "resent"
     RESCHEDULED = "rescheduled"
+    SUPPRESSED = "suppressed"
 
 
 @dataclass(frozen=True, slots=True)
