@@ -10,8 +10,12 @@ events and suppression APIs over gRPC. Each test checks what an application sees
 from __future__ import annotations
 
 import asyncio
+import os
+import random
+import signal
+import sys
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from azora.mail.v1 import (
@@ -22,10 +26,13 @@ from azora.mail.v1 import (
     suppressions_pb2_grpc,
 )
 
-from services.mail.feedback.event_log import HINTS, EventPublisher
+from services.core.clock import ManualClock
+from services.mail.feedback.event_log import EVENTS, HINTS, OUTBOX_FIELD, EventPublisher
+from services.mail.models import SmtpReply
+from services.mail.outcomes import RetryPolicy, after_attempt, decide
 from services.mail.repository import EMAILS
-from tests.conftest import Tenant
-from tests.mail.conftest import LocalMail, Script, ScriptedRelay
+from tests.conftest import REPO_ROOT, Tenant
+from tests.mail.conftest import START, LocalMail, Script, ScriptedRelay
 
 Start = Callable[[Script], "asyncio.Future[ScriptedRelay]"]
 E = mail_pb2
@@ -74,7 +81,8 @@ async def send(mail: LocalMail, tenant: Tenant, name: str, to: list[str]) -> mai
         subject="hello",
         text="body",
         tags=["welcome"],
-        metadata={"user": "42"},
+        # A key the embedded database refuses as a field name: stored as pairs, shown as is.
+        metadata={"user": "42", "$odd.key": "x"},
     )
 
 
@@ -84,7 +92,7 @@ def assert_common(events: list[events_pb2.Event], tenant: Tenant, email_id: str,
         assert e.id.startswith("evt_")
         assert (e.tenant_id, e.email_id, e.domain) == (tenant.id, email_id, name)
         assert list(e.tags) == ["welcome"]
-        assert dict(e.metadata) == {"user": "42"}
+        assert dict(e.metadata) == {"user": "42", "$odd.key": "x"}
 
 
 async def test_delivered_email_has_accepted_then_sent_per_recipient(
@@ -261,3 +269,115 @@ async def test_cancel_reschedule_resend_and_delete_are_events(
         suppressions_pb2.ListSuppressionsRequest(), metadata=tenant.metadata
     )
     assert list(listed.suppressions) == []
+
+
+async def test_a_change_that_never_lands_publishes_nothing_through_the_queue(
+    local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
+) -> None:
+    # The queue announces an outcome's events, then its write matches no document (as if the
+    # worker died between the two): the hint waits for the write, then is dropped, and no
+    # event is ever published for a change that did not happen.
+    # (A relay is configured for the send to be accepted; no delivery reaches it.)
+    _, name = local_mail.add_domain(tenant, port=(await scripted_relay(Script())).port)
+    sent = await send(local_mail, tenant, name, ["a@example.org"])
+    db = local_mail.app.running.database.db
+    queue = local_mail.app.emails.delivery_queue
+    publisher = EventPublisher(db, clock=local_mail.clock, abandon_after=timedelta(minutes=30))
+    await publisher.run(rounds=100)  # the accepted event, published
+    assert await db[HINTS].count_documents({"email_id": sent.id}) == 0
+    now = local_mail.clock.now()
+    [claimed] = await queue.claim_batch(
+        now=now, lease=timedelta(seconds=30), worker_id="w", limit=1
+    )
+    await db[EMAILS].delete_one({"_id": sent.id})
+    replies = {"a@example.org": SmtpReply(250, "2.0.0", "ok")}
+    rng = random.Random(1)  # noqa: S311 - the policy's jitter only
+    outcome = decide(claimed, replies, now=now, policy=RetryPolicy(), rng=rng)
+    assert await queue.finish_attempt(
+        claimed=claimed, transition=after_attempt(claimed, outcome, now=now)
+    )
+    [hint] = await db[HINTS].find({"email_id": sent.id}).to_list()
+    assert len(hint["event_ids"]) == 1  # the sent event (the claim is no event)
+    await publisher.run(rounds=100)
+    assert await db[HINTS].count_documents({"email_id": sent.id}) == 1  # still in flight
+    local_mail.clock.advance(timedelta(minutes=31))
+    await publisher.run(rounds=100)
+    assert await db[HINTS].count_documents({"email_id": sent.id}) == 0
+    assert await db[EVENTS].count_documents({"_id": {"$in": hint["event_ids"]}}) == 0
+    assert [e["type"] async for e in db[EVENTS].find({"emailId": sent.id})] == ["accepted"]
+
+
+# Claims and records outcomes (250 for everyone) through the real queue engine, forever.
+_WORKER = """
+import asyncio, random, sys
+from datetime import UTC, datetime, timedelta
+from pymongo import AsyncMongoClient
+from services.mail.models import SmtpReply
+from services.mail.outcomes import RetryPolicy, after_attempt, decide
+from services.mail.queue import MongoDeliveryQueue
+from services.mail.tallies import Tallies
+
+async def main() -> None:
+    db = AsyncMongoClient(sys.argv[1], tz_aware=True)[sys.argv[2]]
+    queue = MongoDeliveryQueue(db, tallies=Tallies(db))
+    rng = random.Random(1)
+
+    async def finish(claimed) -> None:
+        now = datetime.now(UTC)
+        replies = {r.address: SmtpReply(250, "2.0.0", "ok") for r in claimed.email.recipients}
+        outcome = decide(claimed, replies, now=now, policy=RetryPolicy(), rng=rng)
+        await queue.finish_attempt(
+            claimed=claimed, transition=after_attempt(claimed, outcome, now=now)
+        )
+
+    while True:
+        now = datetime.now(UTC)
+        batch = await queue.claim_batch(now=now, lease=timedelta(hours=1), worker_id="k", limit=4)
+        await asyncio.gather(*(finish(c) for c in batch))
+
+asyncio.run(main())
+"""
+
+
+async def test_kill9_of_a_recording_worker_leaves_no_event_without_its_change(
+    local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
+) -> None:
+    # A worker process records outcomes; it is killed as soon as its first hints are in (the
+    # announce step), then the publisher runs past the abandon time. Wherever the kill landed,
+    # no event is published that its email's document does not hold (no event without its
+    # change), and no hint is left. The killed client's last write may still be running in
+    # the database when the publisher, its clock jumped two hours, gives up on its hint: the
+    # case the removal-time copy (`copy_outbox`) exists for; after it every email has
+    # published exactly its outbox, a sent event iff it is sent.
+    # (A relay is configured for the send to be accepted; no delivery reaches it.)
+    _, name = local_mail.add_domain(tenant, port=(await scripted_relay(Script())).port)
+    ids = [(await send(local_mail, tenant, name, ["a@example.org"])).id for _ in range(12)]
+    db = local_mail.app.running.database.db
+    settings = local_mail.settings
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _WORKER,
+        settings.mongodb_uri,
+        settings.mongodb_database,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT}/gen/python"},
+    )
+    # The worker's hints carry the real time, far after the test clock's.
+    mine = {"at": {"$gt": START + timedelta(days=1)}}
+    while child.returncode is None and await db[HINTS].count_documents(mine) == 0:  # noqa: ASYNC110 - another process writes
+        await asyncio.sleep(0.001)
+    child.send_signal(signal.SIGKILL)
+    await child.wait()
+    assert child.returncode == -signal.SIGKILL
+    later = ManualClock(datetime.now(UTC) + timedelta(hours=2))
+    await EventPublisher(db, clock=later).run(rounds=100)
+    assert await db[HINTS].count_documents({}) == 0
+    published = {e["_id"] async for e in db[EVENTS].find({"emailId": {"$in": ids}})}
+    docs = [d async for d in db[EMAILS].find({"_id": {"$in": ids}})]
+    assert published <= {e["_id"] for d in docs for e in d[OUTBOX_FIELD]}
+    await EventPublisher(db, clock=later).copy_outbox(docs)
+    for doc in docs:
+        types = {e["_id"]: e["type"] async for e in db[EVENTS].find({"emailId": doc["_id"]})}
+        assert set(types) == {e["_id"] for e in doc[OUTBOX_FIELD]}
+        assert ("sent" in types.values()) == (doc["status"] == "sent")

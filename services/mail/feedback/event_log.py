@@ -151,7 +151,9 @@ def build_event(
         "occurredAt": at,
         "domain": domain,
         "tags": list(tags),
-        "metadata": dict(metadata or {}),
+        # Pairs, not a sub-document: the email's metadata keys may hold "$" or "." (which the
+        # embedded database refuses as field names), as the email document stores them.
+        "metadata": [{"k": k, "v": v} for k, v in (metadata or {}).items()],
     }
     if email_id:
         doc["emailId"] = email_id
@@ -168,6 +170,14 @@ def build_event(
     if webhook_id:
         doc["webhookId"] = webhook_id
     return doc
+
+
+def metadata_of(event: Document) -> dict[str, str]:
+    """An event document's metadata as a mapping (stored as ``[{k, v}]`` pairs)."""
+    stored = event.get("metadata") or []
+    if isinstance(stored, dict):  # documents written before the pairs form
+        return {str(k): str(v) for k, v in stored.items()}
+    return {str(p["k"]): str(p["v"]) for p in stored}
 
 
 def with_events(update: Document, events: Sequence[Document]) -> Document:
