@@ -381,3 +381,52 @@ async def test_kill9_of_a_recording_worker_leaves_no_event_without_its_change(
         types = {e["_id"]: e["type"] async for e in db[EVENTS].find({"emailId": doc["_id"]})}
         assert set(types) == {e["_id"] for e in doc[OUTBOX_FIELD]}
         assert ("sent" in types.values()) == (doc["status"] == "sent")
+
+
+async def test_batch_and_smtp_submission_check_the_list_too(
+    local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
+) -> None:
+    # The same send-time check on the other ways in: a batch (one message all suppressed, one
+    # mixed) and an SMTP submission.
+    relay = await scripted_relay(Script())
+    _, name = local_mail.add_domain(tenant, port=relay.port)
+    _, suppressions = stubs(local_mail)
+    await suppressions.AddSuppressions(
+        suppressions_pb2.AddSuppressionsRequest(addresses=["no@example.org"]),
+        metadata=tenant.metadata,
+    )
+
+    def message(to: list[str]) -> mail_pb2.SendEmailRequest:
+        return mail_pb2.SendEmailRequest(from_address=f"s@{name}", to=to, subject="s", text="t")
+
+    answer = await local_mail.stub.SendEmailBatch(
+        mail_pb2.SendEmailBatchRequest(
+            messages=[message(["no@example.org"]), message(["no@example.org", "yes@example.org"])]
+        ),
+        metadata=tenant.metadata,
+    )
+    alone, mixed = answer.results
+    assert alone.status == E.EMAIL_STATUS_SUPPRESSED
+    assert mixed.status == E.EMAIL_STATUS_QUEUED
+    assert (await local_mail.get(tenant, alone.id)).status == E.EMAIL_STATUS_SUPPRESSED
+    stored = await local_mail.get(tenant, mixed.id)
+    assert list(stored.suppressed_recipients) == ["no@example.org"]
+
+    raw = (
+        f"From: s@{name}\r\nTo: no@example.org\r\nSubject: s\r\n"
+        "Message-ID: <m1@example.org>\r\n\r\nbody\r\n"
+    ).encode()
+    submitted = await local_mail.stub.SubmitMessage(
+        mail_pb2.SubmitMessageRequest(
+            raw_message=raw, envelope_from=f"s@{name}", envelope_to=["no@example.org"]
+        ),
+        metadata=tenant.metadata,
+    )
+    assert submitted.status == E.EMAIL_STATUS_SUPPRESSED
+    assert list(submitted.suppressed_recipients) == ["no@example.org"]
+    assert await local_mail.worker().run_once() == 1  # the mixed one only
+    assert [r.rcpt_to for r in relay.received] == [["yes@example.org"]]
+    for email_id in (alone.id, submitted.id):
+        events = await events_of(local_mail, tenant, email_id)
+        assert story(events) == [("accepted", ""), ("suppressed", "no@example.org")]
+        assert events[1].reason == "manual"
