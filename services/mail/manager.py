@@ -300,10 +300,10 @@ class MailManager:
     async def _suppress(self, tenant_id: str, emails: Sequence[Email], *, now: datetime) -> None:
         """Apply the tenant's suppression list to new emails before they are stored.
 
-        The one send-time check of every way in (SendEmail, batches, SMTP submission): one
-        lookup for all the emails' recipients, then `outcomes.suppress_new` per email (a
-        suppressed recipient is SUPPRESSED with its entry's reason; all suppressed: the
-        email is, and no relay is ever contacted for it).
+        The one send-time check of every way in (SendEmail, batches, SMTP submission,
+        resends): one lookup for all the emails' recipients, then `outcomes.suppress_new` per
+        email (a suppressed recipient is SUPPRESSED with its entry's reason; all suppressed:
+        the email is, and no relay is ever contacted for it).
         """
         if self._suppressions is None or not emails:
             return
@@ -882,6 +882,7 @@ class MailManager:
             resent_from_id=original.id,
             content=content,
         )
+        await self._suppress(tenant_id, [email], now=now)
         await self._emails.insert(email=email)
         EMAILS_ACCEPTED.labels(domain=original.domain_name).inc()
         await self._emails.add_event(
