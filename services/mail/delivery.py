@@ -26,6 +26,7 @@ import logging
 import random
 import time
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 
 from services.core.clock import Clock
@@ -102,10 +103,39 @@ class DeliveryWorker:
         return batch[0] if batch else None
 
     async def claim_batch(self, limit: int) -> list[Claimed]:
-        """Take up to `limit` due emails."""
-        return await self._queue.claim_batch(
+        """Take up to `limit` due emails, with their recipients suppressed meanwhile."""
+        batch = await self._queue.claim_batch(
             now=self._clock.now(), lease=self._lease, worker_id=self.worker_id, limit=limit
         )
+        return await self._check_suppressions(batch)
+
+    async def _check_suppressions(self, batch: list[Claimed]) -> list[Claimed]:
+        """`batch` with each email's open recipients now on the suppression list.
+
+        One lookup per tenant for the whole batch (not one per email): what was accepted
+        before an address was suppressed is not delivered to it either.
+        """
+        if self._suppressions is None or not batch:
+            return batch
+        wanted: dict[str, set[str]] = {}
+        for c in batch:
+            wanted.setdefault(c.email.tenant_id, set()).update(
+                r.address for r in c.email.recipients if r.status in OPEN_RECIPIENTS
+            )
+        found: dict[str, dict[str, str]] = {}
+        for tenant_id, addresses in wanted.items():
+            entries = await self._suppressions.suppressed(tenant_id, sorted(addresses))
+            found[tenant_id] = {a: e.reason.value for a, e in entries.items()}
+        out = []
+        for c in batch:
+            hits = found.get(c.email.tenant_id, {})
+            mine = {
+                r.address: hits[r.address]
+                for r in c.email.recipients
+                if r.status in OPEN_RECIPIENTS and r.address in hits
+            }
+            out.append(replace(c, suppressed=mine) if mine else c)
+        return out
 
     async def run_once(self) -> int:
         """Deliver every email due now (concurrently); how many attempts were made."""
@@ -265,7 +295,7 @@ class DeliveryWorker:
         email = claimed.email
         try:
             open_rcpts = [r.address for r in email.recipients if r.status in OPEN_RECIPIENTS]
-            suppressed = await self._suppressed(email.tenant_id, open_rcpts)
+            suppressed = claimed.suppressed
             open_rcpts = [a for a in open_rcpts if a not in suppressed]
             replies: dict[str, SmtpReply] = {}
             endpoint: RelayEndpoint | None = None
@@ -308,13 +338,6 @@ class DeliveryWorker:
                 )
             )
         return outcome
-
-    async def _suppressed(self, tenant_id: str, addresses: list[str]) -> dict[str, str]:
-        """Recipients on the tenant's suppression list now -> the entry's reason."""
-        if self._suppressions is None or not addresses:
-            return {}
-        found = await self._suppressions.suppressed(tenant_id, addresses)
-        return {address: entry.reason.value for address, entry in found.items()}
 
     async def _attempt(
         self, claimed: Claimed, recipients: list[str]

@@ -56,6 +56,7 @@ from services.mail.compose import (
     validate,
 )
 from services.mail.feedback.suppression_store import SuppressionList
+from services.mail.group_commit import GroupCommit
 from services.mail.models import (
     AttachmentInfo,
     Email,
@@ -120,6 +121,15 @@ class MailPolicy:
         return self.tenant_retention.get(tenant_id, self.retention)
 
 
+@dataclass(slots=True)
+class _Lookup:
+    """One request's suppression lookup: its recipients, and those found (-> the reason)."""
+
+    tenant_id: str
+    addresses: set[str]
+    found: dict[str, str] = field(default_factory=dict)
+
+
 class MailManager:
     """The mail service's use cases."""
 
@@ -139,6 +149,8 @@ class MailManager:
     ) -> None:
         self._templates = templates
         self._suppressions = suppressions
+        # Concurrent requests' suppression lookups share queries (one per tenant per group).
+        self._lookups = GroupCommit(self._look_up)
         self._batches = batches
         self._emails = emails
         self._relay_health = relay_health
@@ -307,13 +319,26 @@ class MailManager:
         """
         if self._suppressions is None or not emails:
             return
-        addresses = list(dict.fromkeys(r.address for e in emails for r in e.recipients))
-        found = await self._suppressions.suppressed(tenant_id, addresses)
-        if not found:
-            return
-        reasons = {address: entry.reason.value for address, entry in found.items()}
-        for email in emails:
-            suppress_new(email, reasons, now=now)
+        lookup = _Lookup(tenant_id, {r.address for e in emails for r in e.recipients})
+        await self._lookups.submit(lookup)
+        if lookup.found:
+            for email in emails:
+                suppress_new(email, lookup.found, now=now)
+
+    async def _look_up(self, batch: list[_Lookup]) -> list[bool]:
+        """Answer a group of lookups: one `SuppressionList.suppressed` call per tenant."""
+        assert self._suppressions is not None  # only submitted when configured
+        tenants: dict[str, set[str]] = {}
+        for lookup in batch:
+            tenants.setdefault(lookup.tenant_id, set()).update(lookup.addresses)
+        for tenant_id, addresses in tenants.items():
+            found = await self._suppressions.suppressed(tenant_id, sorted(addresses))
+            for lookup in batch:
+                if lookup.tenant_id == tenant_id:
+                    lookup.found = {
+                        a: found[a].reason.value for a in lookup.addresses if a in found
+                    }
+        return [True] * len(batch)
 
     async def _idempotent(
         self,

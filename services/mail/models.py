@@ -175,6 +175,9 @@ class Claimed:
     # The status stored in the email's document when it was claimed (`email.status` says
     # SENDING): what the stats counts move the attempt's outcome from.
     stored_status: EmailStatus | None = None
+    # Open recipients found on the tenant's suppression list when claimed -> the entry's
+    # reason: not attempted (an address suppressed after the email was accepted).
+    suppressed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
