@@ -465,13 +465,21 @@ class MongoDeliveryQueue:
             smtp = event.get("smtp")
             if event["type"] != "bounced" or not smtp or "recipient" not in event:
                 continue
-            await self.suppressions.record_bounce(
-                tenant_id=event["tenantId"],
-                address=event["recipient"],
-                enhanced_code=smtp["enhancedCode"],
-                event_id=event["_id"],
-                detail=f"{smtp['code']} {smtp['enhancedCode']} {smtp['message']}".strip(),
-            )
+            try:
+                await self.suppressions.record_bounce(
+                    tenant_id=event["tenantId"],
+                    address=event["recipient"],
+                    enhanced_code=smtp["enhancedCode"],
+                    event_id=event["_id"],
+                    detail=f"{smtp['code']} {smtp['enhancedCode']} {smtp['message']}".strip(),
+                )
+            except Exception:
+                # The outcome is recorded: this is not a failed delivery. Logged, left as the
+                # crash case above is.
+                log.exception(
+                    "bounced address not suppressed",
+                    extra={"fields": {"email": event["emailId"], "event": event["_id"]}},
+                )
 
     async def flush_outcomes(self, *, within: float) -> int:
         """See `DeliveryQueue.flush_outcomes`."""
