@@ -187,10 +187,14 @@ def suppress_new(email: Email, suppressed: Mapping[str, str], *, now: datetime) 
     Returns:
         The suppressed addresses, in recipient order.
     """
-    hit = [r for r in email.recipients if r.address in suppressed]
+    hit = [
+        r
+        for r in email.recipients
+        if r.address in suppressed and r.status != RecipientStatus.SUPPRESSED
+    ]
     for r in hit:
         email.events.append(_suppress(r, suppressed[r.address], now))
-    if hit and len(hit) == len(email.recipients):
+    if email.recipients and all(r.status == RecipientStatus.SUPPRESSED for r in email.recipients):
         email.status = EmailStatus.SUPPRESSED
         email.next_attempt_at = None
     return [r.address for r in hit]
