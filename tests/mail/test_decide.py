@@ -249,19 +249,23 @@ def test_suppressed_recipients_are_not_attempted_and_all_suppressed_is_suppresse
     assert (alone.status, alone.next_attempt_at) == (EmailStatus.SUPPRESSED, None)
 
 
+def state(email: Email) -> tuple[EmailStatus, datetime | None]:
+    return email.status, email.next_attempt_at
+
+
 def test_a_new_email_with_suppressed_recipients() -> None:
     # Before storing: the suppressed ones are marked with an event each (once); the email
     # stays due while one recipient is left, and is SUPPRESSED with nothing due once none is.
     email = claimed("a@x.org", "b@x.org").email
     email.status, email.next_attempt_at = EmailStatus.QUEUED, NOW
     assert outcomes.suppress_new(email, {"a@x.org": "manual"}, now=NOW) == ["a@x.org"]
-    assert (email.status, email.next_attempt_at) == (EmailStatus.QUEUED, NOW)
+    assert state(email) == (EmailStatus.QUEUED, NOW)
     assert [(e.type, e.recipient, e.detail) for e in email.events] == [
         (EventType.SUPPRESSED, "a@x.org", "manual")
     ]
     assert outcomes.suppress_new(email, {"b@x.org": "manual"}, now=NOW) == ["b@x.org"]
-    assert (email.status, email.next_attempt_at) == (EmailStatus.SUPPRESSED, None)
+    assert state(email) == (EmailStatus.SUPPRESSED, None)
     everyone = claimed("a@x.org").email
     everyone.status, everyone.next_attempt_at = EmailStatus.QUEUED, NOW
     outcomes.suppress_new(everyone, {"a@x.org": "hard_bounce"}, now=NOW)
-    assert (everyone.status, everyone.next_attempt_at) == (EmailStatus.SUPPRESSED, None)
+    assert state(everyone) == (EmailStatus.SUPPRESSED, None)
