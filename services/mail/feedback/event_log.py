@@ -51,7 +51,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from pymongo import ASCENDING, DeleteOne
+from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
@@ -348,7 +348,8 @@ class EventPublisher:
                 )
                 done.append(hint["_id"])
         if done:
-            await self._hints.bulk_write([DeleteOne({"_id": i}) for i in done], ordered=False)
+            # One command for the group (the caller's slice is `chunked`), not one per hint.
+            await self._hints.delete_many({"_id": {"$in": done}})
         return stored
 
     async def copy_outbox(self, emails: Sequence[Document]) -> int:
