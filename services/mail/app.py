@@ -25,7 +25,7 @@ from services.mail.batch import MongoBatchRepository
 from services.mail.compose import Limits
 from services.mail.delivery import DeliveryWorker
 from services.mail.feedback import webhook_servicer as webhooks
-from services.mail.feedback.event_wiring import start_with_feedback
+from services.mail.feedback.event_wiring import start_with_feedback, suppression_list_from
 from services.mail.inbound.wiring import start_with_inbound
 from services.mail.manager import MailManager, MailPolicy
 from services.mail.outcomes import RetryPolicy
@@ -131,6 +131,7 @@ def make_worker(
         worker_id=worker_id,
         rng=rng,
         relay_health=relay_health,
+        suppressions=emails.delivery_queue.suppressions,
     )
 
 
@@ -166,7 +167,10 @@ async def build_app(
     if relays is None:
         relays, smtp_channel = remote_relays(settings)
         channels.append(smtp_channel)
-    emails = MongoEmailRepository(database.db, inline_limit=settings.mail_inline_content_limit)
+    suppressions = suppression_list_from(settings, database.db, clock)
+    emails = MongoEmailRepository(
+        database.db, inline_limit=settings.mail_inline_content_limit, suppressions=suppressions
+    )
     relay_health = RelayHealthStore(database.db, refresh=RELAY_HEALTH_REFRESH)
     engine = TemplateEngine()
     templates = TemplateManager(
@@ -186,6 +190,7 @@ async def build_app(
         policy=policy_from(settings),
         templates=templates,
         batches=MongoBatchRepository(database.db),
+        suppressions=suppressions,
     )
     server = await start_with_feedback(start_with_inbound(start_service, clock), clock)(
         settings=settings,

@@ -26,6 +26,7 @@ import logging
 import random
 import time
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 
 from services.core.clock import Clock
@@ -36,6 +37,7 @@ from services.core.metrics import (
     EMAIL_DELIVERIES,
 )
 from services.core.tracing import delivery_span
+from services.mail.feedback.suppression_store import SuppressionList
 from services.mail.models import OPEN_RECIPIENTS, Claimed, EmailStatus, SmtpReply
 from services.mail.outcomes import Outcome, RetryPolicy, after_attempt, decide
 from services.mail.queue import DeliveryQueue
@@ -54,6 +56,7 @@ _METRIC_OUTCOME = {
     EmailStatus.DEFERRED: "deferred",
     EmailStatus.BOUNCED: "bounced",
     EmailStatus.FAILED: "failed",
+    EmailStatus.SUPPRESSED: "suppressed",
 }
 
 
@@ -74,8 +77,11 @@ class DeliveryWorker:
         worker_id: str | None = None,
         rng: random.Random | None = None,
         relay_health: RelayHealthStore | None = None,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self._queue = queue
+        # Checked again at each attempt: an address suppressed after the email was accepted.
+        self._suppressions = suppressions
         self._relay_health = relay_health
         self._relays = relays
         self._pool = pool
@@ -97,10 +103,39 @@ class DeliveryWorker:
         return batch[0] if batch else None
 
     async def claim_batch(self, limit: int) -> list[Claimed]:
-        """Take up to `limit` due emails."""
-        return await self._queue.claim_batch(
+        """Take up to `limit` due emails, with their recipients suppressed meanwhile."""
+        batch = await self._queue.claim_batch(
             now=self._clock.now(), lease=self._lease, worker_id=self.worker_id, limit=limit
         )
+        return await self._check_suppressions(batch)
+
+    async def _check_suppressions(self, batch: list[Claimed]) -> list[Claimed]:
+        """`batch` with each email's open recipients now on the suppression list.
+
+        One lookup per tenant for the whole batch (not one per email): what was accepted
+        before an address was suppressed is not delivered to it either.
+        """
+        if self._suppressions is None or not batch:
+            return batch
+        wanted: dict[str, set[str]] = {}
+        for c in batch:
+            wanted.setdefault(c.email.tenant_id, set()).update(
+                r.address for r in c.email.recipients if r.status in OPEN_RECIPIENTS
+            )
+        found: dict[str, dict[str, str]] = {}
+        for tenant_id, addresses in wanted.items():
+            entries = await self._suppressions.suppressed(tenant_id, sorted(addresses))
+            found[tenant_id] = {a: e.reason.value for a, e in entries.items()}
+        out = []
+        for c in batch:
+            hits = found.get(c.email.tenant_id, {})
+            mine = {
+                r.address: hits[r.address]
+                for r in c.email.recipients
+                if r.status in OPEN_RECIPIENTS and r.address in hits
+            }
+            out.append(replace(c, suppressed=mine) if mine else c)
+        return out
 
     async def run_once(self) -> int:
         """Deliver every email due now (concurrently); how many attempts were made."""
@@ -260,7 +295,12 @@ class DeliveryWorker:
         email = claimed.email
         try:
             open_rcpts = [r.address for r in email.recipients if r.status in OPEN_RECIPIENTS]
-            replies, endpoint = await self._attempt(claimed, open_rcpts)
+            suppressed = claimed.suppressed
+            open_rcpts = [a for a in open_rcpts if a not in suppressed]
+            replies: dict[str, SmtpReply] = {}
+            endpoint: RelayEndpoint | None = None
+            if open_rcpts:
+                replies, endpoint = await self._attempt(claimed, open_rcpts)
         except asyncio.CancelledError:
             # Shutdown mid-delivery: hand the email back so another worker takes it at once.
             # The release must complete even if the shutdown cancels us again meanwhile.
@@ -272,7 +312,9 @@ class DeliveryWorker:
                     await asyncio.shield(release)
             raise
         now = self._clock.now()
-        outcome = decide(claimed, replies, now=now, policy=self._policy, rng=self._rng)
+        outcome = decide(
+            claimed, replies, now=now, policy=self._policy, rng=self._rng, suppressed=suppressed
+        )
         # Waits while the database is away (the outcome is kept, not dropped). Cancelled here
         # (shutdown after the grace period) the lease is deliberately not released.
         recorded = await self._queue.finish_attempt(

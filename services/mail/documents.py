@@ -5,7 +5,9 @@ write the same email documents; both build them here. `transition_update` is the
 a change of an email's state (status, recipients, timeline) becomes a database write: every
 transition the outcome rules decide (`services.mail.outcomes`) is applied through it, as one
 update of the email's document, so whatever must be recorded with a change (its timeline
-entries) goes into that same write.
+entries, and its events for the events API: `feed_events`, pushed onto the email's event
+outbox, see `services.mail.feedback.event_log`) goes into that same write. A new email's
+first events (accepted, scheduled, suppressed) go into its insert (`email_doc`) the same way.
 
 Collections (written only by the mail service):
 * ``emails``: one document per email: envelope, content (or its GridFS id), recipients,
@@ -27,6 +29,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError
 
 from services.core.mongo import Document, chunked
+from services.mail.feedback.event_log import OUTBOX_FIELD, SmtpFacts, build_event, with_events
 from services.mail.models import (
     AttachmentInfo,
     Email,
@@ -109,8 +112,45 @@ def _recipient(doc: Document) -> Recipient:
     )
 
 
+# Timeline entries that are a worker's bookkeeping, not a change an application hears of.
+_UNPUBLISHED = frozenset({EventType.CLAIMED})
+
+
+def feed_events(email: Email, events: Sequence[Event]) -> list[Document]:
+    """The events-API documents (events contract) of these timeline entries of `email`.
+
+    One per entry except a worker's claims: type, time, recipient, the relay's reply and the
+    entry's detail as the reason, with the email's tenant, sender domain, tags and metadata.
+    Pure (each call makes new event ids): build once per write, announce and write the same.
+    """
+    return [
+        build_event(
+            type=e.type.value,
+            occurred_at=e.time,
+            tenant_id=email.tenant_id,
+            domain=email.domain_name,
+            email_id=email.id,
+            recipient=e.recipient or None,
+            tags=email.tags,
+            metadata=email.metadata,
+            smtp=(
+                SmtpFacts(e.reply.code, e.reply.enhanced_code, e.reply.text)
+                if e.reply is not None and e.reply.code
+                else None
+            ),
+            reason=e.detail or None,
+        )
+        for e in events
+        if e.type not in _UNPUBLISHED
+    ]
+
+
 def email_doc(email: Email) -> Document:
-    """BSON form of a new email (its first state: the insert, not a transition)."""
+    """BSON form of a new email (its first state: the insert, not a transition).
+
+    Its first events (`feed_events` of its timeline) are in its outbox: the insert records
+    them with the email (announce ``doc[OUTBOX_FIELD]`` before inserting).
+    """
     return {
         "_id": email.id,
         "tenant_id": email.tenant_id,
@@ -158,6 +198,7 @@ def email_doc(email: Email) -> Document:
         "template_version": email.template_version,
         "lease_token": "",
         "claims": 0,
+        OUTBOX_FIELD: feed_events(email, email.events),
     }
 
 
@@ -221,11 +262,12 @@ def key_docs(doc: Document) -> list[Document]:
     ]
 
 
-def transition_update(transition: Transition) -> Document:
+def transition_update(transition: Transition, feed: Sequence[Document] = ()) -> Document:
     """The update of an email's document that records `transition`: the one place it is built.
 
     State and timeline in one write: the fields the transition sets, and its events appended
-    (``$push``, never read back and rewritten). A write of this update by ``_id`` is the whole
+    (``$push``, never read back and rewritten), with `feed` (its `feed_events`, announced
+    before) pushed onto the event outbox. A write of this update by ``_id`` is the whole
     record of the change.
     """
     fields: Document = {}
@@ -244,7 +286,7 @@ def transition_update(transition: Transition) -> Document:
     update: Document = {"$push": {"events": {"$each": [event_doc(e) for e in transition.events]}}}
     if fields:
         update["$set"] = fields
-    return update
+    return with_events(update, feed) if feed else update
 
 
 async def find_by_ids(
@@ -295,6 +337,7 @@ __all__ = [
     "email_doc",
     "email_from_doc",
     "event_doc",
+    "feed_events",
     "find_by_ids",
     "insert_many_unique",
     "key_docs",

@@ -55,6 +55,8 @@ from services.mail.compose import (
     parse_mailbox,
     validate,
 )
+from services.mail.feedback.suppression_store import SuppressionList
+from services.mail.group_commit import GroupCommit
 from services.mail.models import (
     AttachmentInfo,
     Email,
@@ -68,7 +70,7 @@ from services.mail.models import (
     RecipientKind,
     RecipientStatus,
 )
-from services.mail.outcomes import RetryPolicy
+from services.mail.outcomes import RetryPolicy, suppress_new
 from services.mail.raw_message import SubmitInput
 from services.mail.relay_health import RelayHealthStore, RelayOutcome
 from services.mail.relay_lookup import RelayLookup
@@ -119,6 +121,15 @@ class MailPolicy:
         return self.tenant_retention.get(tenant_id, self.retention)
 
 
+@dataclass(slots=True)
+class _Lookup:
+    """One request's suppression lookup: its recipients, and those found (-> the reason)."""
+
+    tenant_id: str
+    addresses: set[str]
+    found: dict[str, str] = field(default_factory=dict)
+
+
 class MailManager:
     """The mail service's use cases."""
 
@@ -134,8 +145,12 @@ class MailManager:
         policy: MailPolicy,
         templates: TemplateManager | None = None,
         batches: BatchRepository | None = None,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self._templates = templates
+        self._suppressions = suppressions
+        # Concurrent requests' suppression lookups share queries (one per tenant per group).
+        self._lookups = GroupCommit(self._look_up)
         self._batches = batches
         self._emails = emails
         self._relay_health = relay_health
@@ -170,6 +185,7 @@ class MailManager:
 
         async def store(email_id: str) -> Email:
             email = self._build(prepared, tenant_id=tenant_id, email_id=email_id, now=now)
+            await self._suppress(tenant_id, [email], now=now)
             if not await self._emails.insert(email=email):
                 # A concurrent duplicate (same key, same request) stored it first.
                 return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
@@ -281,6 +297,9 @@ class MailManager:
                     if r.error is not None
                 ),
             )
+        await self._suppress(tenant_id, emails, now=now)
+        statuses = {e.id: e.status for e in emails}
+        results = [replace(r, status=statuses[r.email_id]) if r.email_id else r for r in results]
         # Duplicates (a retried batch whose first attempt stored some) count as stored: the
         # ids are the batch's own.
         await self._emails.insert_many(emails=emails)
@@ -289,6 +308,37 @@ class MailManager:
         if idempotency_key and self._batches is not None:
             await self._batches.finish(tenant_id=tenant_id, key=idempotency_key, results=results)
         return results
+
+    async def _suppress(self, tenant_id: str, emails: Sequence[Email], *, now: datetime) -> None:
+        """Apply the tenant's suppression list to new emails before they are stored.
+
+        The one send-time check of every way in (SendEmail, batches, SMTP submission,
+        resends): one lookup for all the emails' recipients, then `outcomes.suppress_new` per
+        email (a suppressed recipient is SUPPRESSED with its entry's reason; all suppressed:
+        the email is, and no relay is ever contacted for it).
+        """
+        if self._suppressions is None or not emails:
+            return
+        lookup = _Lookup(tenant_id, {r.address for e in emails for r in e.recipients})
+        await self._lookups.submit(lookup)
+        if lookup.found:
+            for email in emails:
+                suppress_new(email, lookup.found, now=now)
+
+    async def _look_up(self, batch: list[_Lookup]) -> list[bool]:
+        """Answer a group of lookups: one `SuppressionList.suppressed` call per tenant."""
+        assert self._suppressions is not None  # only submitted when configured
+        tenants: dict[str, set[str]] = {}
+        for lookup in batch:
+            tenants.setdefault(lookup.tenant_id, set()).update(lookup.addresses)
+        for tenant_id, addresses in tenants.items():
+            found = await self._suppressions.suppressed(tenant_id, sorted(addresses))
+            for lookup in batch:
+                if lookup.tenant_id == tenant_id:
+                    lookup.found = {
+                        a: found[a].reason.value for a in lookup.addresses if a in found
+                    }
+        return [True] * len(batch)
 
     async def _idempotent(
         self,
@@ -641,6 +691,7 @@ class MailManager:
                 content=content,
                 trace_context=trace_carrier(),
             )
+            await self._suppress(tenant_id, [email], now=now)
             if not await self._emails.insert(email=email):
                 # A concurrent duplicate (same key, same message) stored it first.
                 return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
@@ -856,6 +907,7 @@ class MailManager:
             resent_from_id=original.id,
             content=content,
         )
+        await self._suppress(tenant_id, [email], now=now)
         await self._emails.insert(email=email)
         EMAILS_ACCEPTED.labels(domain=original.domain_name).inc()
         await self._emails.add_event(

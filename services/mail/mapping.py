@@ -19,6 +19,7 @@ from services.mail.models import (
     EmailStatus,
     Event,
     Recipient,
+    RecipientStatus,
     SmtpReply,
 )
 from services.mail.rendering import Rendered
@@ -145,6 +146,9 @@ def email_to_proto(email: Email) -> mail_pb2.Email:
         update_time=to_timestamp(email.updated_at),
         template_id=email.template_id,
         template_version=email.template_version,
+        suppressed_recipients=[
+            r.address for r in email.recipients if r.status == RecipientStatus.SUPPRESSED
+        ],
     )
 
 

@@ -19,6 +19,8 @@ class EmailStatus(enum.StrEnum):
     BOUNCED = "bounced"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Every recipient was on the tenant's suppression list: no relay was contacted.
+    SUPPRESSED = "suppressed"
 
 
 # States a worker may still pick up (SENDING only once its lease has expired).
@@ -45,6 +47,8 @@ class RecipientStatus(enum.StrEnum):
     BOUNCED = "bounced"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # On the tenant's suppression list: not delivered.
+    SUPPRESSED = "suppressed"
 
 
 # Recipients a delivery attempt still has to try.
@@ -64,6 +68,7 @@ class EventType(enum.StrEnum):
     CANCELLED = "cancelled"
     RESENT = "resent"
     RESCHEDULED = "rescheduled"
+    SUPPRESSED = "suppressed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +175,9 @@ class Claimed:
     # The status stored in the email's document when it was claimed (`email.status` says
     # SENDING): what the stats counts move the attempt's outcome from.
     stored_status: EmailStatus | None = None
+    # Open recipients found on the tenant's suppression list when claimed -> the entry's
+    # reason: not attempted (an address suppressed after the email was accepted).
+    suppressed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

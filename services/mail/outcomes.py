@@ -16,6 +16,7 @@ the recipient at once. The email's status follows from its recipients' (`decide`
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -99,14 +100,22 @@ def decide(
     now: datetime,
     policy: RetryPolicy,
     rng: random.Random,
+    suppressed: Mapping[str, str] | None = None,
 ) -> Outcome:
-    """Turn the replies of one attempt into recipient states, overall status and events."""
+    """Turn the replies of one attempt into recipient states, overall status and events.
+
+    `suppressed` (address -> the suppression list entry's reason) are the open recipients
+    found on the tenant's list at delivery time: not attempted, SUPPRESSED.
+    """
     email = claimed.email
     recipients = [replace(r) for r in email.recipients]
     events: list[Event] = []
     expired = now >= email.expires_at
     for r in recipients:
         if r.status not in OPEN_RECIPIENTS:
+            continue
+        if suppressed and r.address in suppressed:
+            events.append(_suppress(r, suppressed[r.address], now))
             continue
         reply = replies.get(r.address) or SmtpReply(0, "", "not attempted")
         # RFC 3464 Diagnostic-Code style when the relay answered; our own words otherwise.
@@ -154,9 +163,41 @@ def decide(
         status = EmailStatus.FAILED
     elif RecipientStatus.BOUNCED in statuses:
         status = EmailStatus.BOUNCED
+    elif statuses == {RecipientStatus.SUPPRESSED}:
+        status = EmailStatus.SUPPRESSED
     else:
         status = EmailStatus.CANCELLED
     return Outcome(recipients, status, next_at, events)
+
+
+def _suppress(r: Recipient, reason: str, now: datetime) -> Event:
+    r.status = RecipientStatus.SUPPRESSED
+    r.updated_at = now
+    return Event(EventType.SUPPRESSED, now, r.address, detail=reason)
+
+
+def suppress_new(email: Email, suppressed: Mapping[str, str], *, now: datetime) -> list[str]:
+    """Mark a new email's recipients found on the suppression list (before it is stored).
+
+    `suppressed` maps an address to its list entry's reason. Each such recipient becomes
+    SUPPRESSED with a suppressed event (detail: the reason); the others go on. An email whose
+    recipients are all suppressed is SUPPRESSED, with no attempt due, so it never reaches a
+    relay. Changes `email` in place.
+
+    Returns:
+        The suppressed addresses, in recipient order.
+    """
+    hit = [
+        r
+        for r in email.recipients
+        if r.address in suppressed and r.status != RecipientStatus.SUPPRESSED
+    ]
+    for r in hit:
+        email.events.append(_suppress(r, suppressed[r.address], now))
+    if email.recipients and all(r.status == RecipientStatus.SUPPRESSED for r in email.recipients):
+        email.status = EmailStatus.SUPPRESSED
+        email.next_attempt_at = None
+    return [r.address for r in hit]
 
 
 def after_attempt(claimed: Claimed, outcome: Outcome, *, now: datetime) -> Transition:
@@ -275,4 +316,5 @@ __all__ = [
     "leased",
     "note",
     "reschedule",
+    "suppress_new",
 ]

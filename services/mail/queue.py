@@ -41,10 +41,13 @@ from services.mail.documents import (
     EMAILS,
     QUEUE,
     email_from_doc,
+    feed_events,
     find_by_ids,
     insert_many_unique,
     transition_update,
 )
+from services.mail.feedback.event_log import Change, EventRecorder
+from services.mail.feedback.suppression_store import SuppressionList
 from services.mail.group_commit import GroupCommit
 from services.mail.models import UNFINISHED, Claimed, Email, Event, EventType
 from services.mail.outcomes import CLAIMABLE, Transition, claim
@@ -107,6 +110,9 @@ class _PendingOutcome:
     attempts: int
     email: UpdateOne
     entry: UpdateOne | DeleteOne
+    # Its events (in the email update's outbox push), announced before the update.
+    change: Change
+    at: datetime
     # A write of it failed before: it may have landed without our hearing the answer.
     retried: bool = False
 
@@ -141,8 +147,17 @@ async def read_content(
 class MongoDeliveryQueue:
     """`DeliveryQueue` on MongoDB/FerretDB, plus the queue operations the API storage uses."""
 
-    def __init__(self, db: AsyncDatabase[Document], *, tallies: Tallies) -> None:
+    def __init__(
+        self,
+        db: AsyncDatabase[Document],
+        *,
+        tallies: Tallies,
+        suppressions: SuppressionList | None = None,
+    ) -> None:
         self._db = db
+        self._recorder = EventRecorder(db)
+        # Hard bounces put their address on it (None: suppression not wired, e.g. unit tests).
+        self.suppressions = suppressions
         self._emails = db[EMAILS]
         self._claims = db[CLAIMS]
         self._queue = db[QUEUE]
@@ -411,15 +426,20 @@ class MongoDeliveryQueue:
         else:
             entry = DeleteOne({"_id": email_id})
         self._recording[email_id] = claimed.claim_no
+        feed = feed_events(claimed.email, transition.events)
         written = await self._outcomes.submit(
             _PendingOutcome(
                 email_id,
                 claimed.claim_no,
                 claimed.email.attempts,
-                UpdateOne({"_id": email_id}, transition_update(transition)),
+                UpdateOne({"_id": email_id}, transition_update(transition, feed)),
                 entry,
+                Change(email_id, feed),
+                transition.time,
             )
         )
+        if written:
+            await self._suppress_bounced(feed)
         if written and transition.old_status is not None and transition.status is not None:
             self.tallies.move(
                 tenant_id=claimed.email.tenant_id,
@@ -430,6 +450,36 @@ class MongoDeliveryQueue:
             )
             await self.tallies.flush()
         return written
+
+    async def _suppress_bounced(self, feed: Sequence[Document]) -> None:
+        """Put the hard-bounced recipients of a recorded outcome on the suppression list.
+
+        After the outcome's write, with the bounced event's id as the entry's cause; the
+        enhanced code decides (`suppression_rules.bounce_suppresses`). A crash in between
+        leaves the bounce recorded without its entry (the address is tried once more later
+        and bounces again): never an entry without its event.
+        """
+        if self.suppressions is None:
+            return
+        for event in feed:
+            smtp = event.get("smtp")
+            if event["type"] != "bounced" or not smtp or "recipient" not in event:
+                continue
+            try:
+                await self.suppressions.record_bounce(
+                    tenant_id=event["tenantId"],
+                    address=event["recipient"],
+                    enhanced_code=smtp["enhancedCode"],
+                    event_id=event["_id"],
+                    detail=f"{smtp['code']} {smtp['enhancedCode']} {smtp['message']}".strip(),
+                )
+            except Exception:
+                # The outcome is recorded: this is not a failed delivery. Logged, left as the
+                # crash case above is.
+                log.exception(
+                    "bounced address not suppressed",
+                    extra={"fields": {"email": event["emailId"], "event": event["_id"]}},
+                )
 
     async def flush_outcomes(self, *, within: float) -> int:
         """See `DeliveryQueue.flush_outcomes`."""
@@ -467,9 +517,12 @@ class MongoDeliveryQueue:
         # Emails first, entries second: a crash in between leaves entries whose next claim
         # sees the recorded outcome (finished: entry dropped; deferred: retried early), never
         # an unrecorded delivery.
-        emails = [o.email for o in mine if o.email_id not in landed]
-        if emails:
-            await self._emails.bulk_write(emails, ordered=False)
+        todo = [o for o in mine if o.email_id not in landed]
+        if todo:
+            # Their events' hints first, all in one insert (see `event_log`): a crash before
+            # the emails' update leaves hints the publisher drops, never a change unannounced.
+            await self._recorder.announce([o.change for o in todo], now=max(o.at for o in todo))
+            await self._emails.bulk_write([o.email for o in todo], ordered=False)
         if mine:
             await self._queue.bulk_write([o.entry for o in mine], ordered=False)
         for o, ok in zip(batch, held, strict=True):

@@ -52,6 +52,7 @@ from gridfs.errors import NoFile
 from pymongo import ASCENDING, DESCENDING, DeleteOne
 from pymongo.asynchronous.database import AsyncDatabase
 
+from services.core.clock import SystemClock
 from services.core.errors import NotFound
 from services.core.mongo import (
     MAX_WRITE_BATCH,
@@ -73,10 +74,13 @@ from services.mail.documents import (
     QUEUE,
     email_doc,
     email_from_doc,
+    feed_events,
     insert_many_unique,
     key_docs,
     transition_update,
 )
+from services.mail.feedback.event_log import OUTBOX_FIELD, Change, EventPublisher, EventRecorder
+from services.mail.feedback.suppression_store import SuppressionList
 from services.mail.group_commit import GroupCommit
 from services.mail.models import FINISHED, UNFINISHED, Email, EmailFilter, Event
 from services.mail.queue import INDEXES as QUEUE_INDEXES
@@ -302,8 +306,12 @@ class MongoEmailRepository:
         *,
         inline_limit: int,
         queue: MongoDeliveryQueue | None = None,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self._db = db
+        self._recorder = EventRecorder(db)
+        # Only its `copy_outbox` is used here (before an email is removed); no clock needed.
+        self._outbox = EventPublisher(db, clock=SystemClock())
         self._emails = db[EMAILS]
         self._bucket = AsyncGridFSBucket(db, bucket_name=CONTENT_BUCKET)
         self._inline_limit = inline_limit
@@ -313,7 +321,9 @@ class MongoEmailRepository:
         self._key_inserts = GroupCommit(self._write_keys)
         # The queue engine of this process (its workers', when they run here) and the stats
         # counts both share (one writer of its own documents; see tallies).
-        self.delivery_queue = queue or MongoDeliveryQueue(db, tallies=Tallies(db))
+        self.delivery_queue = queue or MongoDeliveryQueue(
+            db, tallies=Tallies(db), suppressions=suppressions
+        )
         self.tallies = self.delivery_queue.tallies
 
     async def insert(self, *, email: Email) -> bool:
@@ -425,6 +435,11 @@ class MongoEmailRepository:
         # without email (dropped by the claimer after `ORPHAN_AGE`), never an email nobody
         # will deliver. A taken entry _id is a concurrent duplicate (same idempotency key);
         # whether this email is the one stored is decided by the email's own _id.
+        # Hints of the emails' first events before anything (see `event_log`), in one insert.
+        await self._recorder.announce(
+            [Change(doc["_id"], doc[OUTBOX_FIELD]) for _, doc in batch],
+            now=max(doc["created_at"] for _, doc in batch),
+        )
         await self.delivery_queue.add_entries([entry for entry, _ in batch if entry is not None])
         return await insert_many_unique(self._emails, [doc for _, doc in batch])
 
@@ -610,9 +625,12 @@ class MongoEmailRepository:
         """Write an API change of `email` (one write of its document), then count it.
 
         The API's only write of a state change; the workers' is the queue engine's
-        (`MongoDeliveryQueue.finish_attempt`). Both build it with `transition_update`.
+        (`MongoDeliveryQueue.finish_attempt`). Both build it with `transition_update`, with
+        the change's events announced first.
         """
-        await self._emails.update_one({"_id": email.id}, transition_update(transition))
+        feed = feed_events(email, transition.events)
+        await self._recorder.announce([Change(email.id, feed)], now=transition.time)
+        await self._emails.update_one({"_id": email.id}, transition_update(transition, feed))
         if transition.old_status is not None and transition.status is not None:
             self.tallies.move(
                 tenant_id=email.tenant_id,
@@ -682,8 +700,10 @@ class MongoEmailRepository:
         """Delete finished emails (won by the caller), then their content, then count it.
 
         Email first: a crash after it leaves an orphan content file (swept with the orphans
-        of crashed submits), never an email whose content is missing.
+        of crashed submits), never an email whose content is missing. Their recorded events
+        are copied to the events collection before (idempotent: a retry copies none twice).
         """
+        await self._outbox.copy_outbox(docs)
         await self._emails.bulk_write([DeleteOne({"_id": d["_id"]}) for d in docs], ordered=False)
         keys = [DeleteOne({"_id": k["_id"]}) for d in docs for k in key_docs(d)]
         for part in chunked(keys):

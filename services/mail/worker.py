@@ -43,6 +43,7 @@ from services.core.runtime import (
     watch_database,
 )
 from services.mail.app import MAIL_INDEXES, RELAY_HEALTH_REFRESH, make_worker
+from services.mail.feedback.event_wiring import suppression_list_from
 from services.mail.relay_health import RelayHealthStore
 from services.mail.relay_lookup import smtp_service_relays
 from services.mail.repository import MongoEmailRepository
@@ -58,7 +59,11 @@ async def serve(settings: MailSettings) -> int:
     relays, channel = smtp_service_relays(settings)
     try:
         await prepare_database(database.db, MAIL_INDEXES)
-        emails = MongoEmailRepository(database.db, inline_limit=settings.mail_inline_content_limit)
+        emails = MongoEmailRepository(
+            database.db,
+            inline_limit=settings.mail_inline_content_limit,
+            suppressions=suppression_list_from(settings, database.db, SystemClock()),
+        )
         worker = make_worker(
             settings,
             emails=emails,

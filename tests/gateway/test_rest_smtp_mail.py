@@ -5,6 +5,7 @@ The routing of every path is checked in test_rest_paths.py; here the answers the
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -145,6 +146,26 @@ async def test_mail_paths_answer_over_http(
     assert deleted.json == {}
     cancelled = await call(http, "GET", f"{emails}/{email_id}", headers=auth)
     assert cancelled.json["status"] == "EMAIL_STATUS_CANCELLED"
+
+    # A suppressed recipient: named in the answer, not delivered; the others go on.
+    gone = f"gone-{secrets.token_hex(4)}@example.com"
+    added = await call(
+        http,
+        "POST",
+        f"{rest_base_url}/api/v1/suppressions",
+        json={"addresses": [gone]},
+        headers=auth,
+    )
+    assert added.status == 200, added.json
+    mixed = await call(
+        http, "POST", emails, json={**email, "to": [gone, "user@example.com"]}, headers=auth
+    )
+    assert mixed.status == 200, mixed.json
+    assert mixed.json["suppressedRecipients"] == [gone]
+    assert [r["status"] for r in mixed.json["recipients"]] == [
+        "RECIPIENT_STATUS_SUPPRESSED",
+        "RECIPIENT_STATUS_PENDING",
+    ]
 
     bad = await call(http, "POST", emails, json={**email, "to": ["not an address"]}, headers=auth)
     assert_status_json(bad, http_status=400, code=3)

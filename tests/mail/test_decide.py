@@ -223,3 +223,49 @@ def test_an_attempt_records_its_claims_then_its_outcome() -> None:
     assert change.attempts == 2
     assert change.old_status == EmailStatus.QUEUED
     assert change.status == EmailStatus.SENT
+
+
+def test_suppressed_recipients_are_not_attempted_and_all_suppressed_is_suppressed() -> None:
+    # At delivery: the suppressed one gets SUPPRESSED with the entry's reason, the other its
+    # reply's verdict; every one suppressed ends SUPPRESSED with nothing due.
+    held = claimed("a@x.org", "b@x.org")
+    ok = {"b@x.org": SmtpReply(250, "2.0.0", "ok")}
+    outcome = decide(
+        held, ok, now=NOW, policy=POLICY, rng=seeded(1), suppressed={"a@x.org": "manual"}
+    )
+    assert [r.status for r in outcome.recipients] == [
+        RecipientStatus.SUPPRESSED,
+        RecipientStatus.SENT,
+    ]
+    assert outcome.status == EmailStatus.PARTIALLY_SENT
+    assert [(e.type, e.recipient, e.detail) for e in outcome.events] == [
+        (EventType.SUPPRESSED, "a@x.org", "manual"),
+        (EventType.SENT, "b@x.org", ""),
+    ]
+    both = {"a@x.org": "hard_bounce", "b@x.org": "complaint"}
+    alone = decide(
+        claimed("a@x.org", "b@x.org"), {}, now=NOW, policy=POLICY, rng=seeded(1), suppressed=both
+    )
+    assert (alone.status, alone.next_attempt_at) == (EmailStatus.SUPPRESSED, None)
+
+
+def state(email: Email) -> tuple[EmailStatus, datetime | None]:
+    return email.status, email.next_attempt_at
+
+
+def test_a_new_email_with_suppressed_recipients() -> None:
+    # Before storing: the suppressed ones are marked with an event each (once); the email
+    # stays due while one recipient is left, and is SUPPRESSED with nothing due once none is.
+    email = claimed("a@x.org", "b@x.org").email
+    email.status, email.next_attempt_at = EmailStatus.QUEUED, NOW
+    assert outcomes.suppress_new(email, {"a@x.org": "manual"}, now=NOW) == ["a@x.org"]
+    assert state(email) == (EmailStatus.QUEUED, NOW)
+    assert [(e.type, e.recipient, e.detail) for e in email.events] == [
+        (EventType.SUPPRESSED, "a@x.org", "manual")
+    ]
+    assert outcomes.suppress_new(email, {"b@x.org": "manual"}, now=NOW) == ["b@x.org"]
+    assert state(email) == (EmailStatus.SUPPRESSED, None)
+    everyone = claimed("a@x.org").email
+    everyone.status, everyone.next_attempt_at = EmailStatus.QUEUED, NOW
+    outcomes.suppress_new(everyone, {"a@x.org": "hard_bounce"}, now=NOW)
+    assert state(everyone) == (EmailStatus.SUPPRESSED, None)

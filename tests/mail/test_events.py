@@ -35,6 +35,7 @@ from services.mail.feedback.event_log import (
     EventRecorder,
     SmtpFacts,
     build_event,
+    metadata_of,
     with_events,
 )
 from services.mail.feedback.event_store import EventFilter, EventStore
@@ -111,7 +112,7 @@ def test_build_event_follows_the_contract() -> None:
         "recipient": "Bob@example.org",
         "domain": "sender.example",
     }
-    assert (doc["tags"], doc["metadata"]) == (["welcome"], {"user": "42"})
+    assert (doc["tags"], metadata_of(doc)) == (["welcome"], {"user": "42"})
     assert "reason" not in doc
     assert "webhookId" not in doc
     later = build_event(

@@ -283,8 +283,9 @@ async def test_resend_creates_a_linked_new_delivery(
     local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
 ) -> None:
     # A bounced email resent: a new email (new Message-ID) to the unsent recipients, linked
-    # both ways on the timelines; a queued email cannot be resent.
-    relay = await scripted_relay(Script(rcpt={"b@example.org": "550 5.1.1 unknown"}))
+    # both ways on the timelines; a queued email cannot be resent. (A full mailbox: a bounce
+    # that does not put the address on the suppression list.)
+    relay = await scripted_relay(Script(rcpt={"b@example.org": "552 5.2.2 mailbox full"}))
     _, name = local_mail.add_domain(tenant, port=relay.port)
     original = await send(local_mail, tenant, name, to=["a@example.org", "b@example.org"])
     await local_mail.worker().run_once()

@@ -93,7 +93,7 @@ class Hooks:
             "recipient": "rcpt@example.org",
             "domain": "sender.example",
             "tags": ["welcome"],
-            "metadata": {"user": "42"},
+            "metadata": [{"k": "user", "v": "42"}],  # pairs, as the mail service stores them
             **fields,
         }
         await self.db["events"].insert_one(doc)

@@ -50,8 +50,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from pymongo import ASCENDING, DeleteOne
+from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
@@ -151,7 +152,9 @@ def build_event(
         "occurredAt": at,
         "domain": domain,
         "tags": list(tags),
-        "metadata": dict(metadata or {}),
+        # Pairs, not a sub-document: the email's metadata keys may hold "$" or "." (which the
+        # embedded database refuses as field names), as the email document stores them.
+        "metadata": [{"k": k, "v": v} for k, v in (metadata or {}).items()],
     }
     if email_id:
         doc["emailId"] = email_id
@@ -168,6 +171,14 @@ def build_event(
     if webhook_id:
         doc["webhookId"] = webhook_id
     return doc
+
+
+def metadata_of(event: Mapping[str, Any]) -> dict[str, str]:
+    """An event document's metadata as a mapping (stored as ``[{k, v}]`` pairs)."""
+    stored = event.get("metadata") or []
+    if isinstance(stored, dict):  # documents written before the pairs form
+        return {str(k): str(v) for k, v in stored.items()}
+    return {str(p["k"]): str(p["v"]) for p in stored}
 
 
 def with_events(update: Document, events: Sequence[Document]) -> Document:
@@ -338,7 +349,8 @@ class EventPublisher:
                 )
                 done.append(hint["_id"])
         if done:
-            await self._hints.bulk_write([DeleteOne({"_id": i}) for i in done], ordered=False)
+            # One command for the group (the caller's slice is `chunked`), not one per hint.
+            await self._hints.delete_many({"_id": {"$in": done}})
         return stored
 
     async def copy_outbox(self, emails: Sequence[Document]) -> int:

@@ -11,6 +11,7 @@ from azora.mail.v1 import events_pb2, events_pb2_grpc
 from services.core.context import current_principal
 from services.core.mongo import Document
 from services.core.protobuf import from_timestamp, to_timestamp
+from services.mail.feedback.event_log import metadata_of
 from services.mail.feedback.event_store import EventFilter, EventStore
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -28,7 +29,7 @@ def event_to_proto(doc: Document) -> events_pb2.Event:
         recipient=doc.get("recipient", ""),
         domain=doc.get("domain", ""),
         tags=doc.get("tags", []),
-        metadata=doc.get("metadata", {}),
+        metadata=metadata_of(doc),
         reason=doc.get("reason", ""),
         webhook_id=doc.get("webhookId", ""),
     )

@@ -17,6 +17,8 @@ from typing import Any
 
 from standardwebhooks import Webhook as Signer
 
+from services.mail.feedback.event_log import metadata_of
+
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the specification's prefix, not a secret
 _SECRET_BYTES = 32
 # The event's fields in the order and spelling of the events API (the events contract).
@@ -54,6 +56,8 @@ def event_json(doc: Mapping[str, Any]) -> dict[str, Any]:
         if stored not in doc or doc[stored] is None:
             continue
         value = doc[stored]
+        if stored == "metadata":
+            value = metadata_of(doc)  # stored as [{k, v}] pairs (keys may hold "$" or ".")
         out[shown] = rfc3339(value) if isinstance(value, datetime) else value
     return out
 

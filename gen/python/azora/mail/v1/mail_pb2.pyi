@@ -47,6 +47,8 @@ class _EmailStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EmailStat
     """Gave up after the maximum lifetime."""
     EMAIL_STATUS_CANCELLED: _EmailStatus.ValueType  # 9
     """Cancelled before delivery."""
+    EMAIL_STATUS_SUPPRESSED: _EmailStatus.ValueType  # 10
+    """Every recipient is on the tenant's suppression list: no relay was contacted."""
 
 class EmailStatus(_EmailStatus, metaclass=_EmailStatusEnumTypeWrapper):
     """EmailStatus is the overall state of an email."""
@@ -71,6 +73,8 @@ EMAIL_STATUS_FAILED: EmailStatus.ValueType  # 8
 """Gave up after the maximum lifetime."""
 EMAIL_STATUS_CANCELLED: EmailStatus.ValueType  # 9
 """Cancelled before delivery."""
+EMAIL_STATUS_SUPPRESSED: EmailStatus.ValueType  # 10
+"""Every recipient is on the tenant's suppression list: no relay was contacted."""
 Global___EmailStatus: _TypeAlias = EmailStatus  # noqa: Y015
 
 class _RecipientKind:
@@ -121,6 +125,8 @@ class _RecipientStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Recip
     """Gave up after the maximum lifetime."""
     RECIPIENT_STATUS_CANCELLED: _RecipientStatus.ValueType  # 6
     """Cancelled."""
+    RECIPIENT_STATUS_SUPPRESSED: _RecipientStatus.ValueType  # 7
+    """On the tenant's suppression list: not delivered (the reason is in the timeline)."""
 
 class RecipientStatus(_RecipientStatus, metaclass=_RecipientStatusEnumTypeWrapper):
     """RecipientStatus is the delivery state of one recipient."""
@@ -139,6 +145,8 @@ RECIPIENT_STATUS_FAILED: RecipientStatus.ValueType  # 5
 """Gave up after the maximum lifetime."""
 RECIPIENT_STATUS_CANCELLED: RecipientStatus.ValueType  # 6
 """Cancelled."""
+RECIPIENT_STATUS_SUPPRESSED: RecipientStatus.ValueType  # 7
+"""On the tenant's suppression list: not delivered (the reason is in the timeline)."""
 Global___RecipientStatus: _TypeAlias = RecipientStatus  # noqa: Y015
 
 class _EventType:
@@ -169,6 +177,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """A new delivery was created from this email (or this email is one)."""
     EVENT_TYPE_RESCHEDULED: _EventType.ValueType  # 10
     """Rescheduled to another time."""
+    EVENT_TYPE_SUPPRESSED: _EventType.ValueType  # 11
+    """A recipient on the tenant's suppression list was not delivered (detail: the reason)."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """EventType is the kind of an entry in an email's timeline."""
@@ -195,6 +205,8 @@ EVENT_TYPE_RESENT: EventType.ValueType  # 9
 """A new delivery was created from this email (or this email is one)."""
 EVENT_TYPE_RESCHEDULED: EventType.ValueType  # 10
 """Rescheduled to another time."""
+EVENT_TYPE_SUPPRESSED: EventType.ValueType  # 11
+"""A recipient on the tenant's suppression list was not delivered (detail: the reason)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
@@ -558,6 +570,7 @@ class Email(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     TEMPLATE_ID_FIELD_NUMBER: _builtins.int
     TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_RECIPIENTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Opaque identifier."""
     domain_id: _builtins.str
@@ -628,6 +641,12 @@ class Email(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the email last changed."""
 
+    @_builtins.property
+    def suppressed_recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Recipients not delivered because they are on the tenant's suppression list (each has
+        status RECIPIENT_STATUS_SUPPRESSED and a suppressed event with the list entry's reason).
+        """
+
     def __init__(
         self,
         *,
@@ -654,10 +673,11 @@ class Email(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         template_id: _builtins.str = ...,
         template_version: _builtins.int = ...,
+        suppressed_recipients: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "next_attempt_time", b"next_attempt_time", "send_at", b"send_at", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "attempts", b"attempts", "bcc", b"bcc", "cc", b"cc", "create_time", b"create_time", "domain_id", b"domain_id", "events", b"events", "from_address", b"from_address", "id", b"id", "message_id", b"message_id", "metadata", b"metadata", "next_attempt_time", b"next_attempt_time", "recipients", b"recipients", "resent_from_id", b"resent_from_id", "send_at", b"send_at", "size_bytes", b"size_bytes", "status", b"status", "subject", b"subject", "tags", b"tags", "template_id", b"template_id", "template_version", b"template_version", "to", b"to", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "attempts", b"attempts", "bcc", b"bcc", "cc", b"cc", "create_time", b"create_time", "domain_id", b"domain_id", "events", b"events", "from_address", b"from_address", "id", b"id", "message_id", b"message_id", "metadata", b"metadata", "next_attempt_time", b"next_attempt_time", "recipients", b"recipients", "resent_from_id", b"resent_from_id", "send_at", b"send_at", "size_bytes", b"size_bytes", "status", b"status", "subject", b"subject", "suppressed_recipients", b"suppressed_recipients", "tags", b"tags", "template_id", b"template_id", "template_version", b"template_version", "to", b"to", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
