@@ -8,6 +8,7 @@ and random domain names instead of fresh databases, which keeps the suite fast.
 from __future__ import annotations
 
 import secrets
+import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,11 +51,26 @@ def ferretdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
+# A loopback port bound for the whole session but never listening: a connection to it is
+# refused at once, and nothing else can take it. Peers a test does not name point here, so a
+# test never reaches whatever happens to listen on the default ports (a `make run` beside it).
+_NO_PEER = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+_NO_PEER.bind(("127.0.0.1", 0))
+NO_PEER_TARGET = f"127.0.0.1:{_NO_PEER.getsockname()[1]}"
+
+
 def make_settings(mongodb_uri: str, database: str, **env: str) -> SuiteSettings:
-    """Test settings: test environment, our DB, our JWT secret, plus overrides."""
+    """Test settings: test environment, our DB, our JWT secret, plus overrides.
+
+    Peers (domain, SMTP, mail service targets) not given in `env` are a refused port, never
+    the default ports.
+    """
     return SuiteSettings.from_env(
         {
             "AZORA_ENV": "test",
+            "AZORA_DOMAIN_SERVICE_TARGET": NO_PEER_TARGET,
+            "AZORA_SMTP_SERVICE_TARGET": NO_PEER_TARGET,
+            "AZORA_MAIL_SERVICE_TARGET": NO_PEER_TARGET,
             "MONGODB_URI": mongodb_uri,
             "AZORA_MONGODB_DATABASE": database,
             "JWT_SECRET": TEST_JWT_SECRET,
