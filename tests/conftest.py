@@ -7,6 +7,7 @@ and random domain names instead of fresh databases, which keeps the suite fast.
 
 from __future__ import annotations
 
+import atexit
 import secrets
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -56,6 +57,7 @@ def ferretdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 # test never reaches whatever happens to listen on the default ports (a `make run` beside it).
 _NO_PEER = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 _NO_PEER.bind(("127.0.0.1", 0))
+atexit.register(_NO_PEER.close)
 NO_PEER_TARGET = f"127.0.0.1:{_NO_PEER.getsockname()[1]}"
 
 
