@@ -11,6 +11,11 @@ Phases (``--phases``, default all), everything on loopback, everything it starts
   bounded aiohttp client through the local gateway, and delivers them to the sink.
 * ``smtp``: the same N emails submitted over SMTP (STARTTLS + AUTH with an API key) to the
   submission server by aiosmtplib sessions (smtp-source has neither STARTTLS nor AUTH).
+* ``webhooks``: the gRPC row again with one webhook endpoint subscribed to every event, a
+  receiver in this process (aiohttp on loopback) and the webhook dispatcher process running:
+  delivered/s next to the gRPC row, and the webhook lag (the event's ``occurredAt`` to its
+  receipt) p50/p99 over the run and over its last quarter (bounded lag = the pipeline keeps up).
+  The endpoint is deleted afterwards, so the other rows send no webhooks.
 * ``batch``: the same N emails through SendEmailBatch, 100 per call, a few calls in flight;
   then again with every message rendered from a template (loop, filters, CSS inlining, text
   generated from the HTML), plus the engine's render time per email measured alone.
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import shutil
@@ -51,8 +57,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 from azora.iam.v1 import api_keys_pb2, api_keys_pb2_grpc
-from azora.mail.v1 import mail_pb2, mail_pb2_grpc
+from azora.mail.v1 import mail_pb2, mail_pb2_grpc, webhooks_pb2, webhooks_pb2_grpc
 
 from bench import postfix
 from bench.harness import (
@@ -86,7 +93,7 @@ from services.core.embedded_db import pick_free_port
 from services.core.smtp_tls import development_pair
 from services.mail.rendering import TemplateEngine, TemplateSource
 
-PHASES = ("postfix", "grpc", "rest", "smtp", "batch", "scale", "gateway")
+PHASES = ("postfix", "grpc", "rest", "smtp", "webhooks", "batch", "scale", "gateway")
 POSTFIX_RELAY = "Postfix relay"
 POSTFIX_DKIM = "Postfix relay + OpenDKIM"
 
@@ -431,6 +438,102 @@ async def smtp_phase(suite: Suite, args: argparse.Namespace, run_dir: Path, run:
         await asyncio.to_thread(proc.wait, 30)
 
 
+class WebhookSink:
+    """A loopback HTTP receiver that records when each webhook arrived (answers 204)."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[float, dict[str, Any]]] = []
+        self.arrived = asyncio.Event()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Listen on 127.0.0.1:0."""
+        app = web.Application()
+        app.router.add_post("/hooks", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        port = pick_free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}/hooks"
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.received.append((time.time(), await request.json()))
+        self.arrived.set()
+        return web.Response(status=204)
+
+    def sent_events(self, tag: str) -> list[tuple[float, dict[str, Any]]]:
+        """Arrivals of `sent` events of the emails tagged `tag`."""
+        return [
+            (at, e)
+            for at, e in self.received
+            if e.get("type") == "sent" and tag in e.get("tags", [])
+        ]
+
+
+async def webhooks_phase(suite: Suite, args: argparse.Namespace, run: int) -> Result:
+    """The gRPC row with one endpoint subscribed to every event and the dispatcher running."""
+    sink = WebhookSink()
+    await sink.start()
+    proc = suite.start_process(
+        "webhooks",
+        "services.mail.feedback.webhook_dispatcher",
+        AZORA_WEBHOOK_DISPATCHER_HEALTH_PORT=str(pick_free_port()),
+        AZORA_WEBHOOK_DISPATCHER_METRICS_PORT="0",
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{suite.ports['mail']}")
+    stub = webhooks_pb2_grpc.WebhookServiceStub(channel)
+    # Development mode: the suite's tenant is the one of requests without credentials.
+    endpoint = await stub.CreateWebhook(
+        webhooks_pb2.CreateWebhookRequest(url=sink.url, description="bench: every event")
+    )
+    try:
+        tag = f"webhooks-{run}-{int(time.time())}"
+
+        async def submit() -> LoadResult:
+            return await asyncio.to_thread(
+                run_ghz, suite.ports["mail"], total=args.messages,
+                concurrency=args.concurrency, tag=tag,
+            )  # fmt: skip
+
+        # suite.pids() already has "webhooks" (started through the suite): its CPU is counted.
+        result = await measure(suite, args, "ours: gRPC + webhooks (every event)", tag, submit)
+        # Until every email's `sent` event arrived (bounded: a missing one shows in the notes).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(args.timeout):
+                while len(sink.sent_events(tag)) < result.messages:
+                    sink.arrived.clear()
+                    await sink.arrived.wait()
+        arrivals = sink.sent_events(tag)
+        # Lag of each arrival, in arrival order (the last quarter shows whether it kept up).
+        in_order = [
+            (at - datetime.fromisoformat(e["occurredAt"].replace("Z", "+00:00")).timestamp())
+            * 1000.0
+            for at, e in sorted(arrivals, key=lambda a: a[0])
+        ]
+        lags = sorted(in_order)
+        last_quarter = sorted(in_order[len(in_order) * 3 // 4 :])
+        result.notes += (
+            f"; webhooks: {len(arrivals)} of {result.messages} sent events received "
+            f"({len(sink.received)} webhooks in all), lag p50/p99 "
+            f"{percentile(lags, 50):,.0f} / {percentile(lags, 99):,.0f} ms, last quarter "
+            f"{percentile(last_quarter, 50):,.0f} / {percentile(last_quarter, 99):,.0f} ms"
+        )
+        return result
+    finally:
+        await stub.DeleteWebhook(webhooks_pb2.DeleteWebhookRequest(id=endpoint.id))
+        await channel.close()
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 30)
+        suite.procs.pop("webhooks", None)
+        await sink.stop()
+
+
 BATCH_SIZE = 100
 
 
@@ -681,6 +784,10 @@ async def suite_phases(args: argparse.Namespace, run_dir: Path, out_dir: Path) -
             if "smtp" in args.phases:
                 print(f"phase smtp: {args.messages} emails, run {run}/{args.runs}", file=sys.stderr)
                 add_run(rows, await smtp_phase(suite, args, run_dir, run))
+            if "webhooks" in args.phases:
+                print(f"phase webhooks: {args.messages} emails, run {run}/{args.runs}",
+                      file=sys.stderr)  # fmt: skip
+                add_run(rows, await webhooks_phase(suite, args, run))
             if "batch" in args.phases:
                 print(f"phase batch: {args.messages} emails, twice, run {run}/{args.runs}",
                       file=sys.stderr)  # fmt: skip
