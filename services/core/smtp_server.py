@@ -21,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from aiosmtpd.smtp import SMTP
 
 from services.core import smtp_replies as replies
+from services.core.server import ServiceServer
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +272,20 @@ class SmtpListeners:
             await server.wait_closed()
 
 
+async def stop_front_door(
+    health: ServiceServer,
+    listeners: SmtpListeners,
+    channels: Sequence[grpc.aio.Channel],
+    grace: float,
+) -> None:
+    """Stop an SMTP front door: not ready, drain its listeners for `grace` s, then the rest."""
+    await health.health.enter_graceful_shutdown()
+    await listeners.stop(grace)
+    await health.server.stop(0)
+    for channel in channels:
+        await channel.close()
+
+
 def silence_protocol_log() -> None:
     """Keep aiosmtpd's per-line protocol log (which would include AUTH payloads) out of ours."""
     logging.getLogger("mail.log").setLevel(logging.ERROR)
@@ -308,4 +324,5 @@ __all__ = [
     "SmtpListeners",
     "WindowCounter",
     "silence_protocol_log",
+    "stop_front_door",
 ]

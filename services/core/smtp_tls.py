@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from services.core.settings import SettingsError
+
 DEV_CERT_NAME = "cert.pem"
 DEV_KEY_NAME = "key.pem"
 DEV_CERT_DAYS = 825
@@ -89,4 +91,28 @@ def listener_context(
     return server_context(cert, key)
 
 
-__all__ = ["development_pair", "listener_context", "server_context"]
+def check_certificate_settings(
+    cert_file: str, key_file: str, *, prefix: str, server: str, production: bool
+) -> None:
+    """The rules an SMTP listener's certificate settings (`<prefix>_CERT_FILE`/`_KEY_FILE`) obey.
+
+    Both or neither; production needs them (development generates a pair instead).
+
+    Raises:
+        SettingsError: one is set without the other, or production lacks them.
+    """
+    if bool(cert_file) != bool(key_file):
+        raise SettingsError(f"{prefix}_CERT_FILE and {prefix}_KEY_FILE go together")
+    if production and not cert_file:
+        raise SettingsError(
+            f"production mode refuses to start: {prefix}_CERT_FILE and "
+            f"{prefix}_KEY_FILE must name the {server}'s certificate and key"
+        )
+
+
+__all__ = [
+    "check_certificate_settings",
+    "development_pair",
+    "listener_context",
+    "server_context",
+]

@@ -32,6 +32,7 @@ from services.core.smtp_server import (
     SmtpListeners,
     WindowCounter,
     silence_protocol_log,
+    stop_front_door,
 )
 from services.core.smtp_tls import listener_context
 from services.core.tracing import configure_tracing, traced_channel
@@ -67,11 +68,7 @@ class InboundApp:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let transactions in progress finish for `grace` s, 421 the rest."""
-        await self.health.health.enter_graceful_shutdown()
-        await self.listeners.stop(grace)
-        await self.health.server.stop(0)
-        for channel in self.channels:
-            await channel.close()
+        await stop_front_door(self.health, self.listeners, self.channels, grace)
 
 
 def tls_context(settings: InboundSettings) -> ssl.SSLContext:

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Self
 
-from services.core.settings import Port, Seconds, Settings, SettingsError, SettingsModel, setting
+from services.core.settings import Port, Seconds, Settings, SettingsModel, setting
+from services.core.smtp_tls import check_certificate_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DEV_TLS_DIR = REPO_ROOT / "var" / "inbound"
@@ -108,13 +109,13 @@ class InboundSettings(SettingsModel):
         values.setdefault("host", base.host)
         values.setdefault("hostname", socket.getfqdn())
         settings = cls.validated(values)
-        if bool(settings.cert_file) != bool(settings.key_file):
-            raise SettingsError("AZORA_INBOUND_CERT_FILE and AZORA_INBOUND_KEY_FILE go together")
-        if production and not settings.cert_file:
-            raise SettingsError(
-                "production mode refuses to start: AZORA_INBOUND_CERT_FILE and "
-                "AZORA_INBOUND_KEY_FILE must name the inbound server's certificate and key"
-            )
+        check_certificate_settings(
+            settings.cert_file,
+            settings.key_file,
+            prefix="AZORA_INBOUND",
+            server="inbound server",
+            production=production,
+        )
         return settings
 
 

@@ -28,7 +28,7 @@ from services.core.logs import configure_logging
 from services.core.metrics import start_exposition
 from services.core.server import ServiceServer, create_server
 from services.core.settings import Settings, SettingsError
-from services.core.smtp_server import SmtpListeners, silence_protocol_log
+from services.core.smtp_server import SmtpListeners, silence_protocol_log, stop_front_door
 from services.core.smtp_tls import listener_context
 from services.core.tracing import configure_tracing, traced_channel
 from services.submission.mail_client import GrpcMailSubmitter
@@ -61,11 +61,7 @@ class SubmissionApp:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let transactions in progress finish for `grace` s, 421 the rest."""
-        await self.health.health.enter_graceful_shutdown()
-        await self.listeners.stop(grace)
-        await self.health.server.stop(0)
-        for channel in self.channels:
-            await channel.close()
+        await stop_front_door(self.health, self.listeners, self.channels, grace)
 
 
 def tls_context(settings: SubmissionSettings) -> ssl.SSLContext:

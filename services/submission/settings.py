@@ -18,6 +18,7 @@ from typing import Annotated, Self
 from pydantic import Field
 
 from services.core.settings import Port, Seconds, Settings, SettingsError, SettingsModel, setting
+from services.core.smtp_tls import check_certificate_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DEV_TLS_DIR = REPO_ROOT / "var" / "submission"
@@ -153,15 +154,13 @@ class SubmissionSettings(SettingsModel):
         settings = cls.validated(values)
         if production:
             settings = settings.model_copy(update={"require_tls_for_auth": True})
-        if bool(settings.cert_file) != bool(settings.key_file):
-            raise SettingsError(
-                "AZORA_SUBMISSION_CERT_FILE and AZORA_SUBMISSION_KEY_FILE go together"
-            )
-        if production and not settings.cert_file:
-            raise SettingsError(
-                "production mode refuses to start: AZORA_SUBMISSION_CERT_FILE and "
-                "AZORA_SUBMISSION_KEY_FILE must name the submission server's certificate and key"
-            )
+        check_certificate_settings(
+            settings.cert_file,
+            settings.key_file,
+            prefix="AZORA_SUBMISSION",
+            server="submission server",
+            production=production,
+        )
         if settings.port < 0 and settings.tls_port < 0:
             raise SettingsError("AZORA_SUBMISSION_PORT and AZORA_SUBMISSION_TLS_PORT are both off")
         return settings
