@@ -311,13 +311,51 @@ def test_submission_service_is_a_hardened_front_door(compose: dict[str, Any]) ->
     assert set(service["depends_on"]) >= {"domain", "mail"}
 
 
+def probe_a_running_process(
+    module: str, env: dict[str, str], test: list[str], health: int, *, started: str
+) -> None:
+    """Run compose's inline probe `test` against a started `python -m module`.
+
+    The probe runs once the process logs `started`; it must exit 0, and so must the process
+    on SIGTERM afterwards.
+    """
+    code, served = test[3], test[5]
+    process = subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if started in line:
+                break
+        else:
+            pytest.fail(f"{module} did not start: {process.wait()}")
+        ok = subprocess.run(
+            [sys.executable, "-c", code, str(health), served],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        process.terminate()
+        process.wait(30)
+        if process.stderr is not None:
+            process.stderr.close()
+    assert process.returncode == 0  # SIGTERM: a clean stop (front doors drain first)
+
+
 def test_compose_probe_works_against_a_real_submission_server(
     compose: dict[str, Any], tmp_path: Path
 ) -> None:
     # The submission service's inline probe, run as compose runs it, exits 0 against a running
     # `python -m services.submission` (its health server reports the server as a whole).
     test = healthcheck_test(compose["services"]["submission"])
-    code, served = test[3], test[5]
     health = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AZORA_")},
@@ -331,34 +369,7 @@ def test_compose_probe_works_against_a_real_submission_server(
     }
     cert, key = development_pair(tmp_path, "localhost")
     env["AZORA_SUBMISSION_CERT_FILE"], env["AZORA_SUBMISSION_KEY_FILE"] = str(cert), str(key)
-    process = subprocess.Popen(
-        [sys.executable, "-m", SUBMISSION[0]],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stderr is not None
-        for line in process.stderr:
-            if '"msg": "serving"' in line:
-                break
-        else:
-            pytest.fail(f"the submission server did not start: {process.wait()}")
-        ok = subprocess.run(
-            [sys.executable, "-c", code, str(health), served],
-            capture_output=True,
-            timeout=30,
-            check=False,
-        )
-        assert ok.returncode == 0, ok.stderr
-    finally:
-        process.terminate()
-        process.wait(30)
-        if process.stderr is not None:
-            process.stderr.close()
-    assert process.returncode == 0  # SIGTERM: a clean drain
+    probe_a_running_process(SUBMISSION[0], env, test, health, started='"msg": "serving"')
 
 
 def test_webhook_dispatcher_service_is_hardened_and_probed(compose: dict[str, Any]) -> None:
@@ -388,7 +399,6 @@ def test_compose_probe_works_against_a_real_webhook_dispatcher(
     # The inline probe, run as compose runs it, exits 0 against a running dispatcher on a real
     # database; SIGTERM stops it cleanly.
     test = healthcheck_test(compose["services"]["webhooks"])
-    code, served = test[3], test[5]
     health = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AZORA_")},
@@ -399,34 +409,9 @@ def test_compose_probe_works_against_a_real_webhook_dispatcher(
         "AZORA_WEBHOOK_DISPATCHER_METRICS_PORT": "0",
         "LOG_LEVEL": "info",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", WEBHOOK_DISPATCHER[0]],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    probe_a_running_process(
+        WEBHOOK_DISPATCHER[0], env, test, health, started='"msg": "webhook dispatcher started"'
     )
-    try:
-        assert process.stderr is not None
-        for line in process.stderr:
-            if '"msg": "webhook dispatcher started"' in line:
-                break
-        else:
-            pytest.fail(f"the webhook dispatcher did not start: {process.wait()}")
-        ok = subprocess.run(
-            [sys.executable, "-c", code, str(health), served],
-            capture_output=True,
-            timeout=30,
-            check=False,
-        )
-        assert ok.returncode == 0, ok.stderr
-    finally:
-        process.terminate()
-        process.wait(30)
-        if process.stderr is not None:
-            process.stderr.close()
-    assert process.returncode == 0  # SIGTERM: a clean stop
 
 
 def test_inbound_service_is_a_hardened_front_door(compose: dict[str, Any]) -> None:
@@ -462,7 +447,6 @@ def test_compose_probe_works_against_a_real_inbound_server(
     # The inbound service's inline probe exits 0 against a running `python -m services.inbound`,
     # which drains cleanly on SIGTERM.
     test = healthcheck_test(compose["services"]["inbound"])
-    code, served = test[3], test[5]
     health = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AZORA_")},
@@ -475,31 +459,4 @@ def test_compose_probe_works_against_a_real_inbound_server(
     }
     cert, key = development_pair(tmp_path, "localhost")
     env["AZORA_INBOUND_CERT_FILE"], env["AZORA_INBOUND_KEY_FILE"] = str(cert), str(key)
-    process = subprocess.Popen(
-        [sys.executable, "-m", INBOUND[0]],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stderr is not None
-        for line in process.stderr:
-            if '"msg": "serving"' in line:
-                break
-        else:
-            pytest.fail(f"the inbound server did not start: {process.wait()}")
-        ok = subprocess.run(
-            [sys.executable, "-c", code, str(health), served],
-            capture_output=True,
-            timeout=30,
-            check=False,
-        )
-        assert ok.returncode == 0, ok.stderr
-    finally:
-        process.terminate()
-        process.wait(30)
-        if process.stderr is not None:
-            process.stderr.close()
-    assert process.returncode == 0  # SIGTERM: a clean drain
+    probe_a_running_process(INBOUND[0], env, test, health, started='"msg": "serving"')
