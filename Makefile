@@ -242,14 +242,15 @@ bench: bench-tools ## Postfix vs our suite, scale-out, gateway overhead: one tab
 	$(PY) -m bench.charts $(BENCH_OUT) --out-dir $(dir $(BENCH_OUT))charts
 
 # `make bench-data`: reads and delivery on a database holding BENCH_DATA_EMAILS finished and
-# BENCH_DATA_SCHEDULED far-future emails, next to an empty one (bench/data.py).
+# BENCH_DATA_SCHEDULED far-future emails, next to an empty one and a small one holding full
+# pages, the three measured interleaved (bench/data.py).
 BENCH_DATA_EMAILS ?= 100000
 BENCH_DATA_SCHEDULED ?= 20000
 BENCH_DATA_REPEAT ?= 50
 BENCH_DATA_OUT ?= build/bench/data.json
 
 .PHONY: bench-data
-bench-data: deps ## API reads and delivered/s on 100,000 stored emails vs an empty database
+bench-data: deps ## API reads and delivered/s on 100,000 stored emails vs empty and small databases
 	$(RUN_ENV) PYTHONPATH="$(CURDIR)" $(PY) -m bench.data --emails $(BENCH_DATA_EMAILS) \
 		--scheduled $(BENCH_DATA_SCHEDULED) --repeat $(BENCH_DATA_REPEAT) --out $(BENCH_DATA_OUT)
 
