@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -80,7 +81,7 @@ async def test_bad_input_is_refused_naming_the_field(
         recipient="",
         domain_id="",
         route_id="",
-        action="forward",
+        action="bounce",
         client_address="",
         helo="",
     )
@@ -88,6 +89,10 @@ async def test_bad_input_is_refused_naming_the_field(
         await store.store(tenant_id="t", received=bad)
     fields = {v.field for v in refused.value.violations}
     assert fields == {"raw_message", "recipient", "domain_id", "route_id", "action"}
+    for action, target in (("forward", "forward_to"), ("webhook", "webhook_id")):
+        with pytest.raises(InvalidArgument) as refused:
+            await store.store(tenant_id="t", received=replace(received(), action=action))
+        assert {v.field for v in refused.value.violations} == {target, "action"}
     with pytest.raises(InvalidArgument):
         await store.get(tenant_id="t", record_id="../etc")
     with pytest.raises(InvalidArgument):
