@@ -120,8 +120,10 @@ async def test_kill_9_after_250_still_ends_in_the_webhook(
     inbound: Inbound, settings: SuiteSettings, tmp_path: Path, receiver: Receiver
 ) -> None:
     # The inbound process is gone; the dispatcher still POSTs the message (at least once).
+    # Subscribed to routed mail only (no email events).
     endpoint = await webhooks_of(inbound).CreateWebhook(
-        webhooks_pb2.CreateWebhookRequest(url=receiver.url), metadata=inbound.tenant.metadata
+        webhooks_pb2.CreateWebhookRequest(url=receiver.url, event_types=["inbound.received"]),
+        metadata=inbound.tenant.metadata,
     )
     await inbound.add_route(match="*", action="webhook", webhook_id=endpoint.id)
     recipient = f"hook@{inbound.domain.name}"

@@ -34,7 +34,12 @@ from typing import Any, Protocol
 from services.core.clock import Clock
 from services.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.core.srs import SrsRewriter
-from services.mail.feedback.webhook_models import Delivery, DeliveryState, delivery_id
+from services.mail.feedback.webhook_models import (
+    INBOUND_EVENT,
+    Delivery,
+    DeliveryState,
+    delivery_id,
+)
 from services.mail.feedback.webhook_signing import body_of, rfc3339
 from services.mail.feedback.webhook_store import WebhookStore
 from services.mail.inbound.parsed import parse_message
@@ -43,9 +48,6 @@ from services.mail.models import Email, EmailStatus
 
 log = logging.getLogger(__name__)
 
-# The type of a routed message's webhook delivery (its endpoint's event_types do not apply:
-# the route is the subscription).
-INBOUND_EVENT = "inbound.received"
 # A webhook document over this many bytes leaves out text and html as well (see above).
 MAX_BODY_BYTES = 8 * 1024 * 1024
 # Outcomes of the forwarded email, by its status.
@@ -288,7 +290,6 @@ def webhook_payload(record: InboundRecord, event_id: str, attachment_limit: int)
 
 
 __all__ = [
-    "INBOUND_EVENT",
     "MAX_BODY_BYTES",
     "Forwarder",
     "InboundActions",
