@@ -27,12 +27,16 @@ from azora.mail.v1 import (
     suppressions_pb2_grpc,
     webhooks_pb2,
 )
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from standardwebhooks import Webhook as Verifier
 
 from services.mail.inbound.wiring import srs_rewriter
+from services.mail.relay_directory import SigningKey
 from tests.conftest import new_tenant
 from tests.inbound.conftest import Inbound, SenderDomain, dispatch, webhooks_of
 from tests.inbound.test_inbound import message, stored, swaks
+from tests.support.dns_server import KnotServer
 from tests.support.grpc_errors import failure_of
 from tests.support.settings import SuiteSettings
 from tests.support.smtp_relay import StartRelay
@@ -148,11 +152,40 @@ async def test_webhook_route_needs_an_enabled_endpoint_of_the_tenant(
 
 
 async def test_forward_route_keeps_the_message_and_rewrites_the_envelope_sender(
-    inbound: Inbound, sender_domain: SenderDomain, start_smtp_relay: StartRelay
+    inbound: Inbound,
+    sender_domain: SenderDomain,
+    start_smtp_relay: StartRelay,
+    knot_server: KnotServer,
 ) -> None:
     # The relay gets the original bytes (its DKIM signature verifies) from an SRS sender.
     relay = await start_smtp_relay()
-    inbound.mail.add_domain(inbound.tenant, port=relay.port, name=inbound.domain.name)
+    domain_id, _ = inbound.mail.add_domain(
+        inbound.tenant, port=relay.port, name=inbound.domain.name
+    )
+    # The receiving domain has a DKIM key (published in the tests' zone): the worker adds its
+    # signature on top, as to every email; the original one stays valid beneath it.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    knot_server.set_zone(
+        inbound.domain.name,
+        [("fw1._domainkey", "TXT", f'"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}"')],
+    )
+    inbound.mail.relays.add_key(
+        tenant_id=inbound.tenant.id,
+        key=SigningKey(
+            domain_id=domain_id,
+            domain=inbound.domain.name,
+            selector="fw1",
+            algorithm="rsa-sha256",
+            private_key_pem=key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        ),
+    )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{inbound.mail.app.running.port}")
     inbound.mail.app.running.channels.append(channel)
     await suppressions_pb2_grpc.SuppressionServiceStub(channel).AddSuppressions(
@@ -185,9 +218,14 @@ async def test_forward_route_keeps_the_message_and_rewrites_the_envelope_sender(
     kept = await inbound.inbound.GetInboundMessageRaw(
         inbound_pb2.GetInboundMessageRawRequest(id=queued.id), metadata=inbound.tenant.metadata
     )
-    assert envelope.content.rstrip(b"\r\n") == kept.data.rstrip(b"\r\n")
+    ours, _, forwarded = envelope.content.partition(b"Authentication-Results: ")
+    assert ours.startswith(b"DKIM-Signature: ")
+    assert f"d={inbound.domain.name};".encode() in ours
+    assert (b"Authentication-Results: " + forwarded).rstrip(b"\r\n") == kept.data.rstrip(b"\r\n")
     assert raw.rstrip(b"\r\n") in envelope.content
-    assert dkim.verify(envelope.content)
+    checker = dkim.DKIM(envelope.content)
+    assert checker.verify(idx=0)  # ours
+    assert checker.verify(idx=1)  # the original sender's
     [done] = await stored(inbound)
     assert done.outcome == "forward_partially_sent"
     assert done.outcome_detail == (

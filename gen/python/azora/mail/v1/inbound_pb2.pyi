@@ -66,10 +66,12 @@ class InboundMessage(_message.Message):
     """The route's action when the message arrived: "store", "webhook" or "forward"."""
     outcome: _builtins.str
     """What came of the action, as of this answer: "stored" (store); "webhook_pending" (queued
-    or being retried), "webhook_delivered", "webhook_failed" (webhook); "forward_queued",
-    "forwarded", "forward_partially_sent", "forward_bounced", "forward_suppressed",
-    "forward_failed" (forward); "pending" while the action is being set up; "failed" when it
-    could not be (outcome_detail says why). The message itself is kept in every case.
+    or being retried), "webhook_delivered", "webhook_failed", "webhook_unknown" (the delivery
+    left the endpoint's log) (webhook); "forward_queued", "forwarded",
+    "forward_partially_sent", "forward_bounced", "forward_suppressed", "forward_failed",
+    "forward_unknown" (the email expired) (forward); "pending" while the action is being set
+    up; "failed" when it could not be (outcome_detail says why). The message itself is kept
+    in every case.
     """
     client_address: _builtins.str
     """The SMTP client's address."""
