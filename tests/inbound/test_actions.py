@@ -90,7 +90,8 @@ async def test_webhook_route_posts_signed_json_with_authentication_results(
         assert payload["rawUrl"] == f"/api/v1/inbound/{payload['inboundMessageId']}/raw"
         assert payload["authentication"]["spf"] == "pass"
         assert payload["authentication"]["dmarc"] == "pass"  # SPF aligned
-        assert payload["authenticationResults"].startswith("mx.test;")
+        assert payload["authenticationResults"].startswith("mx.test; spf=pass smtp.mailfrom=")
+        assert "\n" not in payload["authenticationResults"]
     assert good["authentication"]["dkim"] == "pass"
     assert good["authentication"]["dkimDomains"] == [sender_domain.name]
     assert f"dkim=pass header.d={sender_domain.name}" in good["authenticationResults"]

@@ -19,7 +19,7 @@ Webhook JSON (compact, UTF-8, signed with the endpoint's secrets by the dispatch
 ``text``/``html``, ``attachments`` (name, type, size, and ``content`` base64 while all of them
 together are within AZORA_INBOUND_WEBHOOK_ATTACHMENT_LIMIT bytes), ``rawUrl`` (the API path of
 the raw message, for whatever was left out), ``authentication`` and
-``authenticationResults`` (the header value). A document still over `MAX_BODY_BYTES` drops
+``authenticationResults`` (the header value, unfolded). A document still over `MAX_BODY_BYTES` drops
 text and html too (``contentIncluded`` false): a delivery document must stay well inside
 MongoDB's 16 MB.
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -48,6 +49,7 @@ from services.mail.models import Email, EmailStatus
 
 log = logging.getLogger(__name__)
 
+_FOLD = re.compile(r"\r?\n[ \t]+")
 # A webhook document over this many bytes leaves out text and html as well (see above).
 MAX_BODY_BYTES = 8 * 1024 * 1024
 # Outcomes of the forwarded email, by its status.
@@ -279,7 +281,8 @@ def webhook_payload(record: InboundRecord, event_id: str, attachment_limit: int)
             "dmarc": auth.dmarc,
             "fromDomain": auth.from_domain,
         },
-        "authenticationResults": auth.header,
+        # Unfolded (RFC 5322 3.2.2): one line, as a header value is read.
+        "authenticationResults": _FOLD.sub(" ", auth.header),
     }
     if len(body_of(payload)) > MAX_BODY_BYTES:
         payload.update(text="", html="", contentIncluded=False)
