@@ -1,9 +1,9 @@
 """A route's action on a stored message: a webhook delivery, or a forwarded email.
 
 Durability. `InboundStore.store` inserts the message record first, marked ``pending`` for these
-two actions, then calls `InboundActions.carry_out`, whose writes are idempotent (their ids come
-from the record), and only then marks the record ``done`` and answers; the inbound server says
-250 after that answer. So once a client has our 250 the action's own record exists: the
+two actions, then calls `InboundActions.carry_out`, whose writes are idempotent (their ids
+come from the stored record), and only then marks the record ``done`` and answers; the inbound
+server says 250 after that answer. So once a client has our 250 the action's own record exists: the
 pending webhook delivery (``webhook_deliveries``, sent and retried by the webhook dispatcher
 like any event's), or the queued email (sent by the delivery workers). Killing the inbound
 server then changes nothing. If the mail service dies between the two writes, the client got
@@ -185,8 +185,8 @@ class InboundActions:
         try:
             email = await self._forwarder.forward_received(
                 tenant_id=record.tenant_id,
-                # The record's id: a second call finds the email it queued.
-                email_id=record.id,
+                # Chosen when the record was stored: a second call finds the email it queued.
+                email_id=record.forward_email_id,
                 domain_name=domain,
                 content=record.content,
                 envelope_from=sender,

@@ -31,7 +31,7 @@ from pymongo.errors import PyMongoError
 
 from services.core.clock import Clock
 from services.core.errors import FieldViolation, InvalidArgument, NotFound
-from services.core.ids import decode_page_token, encode_page_token, new_ulid, page_size
+from services.core.ids import decode_page_token, encode_page_token, new_id, new_ulid, page_size
 from services.core.mongo import MAX_WRITE_BATCH, IndexSpec, is_duplicate_key
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,9 @@ class InboundStore:
             size=len(received.added_headers) + len(received.raw),
             seq=seq,
             action_state="done" if received.action == "store" else "pending",
+            # Chosen now and stored with the record, so a retry queues the same email; an
+            # ordinary time-ordered id, as the email listing's order needs.
+            forward_email_id=new_id() if received.action == "forward" else "",
         )
         stored = await self._repository.insert(record=record, seq=seq)
         if stored.action_state == "pending":
