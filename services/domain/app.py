@@ -34,6 +34,7 @@ from services.domain.servicer import DomainServicer
 from services.domain.settings import DomainSettings
 from services.domain.status_gauge import DomainStatusGauge
 from services.domain.verifier import OwnershipVerifier
+from services.domain.webhook_endpoints import GrpcWebhookEndpoints
 from services.health.mail_client import MailDeliveryProbe
 from services.health.servicer import SuiteHealthServicer
 from services.iam.api_keys import INDEXES as API_KEY_INDEXES
@@ -95,6 +96,8 @@ async def build_app(
     routes = RouteManager(
         routes=MongoRouteRepository(database.db),
         domains=MongoDomainLookup(database.db, domain_repository),
+        # The mail service owns webhook endpoints: it says whether a route's endpoint exists.
+        endpoints=GrpcWebhookEndpoints(mail_channel, settings=settings),
         clock=clock,
     )
     manager = DomainManager(

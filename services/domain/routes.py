@@ -5,6 +5,12 @@ route belongs to a domain and is resolved together with the domain's status: the
 server asks `RouteManager.resolve` at RCPT, and an address is accepted only if its domain is
 ACTIVE here and one of the domain's routes matches it.
 
+A ``webhook`` route names one of the tenant's webhook endpoints (owned by the mail service,
+asked through `WebhookEndpoints` when the route is written), so the endpoint's URL, secrets,
+delivery log and replay serve routed messages as they serve events. A ``forward`` route lists
+1 to `MAX_FORWARD_TO` addresses, none at its own domain (that would route the message here
+again).
+
 A route's ``match`` is a whole address of the domain, a local part in which ``*`` stands for any
 run of characters, or ``*`` alone (catch-all). Routes are tried by ``priority`` (lowest first),
 then by creation (oldest first: ids are time-ordered); the first match decides. A domain has at
@@ -37,6 +43,7 @@ from services.core.errors import (
 from services.core.ids import check_id, new_id
 from services.core.mongo import IndexSpec, chunked
 from services.domain.models import Domain, DomainStatus
+from services.domain.webhook_endpoints import EndpointState, WebhookEndpoints
 
 Document = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -48,9 +55,7 @@ MAX_ROUTES_PER_DOMAIN = 100
 MAX_PRIORITY = 10_000
 DEFAULT_REJECT_TEXT = "Recipient rejected"
 ACTIONS = ("store", "reject", "forward", "webhook")
-# Actions whose delivery side does not exist yet: refused when a route is written, so no route
-# accepts mail that would then go nowhere.
-UNAVAILABLE_ACTIONS = ("forward", "webhook")
+MAX_FORWARD_TO = 10
 _LOCAL_PATTERN = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
 _PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
 
@@ -71,6 +76,7 @@ class Route:
     description: str
     created_at: datetime
     updated_at: datetime
+    webhook_id: str = ""
 
     def matches(self, local_part: str, address: str) -> bool:
         """Whether the route applies to `address` (local part `local_part`)."""
@@ -92,6 +98,7 @@ class RouteInput:
     webhook_url: str
     reject_text: str
     description: str
+    webhook_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +217,17 @@ class MongoDomainLookup:
 class RouteManager:
     """Use cases of routes: CRUD within a tenant's domain, and resolution of inbound addresses."""
 
-    def __init__(self, *, routes: RouteRepository, domains: DomainLookup, clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        routes: RouteRepository,
+        domains: DomainLookup,
+        endpoints: WebhookEndpoints,
+        clock: Clock,
+    ) -> None:
         self._routes = routes
         self._domains = domains
+        self._endpoints = endpoints
         self._clock = clock
 
     async def list(self, *, tenant_id: str, domain_id: str) -> list[Route]:
@@ -243,13 +258,16 @@ class RouteManager:
         """Add a route.
 
         Raises:
-            InvalidArgument: a field is malformed (each named).
-            FailedPrecondition: the action is not available yet.
+            InvalidArgument: a field is malformed (each named), or the webhook endpoint is not
+                one of the tenant's.
+            FailedPrecondition: INBOUND_ACTION_NOT_AVAILABLE (the webhook endpoint is disabled).
             NotFound: no such domain in this tenant.
             ResourceExhausted: the domain has `MAX_ROUTES_PER_DOMAIN` routes.
+            Unavailable: the mail service could not say whether the endpoint exists.
         """
         domain = await self._domain(tenant_id, domain_id)
         data = _validated(data, domain)
+        await self._check_endpoint(tenant_id, data)
         if len(await self._routes.list(domain_id=domain.id)) >= MAX_ROUTES_PER_DOMAIN:
             raise ResourceExhausted(
                 f"a domain has at most {MAX_ROUTES_PER_DOMAIN} routes",
@@ -274,11 +292,12 @@ class RouteManager:
         """Replace a route's settings.
 
         Raises:
-            InvalidArgument, FailedPrecondition, NotFound: as `create` and `get`.
+            InvalidArgument, FailedPrecondition, NotFound, Unavailable: as `create` and `get`.
         """
         current = await self.get(tenant_id=tenant_id, domain_id=domain_id, route_id=route_id)
         domain = await self._domain(tenant_id, domain_id)
         data = _validated(data, domain)
+        await self._check_endpoint(tenant_id, data)
         route = replace(current, updated_at=self._clock.now(), **_fields(data))
         if not await self._routes.replace(route=route):
             raise NotFound("InboundRoute", route_id)
@@ -328,6 +347,28 @@ class RouteManager:
                     return Resolution(domain.tenant_id, domain.id, domain.name, route)
         raise NotFound("InboundRecipient", address, reason="NO_INBOUND_ROUTE")
 
+    async def _check_endpoint(self, tenant_id: str, data: RouteInput) -> None:
+        """A webhook route's endpoint must be an enabled endpoint of the tenant."""
+        if data.action != "webhook":
+            return
+        state = await self._endpoints.state(tenant_id=tenant_id, webhook_id=data.webhook_id)
+        if state is EndpointState.MISSING:
+            raise InvalidArgument.single(
+                "webhook_id",
+                "is not a webhook endpoint of yours (create one: POST /api/v1/webhooks)",
+            )
+        if state is EndpointState.DISABLED:
+            raise FailedPrecondition(
+                "the webhook endpoint is disabled; enable it before routing mail to it",
+                reason="INBOUND_ACTION_NOT_AVAILABLE",
+                violations=[
+                    PreconditionViolation(
+                        "WEBHOOK_DISABLED", "webhook_id", "the webhook endpoint is disabled"
+                    )
+                ],
+                metadata={"action": data.action, "webhookId": data.webhook_id},
+            )
+
     async def _domain(self, tenant_id: str, domain_id: str) -> Domain:
         return await self._domains.get(
             tenant_id=tenant_id, domain_id=check_id(domain_id, field="domain_id")
@@ -347,7 +388,35 @@ def _fields(data: RouteInput) -> dict[str, Any]:
         "webhook_url": data.webhook_url,
         "reject_text": data.reject_text,
         "description": data.description,
+        "webhook_id": data.webhook_id,
     }
+
+
+def _forward_problems(addresses: tuple[str, ...], domain: Domain) -> list[FieldViolation]:
+    """What is wrong with a forward route's addresses (each named by its index)."""
+    if not addresses:
+        return [FieldViolation("forward_to", "at least one address is required for forward")]
+    if len(addresses) > MAX_FORWARD_TO:
+        return [FieldViolation("forward_to", f"at most {MAX_FORWARD_TO} addresses")]
+    problems: list[FieldViolation] = []
+    seen: set[str] = set()
+    for index, address in enumerate(addresses):
+        name = f"forward_to[{index}]"
+        local, at, raw_domain = address.rpartition("@")
+        try:
+            domain_name, _ = normalize_domain_name(raw_domain, field=name) if at else ("", "")
+        except InvalidArgument:
+            domain_name = ""
+        if not at or not _LOCAL_PATTERN.match(local) or not domain_name:
+            problems.append(FieldViolation(name, "is not an address (local@domain)"))
+        elif domain_name == domain.name:
+            problems.append(
+                FieldViolation(name, f"is at {domain.name} itself: the message would come back")
+            )
+        elif f"{local.lower()}@{domain_name}" in seen:
+            problems.append(FieldViolation(name, "is repeated"))
+        seen.add(f"{local.lower()}@{domain_name}")
+    return problems
 
 
 def _validated(data: RouteInput, domain: Domain) -> RouteInput:
@@ -355,7 +424,6 @@ def _validated(data: RouteInput, domain: Domain) -> RouteInput:
 
     Raises:
         InvalidArgument: every malformed field, named.
-        FailedPrecondition: the action is not available yet.
     """
     problems: list[FieldViolation] = []
     match = data.match.strip()
@@ -384,8 +452,25 @@ def _validated(data: RouteInput, domain: Domain) -> RouteInput:
         problems.append(FieldViolation("reject_text", "only for the reject action"))
     if data.action != "forward" and data.forward_to:
         problems.append(FieldViolation("forward_to", "only for the forward action"))
-    if data.action != "webhook" and data.webhook_url:
-        problems.append(FieldViolation("webhook_url", "only for the webhook action"))
+    if data.action != "webhook" and data.webhook_id:
+        problems.append(FieldViolation("webhook_id", "only for the webhook action"))
+    if data.webhook_url:
+        problems.append(
+            FieldViolation(
+                "webhook_url",
+                "is not used: name one of your webhook endpoints with webhook_id instead",
+            )
+        )
+    if data.action == "forward":
+        problems.extend(_forward_problems(data.forward_to, domain))
+    if data.action == "webhook":
+        if not data.webhook_id:
+            problems.append(FieldViolation("webhook_id", "is required for the webhook action"))
+        else:
+            try:
+                check_id(data.webhook_id, field="webhook_id")
+            except InvalidArgument as exc:
+                problems.extend(exc.violations)
     reject_text = data.reject_text
     if data.action == "reject":
         if len(reject_text) > 200 or not _PRINTABLE.match(reject_text):
@@ -395,17 +480,6 @@ def _validated(data: RouteInput, domain: Domain) -> RouteInput:
         problems.append(FieldViolation("description", "at most 200 characters"))
     if problems:
         raise InvalidArgument(problems)
-    if data.action in UNAVAILABLE_ACTIONS:
-        raise FailedPrecondition(
-            f"the {data.action} action is not available yet",
-            reason="INBOUND_ACTION_NOT_AVAILABLE",
-            violations=[
-                PreconditionViolation(
-                    "INBOUND_ACTION", data.action, f"the {data.action} action is not available yet"
-                )
-            ],
-            metadata={"action": data.action},
-        )
     return replace(data, match=match, reject_text=reject_text)
 
 
@@ -421,6 +495,7 @@ def _to_doc(route: Route) -> Document:
         "webhook_url": route.webhook_url,
         "reject_text": route.reject_text,
         "description": route.description,
+        "webhook_id": route.webhook_id,
         "created_at": route.created_at,
         "updated_at": route.updated_at,
     }
@@ -438,6 +513,7 @@ def _from_doc(doc: Document) -> Route:
         webhook_url=doc.get("webhook_url", ""),
         reject_text=doc.get("reject_text", ""),
         description=doc.get("description", ""),
+        webhook_id=doc.get("webhook_id", ""),
         created_at=doc["created_at"],
         updated_at=doc["updated_at"],
     )

@@ -27,6 +27,7 @@ def route_to_proto(route: Route) -> routes_pb2.Route:
         webhook_url=route.webhook_url,
         reject_text=route.reject_text,
         description=route.description,
+        webhook_id=route.webhook_id,
         create_time=to_timestamp(route.created_at),
         update_time=to_timestamp(route.updated_at),
     )
@@ -42,6 +43,7 @@ def route_input(route: routes_pb2.CreateRouteRequest | routes_pb2.UpdateRouteReq
         webhook_url=route.webhook_url,
         reject_text=route.reject_text,
         description=route.description,
+        webhook_id=route.webhook_id,
     )
 
 

@@ -34,6 +34,9 @@ class Recipient:
     route_id: str
     action: str
     reject_text: str
+    # The route's target: its webhook endpoint, or the forwarding addresses.
+    webhook_id: str = ""
+    forward_to: tuple[str, ...] = ()
 
 
 class LookupFailed(Exception):
@@ -82,6 +85,8 @@ class GrpcRecipientResolver:
             route_id=found.route.id,
             action=found.route.action,
             reject_text=found.route.reject_text,
+            webhook_id=found.route.webhook_id,
+            forward_to=tuple(found.route.forward_to),
         )
         self._cache.put(key, (recipient,))
         return recipient
@@ -125,6 +130,8 @@ class GrpcInboundStorer:
                 action=recipient.action,
                 client_address=client_address,
                 helo=helo,
+                webhook_id=recipient.webhook_id,
+                forward_to=list(recipient.forward_to),
                 authentication=inbound_pb2.AuthenticationResults(
                     spf=auth.spf,
                     spf_domain=auth.spf_domain,

@@ -9,6 +9,8 @@
   header are put on top, and it is stored through the mail service for every accepted
   recipient. ``250`` only once every recipient's copy is stored; otherwise ``451 4.3.0`` and the
   sender retries (copies stored already are recognised then: storing is idempotent).
+* A message with `MAX_HOPS` or more Received headers is refused (``554 5.4.6``): forward
+  routes between two domains could otherwise pass it back and forth for ever.
 * Per client address: concurrent connections (`ConnectionLimits`) and messages per window
   (`WindowCounter`, ``451 4.7.1`` at MAIL FROM); timeouts and bad commands as every listener.
 """
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, Protocol
@@ -31,6 +34,9 @@ from services.inbound.clients import LookupFailed, Recipient
 from services.inbound.settings import InboundSettings
 
 log = logging.getLogger(__name__)
+# Received headers a message may carry (Postfix's hopcount_limit).
+MAX_HOPS = 50
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 
 
 class RecipientResolver(Protocol):
@@ -168,6 +174,10 @@ class InboundHandler:
         if envelope_from == "<>":
             envelope_from = ""
         helo = str(session.host_name or "")
+        hops = len(_RECEIVED.findall(raw.partition(b"\r\n\r\n")[0]))
+        if hops >= MAX_HOPS:
+            server.refused("mail loop", hops=hops)
+            return replies.TOO_MANY_HOPS.format(hops=hops)
         server.submitting = True
         try:
             auth = await self._authenticator.check(

@@ -192,7 +192,7 @@ async def build_app(
         batches=MongoBatchRepository(database.db),
         suppressions=suppressions,
     )
-    server = await start_with_feedback(start_with_inbound(start_service, clock), clock)(
+    server = await start_with_feedback(start_with_inbound(start_service, clock, manager), clock)(
         settings=settings,
         database=database,
         bind=bind or f"{settings.host}:{settings.mail_grpc_port}",

@@ -57,6 +57,7 @@ from services.mail.compose import (
 )
 from services.mail.feedback.suppression_store import SuppressionList
 from services.mail.group_commit import GroupCommit
+from services.mail.inbound.parsed import parse_message
 from services.mail.models import (
     AttachmentInfo,
     Email,
@@ -708,6 +709,78 @@ class MailManager:
             now=now,
             store=store,
         )
+
+    async def forward_received(
+        self,
+        *,
+        tenant_id: str,
+        email_id: str,
+        domain_name: str,
+        content: bytes,
+        envelope_from: str,
+        recipients: Sequence[str],
+        detail: str,
+        metadata: dict[str, str],
+    ) -> Email:
+        """Queue a received message, byte for byte, to `recipients` (a forward route's action).
+
+        Not `submit`: the message is somebody else's (its From domain is not the tenant's, and
+        must not be rewritten, or the original DKIM signature would break). It goes out through
+        the relay of `domain_name`, the tenant's domain that received it, with `envelope_from`
+        as given (the caller's SRS address at that domain, or "" for a null sender). The
+        workers sign it with the domain's DKIM key as every email (one more signature on top;
+        the original one still verifies). Suppression applies as at every send. Idempotent: an
+        email with `email_id` already stored is returned as it is.
+
+        Raises:
+            InvalidArgument: a recipient is not an address (field ``forward_to[i]``).
+            FailedPrecondition: `domain_name` is not an active domain of the tenant with a
+                relay.
+        """
+        now = self._clock.now()
+        try:
+            return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
+        except NotFound:
+            pass
+        boxes = [parse_mailbox(a, f"forward_to[{i}]") for i, a in enumerate(recipients)]
+        domain = await self._sending_domain(
+            tenant_id=tenant_id, name=domain_name, field="forward_to"
+        )
+        parsed = parse_message(content)
+        email = Email(
+            id=email_id,
+            tenant_id=tenant_id,
+            domain_id=domain.id,
+            domain_name=domain.name,
+            from_address=parsed.from_address,
+            envelope_from=envelope_from,
+            to=parsed.to,
+            cc=parsed.cc,
+            bcc=[b.addr_spec for b in boxes],
+            reply_to=[],
+            subject=parsed.subject,
+            message_id=parsed.message_id.strip().strip("<>"),
+            size=len(content),
+            recipients=_dedupe(
+                [Recipient(b.addr_spec, RecipientKind.BCC, updated_at=now) for b in boxes]
+            ),
+            status=EmailStatus.QUEUED,
+            created_at=now,
+            updated_at=now,
+            next_attempt_at=now,
+            expires_at=now + self._policy.retry.max_lifetime,
+            metadata=dict(metadata),
+            attachments=raw_message.attachments(content),
+            events=[Event(EventType.ACCEPTED, now, detail=detail)],
+            content=content,
+            trace_context=trace_carrier(),
+        )
+        await self._suppress(tenant_id, [email], now=now)
+        if not await self._emails.insert(email=email):
+            return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
+        EMAILS_ACCEPTED.labels(domain=domain.name).inc()
+        email.content = None
+        return email
 
     async def get(self, *, tenant_id: str, email_id: str) -> Email:
         """The tenant's email.

@@ -220,6 +220,13 @@ class MailSettings(Settings):
         "days a received message (GET /api/v1/inbound) is kept, then swept",
         gt=0,
     )
+    inbound_webhook_attachment_limit: int = setting(
+        1_048_576,
+        "AZORA_INBOUND_WEBHOOK_ATTACHMENT_LIMIT",
+        "bytes of attachments (decoded, all together) a webhook route's JSON carries base64; "
+        "above it no attachment content is included, only the link to the raw message",
+        ge=0,
+    )
     # Not a variable itself: the AZORA_WEBHOOK_* group, read by `from_env`.
     webhooks: WebhookSettings = WebhookSettings()
 

@@ -65,7 +65,13 @@ async def test_routes_over_rest(
         headers=auth,
     )
     assert later.status == 400
-    assert later.error_info["reason"] == "INBOUND_ACTION_NOT_AVAILABLE"
+    assert "webhookUrl" in later.violations
+    assert "webhookId" in later.violations
+    no_target = await call(
+        http, "POST", base, json={"match": "*", "action": "forward", "forwardTo": []}, headers=auth
+    )
+    assert no_target.status == 400
+    assert "forwardTo" in no_target.violations
     gone = await call(http, "DELETE", f"{base}/{route['id']}", headers=auth)
     assert gone.status == 200
     missing = await call(http, "GET", f"{base}/{route['id']}", headers=auth)

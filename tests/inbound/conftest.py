@@ -1,7 +1,8 @@
 """Fixtures of the inbound server tests: the server in-process between the real services.
 
-Routes come from the session's domain service (domains made ACTIVE through the tests' Knot
-zone), messages are stored by a real mail service (`local_mail`, fresh database). Sender domains
+Routes come from a domain service on the session's database (domains made ACTIVE through the
+tests' Knot zone) that asks the test's mail service about webhook endpoints; messages are stored
+by that real mail service (`local_mail`, fresh database). Sender domains
 publish SPF, DKIM and DMARC records in the same Knot server, which every lookup of the checks
 goes to (pyspf through dnspython's default resolver, pointed there for the module and restored).
 """
@@ -19,19 +20,23 @@ import dns.resolver
 import grpc
 import pytest
 from azora.domain.v1 import domain_pb2, domain_pb2_grpc, routes_pb2, routes_pb2_grpc
-from azora.mail.v1 import inbound_pb2_grpc
+from azora.mail.v1 import inbound_pb2_grpc, webhooks_pb2_grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from services.core.clock import ManualClock
 from services.core.smtp_tls import development_pair, server_context
 from services.domain.app import DomainApp
+from services.domain.app import build_app as build_domain_app
 from services.inbound.app import InboundApp, build_app
 from services.inbound.authentication import configure_default_resolver
 from services.inbound.settings import InboundSettings
+from services.mail.feedback.webhook_dispatcher import build_dispatcher
 from tests.conftest import Tenant, unique_domain
 from tests.mail.conftest import LocalMail, local_mail  # noqa: F401 - fixture
 from tests.support.dns_server import KnotServer
 from tests.support.settings import SuiteSettings
+from tests.support.webhook_receiver import Receiver
 
 SELECTOR = "in1"
 
@@ -61,6 +66,7 @@ class Inbound:
 
     app: InboundApp
     mail: LocalMail
+    domains: DomainApp
     tenant: Tenant
     domain: domain_pb2.Domain
     routes: routes_pb2_grpc.RouteServiceAsyncStub
@@ -147,9 +153,18 @@ async def start_inbound(
     knot_server: KnotServer,
     knot_resolver: None,
     tmp_path: Path,
+    clock: ManualClock,
 ) -> AsyncIterator[StartInbound]:
     """Start an inbound server (settings overridable) in front of the real services."""
     domain = await active_domain(domains_stub, tenant, knot_server)
+    # Webhook routes are checked against the mail service's endpoints: this domain service
+    # (same database as the session's) asks the test's mail service.
+    routing = await build_domain_app(
+        settings.with_overrides(mail_service_target=f"127.0.0.1:{local_mail.app.running.port}"),
+        clock=clock,
+        bind="127.0.0.1:0",
+        run_lifecycle=False,
+    )
     cert, key = development_pair(tmp_path / "tls", "mx.test")
     apps: list[InboundApp] = []
     channels: list[grpc.aio.Channel] = []
@@ -159,17 +174,18 @@ async def start_inbound(
     ) -> Inbound:
         suite = settings.with_overrides(
             mail_service_target=mail_target or f"127.0.0.1:{local_mail.app.running.port}",
-            domain_service_target=domain_target or f"127.0.0.1:{domain_app.running.port}",
+            domain_service_target=domain_target or f"127.0.0.1:{routing.running.port}",
         )
         own = InboundSettings(port=0, health_port=0, hostname="mx.test").with_overrides(**overrides)
         app = await build_app(suite, own, context=server_context(cert, key))
         apps.append(app)
-        domain_channel = grpc.aio.insecure_channel(f"127.0.0.1:{domain_app.running.port}")
+        domain_channel = grpc.aio.insecure_channel(f"127.0.0.1:{routing.running.port}")
         mail_channel = grpc.aio.insecure_channel(f"127.0.0.1:{local_mail.app.running.port}")
         channels.extend((domain_channel, mail_channel))
         return Inbound(
             app,
             local_mail,
+            routing,
             tenant,
             domain,
             routes_pb2_grpc.RouteServiceStub(domain_channel),
@@ -182,6 +198,7 @@ async def start_inbound(
         await app.stop(0)
     for channel in channels:
         await channel.close()
+    await routing.running.stop(None)
 
 
 @pytest.fixture
@@ -189,3 +206,35 @@ async def inbound(start_inbound: StartInbound) -> Inbound:
     """An inbound server with the default settings."""
     started: Inbound = await start_inbound()
     return started
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """An HTTP receiver on loopback that answers 200 to everything."""
+    running = await Receiver().start()
+    yield running
+    await running.close()
+
+
+def webhooks_of(inbound: Inbound) -> webhooks_pb2_grpc.WebhookServiceAsyncStub:
+    """WebhookService of the test's mail service."""
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{inbound.mail.app.running.port}")
+    inbound.mail.app.running.channels.append(channel)
+    return webhooks_pb2_grpc.WebhookServiceStub(channel)
+
+
+async def dispatch(inbound: Inbound, receiver: Receiver, count: int) -> None:
+    """What the webhook dispatcher process does, round by round, until `count` requests came."""
+    mail = inbound.mail
+    dispatcher, transport = build_dispatcher(
+        mail.settings, mail.app.running.database.db, clock=mail.clock
+    )
+    try:
+        for _ in range(5):
+            await dispatcher.step()
+            await dispatcher.drain()
+            if len(receiver.requests) >= count:
+                break
+    finally:
+        await transport.close()
+    await receiver.wait_for(count)

@@ -318,3 +318,28 @@ async def test_stored_messages_are_the_tenants_own(inbound: Inbound, settings: o
         )
     )
     assert failure.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_looping_message_is_refused_at_50_hops(inbound: Inbound) -> None:
+    # 50 Received headers (a forward loop between two domains) is 554 5.4.6; 49 is accepted.
+    await inbound.add_route(match="*", action="store")
+    recipient = f"loop@{inbound.domain.name}"
+
+    def hops(count: int) -> bytes:
+        lines = b"".join(
+            b"Received: from hop%d by hop%d; now\r\n" % (n, n + 1) for n in range(count)
+        )
+        return lines + message("x@example.net", recipient)
+
+    def send(raw: bytes) -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", inbound.port, local_hostname="mx.sender.test") as client:
+            client.ehlo()
+            client.mail("x@example.net")
+            client.rcpt(recipient)
+            return client.data(raw)
+
+    code, text = await asyncio.to_thread(send, hops(50))
+    assert (code, text) == (554, b"5.4.6 Too many hops (50 Received headers): mail loop?")
+    assert await stored(inbound) == []
+    code, _ = await asyncio.to_thread(send, hops(49))
+    assert code == 250

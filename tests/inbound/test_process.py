@@ -1,7 +1,9 @@
 """The inbound server as a process: what it answered 250 for survives ``kill -9`` right after.
 
-The 250 comes only once the mail service stored the message, so killing the inbound process at
-that moment loses nothing: the message is listed and downloadable afterwards.
+The 250 comes only once the mail service stored the message and set up its route's action, so
+killing the inbound process at that moment loses nothing: the message is listed and
+downloadable afterwards, a webhook route's message reaches the receiver (the dispatcher sends
+it) and a forward route's message is queued and goes out (the worker sends it).
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from azora.mail.v1 import inbound_pb2
+from azora.mail.v1 import inbound_pb2, webhooks_pb2
+from standardwebhooks import Webhook as Verifier
 
 from services.core.smtp_tls import development_pair
 from services.domain.app import DomainApp
 from tests.conftest import REPO_ROOT, TEST_JWT_SECRET, TEST_SERVICE_TOKEN_SECRET
-from tests.inbound.conftest import Inbound
+from tests.inbound.conftest import Inbound, dispatch, webhooks_of
 from tests.inbound.test_inbound import message
 from tests.support.settings import SuiteSettings
+from tests.support.smtp_relay import StartRelay
+from tests.support.webhook_receiver import Receiver
 
 
 def start_process(
@@ -63,15 +68,12 @@ def start_process(
     raise AssertionError(f"the inbound server did not start: {process.wait()}")
 
 
-async def test_kill_9_after_250_loses_nothing(
-    inbound: Inbound, domain_app: DomainApp, settings: SuiteSettings, tmp_path: Path
+async def send_and_kill(
+    inbound: Inbound, settings: SuiteSettings, tmp_path: Path, recipient: str, raw: bytes
 ) -> None:
-    # 250 from the process, SIGKILL at once: the message is stored and retrievable.
-    await inbound.add_route(match="*", action="store")
-    recipient = f"kept@{inbound.domain.name}"
-    raw = message("x@example.net", recipient, "survives")
+    """Deliver `raw` to a process started for the test and SIGKILL it right after its 250."""
     process, port = await asyncio.to_thread(
-        start_process, inbound, domain_app, settings, tmp_path / "tls"
+        start_process, inbound, inbound.domains, settings, tmp_path / "tls"
     )
     try:
 
@@ -92,6 +94,17 @@ async def test_kill_9_after_250_loses_nothing(
         if process.stderr is not None:
             process.stderr.close()
     assert code == 250, text
+    assert process.returncode == -signal.SIGKILL
+
+
+async def test_kill_9_after_250_loses_nothing(
+    inbound: Inbound, settings: SuiteSettings, tmp_path: Path
+) -> None:
+    # 250 from the process, SIGKILL at once: the message is stored and retrievable.
+    await inbound.add_route(match="*", action="store")
+    recipient = f"kept@{inbound.domain.name}"
+    raw = message("x@example.net", recipient, "survives")
+    await send_and_kill(inbound, settings, tmp_path, recipient, raw)
     page = await inbound.inbound.ListInboundMessages(
         inbound_pb2.ListInboundMessagesRequest(), metadata=inbound.tenant.metadata
     )
@@ -101,3 +114,52 @@ async def test_kill_9_after_250_loses_nothing(
         inbound_pb2.GetInboundMessageRawRequest(id=stored.id), metadata=inbound.tenant.metadata
     )
     assert body.data.endswith(raw)
+
+
+async def test_kill_9_after_250_still_ends_in_the_webhook(
+    inbound: Inbound, settings: SuiteSettings, tmp_path: Path, receiver: Receiver
+) -> None:
+    # The inbound process is gone; the dispatcher still POSTs the message (at least once).
+    # Subscribed to routed mail only (no email events).
+    endpoint = await webhooks_of(inbound).CreateWebhook(
+        webhooks_pb2.CreateWebhookRequest(url=receiver.url, event_types=["inbound.received"]),
+        metadata=inbound.tenant.metadata,
+    )
+    await inbound.add_route(match="*", action="webhook", webhook_id=endpoint.id)
+    recipient = f"hook@{inbound.domain.name}"
+    await send_and_kill(
+        inbound, settings, tmp_path, recipient, message("x@example.net", recipient, "hooked")
+    )
+    await dispatch(inbound, receiver, 1)
+    payload = Verifier(endpoint.secret).verify(
+        receiver.requests[0].body, receiver.requests[0].headers
+    )
+    assert (payload["subject"], payload["envelope"]["to"]) == ("hooked", recipient)
+    [record] = (
+        await inbound.inbound.ListInboundMessages(
+            inbound_pb2.ListInboundMessagesRequest(), metadata=inbound.tenant.metadata
+        )
+    ).messages
+    assert record.outcome == "webhook_delivered"
+
+
+async def test_kill_9_after_250_still_ends_in_the_forward(
+    inbound: Inbound, settings: SuiteSettings, tmp_path: Path, start_smtp_relay: StartRelay
+) -> None:
+    # The inbound process is gone; the forwarded email is queued and the worker sends it.
+    relay = await start_smtp_relay()
+    inbound.mail.add_domain(inbound.tenant, port=relay.port, name=inbound.domain.name)
+    await inbound.add_route(match="*", action="forward", forward_to=["far@elsewhere.example"])
+    recipient = f"fwd@{inbound.domain.name}"
+    raw = message("x@example.net", recipient, "forwarded")
+    await send_and_kill(inbound, settings, tmp_path, recipient, raw)
+    [record] = (
+        await inbound.inbound.ListInboundMessages(
+            inbound_pb2.ListInboundMessagesRequest(), metadata=inbound.tenant.metadata
+        )
+    ).messages
+    assert record.outcome == "forward_queued"
+    await inbound.mail.worker().run_once()
+    [envelope] = relay.envelopes
+    assert envelope.rcpt_tos == ["far@elsewhere.example"]
+    assert raw.rstrip(b"\r\n") in envelope.content

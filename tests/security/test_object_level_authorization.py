@@ -718,6 +718,22 @@ async def _routes(a: Attack) -> None:
     for call in calls:
         failure = await not_found_like_unknown(call, v.domain.id)
         assert failure.reason == "DOMAIN_NOT_FOUND"
+    # Nor can B's own domain route mail to A's webhook endpoint: it is not one of B's.
+    own = await a.stubs.domains.CreateDomain(
+        domain_pb2.CreateDomainRequest(name=f"b-{new_id()}.example"), metadata=b
+    )
+    for webhook_id in (v.webhook.id, new_id()):
+        failure = await failure_of(
+            stub.CreateRoute(
+                routes_pb2.CreateRouteRequest(
+                    domain_id=own.id, match="*", action="webhook", webhook_id=webhook_id
+                ),
+                metadata=b,
+            )
+        )
+        assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "webhookId" in failure.field_violations
+    await a.stubs.domains.DeleteDomain(domain_pb2.DeleteDomainRequest(id=own.id), metadata=b)
 
 
 @case(RO + "ResolveInboundRecipient")
@@ -778,6 +794,23 @@ async def _store_inbound(a: Attack) -> None:
     )
     assert [m.id for m in listed.messages] == [stored.id]
     assert stored.id != v.inbound.id
+    # A webhook action naming A's endpoint under B's token sends nothing to A's endpoint.
+    borrowed = await a.stubs.inbound.StoreInboundMessage(
+        inbound_pb2.StoreInboundMessageRequest(
+            raw_message=b"Subject: borrow\r\n\r\nx\r\n",
+            recipient=f"x@{v.domain.name}",
+            domain_id=v.domain.id,
+            route_id=v.route.id,
+            action="webhook",
+            webhook_id=v.webhook.id,
+        ),
+        metadata=a.b_service(),
+    )
+    assert (borrowed.outcome, borrowed.webhook_delivery_id) == ("failed", "")
+    log = await a.stubs.webhooks.ListWebhookDeliveries(
+        webhooks_pb2.ListWebhookDeliveriesRequest(id=v.webhook.id), metadata=v.tenant.metadata
+    )
+    assert [d.event_type for d in log.deliveries if d.event_type == "inbound.received"] == []
 
 
 # --- fixtures and the test -------------------------------------------------------------------

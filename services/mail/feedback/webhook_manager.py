@@ -28,7 +28,7 @@ from services.core.ids import page_size as clamp_page_size
 from services.core.netguard import classify
 from services.core.secrets_box import SecretsBox
 from services.mail.feedback.webhook_models import (
-    EVENT_TYPES,
+    SUBSCRIBABLE_TYPES,
     TEST_EVENT,
     Attempt,
     Delivery,
@@ -112,8 +112,8 @@ def check_input(data: WebhookInput, settings: WebhookSettings) -> WebhookInput:
         violations.append(FieldViolation("url", url_problem))
     seen: set[str] = set()
     for index, value in enumerate(data.event_types):
-        if value not in EVENT_TYPES:
-            known = ", ".join(sorted(EVENT_TYPES))
+        if value not in SUBSCRIBABLE_TYPES:
+            known = ", ".join(sorted(SUBSCRIBABLE_TYPES))
             violations.append(
                 FieldViolation(f"event_types[{index}]", f"unknown event type {value!r} ({known})")
             )

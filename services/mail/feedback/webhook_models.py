@@ -17,6 +17,12 @@ from services.mail.feedback.event_log import EMAIL_EVENT_TYPES, EVENT_TYPES
 DISABLED_EVENT = "webhook.disabled"
 # The type of the event TestWebhook sends (never stored in the events collection).
 TEST_EVENT = "webhook.test"
+# The type of a received message POSTed by a webhook route (never in the events collection:
+# the route names its endpoint, whatever the endpoint's filter). An endpoint subscribed to this
+# type alone receives routed mail and no events.
+INBOUND_EVENT = "inbound.received"
+# What an endpoint's event_types may list.
+SUBSCRIBABLE_TYPES = EVENT_TYPES | {INBOUND_EVENT}
 # The first bytes of an answer (or error) kept per attempt.
 RESPONSE_KEEP = 1024
 # Attempts kept per delivery (the newest).
@@ -123,7 +129,9 @@ __all__ = [
     "DISABLED_EVENT",
     "EMAIL_EVENT_TYPES",
     "EVENT_TYPES",
+    "INBOUND_EVENT",
     "RESPONSE_KEEP",
+    "SUBSCRIBABLE_TYPES",
     "TEST_EVENT",
     "Attempt",
     "Delivery",

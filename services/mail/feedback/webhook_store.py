@@ -313,6 +313,14 @@ class WebhookStore:
         doc = await self._deliveries.find_one({"_id": delivery_id, "webhookId": webhook_id})
         return delivery_from_doc(doc) if doc else None
 
+    async def deliveries_by_id(self, ids: Sequence[str]) -> dict[str, Delivery]:
+        """Deliveries by id, any endpoint (missing ones: swept or their endpoint deleted)."""
+        found: dict[str, Delivery] = {}
+        for part in chunked(list(ids)):
+            cursor = self._deliveries.find({"_id": {"$in": list(part)}})
+            found.update({d["_id"]: delivery_from_doc(d) async for d in cursor})
+        return found
+
     async def list_deliveries(
         self, *, webhook_id: str, state: DeliveryState | None, before: str | None, limit: int
     ) -> list[Delivery]:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from email import policy
-from email.headerregistry import AddressHeader
-from email.message import EmailMessage
-from email.parser import BytesParser
 from typing import Any
 
 import grpc
@@ -14,7 +10,14 @@ from google.api import httpbody_pb2
 
 from services.core.context import current_principal
 from services.core.protobuf import to_timestamp
-from services.mail.inbound.store import Authentication, InboundRecord, InboundStore, Received
+from services.mail.inbound.parsed import parse_message
+from services.mail.inbound.store import (
+    Authentication,
+    InboundRecord,
+    InboundStore,
+    Outcome,
+    Received,
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -32,16 +35,12 @@ def authentication_from_proto(auth: inbound_pb2.AuthenticationResults) -> Authen
     )
 
 
-def _addresses(message: EmailMessage, name: str) -> list[str]:
-    header = message.get(name)
-    if isinstance(header, AddressHeader):
-        return [str(a.addr_spec) for a in header.addresses]
-    return []
-
-
-def record_to_proto(record: InboundRecord, *, parsed: bool) -> inbound_pb2.InboundMessage:
+def record_to_proto(
+    record: InboundRecord, *, parsed: bool, outcome: Outcome | None = None
+) -> inbound_pb2.InboundMessage:
     """The API form; `parsed` adds headers, bodies and attachments (one message only)."""
     r, auth = record.received, record.received.authentication
+    outcome = outcome or Outcome(record.outcome)
     out = inbound_pb2.InboundMessage(
         id=record.id,
         domain_id=r.domain_id,
@@ -49,7 +48,12 @@ def record_to_proto(record: InboundRecord, *, parsed: bool) -> inbound_pb2.Inbou
         recipient=r.recipient,
         route_id=r.route_id,
         action=r.action,
-        outcome=record.outcome,
+        outcome=outcome.outcome,
+        outcome_detail=outcome.detail,
+        webhook_id=r.webhook_id,
+        webhook_delivery_id=record.webhook_delivery_id,
+        forward_email_id=record.forward_email_id,
+        forward_to=list(r.forward_to),
         client_address=r.client_address,
         helo=r.helo,
         authentication=inbound_pb2.AuthenticationResults(
@@ -67,37 +71,22 @@ def record_to_proto(record: InboundRecord, *, parsed: bool) -> inbound_pb2.Inbou
     )
     if not parsed:
         return out
-    message = BytesParser(policy=policy.default).parsebytes(record.content)
-    assert isinstance(message, EmailMessage)
-    from_addresses = _addresses(message, "From")
-    setattr(out, "from", from_addresses[0] if from_addresses else str(message.get("From", "")))
-    out.to.extend(_addresses(message, "To"))
-    out.cc.extend(_addresses(message, "Cc"))
-    out.subject = str(message.get("Subject", ""))
-    out.message_id = str(message.get("Message-ID", "")).strip()
-    for name, value in message.items():
-        out.headers.append(inbound_pb2.InboundHeader(name=name, value=str(value)))
-    for kind in ("plain", "html"):
-        part = message.get_body(preferencelist=(kind,))
-        if part is not None and isinstance(part, EmailMessage):
-            try:
-                body = part.get_content()
-            except (LookupError, ValueError):
-                body = part.get_payload(decode=True)
-            text = body if isinstance(body, str) else bytes(body or b"").decode("utf-8", "replace")
-            # The parsed view uses newlines; the wire's CRLFs stay in the raw download.
-            text = text.replace("\r\n", "\n")
-            if kind == "plain":
-                out.text = text
-            else:
-                out.html = text
-    for attachment in message.iter_attachments():
-        payload = attachment.get_payload(decode=True)
+    message = parse_message(record.content)
+    setattr(out, "from", message.from_address)
+    out.to.extend(message.to)
+    out.cc.extend(message.cc)
+    out.subject = message.subject
+    out.message_id = message.message_id
+    for name, value in message.headers:
+        out.headers.append(inbound_pb2.InboundHeader(name=name, value=value))
+    out.text = message.text
+    out.html = message.html
+    for attachment in message.attachments:
         out.attachments.append(
             inbound_pb2.InboundAttachment(
-                filename=attachment.get_filename() or "",
-                content_type=attachment.get_content_type(),
-                size_bytes=len(payload) if isinstance(payload, bytes) else 0,
+                filename=attachment.filename,
+                content_type=attachment.content_type,
+                size_bytes=len(attachment.content),
             )
         )
     return out
@@ -119,7 +108,10 @@ class InboundServicer(inbound_pb2_grpc.InboundServiceServicer):
             page_token=request.page_token,
         )
         return inbound_pb2.ListInboundMessagesResponse(
-            messages=[record_to_proto(r, parsed=False) for r in page.records],
+            messages=[
+                record_to_proto(r, parsed=False, outcome=page.outcomes.get(r.id))
+                for r in page.records
+            ],
             next_page_token=page.next_page_token,
         )
 
@@ -130,7 +122,8 @@ class InboundServicer(inbound_pb2_grpc.InboundServiceServicer):
         record = await self._store.get(
             tenant_id=current_principal().tenant_id, record_id=request.id
         )
-        return record_to_proto(record, parsed=True)
+        outcomes = await self._store.outcomes([record])
+        return record_to_proto(record, parsed=True, outcome=outcomes.get(record.id))
 
     async def GetInboundMessageRaw(
         self, request: inbound_pb2.GetInboundMessageRawRequest, context: Context
@@ -158,9 +151,12 @@ class InboundServicer(inbound_pb2_grpc.InboundServiceServicer):
                 client_address=request.client_address,
                 helo=request.helo,
                 authentication=authentication_from_proto(request.authentication),
+                webhook_id=request.webhook_id,
+                forward_to=tuple(request.forward_to),
             ),
         )
-        return record_to_proto(record, parsed=False)
+        outcomes = await self._store.outcomes([record])
+        return record_to_proto(record, parsed=False, outcome=outcomes.get(record.id))
 
 
 __all__ = ["InboundServicer", "record_to_proto"]

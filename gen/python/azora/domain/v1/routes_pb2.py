@@ -29,7 +29,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61zora/domain/v1/routes.proto\x12\x0f\x61zora.domain.v1\x1a\x1a\x61zora/iam/v1/options.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x03\n\x05Route\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x02id\x12!\n\tdomain_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03R\x08\x64omainId\x12\x1a\n\x05match\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02R\x05match\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12\x1c\n\x06\x61\x63tion\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02R\x06\x61\x63tion\x12\x1d\n\nforward_to\x18\x06 \x03(\tR\tforwardTo\x12\x1f\n\x0bwebhook_url\x18\x07 \x01(\tR\nwebhookUrl\x12\x1f\n\x0breject_text\x18\x08 \x01(\tR\nrejectText\x12 \n\x0b\x64\x65scription\x18\t \x01(\tR\x0b\x64\x65scription\x12\x41\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\ncreateTime\x12\x41\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\nupdateTime\"6\n\x11ListRoutesRequest\x12!\n\tdomain_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08\x64omainId\"D\n\x12ListRoutesResponse\x12.\n\x06routes\x18\x01 \x03(\x0b\x32\x16.azora.domain.v1.RouteR\x06routes\"\x90\x02\n\x12\x43reateRouteRequest\x12!\n\tdomain_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08\x64omainId\x12\x1a\n\x05match\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x05match\x12\x1a\n\x08priority\x18\x03 \x01(\x05R\x08priority\x12\x1c\n\x06\x61\x63tion\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02R\x06\x61\x63tion\x12\x1d\n\nforward_to\x18\x05 \x03(\tR\tforwardTo\x12\x1f\n\x0bwebhook_url\x18\x06 \x01(\tR\nwebhookUrl\x12\x1f\n\x0breject_text\x18\x07 \x01(\tR\nrejectText\x12 \n\x0b\x64\x65scription\x18\x08 \x01(\tR\x0b\x64\x65scription\"J\n\x0fGetRouteRequest\x12!\n\tdomain_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08\x64omainId\x12\x14\n\x02id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\"\xa6\x02\n\x12UpdateRouteRequest\x12!\n\tdomain_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08\x64omainId\x12\x14\n\x02id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\x12\x1a\n\x05match\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02R\x05match\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12\x1c\n\x06\x61\x63tion\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02R\x06\x61\x63tion\x12\x1d\n\nforward_to\x18\x06 \x03(\tR\tforwardTo\x12\x1f\n\x0bwebhook_url\x18\x07 \x01(\tR\nwebhookUrl\x12\x1f\n\x0breject_text\x18\x08 \x01(\tR\nrejectText\x12 \n\x0b\x64\x65scription\x18\t \x01(\tR\x0b\x64\x65scription\"M\n\x12\x44\x65leteRouteRequest\x12!\n\tdomain_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08\x64omainId\x12\x14\n\x02id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\"@\n\x1eResolveInboundRecipientRequest\x12\x1e\n\x07\x61\x64\x64ress\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x07\x61\x64\x64ress\"\x9b\x01\n\x10InboundRecipient\x12\x1b\n\ttenant_id\x18\x01 \x01(\tR\x08tenantId\x12\x1b\n\tdomain_id\x18\x02 \x01(\tR\x08\x64omainId\x12\x1f\n\x0b\x64omain_name\x18\x03 \x01(\tR\ndomainName\x12,\n\x05route\x18\x04 \x01(\x0b\x32\x16.azora.domain.v1.RouteR\x05route2\xe8\x06\n\x0cRouteService\x12\x93\x01\n\nListRoutes\x12\".azora.domain.v1.ListRoutesRequest\x1a#.azora.domain.v1.ListRoutesResponse\"<\xa2\xbb\x18\x0e\n\x0c\x64omains:read\x82\xd3\xe4\x93\x02$\x12\"/api/v1/domains/{domain_id}/routes\x12\x8c\x01\n\x0b\x43reateRoute\x12#.azora.domain.v1.CreateRouteRequest\x1a\x16.azora.domain.v1.Route\"@\xa2\xbb\x18\x0f\n\rdomains:write\x82\xd3\xe4\x93\x02\'\"\"/api/v1/domains/{domain_id}/routes:\x01*\x12\x87\x01\n\x08GetRoute\x12 .azora.domain.v1.GetRouteRequest\x1a\x16.azora.domain.v1.Route\"A\xa2\xbb\x18\x0e\n\x0c\x64omains:read\x82\xd3\xe4\x93\x02)\x12\'/api/v1/domains/{domain_id}/routes/{id}\x12\x91\x01\n\x0bUpdateRoute\x12#.azora.domain.v1.UpdateRouteRequest\x1a\x16.azora.domain.v1.Route\"E\xa2\xbb\x18\x0f\n\rdomains:write\x82\xd3\xe4\x93\x02,\x1a\'/api/v1/domains/{domain_id}/routes/{id}:\x01*\x12\x8e\x01\n\x0b\x44\x65leteRoute\x12#.azora.domain.v1.DeleteRouteRequest\x1a\x16.google.protobuf.Empty\"B\xa2\xbb\x18\x0f\n\rdomains:write\x82\xd3\xe4\x93\x02)*\'/api/v1/domains/{domain_id}/routes/{id}\x12\x83\x01\n\x17ResolveInboundRecipient\x12/.azora.domain.v1.ResolveInboundRecipientRequest\x1a!.azora.domain.v1.InboundRecipient\"\x14\xa2\xbb\x18\x10\n\x0c\x64omains:read\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61zora/domain/v1/routes.proto\x12\x0f\x61zora.domain.v1\x1a\x1a\x61zora/iam/v1/options.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x03\n\x05Route\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x02id\x12!\n\tdomain_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03R\x08\x64omainId\x12\x1a\n\x05match\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02R\x05match\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12\x1c\n\x06\x61\x63tion\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02R\x06\x61\x63tion\x12\x1d\n\nforward_to\x18\x06 \x03(\tR\tforwardTo\x12#\n\x0bwebhook_url\x18\x07 \x01(\tB\x02\x18\x01R\nwebhookUrl\x12\x1f\n\x0breject_text\x18\x08 \x01(\tR\nrejectText\x12 \n\x0b\x64\x65scription\x18\t \x01(\tR\x0b\x64\x65scription\x12\x41\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\ncreateTime\x12\x41\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\nupdateTime\x12\x1d\n\nwebhook_id\x18\x0c \x01(\tR\twebhookId\"6\n\x11ListRoutesRequest\x12!\n\tdomain_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08\x64omainId\"D\n\x12ListRoutesResponse\x12.\n\x06routes\x18\x01 \x03(\x0b\x32\x16.azora.domain.v1.RouteR\x06routes\"\xb3\x02\n\x12\x43reateRouteRequest\x12!\n\tdomain_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08\x64omainId\x12\x1a\n\x05match\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x05match\x12\x1a\n\x08priority\x18\x03 \x01(\x05R\x08priority\x12\x1c\n\x06\x61\x63tion\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02R\x06\x61\x63tion\x12\x1d\n\nforward_to\x18\x05 \x03(\tR\tforwardTo\x12#\n\x0bwebhook_url\x18\x06 \x01(\tB\x02\x18\x01R\nwebhookUrl\x12\x1f\n\x0breject_text\x18\x07 \x01(\tR\nrejectText\x12 \n\x0b\x64\x65scription\x18\x08 \x01(\tR\x0b\x64\x65scription\x12\x1d\n\nwebhook_id\x18\t \x01(\tR\twebhookId\"J\n\x0fGetRouteRequest\x12!\n\tdomain_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08\x64omainId\x12\x14\n\x02id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\"\xc9\x02\n\x12UpdateRouteRequest\x12!\n\tdomain_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08\x64omainId\x12\x14\n\x02id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\x12\x1a\n\x05match\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02R\x05match\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12\x1c\n\x06\x61\x63tion\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02R\x06\x61\x63tion\x12\x1d\n\nforward_to\x18\x06 \x03(\tR\tforwardTo\x12#\n\x0bwebhook_url\x18\x07 \x01(\tB\x02\x18\x01R\nwebhookUrl\x12\x1f\n\x0breject_text\x18\x08 \x01(\tR\nrejectText\x12 \n\x0b\x64\x65scription\x18\t \x01(\tR\x0b\x64\x65scription\x12\x1d\n\nwebhook_id\x18\n \x01(\tR\twebhookId\"M\n\x12\x44\x65leteRouteRequest\x12!\n\tdomain_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08\x64omainId\x12\x14\n\x02id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\"@\n\x1eResolveInboundRecipientRequest\x12\x1e\n\x07\x61\x64\x64ress\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x07\x61\x64\x64ress\"\x9b\x01\n\x10InboundRecipient\x12\x1b\n\ttenant_id\x18\x01 \x01(\tR\x08tenantId\x12\x1b\n\tdomain_id\x18\x02 \x01(\tR\x08\x64omainId\x12\x1f\n\x0b\x64omain_name\x18\x03 \x01(\tR\ndomainName\x12,\n\x05route\x18\x04 \x01(\x0b\x32\x16.azora.domain.v1.RouteR\x05route2\xe8\x06\n\x0cRouteService\x12\x93\x01\n\nListRoutes\x12\".azora.domain.v1.ListRoutesRequest\x1a#.azora.domain.v1.ListRoutesResponse\"<\xa2\xbb\x18\x0e\n\x0c\x64omains:read\x82\xd3\xe4\x93\x02$\x12\"/api/v1/domains/{domain_id}/routes\x12\x8c\x01\n\x0b\x43reateRoute\x12#.azora.domain.v1.CreateRouteRequest\x1a\x16.azora.domain.v1.Route\"@\xa2\xbb\x18\x0f\n\rdomains:write\x82\xd3\xe4\x93\x02\'\"\"/api/v1/domains/{domain_id}/routes:\x01*\x12\x87\x01\n\x08GetRoute\x12 .azora.domain.v1.GetRouteRequest\x1a\x16.azora.domain.v1.Route\"A\xa2\xbb\x18\x0e\n\x0c\x64omains:read\x82\xd3\xe4\x93\x02)\x12\'/api/v1/domains/{domain_id}/routes/{id}\x12\x91\x01\n\x0bUpdateRoute\x12#.azora.domain.v1.UpdateRouteRequest\x1a\x16.azora.domain.v1.Route\"E\xa2\xbb\x18\x0f\n\rdomains:write\x82\xd3\xe4\x93\x02,\x1a\'/api/v1/domains/{domain_id}/routes/{id}:\x01*\x12\x8e\x01\n\x0b\x44\x65leteRoute\x12#.azora.domain.v1.DeleteRouteRequest\x1a\x16.google.protobuf.Empty\"B\xa2\xbb\x18\x0f\n\rdomains:write\x82\xd3\xe4\x93\x02)*\'/api/v1/domains/{domain_id}/routes/{id}\x12\x83\x01\n\x17ResolveInboundRecipient\x12/.azora.domain.v1.ResolveInboundRecipientRequest\x1a!.azora.domain.v1.InboundRecipient\"\x14\xa2\xbb\x18\x10\n\x0c\x64omains:read\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +44,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTE'].fields_by_name['match']._serialized_options = b'\342A\001\002'
   _globals['_ROUTE'].fields_by_name['action']._loaded_options = None
   _globals['_ROUTE'].fields_by_name['action']._serialized_options = b'\342A\001\002'
+  _globals['_ROUTE'].fields_by_name['webhook_url']._loaded_options = None
+  _globals['_ROUTE'].fields_by_name['webhook_url']._serialized_options = b'\030\001'
   _globals['_ROUTE'].fields_by_name['create_time']._loaded_options = None
   _globals['_ROUTE'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_ROUTE'].fields_by_name['update_time']._loaded_options = None
@@ -56,6 +58,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEROUTEREQUEST'].fields_by_name['match']._serialized_options = b'\342A\001\002'
   _globals['_CREATEROUTEREQUEST'].fields_by_name['action']._loaded_options = None
   _globals['_CREATEROUTEREQUEST'].fields_by_name['action']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEROUTEREQUEST'].fields_by_name['webhook_url']._loaded_options = None
+  _globals['_CREATEROUTEREQUEST'].fields_by_name['webhook_url']._serialized_options = b'\030\001'
   _globals['_GETROUTEREQUEST'].fields_by_name['domain_id']._loaded_options = None
   _globals['_GETROUTEREQUEST'].fields_by_name['domain_id']._serialized_options = b'\342A\001\002'
   _globals['_GETROUTEREQUEST'].fields_by_name['id']._loaded_options = None
@@ -68,6 +72,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEROUTEREQUEST'].fields_by_name['match']._serialized_options = b'\342A\001\002'
   _globals['_UPDATEROUTEREQUEST'].fields_by_name['action']._loaded_options = None
   _globals['_UPDATEROUTEREQUEST'].fields_by_name['action']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEROUTEREQUEST'].fields_by_name['webhook_url']._loaded_options = None
+  _globals['_UPDATEROUTEREQUEST'].fields_by_name['webhook_url']._serialized_options = b'\030\001'
   _globals['_DELETEROUTEREQUEST'].fields_by_name['domain_id']._loaded_options = None
   _globals['_DELETEROUTEREQUEST'].fields_by_name['domain_id']._serialized_options = b'\342A\001\002'
   _globals['_DELETEROUTEREQUEST'].fields_by_name['id']._loaded_options = None
@@ -87,23 +93,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTESERVICE'].methods_by_name['ResolveInboundRecipient']._loaded_options = None
   _globals['_ROUTESERVICE'].methods_by_name['ResolveInboundRecipient']._serialized_options = b'\242\273\030\020\n\014domains:read\030\001'
   _globals['_ROUTE']._serialized_start=203
-  _globals['_ROUTE']._serialized_end=618
-  _globals['_LISTROUTESREQUEST']._serialized_start=620
-  _globals['_LISTROUTESREQUEST']._serialized_end=674
-  _globals['_LISTROUTESRESPONSE']._serialized_start=676
-  _globals['_LISTROUTESRESPONSE']._serialized_end=744
-  _globals['_CREATEROUTEREQUEST']._serialized_start=747
-  _globals['_CREATEROUTEREQUEST']._serialized_end=1019
-  _globals['_GETROUTEREQUEST']._serialized_start=1021
-  _globals['_GETROUTEREQUEST']._serialized_end=1095
-  _globals['_UPDATEROUTEREQUEST']._serialized_start=1098
-  _globals['_UPDATEROUTEREQUEST']._serialized_end=1392
-  _globals['_DELETEROUTEREQUEST']._serialized_start=1394
-  _globals['_DELETEROUTEREQUEST']._serialized_end=1471
-  _globals['_RESOLVEINBOUNDRECIPIENTREQUEST']._serialized_start=1473
-  _globals['_RESOLVEINBOUNDRECIPIENTREQUEST']._serialized_end=1537
-  _globals['_INBOUNDRECIPIENT']._serialized_start=1540
-  _globals['_INBOUNDRECIPIENT']._serialized_end=1695
-  _globals['_ROUTESERVICE']._serialized_start=1698
-  _globals['_ROUTESERVICE']._serialized_end=2570
+  _globals['_ROUTE']._serialized_end=653
+  _globals['_LISTROUTESREQUEST']._serialized_start=655
+  _globals['_LISTROUTESREQUEST']._serialized_end=709
+  _globals['_LISTROUTESRESPONSE']._serialized_start=711
+  _globals['_LISTROUTESRESPONSE']._serialized_end=779
+  _globals['_CREATEROUTEREQUEST']._serialized_start=782
+  _globals['_CREATEROUTEREQUEST']._serialized_end=1089
+  _globals['_GETROUTEREQUEST']._serialized_start=1091
+  _globals['_GETROUTEREQUEST']._serialized_end=1165
+  _globals['_UPDATEROUTEREQUEST']._serialized_start=1168
+  _globals['_UPDATEROUTEREQUEST']._serialized_end=1497
+  _globals['_DELETEROUTEREQUEST']._serialized_start=1499
+  _globals['_DELETEROUTEREQUEST']._serialized_end=1576
+  _globals['_RESOLVEINBOUNDRECIPIENTREQUEST']._serialized_start=1578
+  _globals['_RESOLVEINBOUNDRECIPIENTREQUEST']._serialized_end=1642
+  _globals['_INBOUNDRECIPIENT']._serialized_start=1645
+  _globals['_INBOUNDRECIPIENT']._serialized_end=1800
+  _globals['_ROUTESERVICE']._serialized_start=1803
+  _globals['_ROUTESERVICE']._serialized_end=2675
 # @@protoc_insertion_point(module_scope)

@@ -17,6 +17,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -36,6 +41,7 @@ class Route(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier, assigned on creation."""
     domain_id: _builtins.str
@@ -52,19 +58,41 @@ class Route(_message.Message):
     """
     action: _builtins.str
     """What happens to matching mail: "store" (kept for GET /api/v1/inbound), "reject" (refused
-    at RCPT with reject_text), "forward" (to forward_to), "webhook" (POSTed to webhook_url).
+    at RCPT with reject_text), "forward" (queued to forward_to through the domain's relay, the
+    original message unchanged, envelope sender SRS-rewritten), "webhook" (POSTed as JSON to
+    the webhook endpoint webhook_id, signed and retried like event webhooks). Every accepted
+    message is also kept for GET /api/v1/inbound, whatever the action.
     """
-    webhook_url: _builtins.str
-    """"webhook" only: the HTTPS URL the message is POSTed to."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def webhook_url(self) -> _builtins.str:
+        """Not used: a webhook route names an endpoint (webhook_id), whose URL, secrets, attempt log
+        and replay apply. A non-empty value is refused (INVALID_ARGUMENT).
+        """
+
+    @webhook_url.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def webhook_url(self, value: _builtins.str) -> None:
+        """Not used: a webhook route names an endpoint (webhook_id), whose URL, secrets, attempt log
+        and replay apply. A non-empty value is refused (INVALID_ARGUMENT).
+        """
+
     reject_text: _builtins.str
     """"reject" only: the text of the 550 reply (printable ASCII, at most 200 characters;
     default "Recipient rejected").
     """
     description: _builtins.str
     """Free text for the tenant (at most 200 characters)."""
+    webhook_id: _builtins.str
+    """"webhook" only: the id of one of the tenant's webhook endpoints (POST /api/v1/webhooks).
+    Its URL and signing secrets are used, its delivery log lists the messages and replays
+    them; its event_types filter does not apply to routed messages (type "inbound.received").
+    """
     @_builtins.property
     def forward_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """"forward" only: the addresses the mail goes on to (1 to 10)."""
+        """"forward" only: the addresses the mail goes on to (1 to 10, none at the route's own
+        domain, which would bring the message back here).
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -88,10 +116,11 @@ class Route(_message.Message):
         description: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        webhook_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "create_time", b"create_time", "description", b"description", "domain_id", b"domain_id", "forward_to", b"forward_to", "id", b"id", "match", b"match", "priority", b"priority", "reject_text", b"reject_text", "update_time", b"update_time", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "create_time", b"create_time", "description", b"description", "domain_id", b"domain_id", "forward_to", b"forward_to", "id", b"id", "match", b"match", "priority", b"priority", "reject_text", b"reject_text", "update_time", b"update_time", "webhook_id", b"webhook_id", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -157,6 +186,7 @@ class CreateRouteRequest(_message.Message):
     WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     REJECT_TEXT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain's id."""
     match: _builtins.str
@@ -165,12 +195,22 @@ class CreateRouteRequest(_message.Message):
     """Order among the domain's routes (Route.priority)."""
     action: _builtins.str
     """What happens to matching mail (Route.action)."""
-    webhook_url: _builtins.str
-    """"webhook" only (Route.webhook_url)."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def webhook_url(self) -> _builtins.str:
+        """Not used (Route.webhook_url): a non-empty value is refused."""
+
+    @webhook_url.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def webhook_url(self, value: _builtins.str) -> None:
+        """Not used (Route.webhook_url): a non-empty value is refused."""
+
     reject_text: _builtins.str
     """"reject" only (Route.reject_text)."""
     description: _builtins.str
     """Free text (Route.description)."""
+    webhook_id: _builtins.str
+    """"webhook" only (Route.webhook_id)."""
     @_builtins.property
     def forward_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"forward" only (Route.forward_to)."""
@@ -186,10 +226,11 @@ class CreateRouteRequest(_message.Message):
         webhook_url: _builtins.str = ...,
         reject_text: _builtins.str = ...,
         description: _builtins.str = ...,
+        webhook_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "description", b"description", "domain_id", b"domain_id", "forward_to", b"forward_to", "match", b"match", "priority", b"priority", "reject_text", b"reject_text", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "description", b"description", "domain_id", b"domain_id", "forward_to", b"forward_to", "match", b"match", "priority", b"priority", "reject_text", b"reject_text", "webhook_id", b"webhook_id", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -236,6 +277,7 @@ class UpdateRouteRequest(_message.Message):
     WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     REJECT_TEXT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """The domain's id."""
     id: _builtins.str
@@ -246,12 +288,22 @@ class UpdateRouteRequest(_message.Message):
     """Order among the domain's routes (Route.priority)."""
     action: _builtins.str
     """What happens to matching mail (Route.action)."""
-    webhook_url: _builtins.str
-    """"webhook" only (Route.webhook_url)."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def webhook_url(self) -> _builtins.str:
+        """Not used (Route.webhook_url): a non-empty value is refused."""
+
+    @webhook_url.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def webhook_url(self, value: _builtins.str) -> None:
+        """Not used (Route.webhook_url): a non-empty value is refused."""
+
     reject_text: _builtins.str
     """"reject" only (Route.reject_text)."""
     description: _builtins.str
     """Free text (Route.description)."""
+    webhook_id: _builtins.str
+    """"webhook" only (Route.webhook_id)."""
     @_builtins.property
     def forward_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"forward" only (Route.forward_to)."""
@@ -268,10 +320,11 @@ class UpdateRouteRequest(_message.Message):
         webhook_url: _builtins.str = ...,
         reject_text: _builtins.str = ...,
         description: _builtins.str = ...,
+        webhook_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "description", b"description", "domain_id", b"domain_id", "forward_to", b"forward_to", "id", b"id", "match", b"match", "priority", b"priority", "reject_text", b"reject_text", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "description", b"description", "domain_id", b"domain_id", "forward_to", b"forward_to", "id", b"id", "match", b"match", "priority", b"priority", "reject_text", b"reject_text", "webhook_id", b"webhook_id", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -89,9 +89,10 @@ class RouteServiceServicer:
     def CreateRoute(self, request, context):
         """Adds a route to a domain.
         Errors: DOMAIN_NOT_FOUND, INVALID_ARGUMENT (field named: match, action, priority,
-        forward_to, webhook_url, reject_text), FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE
-        (the "webhook" and "forward" actions are not available yet), RESOURCE_EXHAUSTED
-        TOO_MANY_ROUTES.
+        forward_to, webhook_id (missing, malformed, or not a webhook endpoint of the tenant),
+        webhook_url, reject_text, description), UNAVAILABLE (the mail service could not be asked
+        whether the webhook endpoint exists), FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE
+        (the webhook endpoint is disabled), RESOURCE_EXHAUSTED TOO_MANY_ROUTES.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,8 +108,8 @@ class RouteServiceServicer:
 
     def UpdateRoute(self, request, context):
         """Replaces a route's match, priority, action and action settings.
-        Errors: DOMAIN_NOT_FOUND, INBOUND_ROUTE_NOT_FOUND, INVALID_ARGUMENT (as CreateRoute),
-        FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE.
+        Errors: DOMAIN_NOT_FOUND, INBOUND_ROUTE_NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE and
+        FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE (as CreateRoute).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,9 +45,10 @@ class RouteServiceStub:
     CreateRoute: _grpc.UnaryUnaryMultiCallable[_routes_pb2.CreateRouteRequest, _routes_pb2.Route]
     """Adds a route to a domain.
     Errors: DOMAIN_NOT_FOUND, INVALID_ARGUMENT (field named: match, action, priority,
-    forward_to, webhook_url, reject_text), FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE
-    (the "webhook" and "forward" actions are not available yet), RESOURCE_EXHAUSTED
-    TOO_MANY_ROUTES.
+    forward_to, webhook_id (missing, malformed, or not a webhook endpoint of the tenant),
+    webhook_url, reject_text, description), UNAVAILABLE (the mail service could not be asked
+    whether the webhook endpoint exists), FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE
+    (the webhook endpoint is disabled), RESOURCE_EXHAUSTED TOO_MANY_ROUTES.
     """
     GetRoute: _grpc.UnaryUnaryMultiCallable[_routes_pb2.GetRouteRequest, _routes_pb2.Route]
     """Returns one route.
@@ -55,8 +56,8 @@ class RouteServiceStub:
     """
     UpdateRoute: _grpc.UnaryUnaryMultiCallable[_routes_pb2.UpdateRouteRequest, _routes_pb2.Route]
     """Replaces a route's match, priority, action and action settings.
-    Errors: DOMAIN_NOT_FOUND, INBOUND_ROUTE_NOT_FOUND, INVALID_ARGUMENT (as CreateRoute),
-    FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE.
+    Errors: DOMAIN_NOT_FOUND, INBOUND_ROUTE_NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE and
+    FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE (as CreateRoute).
     """
     DeleteRoute: _grpc.UnaryUnaryMultiCallable[_routes_pb2.DeleteRouteRequest, _empty_pb2.Empty]
     """Removes a route: its recipients fall through to the next matching route, or are refused.
@@ -87,9 +88,10 @@ class RouteServiceAsyncStub(RouteServiceStub):
     CreateRoute: _aio.UnaryUnaryMultiCallable[_routes_pb2.CreateRouteRequest, _routes_pb2.Route]  # type: ignore[assignment]
     """Adds a route to a domain.
     Errors: DOMAIN_NOT_FOUND, INVALID_ARGUMENT (field named: match, action, priority,
-    forward_to, webhook_url, reject_text), FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE
-    (the "webhook" and "forward" actions are not available yet), RESOURCE_EXHAUSTED
-    TOO_MANY_ROUTES.
+    forward_to, webhook_id (missing, malformed, or not a webhook endpoint of the tenant),
+    webhook_url, reject_text, description), UNAVAILABLE (the mail service could not be asked
+    whether the webhook endpoint exists), FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE
+    (the webhook endpoint is disabled), RESOURCE_EXHAUSTED TOO_MANY_ROUTES.
     """
     GetRoute: _aio.UnaryUnaryMultiCallable[_routes_pb2.GetRouteRequest, _routes_pb2.Route]  # type: ignore[assignment]
     """Returns one route.
@@ -97,8 +99,8 @@ class RouteServiceAsyncStub(RouteServiceStub):
     """
     UpdateRoute: _aio.UnaryUnaryMultiCallable[_routes_pb2.UpdateRouteRequest, _routes_pb2.Route]  # type: ignore[assignment]
     """Replaces a route's match, priority, action and action settings.
-    Errors: DOMAIN_NOT_FOUND, INBOUND_ROUTE_NOT_FOUND, INVALID_ARGUMENT (as CreateRoute),
-    FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE.
+    Errors: DOMAIN_NOT_FOUND, INBOUND_ROUTE_NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE and
+    FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE (as CreateRoute).
     """
     DeleteRoute: _aio.UnaryUnaryMultiCallable[_routes_pb2.DeleteRouteRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Removes a route: its recipients fall through to the next matching route, or are refused.
@@ -138,9 +140,10 @@ class RouteServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_routes_pb2.Route, _abc.Awaitable[_routes_pb2.Route]]:
         """Adds a route to a domain.
         Errors: DOMAIN_NOT_FOUND, INVALID_ARGUMENT (field named: match, action, priority,
-        forward_to, webhook_url, reject_text), FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE
-        (the "webhook" and "forward" actions are not available yet), RESOURCE_EXHAUSTED
-        TOO_MANY_ROUTES.
+        forward_to, webhook_id (missing, malformed, or not a webhook endpoint of the tenant),
+        webhook_url, reject_text, description), UNAVAILABLE (the mail service could not be asked
+        whether the webhook endpoint exists), FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE
+        (the webhook endpoint is disabled), RESOURCE_EXHAUSTED TOO_MANY_ROUTES.
         """
 
     @_abc_1.abstractmethod
@@ -160,8 +163,8 @@ class RouteServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_routes_pb2.Route, _abc.Awaitable[_routes_pb2.Route]]:
         """Replaces a route's match, priority, action and action settings.
-        Errors: DOMAIN_NOT_FOUND, INBOUND_ROUTE_NOT_FOUND, INVALID_ARGUMENT (as CreateRoute),
-        FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE.
+        Errors: DOMAIN_NOT_FOUND, INBOUND_ROUTE_NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE and
+        FAILED_PRECONDITION INBOUND_ACTION_NOT_AVAILABLE (as CreateRoute).
         """
 
     @_abc_1.abstractmethod

@@ -292,7 +292,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     or none of its routes matches the address.
     """
     INBOUND_ACTION_NOT_AVAILABLE: _ErrorReason.ValueType  # 202
-    """FAILED_PRECONDITION: the route action is not available yet ("webhook", "forward")."""
+    """FAILED_PRECONDITION: the route's action cannot take mail now (a "webhook" route naming a
+    disabled webhook endpoint: enable it first).
+    """
     TOO_MANY_ROUTES: _ErrorReason.ValueType  # 203
     """RESOURCE_EXHAUSTED: the domain already has the maximum number of routes."""
     INBOUND_MESSAGE_NOT_FOUND: _ErrorReason.ValueType  # 204
@@ -589,7 +591,9 @@ NO_INBOUND_ROUTE: ErrorReason.ValueType  # 201
 or none of its routes matches the address.
 """
 INBOUND_ACTION_NOT_AVAILABLE: ErrorReason.ValueType  # 202
-"""FAILED_PRECONDITION: the route action is not available yet ("webhook", "forward")."""
+"""FAILED_PRECONDITION: the route's action cannot take mail now (a "webhook" route naming a
+disabled webhook endpoint: enable it first).
+"""
 TOO_MANY_ROUTES: ErrorReason.ValueType  # 203
 """RESOURCE_EXHAUSTED: the domain already has the maximum number of routes."""
 INBOUND_MESSAGE_NOT_FOUND: ErrorReason.ValueType  # 204

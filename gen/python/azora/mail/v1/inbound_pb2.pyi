@@ -47,6 +47,11 @@ class InboundMessage(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     HTML_FIELD_NUMBER: _builtins.int
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    OUTCOME_DETAIL_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    FORWARD_EMAIL_ID_FIELD_NUMBER: _builtins.int
+    FORWARD_TO_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier (the same message for the same recipient and route always gets the same one)."""
     domain_id: _builtins.str
@@ -58,9 +63,16 @@ class InboundMessage(_message.Message):
     route_id: _builtins.str
     """The route that matched the recipient."""
     action: _builtins.str
-    """The route's action when the message arrived ("store", ...)."""
+    """The route's action when the message arrived: "store", "webhook" or "forward"."""
     outcome: _builtins.str
-    """What came of the action: "stored"."""
+    """What came of the action, as of this answer: "stored" (store); "webhook_pending" (queued
+    or being retried), "webhook_delivered", "webhook_failed", "webhook_unknown" (the delivery
+    left the endpoint's log) (webhook); "forward_queued", "forwarded",
+    "forward_partially_sent", "forward_bounced", "forward_suppressed", "forward_failed",
+    "forward_unknown" (the email expired) (forward); "pending" while the action is being set
+    up; "failed" when it could not be (outcome_detail says why). The message itself is kept
+    in every case.
+    """
     client_address: _builtins.str
     """The SMTP client's address."""
     helo: _builtins.str
@@ -75,6 +87,18 @@ class InboundMessage(_message.Message):
     """GetInboundMessage only: the text/plain body."""
     html: _builtins.str
     """GetInboundMessage only: the text/html body."""
+    outcome_detail: _builtins.str
+    """Why the outcome is what it is (the last webhook attempt's answer, the forwarded email's
+    status, why the action could not be set up); "" when there is nothing to add.
+    """
+    webhook_id: _builtins.str
+    """"webhook" only: the endpoint the message was POSTed to."""
+    webhook_delivery_id: _builtins.str
+    """"webhook" only: the delivery in the endpoint's log
+    (GET /api/v1/webhooks/{webhook_id}/deliveries, replay with .../{id}/replay).
+    """
+    forward_email_id: _builtins.str
+    """"forward" only: the queued email that carries the message on (GET /api/v1/emails/{id})."""
     @_builtins.property
     def authentication(self) -> Global___AuthenticationResults:
         """Authentication of the incoming message."""
@@ -103,6 +127,10 @@ class InboundMessage(_message.Message):
     def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___InboundAttachment]:
         """GetInboundMessage only: the attachments (content through GetInboundMessageRaw)."""
 
+    @_builtins.property
+    def forward_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"forward" only: the addresses it was forwarded to."""
+
     def __init__(
         self,
         *,
@@ -127,10 +155,15 @@ class InboundMessage(_message.Message):
         text: _builtins.str = ...,
         html: _builtins.str = ...,
         attachments: _abc.Iterable[Global___InboundAttachment] | None = ...,
+        outcome_detail: _builtins.str = ...,
+        webhook_id: _builtins.str = ...,
+        webhook_delivery_id: _builtins.str = ...,
+        forward_email_id: _builtins.str = ...,
+        forward_to: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["authentication", b"authentication", "expire_time", b"expire_time", "receive_time", b"receive_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attachments", b"attachments", "authentication", b"authentication", "cc", b"cc", "client_address", b"client_address", "domain_id", b"domain_id", "envelope_from", b"envelope_from", "expire_time", b"expire_time", "from", b"from", "headers", b"headers", "helo", b"helo", "html", b"html", "id", b"id", "message_id", b"message_id", "outcome", b"outcome", "receive_time", b"receive_time", "recipient", b"recipient", "route_id", b"route_id", "size_bytes", b"size_bytes", "subject", b"subject", "text", b"text", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attachments", b"attachments", "authentication", b"authentication", "cc", b"cc", "client_address", b"client_address", "domain_id", b"domain_id", "envelope_from", b"envelope_from", "expire_time", b"expire_time", "forward_email_id", b"forward_email_id", "forward_to", b"forward_to", "from", b"from", "headers", b"headers", "helo", b"helo", "html", b"html", "id", b"id", "message_id", b"message_id", "outcome", b"outcome", "outcome_detail", b"outcome_detail", "receive_time", b"receive_time", "recipient", b"recipient", "route_id", b"route_id", "size_bytes", b"size_bytes", "subject", b"subject", "text", b"text", "to", b"to", "webhook_delivery_id", b"webhook_delivery_id", "webhook_id", b"webhook_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -358,6 +391,8 @@ class StoreInboundMessageRequest(_message.Message):
     HELO_FIELD_NUMBER: _builtins.int
     AUTHENTICATION_FIELD_NUMBER: _builtins.int
     ADDED_HEADERS_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    FORWARD_TO_FIELD_NUMBER: _builtins.int
     raw_message: _builtins.bytes
     """The message exactly as received after DATA (CRLF line ends, dot-unstuffed)."""
     envelope_from: _builtins.str
@@ -378,9 +413,15 @@ class StoreInboundMessageRequest(_message.Message):
     """The inbound server's Received and Authentication-Results header lines (CRLF-terminated),
     stored on top of the message; kept apart so that a retried message is recognised.
     """
+    webhook_id: _builtins.str
+    """"webhook" action: the route's webhook endpoint (one of the tenant's)."""
     @_builtins.property
     def authentication(self) -> Global___AuthenticationResults:
         """What the inbound server found checking the message."""
+
+    @_builtins.property
+    def forward_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"forward" action: the route's forwarding addresses."""
 
     def __init__(
         self,
@@ -395,10 +436,12 @@ class StoreInboundMessageRequest(_message.Message):
         helo: _builtins.str = ...,
         authentication: Global___AuthenticationResults | None = ...,
         added_headers: _builtins.bytes = ...,
+        webhook_id: _builtins.str = ...,
+        forward_to: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["authentication", b"authentication"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "added_headers", b"added_headers", "authentication", b"authentication", "client_address", b"client_address", "domain_id", b"domain_id", "envelope_from", b"envelope_from", "helo", b"helo", "raw_message", b"raw_message", "recipient", b"recipient", "route_id", b"route_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "added_headers", b"added_headers", "authentication", b"authentication", "client_address", b"client_address", "domain_id", b"domain_id", "envelope_from", b"envelope_from", "forward_to", b"forward_to", "helo", b"helo", "raw_message", b"raw_message", "recipient", b"recipient", "route_id", b"route_id", "webhook_id", b"webhook_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

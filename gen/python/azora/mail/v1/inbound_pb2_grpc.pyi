@@ -53,11 +53,15 @@ class InboundServiceStub:
     """
     StoreInboundMessage: _grpc.UnaryUnaryMultiCallable[_inbound_pb2.StoreInboundMessageRequest, _inbound_pb2.InboundMessage]
     """Stores one received message for one recipient, durably, before the inbound SMTP server
-    answers 250. Idempotent: the same message for the same recipient and route (a client
-    retrying after a lost 250) is stored once and answered with the stored record. The tenant
-    is the service token's. Internal: never exposed through the gateway.
+    answers 250, together with its route's action: for "webhook" the pending delivery to the
+    endpoint (sent by the webhook dispatcher), for "forward" the queued email (sent by the
+    delivery workers). Idempotent: the same message for the same recipient and route (a
+    client retrying after a lost 250) is stored once, its action set up once, and answered
+    with the stored record. The tenant is the service token's. Internal: never exposed
+    through the gateway.
     Errors: INVALID_ARGUMENT (field named: no message, a message over the size limit, no
-    recipient, no route), INTERNAL_ONLY (not a service principal).
+    recipient, no route, an unknown action, a webhook action without webhook_id, a forward
+    action without forward_to), INTERNAL_ONLY (not a service principal).
     """
 
 @_typing.type_check_only
@@ -84,11 +88,15 @@ class InboundServiceAsyncStub(InboundServiceStub):
     """
     StoreInboundMessage: _aio.UnaryUnaryMultiCallable[_inbound_pb2.StoreInboundMessageRequest, _inbound_pb2.InboundMessage]  # type: ignore[assignment]
     """Stores one received message for one recipient, durably, before the inbound SMTP server
-    answers 250. Idempotent: the same message for the same recipient and route (a client
-    retrying after a lost 250) is stored once and answered with the stored record. The tenant
-    is the service token's. Internal: never exposed through the gateway.
+    answers 250, together with its route's action: for "webhook" the pending delivery to the
+    endpoint (sent by the webhook dispatcher), for "forward" the queued email (sent by the
+    delivery workers). Idempotent: the same message for the same recipient and route (a
+    client retrying after a lost 250) is stored once, its action set up once, and answered
+    with the stored record. The tenant is the service token's. Internal: never exposed
+    through the gateway.
     Errors: INVALID_ARGUMENT (field named: no message, a message over the size limit, no
-    recipient, no route), INTERNAL_ONLY (not a service principal).
+    recipient, no route, an unknown action, a webhook action without webhook_id, a forward
+    action without forward_to), INTERNAL_ONLY (not a service principal).
     """
 
 class InboundServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -136,11 +144,15 @@ class InboundServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inbound_pb2.InboundMessage, _abc.Awaitable[_inbound_pb2.InboundMessage]]:
         """Stores one received message for one recipient, durably, before the inbound SMTP server
-        answers 250. Idempotent: the same message for the same recipient and route (a client
-        retrying after a lost 250) is stored once and answered with the stored record. The tenant
-        is the service token's. Internal: never exposed through the gateway.
+        answers 250, together with its route's action: for "webhook" the pending delivery to the
+        endpoint (sent by the webhook dispatcher), for "forward" the queued email (sent by the
+        delivery workers). Idempotent: the same message for the same recipient and route (a
+        client retrying after a lost 250) is stored once, its action set up once, and answered
+        with the stored record. The tenant is the service token's. Internal: never exposed
+        through the gateway.
         Errors: INVALID_ARGUMENT (field named: no message, a message over the size limit, no
-        recipient, no route), INTERNAL_ONLY (not a service principal).
+        recipient, no route, an unknown action, a webhook action without webhook_id, a forward
+        action without forward_to), INTERNAL_ONLY (not a service principal).
         """
 
 def add_InboundServiceServicer_to_server(servicer: InboundServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

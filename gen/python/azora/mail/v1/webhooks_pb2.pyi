@@ -84,7 +84,10 @@ class Webhook(_message.Message):
     """
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Event types sent ("sent", "bounced", ..., "webhook.disabled"); empty means every type."""
+        """Event types sent ("sent", "bounced", ..., "webhook.disabled"); empty means every type.
+        "inbound.received" alone: only the received mail of webhook routes naming this endpoint
+        (which those routes send whatever this list says).
+        """
 
     @_builtins.property
     def domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
