@@ -72,8 +72,13 @@ def hash_api_key(secret: str) -> str:
 
 
 def new_api_key_secret(*, test: bool = False) -> str:
-    """A fresh API key secret (``azk_test_...`` for a test key)."""
-    return (TEST_API_KEY_PREFIX if test else API_KEY_PREFIX) + secrets.token_urlsafe(32)
+    """A fresh API key secret (``azk_test_...`` for a test key, never for a live one)."""
+    if test:
+        return TEST_API_KEY_PREFIX + secrets.token_urlsafe(32)
+    while True:  # a live secret that reads like a test key's would mislead whoever holds it
+        secret = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        if not secret.startswith(TEST_API_KEY_PREFIX):
+            return secret
 
 
 def constant_time_equal(a: str, b: str) -> bool:
