@@ -49,7 +49,9 @@ class GrpcApiKeyResolver:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
                 return None
             raise Unavailable("the API key service is unreachable") from None
-        return Principal(reply.tenant_id, f"apikey:{reply.key_id}", frozenset(reply.scopes))
+        return Principal(
+            reply.tenant_id, f"apikey:{reply.key_id}", frozenset(reply.scopes), test=reply.test
+        )
 
 
 def remote_api_key_resolver(settings: Settings) -> tuple[CachingApiKeyResolver, grpc.aio.Channel]:

@@ -36,6 +36,9 @@ from services.core.errors import PermissionDenied, Unauthenticated
 from services.core.settings import DEV_TENANT_ID, Settings
 
 API_KEY_PREFIX = "azk_"
+# Test keys' secrets start with this (also an API_KEY_PREFIX): recognisable in a config file.
+# What makes a key a test key is the stored key, not the spelling of its secret.
+TEST_API_KEY_PREFIX = "azk_test_"
 # Subjects of service JWTs, which services mint for each other (e.g. "service:mail").
 SERVICE_SUBJECT_PREFIX = "service:"
 # Issuer and audience of service JWTs; a token needs both (and the service key) to be one.
@@ -68,9 +71,14 @@ def hash_api_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def new_api_key_secret() -> str:
-    """A fresh API key secret."""
-    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+def new_api_key_secret(*, test: bool = False) -> str:
+    """A fresh API key secret (``azk_test_...`` for a test key, never for a live one)."""
+    if test:
+        return TEST_API_KEY_PREFIX + secrets.token_urlsafe(32)
+    while True:  # a live secret that reads like a test key's would mislead whoever holds it
+        secret = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        if not secret.startswith(TEST_API_KEY_PREFIX):
+            return secret
 
 
 def constant_time_equal(a: str, b: str) -> bool:
@@ -280,7 +288,9 @@ class Authenticator:
         principal = await self._api_keys.resolve(secret=secret)
         if principal is None:
             raise Unauthenticated("API key unknown, revoked or expired", reason="INVALID_API_KEY")
-        return Principal(principal.tenant_id, principal.subject, principal.scopes, credentials)
+        return Principal(
+            principal.tenant_id, principal.subject, principal.scopes, credentials, principal.test
+        )
 
     def _from_jwt(self, token: str, credentials: str) -> Principal:
         service = self._service_claims(token)
@@ -421,6 +431,10 @@ def _tenant(claims: Mapping[str, object]) -> str:
     tenant = claims.get(TENANT_CLAIM)
     if not isinstance(tenant, str) or not tenant:
         raise Unauthenticated("token has no tenant claim", reason="INVALID_TOKEN")
+    if any(ord(c) < 32 or ord(c) == 127 for c in tenant):
+        # Storage keys join a tenant to other parts with control characters (e.g. the mail
+        # service's test partition): a tenant holding one could reach into another's.
+        raise Unauthenticated("the tenant claim holds control characters", reason="INVALID_TOKEN")
     return tenant
 
 

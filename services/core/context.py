@@ -23,19 +23,24 @@ class Principal:
         scopes: granted scopes; "*" grants everything.
         credentials: the raw authorization value, forwarded on calls to other services so they
             authenticate the same principal (never logged).
+        test: a test API key: the emails it sends are simulated, never handed to a relay, and
+            count against no sending quota.
     """
 
     tenant_id: str
     subject: str
     scopes: frozenset[str]
     credentials: str = ""
+    test: bool = False
 
     def has_scope(self, scope: str) -> bool:
         """Whether the principal may use a method that requires `scope`."""
         return not scope or "*" in self.scopes or scope in self.scopes
 
     def __repr__(self) -> str:  # keep credentials out of reprs and logs
-        return f"Principal(tenant_id={self.tenant_id!r}, subject={self.subject!r})"
+        return (
+            f"Principal(tenant_id={self.tenant_id!r}, subject={self.subject!r}, test={self.test})"
+        )
 
 
 principal_var: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(

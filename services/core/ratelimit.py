@@ -708,7 +708,9 @@ class RateLimiter:
             checks.append((budget, f"ip:{ip}", "ip"))
         if principal is not None:
             checks.append((budget, f"principal:{principal.tenant_id}/{principal.subject}", "user"))
-        if send and principal is not None:
+        # Test keys' emails never leave the building: they count against no sending quota
+        # (the send rate budget above still applies to them).
+        if send and principal is not None and not principal.test:
             for quota in (self.policy.hourly, self.policy.daily):
                 if quota.limit:
                     checks.append((quota, _tenant_key(principal), "tenant"))
@@ -762,7 +764,9 @@ class RateLimiter:
         return self.counters.total(budget, f"ip:{ip}", now)[0]
 
     def record_send(self, principal: Principal, emails: int = 1) -> None:
-        """Count accepted emails against the tenant's hourly and daily quotas."""
+        """Count accepted emails against the tenant's hourly and daily quotas (not a test key's)."""
+        if principal.test:
+            return
         now = self.counters.now_ms()
         for quota in (self.policy.hourly, self.policy.daily):
             if quota.limit:

@@ -4,6 +4,11 @@ Only a SHA-256 hash of each secret is stored (the secret has 256 random bits, so
 adds nothing). Resolution looks the hash up through a unique index and compares it again in
 constant time. ``last_used_at`` is written at most once a minute per key, so authentication does
 not turn every read request into a database write.
+
+A key is live or a test key (``test``, fixed at creation; its secret starts ``azk_test_``): a
+test key's principal is marked test, and the mail service simulates the emails it sends
+instead of relaying them. A test key may create test keys only, so it never leads to a live
+send.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class ApiKey:
     revoked_at: datetime | None = None
     expires_at: datetime | None = None
     last_used_at: datetime | None = None
+    test: bool = False
 
     def usable_at(self, now: datetime) -> bool:
         """Whether the key authenticates at `now`."""
@@ -95,6 +101,7 @@ def _to_doc(key: ApiKey) -> Document:
         "revoked_at": key.revoked_at,
         "expires_at": key.expires_at,
         "last_used_at": key.last_used_at,
+        "test": key.test,
     }
 
 
@@ -110,6 +117,7 @@ def _from_doc(doc: Document) -> ApiKey:
         revoked_at=doc.get("revoked_at"),
         expires_at=doc.get("expires_at"),
         last_used_at=doc.get("last_used_at"),
+        test=bool(doc.get("test", False)),
     )
 
 
@@ -185,15 +193,17 @@ class ApiKeyManager:
         name: str,
         scopes: Iterable[str],
         expires_at: datetime | None,
+        test: bool = False,
     ) -> tuple[ApiKey, str]:
-        """Create a key for the creator's tenant.
+        """Create a key for the creator's tenant (a test key with `test`).
 
         Returns:
             The key and its secret (the only time the secret exists outside the client).
 
         Raises:
             InvalidArgument: bad name, unknown scope or an expiry in the past.
-            PermissionDenied: a requested scope is not held by the creator.
+            PermissionDenied: a requested scope is not held by the creator, or the creator is a
+                test key asking for a live key.
         """
         now = self._clock.now()
         requested = frozenset(s.strip() for s in scopes)
@@ -213,6 +223,11 @@ class ApiKeyManager:
             violations.append(FieldViolation("expire_time", "must be in the future"))
         if violations:
             raise InvalidArgument(violations)
+        if creator.test and not test:
+            raise PermissionDenied(
+                "a test key can create test keys only (set test)",
+                reason="TEST_KEY_CANNOT_CREATE_LIVE_KEY",
+            )
         granted = requested or creator.scopes
         missing = sorted(s for s in granted if not creator.has_scope(s))
         if missing:
@@ -220,7 +235,7 @@ class ApiKeyManager:
                 f"cannot grant scopes the creator does not hold: {', '.join(missing)}",
                 reason="SCOPE_ESCALATION",
             )
-        secret = new_api_key_secret()
+        secret = new_api_key_secret(test=test)
         key = ApiKey(
             id=new_id(),
             tenant_id=creator.tenant_id,
@@ -230,6 +245,7 @@ class ApiKeyManager:
             key_hash=hash_api_key(secret),
             created_at=now,
             expires_at=expires_at,
+            test=test,
         )
         await self._keys.insert(key=key)
         return key, secret
@@ -270,4 +286,4 @@ class ApiKeyManager:
         if key.last_used_at is None or now - key.last_used_at >= _TOUCH_INTERVAL:
             await self._keys.touch(key_id=key.id, now=now)
             key = replace(key, last_used_at=now)
-        return Principal(key.tenant_id, f"apikey:{key.id}", key.scopes)
+        return Principal(key.tenant_id, f"apikey:{key.id}", key.scopes, test=key.test)

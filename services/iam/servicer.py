@@ -26,6 +26,7 @@ def key_to_proto(key: ApiKey) -> api_keys_pb2.ApiKey:
         revoke_time=to_timestamp(key.revoked_at),
         expire_time=to_timestamp(key.expires_at),
         last_used_time=to_timestamp(key.last_used_at),
+        test=key.test,
     )
 
 
@@ -46,6 +47,7 @@ class ApiKeyServicer(api_keys_pb2_grpc.ApiKeyServiceServicer):
             expires_at=from_timestamp(request.expire_time)
             if request.HasField("expire_time")
             else None,
+            test=request.test,
         )
         return api_keys_pb2.CreateApiKeyResponse(api_key=key_to_proto(key), secret=secret)
 
@@ -80,4 +82,5 @@ class ApiKeyServicer(api_keys_pb2_grpc.ApiKeyServiceServicer):
             tenant_id=principal.tenant_id,
             key_id=principal.subject.removeprefix("apikey:"),
             scopes=sorted(principal.scopes),
+            test=principal.test,
         )

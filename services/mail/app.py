@@ -83,6 +83,7 @@ def policy_from(settings: MailSettings) -> MailPolicy:
         idempotency_ttl=timedelta(seconds=settings.mail_idempotency_ttl),
         retention=timedelta(days=settings.retention_days),
         tenant_retention={t: timedelta(days=d) for t, d in settings.retention_tenant_days},
+        test_retention=timedelta(hours=settings.test_retention_hours),
         default_page_size=settings.default_page_size,
         max_page_size=settings.max_page_size,
     )

@@ -16,6 +16,10 @@ is bounded by the worker's concurrency. On shutdown (`stop`, then `wait_quiet` f
 period) deliveries in progress finish and record; one still unrecorded when the grace period
 ends is cancelled without releasing its lease, so nobody attempts it again before the lease
 expires (the window above, no wider).
+
+A test email (sent with a test API key) is claimed, signed and recorded exactly like any other,
+but never handed to a relay: its replies come from `services.mail.simulation`, and the outcome
+rules take them as they would a relay's. No relay is looked up or contacted for it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from services.mail.queue import DeliveryQueue
 from services.mail.relay_health import RelayHealthStore, RelayOutcome
 from services.mail.relay_lookup import RelayEndpoint, RelayLookup
 from services.mail.relay_pool import RelayPool
+from services.mail.simulation import replies_for
 
 log = logging.getLogger(__name__)
 
@@ -348,8 +353,13 @@ class DeliveryWorker:
             return {}, None
         try:
             content = await self._queue.content(email=email)
-            endpoint = await self._relays.endpoint(
-                tenant_id=email.tenant_id, domain_id=email.domain_id
+            # A test email needs no relay (and must not depend on one being reachable).
+            endpoint = (
+                None
+                if email.test
+                else await self._relays.endpoint(
+                    tenant_id=email.tenant_id, domain_id=email.domain_id
+                )
             )
             signer = await self._relays.signer(tenant_id=email.tenant_id, domain_id=email.domain_id)
         except AzoraError as exc:
@@ -362,6 +372,9 @@ class DeliveryWorker:
             DKIM_SIGNATURES.labels(outcome="signed").inc()
         else:
             message = content
+        if endpoint is None:
+            # Test mode: signed like any email, then answered by the simulation, not a relay.
+            return replies_for(recipients), None
         replies = await self._pool.send(
             endpoint, envelope_from=email.envelope_from, recipients=recipients, message=message
         )

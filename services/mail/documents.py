@@ -18,6 +18,16 @@ Collections (written only by the mail service):
 * ``email_keys``: one small document per (email, recipient address) and (email, tag) for
   ListEmails' recipient and tag filters (`services.mail.repository`).
 * GridFS bucket ``email_content``: built messages above the inline limit.
+
+Test emails (sent with a test API key: simulated, never relayed) are stored in their tenant's
+test partition: the document's ``tenant_id`` is `partition` (the tenant, a unit separator
+character, ``test``) and
+``test`` is true. Every tenant-scoped index and query (ListEmails and its lookup keys, stats
+counts, queue depth) thereby keeps live and test mail apart without another index, and a
+listing or count of one never reads the other. `email_from_doc` gives the tenant back; a
+document is read by ``_id`` and checked against either partition of the caller's tenant
+(`belongs_to`). Events, suppressions and relays use the tenant itself (tenants hold no control
+characters: `services.core.auth` refuses them).
 """
 
 from __future__ import annotations
@@ -51,9 +61,21 @@ KEYS = "email_keys"
 # Progress of one-off data migrations of the mail storage, one document each.
 MIGRATIONS = "email_migrations"
 CONTENT_BUCKET = "email_content"
+# Appended to a tenant id: the partition of its test emails (see the module docstring).
+TEST_PARTITION_SUFFIX = "\x1ftest"
 # Reads for the API never carry the message bytes. (findAndModify cannot project on FerretDB
 # 1.24, "fields is not implemented yet": those return the whole document, content dropped.)
 NO_CONTENT = {"content": 0}
+
+
+def partition(tenant_id: str, test: bool) -> str:
+    """The ``tenant_id`` stored on a tenant's live (or, with `test`, test) emails."""
+    return tenant_id + TEST_PARTITION_SUFFIX if test else tenant_id
+
+
+def belongs_to(doc: Document, tenant_id: str) -> bool:
+    """Whether an email document is the tenant's (live or test)."""
+    return doc.get("tenant_id") in (tenant_id, tenant_id + TEST_PARTITION_SUFFIX)
 
 
 def _reply_doc(reply: SmtpReply | None) -> Document | None:
@@ -139,6 +161,7 @@ def feed_events(email: Email, events: Sequence[Event]) -> list[Document]:
                 else None
             ),
             reason=e.detail or None,
+            test=email.test,
         )
         for e in events
         if e.type not in _UNPUBLISHED
@@ -153,7 +176,8 @@ def email_doc(email: Email) -> Document:
     """
     return {
         "_id": email.id,
-        "tenant_id": email.tenant_id,
+        "tenant_id": partition(email.tenant_id, email.test),
+        "test": email.test,
         "domain_id": email.domain_id,
         "domain_name": email.domain_name,
         "from": email.from_address,
@@ -205,9 +229,11 @@ def email_doc(email: Email) -> Document:
 def email_from_doc(doc: Document) -> Email:
     """The email a stored document holds."""
     content = doc.get("content")
+    test = bool(doc.get("test", False))
+    tenant_id = str(doc["tenant_id"])
     return Email(
         id=doc["_id"],
-        tenant_id=doc["tenant_id"],
+        tenant_id=tenant_id.removesuffix(TEST_PARTITION_SUFFIX) if test else tenant_id,
         domain_id=doc["domain_id"],
         domain_name=doc["domain_name"],
         from_address=doc["from"],
@@ -243,6 +269,7 @@ def email_from_doc(doc: Document) -> Email:
         content_file_id=doc.get("content_file_id", ""),
         template_id=doc.get("template_id", ""),
         template_version=int(doc.get("template_version", 0)),
+        test=test,
     )
 
 
@@ -334,6 +361,8 @@ __all__ = [
     "MIGRATIONS",
     "NO_CONTENT",
     "QUEUE",
+    "TEST_PARTITION_SUFFIX",
+    "belongs_to",
     "email_doc",
     "email_from_doc",
     "event_doc",
@@ -341,6 +370,7 @@ __all__ = [
     "find_by_ids",
     "insert_many_unique",
     "key_docs",
+    "partition",
     "recipient_doc",
     "transition_update",
 ]

@@ -10,6 +10,12 @@ request that fails after reserving its key and before its email is stored gives 
 the corrected retry is accepted. A batch checks and builds every message first, then stores the
 valid ones together (`EmailRepository.insert_many`); its one idempotency key is covered by
 `services.mail.batch`.
+
+Test mode: a test API key's emails (``test``) go through every step above like any other; only
+the worker answers them with simulated replies instead of a relay's (`services.mail.simulation`),
+and ``suppressed@`` of the test domain is suppressed here as a listed address would be. A test
+email's idempotency fingerprint differs from a live one's, so a key never answers a live
+request with a test email or the other way round.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from services.core.errors import (
 from services.core.ids import check_id, decode_page_token, encode_page_token, new_id, page_size
 from services.core.metrics import EMAILS_ACCEPTED
 from services.core.tracing import trace_carrier
-from services.mail import raw_message
+from services.mail import raw_message, simulation
 from services.mail.batch import (
     MAX_BATCH,
     BatchMessage,
@@ -116,6 +122,8 @@ class MailPolicy:
     # How long finished emails are kept after they finished, and per-tenant exceptions.
     retention: timedelta = timedelta(days=30)
     tenant_retention: dict[str, timedelta] = field(default_factory=dict)
+    # How long finished test emails are kept (whatever their tenant's retention).
+    test_retention: timedelta = timedelta(days=1)
 
     def retention_of(self, tenant_id: str) -> timedelta:
         """How long the tenant's finished emails are kept."""
@@ -162,12 +170,17 @@ class MailManager:
         self._policy = policy
 
     async def send(
-        self, *, tenant_id: str, request: SendInput, template: TemplateUse | None = None
+        self,
+        *,
+        tenant_id: str,
+        request: SendInput,
+        template: TemplateUse | None = None,
+        test: bool = False,
     ) -> Email:
         """Accept an email: validate, store the built message, answer queued or scheduled.
 
         With `template`, its rendered subject, html and text are the email's content (and
-        the request may hold none of the three).
+        the request may hold none of the three). With `test` it is a test email (simulated).
 
         Raises:
             InvalidArgument: a field is invalid (each violation names it), a template variable
@@ -179,13 +192,15 @@ class MailManager:
             Unavailable: the domain or SMTP service cannot answer.
         """
         now = self._clock.now()
-        fingerprint = send_fingerprint(request, template)
+        fingerprint = _mode(test) + send_fingerprint(request, template)
         prepared = await self._prepare(
             tenant_id=tenant_id, request=request, template=template, now=now, domains={}
         )
 
         async def store(email_id: str) -> Email:
-            email = self._build(prepared, tenant_id=tenant_id, email_id=email_id, now=now)
+            email = self._build(
+                prepared, tenant_id=tenant_id, email_id=email_id, now=now, test=test
+            )
             await self._suppress(tenant_id, [email], now=now)
             if not await self._emails.insert(email=email):
                 # A concurrent duplicate (same key, same request) stored it first.
@@ -210,6 +225,7 @@ class MailManager:
         all_or_nothing: bool,
         idempotency_key: str,
         field_name: Callable[[str], str] = str,
+        test: bool = False,
     ) -> list[BatchResult]:
         """Accept up to `MAX_BATCH` emails; one result per message, in order.
 
@@ -237,7 +253,7 @@ class MailManager:
             )
         now = self._clock.now()
         ids = [new_id() for _ in messages]
-        fingerprint = batch_fingerprint(messages, all_or_nothing)
+        fingerprint = _mode(test) + batch_fingerprint(messages, all_or_nothing)
         if idempotency_key:
             if self._batches is None:  # pragma: no cover - wired in app.py
                 raise RuntimeError("batch idempotency store not configured")
@@ -282,7 +298,9 @@ class MailManager:
                     domains=domains,
                     relays=relays,
                 )
-                email = self._build(prepared, tenant_id=tenant_id, email_id=ids[i], now=now)
+                email = self._build(
+                    prepared, tenant_id=tenant_id, email_id=ids[i], now=now, test=test
+                )
             except (InvalidArgument, NotFound, FailedPrecondition) as exc:
                 results.append(BatchResult(i, error=batch_error(exc, f"messages[{i}]", field_name)))
                 continue
@@ -316,15 +334,25 @@ class MailManager:
         The one send-time check of every way in (SendEmail, batches, SMTP submission,
         resends): one lookup for all the emails' recipients, then `outcomes.suppress_new` per
         email (a suppressed recipient is SUPPRESSED with its entry's reason; all suppressed:
-        the email is, and no relay is ever contacted for it).
+        the email is, and no relay is ever contacted for it). A test email's ``suppressed@``
+        recipients of the test domain count as listed (`simulation.suppression`).
         """
-        if self._suppressions is None or not emails:
-            return
-        lookup = _Lookup(tenant_id, {r.address for e in emails for r in e.recipients})
-        await self._lookups.submit(lookup)
-        if lookup.found:
-            for email in emails:
-                suppress_new(email, lookup.found, now=now)
+        found: dict[str, str] = {}
+        if self._suppressions is not None and emails:
+            lookup = _Lookup(tenant_id, {r.address for e in emails for r in e.recipients})
+            await self._lookups.submit(lookup)
+            found = lookup.found
+        for email in emails:
+            hits = found
+            if email.test:
+                simulated = {
+                    r.address: reason
+                    for r in email.recipients
+                    if (reason := simulation.suppression(r.address)) is not None
+                }
+                hits = {**simulated, **found}
+            if hits:
+                suppress_new(email, hits, now=now)
 
     async def _look_up(self, batch: list[_Lookup]) -> list[bool]:
         """Answer a group of lookups: one `SuppressionList.suppressed` call per tenant."""
@@ -456,8 +484,16 @@ class MailManager:
         )
         return _Prepared(request, valid, domain, used)
 
-    def _build(self, prepared: _Prepared, *, tenant_id: str, email_id: str, now: datetime) -> Email:
-        """The email to store: built message, recipients, first events."""
+    def _build(
+        self,
+        prepared: _Prepared,
+        *,
+        tenant_id: str,
+        email_id: str,
+        now: datetime,
+        test: bool = False,
+    ) -> Email:
+        """The email to store: built message, recipients, first events (a test email's)."""
         request, valid, domain = prepared.request, prepared.valid, prepared.domain
         content, message_id = build_message(valid, email_id=email_id, domain=domain.name, now=now)
         if len(content) > self._policy.limits.max_message_size:
@@ -515,6 +551,7 @@ class MailManager:
             trace_context=trace_carrier(),
             template_id=prepared.template.template_id if prepared.template else "",
             template_version=prepared.template.version if prepared.template else 0,
+            test=test,
         )
 
     async def _sending_domain(
@@ -573,8 +610,10 @@ class MailManager:
             relays.add(domain.id)
         return domain
 
-    async def submit(self, *, tenant_id: str, submission: SubmitInput) -> Email:
+    async def submit(self, *, tenant_id: str, submission: SubmitInput, test: bool = False) -> Email:
         """Accept a whole message from the SMTP submission server, under SendEmail's rules.
+
+        With `test` (a test key authenticated the SMTP session) it is a test email.
 
         The envelope sender's domain and the From header's domain must both be active domains
         of the tenant with a relay; the email belongs to the From domain (DKIM d= aligns with
@@ -691,6 +730,7 @@ class MailManager:
                 idempotency_key=key,
                 content=content,
                 trace_context=trace_carrier(),
+                test=test,
             )
             await self._suppress(tenant_id, [email], now=now)
             if not await self._emails.insert(email=email):
@@ -703,8 +743,11 @@ class MailManager:
         return await self._idempotent(
             tenant_id=tenant_id,
             key=key,
-            fingerprint=lambda: raw_message.fingerprint(
-                submission.raw, submission.envelope_from, submission.envelope_to
+            fingerprint=lambda: (
+                _mode(test)
+                + raw_message.fingerprint(
+                    submission.raw, submission.envelope_from, submission.envelope_to
+                )
             ),
             now=now,
             store=store,
@@ -812,6 +855,7 @@ class MailManager:
             "tag": filter.tag or "",
             "start": filter.start.isoformat() if filter.start else "",
             "end": filter.end.isoformat() if filter.end else "",
+            "test": "1" if filter.test else "",
         }
         after = decode_page_token(page_token, query)
         emails = await self._emails.page(
@@ -918,18 +962,29 @@ class MailManager:
             violations=[PreconditionViolation("EMAIL_STATUS", "id", email.status.value)],
         )
 
-    async def resend(self, *, tenant_id: str, email_id: str) -> Email:
+    async def resend(self, *, tenant_id: str, email_id: str, test: bool = False) -> Email:
         """A new delivery of a failed, bounced or partially sent email to its unsent recipients.
 
         The new email has its own id and Message-ID, links to the original (`resent_from_id`),
-        and both timelines get a RESENT event.
+        and both timelines get a RESENT event. `test` is the caller's mode (a test key), which
+        must be the email's: a test key never sends live, a live key never simulates.
 
         Raises:
             NotFound: no such email in this tenant.
-            FailedPrecondition: the email is not failed, bounced or partially sent.
+            FailedPrecondition: the email is not failed, bounced or partially sent, or it is a
+                test email and the caller live (or the other way round).
         """
         check_id(email_id)
         original = await self._emails.get(tenant_id=tenant_id, email_id=email_id)
+        if original.test != test:
+            kind = (
+                "a test email with a live key" if original.test else "a live email with a test key"
+            )
+            raise FailedPrecondition(
+                f"cannot resend {kind}: a test key never sends live and a live key never simulates",
+                reason="TEST_MODE_MISMATCH",
+                violations=[PreconditionViolation("TEST_MODE", "id", kind)],
+            )
         if original.status not in RESENDABLE:
             raise FailedPrecondition(
                 f"only failed, bounced or partially sent emails can be resent; this one is "
@@ -979,6 +1034,7 @@ class MailManager:
             ],
             resent_from_id=original.id,
             content=content,
+            test=original.test,
         )
         await self._suppress(tenant_id, [email], now=now)
         await self._emails.insert(email=email)
@@ -998,8 +1054,11 @@ class MailManager:
         start: datetime | None,
         end: datetime | None,
         domain_id: str | None,
+        test: bool = False,
     ) -> EmailStats:
         """Counts per status and per domain of emails accepted in the window, plus the queue.
+
+        Live emails only; with `test`, test emails only.
 
         Raises:
             InvalidArgument: the window is empty or reversed, or the domain id is malformed.
@@ -1014,7 +1073,7 @@ class MailManager:
         if start >= end:
             raise InvalidArgument.single("start_time", "must be before end_time")
         rows = await self._emails.stats(
-            tenant_id=tenant_id, start=start, end=end, domain_id=domain_id
+            tenant_id=tenant_id, start=start, end=end, domain_id=domain_id, test=test
         )
         counts: dict[EmailStatus, int] = {}
         per_domain: dict[str, dict[EmailStatus, int]] = {}
@@ -1022,7 +1081,9 @@ class MailManager:
             s = EmailStatus(status)
             counts[s] = counts.get(s, 0) + n
             per_domain.setdefault(row_domain, {})[s] = n
-        depth, oldest = await self._emails.queue(tenant_id=tenant_id, now=now, domain_id=domain_id)
+        depth, oldest = await self._emails.queue(
+            tenant_id=tenant_id, now=now, domain_id=domain_id, test=test
+        )
         age = (now - oldest).total_seconds() if oldest is not None else 0.0
         return EmailStats(start, end, counts, per_domain, depth, max(age, 0.0))
 
@@ -1049,6 +1110,7 @@ class MailManager:
         removed = await self._emails.sweep_finished(
             now=now, retention=policy.retention_of, shortest=min(retentions)
         )
+        removed += await self._emails.sweep_test(now=now, retention=policy.test_retention)
         # Counts of a bucket matter while an email created in it may exist: it is scheduled
         # at most the horizon ahead, finishes at most the maximum lifetime after that, and is
         # kept for the longest retention once finished (a day more for clock skew).
@@ -1058,6 +1120,11 @@ class MailManager:
         # Emails stored by a version without lookup keys get theirs, a bounded part per run.
         await self._emails.backfill_keys()
         return removed
+
+
+def _mode(test: bool) -> str:
+    """What an idempotency fingerprint starts with: test and live requests never match."""
+    return "test:" if test else ""
 
 
 def _too_large(size: int, limit: int) -> InvalidArgument:

@@ -79,6 +79,7 @@ def filter_from_proto(request: mail_pb2.ListEmailsRequest) -> EmailFilter:
         tag=request.tag or None,
         start=from_timestamp(request.start_time) if request.HasField("start_time") else None,
         end=from_timestamp(request.end_time) if request.HasField("end_time") else None,
+        test=request.test,
     )
 
 
@@ -149,6 +150,7 @@ def email_to_proto(email: Email) -> mail_pb2.Email:
         suppressed_recipients=[
             r.address for r in email.recipients if r.status == RecipientStatus.SUPPRESSED
         ],
+        test=email.test,
     )
 
 

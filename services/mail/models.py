@@ -155,6 +155,9 @@ class Email:
     # The template (and its version) the content was rendered from; "" and 0 for none.
     template_id: str = ""
     template_version: int = 0
+    # Sent with a test API key: never handed to a relay, its replies simulated
+    # (`services.mail.simulation`); listed, counted and kept apart from live mail.
+    test: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +193,8 @@ class EmailFilter:
     tag: str | None = None
     start: datetime | None = None
     end: datetime | None = None
+    # Test emails instead of live ones (never both).
+    test: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from services.mail.documents import (
     feed_events,
     find_by_ids,
     insert_many_unique,
+    partition,
     transition_update,
 )
 from services.mail.feedback.event_log import Change, EventRecorder
@@ -442,7 +443,7 @@ class MongoDeliveryQueue:
             await self._suppress_bounced(feed)
         if written and transition.old_status is not None and transition.status is not None:
             self.tallies.move(
-                tenant_id=claimed.email.tenant_id,
+                tenant_id=partition(claimed.email.tenant_id, claimed.email.test),
                 created_at=claimed.email.created_at,
                 domain_id=claimed.email.domain_id,
                 old=transition.old_status.value,

@@ -33,7 +33,11 @@ indexed scalar fields):
 * GetEmailStats' queue depth and oldest due time: ``{tenant_id, status, next_attempt_at <= now}``
   per waiting status (``tenant_due``): the tenant's backlog, not its stored mail;
 * retention: ``{status, updated_at < cutoff}`` sorted by ``updated_at`` (``finished_age``),
-  40 at a time; the other sweepers: one indexed time field each (`delete_older`).
+  40 at a time; test emails' shorter retention: ``{test: true, updated_at < cutoff}``
+  (``test_age``); the other sweepers: one indexed time field each (`delete_older`).
+
+Test emails live in their tenant's test partition (`documents.partition`): each tenant-scoped
+query above names the partition it reads (live, or test when asked), on the same indexes.
 """
 
 from __future__ import annotations
@@ -72,11 +76,13 @@ from services.mail.documents import (
     MIGRATIONS,
     NO_CONTENT,
     QUEUE,
+    belongs_to,
     email_doc,
     email_from_doc,
     feed_events,
     insert_many_unique,
     key_docs,
+    partition,
     transition_update,
 )
 from services.mail.feedback.event_log import OUTBOX_FIELD, Change, EventPublisher, EventRecorder
@@ -117,6 +123,8 @@ INDEXES = (
     IndexSpec(IDEMPOTENCY, [("expires_at", ASCENDING)], "idempotency_expiry"),
     # Retention: finished emails in the order they finished (updated_at is the last write).
     IndexSpec(EMAILS, [("status", ASCENDING), ("updated_at", ASCENDING)], "finished_age"),
+    # Test emails' own, shorter retention: test emails by their last write.
+    IndexSpec(EMAILS, [("test", ASCENDING), ("updated_at", ASCENDING)], "test_age"),
     # ListEmails by recipient or tag: newest emails first among those with the key.
     IndexSpec(
         KEYS,
@@ -185,6 +193,10 @@ class EmailRepository(Protocol):
         """Remove finished emails whose tenant's retention has passed since they finished."""
         ...
 
+    async def sweep_test(self, *, now: datetime, retention: timedelta, batches: int = 25) -> int:
+        """Remove finished test emails whose last change is older than `retention`."""
+        ...
+
     async def sweep_tallies(self, *, before: datetime) -> int:
         """Remove stats counts of creation buckets before `before`."""
         ...
@@ -230,15 +242,21 @@ class EmailRepository(Protocol):
         ...
 
     async def stats(
-        self, *, tenant_id: str, start: datetime, end: datetime, domain_id: str | None
+        self,
+        *,
+        tenant_id: str,
+        start: datetime,
+        end: datetime,
+        domain_id: str | None,
+        test: bool = False,
     ) -> list[tuple[str, str, int]]:
-        """(domain_id, status, count) of emails accepted in the window."""
+        """(domain_id, status, count) of live (or, with `test`, test) emails of the window."""
         ...
 
     async def queue(
-        self, *, tenant_id: str, now: datetime, domain_id: str | None
+        self, *, tenant_id: str, now: datetime, domain_id: str | None, test: bool = False
     ) -> tuple[int, datetime | None]:
-        """How many of the tenant's emails are due now, and the oldest due time."""
+        """How many of the tenant's live (or test) emails are due now; the oldest due time."""
         ...
 
     async def queue_health(self, *, now: datetime) -> tuple[int, float]:
@@ -356,7 +374,7 @@ class MongoEmailRepository:
             await self._bucket.delete(file_id)
         if stored:
             self.tallies.add(
-                tenant_id=email.tenant_id,
+                tenant_id=partition(email.tenant_id, email.test),
                 created_at=email.created_at,
                 domain_id=email.domain_id,
                 status=email.status.value,
@@ -420,7 +438,7 @@ class MongoEmailRepository:
                     await self._bucket.delete(file_id)
                 if ok:
                     self.tallies.add(
-                        tenant_id=email.tenant_id,
+                        tenant_id=partition(email.tenant_id, email.test),
                         created_at=email.created_at,
                         domain_id=email.domain_id,
                         status=email.status.value,
@@ -463,8 +481,9 @@ class MongoEmailRepository:
         # By _id alone, tenant checked here: FerretDB 1.24 uses its primary key only for a
         # filter that is exactly {_id: value}; any other field makes it scan the collection
         # (measured: 6 ms against 40-80 ms at 300 emails, growing with every email kept).
+        # Live or test: an id names one email, whichever partition holds it.
         doc = await self._emails.find_one({"_id": email_id}, projection)
-        if doc is None or doc.get("tenant_id") != tenant_id:
+        if doc is None or not belongs_to(doc, tenant_id):
             return None
         return doc
 
@@ -474,8 +493,10 @@ class MongoEmailRepository:
         """See `EmailRepository.page`.
 
         A recipient or tag filter is served from ``email_keys`` (`_page_by_key`); the other
-        filters query the emails on their ``(tenant_id, ...)`` indexes.
+        filters query the emails on their ``(tenant_id, ...)`` indexes. ``filter.test`` picks
+        the partition read (the keys of a test email carry its partition too).
         """
+        tenant_id = partition(tenant_id, filter.test)
         if filter.recipient or filter.tag:
             return await self._page_by_key(
                 tenant_id=tenant_id, filter=filter, before_id=before_id, limit=limit
@@ -614,12 +635,15 @@ class MongoEmailRepository:
         tenant index on MongoDB; FerretDB 1.24 scans the tenant's emails (DESIGN.md's measured
         facts), which a rare deletion can afford.
         """
-        query: Document = {
-            "tenant_id": tenant_id,
-            "domain_id": domain_id,
-            "status": {"$in": _WAITING},
-        }
-        return [str(doc["_id"]) async for doc in self._emails.find(query, {"_id": 1})]
+        ids: list[str] = []
+        for test in (False, True):
+            query: Document = {
+                "tenant_id": partition(tenant_id, test),
+                "domain_id": domain_id,
+                "status": {"$in": _WAITING},
+            }
+            ids.extend([str(doc["_id"]) async for doc in self._emails.find(query, {"_id": 1})])
+        return ids
 
     async def _apply(self, email: Email, transition: outcomes.Transition) -> Email:
         """Write an API change of `email` (one write of its document), then count it.
@@ -633,7 +657,7 @@ class MongoEmailRepository:
         await self._emails.update_one({"_id": email.id}, transition_update(transition, feed))
         if transition.old_status is not None and transition.status is not None:
             self.tallies.move(
-                tenant_id=email.tenant_id,
+                tenant_id=partition(email.tenant_id, email.test),
                 created_at=email.created_at,
                 domain_id=email.domain_id,
                 old=transition.old_status.value,
@@ -724,7 +748,13 @@ class MongoEmailRepository:
             await self._apply(email, outcomes.note(email, event=event))
 
     async def stats(
-        self, *, tenant_id: str, start: datetime, end: datetime, domain_id: str | None
+        self,
+        *,
+        tenant_id: str,
+        start: datetime,
+        end: datetime,
+        domain_id: str | None,
+        test: bool = False,
     ) -> list[tuple[str, str, int]]:
         """See `EmailRepository.stats`.
 
@@ -732,6 +762,7 @@ class MongoEmailRepository:
         (`services.mail.tallies`); the seconds before the first whole minute and after the last
         are counted from the emails created then (``tenant_created`` index range).
         """
+        tenant_id = partition(tenant_id, test)
         grain = int(FINEST.total_seconds())
         first, last = ceil_to(start, grain), floor_to(end, grain)
         counts: Counter[tuple[str, str]] = Counter()
@@ -788,6 +819,8 @@ class MongoEmailRepository:
                 if not docs:
                     break
                 after = docs[-1]["updated_at"]
+                # A test email's partition names no tenant's retention: the default applies
+                # (`sweep_test` removes them sooner).
                 due = [d for d in docs if d["updated_at"] < now - retention(d["tenant_id"])]
                 claims = [_transition_id(d, removal=True) for d in due]
                 won = await self.delivery_queue.win_transitions(claims, now=now)
@@ -799,12 +832,51 @@ class MongoEmailRepository:
                     break
         return removed
 
+    async def sweep_test(self, *, now: datetime, retention: timedelta, batches: int = 25) -> int:
+        """Remove finished test emails whose last change is older than `retention`.
+
+        Reads test emails in the order of their last write (``test_age`` index: test,
+        updated_at), at most `batches` batches of `MAX_WRITE_BATCH`; unfinished ones (a
+        deferring test recipient) are passed over until they finish. Removal as in
+        `sweep_finished`: claim first, events copied out, then the email and its content.
+
+        Returns:
+            How many test emails were removed.
+        """
+        removed = 0
+        after: datetime | None = None
+        finished = {s.value for s in FINISHED}
+        for _ in range(batches):
+            window: Document = {"$lt": now - retention}
+            if after is not None:
+                window["$gt"] = after
+            cursor = (
+                self._emails.find({"test": True, "updated_at": window}, NO_CONTENT)
+                .sort("updated_at", ASCENDING)
+                .limit(MAX_WRITE_BATCH)
+            )
+            docs = [d async for d in cursor]
+            if not docs:
+                break
+            after = docs[-1]["updated_at"]
+            due = [d for d in docs if d["status"] in finished]
+            won = await self.delivery_queue.win_transitions(
+                [_transition_id(d, removal=True) for d in due], now=now
+            )
+            gone = [d for d, ok in zip(due, won, strict=True) if ok]
+            if gone:
+                await self._remove(gone)
+            removed += len(gone)
+            if len(docs) < MAX_WRITE_BATCH:
+                break
+        return removed
+
     async def sweep_tallies(self, *, before: datetime) -> int:
         """Remove stats counts of buckets before `before` (no email created then is left)."""
         return await self.tallies.sweep(before=before)
 
     async def queue(
-        self, *, tenant_id: str, now: datetime, domain_id: str | None
+        self, *, tenant_id: str, now: datetime, domain_id: str | None, test: bool = False
     ) -> tuple[int, datetime | None]:
         """See `EmailRepository.queue`.
 
@@ -814,7 +886,7 @@ class MongoEmailRepository:
 
         async def due(status: str) -> list[Document]:
             query: Document = {
-                "tenant_id": tenant_id,
+                "tenant_id": partition(tenant_id, test),
                 "status": status,
                 "next_attempt_at": {"$lte": now},
             }

@@ -29,8 +29,10 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):
         self, request: mail_pb2.SendEmailRequest, context: Context
     ) -> mail_pb2.Email:
         """See the proto."""
+        principal = current_principal()
         email = await self._manager.send(
-            tenant_id=current_principal().tenant_id,
+            tenant_id=principal.tenant_id,
+            test=principal.test,
             request=mapping.send_from_proto(request),
             template=mapping.template_use_from_proto(request),
         )
@@ -40,8 +42,10 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):
         self, request: mail_pb2.SubmitMessageRequest, context: Context
     ) -> mail_pb2.Email:
         """See the proto."""
+        principal = current_principal()
         email = await self._manager.submit(
-            tenant_id=current_principal().tenant_id,
+            tenant_id=principal.tenant_id,
+            test=principal.test,
             submission=SubmitInput(
                 raw=request.raw_message,
                 envelope_from=request.envelope_from,
@@ -75,6 +79,7 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):
             start=from_timestamp(request.start_time) if request.HasField("start_time") else None,
             end=from_timestamp(request.end_time) if request.HasField("end_time") else None,
             domain_id=request.domain_id or None,
+            test=request.test,
         )
         return mapping.stats_to_proto(stats)
 
@@ -89,8 +94,9 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):
         self, request: mail_pb2.ResendEmailRequest, context: Context
     ) -> mail_pb2.Email:
         """See the proto."""
+        principal = current_principal()
         email = await self._manager.resend(
-            tenant_id=current_principal().tenant_id, email_id=request.id
+            tenant_id=principal.tenant_id, email_id=request.id, test=principal.test
         )
         return mapping.email_to_proto(email)
 
@@ -133,8 +139,10 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):
         self, request: mail_pb2.SendEmailBatchRequest, context: Context
     ) -> mail_pb2.SendEmailBatchResponse:
         """See the proto."""
+        principal = current_principal()
         results = await self._manager.send_batch(
-            tenant_id=current_principal().tenant_id,
+            tenant_id=principal.tenant_id,
+            test=principal.test,
             messages=mapping.batch_from_proto(request),
             all_or_nothing=request.all_or_nothing,
             idempotency_key=request.idempotency_key,

@@ -144,6 +144,13 @@ class MailSettings(Settings):
         "per-tenant exceptions, `tenant-id=days,...` (e.g. `t-42=90,t-7=7`); a malformed entry "
         "stops the process at start",
     )
+    test_retention_hours: float = setting(
+        24.0,
+        "AZORA_TEST_RETENTION_HOURS",
+        "hours a finished test email (sent with a test API key, simulated) is kept after it "
+        "finished, whatever its tenant's retention",
+        ge=0,
+    )
     # Retry schedule after a temporary failure (Postfix defaults: 300 s doubling to 4000 s,
     # give up after 5 days; RFC 5321 4.5.4.1 wants these configurable).
     mail_retry_min_backoff: Seconds = setting(

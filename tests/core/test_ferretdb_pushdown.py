@@ -76,9 +76,10 @@ def _odd(rng: random.Random, *, arrays: bool) -> Any:
 def corpus(seed: int, size: int, level: str) -> list[Doc]:
     """Documents shaped like the services' (every field any query below uses), mixed types.
 
-    clean: the types the services write, plus null, missing fields (not for `_id` and
-    `created_at`), numbers where strings are expected and ints next to doubles; no arrays in
-    indexed fields, so pushdown is used, sorts included. mixed: also values of any scalar type
+    clean: the types the services write, plus null, missing fields (not for `_id`, `created_at`
+    and `updated_at`), numbers where strings are expected and ints next to doubles; no arrays in
+    indexed fields, so pushdown is used, sorts included (`created_at` and `updated_at`, which
+    every email has, are always dates there). mixed: also values of any scalar type
     in any field and `_id`s of several types, no arrays: pushdown is used, sorts must notice
     the mixed types. messy: arrays and documents too: pushdown must notice and step back.
     """
@@ -89,7 +90,8 @@ def corpus(seed: int, size: int, level: str) -> list[Doc]:
     for i in order:
         doc: Doc = {"_id": f"id{i:05d}"}
         fields: dict[str, Any] = {
-            "tenant_id": rng.choice(["t0", "t1", "t1", "t2", "t3", 1, 1.0, None]),
+            # "t1\x1ftest": tenant t1's test partition (test mode's emails).
+            "tenant_id": rng.choice(["t0", "t1", "t1", "t1\x1ftest", "t2", "t3", 1, 1.0, None]),
             "status": rng.choice(STATUSES),
             "domain_id": f"d{rng.randrange(4)}",
             "recipient_addresses": [f"r{rng.randrange(5)}@x.test"],
@@ -105,10 +107,14 @@ def corpus(seed: int, size: int, level: str) -> list[Doc]:
             "window": f"w:{rng.randrange(4)}",
             "at": _date(rng),
             "n": rng.choice([0, 1, 1.0, -3, 2.5, 2**40]),
+            # Test emails (test mode) and the last write their retention counts from.
+            "test": rng.choice([True, False, False]),
+            "updated_at": _date(rng),
         }
         for name, value in fields.items():
             roll = rng.random()
-            if level == "clean" and name == "created_at":
+            if level == "clean" and name in ("created_at", "updated_at"):
+                # Every email document has both (written at its insert).
                 doc[name] = value
             elif roll < 0.04:
                 continue  # missing
@@ -175,7 +181,7 @@ def _queries() -> list[Query]:
     """Every find/count shape the services issue (repository method in the comment)."""
     q: list[Query] = []
     desc, asc = [("_id", -1)], [("_id", 1)]
-    for tenant in ("t1", "t3", 1):
+    for tenant in ("t1", "t1\x1ftest", "t3", 1):
         # MongoEmailRepository.page: every optional filter, first and later pages.
         for extra in (
             {},
@@ -232,6 +238,8 @@ def _queries() -> list[Query]:
         ("emails", {"_id": "id00011"}, None, 0),
         ("email_queue", {"_id": {"$in": ["id00003", "id00004", "nope"]}}, None, 0),
         ("relay_health", {}, None, 100),
+        # The test emails' retention sweep (sweep_test): oldest first, 40 at a time.
+        ("emails", {"test": True, "updated_at": {"$lt": NOW}}, [("updated_at", 1)], 40),
         # Edge cases: numbers across int/double, dates against ints, null, booleans, $in of
         # mixed types, ranges of each type, sorts on fields with ties and mixed types.
         ("emails", {"tenant_id": 1.0}, desc, 50),
@@ -375,6 +383,9 @@ HOT: list[tuple[str, Doc, Doc | None, str, bool]] = [
         "tenant_created",
         False,
     ),
+    ("emails", {"test": True, "updated_at": {"$lt": NOW}}, {"updated_at": 1}, "test_age", True),
+    # A tenant's test partition (test mode) is listed like any tenant.
+    ("emails", {"tenant_id": "t1\x1ftest"}, {"_id": -1}, "tenant_newest", True),
     ("email_queue", {"due": {"$lte": NOW}, "_id": {"$nin": ["id00001"]}}, None, "queue_due", False),
     ("email_claims", {"created_at": {"$lt": NOW}}, None, "claim_age", False),
     ("email_idempotency", {"expires_at": {"$lte": NOW}}, None, "idempotency_expiry", False),

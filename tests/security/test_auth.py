@@ -76,6 +76,17 @@ async def list_with(stub: Stub, metadata: tuple[tuple[str, str], ...]) -> object
             ),
             "INVALID_TOKEN",  # no tenant claim
         ),
+        (
+            lambda: issue_jwt(
+                secret=TEST_JWT_SECRET,
+                tenant_id="t1\x1ftest",
+                subject="u",
+                scopes=["domains:read"],
+            ),
+            # A control character in a tenant could name another tenant's storage partition
+            # (the mail service keeps a tenant's test emails under tenant + "\x1ftest").
+            "INVALID_TOKEN",
+        ),
         (lambda: "not.a.jwt", "INVALID_TOKEN"),
         (
             lambda: jwt.encode(

@@ -1,12 +1,12 @@
 """Object-level authorization (OWASP API1) on every rpc of the API, enumerated from the descriptor.
 
 Tenant A owns one of everything: a verified domain, its relay config, a DKIM key, SPF and DMARC
-records, a queued email, an API key, a published template, a suppressed address, an
-event, an inbound route and a received message. Tenant B, with every scope, aims
-each rpc at them: an object rpc answers NOT_FOUND exactly as for an id that does not exist
-(never PERMISSION_DENIED, which would confirm the object exists), a list never shows them, a
-create cannot borrow them, an internal rpc refuses B's user token and finds nothing for a
-service token minted for B.
+records, a queued email, a test email (sent with its test API key), an API key, a published
+template, a suppressed address, an event, an inbound route and a received message. Tenant B,
+with every scope, aims each rpc at them: an object rpc answers NOT_FOUND exactly as for an id
+that does not exist (never PERMISSION_DENIED, which would confirm the object exists), a list
+never shows them, a create cannot borrow them, an internal rpc refuses B's user token and finds
+nothing for a service token minted for B.
 After every case A's objects are unchanged.
 
 The rpcs come from gen/azora.binpb, so a new rpc without a case here fails this test. This is
@@ -66,6 +66,8 @@ class Victim:
     domain: domain_pb2.Domain
     selector: str
     email_id: str
+    # Sent with A's test API key: kept in A's test partition, listed only with `test`.
+    test_email_id: str
     api_key_id: str
     api_key_secret: str
     relay_host: str
@@ -338,6 +340,9 @@ async def _list_emails(a: Attack) -> None:
     for request in (
         mail_pb2.ListEmailsRequest(),
         mail_pb2.ListEmailsRequest(domain_id=a.victim.domain.id),
+        # Test emails: B's test partition holds none of A's.
+        mail_pb2.ListEmailsRequest(test=True),
+        mail_pb2.ListEmailsRequest(test=True, recipient="delivered@simulator.azora.test"),
     ):
         # A filter is a filter: A's domain id matches none of B's emails (no NOT_FOUND that
         # would tell B the id exists).
@@ -350,6 +355,7 @@ async def _email_stats(a: Attack) -> None:
     for request in (
         mail_pb2.GetEmailStatsRequest(),
         mail_pb2.GetEmailStatsRequest(domain_id=a.victim.domain.id),
+        mail_pb2.GetEmailStatsRequest(test=True),
     ):
         stats = await a.stubs.mail.GetEmailStats(request, metadata=a.b)
         assert sum(c.count for c in stats.counts) == 0
@@ -376,6 +382,7 @@ async def _email_object(a: Attack) -> None:
         )
     for call in calls:
         await not_found_like_unknown(call, a.victim.email_id)
+        await not_found_like_unknown(call, a.victim.test_email_id)
 
 
 @case(M + "SendEmailBatch")
@@ -857,6 +864,20 @@ async def victim(
     api_key = await stubs.api_keys.CreateApiKey(
         api_keys_pb2.CreateApiKeyRequest(name="owner", scopes=["domains:read"]), metadata=m
     )
+    test_key = await stubs.api_keys.CreateApiKey(
+        api_keys_pb2.CreateApiKeyRequest(name="owner-ci", scopes=["emails:send"], test=True),
+        metadata=m,
+    )
+    test_email = await stubs.mail.SendEmail(
+        mail_pb2.SendEmailRequest(
+            from_address=f"app@{name}",
+            to=["delivered@simulator.azora.test"],
+            subject="s",
+            text="t",
+        ),
+        metadata=(("authorization", f"Bearer {test_key.secret}"),),
+    )
+    assert test_email.test
     template = await stubs.mail.CreateTemplate(
         mail_pb2.CreateTemplateRequest(
             name=f"owner-{new_id()}", subject="Hi {{ name }}", text="Hello {{ name }}"
@@ -911,6 +932,7 @@ async def victim(
         domain=verified.domain,
         selector=key.selector,
         email_id=email.id,
+        test_email_id=test_email.id,
         api_key_id=api_key.api_key.id,
         api_key_secret=api_key.secret,
         relay_host=relay_host,
@@ -947,6 +969,8 @@ async def intact(stubs: GrpcStubs, victim: Victim) -> None:
     assert not email.HasField("send_at")
     resends = await stubs.mail.ListEmails(mail_pb2.ListEmailsRequest(), metadata=m)
     assert [e.id for e in resends.emails] == [victim.email_id]
+    tests = await stubs.mail.ListEmails(mail_pb2.ListEmailsRequest(test=True), metadata=m)
+    assert [e.id for e in tests.emails] == [victim.test_email_id]
     listed = await stubs.api_keys.ListApiKeys(api_keys_pb2.ListApiKeysRequest(), metadata=m)
     (key,) = [k for k in listed.api_keys if k.id == victim.api_key_id]
     assert not key.HasField("revoke_time")
@@ -965,7 +989,7 @@ async def intact(stubs: GrpcStubs, victim: Victim) -> None:
     events = await stubs.events.ListEvents(events_pb2.ListEventsRequest(), metadata=m)
     # (Delivery attempts of the email may have added events of it meanwhile.)
     assert victim.event_id in [e.id for e in events.events]
-    assert {e.email_id for e in events.events} == {victim.email_id}
+    assert {e.email_id for e in events.events} <= {victim.email_id, victim.test_email_id}
     webhook = await stubs.webhooks.GetWebhook(
         webhooks_pb2.GetWebhookRequest(id=victim.webhook.id), metadata=m
     )

@@ -11,12 +11,13 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from azora.iam.v1 import api_keys_pb2, api_keys_pb2_grpc
 from azora.mail.v1 import mail_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from services.core.settings import Settings, SettingsError
-from tests.conftest import new_tenant
+from tests.conftest import Tenant, new_tenant
 from tests.support.ratelimit_fixtures import LimitedMail, LimitedServices, limited
 
 __all__ = ["limited"]
@@ -162,3 +163,29 @@ async def test_batch_counts_each_message(limited: LimitedServices, settings: Set
     await mail.send(tenant, domain)  # the fourth email still fits
     code, _ = await _refused(mail.send(tenant, domain))
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# A test key's emails never leave the building: they use none of the tenant's quota, however
+# many, and live sends keep their whole quota (the send rate budget still applies to both).
+async def test_test_keys_use_no_quota(limited: LimitedServices, settings: Settings) -> None:
+    keys = await limited.domain(limited.settings())
+    mail = await _mail(
+        limited,
+        AZORA_QUOTA_EMAILS_PER_HOUR="1",
+        AZORA_DOMAIN_SERVICE_TARGET=f"127.0.0.1:{keys.running.port}",
+    )
+    tenant = new_tenant(settings)
+    domain = mail.add_domain(tenant)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keys.running.port}") as channel:
+        created = await api_keys_pb2_grpc.ApiKeyServiceStub(channel).CreateApiKey(
+            api_keys_pb2.CreateApiKeyRequest(name="ci", scopes=["emails:send"], test=True),
+            metadata=tenant.metadata,
+        )
+    # The key, sent as a bearer token: the same tenant, in test mode.
+    test_key = Tenant(tenant.id, created.secret)
+    for _ in range(3):
+        assert (await mail.send(test_key, domain)).test
+    assert not (await mail.send(tenant, domain)).test
+    code, details = await _refused(mail.send(tenant, domain))
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details["ErrorInfo"].reason == "SENDING_QUOTA_EXCEEDED"

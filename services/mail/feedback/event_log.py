@@ -121,6 +121,7 @@ def build_event(
     smtp: SmtpFacts | None = None,
     reason: str | None = None,
     webhook_id: str | None = None,
+    test: bool = False,
 ) -> Document:
     """One event document of the contract (pure: no I/O; the id is new each call).
 
@@ -136,6 +137,8 @@ def build_event(
         smtp: the relay's reply, when there was one.
         reason: a human reason (cancel reason, suppression reason, ...).
         webhook_id: the endpoint concerned (``webhook.*`` events only).
+        test: an event of a test email (simulated, never relayed): stored and shown as
+            ``test: true``; live events carry no ``test`` field.
 
     Raises:
         ValueError: an unknown type, or an email event without email id (a programming error).
@@ -170,6 +173,8 @@ def build_event(
         doc["reason"] = reason
     if webhook_id:
         doc["webhookId"] = webhook_id
+    if test:
+        doc["test"] = True
     return doc
 
 

@@ -32,6 +32,7 @@ def event_to_proto(doc: Document) -> events_pb2.Event:
         metadata=metadata_of(doc),
         reason=doc.get("reason", ""),
         webhook_id=doc.get("webhookId", ""),
+        test=bool(doc.get("test", False)),
     )
     smtp = doc.get("smtp")
     if smtp:

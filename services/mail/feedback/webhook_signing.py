@@ -35,6 +35,8 @@ _EVENT_FIELDS = (
     ("smtp", "smtp"),
     ("reason", "reason"),
     ("webhookId", "webhookId"),
+    # Only on events of test emails (``true``): live events carry no such field.
+    ("test", "test"),
 )
 
 

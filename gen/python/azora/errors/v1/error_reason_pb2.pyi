@@ -80,6 +80,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """PERMISSION_DENIED: the rpc is internal to the Azora services (service tokens only)."""
     SCOPE_ESCALATION: _ErrorReason.ValueType  # 20
     """PERMISSION_DENIED: an API key may not be granted scopes its creator does not hold."""
+    TEST_KEY_CANNOT_CREATE_LIVE_KEY: _ErrorReason.ValueType  # 221
+    """PERMISSION_DENIED: a test API key may create test keys only (it never leads to live
+    sending).
+    """
     RATE_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 21
     """--- Limits.
 
@@ -150,6 +154,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: only a scheduled, queued or deferred email can be rescheduled."""
     EMAIL_NOT_RESENDABLE: _ErrorReason.ValueType  # 44
     """FAILED_PRECONDITION: only a failed, bounced or partially sent email can be resent."""
+    TEST_MODE_MISMATCH: _ErrorReason.ValueType  # 220
+    """FAILED_PRECONDITION: a test email is resent only with a test key and a live email only
+    with a live key (a test key never sends live; a live key never simulates).
+    """
     TEMPLATE_NOT_FOUND: _ErrorReason.ValueType  # 120
     """--- Email templates.
 
@@ -379,6 +387,10 @@ INTERNAL_ONLY: ErrorReason.ValueType  # 19
 """PERMISSION_DENIED: the rpc is internal to the Azora services (service tokens only)."""
 SCOPE_ESCALATION: ErrorReason.ValueType  # 20
 """PERMISSION_DENIED: an API key may not be granted scopes its creator does not hold."""
+TEST_KEY_CANNOT_CREATE_LIVE_KEY: ErrorReason.ValueType  # 221
+"""PERMISSION_DENIED: a test API key may create test keys only (it never leads to live
+sending).
+"""
 RATE_LIMIT_EXCEEDED: ErrorReason.ValueType  # 21
 """--- Limits.
 
@@ -449,6 +461,10 @@ EMAIL_NOT_RESCHEDULABLE: ErrorReason.ValueType  # 43
 """FAILED_PRECONDITION: only a scheduled, queued or deferred email can be rescheduled."""
 EMAIL_NOT_RESENDABLE: ErrorReason.ValueType  # 44
 """FAILED_PRECONDITION: only a failed, bounced or partially sent email can be resent."""
+TEST_MODE_MISMATCH: ErrorReason.ValueType  # 220
+"""FAILED_PRECONDITION: a test email is resent only with a test key and a live email only
+with a live key (a test key never sends live; a live key never simulates).
+"""
 TEMPLATE_NOT_FOUND: ErrorReason.ValueType  # 120
 """--- Email templates.
 

@@ -28,7 +28,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61zora/iam/v1/api_keys.proto\x12\x0c\x61zora.iam.v1\x1a\x1a\x61zora/iam/v1/options.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x02\n\x06\x41piKey\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n\x06scopes\x18\x03 \x03(\tR\x06scopes\x12\x1c\n\x06prefix\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03R\x06prefix\x12\x41\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\ncreateTime\x12\x41\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\nrevokeTime\x12;\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpireTime\x12\x46\n\x0elast_used_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\x0clastUsedTime\"\x84\x01\n\x13\x43reateApiKeyRequest\x12\x18\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x04name\x12\x16\n\x06scopes\x18\x02 \x03(\tR\x06scopes\x12;\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpireTime\"]\n\x14\x43reateApiKeyResponse\x12-\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.azora.iam.v1.ApiKeyR\x06\x61piKey\x12\x16\n\x06secret\x18\x02 \x01(\tR\x06secret\"P\n\x12ListApiKeysRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"n\n\x13ListApiKeysResponse\x12/\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x14.azora.iam.v1.ApiKeyR\x07\x61piKeys\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"+\n\x13RevokeApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\"5\n\x14ResolveApiKeyRequest\x12\x1d\n\x06secret\x18\x01 \x01(\tB\x05\xe2\x41\x02\x02\x04R\x06secret\"c\n\x15ResolveApiKeyResponse\x12\x1b\n\ttenant_id\x18\x01 \x01(\tR\x08tenantId\x12\x15\n\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x16\n\x06scopes\x18\x03 \x03(\tR\x06scopes2\x89\x04\n\rApiKeyService\x12\x87\x01\n\x0c\x43reateApiKey\x12!.azora.iam.v1.CreateApiKeyRequest\x1a\".azora.iam.v1.CreateApiKeyResponse\"0\xa2\xbb\x18\x11\n\x0f\x61pi_keys:manage\x82\xd3\xe4\x93\x02\x15\"\x10/api/v1/api-keys:\x01*\x12\x81\x01\n\x0bListApiKeys\x12 .azora.iam.v1.ListApiKeysRequest\x1a!.azora.iam.v1.ListApiKeysResponse\"-\xa2\xbb\x18\x11\n\x0f\x61pi_keys:manage\x82\xd3\xe4\x93\x02\x12\x12\x10/api/v1/api-keys\x12\x85\x01\n\x0cRevokeApiKey\x12!.azora.iam.v1.RevokeApiKeyRequest\x1a\x14.azora.iam.v1.ApiKey\"<\xa2\xbb\x18\x11\n\x0f\x61pi_keys:manage\x82\xd3\xe4\x93\x02!\"\x1c/api/v1/api-keys/{id}/revoke:\x01*\x12\x62\n\rResolveApiKey\x12\".azora.iam.v1.ResolveApiKeyRequest\x1a#.azora.iam.v1.ResolveApiKeyResponse\"\x08\xa2\xbb\x18\x04\x10\x01\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61zora/iam/v1/api_keys.proto\x12\x0c\x61zora.iam.v1\x1a\x1a\x61zora/iam/v1/options.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x03\n\x06\x41piKey\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n\x06scopes\x18\x03 \x03(\tR\x06scopes\x12\x1c\n\x06prefix\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03R\x06prefix\x12\x41\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\ncreateTime\x12\x41\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\nrevokeTime\x12;\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpireTime\x12\x46\n\x0elast_used_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\x0clastUsedTime\x12\x18\n\x04test\x18\t \x01(\x08\x42\x04\xe2\x41\x01\x05R\x04test\"\x98\x01\n\x13\x43reateApiKeyRequest\x12\x18\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x04name\x12\x16\n\x06scopes\x18\x02 \x03(\tR\x06scopes\x12;\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpireTime\x12\x12\n\x04test\x18\x04 \x01(\x08R\x04test\"]\n\x14\x43reateApiKeyResponse\x12-\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.azora.iam.v1.ApiKeyR\x06\x61piKey\x12\x16\n\x06secret\x18\x02 \x01(\tR\x06secret\"P\n\x12ListApiKeysRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"n\n\x13ListApiKeysResponse\x12/\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x14.azora.iam.v1.ApiKeyR\x07\x61piKeys\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"+\n\x13RevokeApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\"5\n\x14ResolveApiKeyRequest\x12\x1d\n\x06secret\x18\x01 \x01(\tB\x05\xe2\x41\x02\x02\x04R\x06secret\"w\n\x15ResolveApiKeyResponse\x12\x1b\n\ttenant_id\x18\x01 \x01(\tR\x08tenantId\x12\x15\n\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x16\n\x06scopes\x18\x03 \x03(\tR\x06scopes\x12\x12\n\x04test\x18\x04 \x01(\x08R\x04test2\x89\x04\n\rApiKeyService\x12\x87\x01\n\x0c\x43reateApiKey\x12!.azora.iam.v1.CreateApiKeyRequest\x1a\".azora.iam.v1.CreateApiKeyResponse\"0\xa2\xbb\x18\x11\n\x0f\x61pi_keys:manage\x82\xd3\xe4\x93\x02\x15\"\x10/api/v1/api-keys:\x01*\x12\x81\x01\n\x0bListApiKeys\x12 .azora.iam.v1.ListApiKeysRequest\x1a!.azora.iam.v1.ListApiKeysResponse\"-\xa2\xbb\x18\x11\n\x0f\x61pi_keys:manage\x82\xd3\xe4\x93\x02\x12\x12\x10/api/v1/api-keys\x12\x85\x01\n\x0cRevokeApiKey\x12!.azora.iam.v1.RevokeApiKeyRequest\x1a\x14.azora.iam.v1.ApiKey\"<\xa2\xbb\x18\x11\n\x0f\x61pi_keys:manage\x82\xd3\xe4\x93\x02!\"\x1c/api/v1/api-keys/{id}/revoke:\x01*\x12\x62\n\rResolveApiKey\x12\".azora.iam.v1.ResolveApiKeyRequest\x1a#.azora.iam.v1.ResolveApiKeyResponse\"\x08\xa2\xbb\x18\x04\x10\x01\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,6 +45,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APIKEY'].fields_by_name['revoke_time']._serialized_options = b'\342A\001\003'
   _globals['_APIKEY'].fields_by_name['last_used_time']._loaded_options = None
   _globals['_APIKEY'].fields_by_name['last_used_time']._serialized_options = b'\342A\001\003'
+  _globals['_APIKEY'].fields_by_name['test']._loaded_options = None
+  _globals['_APIKEY'].fields_by_name['test']._serialized_options = b'\342A\001\005'
   _globals['_CREATEAPIKEYREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_CREATEAPIKEYREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_REVOKEAPIKEYREQUEST'].fields_by_name['id']._loaded_options = None
@@ -60,21 +62,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APIKEYSERVICE'].methods_by_name['ResolveApiKey']._loaded_options = None
   _globals['_APIKEYSERVICE'].methods_by_name['ResolveApiKey']._serialized_options = b'\242\273\030\004\020\001\030\001'
   _globals['_APIKEY']._serialized_start=170
-  _globals['_APIKEY']._serialized_end=541
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=544
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=676
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=678
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=771
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=773
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=853
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=855
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=965
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=967
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1010
-  _globals['_RESOLVEAPIKEYREQUEST']._serialized_start=1012
-  _globals['_RESOLVEAPIKEYREQUEST']._serialized_end=1065
-  _globals['_RESOLVEAPIKEYRESPONSE']._serialized_start=1067
-  _globals['_RESOLVEAPIKEYRESPONSE']._serialized_end=1166
-  _globals['_APIKEYSERVICE']._serialized_start=1169
-  _globals['_APIKEYSERVICE']._serialized_end=1690
+  _globals['_APIKEY']._serialized_end=567
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=570
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=722
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=724
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=817
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=819
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=899
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=901
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1011
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1013
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1056
+  _globals['_RESOLVEAPIKEYREQUEST']._serialized_start=1058
+  _globals['_RESOLVEAPIKEYREQUEST']._serialized_end=1111
+  _globals['_RESOLVEAPIKEYRESPONSE']._serialized_start=1113
+  _globals['_RESOLVEAPIKEYRESPONSE']._serialized_end=1232
+  _globals['_APIKEYSERVICE']._serialized_start=1235
+  _globals['_APIKEYSERVICE']._serialized_end=1756
 # @@protoc_insertion_point(module_scope)

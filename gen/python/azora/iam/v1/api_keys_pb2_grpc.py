@@ -66,8 +66,10 @@ class ApiKeyServiceServicer:
     """
 
     def CreateApiKey(self, request, context):
-        """Creates an API key. The secret is in the response and never again.
-        Errors: INVALID_ARGUMENT (scopes, expiry), SCOPE_ESCALATION (a scope the caller lacks).
+        """Creates an API key. The secret is in the response and never again. With `test` the key is
+        a test key (secret "azk_test_..."): emails sent with it are simulated, never relayed.
+        Errors: INVALID_ARGUMENT (scopes, expiry), SCOPE_ESCALATION (a scope the caller lacks),
+        TEST_KEY_CANNOT_CREATE_LIVE_KEY (a test key asked for a live key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,8 +37,10 @@ class ApiKeyServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ApiKeyServiceAsyncStub: ...
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_api_keys_pb2.CreateApiKeyRequest, _api_keys_pb2.CreateApiKeyResponse]
-    """Creates an API key. The secret is in the response and never again.
-    Errors: INVALID_ARGUMENT (scopes, expiry), SCOPE_ESCALATION (a scope the caller lacks).
+    """Creates an API key. The secret is in the response and never again. With `test` the key is
+    a test key (secret "azk_test_..."): emails sent with it are simulated, never relayed.
+    Errors: INVALID_ARGUMENT (scopes, expiry), SCOPE_ESCALATION (a scope the caller lacks),
+    TEST_KEY_CANNOT_CREATE_LIVE_KEY (a test key asked for a live key).
     """
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_api_keys_pb2.ListApiKeysRequest, _api_keys_pb2.ListApiKeysResponse]
     """Lists the tenant's API keys (without secrets), newest first.
@@ -64,8 +66,10 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_api_keys_pb2.CreateApiKeyRequest, _api_keys_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
-    """Creates an API key. The secret is in the response and never again.
-    Errors: INVALID_ARGUMENT (scopes, expiry), SCOPE_ESCALATION (a scope the caller lacks).
+    """Creates an API key. The secret is in the response and never again. With `test` the key is
+    a test key (secret "azk_test_..."): emails sent with it are simulated, never relayed.
+    Errors: INVALID_ARGUMENT (scopes, expiry), SCOPE_ESCALATION (a scope the caller lacks),
+    TEST_KEY_CANNOT_CREATE_LIVE_KEY (a test key asked for a live key).
     """
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_api_keys_pb2.ListApiKeysRequest, _api_keys_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     """Lists the tenant's API keys (without secrets), newest first.
@@ -94,8 +98,10 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _api_keys_pb2.CreateApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_api_keys_pb2.CreateApiKeyResponse, _abc.Awaitable[_api_keys_pb2.CreateApiKeyResponse]]:
-        """Creates an API key. The secret is in the response and never again.
-        Errors: INVALID_ARGUMENT (scopes, expiry), SCOPE_ESCALATION (a scope the caller lacks).
+        """Creates an API key. The secret is in the response and never again. With `test` the key is
+        a test key (secret "azk_test_..."): emails sent with it are simulated, never relayed.
+        Errors: INVALID_ARGUMENT (scopes, expiry), SCOPE_ESCALATION (a scope the caller lacks),
+        TEST_KEY_CANNOT_CREATE_LIVE_KEY (a test key asked for a live key).
         """
 
     @_abc_1.abstractmethod

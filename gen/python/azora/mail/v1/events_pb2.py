@@ -28,7 +28,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61zora/mail/v1/events.proto\x12\razora.mail.v1\x1a\x1a\x61zora/iam/v1/options.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"c\n\x0e\x45ventSmtpReply\x12\x12\n\x04\x63ode\x18\x01 \x01(\x05R\x04\x63ode\x12#\n\renhanced_code\x18\x02 \x01(\tR\x0c\x65nhancedCode\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\"\x99\x04\n\x05\x45vent\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x02id\x12\x18\n\x04type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03R\x04type\x12\x41\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\noccurredAt\x12!\n\ttenant_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03R\x08tenantId\x12\x1f\n\x08\x65mail_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03R\x07\x65mailId\x12\"\n\trecipient\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03R\trecipient\x12\x1c\n\x06\x64omain\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03R\x06\x64omain\x12\x18\n\x04tags\x18\x08 \x03(\tB\x04\xe2\x41\x01\x03R\x04tags\x12\x44\n\x08metadata\x18\t \x03(\x0b\x32\".azora.mail.v1.Event.MetadataEntryB\x04\xe2\x41\x01\x03R\x08metadata\x12\x37\n\x04smtp\x18\n \x01(\x0b\x32\x1d.azora.mail.v1.EventSmtpReplyB\x04\xe2\x41\x01\x03R\x04smtp\x12\x1c\n\x06reason\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03R\x06reason\x12#\n\nwebhook_id\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03R\twebhookId\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xb8\x02\n\x11ListEventsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x19\n\x08\x65mail_id\x18\x04 \x01(\tR\x07\x65mailId\x12\x1c\n\trecipient\x18\x05 \x01(\tR\trecipient\x12\x16\n\x06\x64omain\x18\x06 \x01(\tR\x06\x64omain\x12\x10\n\x03tag\x18\x07 \x01(\tR\x03tag\x12\x39\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\"j\n\x12ListEventsResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.azora.mail.v1.EventR\x06\x65vents\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken2\x8a\x01\n\x0c\x45ventService\x12z\n\nListEvents\x12 .azora.mail.v1.ListEventsRequest\x1a!.azora.mail.v1.ListEventsResponse\"\'\xa2\xbb\x18\r\n\x0b\x65mails:read\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/v1/eventsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61zora/mail/v1/events.proto\x12\razora.mail.v1\x1a\x1a\x61zora/iam/v1/options.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"c\n\x0e\x45ventSmtpReply\x12\x12\n\x04\x63ode\x18\x01 \x01(\x05R\x04\x63ode\x12#\n\renhanced_code\x18\x02 \x01(\tR\x0c\x65nhancedCode\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\"\xb3\x04\n\x05\x45vent\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x02id\x12\x18\n\x04type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03R\x04type\x12\x41\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\noccurredAt\x12!\n\ttenant_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03R\x08tenantId\x12\x1f\n\x08\x65mail_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03R\x07\x65mailId\x12\"\n\trecipient\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03R\trecipient\x12\x1c\n\x06\x64omain\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03R\x06\x64omain\x12\x18\n\x04tags\x18\x08 \x03(\tB\x04\xe2\x41\x01\x03R\x04tags\x12\x44\n\x08metadata\x18\t \x03(\x0b\x32\".azora.mail.v1.Event.MetadataEntryB\x04\xe2\x41\x01\x03R\x08metadata\x12\x37\n\x04smtp\x18\n \x01(\x0b\x32\x1d.azora.mail.v1.EventSmtpReplyB\x04\xe2\x41\x01\x03R\x04smtp\x12\x1c\n\x06reason\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03R\x06reason\x12#\n\nwebhook_id\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03R\twebhookId\x12\x18\n\x04test\x18\r \x01(\x08\x42\x04\xe2\x41\x01\x03R\x04test\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xb8\x02\n\x11ListEventsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12\x12\n\x04type\x18\x03 \x01(\tR\x04type\x12\x19\n\x08\x65mail_id\x18\x04 \x01(\tR\x07\x65mailId\x12\x1c\n\trecipient\x18\x05 \x01(\tR\trecipient\x12\x16\n\x06\x64omain\x18\x06 \x01(\tR\x06\x64omain\x12\x10\n\x03tag\x18\x07 \x01(\tR\x03tag\x12\x39\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\"j\n\x12ListEventsResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.azora.mail.v1.EventR\x06\x65vents\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken2\x8a\x01\n\x0c\x45ventService\x12z\n\nListEvents\x12 .azora.mail.v1.ListEventsRequest\x1a!.azora.mail.v1.ListEventsResponse\"\'\xa2\xbb\x18\r\n\x0b\x65mails:read\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/v1/eventsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -61,18 +61,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT'].fields_by_name['reason']._serialized_options = b'\342A\001\003'
   _globals['_EVENT'].fields_by_name['webhook_id']._loaded_options = None
   _globals['_EVENT'].fields_by_name['webhook_id']._serialized_options = b'\342A\001\003'
+  _globals['_EVENT'].fields_by_name['test']._loaded_options = None
+  _globals['_EVENT'].fields_by_name['test']._serialized_options = b'\342A\001\003'
   _globals['_EVENTSERVICE'].methods_by_name['ListEvents']._loaded_options = None
   _globals['_EVENTSERVICE'].methods_by_name['ListEvents']._serialized_options = b'\242\273\030\r\n\013emails:read\202\323\344\223\002\020\022\016/api/v1/events'
   _globals['_EVENTSMTPREPLY']._serialized_start=169
   _globals['_EVENTSMTPREPLY']._serialized_end=268
   _globals['_EVENT']._serialized_start=271
-  _globals['_EVENT']._serialized_end=808
-  _globals['_EVENT_METADATAENTRY']._serialized_start=749
-  _globals['_EVENT_METADATAENTRY']._serialized_end=808
-  _globals['_LISTEVENTSREQUEST']._serialized_start=811
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1123
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1125
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=1231
-  _globals['_EVENTSERVICE']._serialized_start=1234
-  _globals['_EVENTSERVICE']._serialized_end=1372
+  _globals['_EVENT']._serialized_end=834
+  _globals['_EVENT_METADATAENTRY']._serialized_start=775
+  _globals['_EVENT_METADATAENTRY']._serialized_end=834
+  _globals['_LISTEVENTSREQUEST']._serialized_start=837
+  _globals['_LISTEVENTSREQUEST']._serialized_end=1149
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=1151
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=1257
+  _globals['_EVENTSERVICE']._serialized_start=1260
+  _globals['_EVENTSERVICE']._serialized_end=1398
 # @@protoc_insertion_point(module_scope)

@@ -87,6 +87,7 @@ class Event(_message.Message):
     SMTP_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Stable id: "evt_" and a ULID whose time part is occurred_at (ids sort as times do)."""
     type: _builtins.str
@@ -105,6 +106,8 @@ class Event(_message.Message):
     """Human reason (cancel reason, suppression reason, ...), when there is one."""
     webhook_id: _builtins.str
     """The webhook endpoint concerned (webhook.* events only)."""
+    test: _builtins.bool
+    """True for events of a test email (sent with a test API key: simulated, never relayed)."""
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
         """When the state change happened."""
@@ -136,10 +139,11 @@ class Event(_message.Message):
         smtp: Global___EventSmtpReply | None = ...,
         reason: _builtins.str = ...,
         webhook_id: _builtins.str = ...,
+        test: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at", "smtp", b"smtp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "email_id", b"email_id", "id", b"id", "metadata", b"metadata", "occurred_at", b"occurred_at", "reason", b"reason", "recipient", b"recipient", "smtp", b"smtp", "tags", b"tags", "tenant_id", b"tenant_id", "type", b"type", "webhook_id", b"webhook_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "email_id", b"email_id", "id", b"id", "metadata", b"metadata", "occurred_at", b"occurred_at", "reason", b"reason", "recipient", b"recipient", "smtp", b"smtp", "tags", b"tags", "tenant_id", b"tenant_id", "test", b"test", "type", b"type", "webhook_id", b"webhook_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

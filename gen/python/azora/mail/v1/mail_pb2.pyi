@@ -571,6 +571,7 @@ class Email(_message.Message):
     TEMPLATE_ID_FIELD_NUMBER: _builtins.int
     TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
     SUPPRESSED_RECIPIENTS_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Opaque identifier."""
     domain_id: _builtins.str
@@ -593,6 +594,11 @@ class Email(_message.Message):
     """The template the content was rendered from, if any."""
     template_version: _builtins.int
     """The version of that template."""
+    test: _builtins.bool
+    """Sent with a test API key: stored, signed and tracked like any email, but never handed to
+    a relay; each recipient's outcome is simulated from its address (docs/test-mode.md).
+    Listed only by ListEmails with `test`, counted only by GetEmailStats with `test`.
+    """
     @_builtins.property
     def to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """To recipients."""
@@ -674,10 +680,11 @@ class Email(_message.Message):
         template_id: _builtins.str = ...,
         template_version: _builtins.int = ...,
         suppressed_recipients: _abc.Iterable[_builtins.str] | None = ...,
+        test: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "next_attempt_time", b"next_attempt_time", "send_at", b"send_at", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "attempts", b"attempts", "bcc", b"bcc", "cc", b"cc", "create_time", b"create_time", "domain_id", b"domain_id", "events", b"events", "from_address", b"from_address", "id", b"id", "message_id", b"message_id", "metadata", b"metadata", "next_attempt_time", b"next_attempt_time", "recipients", b"recipients", "resent_from_id", b"resent_from_id", "send_at", b"send_at", "size_bytes", b"size_bytes", "status", b"status", "subject", b"subject", "suppressed_recipients", b"suppressed_recipients", "tags", b"tags", "template_id", b"template_id", "template_version", b"template_version", "to", b"to", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "attempts", b"attempts", "bcc", b"bcc", "cc", b"cc", "create_time", b"create_time", "domain_id", b"domain_id", "events", b"events", "from_address", b"from_address", "id", b"id", "message_id", b"message_id", "metadata", b"metadata", "next_attempt_time", b"next_attempt_time", "recipients", b"recipients", "resent_from_id", b"resent_from_id", "send_at", b"send_at", "size_bytes", b"size_bytes", "status", b"status", "subject", b"subject", "suppressed_recipients", b"suppressed_recipients", "tags", b"tags", "template_id", b"template_id", "template_version", b"template_version", "test", b"test", "to", b"to", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -733,6 +740,7 @@ class ListEmailsRequest(_message.Message):
     TAG_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum emails per page (default 50, at most 200)."""
     page_token: _builtins.str
@@ -745,6 +753,10 @@ class ListEmailsRequest(_message.Message):
     """Only emails with this recipient."""
     tag: _builtins.str
     """Only emails with this tag."""
+    test: _builtins.bool
+    """List test emails (sent with a test API key) instead of live ones: the two are never
+    listed together.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only emails accepted at or after this time."""
@@ -764,10 +776,11 @@ class ListEmailsRequest(_message.Message):
         tag: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        test: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id", "end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "recipient", b"recipient", "start_time", b"start_time", "status", b"status", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id", "end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "recipient", b"recipient", "start_time", b"start_time", "status", b"status", "tag", b"tag", "test", b"test"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -906,8 +919,11 @@ class GetEmailStatsRequest(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     DOMAIN_ID_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
     domain_id: _builtins.str
     """Only this sending domain."""
+    test: _builtins.bool
+    """Count test emails (sent with a test API key) instead of live ones."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Window start (default 24 hours before the end)."""
@@ -924,10 +940,11 @@ class GetEmailStatsRequest(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         domain_id: _builtins.str = ...,
+        test: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain_id", b"domain_id", "end_time", b"end_time", "start_time", b"start_time", "test", b"test"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

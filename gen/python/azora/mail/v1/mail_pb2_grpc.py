@@ -143,6 +143,8 @@ class MailServiceServicer:
 
     def SendEmail(self, request, context):
         """Accepts an email for delivery and returns at once with status QUEUED or SCHEDULED.
+        With a test API key the email is a test email: everything happens as for any email except
+        that no relay is contacted; each recipient's outcome is simulated (docs/test-mode.md).
         Errors: INVALID_ARGUMENT (field named), SENDER_DOMAIN_NOT_ACTIVE, RELAY_NOT_CONFIGURED,
         IDEMPOTENCY_KEY_ALREADY_EXISTS (reused within 24 hours for a different request),
         SEND_RATE_LIMIT_EXCEEDED, SENDING_QUOTA_EXCEEDED, DOMAIN_SERVICE_UNAVAILABLE,
@@ -153,7 +155,7 @@ class MailServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEmails(self, request, context):
-        """Lists emails, newest first, with filters.
+        """Lists emails, newest first, with filters: live emails, or with `test` test emails.
         Errors: only the common ones (azora.errors.v1.ErrorReason).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -161,7 +163,8 @@ class MailServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetEmailStats(self, request, context):
-        """Counts emails per status and domain over a window, plus the queue's depth and age.
+        """Counts emails per status and domain over a window, plus the queue's depth and age: live
+        emails, or with `test` test emails.
         Errors: only the common ones (azora.errors.v1.ErrorReason).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -178,7 +181,8 @@ class MailServiceServicer:
 
     def ResendEmail(self, request, context):
         """Creates a new delivery of a failed or bounced email, linked to the original.
-        Errors: EMAIL_NOT_FOUND, EMAIL_NOT_RESENDABLE (not failed, bounced or partially sent).
+        Errors: EMAIL_NOT_FOUND, EMAIL_NOT_RESENDABLE (not failed, bounced or partially sent),
+        TEST_MODE_MISMATCH (a test email with a live key, or a live email with a test key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,17 +39,20 @@ class MailServiceStub:
     def __new__(cls, channel: _aio.Channel) -> MailServiceAsyncStub: ...
     SendEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.SendEmailRequest, _mail_pb2.Email]
     """Accepts an email for delivery and returns at once with status QUEUED or SCHEDULED.
+    With a test API key the email is a test email: everything happens as for any email except
+    that no relay is contacted; each recipient's outcome is simulated (docs/test-mode.md).
     Errors: INVALID_ARGUMENT (field named), SENDER_DOMAIN_NOT_ACTIVE, RELAY_NOT_CONFIGURED,
     IDEMPOTENCY_KEY_ALREADY_EXISTS (reused within 24 hours for a different request),
     SEND_RATE_LIMIT_EXCEEDED, SENDING_QUOTA_EXCEEDED, DOMAIN_SERVICE_UNAVAILABLE,
     SMTP_SERVICE_UNAVAILABLE.
     """
     ListEmails: _grpc.UnaryUnaryMultiCallable[_mail_pb2.ListEmailsRequest, _mail_pb2.ListEmailsResponse]
-    """Lists emails, newest first, with filters.
+    """Lists emails, newest first, with filters: live emails, or with `test` test emails.
     Errors: only the common ones (azora.errors.v1.ErrorReason).
     """
     GetEmailStats: _grpc.UnaryUnaryMultiCallable[_mail_pb2.GetEmailStatsRequest, _mail_pb2.EmailStats]
-    """Counts emails per status and domain over a window, plus the queue's depth and age.
+    """Counts emails per status and domain over a window, plus the queue's depth and age: live
+    emails, or with `test` test emails.
     Errors: only the common ones (azora.errors.v1.ErrorReason).
     """
     GetEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.GetEmailRequest, _mail_pb2.Email]
@@ -58,7 +61,8 @@ class MailServiceStub:
     """
     ResendEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.ResendEmailRequest, _mail_pb2.Email]
     """Creates a new delivery of a failed or bounced email, linked to the original.
-    Errors: EMAIL_NOT_FOUND, EMAIL_NOT_RESENDABLE (not failed, bounced or partially sent).
+    Errors: EMAIL_NOT_FOUND, EMAIL_NOT_RESENDABLE (not failed, bounced or partially sent),
+    TEST_MODE_MISMATCH (a test email with a live key, or a live email with a test key).
     """
     RescheduleEmail: _grpc.UnaryUnaryMultiCallable[_mail_pb2.RescheduleEmailRequest, _mail_pb2.Email]
     """Moves a scheduled, queued or deferred email to a new send time, within the scheduling
@@ -161,17 +165,20 @@ class MailServiceAsyncStub(MailServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SendEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.SendEmailRequest, _mail_pb2.Email]  # type: ignore[assignment]
     """Accepts an email for delivery and returns at once with status QUEUED or SCHEDULED.
+    With a test API key the email is a test email: everything happens as for any email except
+    that no relay is contacted; each recipient's outcome is simulated (docs/test-mode.md).
     Errors: INVALID_ARGUMENT (field named), SENDER_DOMAIN_NOT_ACTIVE, RELAY_NOT_CONFIGURED,
     IDEMPOTENCY_KEY_ALREADY_EXISTS (reused within 24 hours for a different request),
     SEND_RATE_LIMIT_EXCEEDED, SENDING_QUOTA_EXCEEDED, DOMAIN_SERVICE_UNAVAILABLE,
     SMTP_SERVICE_UNAVAILABLE.
     """
     ListEmails: _aio.UnaryUnaryMultiCallable[_mail_pb2.ListEmailsRequest, _mail_pb2.ListEmailsResponse]  # type: ignore[assignment]
-    """Lists emails, newest first, with filters.
+    """Lists emails, newest first, with filters: live emails, or with `test` test emails.
     Errors: only the common ones (azora.errors.v1.ErrorReason).
     """
     GetEmailStats: _aio.UnaryUnaryMultiCallable[_mail_pb2.GetEmailStatsRequest, _mail_pb2.EmailStats]  # type: ignore[assignment]
-    """Counts emails per status and domain over a window, plus the queue's depth and age.
+    """Counts emails per status and domain over a window, plus the queue's depth and age: live
+    emails, or with `test` test emails.
     Errors: only the common ones (azora.errors.v1.ErrorReason).
     """
     GetEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.GetEmailRequest, _mail_pb2.Email]  # type: ignore[assignment]
@@ -180,7 +187,8 @@ class MailServiceAsyncStub(MailServiceStub):
     """
     ResendEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.ResendEmailRequest, _mail_pb2.Email]  # type: ignore[assignment]
     """Creates a new delivery of a failed or bounced email, linked to the original.
-    Errors: EMAIL_NOT_FOUND, EMAIL_NOT_RESENDABLE (not failed, bounced or partially sent).
+    Errors: EMAIL_NOT_FOUND, EMAIL_NOT_RESENDABLE (not failed, bounced or partially sent),
+    TEST_MODE_MISMATCH (a test email with a live key, or a live email with a test key).
     """
     RescheduleEmail: _aio.UnaryUnaryMultiCallable[_mail_pb2.RescheduleEmailRequest, _mail_pb2.Email]  # type: ignore[assignment]
     """Moves a scheduled, queued or deferred email to a new send time, within the scheduling
@@ -286,6 +294,8 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_mail_pb2.Email, _abc.Awaitable[_mail_pb2.Email]]:
         """Accepts an email for delivery and returns at once with status QUEUED or SCHEDULED.
+        With a test API key the email is a test email: everything happens as for any email except
+        that no relay is contacted; each recipient's outcome is simulated (docs/test-mode.md).
         Errors: INVALID_ARGUMENT (field named), SENDER_DOMAIN_NOT_ACTIVE, RELAY_NOT_CONFIGURED,
         IDEMPOTENCY_KEY_ALREADY_EXISTS (reused within 24 hours for a different request),
         SEND_RATE_LIMIT_EXCEEDED, SENDING_QUOTA_EXCEEDED, DOMAIN_SERVICE_UNAVAILABLE,
@@ -298,7 +308,7 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _mail_pb2.ListEmailsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mail_pb2.ListEmailsResponse, _abc.Awaitable[_mail_pb2.ListEmailsResponse]]:
-        """Lists emails, newest first, with filters.
+        """Lists emails, newest first, with filters: live emails, or with `test` test emails.
         Errors: only the common ones (azora.errors.v1.ErrorReason).
         """
 
@@ -308,7 +318,8 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _mail_pb2.GetEmailStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mail_pb2.EmailStats, _abc.Awaitable[_mail_pb2.EmailStats]]:
-        """Counts emails per status and domain over a window, plus the queue's depth and age.
+        """Counts emails per status and domain over a window, plus the queue's depth and age: live
+        emails, or with `test` test emails.
         Errors: only the common ones (azora.errors.v1.ErrorReason).
         """
 
@@ -329,7 +340,8 @@ class MailServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_mail_pb2.Email, _abc.Awaitable[_mail_pb2.Email]]:
         """Creates a new delivery of a failed or bounced email, linked to the original.
-        Errors: EMAIL_NOT_FOUND, EMAIL_NOT_RESENDABLE (not failed, bounced or partially sent).
+        Errors: EMAIL_NOT_FOUND, EMAIL_NOT_RESENDABLE (not failed, bounced or partially sent),
+        TEST_MODE_MISMATCH (a test email with a live key, or a live email with a test key).
         """
 
     @_abc_1.abstractmethod
