@@ -36,6 +36,7 @@ from services.mail.relay_pool import RelayPool
 from services.mail.rendering import TemplateEngine
 from services.mail.repository import INDEXES as EMAIL_INDEXES
 from services.mail.repository import MongoEmailRepository, MongoIdempotencyRepository
+from services.mail.return_paths import ReturnPaths
 from services.mail.senders import GrpcSenderDirectory, SenderDirectory
 from services.mail.servicer import MailServicer
 from services.mail.settings import MailSettings
@@ -132,6 +133,7 @@ def make_worker(
         rng=rng,
         relay_health=relay_health,
         suppressions=emails.delivery_queue.suppressions,
+        return_paths=ReturnPaths.from_settings(settings),
     )
 
 
@@ -192,7 +194,8 @@ async def build_app(
         batches=MongoBatchRepository(database.db),
         suppressions=suppressions,
     )
-    server = await start_with_feedback(start_with_inbound(start_service, clock), clock)(
+    inbound = start_with_inbound(start_service, clock, emails=emails, suppressions=suppressions)
+    server = await start_with_feedback(inbound, clock)(
         settings=settings,
         database=database,
         bind=bind or f"{settings.host}:{settings.mail_grpc_port}",

@@ -38,12 +38,13 @@ from services.core.metrics import (
 )
 from services.core.tracing import delivery_span
 from services.mail.feedback.suppression_store import SuppressionList
-from services.mail.models import OPEN_RECIPIENTS, Claimed, EmailStatus, SmtpReply
+from services.mail.models import OPEN_RECIPIENTS, Claimed, Email, EmailStatus, SmtpReply
 from services.mail.outcomes import Outcome, RetryPolicy, after_attempt, decide
 from services.mail.queue import DeliveryQueue
 from services.mail.relay_health import RelayHealthStore, RelayOutcome
 from services.mail.relay_lookup import RelayEndpoint, RelayLookup
 from services.mail.relay_pool import RelayPool
+from services.mail.return_paths import ReturnPaths
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,10 @@ class DeliveryWorker:
         rng: random.Random | None = None,
         relay_health: RelayHealthStore | None = None,
         suppressions: SuppressionList | None = None,
+        return_paths: ReturnPaths | None = None,
     ) -> None:
         self._queue = queue
+        self._return_paths = return_paths
         # Checked again at each attempt: an address suppressed after the email was accepted.
         self._suppressions = suppressions
         self._relay_health = relay_health
@@ -362,10 +365,24 @@ class DeliveryWorker:
             DKIM_SIGNATURES.labels(outcome="signed").inc()
         else:
             message = content
-        replies = await self._pool.send(
-            endpoint, envelope_from=email.envelope_from, recipients=recipients, message=message
-        )
+        replies: dict[str, SmtpReply] = {}
+        # One transaction per recipient: each carries its own return path (VERP).
+        for rcpt in recipients:
+            replies |= await self._pool.send(
+                endpoint,
+                envelope_from=self._envelope_sender(email, rcpt),
+                recipients=[rcpt],
+                message=message,
+            )
         return replies, endpoint
+
+    def _envelope_sender(self, email: Email, recipient: str) -> str:
+        """MAIL FROM of the transaction to `recipient`: its VERP return path (`ReturnPaths`)."""
+        if self._return_paths is None:
+            return email.envelope_from
+        return self._return_paths.envelope_sender(
+            email_id=email.id, sender_domain=email.domain_name, recipient=recipient
+        )
 
 
 __all__ = ["DeliveryWorker"]

@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 from services.mail.app import build_app
 from services.mail.relay_directory import RelaySecurity
 from services.mail.repository import EMAILS
+from services.mail.return_paths import ReturnPaths
 from tests.conftest import Tenant
 from tests.mail.conftest import LocalMail, Script, ScriptedRelay
 
@@ -78,11 +79,21 @@ async def test_accepted_by_the_relay_is_sent(
         for a in ("a@example.org", "c@example.org", "hidden@example.org")
     }
     assert types(email) == ["ACCEPTED", "CLAIMED", "SENT", "SENT", "SENT"]
-    [received] = relay.received
-    assert received.message_id == f"<{email.message_id}>"
-    assert received.mail_from == f"s@{name}"
-    assert sorted(received.rcpt_to) == ["a@example.org", "c@example.org", "hidden@example.org"]
-    assert b"hidden@example.org" not in received.data
+    # One transaction per recipient, each with its own return path (VERP) on the bounce domain.
+    paths = ReturnPaths.from_settings(local_mail.settings)
+    assert sorted(r.rcpt_to[0] for r in relay.received) == [
+        "a@example.org",
+        "c@example.org",
+        "hidden@example.org",
+    ]
+    for received in relay.received:
+        [rcpt] = received.rcpt_to
+        assert received.message_id == f"<{email.message_id}>"
+        assert received.mail_from.endswith(f"@bounces.{name}")
+        token = paths.parse(received.mail_from)
+        assert token is not None
+        assert (token.email_id, token.names(rcpt)) == (email_id, True)
+        assert b"hidden@example.org" not in received.data
     # Nothing is left to do.
     assert await local_mail.worker().run_once() == 0
 
