@@ -366,7 +366,8 @@ class DeliveryWorker:
         else:
             message = content
         replies: dict[str, SmtpReply] = {}
-        # One transaction per recipient: each carries its own return path (VERP).
+        # One transaction per recipient: each carries its own return path (VERP). A relay that
+        # cannot be reached (no reply: refused, timed out) is not tried again for the others.
         for rcpt in recipients:
             replies |= await self._pool.send(
                 endpoint,
@@ -374,6 +375,9 @@ class DeliveryWorker:
                 recipients=[rcpt],
                 message=message,
             )
+            reply = replies[rcpt]
+            if reply.code == 0 and not reply.enhanced_code.startswith("5."):
+                return {r: replies.get(r, reply) for r in recipients}, endpoint
         return replies, endpoint
 
     def _envelope_sender(self, email: Email, recipient: str) -> str:

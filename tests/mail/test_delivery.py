@@ -145,6 +145,25 @@ async def test_temporary_failures_defer_then_retry(
     assert len(relay.received) == 1
 
 
+@pytest.mark.parametrize("script", [Script(greeting="DROP"), Script(mail="DROP")])
+async def test_an_unreachable_relay_is_tried_once_per_attempt_not_once_per_recipient(
+    local_mail: LocalMail, tenant: Tenant, scripted_relay: Start, script: Script
+) -> None:
+    # Each recipient has its own transaction (its own return path), but a relay that gives no
+    # reply is not tried again for the other recipients: all of them are deferred with it.
+    relay = await scripted_relay(script)
+    _, name = local_mail.add_domain(tenant, port=relay.port, timeout=0.5)
+    email_id = await send_one(local_mail, tenant, name, cc=["c@example.org", "d@example.org"])
+    await local_mail.worker().run_once()
+    assert relay.connections == 1
+    email = await local_mail.get(tenant, email_id)
+    assert email.status == DEFERRED
+    assert {(r.status, r.last_reply.code) for r in email.recipients} == {
+        (E.RECIPIENT_STATUS_DEFERRED, 0)
+    }
+    assert len({r.last_reply.text for r in email.recipients}) == 1
+
+
 async def test_no_final_reply_to_data_is_retried_and_flagged_as_possibly_delivered(
     local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
 ) -> None:
