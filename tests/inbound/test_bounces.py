@@ -376,6 +376,7 @@ async def test_full_loop_send_relay_accepts_dsn_bounced_webhook_then_suppressed(
     [bounced] = [p for p in payloads if p["type"] == "bounced"]
     assert bounced["smtp"]["code"] == 550
     assert bounced["smtp"]["enhancedCode"] == "5.1.1"
+    assert bounced["smtp"]["message"].startswith("5.1.1 <nosuchuser@example.org>: Recipient")
     entry = await suppression(inbound, "nosuchuser@example.org")
     assert entry is not None
     assert entry.event_id == bounced["id"]

@@ -183,9 +183,14 @@ class LateFeedback:
 
 
 def _reply(status: str, diagnostic: str) -> SmtpReply:
-    """The report as an SMTP reply: its code if the diagnostic starts with one, else 0."""
+    """The report as an SMTP reply, recorded as a relay's is: code (0 if none), then the text.
+
+    The code is the one the diagnostic starts with; the text is what follows it.
+    """
     match = _REPLY_CODE.match(diagnostic)
-    return SmtpReply(int(match.group(1)) if match else 0, status, diagnostic.strip()[:1000])
+    if match is None:
+        return SmtpReply(0, status, diagnostic.strip()[:1000])
+    return SmtpReply(int(match.group(1)), status, diagnostic[match.end() :].strip()[:1000])
 
 
 def _detail(source: str, status: str, diagnostic: str) -> str:
