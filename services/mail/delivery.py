@@ -384,9 +384,7 @@ class DeliveryWorker:
         """MAIL FROM of the transaction to `recipient`: its VERP return path (`ReturnPaths`)."""
         if self._return_paths is None:
             return email.envelope_from
-        return self._return_paths.envelope_sender(
-            email_id=email.id, sender_domain=email.domain_name, recipient=recipient
-        )
+        return self._return_paths.for_email(email, recipient)
 
 
 __all__ = ["DeliveryWorker"]

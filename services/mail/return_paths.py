@@ -8,6 +8,10 @@ envelope follows: an email to several recipients is handed to the relay as one t
 per recipient (the same connection serves them in turn), which is what VERP means and costs
 nothing for the usual one-recipient email.
 
+Mail we relay for somebody else keeps the envelope sender it was given: a null sender (a
+report must never cause another) and an SRS address (``SRS0=...``/``SRS1=...``, a forwarded
+message: its bounces belong to the original sender, to whom the SRS address leads back).
+
 The key is derived from the suite's master key (``AZORA_SECRETS_KEY``); return paths made
 with a former master key (``AZORA_SECRETS_PREVIOUS_KEYS``) are still recognised, so rotating
 it does not orphan the bounces of mail already sent.
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 from services.core import verp
 from services.core.settings import Settings
+from services.mail.models import Email
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +43,17 @@ class ReturnPaths:
         ]
         return cls(tuple(verp.key_from_master(m) for m in masters), settings.bounce_domain)
 
+    def for_email(self, email: Email, recipient: str) -> str:
+        """The MAIL FROM address of the transaction of `email` to `recipient`.
+
+        Its return path, unless the email keeps its own envelope sender (module docstring).
+        """
+        if keeps_own_sender(email.envelope_from):
+            return email.envelope_from
+        return self.envelope_sender(
+            email_id=email.id, sender_domain=email.domain_name, recipient=recipient
+        )
+
     def envelope_sender(self, *, email_id: str, sender_domain: str, recipient: str) -> str:
         """The MAIL FROM address of the transaction of `email_id` to `recipient`."""
         return verp.return_path(
@@ -54,4 +70,10 @@ class ReturnPaths:
         return verp.parse_any(address, keys=list(self.keys))
 
 
-__all__ = ["ReturnPaths"]
+def keeps_own_sender(envelope_from: str) -> bool:
+    """Whether mail with this envelope sender keeps it: null, or an SRS address (forwarded)."""
+    local = envelope_from.rpartition("@")[0].upper()
+    return not envelope_from or local.startswith(("SRS0=", "SRS1="))
+
+
+__all__ = ["ReturnPaths", "keeps_own_sender"]
