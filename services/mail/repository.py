@@ -749,7 +749,9 @@ class MongoEmailRepository:
         A finished email is one no worker writes again, so the only writers left are the API's
         and this, which meet on the unique transition claim of the email's timeline length:
         of two concurrent changes one writes, the other is refused (and retried by its
-        caller, whose next read sees the first one's change).
+        caller, whose next read sees the first one's change). A process killed between the
+        claim and the write leaves the change refused until the claim is swept with the
+        leases (after an hour); the caller's retries apply it then.
 
         Returns:
             None when no such email is stored; otherwise the email as stored after the change,
