@@ -22,6 +22,8 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import re
+import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Self, get_origin
@@ -154,6 +156,24 @@ def env_spec(field: FieldInfo) -> EnvSpec:
 
 # Value types: what a variable's text must look like. A blank variable counts as unset, except
 # for lists, where it is the empty list (AZORA_TRUSTED_PROXIES="" trusts nobody).
+
+
+def _bounce_domain(value: str) -> str:
+    """``bounces.{domain}``-style templates and fixed names only (lower case, no dot at the end)."""
+    value = value.strip().lower().rstrip(".")
+    fixed = value.replace("{domain}", "example.com", 1)
+    labels = fixed.split(".")
+    if (
+        "{" in fixed
+        or "}" in fixed
+        or ("{domain}" in value and not value.endswith(".{domain}"))
+        or len(labels) < 2
+        or not all(re.fullmatch(r"[a-z0-9_]([a-z0-9-]{0,61}[a-z0-9])?", label) for label in labels)
+    ):
+        raise ValueError(
+            "must be a domain name, or labels followed by .{domain} (e.g. bounces.{domain})"
+        )
+    return value
 
 
 def _comma_list(value: object) -> object:
@@ -491,6 +511,22 @@ class Settings(SettingsModel):
         ge=1,
     )
     default_page_size: int = setting(50, None, "page size when a list request gives none")
+    # Bounces that come back after the relay's answer (services/core/verp.py): the mail
+    # workers put return paths on this domain, the inbound server accepts mail for it, the
+    # domain service lists its records among a domain's required records.
+    bounce_domain: Annotated[str, AfterValidator(_bounce_domain)] = setting(
+        "bounces.{domain}",
+        "AZORA_BOUNCE_DOMAIN",
+        "domain of the VERP return paths (envelope senders) of outgoing mail: `{domain}` "
+        "stands for the sender's domain (one bounce domain per sending domain, so SPF aligns "
+        "for DMARC), or one fixed name shared by every domain",
+    )
+    bounce_mx_host: str = setting(
+        "",
+        "AZORA_BOUNCE_MX_HOST",
+        "host name the bounce domain's MX record names: the inbound server's public name",
+        shown="the machine's FQDN",
+    )
     # Relays (SMTP service probes, mail service delivers).
     smtp_allow_private_hosts: bool = setting(
         True,
@@ -574,6 +610,7 @@ class Settings(SettingsModel):
         ):
             if target not in values:
                 values[target] = f"127.0.0.1:{values.get(port, cls.model_fields[port].default)}"
+        values.setdefault("bounce_mx_host", socket.getfqdn())
         names = {}
         variable, default = METRICS_PORTS.get(service_name, ("", 0))
         if variable:

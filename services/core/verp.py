@@ -13,6 +13,14 @@ which `VerpToken.names` compares with the email's recipients; the address itself
 The HMAC-SHA-256 (truncated to 80 bits) covers the version, email id and digest under a key
 only the suite knows, so a forged or altered token is recognised and ignored (`parse` answers
 None), never turned into a bounce of somebody's email.
+
+The bounce domain is a setting (``AZORA_BOUNCE_DOMAIN``): ``bounces.{domain}`` gives every
+sending domain its own (``bounces.example.com`` for mail from example.com, so the SPF check of
+the MAIL FROM domain is aligned with the From domain for DMARC), a fixed name makes one shared
+domain. `bounce_domain` resolves it for a sender, `is_return_path` tells the inbound server,
+without the key, whether an address has the shape of one of ours (the mail service, which holds
+the key, decides whether it is authentic). The key is derived from the suite's master key
+(`key_from_master`), so no secret has to be configured for it.
 """
 
 from __future__ import annotations
@@ -97,6 +105,54 @@ def parse(address: str, *, key: bytes, bounce_domain: str | None = None) -> Verp
     return VerpToken(body[1 : 1 + _ID_BYTES].hex(), body[1 + _ID_BYTES :])
 
 
+def parse_any(
+    address: str, *, keys: list[bytes], bounce_domain: str | None = None
+) -> VerpToken | None:
+    """`parse` with each key in turn (the current one first, then former ones)."""
+    for key in keys:
+        token = parse(address, key=key, bounce_domain=bounce_domain)
+        if token is not None:
+            return token
+    return None
+
+
+def key_from_master(master: bytes) -> bytes:
+    """The HMAC key of return paths, derived from the suite's master key (32 bytes)."""
+    return hmac.new(master, b"azora verp return paths", hashlib.sha256).digest()
+
+
+PLACEHOLDER = "{domain}"
+_TOKEN_CHARS = (_TOKEN_BYTES * 8 + 4) // 5
+
+
+def bounce_domain(template: str, sender_domain: str) -> str:
+    """The bounce domain of mail from `sender_domain` (``bounces.{domain}`` or a fixed name)."""
+    return template.replace(PLACEHOLDER, sender_domain.lower().rstrip("."), 1)
+
+
+def is_bounce_domain(template: str, domain: str) -> bool:
+    """Whether `domain` is a bounce domain under `template` (for some sender domain)."""
+    domain = domain.lower().rstrip(".")
+    if PLACEHOLDER not in template:
+        return domain == template
+    prefix = template.removesuffix(PLACEHOLDER)
+    rest = domain.removeprefix(prefix)
+    return domain.startswith(prefix) and "." in rest and not rest.startswith(".")
+
+
+def is_return_path(address: str, template: str) -> bool:
+    """Whether `address` has the shape of a return path of ours (authenticity not checked)."""
+    local, at, domain = address.strip().strip("<>").rpartition("@")
+    if not at or not is_bounce_domain(template, domain):
+        return False
+    encoded = local.lower().removeprefix(LOCAL_PREFIX)
+    return (
+        local.lower().startswith(LOCAL_PREFIX)
+        and len(encoded) == _TOKEN_CHARS
+        and all(c in "abcdefghijklmnopqrstuvwxyz234567" for c in encoded)
+    )
+
+
 def _mac(key: bytes, body: bytes) -> bytes:
     return hmac.new(key, b"azora verp\0" + body, hashlib.sha256).digest()[:_MAC_BYTES]
 
@@ -106,4 +162,16 @@ def _check_key(key: bytes) -> None:
         raise ValueError("the VERP key must be at least 16 bytes")
 
 
-__all__ = ["LOCAL_PREFIX", "VerpToken", "parse", "recipient_digest", "return_path"]
+__all__ = [
+    "LOCAL_PREFIX",
+    "PLACEHOLDER",
+    "VerpToken",
+    "bounce_domain",
+    "is_bounce_domain",
+    "is_return_path",
+    "key_from_master",
+    "parse",
+    "parse_any",
+    "recipient_digest",
+    "return_path",
+]

@@ -70,6 +70,8 @@ def policy_from(settings: DomainSettings) -> DomainPolicy:
         max_domains_per_tenant=settings.max_domains_per_tenant,
         max_dns_records=settings.max_dns_records_per_domain,
         max_dns_records_per_tenant=settings.max_dns_records_per_tenant,
+        bounce_domain=settings.bounce_domain,
+        bounce_mx_host=settings.bounce_mx_host,
     )
 
 

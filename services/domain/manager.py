@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from services.core import verp
 from services.core.clock import Clock
 from services.core.dns_names import normalize_domain_name
 from services.core.errors import Conflict, FailedPrecondition, PreconditionViolation
@@ -73,6 +74,9 @@ class DomainPolicy:
     max_dns_records: int = 500
     max_dns_records_per_tenant: int = 5000
     recheck_batch: int = 100
+    # Where bounces of the domain's mail come back (AZORA_BOUNCE_DOMAIN, AZORA_BOUNCE_MX_HOST).
+    bounce_domain: str = "bounces.{domain}"
+    bounce_mx_host: str = ""
 
 
 class DomainManager:
@@ -94,6 +98,11 @@ class DomainManager:
         self._clock = clock
         self._policy = policy
         self._on_deleted = list(on_deleted)
+
+    @property
+    def policy(self) -> DomainPolicy:
+        """The rules this manager applies (what the records a domain needs depend on)."""
+        return self._policy
 
     async def create(self, *, tenant_id: str, name: str) -> Domain:
         """Register a domain for the tenant.
@@ -330,12 +339,47 @@ class DomainManager:
             raise Conflict("the ownership claim changed concurrently; retry")
 
 
-def required_records(domain: Domain) -> list[RequiredRecord]:
+def required_records(domain: Domain, policy: DomainPolicy | None = None) -> list[RequiredRecord]:
     """What the user should publish for a domain.
 
     The ownership TXT record is required; DKIM, SPF and DMARC are guidance whose exact values
-    come from the SMTP service's generators.
+    come from the SMTP service's generators. With a bounce domain per sending domain
+    (``bounces.{domain}``), its MX (bounces come back to the inbound server) and its SPF record
+    (receivers check SPF on the MAIL FROM domain, which is the bounce domain: it authorises what
+    the domain's own record does) are guidance too; a shared bounce domain is the operator's.
     """
+    return [*_ownership_and_auth(domain), *_bounce_records(domain, policy or DomainPolicy())]
+
+
+def _bounce_records(domain: Domain, policy: DomainPolicy) -> list[RequiredRecord]:
+    if verp.PLACEHOLDER not in policy.bounce_domain or not policy.bounce_mx_host:
+        return []
+    name = verp.bounce_domain(policy.bounce_domain, domain.name)
+    return [
+        RequiredRecord(
+            "bounce-mx",
+            DnsRecordType.MX,
+            name,
+            policy.bounce_mx_host,
+            False,
+            "MX (preference 10) of the bounce domain: the envelope sender (Return-Path) of "
+            "every message is an address there, and bounces and complaints sent back to it "
+            "reach the inbound server, which turns them into bounced/complained events and "
+            "suppressions.",
+        ),
+        RequiredRecord(
+            "bounce-spf",
+            DnsRecordType.TXT,
+            name,
+            f"v=spf1 include:{domain.name} ~all",
+            False,
+            "SPF of the bounce domain: receivers check SPF on the envelope sender's domain, "
+            "so it authorises the same servers as the domain's own SPF record.",
+        ),
+    ]
+
+
+def _ownership_and_auth(domain: Domain) -> list[RequiredRecord]:
     return [
         RequiredRecord(
             "verification",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from azora.domain.v1 import domain_pb2
 
 from services.core.protobuf import to_timestamp
-from services.domain.manager import required_records
+from services.domain.manager import DomainPolicy, required_records
 from services.domain.models import (
     DnsRecord,
     DnsRecordInput,
@@ -81,8 +81,8 @@ def check_to_proto(check: VerificationCheck | None) -> domain_pb2.VerificationCh
     )
 
 
-def domain_to_proto(domain: Domain) -> domain_pb2.Domain:
-    """A domain as a proto, with the records the user has to publish."""
+def domain_to_proto(domain: Domain, policy: DomainPolicy | None = None) -> domain_pb2.Domain:
+    """A domain as a proto, with the records the user has to publish (under `policy`)."""
     return domain_pb2.Domain(
         id=domain.id,
         name=domain.name,
@@ -99,7 +99,7 @@ def domain_to_proto(domain: Domain) -> domain_pb2.Domain:
                 required=r.required,
                 description=r.description,
             )
-            for r in required_records(domain)
+            for r in required_records(domain, policy)
         ],
         dns_records=[record_to_proto(r) for r in domain.dns_records],
         last_check=check_to_proto(domain.last_check),

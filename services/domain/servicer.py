@@ -39,7 +39,7 @@ class DomainServicer(domain_pb2_grpc.DomainServiceServicer):
             page_token=request.page_token,
         )
         return domain_pb2.ListDomainsResponse(
-            domains=[mapping.domain_to_proto(d) for d in page.domains],
+            domains=[mapping.domain_to_proto(d, self._manager.policy) for d in page.domains],
             next_page_token=page.next_page_token,
             total_size=page.total_size,
         )
@@ -51,7 +51,7 @@ class DomainServicer(domain_pb2_grpc.DomainServiceServicer):
         domain = await self._manager.create(
             tenant_id=current_principal().tenant_id, name=request.name
         )
-        return mapping.domain_to_proto(domain)
+        return mapping.domain_to_proto(domain, self._manager.policy)
 
     async def GetDomain(
         self, request: domain_pb2.GetDomainRequest, context: Context
@@ -60,7 +60,7 @@ class DomainServicer(domain_pb2_grpc.DomainServiceServicer):
         domain = await self._manager.get(
             tenant_id=current_principal().tenant_id, domain_id=request.id
         )
-        return mapping.domain_to_proto(domain)
+        return mapping.domain_to_proto(domain, self._manager.policy)
 
     async def UpdateDnsRecords(
         self, request: domain_pb2.UpdateDnsRecordsRequest, context: Context
@@ -71,7 +71,7 @@ class DomainServicer(domain_pb2_grpc.DomainServiceServicer):
             domain_id=request.id,
             records=mapping.records_from_proto(request.records),
         )
-        return mapping.domain_to_proto(domain)
+        return mapping.domain_to_proto(domain, self._manager.policy)
 
     async def VerifyDomain(
         self, request: domain_pb2.VerifyDomainRequest, context: Context
@@ -81,7 +81,7 @@ class DomainServicer(domain_pb2_grpc.DomainServiceServicer):
             tenant_id=current_principal().tenant_id, domain_id=request.id
         )
         return domain_pb2.VerifyDomainResponse(
-            domain=mapping.domain_to_proto(domain),
+            domain=mapping.domain_to_proto(domain, self._manager.policy),
             check=mapping.check_to_proto(check),
             verified=domain.status is DomainStatus.ACTIVE,
         )

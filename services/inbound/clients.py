@@ -4,6 +4,11 @@ Both call internal rpcs with a service token. The route of a recipient is asked 
 tenant is known, so that token's tenant is a placeholder the domain service ignores for this rpc;
 storing uses a token minted for the recipient's tenant. Answers about recipients (a route, or
 none) are cached for ``AZORA_INBOUND_ROUTE_CACHE_TTL`` seconds.
+
+Return paths of our outgoing mail (``bounce-<token>@<bounce domain>``, AZORA_BOUNCE_DOMAIN)
+are accepted by their shape, without asking anyone (the mail service, which holds the key,
+tells authentic ones from forged ones), as recipients with the ``bounce`` action, and their
+messages go to the mail service's bounce mailbox (``ReceiveBounceMessage``) instead of a route.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import grpc
 from azora.domain.v1 import routes_pb2, routes_pb2_grpc
 from azora.mail.v1 import inbound_pb2, inbound_pb2_grpc
 
+from services.core import verp
 from services.core.auth import ServiceTokens
 from services.core.cache import TtlCache
 from services.core.settings import Settings
@@ -22,6 +28,9 @@ from services.inbound.authentication import AuthenticationResults
 SERVICE_SUBJECT = "service:inbound"
 # The token of the cross-tenant recipient lookup needs some tenant claim; it is not used.
 LOOKUP_TENANT = "inbound-lookup"
+# A return path of our outgoing mail: no route, the bounce mailbox (the tenant comes from it).
+BOUNCE_ACTION = "bounce"
+BOUNCE_TENANT = "inbound-bounces"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +65,7 @@ class GrpcRecipientResolver:
         # Values are 1-tuples so that "no route" (None) can be cached too.
         self._cache: TtlCache[str, tuple[Recipient | None]] = TtlCache(ttl=ttl)
         self._timeout = timeout
+        self._bounce_domain = settings.bounce_domain
 
     async def resolve(self, address: str) -> Recipient | None:
         """The recipient's route, or None when it is not ours to accept.
@@ -63,6 +73,8 @@ class GrpcRecipientResolver:
         Raises:
             LookupFailed: the domain service did not answer.
         """
+        if verp.is_return_path(address, self._bounce_domain):
+            return Recipient(address, BOUNCE_TENANT, "", "", BOUNCE_ACTION, "")
         key = address.lower()
         hit = self._cache.get(key)
         if hit is not None:
@@ -119,6 +131,30 @@ class GrpcInboundStorer:
             grpc.aio.AioRpcError: the mail service refused it or could not be reached.
         """
         auth = authentication
+        results = inbound_pb2.AuthenticationResults(
+            spf=auth.spf,
+            spf_domain=auth.spf_domain,
+            dkim=auth.dkim,
+            dkim_domains=list(auth.dkim_domains),
+            dmarc=auth.dmarc,
+            from_domain=auth.from_domain,
+            header=auth.header,
+        )
+        if recipient.action == BOUNCE_ACTION:
+            kept = await self._stub.ReceiveBounceMessage(
+                inbound_pb2.ReceiveBounceMessageRequest(
+                    raw_message=raw,
+                    added_headers=added_headers,
+                    envelope_from=envelope_from,
+                    recipient=recipient.address,
+                    client_address=client_address,
+                    helo=helo,
+                    authentication=results,
+                ),
+                metadata=self._tokens.metadata(BOUNCE_TENANT),
+                timeout=self._timeout,
+            )
+            return kept.id
         stored = await self._stub.StoreInboundMessage(
             inbound_pb2.StoreInboundMessageRequest(
                 raw_message=raw,
@@ -148,4 +184,10 @@ class GrpcInboundStorer:
         return stored.id
 
 
-__all__ = ["GrpcInboundStorer", "GrpcRecipientResolver", "LookupFailed", "Recipient"]
+__all__ = [
+    "BOUNCE_ACTION",
+    "GrpcInboundStorer",
+    "GrpcRecipientResolver",
+    "LookupFailed",
+    "Recipient",
+]

@@ -2,9 +2,11 @@
 
 * No AUTH; STARTTLS is offered and optional (opportunistic, as between MTAs).
 * RCPT: a recipient is accepted only if the domain service knows a route for it (its domain
-  is ACTIVE here and a route matches); anything else is ``550 5.7.1`` relay access denied, so
-  the server is never an open relay. A route with the ``reject`` action answers ``550 5.7.1``
-  with its text. A domain service that cannot be asked gives ``451 4.4.3`` (try later).
+  is ACTIVE here and a route matches), or it is a return path of our outgoing mail (the
+  resolver says so: services/inbound/clients.py); anything else is ``550 5.7.1`` relay access
+  denied, so the server is never an open relay. A route with the ``reject`` action answers
+  ``550 5.7.1`` with its text. A domain service that cannot be asked gives ``451 4.4.3`` (try
+  later).
 * DATA: the message is checked (SPF, DKIM, DMARC), a Received and an Authentication-Results
   header are put on top, and it is stored through the mail service for every accepted
   recipient. ``250`` only once every recipient's copy is stored; otherwise ``451 4.3.0`` and the

@@ -26,6 +26,7 @@ from services.mail.compose import Limits
 from services.mail.delivery import DeliveryWorker
 from services.mail.feedback import webhook_servicer as webhooks
 from services.mail.feedback.event_wiring import start_with_feedback, suppression_list_from
+from services.mail.feedback.late_feedback import LateFeedback
 from services.mail.inbound.wiring import start_with_inbound
 from services.mail.manager import MailManager, MailPolicy
 from services.mail.outcomes import RetryPolicy
@@ -36,6 +37,7 @@ from services.mail.relay_pool import RelayPool
 from services.mail.rendering import TemplateEngine
 from services.mail.repository import INDEXES as EMAIL_INDEXES
 from services.mail.repository import MongoEmailRepository, MongoIdempotencyRepository
+from services.mail.return_paths import ReturnPaths
 from services.mail.senders import GrpcSenderDirectory, SenderDirectory
 from services.mail.servicer import MailServicer
 from services.mail.settings import MailSettings
@@ -133,6 +135,10 @@ def make_worker(
         rng=rng,
         relay_health=relay_health,
         suppressions=emails.delivery_queue.suppressions,
+        return_paths=ReturnPaths.from_settings(settings),
+        late_feedback=LateFeedback(
+            emails=emails, suppressions=emails.delivery_queue.suppressions, clock=clock
+        ),
     )
 
 
@@ -193,7 +199,10 @@ async def build_app(
         batches=MongoBatchRepository(database.db),
         suppressions=suppressions,
     )
-    server = await start_with_feedback(start_with_inbound(start_service, clock, manager), clock)(
+    inbound = start_with_inbound(
+        start_service, clock, manager, emails=emails, suppressions=suppressions
+    )
+    server = await start_with_feedback(inbound, clock)(
         settings=settings,
         database=database,
         bind=bind or f"{settings.host}:{settings.mail_grpc_port}",

@@ -34,20 +34,32 @@ from dataclasses import replace
 from datetime import timedelta
 
 from services.core.clock import Clock
-from services.core.errors import AzoraError
+from services.core.errors import AzoraError, Conflict
 from services.core.metrics import (
     DELIVERY_ATTEMPT_DURATION,
     DKIM_SIGNATURES,
     EMAIL_DELIVERIES,
 )
 from services.core.tracing import delivery_span
+from services.mail import simulation
+from services.mail.feedback.late_feedback import LateFeedback
 from services.mail.feedback.suppression_store import SuppressionList
-from services.mail.models import OPEN_RECIPIENTS, Claimed, EmailStatus, SmtpReply
+from services.mail.models import (
+    FINISHED,
+    OPEN_RECIPIENTS,
+    Claimed,
+    Email,
+    EmailStatus,
+    FeedbackKind,
+    RecipientStatus,
+    SmtpReply,
+)
 from services.mail.outcomes import Outcome, RetryPolicy, after_attempt, decide
 from services.mail.queue import DeliveryQueue
 from services.mail.relay_health import RelayHealthStore, RelayOutcome
 from services.mail.relay_lookup import RelayEndpoint, RelayLookup
 from services.mail.relay_pool import RelayPool
+from services.mail.return_paths import ReturnPaths
 from services.mail.simulation import replies_for
 
 log = logging.getLogger(__name__)
@@ -83,8 +95,14 @@ class DeliveryWorker:
         rng: random.Random | None = None,
         relay_health: RelayHealthStore | None = None,
         suppressions: SuppressionList | None = None,
+        return_paths: ReturnPaths | None = None,
+        late_feedback: LateFeedback | None = None,
     ) -> None:
         self._queue = queue
+        self._return_paths = return_paths
+        # Test mode's complaints (complaint@ of the test domain) arrive through it once the
+        # test email is finished, as a real complaint would, after the relay's 250.
+        self._late_feedback = late_feedback
         # Checked again at each attempt: an address suppressed after the email was accepted.
         self._suppressions = suppressions
         self._relay_health = relay_health
@@ -328,6 +346,8 @@ class DeliveryWorker:
         if not recorded:
             log.warning("lease lost before recording", extra={"fields": {"email": email.id}})
             return None
+        if email.test and outcome.status in FINISHED:
+            await self._simulate_complaints(email, outcome)
         label = _METRIC_OUTCOME.get(outcome.status, "failed")
         EMAIL_DELIVERIES.labels(outcome=label, domain=email.domain_name).inc()
         DELIVERY_ATTEMPT_DURATION.labels(outcome=label).observe(time.perf_counter() - started)
@@ -375,10 +395,55 @@ class DeliveryWorker:
         if endpoint is None:
             # Test mode: signed like any email, then answered by the simulation, not a relay.
             return replies_for(recipients), None
-        replies = await self._pool.send(
-            endpoint, envelope_from=email.envelope_from, recipients=recipients, message=message
-        )
+        replies: dict[str, SmtpReply] = {}
+        # One transaction per recipient: each carries its own return path (VERP). A relay that
+        # cannot be reached (no reply: refused, timed out) is not tried again for the others.
+        for rcpt in recipients:
+            replies |= await self._pool.send(
+                endpoint,
+                envelope_from=self._envelope_sender(email, rcpt),
+                recipients=[rcpt],
+                message=message,
+            )
+            reply = replies[rcpt]
+            if reply.code == 0 and not reply.enhanced_code.startswith("5."):
+                return {r: replies.get(r, reply) for r in recipients}, endpoint
         return replies, endpoint
+
+    async def _simulate_complaints(self, email: Email, outcome: Outcome) -> None:
+        """Test mode: each delivered complaint@ recipient of a finished test email complains.
+
+        Through `LateFeedback`, like a real complaint report: a ``complained`` event (marked
+        test) and a suppression. A test email still waiting for another recipient has nothing
+        to complain yet; this runs again with its final attempt (the feedback is idempotent).
+        A process killed between recording the outcome and this call loses the simulated
+        complaint (the email stays SENT): the one thing test mode may lose, since nothing real
+        depends on it.
+        """
+        if self._late_feedback is None:
+            return
+        for r in outcome.recipients:
+            if r.status is not RecipientStatus.SENT or not simulation.is_complaint(r.address):
+                continue
+            try:
+                await self._late_feedback.apply(
+                    email_id=email.id,
+                    recipient=r.address,
+                    kind=FeedbackKind.COMPLAINT,
+                    source="test mode",
+                    tenant_id=email.tenant_id,
+                )
+            except Conflict:
+                log.warning(
+                    "simulated complaint not applied: the email changed meanwhile",
+                    extra={"fields": {"email": email.id}},
+                )
+
+    def _envelope_sender(self, email: Email, recipient: str) -> str:
+        """MAIL FROM of the transaction to `recipient`: its VERP return path (`ReturnPaths`)."""
+        if self._return_paths is None:
+            return email.envelope_from
+        return self._return_paths.for_email(email, recipient)
 
 
 __all__ = ["DeliveryWorker"]

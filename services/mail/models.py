@@ -69,6 +69,16 @@ class EventType(enum.StrEnum):
     RESENT = "resent"
     RESCHEDULED = "rescheduled"
     SUPPRESSED = "suppressed"
+    # The recipient complained (an ARF report came back to the return path).
+    COMPLAINED = "complained"
+
+
+class FeedbackKind(enum.StrEnum):
+    """What a report that came after the relay's answer says about one recipient."""
+
+    BOUNCE = "bounce"  # permanently undeliverable after all (a DSN with Action: failed)
+    DELAY = "delay"  # still being retried further on (a DSN with Action: delayed)
+    COMPLAINT = "complaint"  # the recipient reported the message (ARF)
 
 
 @dataclass(frozen=True, slots=True)

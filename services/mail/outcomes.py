@@ -10,7 +10,9 @@ Replies are classified per recipient: 2xx sent, 5xx bounced (no retry), 4xx and 
 failures (code 0: timeouts, dropped connections, TLS failures) deferred with exponential
 backoff and jitter until the email's maximum lifetime, then failed. Our own permanent verdict
 without a reply (code 0 with a ``5.x.x`` enhanced code, e.g. a relay without SMTPUTF8) fails
-the recipient at once. The email's status follows from its recipients' (`decide`).
+the recipient at once. The email's status follows from its recipients' (`decide`,
+`finished_status`). Reports that come back after the relay's answer (a DSN or a complaint to
+the message's return path) change a finished email by `late_feedback`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from services.mail.models import (
     EmailStatus,
     Event,
     EventType,
+    FeedbackKind,
     Recipient,
     RecipientStatus,
     SmtpReply,
@@ -155,19 +158,92 @@ def decide(
         status = EmailStatus.DEFERRED
         # Never past the give-up time, so the last attempt happens at the deadline.
         next_at = min(now + policy.delay(email.attempts, rng), email.expires_at)
-    elif statuses == {RecipientStatus.SENT}:
-        status = EmailStatus.SENT
-    elif RecipientStatus.SENT in statuses:
-        status = EmailStatus.PARTIALLY_SENT
-    elif RecipientStatus.FAILED in statuses:
-        status = EmailStatus.FAILED
-    elif RecipientStatus.BOUNCED in statuses:
-        status = EmailStatus.BOUNCED
-    elif statuses == {RecipientStatus.SUPPRESSED}:
-        status = EmailStatus.SUPPRESSED
     else:
-        status = EmailStatus.CANCELLED
+        status = finished_status(statuses)
     return Outcome(recipients, status, next_at, events)
+
+
+def finished_status(statuses: set[RecipientStatus]) -> EmailStatus:
+    """The status of an email none of whose recipients waits for an attempt any more."""
+    if statuses == {RecipientStatus.SENT}:
+        return EmailStatus.SENT
+    if RecipientStatus.SENT in statuses:
+        return EmailStatus.PARTIALLY_SENT
+    if RecipientStatus.FAILED in statuses:
+        return EmailStatus.FAILED
+    if RecipientStatus.BOUNCED in statuses:
+        return EmailStatus.BOUNCED
+    if statuses == {RecipientStatus.SUPPRESSED}:
+        return EmailStatus.SUPPRESSED
+    return EmailStatus.CANCELLED
+
+
+# Recipients a report after the relay's answer can be about: the relay accepted the message
+# for them (a later bounce of a SENT recipient is what such reports are for; BOUNCED ones may
+# still complain or have their bounce reported twice).
+_DELIVERED = frozenset({RecipientStatus.SENT, RecipientStatus.BOUNCED})
+
+
+def late_feedback(
+    email: Email,
+    *,
+    recipient: str,
+    kind: FeedbackKind,
+    reply: SmtpReply,
+    detail: str,
+    now: datetime,
+) -> Transition | None:
+    """A report about one recipient that came after the relay accepted the message.
+
+    * bounce: the recipient becomes BOUNCED (even though the relay said 250) with a bounced
+      event; the email's status follows from its recipients (`finished_status`);
+    * delay: a deferred event, no change of status (the message is still on its way);
+    * complaint: a complained event, no change of status.
+
+    None when there is nothing to change: the recipient is not one the relay accepted, or the
+    report was applied already (a bounced recipient; a complaint already recorded for it; the
+    same delay, same reply and detail, already on the timeline), which makes applying the same
+    report twice a no-op.
+    """
+    target = next((r for r in email.recipients if r.address == recipient), None)
+    if target is None or target.status not in _DELIVERED:
+        return None
+    if kind is FeedbackKind.BOUNCE:
+        if target.status is RecipientStatus.BOUNCED:
+            return None
+        recipients = tuple(
+            replace(r, status=RecipientStatus.BOUNCED, last_reply=reply, updated_at=now)
+            if r is target
+            else r
+            for r in email.recipients
+        )
+        return Transition(
+            email_id=email.id,
+            time=now,
+            events=(Event(EventType.BOUNCED, now, recipient, reply, detail),),
+            old_status=email.status,
+            status=finished_status({r.status for r in recipients}),
+            next_attempt_at=None,
+            recipients=recipients,
+        )
+    event_type = EventType.DEFERRED if kind is FeedbackKind.DELAY else EventType.COMPLAINED
+    if kind is FeedbackKind.DELAY and target.status is RecipientStatus.BOUNCED:
+        return None  # bounced already: a late word that it is delayed changes nothing
+    for e in email.events:
+        if e.type is event_type and e.recipient == recipient and _repeats(e, kind, reply, detail):
+            return None
+    return note(email, event=Event(event_type, now, recipient, reply, detail))
+
+
+def _repeats(event: Event, kind: FeedbackKind, reply: SmtpReply, detail: str) -> bool:
+    """Whether a timeline entry of the same type and recipient already records this report.
+
+    One complaint per recipient is recorded; delays are told apart by their reply and detail
+    (a second, later delay report is news; the same one delivered twice is not).
+    """
+    if kind is FeedbackKind.COMPLAINT:
+        return True
+    return event.reply == reply and event.detail == detail
 
 
 def _suppress(r: Recipient, reason: str, now: datetime) -> Event:
@@ -313,6 +389,8 @@ __all__ = [
     "cancel",
     "claim",
     "decide",
+    "finished_status",
+    "late_feedback",
     "leased",
     "note",
     "reschedule",

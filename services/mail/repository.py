@@ -57,7 +57,7 @@ from pymongo import ASCENDING, DESCENDING, DeleteOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.core.clock import SystemClock
-from services.core.errors import NotFound
+from services.core.errors import Conflict, NotFound
 from services.core.mongo import (
     MAX_WRITE_BATCH,
     Document,
@@ -136,6 +136,15 @@ INDEXES = (
     *QUEUE_INDEXES,
     *TALLY_INDEXES,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class LateChange:
+    """What `MongoEmailRepository.change_finished` did to an email."""
+
+    email: Email  # as stored after the change
+    written: list[Document]  # the events the change recorded now (their feed documents)
+    recorded: list[Document]  # the events the email had recorded before (its outbox)
 
 
 @dataclass(frozen=True, slots=True)
@@ -645,14 +654,18 @@ class MongoEmailRepository:
             ids.extend([str(doc["_id"]) async for doc in self._emails.find(query, {"_id": 1})])
         return ids
 
-    async def _apply(self, email: Email, transition: outcomes.Transition) -> Email:
+    async def _apply(
+        self, email: Email, transition: outcomes.Transition, feed: list[Document] | None = None
+    ) -> Email:
         """Write an API change of `email` (one write of its document), then count it.
 
         The API's only write of a state change; the workers' is the queue engine's
         (`MongoDeliveryQueue.finish_attempt`). Both build it with `transition_update`, with
-        the change's events announced first.
+        the change's events announced first. `feed`: the change's `feed_events`, when the
+        caller needs their ids (built here otherwise).
         """
-        feed = feed_events(email, transition.events)
+        if feed is None:
+            feed = feed_events(email, transition.events)
         await self._recorder.announce([Change(email.id, feed)], now=transition.time)
         await self._emails.update_one({"_id": email.id}, transition_update(transition, feed))
         if transition.old_status is not None and transition.status is not None:
@@ -739,6 +752,54 @@ class MongoEmailRepository:
                     await self._bucket.delete(ObjectId(doc["content_file_id"]))
             self._count_doc(doc, -1)
         await self.tallies.flush()
+
+    async def get_any(self, *, email_id: str) -> Email | None:
+        """Any tenant's email by id, without its content; None when it is not stored.
+
+        For callers that authenticated the id otherwise, such as a return path's token.
+        """
+        doc = await self._emails.find_one({"_id": email_id}, NO_CONTENT)
+        return email_from_doc(doc) if doc is not None else None
+
+    async def change_finished(
+        self,
+        *,
+        email_id: str,
+        now: datetime,
+        change: Callable[[Email], outcomes.Transition | None],
+    ) -> LateChange | None:
+        """Apply `change` (a rule of `outcomes`) to a finished email: reports after delivery.
+
+        A finished email is one no worker writes again, so the only writers left are the API's
+        and this, which meet on the unique transition claim of the email's timeline length:
+        of two concurrent changes one writes, the other is refused (and retried by its
+        caller, whose next read sees the first one's change). A process killed between the
+        claim and the write leaves the change refused until the claim is swept with the
+        leases (after an hour); the caller's retries apply it then.
+
+        Returns:
+            None when no such email is stored; otherwise the email as stored after the change,
+            the events written now (empty when `change` found nothing to do) and those it had
+            recorded before (its event outbox).
+
+        Raises:
+            Conflict: the email is not finished (a worker may still write it), or another
+                change was made concurrently: try again later.
+        """
+        doc = await self._emails.find_one({"_id": email_id}, NO_CONTENT)
+        if doc is None:
+            return None
+        email = email_from_doc(doc)
+        recorded = list(doc.get(OUTBOX_FIELD, []))
+        if email.status in UNFINISHED:
+            raise Conflict(f"email {email_id} is still being delivered; try again later")
+        transition = change(email)
+        if transition is None:
+            return LateChange(email, [], recorded)
+        if not await self._transition(doc, now):
+            raise Conflict(f"email {email_id} changed concurrently; try again")
+        feed = feed_events(email, transition.events)
+        return LateChange(await self._apply(email, transition, feed), feed, recorded)
 
     async def add_event(self, *, tenant_id: str, email_id: str, event: Event) -> None:
         """See `EmailRepository.add_event`."""
@@ -955,6 +1016,7 @@ __all__ = [
     "EmailRepository",
     "IdempotencyRecord",
     "IdempotencyRepository",
+    "LateChange",
     "MongoEmailRepository",
     "MongoIdempotencyRepository",
 ]

@@ -38,9 +38,29 @@ async def test_create_returns_pending_domain_with_verification_record(
     assert verification.type == domain_pb2.DNS_RECORD_TYPE_TXT  # RequiredRecord keeps the enum
     assert verification.name == name
     assert verification.value == f"azora-verify={domain.verification_token}"
-    assert {r.purpose for r in domain.required_records} == {"verification", "dkim", "spf", "dmarc"}
+    assert {r.purpose for r in domain.required_records} == {
+        "verification",
+        "dkim",
+        "spf",
+        "dmarc",
+        "bounce-mx",
+        "bounce-spf",
+    }
     dmarc = next(r for r in domain.required_records if r.purpose == "dmarc")
     assert dmarc.name == f"_dmarc.{name}"
+    # The bounce domain of the envelope senders: an MX to the inbound server, and SPF (checked
+    # on the MAIL FROM domain) authorising what the domain's own record authorises.
+    records = {r.purpose: r for r in domain.required_records}
+    assert (records["bounce-mx"].type, records["bounce-mx"].name) == (
+        domain_pb2.DNS_RECORD_TYPE_MX,
+        f"bounces.{name}",
+    )
+    assert records["bounce-mx"].value
+    assert (records["bounce-spf"].name, records["bounce-spf"].value) == (
+        f"bounces.{name}",
+        f"v=spf1 include:{name} ~all",
+    )
+    assert not records["bounce-mx"].required
     assert domain.verification_expire_time.ToSeconds() - domain.create_time.ToSeconds() == 72 * 3600
 
 

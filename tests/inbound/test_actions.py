@@ -208,8 +208,15 @@ async def test_forward_route_keeps_the_message_and_rewrites_the_envelope_sender(
     assert statuses["blocked@elsewhere.example"] == "RECIPIENT_STATUS_SUPPRESSED"
 
     await inbound.mail.worker().run_once()
-    [envelope] = relay.envelopes
-    assert sorted(envelope.rcpt_tos) == ["one@elsewhere.example", "two@other.example"]
+    # One transaction per recipient, each keeping the SRS envelope sender (no return path:
+    # the bounces of forwarded mail belong to the original sender).
+    assert sorted(r for e in relay.envelopes for r in e.rcpt_tos) == [
+        "one@elsewhere.example",
+        "two@other.example",
+    ]
+    envelope = relay.envelopes[0]
+    assert all(len(e.rcpt_tos) == 1 for e in relay.envelopes)
+    assert all(e.mail_from == envelope.mail_from for e in relay.envelopes)
     srs = srs_rewriter(inbound.mail.settings)
     assert envelope.mail_from.startswith("SRS0=")
     assert envelope.mail_from.endswith(f"@{inbound.domain.name}")

@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 from services.mail.app import build_app
 from services.mail.relay_directory import RelaySecurity
 from services.mail.repository import EMAILS
+from services.mail.return_paths import ReturnPaths
 from tests.conftest import Tenant
 from tests.mail.conftest import LocalMail, Script, ScriptedRelay
 
@@ -78,11 +79,21 @@ async def test_accepted_by_the_relay_is_sent(
         for a in ("a@example.org", "c@example.org", "hidden@example.org")
     }
     assert types(email) == ["ACCEPTED", "CLAIMED", "SENT", "SENT", "SENT"]
-    [received] = relay.received
-    assert received.message_id == f"<{email.message_id}>"
-    assert received.mail_from == f"s@{name}"
-    assert sorted(received.rcpt_to) == ["a@example.org", "c@example.org", "hidden@example.org"]
-    assert b"hidden@example.org" not in received.data
+    # One transaction per recipient, each with its own return path (VERP) on the bounce domain.
+    paths = ReturnPaths.from_settings(local_mail.settings)
+    assert sorted(r.rcpt_to[0] for r in relay.received) == [
+        "a@example.org",
+        "c@example.org",
+        "hidden@example.org",
+    ]
+    for received in relay.received:
+        [rcpt] = received.rcpt_to
+        assert received.message_id == f"<{email.message_id}>"
+        assert received.mail_from.endswith(f"@bounces.{name}")
+        token = paths.parse(received.mail_from)
+        assert token is not None
+        assert (token.email_id, token.names(rcpt)) == (email_id, True)
+        assert b"hidden@example.org" not in received.data
     # Nothing is left to do.
     assert await local_mail.worker().run_once() == 0
 
@@ -132,6 +143,25 @@ async def test_temporary_failures_defer_then_retry(
     assert email.attempts == 2
     assert email.recipients[0].attempts == 2
     assert len(relay.received) == 1
+
+
+@pytest.mark.parametrize("script", [Script(greeting="DROP"), Script(mail="DROP")])
+async def test_an_unreachable_relay_is_tried_once_per_attempt_not_once_per_recipient(
+    local_mail: LocalMail, tenant: Tenant, scripted_relay: Start, script: Script
+) -> None:
+    # Each recipient has its own transaction (its own return path), but a relay that gives no
+    # reply is not tried again for the other recipients: all of them are deferred with it.
+    relay = await scripted_relay(script)
+    _, name = local_mail.add_domain(tenant, port=relay.port, timeout=0.5)
+    email_id = await send_one(local_mail, tenant, name, cc=["c@example.org", "d@example.org"])
+    await local_mail.worker().run_once()
+    assert relay.connections == 1
+    email = await local_mail.get(tenant, email_id)
+    assert email.status == DEFERRED
+    assert {(r.status, r.last_reply.code) for r in email.recipients} == {
+        (E.RECIPIENT_STATUS_DEFERRED, 0)
+    }
+    assert len({r.last_reply.text for r in email.recipients}) == 1
 
 
 async def test_no_final_reply_to_data_is_retried_and_flagged_as_possibly_delivered(

@@ -186,7 +186,13 @@ async def test_delivered_over_starttls_with_auth_signed_and_verified(
     )
     got = await e2e.stub.GetEmail(E.GetEmailRequest(id=sent.id), metadata=e2e.tenant.metadata)
     assert got.status == E.EMAIL_STATUS_SENT, got
-    [raw] = e2e.received
+    # One transaction per recipient (each with its own return path), the same signed message.
+    raw, other = e2e.received
+    assert other == raw
+    assert sorted(e.rcpt_tos[0] for e in e2e.handler.envelopes) == [
+        "hidden@example.org",
+        "jane@example.org",
+    ]
     msg = email.message_from_bytes(raw, policy=policy.default)
     assert msg["Message-ID"] == f"<{sent.message_id}>"
     assert msg["Subject"] == "Quarterly report"

@@ -51,10 +51,15 @@ async def test_delivered_with_smtputf8_when_the_relay_offers_it(
     assert await local_mail.worker().run_once() == 1
     got = await local_mail.get(tenant, email_id)
     assert got.status == E.EMAIL_STATUS_SENT, [e.detail for e in got.events]
-    (envelope,) = relay.envelopes
-    assert envelope.smtp_utf8
-    assert envelope.mail_from == f"équipe@{a_label}"
-    assert envelope.rcpt_tos == ["josé@xn--exmple-cua.com", "plain@example.org"]
+    # One transaction per recipient (each with its return path on the bounce domain), both
+    # SMTPUTF8: the headers are UTF-8.
+    assert [e.rcpt_tos for e in relay.envelopes] == [
+        ["josé@xn--exmple-cua.com"],
+        ["plain@example.org"],
+    ]
+    assert all(e.smtp_utf8 for e in relay.envelopes)
+    assert all(e.mail_from.endswith(f"@bounces.{a_label}") for e in relay.envelopes)
+    envelope = relay.envelopes[0]
     # Headers as UTF-8 (RFC 6532), addresses as they travel in the envelope.
     headers = envelope.content.split(b"\r\n\r\n", 1)[0].decode()
     assert 'To: "José Müller" <josé@xn--exmple-cua.com>, plain@example.org' in headers

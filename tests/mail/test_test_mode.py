@@ -171,7 +171,11 @@ async def test_each_simulated_outcome_fires_its_events_and_webhooks_and_nothing_
         "bounce": [("accepted", ""), ("bounced", addresses["bounce"])],
         "defer": [("accepted", ""), ("deferred", addresses["defer"])],
         "suppressed": [("accepted", ""), ("suppressed", addresses["suppressed"])],
-        "complaint": [("accepted", ""), ("sent", addresses["complaint"])],
+        "complaint": [
+            ("accepted", ""),
+            ("sent", addresses["complaint"]),
+            ("complained", addresses["complaint"]),
+        ],
         "anyone": [("accepted", ""), ("sent", addresses["anyone"])],
     }
     for word, story in stories.items():
@@ -196,6 +200,14 @@ async def test_each_simulated_outcome_fires_its_events_and_webhooks_and_nothing_
         metadata=tenant.metadata,
     )
     assert (entry.reason, entry.event_id) == ("hard_bounce", bounce["id"])
+
+    # complaint@ was delivered, then complained like a real feedback report: suppressed too.
+    (complaint,) = [p for p in by_email[sent["complaint"].id] if p["type"] == "complained"]
+    entry = await suppressions.GetSuppression(
+        suppressions_pb2.GetSuppressionRequest(address=addresses["complaint"]),
+        metadata=tenant.metadata,
+    )
+    assert (entry.reason, entry.event_id) == ("complaint", complaint["id"])
 
     # defer@ defers at every attempt, then fails at the maximum lifetime like a real
     # deferral (RETRY_ENV: 60 s doubling to 600 s, give up after 3600 s).
@@ -230,8 +242,9 @@ async def test_a_live_key_never_simulates(
     assert not email.test
     assert email.status == E.EMAIL_STATUS_QUEUED
     assert await local_mail.worker().run_once() == 1
-    assert [e.rcpt_tos for e in relay.envelopes] == [
-        [f"bounce@{TEST_DOMAIN}", f"suppressed@{TEST_DOMAIN}"]
+    assert sorted(r for e in relay.envelopes for r in e.rcpt_tos) == [
+        f"bounce@{TEST_DOMAIN}",
+        f"suppressed@{TEST_DOMAIN}",
     ]
     assert (await local_mail.get(tenant, email.id)).status == E.EMAIL_STATUS_SENT
 

@@ -52,9 +52,13 @@ async def deliver_feedback(mail: LocalMail) -> None:
         mail.settings, mail.app.running.database.db, clock=mail.clock
     )
     try:
-        for _ in range(3):  # new events are found by a scan; a second round finds none
-            await dispatcher.step()
+        # Rounds until one starts nothing: each round starts at most the endpoint's
+        # concurrency, so a story of many events takes several.
+        for _ in range(100):
+            started = await dispatcher.step()
             await dispatcher.drain()
+            if not started:
+                break
     finally:
         await transport.close()
 

@@ -820,6 +820,33 @@ async def _store_inbound(a: Attack) -> None:
     assert [d.event_type for d in log.deliveries if d.event_type == "inbound.received"] == []
 
 
+@case(IN + "ReceiveBounceMessage")
+async def _receive_bounce(a: Attack) -> None:
+    # A user token is refused; whoever the service token was minted for, the tenant of a report
+    # comes from an authentic return path only: a forged one is kept under no tenant, listed
+    # for nobody, and changes nobody's email.
+    v = a.victim
+
+    def receive(metadata: Any) -> Awaitable[inbound_pb2.InboundMessage]:
+        return a.stubs.inbound.ReceiveBounceMessage(
+            inbound_pb2.ReceiveBounceMessageRequest(
+                raw_message=b"Subject: x\r\n\r\nx\r\n",
+                recipient=f"bounce-{'a' * 52}@bounces.{v.domain.name}",
+            ),
+            metadata=metadata,
+        )
+
+    refused = await failure_of(receive(a.b))
+    assert (refused.code, refused.reason) == (grpc.StatusCode.PERMISSION_DENIED, "INTERNAL_ONLY")
+    kept = await receive(a.b_service())
+    assert kept.outcome.startswith("ignored: not an authentic return path")
+    for tenant in (a.b, v.tenant.metadata):
+        listed = await a.stubs.inbound.ListInboundMessages(
+            inbound_pb2.ListInboundMessagesRequest(), metadata=tenant
+        )
+        assert kept.id not in [m.id for m in listed.messages]
+
+
 # --- fixtures and the test -------------------------------------------------------------------
 
 

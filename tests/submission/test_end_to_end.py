@@ -41,6 +41,7 @@ from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
 from services.core.smtp_tls import development_pair, server_context
 from services.domain.app import DomainApp
 from services.mail.app import MailApp, build_app
+from services.mail.return_paths import ReturnPaths
 from services.smtp.app import SmtpApp
 from services.submission.app import SubmissionApp
 from services.submission.app import build_app as build_submission
@@ -82,6 +83,7 @@ class Suite:
     mail: mail_pb2_grpc.MailServiceAsyncStub
     submission: SubmissionApp
     cafile: Path
+    return_paths: ReturnPaths
 
     def client_context(self) -> ssl.SSLContext:
         """A client TLS context trusting the submission server's certificate."""
@@ -173,6 +175,7 @@ async def suite(
                 mail_pb2_grpc.MailServiceStub(channel),
                 submission,
                 cert,
+                ReturnPaths.from_settings(settings),
             )
     finally:
         await submission.stop(0)
@@ -361,12 +364,18 @@ async def test_every_shape_is_delivered_as_sent_and_verified_by_opendkim_and_dki
     by_message_id = {
         shape.raw.split(b"Message-ID: <", 1)[1].split(b">", 1)[0]: shape for shape in todo
     }
-    envelopes = await delivered(suite, len(todo))
+    # One transaction per recipient, each with the return path (VERP) naming it.
+    envelopes = await delivered(suite, sum(len(shape.recipients) for shape in todo))
+    unseen = {shape.name: set(shape.recipients) for shape in todo}
     for envelope in envelopes:
         message_id = envelope.content.split(b"\r\nMessage-ID: <", 1)[1].split(b">", 1)[0]
-        shape = by_message_id.pop(message_id)
-        assert envelope.mail_from == shape.sender, shape.name
-        assert envelope.rcpt_tos == list(shape.recipients), shape.name
+        shape = by_message_id[message_id]
+        [rcpt] = envelope.rcpt_tos
+        unseen[shape.name].remove(rcpt)
+        token = suite.return_paths.parse(envelope.mail_from)
+        assert token is not None, (shape.name, envelope.mail_from)
+        assert token.email_id in ids, shape.name
+        assert token.names(rcpt), shape.name
         assert envelope.smtp_utf8 == shape.smtputf8, shape.name
         assert envelope.content.startswith(b"DKIM-Signature:"), shape.name
         # Headers as sent: every field, in order, unchanged (the signature is the only addition);
@@ -378,7 +387,7 @@ async def test_every_shape_is_delivered_as_sent_and_verified_by_opendkim_and_dki
             opendkim_verdict, knot_server, envelope.content, tmp_path / "opendkim" / shape.name
         )
         assert verdict.endswith("succeeded"), (shape.name, verdict)
-    assert not by_message_id
+    assert not any(unseen.values()), unseen
     for email_id in ids:
         email = await suite.email(email_id)
         assert email.status == E.EMAIL_STATUS_SENT, email

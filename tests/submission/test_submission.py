@@ -18,6 +18,7 @@ from pathlib import Path
 import dkim  # type: ignore[import-untyped]  # dkimpy ships no type information
 from azora.mail.v1 import mail_pb2
 
+from services.mail.return_paths import ReturnPaths
 from tests.smtp.verifiers import opendkim_verdict, quoted
 from tests.submission.conftest import SELECTOR, Submission
 from tests.support.dns_server import KnotServer
@@ -130,7 +131,11 @@ async def test_plain_message_over_starttls_is_stored_then_delivered_as_sent_and_
     assert accepted.detail == "submission: SMTP; client: 127.0.0.1"
     assert await submission.deliver() == 1
     [(mail_from, rcpt_to, data)] = submission.received
-    assert mail_from == f"app@{submission.domain}"
+    # The envelope sender is the email's return path for this recipient (VERP), not the
+    # client's MAIL FROM: bounces come back to us.
+    token = ReturnPaths.from_settings(submission.settings).parse(mail_from)
+    assert token is not None
+    assert (token.email_id, token.names("jane@example.org")) == (email_id, True)
     assert rcpt_to == ["jane@example.org"]
     assert data.startswith(b"DKIM-Signature:")
     assert header_lines(data) == header_lines(raw)
@@ -183,8 +188,15 @@ async def test_html_text_attachment_and_utf8_subject_over_implicit_tls(
         "hidden@example.net": E.RECIPIENT_KIND_BCC,
     }
     assert await submission.deliver() == 1
-    [(_, rcpt_to, data)] = submission.received
-    assert sorted(rcpt_to) == ["hidden@example.net", "jane@example.org"]
+    # One transaction per recipient (each with its own return path), the same signed message.
+    got = submission.received
+    assert sorted(rcpt for _, rcpt_to, _ in got for rcpt in rcpt_to) == [
+        "hidden@example.net",
+        "jane@example.org",
+    ]
+    assert all(len(rcpt_to) == 1 for _, rcpt_to, _ in got)
+    data = got[0][2]
+    assert all(other == data for _, _, other in got)
     assert dkim.verify(data, dnsfunc=submission.dkim_dns)
     received = email.message_from_bytes(data, policy=policy.default)
     assert received["Message-ID"] == f"<{stored.message_id}>"
@@ -290,7 +302,7 @@ async def test_smtputf8_local_parts_reach_the_relay_in_an_smtputf8_transaction(
     assert await submission.deliver() == 1
     [envelope] = submission.relay.envelopes
     assert envelope.smtp_utf8
-    assert envelope.mail_from == sender
+    assert envelope.mail_from.endswith(f"@bounces.{submission.domain}")
     assert envelope.rcpt_tos == [recipient]
     # Everything the client wrote comes after the two added fields (Message-ID, Date).
     assert header_lines(envelope.content)[2:] == header_lines(raw)

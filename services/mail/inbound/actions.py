@@ -144,6 +144,9 @@ class InboundActions:
         for record in records:
             if record.action_state != "done":
                 found[record.id] = Outcome(record.action_state, record.action_detail)
+            elif record.received.action == "bounce":
+                # A report to a return path: what the bounce mailbox did with it, as recorded.
+                found[record.id] = Outcome(record.outcome)
             elif record.webhook_delivery_id:
                 found[record.id] = _webhook_outcome(deliveries.get(record.webhook_delivery_id))
             elif record.forward_email_id:

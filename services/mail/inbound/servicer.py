@@ -10,6 +10,7 @@ from google.api import httpbody_pb2
 
 from services.core.context import current_principal
 from services.core.protobuf import to_timestamp
+from services.mail.inbound.bounce_mailbox import BounceMailbox
 from services.mail.inbound.parsed import parse_message
 from services.mail.inbound.store import (
     Authentication,
@@ -93,10 +94,11 @@ def record_to_proto(
 
 
 class InboundServicer(inbound_pb2_grpc.InboundServiceServicer):
-    """InboundService over an `InboundStore`."""
+    """InboundService over an `InboundStore` and the bounce mailbox."""
 
-    def __init__(self, store: InboundStore) -> None:
+    def __init__(self, store: InboundStore, mailbox: BounceMailbox) -> None:
         self._store = store
+        self._mailbox = mailbox
 
     async def ListInboundMessages(
         self, request: inbound_pb2.ListInboundMessagesRequest, context: Context
@@ -154,6 +156,27 @@ class InboundServicer(inbound_pb2_grpc.InboundServiceServicer):
                 webhook_id=request.webhook_id,
                 forward_to=tuple(request.forward_to),
             ),
+        )
+        outcomes = await self._store.outcomes([record])
+        return record_to_proto(record, parsed=False, outcome=outcomes.get(record.id))
+
+    async def ReceiveBounceMessage(
+        self, request: inbound_pb2.ReceiveBounceMessageRequest, context: Context
+    ) -> inbound_pb2.InboundMessage:
+        """See the proto. The tenant comes from the return path, not from the caller's token."""
+        record = await self._mailbox.receive(
+            Received(
+                raw=request.raw_message,
+                added_headers=request.added_headers,
+                envelope_from=request.envelope_from,
+                recipient=request.recipient,
+                domain_id="",
+                route_id="",
+                action="",
+                client_address=request.client_address,
+                helo=request.helo,
+                authentication=authentication_from_proto(request.authentication),
+            )
         )
         outcomes = await self._store.outcomes([record])
         return record_to_proto(record, parsed=False, outcome=outcomes.get(record.id))

@@ -363,6 +363,37 @@ class InboundStore:
             return {r.id: Outcome(r.outcome) for r in records}
         return await self._actions.outcomes(records)
 
+    async def keep_report(
+        self, *, tenant_id: str, received: Received, outcome: str
+    ) -> InboundRecord:
+        """Keep a message to a bounce address with what was done with it (the bounce mailbox).
+
+        Idempotent like `store`: a retried message keeps the outcome of its first record.
+
+        Raises:
+            InvalidArgument: no message, one over the size limit, no recipient.
+        """
+        problems = []
+        if not received.raw:
+            problems.append(FieldViolation("raw_message", "is required"))
+        elif len(received.raw) > self._max_size:
+            problems.append(FieldViolation("raw_message", f"exceeds {self._max_size} bytes"))
+        if not received.recipient:
+            problems.append(FieldViolation("recipient", "is required"))
+        if problems:
+            raise InvalidArgument(problems)
+        now = self._clock.now()
+        record = InboundRecord(
+            id=record_id(tenant_id, received),
+            tenant_id=tenant_id,
+            received=received,
+            outcome=outcome,
+            received_at=now,
+            expire_at=now + self._retention,
+            size=len(received.added_headers) + len(received.raw),
+        )
+        return await self._repository.insert(record=record, seq=f"{new_ulid(now)}-{record.id}")
+
     async def get(self, *, tenant_id: str, record_id: str) -> InboundRecord:
         """One of the tenant's records.
 

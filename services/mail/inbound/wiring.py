@@ -1,6 +1,8 @@
-"""Adds the inbound message store to the mail process: servicer, indexes, actions, sweeps.
+"""Adds the inbound message store and the bounce mailbox to the mail process.
 
-Sweeps: retention, and the run that finishes route actions left pending.
+Servicer, indexes, actions, sweeps (retention, and the run that finishes route actions left
+pending); the bounce mailbox (reports to return paths, applied through `LateFeedback`) behind
+the same servicer.
 
 Wraps the shared `start_service` the way the feedback wiring does, so the mail service's
 composition root changes by one line. The SRS key of forwarded mail is derived from the master
@@ -22,10 +24,15 @@ from services.core.clock import Clock, SystemClock
 from services.core.runtime import Database, run_periodically
 from services.core.server import ServiceServer
 from services.core.srs import SrsRewriter
+from services.mail.feedback.late_feedback import LateFeedback
+from services.mail.feedback.suppression_store import SuppressionList
 from services.mail.feedback.webhook_store import WebhookStore
 from services.mail.inbound.actions import Forwarder, InboundActions
+from services.mail.inbound.bounce_mailbox import BounceMailbox
 from services.mail.inbound.servicer import InboundServicer
 from services.mail.inbound.store import INDEXES, InboundStore, MongoInboundRepository
+from services.mail.repository import MongoEmailRepository
+from services.mail.return_paths import ReturnPaths
 from services.mail.settings import MailSettings
 
 INBOUND_SERVICE = inbound_pb2.DESCRIPTOR.services_by_name["InboundService"].full_name
@@ -76,17 +83,31 @@ def start_with_inbound(
     start: Callable[..., Awaitable[ServiceServer]],
     clock: Clock | None = None,
     forwarder: Forwarder | None = None,
+    *,
+    emails: MongoEmailRepository,
+    suppressions: SuppressionList,
 ) -> Callable[..., Awaitable[ServiceServer]]:
-    """`start` (the shared `start_service`) that also serves InboundService and sweeps it."""
+    """`start` (the shared `start_service`) that also serves InboundService and sweeps it.
+
+    `emails` and `suppressions` are the process's own (the bounce mailbox changes emails
+    through the same storage as the API and the workers).
+    """
 
     async def started(**kwargs: Any) -> ServiceServer:
         settings: MailSettings = kwargs["settings"]
-        store = inbound_store_from(settings, kwargs["database"], clock or SystemClock(), forwarder)
+        now = clock or SystemClock()
+        store = inbound_store_from(settings, kwargs["database"], now, forwarder)
+        mailbox = BounceMailbox(
+            store=store,
+            feedback=LateFeedback(emails=emails, suppressions=suppressions, clock=now),
+            emails=emails,
+            return_paths=ReturnPaths.from_settings(settings),
+        )
         kwargs["service_names"] = (*kwargs["service_names"], INBOUND_SERVICE)
         kwargs["registrars"] = (
             *kwargs["registrars"],
             lambda s: inbound_pb2_grpc.add_InboundServiceServicer_to_server(
-                InboundServicer(store), s
+                InboundServicer(store, mailbox), s
             ),
         )
         kwargs["indexes"] = (*kwargs["indexes"], *INDEXES)

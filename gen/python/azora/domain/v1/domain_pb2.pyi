@@ -249,7 +249,9 @@ class RequiredRecord(_message.Message):
     REQUIRED_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     purpose: _builtins.str
-    """What the record is for: "verification", "dkim", "spf", "dmarc" or "mx"."""
+    """What the record is for: "verification", "dkim", "spf", "dmarc", "mx", or "bounce-mx" and
+    "bounce-spf" (the bounce domain of the envelope senders, AZORA_BOUNCE_DOMAIN).
+    """
     type: Global___DnsRecordType.ValueType
     """Record type to create."""
     name: _builtins.str

@@ -61,17 +61,21 @@ class InboundMessage(_message.Message):
     recipient: _builtins.str
     """The RCPT TO address this record is for."""
     route_id: _builtins.str
-    """The route that matched the recipient."""
+    """The route that matched the recipient ("" for action "bounce")."""
     action: _builtins.str
-    """The route's action when the message arrived: "store", "webhook" or "forward"."""
+    """The route's action when the message arrived: "store", "webhook" or "forward"; "bounce"
+    for a message to a return path of our outgoing mail (a bounce or complaint report; no
+    route).
+    """
     outcome: _builtins.str
     """What came of the action, as of this answer: "stored" (store); "webhook_pending" (queued
     or being retried), "webhook_delivered", "webhook_failed", "webhook_unknown" (the delivery
     left the endpoint's log) (webhook); "forward_queued", "forwarded",
     "forward_partially_sent", "forward_bounced", "forward_suppressed", "forward_failed",
-    "forward_unknown" (the email expired) (forward); "pending" while the action is being set
-    up; "failed" when it could not be (outcome_detail says why). The message itself is kept
-    in every case.
+    "forward_unknown" (the email expired) (forward); "applied: <what>", "already applied:
+    <what>", "ignored: <why>" or "unparsable: <reason>" (bounce); "pending" while the action
+    is being set up; "failed" when it could not be (outcome_detail says why). The message
+    itself is kept in every case.
     """
     client_address: _builtins.str
     """The SMTP client's address."""
@@ -446,3 +450,51 @@ class StoreInboundMessageRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoreInboundMessageRequest: _TypeAlias = StoreInboundMessageRequest  # noqa: Y015
+
+@_typing.final
+class ReceiveBounceMessageRequest(_message.Message):
+    """ReceiveBounceMessageRequest is one message for one bounce address."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RAW_MESSAGE_FIELD_NUMBER: _builtins.int
+    ENVELOPE_FROM_FIELD_NUMBER: _builtins.int
+    RECIPIENT_FIELD_NUMBER: _builtins.int
+    CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
+    HELO_FIELD_NUMBER: _builtins.int
+    AUTHENTICATION_FIELD_NUMBER: _builtins.int
+    ADDED_HEADERS_FIELD_NUMBER: _builtins.int
+    raw_message: _builtins.bytes
+    """The message exactly as received after DATA (CRLF line ends, dot-unstuffed)."""
+    envelope_from: _builtins.str
+    """The MAIL FROM address ("" for a null sender, as bounces have)."""
+    recipient: _builtins.str
+    """The RCPT TO address: a return path of ours (bounce-<token>@<bounce domain>)."""
+    client_address: _builtins.str
+    """The SMTP client's address."""
+    helo: _builtins.str
+    """The EHLO/HELO name."""
+    added_headers: _builtins.bytes
+    """The inbound server's Received and Authentication-Results header lines (CRLF-terminated)."""
+    @_builtins.property
+    def authentication(self) -> Global___AuthenticationResults:
+        """What the inbound server found checking the message."""
+
+    def __init__(
+        self,
+        *,
+        raw_message: _builtins.bytes = ...,
+        envelope_from: _builtins.str = ...,
+        recipient: _builtins.str = ...,
+        client_address: _builtins.str = ...,
+        helo: _builtins.str = ...,
+        authentication: Global___AuthenticationResults | None = ...,
+        added_headers: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["authentication", b"authentication"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_headers", b"added_headers", "authentication", b"authentication", "client_address", b"client_address", "envelope_from", b"envelope_from", "helo", b"helo", "raw_message", b"raw_message", "recipient", b"recipient"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiveBounceMessageRequest: _TypeAlias = ReceiveBounceMessageRequest  # noqa: Y015

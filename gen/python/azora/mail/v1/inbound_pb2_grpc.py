@@ -59,6 +59,11 @@ class InboundServiceStub:
                 request_serializer=azora_dot_mail_dot_v1_dot_inbound__pb2.StoreInboundMessageRequest.SerializeToString,
                 response_deserializer=azora_dot_mail_dot_v1_dot_inbound__pb2.InboundMessage.FromString,
                 _registered_method=True)
+        self.ReceiveBounceMessage = channel.unary_unary(
+                '/azora.mail.v1.InboundService/ReceiveBounceMessage',
+                request_serializer=azora_dot_mail_dot_v1_dot_inbound__pb2.ReceiveBounceMessageRequest.SerializeToString,
+                response_deserializer=azora_dot_mail_dot_v1_dot_inbound__pb2.InboundMessage.FromString,
+                _registered_method=True)
 
 
 class InboundServiceServicer:
@@ -109,6 +114,24 @@ class InboundServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReceiveBounceMessage(self, request, context):
+        """Receives one message addressed to a bounce address (a VERP return path of our outgoing
+        mail, AZORA_BOUNCE_DOMAIN): a delivery status notification (bounce or delay) or an ARF
+        complaint. Stored (listed by ListInboundMessages of the email's tenant, action "bounce",
+        outcome saying what was done with it) and, when the return path is authentic, applied to
+        the email's recipient: a bounced, deferred or complained event, the recipient's status and
+        the suppression list. A forged or altered return path, or one whose email is gone, is
+        stored under no tenant and applied to nothing; an unparsable report is stored with the
+        reason. Idempotent: the same message again changes nothing more. The inbound SMTP server
+        answers 250 once this returned. Internal: never exposed through the gateway.
+        Errors: INVALID_ARGUMENT (field named: no message, a message over the size limit, no
+        recipient), CONCURRENT_MODIFICATION (the email is still being delivered, or changed
+        meanwhile: try again later), INTERNAL_ONLY (not a service principal).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InboundServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +153,11 @@ def add_InboundServiceServicer_to_server(servicer, server):
             'StoreInboundMessage': grpc.unary_unary_rpc_method_handler(
                     servicer.StoreInboundMessage,
                     request_deserializer=azora_dot_mail_dot_v1_dot_inbound__pb2.StoreInboundMessageRequest.FromString,
+                    response_serializer=azora_dot_mail_dot_v1_dot_inbound__pb2.InboundMessage.SerializeToString,
+            ),
+            'ReceiveBounceMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReceiveBounceMessage,
+                    request_deserializer=azora_dot_mail_dot_v1_dot_inbound__pb2.ReceiveBounceMessageRequest.FromString,
                     response_serializer=azora_dot_mail_dot_v1_dot_inbound__pb2.InboundMessage.SerializeToString,
             ),
     }
@@ -244,6 +272,33 @@ class InboundService:
             target,
             '/azora.mail.v1.InboundService/StoreInboundMessage',
             azora_dot_mail_dot_v1_dot_inbound__pb2.StoreInboundMessageRequest.SerializeToString,
+            azora_dot_mail_dot_v1_dot_inbound__pb2.InboundMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveBounceMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/azora.mail.v1.InboundService/ReceiveBounceMessage',
+            azora_dot_mail_dot_v1_dot_inbound__pb2.ReceiveBounceMessageRequest.SerializeToString,
             azora_dot_mail_dot_v1_dot_inbound__pb2.InboundMessage.FromString,
             options,
             channel_credentials,

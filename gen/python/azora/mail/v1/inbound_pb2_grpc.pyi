@@ -63,6 +63,20 @@ class InboundServiceStub:
     recipient, no route, an unknown action, a webhook action without webhook_id, a forward
     action without forward_to), INTERNAL_ONLY (not a service principal).
     """
+    ReceiveBounceMessage: _grpc.UnaryUnaryMultiCallable[_inbound_pb2.ReceiveBounceMessageRequest, _inbound_pb2.InboundMessage]
+    """Receives one message addressed to a bounce address (a VERP return path of our outgoing
+    mail, AZORA_BOUNCE_DOMAIN): a delivery status notification (bounce or delay) or an ARF
+    complaint. Stored (listed by ListInboundMessages of the email's tenant, action "bounce",
+    outcome saying what was done with it) and, when the return path is authentic, applied to
+    the email's recipient: a bounced, deferred or complained event, the recipient's status and
+    the suppression list. A forged or altered return path, or one whose email is gone, is
+    stored under no tenant and applied to nothing; an unparsable report is stored with the
+    reason. Idempotent: the same message again changes nothing more. The inbound SMTP server
+    answers 250 once this returned. Internal: never exposed through the gateway.
+    Errors: INVALID_ARGUMENT (field named: no message, a message over the size limit, no
+    recipient), CONCURRENT_MODIFICATION (the email is still being delivered, or changed
+    meanwhile: try again later), INTERNAL_ONLY (not a service principal).
+    """
 
 @_typing.type_check_only
 class InboundServiceAsyncStub(InboundServiceStub):
@@ -97,6 +111,20 @@ class InboundServiceAsyncStub(InboundServiceStub):
     Errors: INVALID_ARGUMENT (field named: no message, a message over the size limit, no
     recipient, no route, an unknown action, a webhook action without webhook_id, a forward
     action without forward_to), INTERNAL_ONLY (not a service principal).
+    """
+    ReceiveBounceMessage: _aio.UnaryUnaryMultiCallable[_inbound_pb2.ReceiveBounceMessageRequest, _inbound_pb2.InboundMessage]  # type: ignore[assignment]
+    """Receives one message addressed to a bounce address (a VERP return path of our outgoing
+    mail, AZORA_BOUNCE_DOMAIN): a delivery status notification (bounce or delay) or an ARF
+    complaint. Stored (listed by ListInboundMessages of the email's tenant, action "bounce",
+    outcome saying what was done with it) and, when the return path is authentic, applied to
+    the email's recipient: a bounced, deferred or complained event, the recipient's status and
+    the suppression list. A forged or altered return path, or one whose email is gone, is
+    stored under no tenant and applied to nothing; an unparsable report is stored with the
+    reason. Idempotent: the same message again changes nothing more. The inbound SMTP server
+    answers 250 once this returned. Internal: never exposed through the gateway.
+    Errors: INVALID_ARGUMENT (field named: no message, a message over the size limit, no
+    recipient), CONCURRENT_MODIFICATION (the email is still being delivered, or changed
+    meanwhile: try again later), INTERNAL_ONLY (not a service principal).
     """
 
 class InboundServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -153,6 +181,26 @@ class InboundServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (field named: no message, a message over the size limit, no
         recipient, no route, an unknown action, a webhook action without webhook_id, a forward
         action without forward_to), INTERNAL_ONLY (not a service principal).
+        """
+
+    @_abc_1.abstractmethod
+    def ReceiveBounceMessage(
+        self,
+        request: _inbound_pb2.ReceiveBounceMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inbound_pb2.InboundMessage, _abc.Awaitable[_inbound_pb2.InboundMessage]]:
+        """Receives one message addressed to a bounce address (a VERP return path of our outgoing
+        mail, AZORA_BOUNCE_DOMAIN): a delivery status notification (bounce or delay) or an ARF
+        complaint. Stored (listed by ListInboundMessages of the email's tenant, action "bounce",
+        outcome saying what was done with it) and, when the return path is authentic, applied to
+        the email's recipient: a bounced, deferred or complained event, the recipient's status and
+        the suppression list. A forged or altered return path, or one whose email is gone, is
+        stored under no tenant and applied to nothing; an unparsable report is stored with the
+        reason. Idempotent: the same message again changes nothing more. The inbound SMTP server
+        answers 250 once this returned. Internal: never exposed through the gateway.
+        Errors: INVALID_ARGUMENT (field named: no message, a message over the size limit, no
+        recipient), CONCURRENT_MODIFICATION (the email is still being delivered, or changed
+        meanwhile: try again later), INTERNAL_ONLY (not a service principal).
         """
 
 def add_InboundServiceServicer_to_server(servicer: InboundServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

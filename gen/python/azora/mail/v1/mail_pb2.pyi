@@ -166,9 +166,9 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_SENT: _EventType.ValueType  # 4
     """Accepted by the relay."""
     EVENT_TYPE_DEFERRED: _EventType.ValueType  # 5
-    """Temporarily refused."""
+    """Temporarily refused (or, after the relay accepted it, a delayed-delivery report came back)."""
     EVENT_TYPE_BOUNCED: _EventType.ValueType  # 6
-    """Permanently refused."""
+    """Permanently refused (by the relay, or later by a bounce report to the return path)."""
     EVENT_TYPE_FAILED: _EventType.ValueType  # 7
     """Given up."""
     EVENT_TYPE_CANCELLED: _EventType.ValueType  # 8
@@ -179,6 +179,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """Rescheduled to another time."""
     EVENT_TYPE_SUPPRESSED: _EventType.ValueType  # 11
     """A recipient on the tenant's suppression list was not delivered (detail: the reason)."""
+    EVENT_TYPE_COMPLAINED: _EventType.ValueType  # 12
+    """The recipient reported the message (an ARF complaint to its return path)."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """EventType is the kind of an entry in an email's timeline."""
@@ -194,9 +196,9 @@ EVENT_TYPE_CLAIMED: EventType.ValueType  # 3
 EVENT_TYPE_SENT: EventType.ValueType  # 4
 """Accepted by the relay."""
 EVENT_TYPE_DEFERRED: EventType.ValueType  # 5
-"""Temporarily refused."""
+"""Temporarily refused (or, after the relay accepted it, a delayed-delivery report came back)."""
 EVENT_TYPE_BOUNCED: EventType.ValueType  # 6
-"""Permanently refused."""
+"""Permanently refused (by the relay, or later by a bounce report to the return path)."""
 EVENT_TYPE_FAILED: EventType.ValueType  # 7
 """Given up."""
 EVENT_TYPE_CANCELLED: EventType.ValueType  # 8
@@ -207,6 +209,8 @@ EVENT_TYPE_RESCHEDULED: EventType.ValueType  # 10
 """Rescheduled to another time."""
 EVENT_TYPE_SUPPRESSED: EventType.ValueType  # 11
 """A recipient on the tenant's suppression list was not delivered (detail: the reason)."""
+EVENT_TYPE_COMPLAINED: EventType.ValueType  # 12
+"""The recipient reported the message (an ARF complaint to its return path)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
