@@ -6,15 +6,24 @@ leases are their only coordination.
 
 Discovery. Writers of the ``events`` collection set no flag and know nothing of webhooks. Event
 ids are ``evt_`` + ULID, ordered by creation time, so the dispatcher reads events by ``_id``
-range: every poll the ids after the highest it has seen, and every tenth of the look-back
-window (AZORA_WEBHOOK_LOOKBACK, 5 minutes) the whole window again, for events whose insert
-became visible after later ids did. Each event becomes one delivery document per matching
-endpoint, ``_id`` = ``<event id>:<webhook id>``, created by a plain insert: a rescan, another
-replica or a restart creating it again hits the unique ``_id`` and creates nothing. The scanned
-position is shared in ``webhook_cursor``; a (re)started dispatcher begins a look-back window
-before it, so a dispatcher that was down for a day catches up on that day. An event inserted
-more than the look-back window after its id was made is not delivered: writers insert events
-with the change they report, well within it.
+range. But ids are made when a change happens and the event becomes visible later (the
+publisher copies it a second or more afterwards, not in id order; measured in the benchmark:
+20 % of events became visible after a later id had been read, up to 3.5 s later under load),
+so reading only the ids above the highest one seen would miss them. Every poll therefore reads
+three ranges: the ids above the highest seen, in full; the settle span, the last seconds of ids
+below it (only ``_id``s, and in full only the few not seen yet), which finds an event made
+``s`` seconds before it became visible on the next poll as long as ``s`` is within the span;
+and a few pages of a rescan of the whole look-back window (AZORA_WEBHOOK_LOOKBACK, 5 minutes),
+started every tenth of it, for events later than that. The settle span is at least 5 s and
+adapts: 1.5 times the largest lateness (the highest id's time minus the event's, when a
+re-read found it) seen within the look-back window, plus a poll interval, at most a tenth of
+the window. Each event becomes one delivery document per matching endpoint, ``_id`` =
+``<event id>:<webhook id>``, created by a plain insert: a re-read, another replica or a
+restart creating it again hits the unique ``_id`` and creates nothing. The scanned position is
+shared in ``webhook_cursor``; a (re)started dispatcher begins a look-back window before it, so
+a dispatcher that was down for a day catches up on that day. An event inserted more than the
+look-back window after its id was made is not delivered: writers insert events with the change
+they report, well within it.
 
 Delivery. Due deliveries are claimed under a lease (webhook_store), sent signed (Standard
 Webhooks, webhook_signing) through the SSRF guard (webhook_transport), and their outcome is
@@ -49,6 +58,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.core.clock import Clock, SystemClock
@@ -60,7 +70,7 @@ from services.core.metrics import (
     WEBHOOK_LAG,
     start_exposition,
 )
-from services.core.mongo import Document
+from services.core.mongo import Document, chunked
 from services.core.netguard import host_resolver
 from services.core.runtime import (
     EXIT_DATABASE_CLIENT_WEDGED,
@@ -96,6 +106,14 @@ log = logging.getLogger(__name__)
 EVENT_PREFIX = "evt_"
 # Events read per page of a scan.
 _SCAN_PAGE = 200
+# Ids read per page when a span already scanned is read again (ids only: small).
+_ID_PAGE = 2000
+# Pages of ids the look-back rescan reads per poll: spread over polls, it never holds up
+# delivery for long.
+_RESCAN_PAGES = 2
+# The settle span's least width, seconds: what the publisher's delay (about a second, a few
+# under load) needs without having been seen yet.
+_MIN_SETTLE = 5.0
 # How often delivery logs past their retention and old claims are swept.
 _SWEEP_INTERVAL = 600.0
 # How long an endpoint read from the database is used before it is read again.
@@ -131,10 +149,14 @@ class WebhookDispatcher:
         self._settings = settings
         self.holder = holder or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
-        # Scanning: the highest event id seen, ids fanned out recently (skipped by rescans).
+        # Scanning: the highest event id seen, ids fanned out recently (skipped by re-reads),
+        # the lateness of events found below the highest id (time seen, seconds; see
+        # `settle`), and the look-back rescan in progress (position) and when it last began.
         self._high: str | None = None
         self._seen: dict[str, datetime] = {}
-        self._last_full_scan = -float("inf")
+        self._late: collections.deque[tuple[datetime, float]] = collections.deque()
+        self._rescan_from: str | None = None
+        self._last_rescan: datetime | None = None
         # Delivering: tasks by delivery id, and requests in flight per endpoint.
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._per_endpoint: collections.Counter[str] = collections.Counter()
@@ -206,44 +228,114 @@ class WebhookDispatcher:
     # --- discovery
 
     async def discover(self) -> int:
-        """Fan out events not seen yet; how many deliveries were created."""
+        """Fan out events not seen yet; how many deliveries were created (see Discovery)."""
         now = self._clock.now()
         lookback = timedelta(seconds=self._settings.lookback)
-        window_start = EVENT_PREFIX + ulid_floor(now - lookback)
-        if self._high is None:
+        high = self._high
+        if high is None:
+            # Start: everything from a look-back window before the shared cursor, in full
+            # (that read is this window's rescan).
             until = await self._store.scanned_until()
             base = min(until, now) if until else now
-            start = EVENT_PREFIX + ulid_floor(base - lookback)
-            full = True
-        elif time.monotonic() - self._last_full_scan >= self._settings.lookback / 10:
-            start, full = min(window_start, self._high), True
+            self._last_rescan = now
+            created, newest = await self._read_new(EVENT_PREFIX + ulid_floor(base - lookback), now)
         else:
-            start, full = self._high, False
-        created = 0
-        position = start
-        while True:
-            page = [doc async for doc in find_events_after(self._store, position, _SCAN_PAGE)]
-            if not page:
-                break
-            fresh = [doc for doc in page if doc["_id"] not in self._seen]
-            if fresh:
-                created += await self._fan_out(fresh, now)
-                for doc in fresh:
-                    self._seen[doc["_id"]] = ulid_time(doc["_id"][len(EVENT_PREFIX) :]) or now
-            position = page[-1]["_id"]
-            if self._high is None or position > self._high:
-                self._high = position
-            if len(page) < _SCAN_PAGE:
-                break
-        if self._high is None:
-            self._high = start
-        if full:
-            self._last_full_scan = time.monotonic()
-        high_time = ulid_time(self._high[len(EVENT_PREFIX) :])
-        if high_time is not None and position != start:
+            settle_from = self._settle_from(high, now)
+            created = await self._read_again(settle_from, high, high=high, now=now)
+            more, newest = await self._read_new(high, now)
+            created += more + await self._rescan(settle_from, high=high, now=now)
+        self._high = newest
+        high_time = ulid_time(newest[len(EVENT_PREFIX) :])
+        if high_time is not None and newest != high:
             await self._store.advance_cursor(min(high_time, now))
         horizon = now - 2 * lookback
         self._seen = {k: v for k, v in self._seen.items() if v >= horizon}
+        return created
+
+    def settle(self, now: datetime) -> float:
+        """The settle span now, seconds (see Discovery)."""
+        lookback = self._settings.lookback
+        horizon = now - timedelta(seconds=lookback)
+        while self._late and self._late[0][0] < horizon:
+            self._late.popleft()
+        worst = max((late for _, late in self._late), default=0.0)
+        wanted = max(_MIN_SETTLE, 1.5 * worst + self._settings.poll_interval)
+        return min(wanted, max(lookback / 10, _MIN_SETTLE))
+
+    def _settle_from(self, high: str, now: datetime) -> str:
+        high_time = ulid_time(high[len(EVENT_PREFIX) :]) or now
+        return EVENT_PREFIX + ulid_floor(high_time - timedelta(seconds=self.settle(now)))
+
+    async def _read_new(self, after: str, now: datetime) -> tuple[int, str]:
+        """Fan out the events after id `after`, in full, page by page.
+
+        Returns:
+            How many deliveries were created, and the highest id read (`after` if none).
+        """
+        created = 0
+        while True:
+            page = [doc async for doc in find_events_after(self._store, after, _SCAN_PAGE)]
+            if page:
+                created += await self._take(page, now)
+                after = page[-1]["_id"]
+            if len(page) < _SCAN_PAGE:
+                return created, after
+
+    async def _read_again(self, low: str, upper: str, *, high: str, now: datetime) -> int:
+        """Fan out the events in ids (`low`, `upper`] not seen yet: ids first, then those."""
+        cursor = self._store.events.find({"_id": {"$gt": low, "$lte": upper}}, {"_id": 1})
+        ids = [doc["_id"] async for doc in cursor.sort("_id", ASCENDING)]
+        return await self._take_ids(ids, high=high, now=now)
+
+    async def _rescan(self, upper: str, *, high: str, now: datetime) -> int:
+        """A few pages of the look-back rescan (ids up to `upper`); one begins every tenth."""
+        lookback = timedelta(seconds=self._settings.lookback)
+        if self._rescan_from is None:
+            if self._last_rescan is not None and now - self._last_rescan < lookback / 10:
+                return 0
+            self._rescan_from = EVENT_PREFIX + ulid_floor(now - lookback)
+            self._last_rescan = now
+        created = 0
+        for _ in range(_RESCAN_PAGES):
+            cursor = self._store.events.find(
+                {"_id": {"$gt": self._rescan_from, "$lte": upper}}, {"_id": 1}
+            )
+            ids = [d["_id"] async for d in cursor.sort("_id", ASCENDING).limit(_ID_PAGE)]
+            created += await self._take_ids(ids, high=high, now=now)
+            if len(ids) < _ID_PAGE:
+                self._rescan_from = None
+                break
+            self._rescan_from = ids[-1]
+        return created
+
+    async def _take_ids(self, ids: Sequence[str], *, high: str, now: datetime) -> int:
+        """Fan out the events among `ids` not seen yet (found below `high`: late ones)."""
+        unseen = [i for i in ids if i not in self._seen]
+        if not unseen:
+            return 0
+        created = 0
+        for part in chunked(unseen, _SCAN_PAGE):
+            docs = [d async for d in self._store.events.find({"_id": {"$in": part}})]
+            created += await self._take(docs, now)
+        high_time = ulid_time(high[len(EVENT_PREFIX) :])
+        times = [ulid_time(i[len(EVENT_PREFIX) :]) for i in unseen]
+        lateness = [(high_time - t).total_seconds() for t in times if t and high_time]
+        if lateness:
+            self._late.append((now, max(lateness)))
+            log.info(
+                "webhook events found below the highest id",
+                extra={"fields": {"events": len(unseen), "late_s": round(max(lateness), 3)}},
+            )
+        return created
+
+    async def _take(self, docs: Sequence[Document], now: datetime) -> int:
+        """Fan out the documents not seen yet, and note them seen."""
+        fresh = [doc for doc in docs if doc["_id"] not in self._seen]
+        if not fresh:
+            return 0
+        created = await self._fan_out(fresh, now)
+        for doc in fresh:
+            self._seen[doc["_id"]] = ulid_time(doc["_id"][len(EVENT_PREFIX) :]) or now
         return created
 
     async def _fan_out(self, events: Sequence[Document], now: datetime) -> int:
