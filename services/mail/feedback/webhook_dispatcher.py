@@ -160,8 +160,13 @@ class WebhookDispatcher:
         # Delivering: tasks by delivery id, and requests in flight per endpoint.
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._per_endpoint: collections.Counter[str] = collections.Counter()
-        # Endpoints that may have deliveries due from the given time on (see dispatch_due).
+        # Deliveries whose request to the endpoint is open (each holds one of its slots; the
+        # slot is free again once the answer is in, before the outcome is written).
+        self._requesting: set[str] = set()
+        # Endpoints that may have deliveries due from the given time on (see dispatch_due),
+        # and how often each was hinted (a hint given during a lookup is not dropped by it).
         self._hints: dict[str, datetime] = {}
+        self._hinted: collections.Counter[str] = collections.Counter()
         # Endpoints read recently: id -> (monotonic expiry, endpoint or None when deleted).
         self._endpoint_cache: dict[str, tuple[float, Webhook | None]] = {}
         self._stopping = asyncio.Event()
@@ -182,16 +187,40 @@ class WebhookDispatcher:
         self._wake.set()
 
     async def run(self) -> None:
-        """Poll until stopped; a failing step (database away) is logged and tried again."""
+        """Poll until stopped; a failing step (database away) is logged and tried again.
+
+        Event scans run in a task of their own, every poll interval: a scan (which may read
+        thousands of ids) never holds up starting deliveries, which this loop does.
+        """
+        scanning = asyncio.create_task(self._scan_events(), name="webhook:scan")
+        try:
+            await self._deliver_due()
+        finally:
+            scanning.cancel()
+            await asyncio.gather(scanning, return_exceptions=True)
+
+    async def _scan_events(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                if await self.discover():
+                    self._wake.set()  # new deliveries: start them now, not at the next poll
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("webhook event scan failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._settings.poll_interval)
+
+    async def _deliver_due(self) -> None:
         while not self._stopping.is_set():
             started = 0
             try:
-                # Scanning events and the overdue window every poll interval; in between (woken
-                # by a finished request) only the endpoints that may have work are asked.
+                # The overdue window every poll interval; in between (woken by a finished
+                # request or new deliveries) only the endpoints that may have work are asked.
                 full = time.monotonic() - self._last_full_round >= self._settings.poll_interval
                 if full:
                     self._last_full_round = time.monotonic()
-                started = await self.step(full=full)
+                started = await self.dispatch_due(window=full)
                 if time.monotonic() - self._last_sweep >= _SWEEP_INTERVAL:
                     self._last_sweep = time.monotonic()
                     await self._store.sweep(
@@ -425,19 +454,22 @@ class WebhookDispatcher:
             free = limit - planned[webhook_id]
             if free <= 0:
                 continue
+            hinted = self._hinted[webhook_id]
             found = await self._store.due_for_webhook(
                 webhook_id, now=now, limit=free, skip_ids=[*self._inflight, *picked]
             )
             for delivery in found:
                 take(delivery)
-            if len(found) < free:
-                del self._hints[webhook_id]  # nothing more due now
+            if len(found) < free and self._hinted[webhook_id] == hinted:
+                self._hints.pop(webhook_id, None)  # nothing more due now
+                self._hinted.pop(webhook_id, None)
         picked_list = list(picked.values())
         leases = await self._store.claim(picked_list, now=now, lease=self.lease, holder=self.holder)
         hooks = await self._endpoints({x.delivery.webhook_id for x in leases})
         for lease in leases:
             delivery = lease.delivery
             self._per_endpoint[delivery.webhook_id] += 1
+            self._requesting.add(delivery.id)
             self._inflight[delivery.id] = asyncio.create_task(
                 self._deliver(lease, hooks.get(delivery.webhook_id)), name=f"webhook:{delivery.id}"
             )
@@ -461,6 +493,7 @@ class WebhookDispatcher:
         return fresh
 
     def _hint(self, webhook_id: str, at: datetime) -> None:
+        self._hinted[webhook_id] += 1
         known = self._hints.get(webhook_id)
         if known is None or at < known:
             self._hints[webhook_id] = at
@@ -477,9 +510,17 @@ class WebhookDispatcher:
         finally:
             self._wake.set()
             self._inflight.pop(delivery.id, None)
-            self._per_endpoint[delivery.webhook_id] -= 1
-            if self._per_endpoint[delivery.webhook_id] <= 0:
-                del self._per_endpoint[delivery.webhook_id]
+            self._free_slot(delivery)
+
+    def _free_slot(self, delivery: Delivery) -> None:
+        """The request of `delivery` is over: its endpoint slot may take the next one."""
+        if delivery.id not in self._requesting:
+            return
+        self._requesting.discard(delivery.id)
+        self._per_endpoint[delivery.webhook_id] -= 1
+        if self._per_endpoint[delivery.webhook_id] <= 0:
+            del self._per_endpoint[delivery.webhook_id]
+        self._wake.set()
 
     async def _attempt(self, lease: Lease, hook: Webhook | None) -> None:
         """Send a leased delivery to its endpoint (as read when it was claimed) and record it."""
@@ -503,6 +544,10 @@ class WebhookDispatcher:
         attempt = await self._transport.post(
             url=hook.url, headers=headers, body=delivery.body, at=now
         )
+        # The endpoint's slot bounds requests to it, not the writes after them: free it now,
+        # so an endpoint's throughput is its slots over the request time, not over the
+        # request time plus the database's.
+        self._free_slot(delivery)
         after = self._clock.now()
         self._measure(delivery, attempt, after)
         update = self._next(delivery, attempt, after)
