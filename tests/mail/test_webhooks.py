@@ -446,8 +446,8 @@ async def test_an_event_stored_after_a_later_one_is_sent_on_the_next_poll(
 async def test_an_event_later_than_the_settle_span_is_found_by_the_rescan_and_widens_it(
     hooks: Hooks, tenant: Tenant
 ) -> None:
-    # 15 s late is beyond the first settle span (5 s): the look-back rescan, begun a tenth of
-    # the look-back window later, finds it. From then on the span covers such lateness, so the
+    # 15 s late is beyond the first settle span (3 s): the look-back rescan, begun half the
+    # look-back window later, finds it. From then on the span covers such lateness, so the
     # next event as late is found by the next poll.
     receiver = await hooks.receiver()
     await hooks.endpoint(tenant, receiver.url)
@@ -459,7 +459,7 @@ async def test_an_event_later_than_the_settle_span_is_found_by_the_rescan_and_wi
     late = await hooks.event(tenant, _id=f"evt_{new_ulid(start)}", occurredAt=start)
     await run(dispatcher)
     assert [r.webhook_id for r in receiver.requests] == [newest["_id"]]
-    hooks.clock.advance(timedelta(seconds=hooks.settings.webhooks.lookback / 10))
+    hooks.clock.advance(timedelta(seconds=hooks.settings.webhooks.lookback / 2))
     await run(dispatcher)
     assert sorted(r.webhook_id for r in receiver.requests) == sorted([newest["_id"], late["_id"]])
     made = start + timedelta(seconds=1)

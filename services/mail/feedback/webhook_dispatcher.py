@@ -6,18 +6,25 @@ leases are their only coordination.
 
 Discovery. Writers of the ``events`` collection set no flag and know nothing of webhooks. Event
 ids are ``evt_`` + ULID, ordered by creation time, so the dispatcher reads events by ``_id``
-range. But ids are made when a change happens and the event becomes visible later (the
-publisher copies it a second or more afterwards, not in id order; measured in the benchmark:
-20 % of events became visible after a later id had been read, up to 3.5 s later under load),
-so reading only the ids above the highest one seen would miss them. Every poll therefore reads
-three ranges: the ids above the highest seen, in full; the settle span, the last seconds of ids
-below it (only ``_id``s, and in full only the few not seen yet), which finds an event made
-``s`` seconds before it became visible on the next poll as long as ``s`` is within the span;
-and a few pages of a rescan of the whole look-back window (AZORA_WEBHOOK_LOOKBACK, 5 minutes),
-started every tenth of it, for events later than that. The settle span is at least 5 s and
-adapts: 1.5 times the largest lateness (the highest id's time minus the event's, when a
-re-read found it) seen within the look-back window, plus a poll interval, at most a tenth of
-the window. Each event becomes one delivery document per matching endpoint, ``_id`` =
+range. But an id is made when the change happens and the event becomes visible later, not in
+id order: the publisher copies events a second or more afterwards (measured in the benchmark
+under load: a fifth of the events became visible after a later id had been read, up to 4 s
+after their id was made). Reading only the ids above the highest one seen would leave those to
+a rescan. So every poll (a task of its own, beside delivery) reads three ranges:
+
+* the ids above the highest seen, in full;
+* the settle span: the last seconds of ids below the highest, ``_id``s only, and in full just
+  the few not seen yet. An event that became visible ``s`` seconds after its id was made is
+  found on the next poll as long as ``s`` is within the span. The span is 1.5 times the
+  largest lateness (the highest id's time minus the event's, when a re-read found it) seen
+  within the look-back window, plus a poll interval; at least 3 s, at most a tenth of the
+  window. It widens from events found inside it before they fall outside it;
+* a few pages (ids only) of a rescan of the whole look-back window (AZORA_WEBHOOK_LOOKBACK, 5
+  minutes), one begun every half window, for events later than the span (a writer or the
+  publisher stalled, the database away); what it finds widens the span.
+
+Re-reads cost database time for every id they cover, so the span is only as wide as the
+lateness seen needs. Each event becomes one delivery document per matching endpoint, ``_id`` =
 ``<event id>:<webhook id>``, created by a plain insert: a re-read, another replica or a
 restart creating it again hits the unique ``_id`` and creates nothing. The scanned position is
 shared in ``webhook_cursor``; a (re)started dispatcher begins a look-back window before it, so
@@ -111,9 +118,9 @@ _ID_PAGE = 2000
 # Pages of ids the look-back rescan reads per poll: spread over polls, it never holds up
 # delivery for long.
 _RESCAN_PAGES = 2
-# The settle span's least width, seconds: what the publisher's delay (about a second, a few
-# under load) needs without having been seen yet.
-_MIN_SETTLE = 5.0
+# The settle span's least width, seconds: the publisher's usual delay (a second or two) before
+# any lateness has been seen.
+_MIN_SETTLE = 3.0
 # How often delivery logs past their retention and old claims are swept.
 _SWEEP_INTERVAL = 600.0
 # How long an endpoint read from the database is used before it is read again.
@@ -317,10 +324,10 @@ class WebhookDispatcher:
         return await self._take_ids(ids, high=high, now=now)
 
     async def _rescan(self, upper: str, *, high: str, now: datetime) -> int:
-        """A few pages of the look-back rescan (ids up to `upper`); one begins every tenth."""
+        """A few pages of the look-back rescan (ids up to `upper`); one begins every half window."""
         lookback = timedelta(seconds=self._settings.lookback)
         if self._rescan_from is None:
-            if self._last_rescan is not None and now - self._last_rescan < lookback / 10:
+            if self._last_rescan is not None and now - self._last_rescan < lookback / 2:
                 return 0
             self._rescan_from = EVENT_PREFIX + ulid_floor(now - lookback)
             self._last_rescan = now
