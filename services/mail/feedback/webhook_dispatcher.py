@@ -288,7 +288,7 @@ class WebhookDispatcher:
         self._seen = {k: v for k, v in self._seen.items() if v >= horizon}
         return created
 
-    def settle(self, now: datetime) -> float:
+    def _settle_span(self, now: datetime) -> float:
         """The settle span now, seconds (see Discovery)."""
         lookback = self._settings.lookback
         horizon = now - timedelta(seconds=lookback)
@@ -300,7 +300,7 @@ class WebhookDispatcher:
 
     def _settle_from(self, high: str, now: datetime) -> str:
         high_time = ulid_time(high[len(EVENT_PREFIX) :]) or now
-        return EVENT_PREFIX + ulid_floor(high_time - timedelta(seconds=self.settle(now)))
+        return EVENT_PREFIX + ulid_floor(high_time - timedelta(seconds=self._settle_span(now)))
 
     async def _read_new(self, after: str, now: datetime) -> tuple[int, str]:
         """Fan out the events after id `after`, in full, page by page.
