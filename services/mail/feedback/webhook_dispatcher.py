@@ -8,7 +8,7 @@ Discovery. Writers of the ``events`` collection set no flag and know nothing of 
 ids are ``evt_`` + ULID, ordered by creation time, so the dispatcher reads events by ``_id``
 range. But an id is made when the change happens and the event becomes visible later, not in
 id order: the publisher copies events a second or more afterwards (measured in the benchmark
-under load: a fifth of the events became visible after a later id had been read, up to 4 s
+under load: 8-26 % of the events became visible after a later id had been read, a few seconds
 after their id was made). Reading only the ids above the highest one seen would leave those to
 a rescan. So every poll (a task of its own, beside delivery) reads three ranges:
 
@@ -37,7 +37,8 @@ Webhooks, webhook_signing) through the SSRF guard (webhook_transport), and their
 recorded with the attempt: 2xx succeeds; anything else (status, timeout, refused connection,
 guard) is retried after the next wait of AZORA_WEBHOOK_RETRY_SCHEDULE (5 s, 5 min, 30 min, 2 h,
 5 h, 10 h, 10 h, each +-20 % jitter), then the delivery is FAILED. At most
-AZORA_WEBHOOK_ENDPOINT_CONCURRENCY requests per endpoint run at once, and each endpoint's due
+AZORA_WEBHOOK_ENDPOINT_CONCURRENCY requests per endpoint run at once (a request's slot is free
+once its answer is in; its outcome is written after), and each endpoint's due
 deliveries are also looked up on their own (`dispatch_due`), so a slow endpoint or one with a
 large backlog never holds up another's. A process killed mid-request (kill -9) loses nothing:
 its lease expires and another dispatcher sends again. Receivers may therefore see an event
