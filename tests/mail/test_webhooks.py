@@ -429,7 +429,8 @@ async def test_an_event_stored_after_a_later_one_is_sent_on_the_next_poll(
 ) -> None:
     # An event id is made when the change happens; the event becomes visible when the
     # publisher copies it, a second or more later and not in id order. The dispatcher has
-    # already read a later id; its next poll finds the earlier event (no wait for the rescan).
+    # already read a later id; its next poll a quarter of the settle span (3 s) later finds
+    # the earlier event (no wait for the rescan).
     receiver = await hooks.receiver()
     await hooks.endpoint(tenant, receiver.url)
     dispatcher = hooks.dispatcher()
@@ -439,6 +440,7 @@ async def test_an_event_stored_after_a_later_one_is_sent_on_the_next_poll(
     await run(dispatcher)
     assert [r.webhook_id for r in receiver.requests] == [newer["_id"]]
     older = await hooks.event(tenant, _id=f"evt_{new_ulid(made)}", occurredAt=made)
+    hooks.clock.advance(timedelta(seconds=1))
     await run(dispatcher)
     assert sorted(r.webhook_id for r in receiver.requests) == sorted([newer["_id"], older["_id"]])
 
@@ -447,8 +449,8 @@ async def test_an_event_later_than_the_settle_span_is_found_by_the_rescan_and_wi
     hooks: Hooks, tenant: Tenant
 ) -> None:
     # 15 s late is beyond the first settle span (3 s): the look-back rescan, begun half the
-    # look-back window later, finds it. From then on the span covers such lateness, so the
-    # next event as late is found by the next poll.
+    # look-back window later, finds it. From then on the span covers such lateness (it is 30 s
+    # now), so the next event as late is found by its next read, a quarter of the span later.
     receiver = await hooks.receiver()
     await hooks.endpoint(tenant, receiver.url)
     dispatcher = hooks.dispatcher()
@@ -464,6 +466,7 @@ async def test_an_event_later_than_the_settle_span_is_found_by_the_rescan_and_wi
     assert sorted(r.webhook_id for r in receiver.requests) == sorted([newest["_id"], late["_id"]])
     made = start + timedelta(seconds=1)
     as_late = await hooks.event(tenant, _id=f"evt_{new_ulid(made)}", occurredAt=made)
+    hooks.clock.advance(timedelta(seconds=8))
     await run(dispatcher)
     assert receiver.requests[-1].webhook_id == as_late["_id"]
     assert len(receiver.requests) == 3

@@ -14,11 +14,14 @@ a rescan. So every poll (a task of its own, beside delivery) reads three ranges:
 
 * the ids above the highest seen, in full;
 * the settle span: the last seconds of ids below the highest, ``_id``s only, and in full just
-  the few not seen yet. An event that became visible ``s`` seconds after its id was made is
-  found on the next poll as long as ``s`` is within the span. The span is 1.5 times the
-  largest lateness (the highest id's time minus the event's, when a re-read found it) seen
-  within the look-back window, plus a poll interval; at least 3 s, at most a tenth of the
-  window. It widens from events found inside it before they fall outside it;
+  the few not seen yet; read again every quarter of its width (at most every poll), so each id
+  is read about four times while in it. An event that became visible ``s`` seconds after its
+  id was made is found by the next such read (within a quarter of the span) as long as ``s``
+  is at most three quarters of the span minus a poll interval. The span is twice the sum of a
+  poll interval and the largest lateness (the highest id's time minus the event's, when a
+  re-read found it) seen within the look-back window; at least 3 s, at most a tenth of the
+  window. It
+  widens from events found inside it before they fall outside it;
 * a few pages (ids only) of a rescan of the whole look-back window (AZORA_WEBHOOK_LOOKBACK, 5
   minutes), one begun every half window, for events later than the span (a writer or the
   publisher stalled, the database away); what it finds widens the span.
@@ -132,6 +135,12 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _below(event_id: str, seconds: float, now: datetime) -> str:
+    """The smallest event id made `seconds` before `event_id` was (`now` if not a ULID)."""
+    made = ulid_time(event_id[len(EVENT_PREFIX) :]) or now
+    return EVENT_PREFIX + ulid_floor(made - timedelta(seconds=seconds))
+
+
 class WebhookDispatcher:
     """Finds new events, fans them out to endpoints, and delivers due deliveries."""
 
@@ -165,6 +174,7 @@ class WebhookDispatcher:
         self._late: collections.deque[tuple[datetime, float]] = collections.deque()
         self._rescan_from: str | None = None
         self._last_rescan: datetime | None = None
+        self._last_reread: datetime | None = None
         # Delivering: tasks by delivery id, and requests in flight per endpoint.
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._per_endpoint: collections.Counter[str] = collections.Counter()
@@ -277,16 +287,21 @@ class WebhookDispatcher:
             self._last_rescan = now
             created, newest = await self._read_new(EVENT_PREFIX + ulid_floor(base - lookback), now)
         else:
-            settle_from = self._settle_from(high, now)
-            created = await self._read_again(settle_from, high, high=high, now=now)
+            span = self._settle_span(now)
+            settle_from = _below(high, span, now)
+            created = 0
+            # Each id is read again about four times while it is in the span: enough to find
+            # an event as late as the span is wide minus a quarter and a poll (see Discovery).
+            last = self._last_reread
+            if last is None or (now - last).total_seconds() >= span / 4 or now < last:
+                self._last_reread = now
+                created += await self._read_again(settle_from, high, high=high, now=now)
             more, newest = await self._read_new(high, now)
             created += more + await self._rescan(settle_from, high=high, now=now)
         self._high = newest
         high_time = ulid_time(newest[len(EVENT_PREFIX) :])
         if high_time is not None and newest != high:
             await self._store.advance_cursor(min(high_time, now))
-        horizon = now - 2 * lookback
-        self._seen = {k: v for k, v in self._seen.items() if v >= horizon}
         return created
 
     def _settle_span(self, now: datetime) -> float:
@@ -296,12 +311,8 @@ class WebhookDispatcher:
         while self._late and self._late[0][0] < horizon:
             self._late.popleft()
         worst = max((late for _, late in self._late), default=0.0)
-        wanted = max(_MIN_SETTLE, 1.5 * worst + self._settings.poll_interval)
+        wanted = max(_MIN_SETTLE, 2 * (worst + self._settings.poll_interval))
         return min(wanted, max(lookback / 10, _MIN_SETTLE))
-
-    def _settle_from(self, high: str, now: datetime) -> str:
-        high_time = ulid_time(high[len(EVENT_PREFIX) :]) or now
-        return EVENT_PREFIX + ulid_floor(high_time - timedelta(seconds=self._settle_span(now)))
 
     async def _read_new(self, after: str, now: datetime) -> tuple[int, str]:
         """Fan out the events after id `after`, in full, page by page.
@@ -332,6 +343,9 @@ class WebhookDispatcher:
                 return 0
             self._rescan_from = EVENT_PREFIX + ulid_floor(now - lookback)
             self._last_rescan = now
+            # Ids seen are kept two windows (a rescan skips them), forgotten here, not per poll.
+            horizon = now - 2 * lookback
+            self._seen = {k: v for k, v in self._seen.items() if v >= horizon}
         created = 0
         for _ in range(_RESCAN_PAGES):
             cursor = self._store.events.find(
