@@ -262,6 +262,8 @@ class Result:
     notes: str = ""
     # The slowest deliveries with their timelines (diagnosis of outliers).
     slowest: list[dict[str, Any]] = field(default_factory=list)
+    # Webhook rows: the lag from event to receipt per stage and per quarter of the run.
+    webhook_lag: dict[str, Any] = field(default_factory=dict)
     # 1-minute load average when the run started and ended (how busy the machine was).
     load_start: float = math.nan
     load_end: float = math.nan

@@ -409,18 +409,67 @@ async def test_a_late_event_is_found_by_a_restarted_dispatcher_and_sent_once(
     receiver = await hooks.receiver()
     await hooks.endpoint(tenant, receiver.url)
     first = hooks.dispatcher()
-    hooks.clock.advance(timedelta(seconds=1))
+    hooks.clock.advance(timedelta(seconds=60))
     newer = await hooks.event(tenant)
     await run(first)
-    hooks.clock.advance(timedelta(seconds=-1))
+    hooks.clock.advance(timedelta(seconds=-60))
     older = await hooks.event(tenant)
-    hooks.clock.advance(timedelta(seconds=1))
+    hooks.clock.advance(timedelta(seconds=60))
     assert older["_id"] < newer["_id"]
-    await run(first)  # scans after the highest id it saw: not yet
+    await run(first)  # a minute below the highest id it saw: beyond its settle span, not yet
+    assert [r.webhook_id for r in receiver.requests] == [newer["_id"]]
     restarted = hooks.dispatcher()
     await run(restarted)
     await run(first)
     assert sorted(r.webhook_id for r in receiver.requests) == sorted([newer["_id"], older["_id"]])
+
+
+async def test_an_event_stored_after_a_later_one_is_sent_on_the_next_poll(
+    hooks: Hooks, tenant: Tenant
+) -> None:
+    # An event id is made when the change happens; the event becomes visible when the
+    # publisher copies it, a second or more later and not in id order. The dispatcher has
+    # already read a later id; its next poll a quarter of the settle span (3 s) later finds
+    # the earlier event (no wait for the rescan).
+    receiver = await hooks.receiver()
+    await hooks.endpoint(tenant, receiver.url)
+    dispatcher = hooks.dispatcher()
+    made = hooks.clock.now()
+    hooks.clock.advance(timedelta(seconds=2))
+    newer = await hooks.event(tenant)
+    await run(dispatcher)
+    assert [r.webhook_id for r in receiver.requests] == [newer["_id"]]
+    older = await hooks.event(tenant, _id=f"evt_{new_ulid(made)}", occurredAt=made)
+    hooks.clock.advance(timedelta(seconds=1))
+    await run(dispatcher)
+    assert sorted(r.webhook_id for r in receiver.requests) == sorted([newer["_id"], older["_id"]])
+
+
+async def test_an_event_later_than_the_settle_span_is_found_by_the_rescan_and_widens_it(
+    hooks: Hooks, tenant: Tenant
+) -> None:
+    # 15 s late is beyond the first settle span (3 s): the look-back rescan, begun half the
+    # look-back window later, finds it. From then on the span covers such lateness (it is 30 s
+    # now), so the next event as late is found by its next read, a quarter of the span later.
+    receiver = await hooks.receiver()
+    await hooks.endpoint(tenant, receiver.url)
+    dispatcher = hooks.dispatcher()
+    start = hooks.clock.now()
+    hooks.clock.advance(timedelta(seconds=15))
+    newest = await hooks.event(tenant)
+    await run(dispatcher)
+    late = await hooks.event(tenant, _id=f"evt_{new_ulid(start)}", occurredAt=start)
+    await run(dispatcher)
+    assert [r.webhook_id for r in receiver.requests] == [newest["_id"]]
+    hooks.clock.advance(timedelta(seconds=hooks.settings.webhooks.lookback / 2))
+    await run(dispatcher)
+    assert sorted(r.webhook_id for r in receiver.requests) == sorted([newest["_id"], late["_id"]])
+    made = start + timedelta(seconds=1)
+    as_late = await hooks.event(tenant, _id=f"evt_{new_ulid(made)}", occurredAt=made)
+    hooks.clock.advance(timedelta(seconds=8))
+    await run(dispatcher)
+    assert receiver.requests[-1].webhook_id == as_late["_id"]
+    assert len(receiver.requests) == 3
 
 
 async def test_event_types_and_domains_select_events(hooks: Hooks, tenant: Tenant) -> None:
