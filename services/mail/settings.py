@@ -95,8 +95,10 @@ class WebhookSettings(SettingsModel):
     lookback: Seconds = setting(
         300.0,
         "AZORA_WEBHOOK_LOOKBACK",
-        "how far back each scan of the events collection starts (events published late, out of "
-        "id order, are found within it); keep it above the event publisher's longest delay",
+        "how far back the dispatcher's safety-net rescan of the events collection reaches "
+        "(begun every half of it); events published out of id order are normally caught "
+        "sooner by the re-read of the last few seconds below the newest id; keep it above the "
+        "event publisher's longest delay",
     )
     concurrency: int = setting(
         64, "AZORA_WEBHOOK_CONCURRENCY", "webhook requests one dispatcher runs at once", ge=1
