@@ -32,6 +32,7 @@ pytest_plugins = [
     "tests.support.dns_fixtures",
     "tests.support.error_reasons",
     "tests.support.smtp_relay",
+    "tests.support.tracing",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
