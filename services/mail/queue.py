@@ -291,7 +291,9 @@ class MongoDeliveryQueue:
             [
                 eid
                 for eid, doc in found.items()
-                if doc.get("content") is None and not doc.get("content_file_id")
+                if doc["status"] in _CLAIMABLE
+                and doc.get("content") is None
+                and not doc.get("content_file_id")
             ],
         )
         out: list[Claimed] = []

@@ -1021,6 +1021,7 @@ def _record(doc: dict[str, Any]) -> IdempotencyRecord:
 
 __all__ = [
     "CLAIMS",
+    "CONTENTS",
     "CONTENT_BUCKET",
     "EMAILS",
     "IDEMPOTENCY",
