@@ -10,8 +10,14 @@ outbox, see `services.mail.feedback.event_log`) goes into that same write. A new
 first events (accepted, scheduled, suppressed) go into its insert (`email_doc`) the same way.
 
 Collections (written only by the mail service):
-* ``emails``: one document per email: envelope, content (or its GridFS id), recipients,
-  timeline (an array of flat documents: no nested arrays on FerretDB).
+* ``emails``: one document per email: envelope, recipients, timeline (an array of flat
+  documents: no nested arrays on FerretDB), the GridFS id of its content when large. Not the
+  message itself: every state change rewrites the whole document on FerretDB 1.24 (read,
+  modify, write back), and every read of it decodes it whole, so the bytes live apart.
+* ``email_contents``: the built message of each email under the inline limit, ``_id`` = the
+  email's id (`content_doc`): written once before its email, read by ``_id`` (the worker's
+  claim reads them for a whole batch), removed after its email. Emails stored before it
+  existed keep their ``content`` field, which is still read.
 * ``email_queue``: one tiny entry per unfinished email (`services.mail.queue`).
 * ``email_claims``: leases and transition claims, an append-only log (`services.mail.queue`).
 * ``email_idempotency``: ``_id`` = tenant + key, insert-first (`services.mail.repository`).
@@ -60,11 +66,13 @@ QUEUE = "email_queue"
 KEYS = "email_keys"
 # Progress of one-off data migrations of the mail storage, one document each.
 MIGRATIONS = "email_migrations"
+CONTENTS = "email_contents"
 CONTENT_BUCKET = "email_content"
 # Appended to a tenant id: the partition of its test emails (see the module docstring).
 TEST_PARTITION_SUFFIX = "\x1ftest"
-# Reads for the API never carry the message bytes. (findAndModify cannot project on FerretDB
-# 1.24, "fields is not implemented yet": those return the whole document, content dropped.)
+# Reads for the API never carry the message bytes of emails stored with them inline (before
+# ``email_contents``). (findAndModify cannot project on FerretDB 1.24, "fields is not
+# implemented yet": those return the whole document, content dropped.)
 NO_CONTENT = {"content": 0}
 
 
@@ -215,7 +223,6 @@ def email_doc(email: Email) -> Document:
         "events": [event_doc(e) for e in email.events],
         "resent_from_id": email.resent_from_id,
         "idempotency_key": email.idempotency_key,
-        "content": Binary(email.content) if email.content is not None else None,
         "content_file_id": email.content_file_id,
         "trace_context": dict(email.trace_context),
         "template_id": email.template_id,
@@ -224,6 +231,13 @@ def email_doc(email: Email) -> Document:
         "claims": 0,
         OUTBOX_FIELD: feed_events(email, email.events),
     }
+
+
+def content_doc(email: Email) -> Document | None:
+    """The ``email_contents`` document of a new email (None: its content is in GridFS)."""
+    if email.content is None or email.content_file_id:
+        return None
+    return {"_id": email.id, "content": Binary(email.content), "created_at": email.created_at}
 
 
 def email_from_doc(doc: Document) -> Email:
@@ -354,6 +368,7 @@ async def insert_many_unique(
 
 __all__ = [
     "CLAIMS",
+    "CONTENTS",
     "CONTENT_BUCKET",
     "EMAILS",
     "IDEMPOTENCY",
@@ -363,6 +378,7 @@ __all__ = [
     "QUEUE",
     "TEST_PARTITION_SUFFIX",
     "belongs_to",
+    "content_doc",
     "email_doc",
     "email_from_doc",
     "event_doc",

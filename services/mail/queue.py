@@ -38,6 +38,7 @@ from services.core.mongo import Document, IndexSpec, chunked, delete_older, is_t
 from services.mail.documents import (
     CLAIMS,
     CONTENT_BUCKET,
+    CONTENTS,
     EMAILS,
     QUEUE,
     email_from_doc,
@@ -133,13 +134,18 @@ def queue_entry(email: Email) -> Document | None:
 async def read_content(
     db: AsyncDatabase[Document], bucket: AsyncGridFSBucket, email: Email
 ) -> bytes:
-    """The built message of `email`: inline, in GridFS, or read from its document."""
+    """The built message of `email`: already read, in GridFS, or read by its id.
+
+    From ``email_contents``, or (an email stored before that collection) its own document.
+    """
     if email.content is not None:
         return email.content
     if email.content_file_id:
         stream = await bucket.open_download_stream(ObjectId(email.content_file_id))
         return await stream.read()
-    doc = await db[EMAILS].find_one({"_id": email.id}, {"content": 1})
+    doc = await db[CONTENTS].find_one({"_id": email.id})
+    if doc is None:
+        doc = await db[EMAILS].find_one({"_id": email.id}, {"content": 1})
     if doc is None or doc.get("content") is None:
         raise NotFound("Email", email.id)
     return bytes(doc["content"])
@@ -160,6 +166,7 @@ class MongoDeliveryQueue:
         # Hard bounces put their address on it (None: suppression not wired, e.g. unit tests).
         self.suppressions = suppressions
         self._emails = db[EMAILS]
+        self._contents = db[CONTENTS]
         self._claims = db[CLAIMS]
         self._queue = db[QUEUE]
         self._bucket = AsyncGridFSBucket(db, bucket_name=CONTENT_BUCKET)
@@ -277,11 +284,22 @@ class MongoDeliveryQueue:
         won, expired = await self._win_claims(
             untried, limit=limit, now=now, lease=lease, worker_id=worker_id
         )
-        # The emails won, in one read (not one per email).
+        # The emails won, and their messages, in one read each (not one per email).
         found = await find_by_ids(self._emails, list(won))
+        contents = await find_by_ids(
+            self._contents,
+            [
+                eid
+                for eid, doc in found.items()
+                if doc["status"] in _CLAIMABLE
+                and doc.get("content") is None
+                and not doc.get("content_file_id")
+            ],
+        )
         out: list[Claimed] = []
         stale: list[str] = []
         unborn: list[str] = []
+        lost: list[str] = []
         for eid, (number, token) in won.items():
             doc = found.get(eid)
             if doc is None and created.get(eid, now) > now - ORPHAN_AGE:
@@ -292,10 +310,15 @@ class MongoDeliveryQueue:
                 continue
             if doc is None or doc["status"] not in _CLAIMABLE:
                 # Finished or cancelled meanwhile (its entry outlived a crash), or an entry
-                # whose email was never stored (a submit that crashed in between).
+                # whose email was never stored (a submit that crashed in between: its content
+                # went in before the email too, and goes with the entry).
                 stale.append(eid)
+                if doc is None:
+                    lost.append(eid)
                 continue
             self._leased[eid] = (now + lease, token)
+            if eid in contents:
+                doc["content"] = contents[eid]["content"]
             out.append(
                 claim(
                     email_from_doc(doc),
@@ -314,6 +337,8 @@ class MongoDeliveryQueue:
         marks = [UpdateOne({"_id": c.email.id}, {"$set": {"due": c.lease_expires}}) for c in out]
         for marked in chunked(marks):
             await self._queue.bulk_write(list(marked), ordered=False)
+        for part in chunked(lost):
+            await self._contents.delete_many({"_id": {"$in": list(part)}})
         for part in chunked(stale):
             await self._queue.delete_many({"_id": {"$in": list(part)}})
         for part in chunked(unborn):

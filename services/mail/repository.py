@@ -10,6 +10,9 @@ goes through one transition decided by `services.mail.outcomes` and written with
 * ``emails`` (`services.mail.documents`); writes of a change win a transition claim first.
 * ``email_idempotency``: ``_id`` = tenant + key; insert-first, so concurrent duplicates meet on
   the unique ``_id``. Expired records are removed by our sweeper (no TTL index: FerretDB).
+* ``email_contents``: the built message of each email under the inline limit, by email id,
+  out of the email document (`services.mail.documents`). Written before the email, with the
+  queue entries, removed after it.
 * GridFS bucket ``email_content``: built messages above the inline limit (FerretDB 1.24 serves
   GridFS: it is two ordinary collections, ``files`` and ``chunks`` of 255 KiB).
 * ``email_keys``: one small document per (email, recipient address) and (email, tag), scalar
@@ -70,6 +73,7 @@ from services.mail import outcomes
 from services.mail.documents import (
     CLAIMS,
     CONTENT_BUCKET,
+    CONTENTS,
     EMAILS,
     IDEMPOTENCY,
     KEYS,
@@ -77,6 +81,7 @@ from services.mail.documents import (
     NO_CONTENT,
     QUEUE,
     belongs_to,
+    content_doc,
     email_doc,
     email_from_doc,
     feed_events,
@@ -94,6 +99,9 @@ from services.mail.queue import ORPHAN_AGE, MongoDeliveryQueue, queue_entry, rea
 from services.mail.tallies import FINEST, Tallies, ceil_to, floor_to
 from services.mail.tallies import INDEXES as TALLY_INDEXES
 
+# A new email's writes: its queue entry (None: nothing to deliver), its ``email_contents``
+# document (None: content in GridFS) and its document.
+_NewEmail = tuple[Document | None, Document | None, Document]
 _WAITING = [s.value for s in outcomes.WAITING]
 _CLAIMABLE = [s.value for s in outcomes.CLAIMABLE]
 
@@ -340,6 +348,7 @@ class MongoEmailRepository:
         # Only its `copy_outbox` is used here (before an email is removed); no clock needed.
         self._outbox = EventPublisher(db, clock=SystemClock())
         self._emails = db[EMAILS]
+        self._contents = db[CONTENTS]
         self._bucket = AsyncGridFSBucket(db, bucket_name=CONTENT_BUCKET)
         self._inline_limit = inline_limit
         self._inserts = GroupCommit(self._write_new)
@@ -367,13 +376,13 @@ class MongoEmailRepository:
             file_id = await self._bucket.upload_from_stream(f"{email.id}.eml", content)
             email.content_file_id = str(file_id)
             email.content = None
-        entry = queue_entry(email)
+        entry, body = queue_entry(email), content_doc(email)
         doc = email_doc(email)
         # Lookup keys before the email: a crash in between leaves keys without an email
         # (skipped by readers, removed when met and by age), never an email a filter misses.
         await self._key_inserts.submit(key_docs(doc))
         try:
-            stored = await self._inserts.submit((entry, doc))
+            stored = await self._inserts.submit((entry, body, doc))
         except Exception:
             # (Not on cancellation: the shielded write may still store the email.)
             if file_id is not None:
@@ -428,7 +437,7 @@ class MongoEmailRepository:
         """
         stored: list[bool] = []
         for chunk in chunked(emails):
-            items: list[tuple[Document | None, Document]] = []
+            items: list[_NewEmail] = []
             files: list[ObjectId | None] = []
             for email in chunk:
                 content = email.content or b""
@@ -438,9 +447,9 @@ class MongoEmailRepository:
                     email.content_file_id = str(file_id)
                     email.content = None
                 files.append(file_id)
-                items.append((queue_entry(email), email_doc(email)))
+                items.append((queue_entry(email), content_doc(email), email_doc(email)))
             # Lookup keys before the emails, as `insert` does.
-            await self._write_keys([key_docs(doc) for _, doc in items])
+            await self._write_keys([key_docs(doc) for _, _, doc in items])
             verdicts = await self._write_new(items)
             for ok, file_id, email in zip(verdicts, files, chunk, strict=True):
                 if not ok and file_id is not None:
@@ -457,18 +466,21 @@ class MongoEmailRepository:
         await self.tallies.flush()
         return stored
 
-    async def _write_new(self, batch: list[tuple[Document | None, Document]]) -> list[bool]:
-        # Entries before emails, as for a single email: a crash in between leaves entries
-        # without email (dropped by the claimer after `ORPHAN_AGE`), never an email nobody
-        # will deliver. A taken entry _id is a concurrent duplicate (same idempotency key);
-        # whether this email is the one stored is decided by the email's own _id.
+    async def _write_new(self, batch: list[_NewEmail]) -> list[bool]:
+        # Entries and contents before emails, as for a single email: a crash in between leaves
+        # entries and contents without email (dropped together by the claimer after
+        # `ORPHAN_AGE`), never an email nobody will deliver or one without its message. A
+        # taken entry or content _id is a concurrent duplicate's (same idempotency key, same
+        # request, same Message-ID); whether this email is the one stored is decided by the
+        # email's own _id.
         # Hints of the emails' first events before anything (see `event_log`), in one insert.
         await self._recorder.announce(
-            [Change(doc["_id"], doc[OUTBOX_FIELD]) for _, doc in batch],
-            now=max(doc["created_at"] for _, doc in batch),
+            [Change(doc["_id"], doc[OUTBOX_FIELD]) for _, _, doc in batch],
+            now=max(doc["created_at"] for _, _, doc in batch),
         )
-        await self.delivery_queue.add_entries([entry for entry, _ in batch if entry is not None])
-        return await insert_many_unique(self._emails, [doc for _, doc in batch])
+        await self.delivery_queue.add_entries([entry for entry, _, _ in batch if entry])
+        await insert_many_unique(self._contents, [body for _, body, _ in batch if body])
+        return await insert_many_unique(self._emails, [doc for _, _, doc in batch])
 
     async def get(self, *, tenant_id: str, email_id: str, now: datetime | None = None) -> Email:
         """See `EmailRepository.get`."""
@@ -736,8 +748,8 @@ class MongoEmailRepository:
     async def _remove(self, docs: list[Document]) -> None:
         """Delete finished emails (won by the caller), then their content, then count it.
 
-        Email first: a crash after it leaves an orphan content file (swept with the orphans
-        of crashed submits), never an email whose content is missing. Their recorded events
+        Email first: a crash after it leaves an orphan content document or file, never an
+        email whose content is missing. Their recorded events
         are copied to the events collection before (idempotent: a retry copies none twice).
         """
         await self._outbox.copy_outbox(docs)
@@ -745,6 +757,9 @@ class MongoEmailRepository:
         keys = [DeleteOne({"_id": k["_id"]}) for d in docs for k in key_docs(d)]
         for part in chunked(keys):
             await self._keys.bulk_write(list(part), ordered=False)
+        # (The caller's batch is at most `MAX_WRITE_BATCH`; chunked all the same.)
+        for ids in chunked([d["_id"] for d in docs]):
+            await self._contents.delete_many({"_id": {"$in": list(ids)}})
         for doc in docs:
             if doc.get("content_file_id"):
                 # NoFile: deleted by an earlier attempt of this call.
@@ -1006,6 +1021,7 @@ def _record(doc: dict[str, Any]) -> IdempotencyRecord:
 
 __all__ = [
     "CLAIMS",
+    "CONTENTS",
     "CONTENT_BUCKET",
     "EMAILS",
     "IDEMPOTENCY",

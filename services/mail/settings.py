@@ -194,7 +194,7 @@ class MailSettings(Settings):
     mail_inline_content_limit: int = setting(
         256 * 1024,
         "AZORA_MAIL_INLINE_CONTENT_LIMIT",
-        "built messages larger than this (bytes) go to GridFS instead of the queue document",
+        "built messages larger than this (bytes) go to GridFS instead of email_contents",
         ge=0,
     )
 

@@ -22,9 +22,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from services.core.ids import new_id
 from services.core.mongo import Document, ensure_indexes
 from services.mail.app import MAIL_INDEXES
-from services.mail.documents import CLAIMS, EMAILS, QUEUE
+from services.mail.documents import CLAIMS, CONTENTS, EMAILS, QUEUE
 from services.mail.models import EmailStatus, SmtpReply
 from services.mail.outcomes import RetryPolicy, after_attempt, decide
+from services.mail.queue import ORPHAN_AGE, queue_entry
 from services.mail.repository import MongoEmailRepository
 from tests.mail.conftest import START
 from tests.mail.test_write_batch_cap import new_email
@@ -76,13 +77,24 @@ async def test_claims_outcomes_and_releases_are_batched(
     queue = emails.delivery_queue
     domain_id = new_id()
     first = [new_email(domain_id, n) for n in range(EMAILS_CLAIMED)]
+    commands.seen.clear()
     assert all(await emails.insert_many(emails=first))
+    # The messages are stored beside the emails, in one insert, not in their documents.
+    assert commands.seen[("insert", CONTENTS)] == 1
+    assert await db[EMAILS].count_documents({"content": {"$exists": True}}) == 0
+    assert await db[CONTENTS].count_documents({}) == EMAILS_CLAIMED
 
     commands.seen.clear()
     claimed = await queue.claim_batch(now=START, lease=LEASE, worker_id="w1", limit=EMAILS_CLAIMED)
     assert {c.email.id for c in claimed} == {e.id for e in first}
     assert commands.seen[("find", EMAILS)] == 1
+    # Their messages in one read too, carried by the claims (the worker reads no more).
+    assert commands.seen[("find", CONTENTS)] == 1
+    assert all(c.email.content == b"Subject: cap\r\n\r\nbody\r\n" for c in claimed)
     assert commands.seen[("insert", CLAIMS)] == 1
+    commands.seen.clear()
+    assert await queue.content(email=claimed[0].email) == claimed[0].email.content
+    assert not commands.seen
 
     commands.seen.clear()
     policy = RetryPolicy()
@@ -119,3 +131,27 @@ async def test_claims_outcomes_and_releases_are_batched(
     # Given back: another worker takes every one of them at once.
     again = await queue.claim_batch(now=START, lease=LEASE, worker_id="w3", limit=EMAILS_CLAIMED)
     assert {c.email.id for c in again} == {e.id for e in second}
+
+
+async def test_a_submit_that_crashed_before_its_email_leaves_nothing_behind(
+    counted: tuple[MongoEmailRepository, Commands, AsyncDatabase[Document]],
+) -> None:
+    # Entry and content go in before the email: a crash in between leaves both without an
+    # email. The claimer that meets the entry once it is older than ORPHAN_AGE drops both; an
+    # email stored with them keeps its content.
+    emails, _, db = counted
+    queue = emails.delivery_queue
+    domain_id = new_id()
+    crashed, kept = new_email(domain_id, 1), new_email(domain_id, 2)
+    entry = queue_entry(crashed)
+    assert entry is not None
+    await db[QUEUE].insert_one(entry)
+    await db[CONTENTS].insert_one({"_id": crashed.id, "content": b"x", "created_at": START})
+    assert await emails.insert(email=kept)
+
+    later = START + ORPHAN_AGE + timedelta(seconds=1)
+    claimed = await queue.claim_batch(now=later, lease=LEASE, worker_id="w1", limit=10)
+    assert [c.email.id for c in claimed] == [kept.id]
+    assert await db[QUEUE].find_one({"_id": crashed.id}) is None
+    assert await db[CONTENTS].find_one({"_id": crashed.id}) is None
+    assert await db[CONTENTS].find_one({"_id": kept.id}) is not None

@@ -17,7 +17,7 @@ from azora.mail.v1 import mail_pb2
 from google.protobuf import timestamp_pb2
 
 from services.mail.app import policy_from
-from services.mail.repository import CLAIMS, EMAILS, IDEMPOTENCY
+from services.mail.repository import CLAIMS, CONTENTS, EMAILS, IDEMPOTENCY
 from tests.conftest import Tenant, make_settings
 from tests.mail.conftest import START, LocalMail, Script, ScriptedRelay
 from tests.support.grpc_errors import failure_of
@@ -70,6 +70,7 @@ async def test_sweeps_only_finished_mail_past_its_retention(
     assert (await local_mail.get(tenant, deferred.id)).status == E.EMAIL_STATUS_DEFERRED
     db = local_mail.app.running.database.db
     assert await db["email_content.files"].count_documents({}) == 1
+    assert await db[CONTENTS].find_one({"_id": bounced.id}) is not None
     manager = local_mail.app.mail
 
     local_mail.clock.advance(timedelta(days=9, hours=23))  # 29 d 23 h after they finished
@@ -85,6 +86,8 @@ async def test_sweeps_only_finished_mail_past_its_retention(
     assert await db["email_content.chunks"].count_documents({}) == 0
     left = {doc["_id"]: doc["status"] async for doc in db[EMAILS].find({})}
     assert left == {far.id: "scheduled", deferred.id: "deferred"}
+    # The messages kept beside the emails go with them (the large one was in GridFS).
+    assert {doc["_id"] async for doc in db[CONTENTS].find({}, {"_id": 1})} == set(left)
     stats = await local_mail.stub.GetEmailStats(
         E.GetEmailStatsRequest(
             start_time=ts(START - timedelta(days=1)),

@@ -14,7 +14,7 @@ import pytest
 from azora.mail.v1 import mail_pb2
 from google.protobuf import timestamp_pb2
 
-from services.mail.repository import EMAILS
+from services.mail.repository import CONTENTS, EMAILS
 from tests.conftest import Tenant
 from tests.mail.conftest import LocalMail
 from tests.support.grpc_errors import failure_of
@@ -288,10 +288,33 @@ async def test_large_content_goes_to_gridfs_not_the_queue_document(
     db = local_mail.app.running.database.db
     doc = await db[EMAILS].find_one({"_id": sent.id})
     assert doc is not None
-    assert doc["content"] is None
+    assert "content" not in doc
     assert doc["content_file_id"]
+    assert await db[CONTENTS].find_one({"_id": sent.id}) is None
     msg = await stored_message(local_mail, sent.id)
     assert next(iter(msg.iter_attachments())).get_content() == blob
+
+
+async def test_content_is_stored_beside_the_email_and_read_from_either_place(
+    local_mail: LocalMail, tenant: Tenant
+) -> None:
+    # A small message is not in the email's document (each state change rewrites that
+    # whole on the embedded database) but in email_contents under the email's id; an email
+    # stored before that collection, with its content inline, is still read.
+    _, name = local_mail.add_domain(tenant, port=2525)
+    local_mail.last_tenant = tenant.id  # type: ignore[attr-defined]
+    sent = await local_mail.send(tenant, from_address=f"s@{name}", to=["a@example.org"], text="t")
+    db = local_mail.app.running.database.db
+    doc = await db[EMAILS].find_one({"_id": sent.id})
+    assert doc is not None
+    assert "content" not in doc
+    assert not doc["content_file_id"]
+    body = await db[CONTENTS].find_one({"_id": sent.id})
+    assert body is not None
+    assert (await stored_message(local_mail, sent.id))["Message-ID"] == f"<{sent.message_id}>"
+    await db[EMAILS].update_one({"_id": sent.id}, {"$set": {"content": body["content"]}})
+    await db[CONTENTS].delete_one({"_id": sent.id})
+    assert (await stored_message(local_mail, sent.id))["Message-ID"] == f"<{sent.message_id}>"
 
 
 async def test_same_idempotency_key_and_request_returns_the_first_email(
