@@ -83,6 +83,11 @@ def make_settings(mongodb_uri: str, database: str, **env: str) -> SuiteSettings:
             # (tests/security sets its own small budgets on services of their own).
             "RATE_LIMIT_MAX": "1000000",
             "AZORA_SEND_RATE_LIMIT_MAX": "1000000",
+            # Each process that serves 127.0.0.1 claims a block of the window and keeps it
+            # (services/core/ratelimit.py `SharedBlocks`): with the default 32 blocks the 33rd
+            # service process started on one database within a 15-minute window was refused
+            # everything, and the suite starts more than that. 1,000 blocks of 1,000 requests.
+            "AZORA_RATE_LIMIT_BLOCKS": "1000",
             "AZORA_QUOTA_EMAILS_PER_HOUR": "0",
             "AZORA_QUOTA_EMAILS_PER_DAY": "0",
             # Many tests send bad credentials on purpose, all from 127.0.0.1.
