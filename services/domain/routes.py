@@ -458,7 +458,7 @@ def _validated(data: RouteInput, domain: Domain) -> RouteInput:
         problems.append(
             FieldViolation(
                 "webhook_url",
-                "is not used: name one of your webhook endpoints with webhook_id instead",
+                "is not used: name one of your webhook endpoints with webhookId instead",
             )
         )
     if data.action == "forward":
