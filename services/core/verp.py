@@ -99,6 +99,11 @@ def parse(address: str, *, key: bytes, bounce_domain: str | None = None) -> Verp
         return None
     if len(token) != _TOKEN_BYTES or token[0] != _VERSION:
         return None
+    # The last character carries bits beyond the token (its length is not a multiple of 5
+    # bytes), which decoding ignores: only the one spelling we make is ours, so an altered
+    # last character never names the same token.
+    if base64.b32encode(token).decode("ascii").rstrip("=") != encoded:
+        return None
     body, mac = token[:-_MAC_BYTES], token[-_MAC_BYTES:]
     if not hmac.compare_digest(mac, _mac(key, body)):
         return None

@@ -69,3 +69,19 @@ def test_bad_inputs_are_refused() -> None:
         verp.return_path(
             key=b"short", email_id=new_id(), recipient="a@b.test", bounce_domain=DOMAIN
         )
+
+
+def test_only_the_canonical_spelling_of_a_token_is_accepted() -> None:
+    # The token's last base32 character carries two bits beyond its 31 bytes; decoding ignores
+    # them, so flipping them gave a second spelling that parsed as the same token (a test that
+    # altered the last character failed whenever it only touched those bits).
+    address = verp.return_path(
+        key=KEY, email_id=new_id(), recipient="a@example.org", bounce_domain="b.example"
+    )
+    local, _, domain = address.partition("@")
+    alphabet = "abcdefghijklmnopqrstuvwxyz234567"
+    last = alphabet.index(local[-1])
+    assert verp.parse(address, key=KEY) is not None
+    for spare in (1, 2, 3):
+        twin = f"{local[:-1]}{alphabet[last ^ spare]}@{domain}"
+        assert verp.parse(twin, key=KEY) is None, twin
