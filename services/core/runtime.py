@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -301,6 +302,49 @@ def run_periodically(
             await asyncio.sleep(interval)
 
     return asyncio.create_task(loop(), name=name)
+
+
+class StopWatch:
+    """How a background process (worker, dispatcher) learns it must stop.
+
+    SIGTERM and SIGINT call `stop`; so does a wedged database client (`watch_database` with
+    the configured `DatabaseWatch`), which also makes `status` EXIT_DATABASE_CLIENT_WEDGED so
+    that the process exits for a restart. `on_change` hears the database's readiness (a health
+    server's serving flag). Start it in the running loop; `close` it when the process is done.
+    """
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Document],
+        settings: Settings,
+        stop: Callable[[], None],
+        *,
+        on_change: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
+        self.status = 0
+        self._stop = stop
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        self._watch = asyncio.create_task(
+            watch_database(
+                db,
+                settings.readiness_interval,
+                on_change=on_change,
+                watchdog=DatabaseWatch.from_settings(settings),
+                on_wedged=self._wedged,
+            )
+        )
+
+    def _wedged(self) -> None:
+        self.status = EXIT_DATABASE_CLIENT_WEDGED
+        log.error("database client wedged; stopping for a restart")
+        self._stop()
+
+    async def close(self) -> None:
+        """Stop watching the database."""
+        self._watch.cancel()
+        await asyncio.gather(self._watch, return_exceptions=True)
 
 
 def start_process(

@@ -35,12 +35,10 @@ from services.core.clock import SystemClock
 from services.core.embedded_db import die_with_parent_preexec
 from services.core.metrics import start_exposition
 from services.core.runtime import (
-    EXIT_DATABASE_CLIENT_WEDGED,
     Database,
-    DatabaseWatch,
+    StopWatch,
     prepare_database,
     start_process,
-    watch_database,
 )
 from services.mail.app import MAIL_INDEXES, RELAY_HEALTH_REFRESH, make_worker
 from services.mail.feedback.event_wiring import suppression_list_from
@@ -72,25 +70,7 @@ async def serve(settings: MailSettings) -> int:
             worker_id=os.environ.get("AZORA_MAIL_WORKER_ID") or None,
             relay_health=RelayHealthStore(database.db, refresh=RELAY_HEALTH_REFRESH),
         )
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop)
-        status = 0
-
-        def wedged() -> None:
-            nonlocal status
-            status = EXIT_DATABASE_CLIENT_WEDGED
-            log.error("database client wedged; stopping for a restart")
-            worker.stop()
-
-        watch = asyncio.create_task(
-            watch_database(
-                database.db,
-                settings.readiness_interval,
-                watchdog=DatabaseWatch.from_settings(settings),
-                on_wedged=wedged,
-            )
-        )
+        stops = StopWatch(database.db, settings, worker.stop)
         task = asyncio.create_task(worker.run())
         log.info("worker started", extra={"fields": {"worker": worker.worker_id}})
         stopping = asyncio.create_task(worker.wait_stopping())
@@ -104,7 +84,7 @@ async def serve(settings: MailSettings) -> int:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         stopping.cancel()
-        watch.cancel()
+        await stops.close()
         kept = await emails.delivery_queue.flush_outcomes(within=0)
         if kept:
             log.warning(
@@ -115,7 +95,7 @@ async def serve(settings: MailSettings) -> int:
         with contextlib.suppress(Exception):
             await emails.tallies.flush()
         log.info("worker stopped", extra={"fields": {"worker": worker.worker_id}})
-        return status
+        return stops.status
     finally:
         await channel.close()
         await database.close()

@@ -61,8 +61,6 @@ import contextlib
 import logging
 import os
 import random
-import signal
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -74,7 +72,6 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from services.core.clock import Clock, SystemClock
 from services.core.ids import new_ulid, ulid_floor, ulid_time
-from services.core.logs import configure_logging
 from services.core.metrics import (
     WEBHOOK_ATTEMPT_DURATION,
     WEBHOOK_ATTEMPTS,
@@ -84,15 +81,13 @@ from services.core.metrics import (
 from services.core.mongo import Document, chunked
 from services.core.netguard import host_resolver
 from services.core.runtime import (
-    EXIT_DATABASE_CLIENT_WEDGED,
     Database,
-    DatabaseWatch,
+    StopWatch,
     prepare_database,
-    watch_database,
+    start_process,
 )
 from services.core.secrets_box import SecretsBox
 from services.core.server import create_server
-from services.core.settings import SettingsError
 from services.mail.feedback.webhook_manager import WebhookSecrets
 from services.mail.feedback.webhook_models import (
     DISABLED_EVENT,
@@ -700,29 +695,10 @@ async def serve(settings: MailSettings) -> int:
         registrars=(),
     )
     dispatcher, transport = build_dispatcher(settings, database.db)
-    status = 0
     try:
         await prepare_database(database.db, WEBHOOK_INDEXES)
         await health.set_serving(True)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, dispatcher.stop)
-
-        def wedged() -> None:
-            nonlocal status
-            status = EXIT_DATABASE_CLIENT_WEDGED
-            log.error("database client wedged; stopping for a restart")
-            dispatcher.stop()
-
-        watch = asyncio.create_task(
-            watch_database(
-                database.db,
-                settings.readiness_interval,
-                on_change=health.set_serving,
-                watchdog=DatabaseWatch.from_settings(settings),
-                on_wedged=wedged,
-            )
-        )
+        stops = StopWatch(database.db, settings, dispatcher.stop, on_change=health.set_serving)
         log.info(
             "webhook dispatcher started",
             extra={"fields": {"holder": dispatcher.holder, "health": health.port}},
@@ -732,10 +708,9 @@ async def serve(settings: MailSettings) -> int:
         # Requests in flight get the grace period; one cut off keeps its lease and is sent
         # again after it expires (a duplicate the receiver can recognise by webhook-id).
         await dispatcher.drain(settings.shutdown_grace)
-        watch.cancel()
-        await asyncio.gather(watch, return_exceptions=True)
+        await stops.close()
         log.info("webhook dispatcher stopped", extra={"fields": {"holder": dispatcher.holder}})
-        return status
+        return stops.status
     finally:
         await transport.close()
         await health.server.stop(0)
@@ -744,12 +719,9 @@ async def serve(settings: MailSettings) -> int:
 
 def main() -> None:
     """Entry point."""
-    try:
-        settings = MailSettings.from_env(os.environ, service_name=SERVICE_NAME)
-    except SettingsError as exc:
-        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_logging(service=SERVICE_NAME, level=settings.log_level)
+    # Its own metrics port setting (AZORA_WEBHOOK_DISPATCHER_METRICS_PORT), not the
+    # AZORA_METRICS_PORT_* of the services.
+    settings = start_process(SERVICE_NAME, MailSettings, metrics=False)
     start_exposition(settings.metrics_host, settings.webhooks.dispatcher_metrics_port)
     status = asyncio.run(serve(settings))
     if status:
