@@ -161,10 +161,15 @@ class GuardedSMTP(SMTP):
         await super()._handle_client()
 
     async def close_with(self, reply: str) -> None:
-        """Say `reply` (a 421) and close the connection."""
+        """Say `reply` (a 421) and close the connection (nothing to say if it is closing)."""
         if self._closing or self.transport is None:
             return
         self._closing = True
+        if self.transport.is_closing():
+            # Already on its way out (the peer's TLS close_notify starts asyncio's shutdown and
+            # aiosmtpd then closes the writer too): a TLS transport closed twice has dropped its
+            # protocol, and writing to it raises AttributeError instead of ConnectionError.
+            return
         try:
             self._writer.write(reply.encode("ascii") + b"\r\n")
             await asyncio.wait_for(self._writer.drain(), timeout=5.0)

@@ -303,6 +303,27 @@ async def test_idle_session_gets_421_4_4_2(start_submission: Callable[..., Any])
         await client.close()
 
 
+async def test_a_tls_session_already_closing_is_closed_without_a_write(
+    submission: Submission,
+) -> None:
+    # The state a peer's close_notify leaves behind: asyncio's TLS shutdown has begun and
+    # aiosmtpd has closed the writer as well. A shutdown or timeout reaching the session then
+    # must not write its 421 (the doubly closed TLS transport raised AttributeError from a task
+    # nobody awaited; its logged traceback, garbage-collected mid-way through another test's
+    # ast.parse, once broke that test).
+    client = await RawClient.connect(submission.tls_port, submission.client_context())
+    try:
+        assert (await client.reply()).startswith("220 ")
+        (session,) = submission.app.listeners.limits.sessions
+        assert session.transport is not None
+        session.transport.close()
+        session.transport.close()
+        await session.close_with(replies.SHUTTING_DOWN)
+        assert await client.reply() == ""
+    finally:
+        await client.close()
+
+
 async def test_shutdown_finishes_the_transaction_in_progress_and_421s_the_rest(
     submission: Submission,
 ) -> None:

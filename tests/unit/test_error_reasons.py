@@ -12,6 +12,7 @@ the ones any rpc can return.
 from __future__ import annotations
 
 import ast
+import gc
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,9 +85,24 @@ def _resource_tuples(tree: ast.Module) -> Iterator[str]:
                     yield NotFound(first.value, "x").reason
 
 
+def _parse(path: Path) -> ast.Module:
+    """The module's syntax tree, parsed with the garbage collector paused.
+
+    CPython 3.11's ast.parse is not re-entrant (python/cpython#106905): a collection during it
+    can run a finalizer that logs a traceback (asyncio's "Task exception was never retrieved"
+    from an earlier test), and formatting that traceback parses source again, which makes the
+    outer parse fail with "AST constructor recursion depth mismatch".
+    """
+    gc.disable()
+    try:
+        return ast.parse(path.read_text(encoding="utf-8"))
+    finally:
+        gc.enable()
+
+
 def reasons_in_code() -> dict[str, set[str]]:
     """Every reason the source can send, with the files that send it."""
-    files = [(path, ast.parse(path.read_text(encoding="utf-8"))) for path in _python_files()]
+    files = [(path, _parse(path)) for path in _python_files()]
     constants = _string_constants(files)
     found: dict[str, set[str]] = {}
     for path, tree in files:
