@@ -34,6 +34,7 @@ from services.mail.feedback.event_log import (
     EventPublisher,
     EventRecorder,
     SmtpFacts,
+    announced_changes,
     build_event,
     metadata_of,
     with_events,
@@ -194,6 +195,45 @@ async def test_a_change_that_never_landed_publishes_nothing(db: AsyncDatabase[Do
     await record_change(db, "e1", [nxt], now=clock.now(), status="deferred")
     assert await publisher.run() == 2
     assert {d["_id"] async for d in db[EVENTS].find()} == {lost["_id"], nxt["_id"]}
+
+
+async def test_one_hint_announces_a_group_and_waits_for_every_change(
+    db: AsyncDatabase[Document],
+) -> None:
+    # A group commit announces its changes in one hint document; the hint goes only once every
+    # change it names has landed, and each landed change is published meanwhile.
+    clock = ManualClock(START)
+    ids = ["g1", "g2", "g3"]
+    await db["emails"].insert_many(
+        [{"_id": i, "tenant_id": "t-1", "status": "queued"} for i in ids]
+    )
+    sent = {i: event("sent", START, i) for i in ids}
+    await EventRecorder(db).announce([Change(i, [sent[i]]) for i in ids], now=START)
+    [hint] = await db[HINTS].find().to_list()
+    assert announced_changes(hint) == [(i, [sent[i]["_id"]]) for i in ids]
+    for i in ids[:2]:
+        await db["emails"].update_one({"_id": i}, with_events({"$set": {"s": 1}}, [sent[i]]))
+    publisher = EventPublisher(db, clock=clock)
+    assert await publisher.run() == 2
+    assert await db[HINTS].count_documents({}) == 1  # g3's write is still in flight
+    await db["emails"].update_one({"_id": "g3"}, with_events({"$set": {"s": 1}}, [sent["g3"]]))
+    assert await publisher.run() == 1
+    assert await db[HINTS].count_documents({}) == 0
+    assert {d["_id"] async for d in db[EVENTS].find()} == {e["_id"] for e in sent.values()}
+
+
+async def test_a_one_change_hint_of_an_earlier_version_is_still_published(
+    db: AsyncDatabase[Document],
+) -> None:
+    # A database upgraded with hints in flight: the one-change shape earlier versions wrote.
+    sent = event("sent", START, "e1")
+    await db["emails"].insert_one({"_id": "e1", "tenant_id": "t-1", OUTBOX_FIELD: [sent]})
+    await db[HINTS].insert_one(
+        {"_id": sent["_id"], "email_id": "e1", "event_ids": [sent["_id"]], "at": START}
+    )
+    assert await EventPublisher(db, clock=ManualClock(START)).run() == 1
+    assert await db[HINTS].count_documents({}) == 0
+    assert await db[EVENTS].count_documents({"_id": sent["_id"]}) == 1
 
 
 async def test_copy_outbox_saves_events_of_an_email_about_to_be_removed(

@@ -27,7 +27,13 @@ from azora.mail.v1 import (
 )
 
 from services.core.clock import ManualClock
-from services.mail.feedback.event_log import EVENTS, HINTS, OUTBOX_FIELD, EventPublisher
+from services.mail.feedback.event_log import (
+    EVENTS,
+    HINTS,
+    OUTBOX_FIELD,
+    EventPublisher,
+    announced_changes,
+)
 from services.mail.models import SmtpReply
 from services.mail.outcomes import RetryPolicy, after_attempt, decide
 from services.mail.repository import EMAILS
@@ -284,7 +290,7 @@ async def test_a_change_that_never_lands_publishes_nothing_through_the_queue(
     queue = local_mail.app.emails.delivery_queue
     publisher = EventPublisher(db, clock=local_mail.clock, abandon_after=timedelta(minutes=30))
     await publisher.run(rounds=100)  # the accepted event, published
-    assert await db[HINTS].count_documents({"email_id": sent.id}) == 0
+    assert await db[HINTS].count_documents({"changes.email_id": sent.id}) == 0
     now = local_mail.clock.now()
     [claimed] = await queue.claim_batch(
         now=now, lease=timedelta(seconds=30), worker_id="w", limit=1
@@ -296,14 +302,16 @@ async def test_a_change_that_never_lands_publishes_nothing_through_the_queue(
     assert await queue.finish_attempt(
         claimed=claimed, transition=after_attempt(claimed, outcome, now=now)
     )
-    [hint] = await db[HINTS].find({"email_id": sent.id}).to_list()
-    assert len(hint["event_ids"]) == 1  # the sent event (the claim is no event)
+    [hint] = await db[HINTS].find({"changes.email_id": sent.id}).to_list()
+    [(email_id, event_ids)] = announced_changes(hint)
+    assert email_id == sent.id
+    assert len(event_ids) == 1  # the sent event (the claim is no event)
     await publisher.run(rounds=100)
-    assert await db[HINTS].count_documents({"email_id": sent.id}) == 1  # still in flight
+    assert await db[HINTS].count_documents({"changes.email_id": sent.id}) == 1  # still in flight
     local_mail.clock.advance(timedelta(minutes=31))
     await publisher.run(rounds=100)
-    assert await db[HINTS].count_documents({"email_id": sent.id}) == 0
-    assert await db[EVENTS].count_documents({"_id": {"$in": hint["event_ids"]}}) == 0
+    assert await db[HINTS].count_documents({"changes.email_id": sent.id}) == 0
+    assert await db[EVENTS].count_documents({"_id": {"$in": event_ids}}) == 0
     assert [e["type"] async for e in db[EVENTS].find({"emailId": sent.id})] == ["accepted"]
 
 

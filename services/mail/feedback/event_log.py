@@ -21,8 +21,9 @@ guarantee (no multi-document transactions; a single-document write is all or not
    (measured on the local build: 4 clients pushing onto and 4 pulling from the same 100
    documents lost 27 of 400 pushes).
    The publisher therefore never writes an email. Instead, before the state-change write,
-   the writer inserts one small hint per change (`EventRecorder.announce`, collection
-   ``event_hints``: the email id, the event ids, the time). A kill after the hint and before
+   the writer inserts a small hint (`EventRecorder.announce`, collection ``event_hints``: per
+   change the email id and event ids, one document for a group of changes written together,
+   and the time). A kill after the hint and before
    the update leaves a hint for events that never happened: the publisher finds no such ids in
    the outbox and drops the hint once it is older than the longest a write can be in flight
    (`abandon_after`); nothing is published. A kill after the update leaves both.
@@ -219,26 +220,39 @@ class EventRecorder:
         self._hints = db[HINTS]
 
     async def announce(self, changes: Sequence[Change], *, now: datetime) -> None:
-        """Insert one hint per change, before the writes that apply the changes.
+        """Insert the hints of `changes`, before the writes that apply them.
 
-        Several changes (a group commit of outcomes) go in as few commands as the write cap
-        allows. A hint repeated by a retry is a duplicate-key no-op.
+        One hint document announces up to `MAX_WRITE_BATCH` changes (a group commit of
+        outcomes, a batch send), and they go in one insert: every hint is a document written
+        and later deleted, with its index entry, and one per change cost the embedded database
+        two writes per delivered email. Its ``_id`` is the first event's, so a hint repeated by
+        a retry is a duplicate-key no-op.
 
         Raises:
             PyMongoError: the database failed (apply no change then: its hint may be missing).
         """
-        docs = [
-            {
-                "_id": change.events[0]["_id"],
-                "email_id": change.email_id,
-                "event_ids": [e["_id"] for e in change.events],
-                "at": now,
-            }
+        announced = [
+            {"email_id": change.email_id, "event_ids": [e["_id"] for e in change.events]}
             for change in changes
             if change.events
         ]
-        for part in chunked(docs):
-            await insert_new(self._hints, part)
+        docs = [
+            {"_id": part[0]["event_ids"][0], "changes": list(part), "at": now}
+            for part in chunked(announced)
+        ]
+        if docs:
+            await insert_new(self._hints, docs)
+
+
+def announced_changes(hint: Document) -> list[tuple[str, list[str]]]:
+    """(email id, event ids) of every change a hint announces.
+
+    Also reads the one-change hints (``email_id``, ``event_ids`` at the top) that earlier
+    versions wrote, which a database being upgraded may still hold.
+    """
+    if "changes" in hint:
+        return [(c["email_id"], list(c["event_ids"])) for c in hint["changes"]]
+    return [(hint["email_id"], list(hint["event_ids"]))]
 
 
 async def insert_new(collection: AsyncCollection[Document], docs: Sequence[Document]) -> int:
@@ -333,24 +347,35 @@ class EventPublisher:
         return stored
 
     async def _publish(self, hints: list[Document], now: datetime) -> int:
-        email_ids = sorted({h["email_id"] for h in hints})
-        emails = [
-            doc
-            async for doc in self._emails.find(
-                {"_id": {"$in": email_ids}}, {OUTBOX_FIELD: 1, "tenant_id": 1}
-            )
-        ]
+        announced = {h["_id"]: announced_changes(h) for h in hints}
+        email_ids = sorted({eid for changes in announced.values() for eid, _ in changes})
+        emails = []
+        for part in chunked(email_ids):
+            emails += [
+                doc
+                async for doc in self._emails.find(
+                    {"_id": {"$in": list(part)}}, {OUTBOX_FIELD: 1, "tenant_id": 1}
+                )
+            ]
         stored = await self.copy_outbox(emails)
         outboxes = {doc["_id"]: {e["_id"] for e in doc.get(OUTBOX_FIELD, [])} for doc in emails}
         done = []
         for hint in hints:
-            found = outboxes.get(hint["email_id"], set())
-            if set(hint["event_ids"]) <= found:
+            # A hint goes once every change it announces is found (a change still being
+            # written keeps the whole hint for the next run, which copies idempotently).
+            missing = [
+                (eid, events)
+                for eid, events in announced[hint["_id"]]
+                if not set(events) <= outboxes.get(eid, set())
+            ]
+            if not missing:
                 done.append(hint["_id"])
             elif _aware(hint["at"]) <= _aware(now) - self._abandon_after:
                 log.warning(
                     "event hint dropped: its state change never landed",
-                    extra={"fields": {"email_id": hint["email_id"], "events": hint["event_ids"]}},
+                    extra={
+                        "fields": {"changes": [{"email_id": e, "events": v} for e, v in missing]}
+                    },
                 )
                 done.append(hint["_id"])
         if done:
