@@ -72,6 +72,11 @@ INDEXES = (
 )
 # Ended windows stay this long before the sweeper removes them (clock skew between replicas).
 _KEEP_AFTER_END = timedelta(minutes=1)
+# A process that found no block of a key's window free looks again (a read) and renews its want
+# at most this often; the client is refused from memory in between.
+_RECHECK_MS = 1000
+# How long a stopping process waits for the database to take back its unused blocks.
+_RELEASE_ON_STOP_S = 5.0
 HOUR_MS = 3600 * 1000
 DAY_MS = 24 * HOUR_MS
 
@@ -107,6 +112,11 @@ class _Window:
     mine: dict[str, int] = field(default_factory=dict)
     others: dict[str, int] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
+    # Keys this process refuses for want of a block: since when (epoch ms; 0 = no longer).
+    wants: dict[str, int] = field(default_factory=dict)
+    wants_dirty: set[str] = field(default_factory=set)
+    # The other replicas' wants, as last read: key -> the latest.
+    wanted: dict[str, int] = field(default_factory=dict)
 
 
 def _hash_key(key: str) -> str:
@@ -170,6 +180,28 @@ class SharedCounters:
         window.mine[hashed] = window.mine.get(hashed, 0) + count
         window.dirty.add(hashed)
 
+    def want(self, budget: Budget, key: str, now_ms: int, *, wanting: bool) -> None:
+        """Say whether this process refuses `key` for want of a block (published by the next sync).
+
+        A want is renewed at most every `_RECHECK_MS`: the holders give back the blocks they
+        claimed before it (`SharedBlocks.release_idle`), not those claimed since.
+        """
+        window = self._window(budget, now_ms)
+        hashed = _hash_key(key)
+        since = window.wants.get(hashed, 0)
+        if wanting and now_ms - since >= _RECHECK_MS:
+            window.wants[hashed] = now_ms
+        elif not wanting and since:
+            window.wants[hashed] = 0
+        else:
+            return
+        window.wants_dirty.add(hashed)
+
+    def wanted(self, budget_name: str, start: int, hashed_key: str) -> int:
+        """When another replica last said it wants a block of that key's window (0: never)."""
+        window = self._windows.get((budget_name, start))
+        return 0 if window is None else window.wanted.get(hashed_key, 0)
+
     def _doc_id(self, name: str, start: int) -> str:
         return f"{name}:{start}:{self.instance}"
 
@@ -191,17 +223,22 @@ class SharedCounters:
     async def _publish(self) -> None:
         assert self._collection is not None
         for (name, start), window in list(self._windows.items()):
-            if not window.dirty:
+            if not window.dirty and not window.wants_dirty:
                 continue
             changed = {k: window.mine[k] for k in window.dirty}
+            wants = {k: window.wants[k] for k in window.wants_dirty}
             window.dirty.clear()
+            window.wants_dirty.clear()
             expires = datetime.fromtimestamp(window.end_ms / 1000, UTC) + _KEEP_AFTER_END
             try:
                 await self._collection.update_one(
                     {"_id": self._doc_id(name, start)},
                     {
                         # Cumulative counts, not increments: repeating a write changes nothing.
-                        "$set": {f"counts.{k}": v for k, v in changed.items()},
+                        "$set": {
+                            **{f"counts.{k}": v for k, v in changed.items()},
+                            **{f"wants.{k}": v for k, v in wants.items()},
+                        },
                         "$setOnInsert": {
                             "window": f"{name}:{start}",
                             "instance": self.instance,
@@ -212,6 +249,7 @@ class SharedCounters:
                 )
             except PyMongoError:
                 window.dirty.update(changed)
+                window.wants_dirty.update(wants)
                 raise
 
     async def _read(self, now: int) -> None:
@@ -222,8 +260,10 @@ class SharedCounters:
             if budget.limit
         }
         others: dict[str, dict[str, int]] = {name: {} for name in current}
+        wanted: dict[str, dict[str, int]] = {name: {} for name in current}
         async for doc in self._collection.find(
-            {"window": {"$in": sorted(current)}}, {"window": 1, "instance": 1, "counts": 1}
+            {"window": {"$in": sorted(current)}},
+            {"window": 1, "instance": 1, "counts": 1, "wants": 1},
         ):
             if doc.get("instance") == self.instance or doc.get("window") not in others:
                 continue
@@ -232,9 +272,15 @@ class SharedCounters:
             for key, value in (counts if isinstance(counts, dict) else {}).items():
                 if isinstance(value, int | float):
                     totals[key] = totals.get(key, 0) + int(value)
+            latest = wanted[doc["window"]]
+            wants = doc.get("wants")
+            for key, value in (wants if isinstance(wants, dict) else {}).items():
+                if isinstance(value, int) and value > latest.get(key, 0):
+                    latest[key] = value
         for window_name, totals in others.items():
-            budget = current[window_name]
-            self._window(budget, now).others = totals
+            window = self._window(current[window_name], now)
+            window.others = totals
+            window.wanted = wanted[window_name]
 
     async def sweep(self) -> int:
         """Delete documents of windows that ended; returns how many."""
@@ -287,13 +333,6 @@ class SharedCounters:
             await asyncio.sleep(self._interval)
 
 
-# A process that found every block of a key's window taken looks for released ones again at most
-# this often (a read; the client is refused from memory in between).
-_RECHECK_MS = 1000
-# How long a stopping process waits for the database to take back its unused blocks.
-_RELEASE_ON_STOP_S = 5.0
-
-
 @dataclass
 class _Held:
     """This process's share of one key's window: the block it admits from, where to look next."""
@@ -302,6 +341,7 @@ class _Held:
     block: str | None = None  # _id of the block this process admits from (None: none now)
     size: int = 0  # events in that block
     free: int = 0  # events of it not used yet
+    claimed_ms: int = 0  # when this process claimed it
     last_take_ms: int = 0  # when this process last admitted from it
     next_block: int = 0  # no block number below this one is free
     recheck_ms: int = 0  # every block was taken: look for released ones from then (0: not so)
@@ -405,6 +445,7 @@ class SharedBlocks:
             held.recheck_ms = 0
             held.block, held.size = claimed
             held.free = held.size
+            held.claimed_ms = now_ms
             return _take_from(held, now_ms)
 
     async def _claim(
@@ -476,8 +517,16 @@ class SharedBlocks:
         if held is not None and held.block == block:
             held.free += 1
 
-    async def release_idle(self, now_ms: int) -> int:
-        """Give back what is left of blocks not admitted from for ``idle_ms``.
+    async def release_idle(
+        self, now_ms: int, wanted: Callable[[str, int, str], int] | None = None
+    ) -> int:
+        """Give back what is left of blocks not admitted from for ``idle_ms``, or wanted.
+
+        Args:
+            now_ms: the clock.
+            wanted: (budget name, window start, hashed key) -> when another process last said
+                it refuses that key for want of a block (`SharedCounters.wanted`); a block
+                claimed before that is given back, so that both can have half of what it left.
 
         Returns:
             How many blocks' counts were written.
@@ -485,7 +534,7 @@ class SharedBlocks:
         Raises:
             PyMongoError: a write failed; the blocks not written are tried again next time.
         """
-        return await self._release(now_ms, idle_before=now_ms - self._idle_ms)
+        return await self._release(now_ms, idle_before=now_ms - self._idle_ms, wanted=wanted)
 
     async def release_all(self, now_ms: int) -> int:
         """Give back what is left of every block held (the process stops admitting).
@@ -498,11 +547,22 @@ class SharedBlocks:
         """
         return await self._release(now_ms, idle_before=None)
 
-    async def _release(self, now_ms: int, *, idle_before: int | None) -> int:
-        for held in self._held.values():
+    async def _release(
+        self,
+        now_ms: int,
+        *,
+        idle_before: int | None,
+        wanted: Callable[[str, int, str], int] | None = None,
+    ) -> int:
+        for slot, held in self._held.items():
             if held.block is None or held.end_ms <= now_ms or held.lock.locked():
                 continue
-            if idle_before is not None and held.last_take_ms > idle_before:
+            if (
+                idle_before is not None
+                and held.last_take_ms > idle_before
+                # A want as old as the block came after its claim (it found the block taken).
+                and (wanted is None or wanted(*slot) < held.claimed_ms)
+            ):
                 continue
             if held.free > 0:
                 # Nothing is admitted from the block from here on, so the count written is final.
@@ -745,20 +805,22 @@ class RateLimiter:
 
     async def run(self) -> None:
         """Share counts, give back idle blocks (and sweep ended windows) until cancelled."""
-        await self.counters.run(extra_sweep=self._sweep_blocks, each_round=self.release_idle)
+        await self.counters.run(extra_sweep=self._sweep_blocks, each_round=self.release_spare)
 
     async def _sweep_blocks(self) -> None:
         if self.blocks is not None:
             await self.blocks.sweep(datetime.fromtimestamp(self.counters.now_ms() / 1000, UTC))
 
-    async def release_idle(self) -> None:
-        """Give back what is left of blocks this process has not admitted from for a while.
+    async def release_spare(self) -> None:
+        """Give back what is left of blocks idle for a while or wanted by another process.
+
+        Run after each sync (which reads the other processes' wants).
 
         Raises:
             PyMongoError: the database failed (tried again at the next call).
         """
         if self.blocks is not None:
-            await self.blocks.release_idle(self.counters.now_ms())
+            await self.blocks.release_idle(self.counters.now_ms(), self.counters.wanted)
 
     async def release(self) -> None:
         """Give back what is left of every block this process holds (it stops admitting).
@@ -833,6 +895,9 @@ class RateLimiter:
                     counted, _ = self.counters.total(budget, key, now)
                     for _ in range(count):
                         block = await self.blocks.take(budget, key, now, counted=counted)
+                        # None: other processes hold what is left of the budget. They give it
+                        # back once they read that this one wants some (`release_spare`).
+                        self.counters.want(budget, key, now, wanting=block is None)
                         if block is None:
                             for earlier, of in taken:
                                 self.blocks.give_back(budget, earlier, now, of)

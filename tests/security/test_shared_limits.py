@@ -29,7 +29,16 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 
 from services.core.auth import ServiceTokens
-from services.core.ratelimit import BLOCKS_COLLECTION, Budget, RateLimiter, SharedBlocks
+from services.core.ratelimit import (
+    BLOCKS_COLLECTION,
+    COLLECTION,
+    Budget,
+    RateLimiter,
+    RateLimitExceeded,
+    RateLimitPolicy,
+    SharedBlocks,
+    SharedCounters,
+)
 from services.core.settings import Settings, SettingsError
 from tests.conftest import new_tenant
 from tests.support.grpc_errors import decode
@@ -364,3 +373,56 @@ async def test_given_back_blocks_never_admit_more_than_the_budget(
     for process in processes:
         admitted += await _takes(process, budget, key, now, budget.limit)
     assert admitted == budget.limit - 5
+
+
+# More live processes than blocks, all busy with one client (each gets a request every sync
+# interval, so none is ever idle): the ones without a block say so through the counts they
+# share; the holders give back what their blocks left, and each is claimed in halves, so within
+# about a second (the re-check of a process that found nothing) every process serves.
+async def test_busy_processes_beyond_the_block_count_are_served_within_a_second(
+    limited: LimitedServices,
+) -> None:
+    shared = limited.settings(RATE_LIMIT_MAX="1000000", AZORA_RATE_LIMIT_BLOCKS="4")
+    policy = RateLimitPolicy.from_settings(shared)
+    clock = [_T0 / 1000]
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(limited.mongodb_uri)
+    database = client[shared.mongodb_database]
+    limiters = []
+    for _ in range(6):
+        counters = SharedCounters(
+            database[COLLECTION], policy.budgets, sync_interval=0.25, clock=lambda: clock[0]
+        )
+        blocks = SharedBlocks(
+            database[BLOCKS_COLLECTION], blocks_per_window=4, instance=counters.instance
+        )
+        limiters.append(RateLimiter(policy, counters, blocks))
+    address = _address()
+
+    async def refused() -> list[int]:
+        """Every process gets one request; which refused it."""
+        refusals = []
+        for index, limiter in enumerate(limiters):
+            try:
+                await limiter.admit(send=False, ip=address, principal=None)
+            except RateLimitExceeded:
+                refusals.append(index)
+        return refusals
+
+    try:
+        assert await refused() == [4, 5]
+        history = []
+        for _ in range(16):
+            clock[0] += 0.25
+            # One round of every process's background loop: publish, read, give back.
+            for limiter in limiters:
+                await limiter.counters.sync()
+            for limiter in limiters:
+                await limiter.counters.sync()
+                await limiter.release_spare()
+            history.append(await refused())
+        assert history[:3] == [[4, 5]] * 3  # the re-check of a process that found nothing: 1 s
+        assert history[3:] == [[]] * 13
+        # The 4 blocks, and one half of each for the 6 processes.
+        assert await database[BLOCKS_COLLECTION].count_documents({}) == 10
+    finally:
+        await client.close()
