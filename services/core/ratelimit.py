@@ -7,12 +7,28 @@ The request budgets (API and send, per client address and per principal) are one
 the whole suite, whichever process answers: a key's window is cut into at most
 ``AZORA_RATE_LIMIT_BLOCKS`` blocks, and a process admits requests only from blocks it claimed
 (`SharedBlocks`), each with one unique insert (``_id`` = budget:window:key:block number), which
-only one process can win. So no more than the budget is ever admitted across processes, and a
-database write sits on a request's path once per block, not per request. The price is the other
-way round: blocks other processes claimed but have not used up yet are not available here, so a
-client spread over R processes may be refused up to (R-1) x (block size - 1) requests early.
-If the database cannot be reached, each process falls back to the counts below (fail open
-across processes, never within one).
+only one process can win. A process gives back what it did not use of a block (it stops
+admitting from it, then writes the final count on the block's document) when it stops
+gracefully, when it has not admitted from the block for ``AZORA_RATE_LIMIT_BLOCK_IDLE``
+seconds, and when another process says, through the shared counts below, that it refuses the
+key for want of a block. Once every block number is taken, processes claim halves of what
+given-back blocks left, again each with a unique insert. So no more than the budget is ever
+admitted across processes, and a database write sits on a request's path once per block or
+half claimed, not per request.
+
+The price, exactly. (1) Delay: a process that finds no block free refuses the key until holders
+give back, about a second (its re-check, ``_RECHECK_MS``) plus two sync intervals while the
+holders are alive; each round of give-backs doubles the blocks in use, so with B blocks, N > B
+processes busy with one key at once wait about log2(N / B) such rounds. (2) Loss until the
+window ends: what a process held and had not used when it died without a graceful stop (SIGKILL,
+OOM kill, lost host) — at most the one block or half per key it was admitting from, and blocks
+given back but not written yet — and what a stopping process could not write back within
+``_RELEASE_ON_STOP_S`` (database away); an event taken for one key of a request that the other
+key then refused, if its block was given back meanwhile. (3) Writes: a process serving a key
+less often than once per idle period claims and gives back a block per request (the give-back
+off the request's path), and a want makes every holder of that key give back and claim again
+(one write, one read and one insert each). If the database cannot be reached, each process falls
+back to the counts below (fail open across processes, never within one).
 
 Counts (`SharedCounters`) are kept in memory per process and shared in the background: they
 decide the sending quotas and the failed-authentication limit, feed the RateLimit headers, and
@@ -31,9 +47,9 @@ a scan, but of a collection holding (replicas x budgets x live windows) document
 
 Tolerance of counts: a replica learns what the others counted one to two sync intervals late,
 so with R replicas a key can get at most the limit plus what the other R-1 replicas counted for
-it during the last two sync intervals (one replica alone is exact). Counts and blocks of a
-replica that stops stay in force until their window ends. Documents of ended windows are
-removed by `sweep` (FerretDB has no TTL indexes).
+it during the last two sync intervals (one replica alone is exact). Counts of a replica that
+stops stay in force until their window ends (the unused part of its blocks is given back).
+Documents of ended windows are removed by `sweep` (FerretDB has no TTL indexes).
 """
 
 from __future__ import annotations
