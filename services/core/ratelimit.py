@@ -489,8 +489,12 @@ class SharedBlocks:
         held.next_block = number
         if present is None:
             present, left = await self._blocks_of(prefix)
-        for block, events in sorted(left, key=lambda half: -half[1]):
-            if block not in present and await self._insert(block, prefix, events, held.end_ms):
+        # The largest halves first (fewer claims), from a random place among equals: processes
+        # claiming at once mostly try different ones.
+        left = [half for half in left if half[0] not in present]
+        turn = secrets.randbelow(len(left)) if left else 0
+        for block, events in sorted(left[turn:] + left[:turn], key=lambda half: -half[1]):
+            if await self._insert(block, prefix, events, held.end_ms):
                 return block, events
         return None
 

@@ -426,3 +426,26 @@ async def test_busy_processes_beyond_the_block_count_are_served_within_a_second(
         assert await database[BLOCKS_COLLECTION].count_documents({}) == 10
     finally:
         await client.close()
+
+
+# The same with real processes stopped by SIGTERM (what a restart or a scale-in does).
+async def test_processes_beyond_the_block_count_are_served_after_sigterm(
+    limited: LimitedServices,
+    service_processes: Callable[..., ServiceProcess],
+    settings: Settings,
+) -> None:
+    shared = limited.settings()
+    tenant = new_tenant(settings)
+    metadata = (*tenant.metadata, ("x-forwarded-for", _address()))
+    served = 0
+    for _ in range(6):
+        process = service_processes(shared, RATE_LIMIT_MAX="1000000", AZORA_RATE_LIMIT_BLOCKS="4")
+        await process.wait_serving("azora.domain.v1.DomainService")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
+            stub = domain_pb2_grpc.DomainServiceStub(channel)
+            for _ in range(3):
+                await stub.ListDomains(domain_pb2.ListDomainsRequest(), metadata=metadata)
+                served += 1
+        process.stop()
+        assert process.process.returncode == 0, process.log.read_text()
+    assert served == 18
