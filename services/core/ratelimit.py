@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pymongo import UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
@@ -73,7 +74,7 @@ from services.core.cancellation import raise_if_cancelling
 from services.core.context import Principal
 from services.core.errors import ResourceExhausted
 from services.core.metrics import RATE_LIMIT_REFUSALS, RATE_LIMIT_SYNCS
-from services.core.mongo import IndexSpec, delete_older, is_duplicate_key
+from services.core.mongo import IndexSpec, chunked, delete_older, is_duplicate_key
 from services.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ _KEEP_AFTER_END = timedelta(minutes=1)
 # at most this often; the client is refused from memory in between.
 _RECHECK_MS = 1000
 # How long a stopping process waits for the database to take back its unused blocks.
-_RELEASE_ON_STOP_S = 5.0
+_RELEASE_ON_STOP_S = 2.0
 HOUR_MS = 3600 * 1000
 DAY_MS = 24 * HOUR_MS
 
@@ -588,13 +589,18 @@ class SharedBlocks:
                 # Nothing is admitted from the block from here on, so the count written is final.
                 self._unwritten[held.block] = (held.size - held.free, held.end_ms)
             held.block, held.size, held.free = None, 0, 0
-        written = 0
-        for block, (used, end_ms) in list(self._unwritten.items()):
-            if end_ms > now_ms:
-                await self._collection.update_one({"_id": block}, {"$set": {"used": used}})
-                written += 1
-            self._unwritten.pop(block, None)
-        return written
+        for block in [b for b, (_, end_ms) in self._unwritten.items() if end_ms <= now_ms]:
+            del self._unwritten[block]
+        pending = list(self._unwritten.items())
+        # One round trip per batch: a stopping process may hold a block for thousands of keys.
+        for part in chunked(pending):
+            await self._collection.bulk_write(
+                [UpdateOne({"_id": block}, {"$set": {"used": used}}) for block, (used, _) in part],
+                ordered=False,
+            )
+            for block, _ in part:
+                self._unwritten.pop(block, None)
+        return len(pending)
 
     def _purge(self, now_ms: int) -> None:
         for slot in [s for s, held in self._held.items() if held.end_ms <= now_ms]:
