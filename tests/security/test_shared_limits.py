@@ -325,10 +325,9 @@ async def test_live_processes_beyond_the_block_count_are_served_once_others_idle
             await blocks.release_idle(now)
         for blocks in instances:
             assert await _takes(blocks, _API, key, now, 2) == 2
-    # One write per block claimed or given back, not per request: 34 x 3 rounds of 2 requests
-    # plus the first rounds.
-    claims = await blocks_collection.count_documents({})
-    assert claims <= 34 * 5
+    # A claim per process and round (each gave its block back while idle), not per request:
+    # the 32 blocks, 2 halves, then 34 halves in each of the 3 rounds.
+    assert await blocks_collection.count_documents({}) == 32 + 2 + 3 * 34
 
 
 # Never more than the budget, however blocks go round: 12 processes, a budget of 64 in 8
@@ -338,7 +337,7 @@ async def test_live_processes_beyond_the_block_count_are_served_once_others_idle
 async def test_given_back_blocks_never_admit_more_than_the_budget(
     blocks_collection: AsyncCollection[dict[str, Any]],
 ) -> None:
-    budget = Budget("send", 64, 60_000, reason="SEND_RATE_LIMIT_EXCEEDED", what="emails")
+    budget = Budget("send", 64, 15 * 60 * 1000, reason="SEND_RATE_LIMIT_EXCEEDED", what="sends")
     now = budget.window_start(_T0) + 1
     key = f"principal:{secrets.token_hex(4)}"
     rng = random.Random(7)  # noqa: S311 (a reproducible schedule, not a secret)
@@ -373,6 +372,9 @@ async def test_given_back_blocks_never_admit_more_than_the_budget(
     for process in processes:
         admitted += await _takes(process, budget, key, now, budget.limit)
     assert admitted == budget.limit - 5
+    # It went through halves of given-back blocks, not only the 8 numbered ones.
+    halves = await blocks_collection.count_documents({"_id": {"$regex": r"\."}})
+    assert halves > 8, halves
 
 
 # More live processes than blocks, all busy with one client (each gets a request every sync
