@@ -18,17 +18,18 @@ half claimed, not per request.
 
 The price, exactly. (1) Delay: a process that finds no block free refuses the key until holders
 give back, about a second (its re-check, ``_RECHECK_MS``) plus two sync intervals while the
-holders are alive; each round of give-backs doubles the blocks in use, so with B blocks, N > B
-processes busy with one key at once wait about log2(N / B) such rounds. (2) Loss until the
-window ends: what a process held and had not used when it died without a graceful stop (SIGKILL,
-OOM kill, lost host) — at most the one block or half per key it was admitting from, and blocks
-given back but not written yet — and what a stopping process could not write back within
-``_RELEASE_ON_STOP_S`` (database away); an event taken for one key of a request that the other
-key then refused, if its block was given back meanwhile. (3) Writes: a process serving a key
-less often than once per idle period claims and gives back a block per request (the give-back
-off the request's path), and a want makes every holder of that key give back and claim again
-(one write, one read and one insert each). If the database cannot be reached, each process falls
-back to the counts below (fail open across processes, never within one).
+holders are alive (plus clock skew between replicas); each round of give-backs doubles the
+blocks in use, so with B blocks, N > B processes busy with one key at once wait about log2(N /
+B) such rounds. (2) Loss until the window ends: what a process held and had not used when it
+died without a graceful stop (SIGKILL, OOM kill, lost host) — at most the one block or half per
+key it was admitting from, and blocks given back but not written yet — and what a stopping
+process could not write back within ``_RELEASE_ON_STOP_S`` (database away); an event taken for
+one key of a request that the other key then refused, if its block was given back meanwhile. (3)
+Writes: a process serving a key less often than once per idle period claims and gives back a
+block per request (the give-back off the request's path), and a want makes every holder of that
+key give back and claim again (one write, one read and one insert each). If the database cannot
+be reached, each process falls back to the counts below (fail open across processes, never
+within one).
 
 Counts (`SharedCounters`) are kept in memory per process and shared in the background: they
 decide the sending quotas and the failed-authentication limit, feed the RateLimit headers, and
@@ -386,9 +387,10 @@ class SharedBlocks:
     number it saw taken and (events counted anywhere) // block size (every counted event was
     admitted from a claimed block, so at least that many blocks' worth are claimed).
 
-    A process gives back what it did not use of a block when it stops (`release_all`) and when
-    it has not admitted from the block for ``idle_ms`` (`release_idle`): it stops admitting from
-    the block, then ``$set``s ``used`` on the block's document, once, so that count is final.
+    A process gives back what it did not use of a block when it stops (`release_all`), when it
+    has not admitted from the block for ``idle_ms``, and when another process wants a block of
+    that key (`release_idle`): it stops admitting from the block, then ``$set``s ``used`` on the
+    block's document, once, so that count is final.
     When every number is taken, a process reads the key's blocks (index ``slot``) and claims
     half of what a given-back block left, with a unique insert of ``<its _id>.0`` (the larger
     half) or ``<its _id>.1`` holding ``size`` = that half: each half goes to one process, every
