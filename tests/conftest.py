@@ -83,10 +83,10 @@ def make_settings(mongodb_uri: str, database: str, **env: str) -> SuiteSettings:
             # (tests/security sets its own small budgets on services of their own).
             "RATE_LIMIT_MAX": "1000000",
             "AZORA_SEND_RATE_LIMIT_MAX": "1000000",
-            # Each process that serves 127.0.0.1 claims a block of the window and keeps it
-            # (services/core/ratelimit.py `SharedBlocks`): with the default 32 blocks the 33rd
-            # service process started on one database within a 15-minute window was refused
-            # everything, and the suite starts more than that. 1,000 blocks of 1,000 requests.
+            # Each live process that serves 127.0.0.1 holds a block of the window until it stops
+            # or idles (services/core/ratelimit.py `SharedBlocks`); with more than 32 at once,
+            # one without a block refuses for about a second until others give back, and one
+            # killed keeps its block until the window ends. 1,000 blocks of 1,000 requests.
             "AZORA_RATE_LIMIT_BLOCKS": "1000",
             "AZORA_QUOTA_EMAILS_PER_HOUR": "0",
             "AZORA_QUOTA_EMAILS_PER_DAY": "0",

@@ -88,6 +88,10 @@ class RunningService:
 
     async def close_resources(self) -> None:
         """Close outgoing channels and the database client (after the server stopped)."""
+        if self.server.rate_limiter is not None:
+            # No call is admitted any more: what this process's rate-limit blocks have left
+            # goes to the other processes (before the database client closes).
+            await self.server.rate_limiter.release()
         for channel in self.channels:
             await channel.close()
         await self.database.close()

@@ -453,6 +453,12 @@ class Settings(SettingsModel):
         'block; see "One budget across processes")',
         ge=1,
     )
+    rate_limit_block_idle: Seconds = setting(
+        30.0,
+        "AZORA_RATE_LIMIT_BLOCK_IDLE",
+        "seconds after which a process gives back the unused part of a block it has not "
+        "admitted from (the other processes can then claim it)",
+    )
     auth_failure_max: Count = setting(
         20,
         "AZORA_AUTH_FAILURE_MAX",
