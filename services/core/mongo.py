@@ -60,6 +60,9 @@ _T = TypeVar("_T")
 # The most statements (documents of an insertMany, operations of a bulk_write, values of a
 # write's $in list) one write command may carry; below FerretDB 1.24's hang threshold (64).
 MAX_WRITE_BATCH = 40
+# Server error codes of dropping an index that is not there (or whose collection is not).
+_INDEX_NOT_FOUND = 27
+_NAMESPACE_NOT_FOUND = 26
 
 
 def chunked(items: Sequence[_T], size: int = MAX_WRITE_BATCH) -> Iterator[Sequence[_T]]:
@@ -77,6 +80,10 @@ class IndexSpec:
     name: str
     unique: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    # An index no query needs any more: dropped where an earlier version created it (every
+    # index costs each insert and update of its collection; FerretDB recomputes its keys by
+    # parsing the whole document).
+    retired: bool = False
 
 
 class CommandObserver(monitoring.CommandListener):
@@ -151,12 +158,22 @@ def create_client(settings: Settings, **options: Any) -> AsyncMongoClient[Docume
 
 
 async def ensure_indexes(db: AsyncDatabase[Document], specs: Sequence[IndexSpec]) -> None:
-    """Create every declared index; a no-op for those that already exist."""
+    """Create every declared index and drop the retired ones; a no-op for what is done."""
     for spec in specs:
+        if spec.retired:
+            try:
+                await db[spec.collection].drop_index(spec.name)
+            except OperationFailure as exc:
+                if exc.code not in (_INDEX_NOT_FOUND, _NAMESPACE_NOT_FOUND):
+                    raise
+            continue
         await db[spec.collection].create_index(
             list(spec.keys), name=spec.name, unique=spec.unique, **spec.options
         )
-    log.info("indexes ready", extra={"fields": {"indexes": [s.name for s in specs]}})
+    log.info(
+        "indexes ready",
+        extra={"fields": {"indexes": [s.name for s in specs if not s.retired]}},
+    )
 
 
 async def delete_older(

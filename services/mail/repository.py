@@ -106,7 +106,8 @@ _WAITING = [s.value for s in outcomes.WAITING]
 _CLAIMABLE = [s.value for s in outcomes.CLAIMABLE]
 
 INDEXES = (
-    IndexSpec(EMAILS, [("status", ASCENDING), ("next_attempt_at", ASCENDING)], "due"),
+    # The queue poll's index before the queue had its own collection; no query uses it now.
+    IndexSpec(EMAILS, [("status", ASCENDING), ("next_attempt_at", ASCENDING)], "due", retired=True),
     IndexSpec(EMAILS, [("tenant_id", ASCENDING), ("_id", DESCENDING)], "tenant_newest"),
     IndexSpec(EMAILS, [("tenant_id", ASCENDING), ("created_at", ASCENDING)], "tenant_created"),
     # ListEmails filtered by status or domain: equality prefix, then newest first by _id, so the
