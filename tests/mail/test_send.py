@@ -308,7 +308,7 @@ async def test_content_is_stored_beside_the_email_and_read_from_either_place(
     doc = await db[EMAILS].find_one({"_id": sent.id})
     assert doc is not None
     assert "content" not in doc
-    assert not doc["content_file_id"]
+    assert not doc.get("content_file_id")
     body = await db[CONTENTS].find_one({"_id": sent.id})
     assert body is not None
     assert (await stored_message(local_mail, sent.id))["Message-ID"] == f"<{sent.message_id}>"
