@@ -14,7 +14,6 @@ from services.mail.documents import email_doc, email_from_doc
 from services.mail.models import (
     AttachmentInfo,
     Email,
-    EmailStatus,
     Event,
     EventType,
     Recipient,
@@ -22,34 +21,14 @@ from services.mail.models import (
     RecipientStatus,
     SmtpReply,
 )
+from tests.support.emails import an_email
 
 T0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 
 
 def plain() -> Email:
     """An email with nothing but what every email has."""
-    return Email(
-        id="e1",
-        tenant_id="t-1",
-        domain_id="d-1",
-        domain_name="sender.example",
-        from_address="a@sender.example",
-        envelope_from="a@sender.example",
-        to=["b@example.org"],
-        cc=[],
-        bcc=[],
-        reply_to=[],
-        subject="hi",
-        message_id="<m1@sender.example>",
-        size=120,
-        recipients=[Recipient("b@example.org", RecipientKind.TO)],
-        status=EmailStatus.QUEUED,
-        created_at=T0,
-        updated_at=T0,
-        next_attempt_at=T0,
-        expires_at=T0 + timedelta(days=3),
-        events=[Event(EventType.ACCEPTED, T0)],
-    )
+    return an_email(at=T0, to=["b@example.org"], events=[Event(EventType.ACCEPTED, T0)])
 
 
 def everything() -> Email:

@@ -8,7 +8,7 @@ accepted, repeats, and emails still being delivered.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 from azora.mail.v1 import mail_pb2
@@ -30,6 +30,7 @@ from services.mail.models import (
 from tests.conftest import Tenant
 from tests.mail.conftest import LocalMail, Script, ScriptedRelay
 from tests.mail.test_webhook_end_to_end import Start
+from tests.support.emails import an_email
 
 NOW = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 REPLY = SmtpReply(550, "5.1.1", "550 5.1.1 no such user")
@@ -42,26 +43,17 @@ def finished(*statuses: RecipientStatus) -> Email:
         Recipient(f"r{i}@example.org", RecipientKind.TO, status)
         for i, status in enumerate(statuses)
     ]
-    return Email(
+    return an_email(
+        at=NOW,
         id="e" * 24,
-        tenant_id="t",
-        domain_id="d" * 24,
         domain_name="x.example",
         from_address="a@x.example",
         envelope_from="a@x.example",
         to=[r.address for r in recipients],
-        cc=[],
-        bcc=[],
-        reply_to=[],
-        subject="s",
         message_id="m@x.example",
-        size=10,
         recipients=recipients,
         status=outcomes.finished_status({r.status for r in recipients}),
-        created_at=NOW,
-        updated_at=NOW,
         next_attempt_at=None,
-        expires_at=NOW + timedelta(days=5),
     )
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 
-from services.mail.models import Email, EmailStatus, Recipient, RecipientKind
+from services.mail.models import Email
 from services.mail.return_paths import ReturnPaths
 from tests.conftest import make_settings
+from tests.support.emails import an_email
 
 NOW = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 KEY = base64.b64encode(b"k" * 32).decode()
@@ -17,26 +18,12 @@ OLD_KEY = base64.b64encode(b"o" * 32).decode()
 
 
 def email(envelope_from: str) -> Email:
-    return Email(
-        id="0123456789abcdef01234567",
-        tenant_id="t",
-        domain_id="d" * 24,
+    return an_email(
+        at=NOW,
         domain_name="shop.example",
         from_address="orders@shop.example",
         envelope_from=envelope_from,
-        to=["a@example.org"],
-        cc=[],
-        bcc=[],
-        reply_to=[],
-        subject="s",
         message_id="m@shop.example",
-        size=10,
-        recipients=[Recipient("a@example.org", RecipientKind.TO)],
-        status=EmailStatus.QUEUED,
-        created_at=NOW,
-        updated_at=NOW,
-        next_attempt_at=NOW,
-        expires_at=NOW + timedelta(days=5),
     )
 
 

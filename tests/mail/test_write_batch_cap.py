@@ -22,12 +22,13 @@ from services.core.clock import ManualClock
 from services.core.ids import new_id
 from services.core.mongo import MAX_WRITE_BATCH, Document, ensure_indexes
 from services.mail.app import MAIL_INDEXES, make_worker
-from services.mail.models import Email, EmailStatus, Recipient, RecipientKind
+from services.mail.models import Email, EmailStatus
 from services.mail.relay_directory import InMemoryRelayDirectory, RelaySecurity, RelaySettings
 from services.mail.relay_lookup import DirectoryRelayLookup
 from services.mail.repository import EMAILS, MongoEmailRepository
 from tests.conftest import make_settings
 from tests.mail.conftest import RETRY_ENV, START, Script, ScriptedRelay
+from tests.support.emails import an_email
 
 EMAILS_SENT = 400
 CONCURRENCY = 200
@@ -81,7 +82,8 @@ async def observed(
 def new_email(domain_id: str, n: int) -> Email:
     """An accepted email due at START, for one recipient."""
     address = f"r{n}@example.org"
-    return Email(
+    return an_email(
+        at=START,
         id=new_id(),
         tenant_id="t-cap",
         domain_id=domain_id,
@@ -89,17 +91,9 @@ def new_email(domain_id: str, n: int) -> Email:
         from_address="s@cap.example",
         envelope_from="s@cap.example",
         to=[address],
-        cc=[],
-        bcc=[],
-        reply_to=[],
         subject="cap",
         message_id=f"{new_id()}@cap.example",
         size=40,
-        recipients=[Recipient(address, RecipientKind.TO)],
-        status=EmailStatus.QUEUED,
-        created_at=START,
-        updated_at=START,
-        next_attempt_at=START,
         expires_at=START + timedelta(hours=1),
         content=b"Subject: cap\r\n\r\nbody\r\n",
     )
