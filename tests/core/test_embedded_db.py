@@ -133,3 +133,24 @@ def test_files_are_private_to_the_owner(tmp_path: pathlib.Path) -> None:
                 assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
     finally:
         os.umask(previous_umask)
+
+
+def _environment_of(pid: int) -> dict[str, str]:
+    raw = pathlib.Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = (item.decode().partition("=") for item in raw.split(b"\0") if item)
+    return {name: value for name, _, value in pairs}
+
+
+def test_ferretdb_collects_garbage_less_often_unless_told_otherwise(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Go's default collector pace took a tenth of FerretDB's CPU under load (docs/benchmarks.md).
+    monkeypatch.delenv("GOGC", raising=False)
+    with EmbeddedFerretDB(binary=_binary(), data_dir=tmp_path / "default") as default:
+        assert default.pid is not None
+        assert _environment_of(default.pid)["GOGC"] == "400"
+    # An operator's own GOGC is passed on unchanged.
+    monkeypatch.setenv("GOGC", "150")
+    with EmbeddedFerretDB(binary=_binary(), data_dir=tmp_path / "own") as own:
+        assert own.pid is not None
+        assert _environment_of(own.pid)["GOGC"] == "150"
