@@ -360,14 +360,12 @@ class EventPublisher:
         stored = await self.copy_outbox(emails)
         outboxes = {doc["_id"]: {e["_id"] for e in doc.get(OUTBOX_FIELD, [])} for doc in emails}
         done = []
+        rest = []
         for hint in hints:
-            # A hint goes once every change it announces is found (a change still being
-            # written keeps the whole hint for the next run, which copies idempotently).
-            missing = [
-                (eid, events)
-                for eid, events in announced[hint["_id"]]
-                if not set(events) <= outboxes.get(eid, set())
-            ]
+            # A hint goes once every change it announces is found; a change still being
+            # written keeps a hint for the next run, which copies idempotently.
+            changes = announced[hint["_id"]]
+            missing = [(e, v) for e, v in changes if not set(v) <= outboxes.get(e, set())]
             if not missing:
                 done.append(hint["_id"])
             elif _aware(hint["at"]) <= _aware(now) - self._abandon_after:
@@ -378,6 +376,16 @@ class EventPublisher:
                     },
                 )
                 done.append(hint["_id"])
+            elif len(missing) < len(changes):
+                # Some changes landed: a hint of the missing ones alone replaces it, so that a
+                # change that never lands does not have the whole group re-read until it is
+                # abandoned. Its _id follows from what it holds (two publishers write the same
+                # document), its time stays the original's.
+                rest.append(_remaining_hint(missing, hint["at"]))
+                done.append(hint["_id"])
+        if rest:
+            # Before the originals go: a crash in between leaves both, never neither.
+            await insert_new(self._hints, rest)
         if done:
             # One command for the group (the caller's slice is `chunked`), not one per hint.
             await self._hints.delete_many({"_id": {"$in": done}})
@@ -404,6 +412,15 @@ class EventPublisher:
                 await insert_new(self._tags, key_part)
             stored += await insert_new(self._events, missing)
         return stored
+
+
+def _remaining_hint(missing: list[tuple[str, list[str]]], at: datetime) -> Document:
+    """The hint of the changes of a hint that have not landed yet (see `EventPublisher`)."""
+    return {
+        "_id": f"{missing[0][1][0]}+{len(missing)}",
+        "changes": [{"email_id": e, "event_ids": v} for e, v in missing],
+        "at": at,
+    }
 
 
 def _aware(at: datetime) -> datetime:
