@@ -64,9 +64,12 @@ from services.mail.simulation import replies_for
 
 log = logging.getLogger(__name__)
 
-# Email status after an attempt -> the outcome label of the delivery metrics.
 # How long the claimer waits for more idle delivery loops when there is a backlog (seconds).
 _CLAIM_LINGER = 0.05
+# How long a cancelled worker waits for a claim in flight, and then for its release (seconds);
+# past that the lease decides, as for a worker killed outright.
+_HAND_BACK_WAIT = 5.0
+# Email status after an attempt -> the outcome label of the delivery metrics.
 _METRIC_OUTCOME = {
     EmailStatus.SENT: "sent",
     EmailStatus.PARTIALLY_SENT: "sent",
@@ -126,7 +129,24 @@ class DeliveryWorker:
         return batch[0] if batch else None
 
     async def claim_batch(self, limit: int) -> list[Claimed]:
-        """Take up to `limit` due emails, with their recipients suppressed meanwhile."""
+        """Take up to `limit` due emails, with their recipients suppressed meanwhile.
+
+        A worker cancelled while claiming (a hard stop) hands back what the claim won instead
+        of leaving it leased, unseen by anyone, until the lease runs out: the claim finishes
+        (shielded, for at most `_HAND_BACK_WAIT` s) and its emails are released.
+        """
+        claiming = asyncio.ensure_future(self._claim_checked(limit))
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                batch = await asyncio.wait_for(asyncio.shield(claiming), _HAND_BACK_WAIT)
+                await asyncio.wait_for(
+                    self._queue.release(claimed=batch, now=self._clock.now()), _HAND_BACK_WAIT
+                )
+            raise
+
+    async def _claim_checked(self, limit: int) -> list[Claimed]:
         batch = await self._queue.claim_batch(
             now=self._clock.now(), lease=self._lease, worker_id=self.worker_id, limit=limit
         )

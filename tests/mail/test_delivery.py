@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from azora.mail.v1 import mail_pb2
@@ -374,6 +375,46 @@ async def test_cancelled_worker_hands_back_what_it_holds(
     assert email.status == E.EMAIL_STATUS_QUEUED
     assert email.attempts == 0
     relay.script = Script()
+    assert await local_mail.worker().run_once() == 1
+    assert (await local_mail.get(tenant, email_id)).status == SENT
+
+
+class HeldClaims:
+    """A delivery queue whose claims, once won, wait for `gate` before the worker gets them."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue, self.won, self.gate = queue, asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.queue, name)
+
+    async def claim_batch(self, **kwargs: Any) -> Any:
+        batch = await self.queue.claim_batch(**kwargs)
+        self.won.set()
+        await self.gate.wait()
+        return batch
+
+
+async def test_a_worker_cancelled_while_claiming_hands_back_what_the_claim_won(
+    local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
+) -> None:
+    # The claim's lease is in the database, but the worker has not got the email yet when it is
+    # cancelled: the email must be due again at once, not leased (SENDING) until the lease ends.
+    relay = await scripted_relay(Script())
+    _, name = local_mail.add_domain(tenant, port=relay.port)
+    email_id = await send_one(local_mail, tenant, name)
+    worker = local_mail.worker()
+    held = HeldClaims(worker._queue)
+    worker._queue = held
+    task = asyncio.create_task(worker.claim_batch(1))
+    await held.won.wait()
+    assert (await local_mail.get(tenant, email_id)).status == E.EMAIL_STATUS_SENDING
+    task.cancel()
+    await asyncio.sleep(0)
+    held.gate.set()  # the claim in flight finishes; the cancelled worker releases it
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    assert (await local_mail.get(tenant, email_id)).status == E.EMAIL_STATUS_QUEUED
     assert await local_mail.worker().run_once() == 1
     assert (await local_mail.get(tenant, email_id)).status == SENT
 
