@@ -33,6 +33,7 @@ import uuid
 from dataclasses import replace
 from datetime import timedelta
 
+from services.core.cancellation import raise_if_cancelling
 from services.core.clock import Clock
 from services.core.errors import AzoraError, Conflict
 from services.core.metrics import (
@@ -253,6 +254,9 @@ class DeliveryWorker:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                # Python 3.11's wait_for and PyMongo can turn a cancellation into another
+                # error: a cancelled worker must still stop, not claim on.
+                raise_if_cancelling()
                 log.exception("claim failed")
                 batch = []
             for claimed in batch:
@@ -263,6 +267,7 @@ class DeliveryWorker:
             if not batch:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=self._poll)
+                raise_if_cancelling()  # a cancellation that met the timeout became TimeoutError
         # Stopping: what was claimed but not started yet goes back at once.
         await self._release_all(handed)
 
@@ -284,6 +289,7 @@ class DeliveryWorker:
             try:
                 await asyncio.wait_for(idle.acquire(), timeout=left)
             except TimeoutError:
+                raise_if_cancelling()
                 break
             more += 1
         return more
@@ -292,6 +298,9 @@ class DeliveryWorker:
         self, handed: asyncio.Queue[Claimed | None], idle: asyncio.Semaphore
     ) -> None:
         while True:
+            # A cancellation something below turned into an ordinary outcome (a library's
+            # timeout meeting it, a driver's "Lock is not acquired") still ends the loop.
+            raise_if_cancelling()
             claimed = await handed.get()
             if claimed is None:
                 return

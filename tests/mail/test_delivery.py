@@ -7,6 +7,7 @@ so retry times are asserted exactly (jitter 0 unless a test turns it on).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -417,6 +418,36 @@ async def test_a_worker_cancelled_while_claiming_hands_back_what_the_claim_won(
     assert (await local_mail.get(tenant, email_id)).status == E.EMAIL_STATUS_QUEUED
     assert await local_mail.worker().run_once() == 1
     assert (await local_mail.get(tenant, email_id)).status == SENT
+
+
+async def test_a_worker_whose_delivery_swallowed_its_cancellation_still_stops(
+    local_mail: LocalMail,
+    tenant: Tenant,
+    scripted_relay: Start,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Libraries sometimes turn a cancellation into an ordinary outcome (a timeout that met it,
+    # a driver's "Lock is not acquired"). A delivery loop that got one back must still end when
+    # its worker is cancelled, not wait for the next email forever.
+    relay = await scripted_relay(Script())
+    _, name = local_mail.add_domain(tenant, port=relay.port)
+    await send_one(local_mail, tenant, name)
+    worker = local_mail.worker()
+    started = asyncio.Event()
+
+    async def swallowing(claimed: object) -> None:
+        started.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(worker, "deliver", swallowing)
+    task = asyncio.create_task(worker.run())
+    await started.wait()
+    task.cancel()
+    # A bound so that the old behaviour (waiting forever) fails instead of hanging the suite.
+    done, _ = await asyncio.wait({task}, timeout=30)
+    assert task in done
+    assert task.cancelled()
 
 
 async def test_expired_lease_is_claimed_again(
