@@ -880,33 +880,16 @@ class MongoEmailRepository:
             How many emails were removed.
         """
         removed = 0
-        cutoff = now - shortest
         for status in sorted(s.value for s in FINISHED):
-            after: datetime | None = None
-            for _ in range(batches):
-                window: Document = {"$lt": cutoff}
-                if after is not None:
-                    window["$gt"] = after
-                cursor = (
-                    self._emails.find({"status": status, "updated_at": window}, NO_CONTENT)
-                    .sort("updated_at", ASCENDING)
-                    .limit(MAX_WRITE_BATCH)
-                )
-                docs = [d async for d in cursor]
-                if not docs:
-                    break
-                after = docs[-1]["updated_at"]
+            removed += await self._sweep_oldest(
+                {"status": status},
+                before=now - shortest,
+                now=now,
+                batches=batches,
                 # A test email's partition names no tenant's retention: the default applies
                 # (`sweep_test` removes them sooner).
-                due = [d for d in docs if d["updated_at"] < now - retention(d["tenant_id"])]
-                claims = [_transition_id(d, removal=True) for d in due]
-                won = await self.delivery_queue.win_transitions(claims, now=now)
-                gone = [d for d, ok in zip(due, won, strict=True) if ok]
-                if gone:
-                    await self._remove(gone)
-                removed += len(gone)
-                if len(docs) < MAX_WRITE_BATCH:
-                    break
+                due=lambda d: d["updated_at"] < now - retention(d["tenant_id"]),
+            )
         return removed
 
     async def sweep_test(self, *, now: datetime, retention: timedelta, batches: int = 25) -> int:
@@ -920,15 +903,38 @@ class MongoEmailRepository:
         Returns:
             How many test emails were removed.
         """
+        finished = {s.value for s in FINISHED}
+        return await self._sweep_oldest(
+            {"test": True},
+            before=now - retention,
+            now=now,
+            batches=batches,
+            due=lambda d: d["status"] in finished,
+        )
+
+    async def _sweep_oldest(
+        self,
+        query: Document,
+        *,
+        before: datetime,
+        now: datetime,
+        batches: int,
+        due: Callable[[Document], bool],
+    ) -> int:
+        """Remove the emails matching `query`, last written before `before`, that are `due`.
+
+        Oldest first through an index ending in ``updated_at``, at most `batches` batches of
+        `MAX_WRITE_BATCH`; each removal wins its transition claim first, so concurrent
+        sweepers and API deletes remove (and count) an email once.
+        """
         removed = 0
         after: datetime | None = None
-        finished = {s.value for s in FINISHED}
         for _ in range(batches):
-            window: Document = {"$lt": now - retention}
+            window: Document = {"$lt": before}
             if after is not None:
                 window["$gt"] = after
             cursor = (
-                self._emails.find({"test": True, "updated_at": window}, NO_CONTENT)
+                self._emails.find({**query, "updated_at": window}, NO_CONTENT)
                 .sort("updated_at", ASCENDING)
                 .limit(MAX_WRITE_BATCH)
             )
@@ -936,11 +942,11 @@ class MongoEmailRepository:
             if not docs:
                 break
             after = docs[-1]["updated_at"]
-            due = [d for d in docs if d["status"] in finished]
+            chosen = [d for d in docs if due(d)]
             won = await self.delivery_queue.win_transitions(
-                [_transition_id(d, removal=True) for d in due], now=now
+                [_transition_id(d, removal=True) for d in chosen], now=now
             )
-            gone = [d for d, ok in zip(due, won, strict=True) if ok]
+            gone = [d for d, ok in zip(chosen, won, strict=True) if ok]
             if gone:
                 await self._remove(gone)
             removed += len(gone)
