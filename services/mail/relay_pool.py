@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import aiosmtplib
 
+from services.core.cancellation import raise_if_cancelling
 from services.core.netguard import (
     AddressPolicy,
     HostResolver,
@@ -223,6 +224,10 @@ class RelayPool:
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 if smtp is not None:
                     smtp.close()
+                # A cancellation the client library turned into one of these (Python 3.11's
+                # wait_for returns a waiter's error when both meet) is no reply of the relay:
+                # the caller is stopping and must not record an outcome.
+                raise_if_cancelling()
                 failure = _failure_reply(exc)
                 if failure.code == 0:
                     note = f"during {stage}: {failure.text}"

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import aiosmtplib
 import pytest
 from azora.mail.v1 import mail_pb2
 from prometheus_client import REGISTRY
@@ -448,6 +449,39 @@ async def test_a_worker_whose_delivery_swallowed_its_cancellation_still_stops(
     done, _ = await asyncio.wait({task}, timeout=30)
     assert task in done
     assert task.cancelled()
+
+
+async def test_a_cancellation_the_smtp_client_disguised_records_no_outcome(
+    local_mail: LocalMail,
+    tenant: Tenant,
+    scripted_relay: Start,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What Python 3.11's wait_for can do inside aiosmtplib: the delivery is cancelled while the
+    # relay's reply is awaited and the client raises "disconnected" instead. That is no reply
+    # of the relay: nothing is recorded (no deferral), and the email is handed back at once.
+    relay = await scripted_relay(Script())
+    _, name = local_mail.add_domain(tenant, port=relay.port)
+    email_id = await send_one(local_mail, tenant, name)
+
+    async def cancelled_in_disguise(self: aiosmtplib.SMTP, *args: Any, **kwargs: Any) -> Any:
+        asyncio.current_task().cancel()  # type: ignore[union-attr]
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost") from None
+        raise AssertionError("not cancelled")
+
+    monkeypatch.setattr(aiosmtplib.SMTP, "data", cancelled_in_disguise)
+    worker = local_mail.worker()
+    claimed = await worker.claim()
+    assert claimed is not None
+    with pytest.raises(asyncio.CancelledError):
+        await worker.deliver(claimed)
+    email = await local_mail.get(tenant, email_id)
+    assert email.status == E.EMAIL_STATUS_QUEUED
+    assert email.attempts == 0
+    assert "EVENT_TYPE_DEFERRED" not in types(email)
 
 
 async def test_expired_lease_is_claimed_again(
