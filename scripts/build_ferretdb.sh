@@ -46,7 +46,7 @@ has_version() {
 }
 
 # Bump the suffix whenever the local fix below changes, so that existing binaries get rebuilt.
-build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1"
+build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.1"
 build_id_file="$bin_dir/ferretdb.build-id"
 
 if [[ -x "$binary" ]] && has_version && [[ "$(cat "$build_id_file" 2>/dev/null)" == "$build_id" ]]; then
@@ -100,6 +100,16 @@ fi
 # bookkeeping, finalizers). The release build we run skips it (`debugbuild.Enabled` is false).
 if ! patch --quiet --forward --batch -p1 -d "vendor/$module" <"$patches_dir/resource-tracking-debug-only.patch"; then
   echo "build_ferretdb: $patches_dir/resource-tracking-debug-only.patch no longer applies; review it" >&2
+  exit 1
+fi
+
+# Local change: stored documents decoded in one pass. Upstream decodes every row's sjson text
+# with encoding/json in layers (a new json.Decoder per field, nested values re-read per level);
+# that was most of the cost of reading rows. The one-pass decoder returns the same document or
+# declines, and upstream's decoder then runs (README there; FERRETDB_SJSON_FAST_DECODE=off).
+cp "$patches_dir/sjson_fast_unmarshal.go" "vendor/$module/internal/handler/sjson/fast_unmarshal.go"
+if ! patch --quiet --forward --batch -p1 -d "vendor/$module" <"$patches_dir/sjson-fast-unmarshal.patch"; then
+  echo "build_ferretdb: $patches_dir/sjson-fast-unmarshal.patch no longer applies; review it" >&2
   exit 1
 fi
 
