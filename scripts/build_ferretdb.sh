@@ -46,7 +46,7 @@ has_version() {
 }
 
 # Bump the suffix whenever the local fix below changes, so that existing binaries get rebuilt.
-build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.1"
+build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.1+sql-debug-log-lazy.1+libc-memcmp-blocks.1"
 build_id_file="$bin_dir/ferretdb.build-id"
 
 if [[ -x "$binary" ]] && has_version && [[ "$(cat "$build_id_file" 2>/dev/null)" == "$build_id" ]]; then
@@ -110,6 +110,23 @@ fi
 cp "$patches_dir/sjson_fast_unmarshal.go" "vendor/$module/internal/handler/sjson/fast_unmarshal.go"
 if ! patch --quiet --forward --batch -p1 -d "vendor/$module" <"$patches_dir/sjson-fast-unmarshal.patch"; then
   echo "build_ferretdb: $patches_dir/sjson-fast-unmarshal.patch no longer applies; review it" >&2
+  exit 1
+fi
+
+# Local change: SQL debug log lines built only when debug logging is on (upstream formatted every
+# statement's arguments, whole documents as JSON, before dropping the line at our level).
+cp "$patches_dir/fsql_debug_log.go" "vendor/$module/internal/util/fsql/debug_log.go"
+if ! patch --quiet --forward --batch -p1 -d "vendor/$module" <"$patches_dir/sql-debug-log-lazy.patch"; then
+  echo "build_ferretdb: $patches_dir/sql-debug-log-lazy.patch no longer applies; review it" >&2
+  exit 1
+fi
+
+# Local change: SQLite's memcmp (modernc.org/libc, a byte per loop turn) skips equal 64-byte
+# blocks with bytes.Equal; same return values (README there).
+libc_dir="vendor/modernc.org/libc"
+cp "$patches_dir/libc_memcmp.go" "$libc_dir/azora_memcmp.go"
+if ! patch --quiet --forward --batch -p1 -d "$libc_dir" <"$patches_dir/libc-memcmp-blocks.patch"; then
+  echo "build_ferretdb: $patches_dir/libc-memcmp-blocks.patch no longer applies; review it" >&2
   exit 1
 fi
 
