@@ -46,7 +46,7 @@ has_version() {
 }
 
 # Bump the suffix whenever the local fix below changes, so that existing binaries get rebuilt.
-build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.1+sql-debug-log-lazy.1+libc-memcmp-blocks.1"
+build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.1+sql-debug-log-lazy.1+libc-memcmp-blocks.1+wire-built-messages-not-rechecked.1+sjson-schema-cache.1"
 build_id_file="$bin_dir/ferretdb.build-id"
 
 if [[ -x "$binary" ]] && has_version && [[ "$(cat "$build_id_file" 2>/dev/null)" == "$build_id" ]]; then
@@ -127,6 +127,12 @@ libc_dir="vendor/modernc.org/libc"
 cp "$patches_dir/libc_memcmp.go" "$libc_dir/azora_memcmp.go"
 if ! patch --quiet --forward --batch -p1 -d "$libc_dir" <"$patches_dir/libc-memcmp-blocks.patch"; then
   echo "build_ferretdb: $patches_dir/libc-memcmp-blocks.patch no longer applies; review it" >&2
+  exit 1
+fi
+
+# Local change: messages we build (replies) are not decoded again to check them (requests still are).
+if ! patch --quiet --forward --batch -p1 -d "vendor/github.com/FerretDB/wire" <"$patches_dir/wire-built-messages-not-rechecked.patch"; then
+  echo "build_ferretdb: $patches_dir/wire-built-messages-not-rechecked.patch no longer applies; review it" >&2
   exit 1
 fi
 

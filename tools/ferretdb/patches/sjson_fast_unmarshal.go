@@ -13,6 +13,9 @@
 // Unmarshal then runs upstream's decoder, which returns upstream's result or error. So the fast
 // path only ever returns what upstream returns for the same bytes.
 //
+// Documents of one shape share their schema text, so parsed schemas are kept by their text
+// (schemaCache) and a row whose schema was seen before only skips over it.
+//
 // FERRETDB_SJSON_FAST_DECODE=off decodes every document as upstream does (the project's tests
 // compare the two on a corpus of every BSON type).
 
@@ -24,6 +27,7 @@ import (
 	"errors"
 	"os"
 	"strconv"
+	"sync"
 	"time"
 	"unicode/utf16"
 	"unicode/utf8"
@@ -36,6 +40,16 @@ var fastDecode = os.Getenv("FERRETDB_SJSON_FAST_DECODE") != "off"
 
 // errDecline means "let upstream's decoder do it"; it never reaches a caller.
 var errDecline = errors.New("sjson: fast decoder declined")
+
+// schemaCache holds parsed schemas by their exact text. A parsed schema is never modified, so
+// one value serves every goroutine. Emptied when full (shapes are few; this bounds memory).
+var schemaCache = struct {
+	sync.RWMutex
+	byText map[string]*schema
+}{byText: make(map[string]*schema)}
+
+// schemaCacheMax bounds the number of cached schemas.
+const schemaCacheMax = 2048
 
 // fastDecoder reads one sjson text from start to end.
 type fastDecoder struct {
@@ -78,7 +92,7 @@ func (d *fastDecoder) topLevel() (*types.Document, error) {
 		return nil, errDecline
 	}
 
-	sch, err := d.schema()
+	sch, err := d.cachedSchema()
 	if err != nil {
 		return nil, err
 	}
@@ -362,6 +376,77 @@ func (d *fastDecoder) array(items []*elem) (any, error) {
 	}
 
 	return a, nil
+}
+
+// cachedSchema reads the top-level schema, parsing its text only the first time it is seen.
+func (d *fastDecoder) cachedSchema() (*schema, error) {
+	d.skipSpace()
+	start := d.pos
+
+	if !d.skipObject() {
+		return nil, errDecline
+	}
+
+	end := d.pos
+	text := d.data[start:end]
+
+	schemaCache.RLock()
+	sch := schemaCache.byText[string(text)]
+	schemaCache.RUnlock()
+
+	if sch != nil {
+		return sch, nil
+	}
+
+	d.pos = start
+
+	sch, err := d.schema()
+	if err != nil || d.pos != end {
+		return nil, errDecline
+	}
+
+	schemaCache.Lock()
+	if len(schemaCache.byText) >= schemaCacheMax {
+		schemaCache.byText = make(map[string]*schema)
+	}
+	schemaCache.byText[string(text)] = sch
+	schemaCache.Unlock()
+
+	return sch, nil
+}
+
+// skipObject moves past one JSON object (strings and nesting respected, nothing validated:
+// a text is parsed, and so validated, before it is cached).
+func (d *fastDecoder) skipObject() bool {
+	if d.peek() != '{' {
+		return false
+	}
+
+	depth := 0
+
+	for d.pos < len(d.data) {
+		switch d.data[d.pos] {
+		case '"':
+			for d.pos++; d.pos < len(d.data) && d.data[d.pos] != '"'; d.pos++ {
+				if d.data[d.pos] == '\\' {
+					d.pos++
+				}
+			}
+		case '{', '[':
+			depth++
+		case '}', ']':
+			depth--
+
+			if depth == 0 {
+				d.pos++
+				return true
+			}
+		}
+
+		d.pos++
+	}
+
+	return false
 }
 
 // schema reads a document schema: {"$k": [keys], "p": {key: elem}} in any order.
