@@ -575,11 +575,15 @@ class MongoEmailRepository:
             keys = [k async for k in cursor]
             if not keys:
                 break
-            docs = await asyncio.gather(
-                *(self._emails.find_one({"_id": k["email_id"]}, NO_CONTENT) for k in keys)
-            )
+            # One `_id $in` read (served by the primary key on both databases): 1.9 ms for
+            # 20 emails on the embedded database against 4.5 ms for 20 lookups in parallel.
+            wanted = [k["email_id"] for k in keys]
+            found = {
+                d["_id"]: d async for d in self._emails.find({"_id": {"$in": wanted}}, NO_CONTENT)
+            }
             orphans = []
-            for k, doc in zip(keys, docs, strict=True):
+            for k in keys:
+                doc = found.get(k["email_id"])
                 if doc is None or doc.get("tenant_id") != tenant_id:
                     if k["created_at"] < datetime.now(UTC) - ORPHAN_AGE:
                         orphans.append(DeleteOne({"_id": k["_id"]}))
