@@ -46,7 +46,7 @@ has_version() {
 }
 
 # Bump the suffix whenever the local fix below changes, so that existing binaries get rebuilt.
-build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.1+sql-debug-log-lazy.1+libc-memcmp-blocks.1+wire-built-messages-not-rechecked.1+sjson-schema-cache.1"
+build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.1+sql-debug-log-lazy.1+libc-memcmp-blocks.1+wire-built-messages-not-rechecked.1+sjson-schema-cache.1+sqlite-stmt-cache.1"
 build_id_file="$bin_dir/ferretdb.build-id"
 
 if [[ -x "$binary" ]] && has_version && [[ "$(cat "$build_id_file" 2>/dev/null)" == "$build_id" ]]; then
@@ -133,6 +133,15 @@ fi
 # Local change: messages we build (replies) are not decoded again to check them (requests still are).
 if ! patch --quiet --forward --batch -p1 -d "vendor/github.com/FerretDB/wire" <"$patches_dir/wire-built-messages-not-rechecked.patch"; then
   echo "build_ferretdb: $patches_dir/wire-built-messages-not-rechecked.patch no longer applies; review it" >&2
+  exit 1
+fi
+
+# Local change: statements run through Exec are compiled once per connection, not every time
+# (modernc.org/sqlite prepared, ran and finalized each); README there; FERRETDB_SQLITE_STMT_CACHE=off.
+sqlite_dir="vendor/modernc.org/sqlite"
+cp "$patches_dir/sqlite_stmt_cache.go" "$sqlite_dir/azora_stmt_cache.go"
+if ! patch --quiet --forward --batch -p1 -d "$sqlite_dir" <"$patches_dir/sqlite-stmt-cache.patch"; then
+  echo "build_ferretdb: $patches_dir/sqlite-stmt-cache.patch no longer applies; review it" >&2
   exit 1
 fi
 

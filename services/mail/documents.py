@@ -74,6 +74,10 @@ TEST_PARTITION_SUFFIX = "\x1ftest"
 # ``email_contents``). (findAndModify cannot project on FerretDB 1.24, "fields is not
 # implemented yet": those return the whole document, content dropped.)
 NO_CONTENT = {"content": 0}
+# What an API read of an email needs: neither the content nor the event outbox (the events API
+# and webhooks read ``events``; the outbox is for the publisher and for whoever removes the
+# email, and is about a third of a delivered email's bytes). Read-only paths only.
+API_VIEW = {"content": 0, OUTBOX_FIELD: 0}
 
 
 def partition(tenant_id: str, test: bool) -> str:
@@ -401,6 +405,7 @@ __all__ = [
     "KEYS",
     "MIGRATIONS",
     "NO_CONTENT",
+    "API_VIEW",
     "QUEUE",
     "TEST_PARTITION_SUFFIX",
     "belongs_to",

@@ -1,13 +1,15 @@
-"""The embedded FerretDB's one-pass document decoder returns exactly what upstream's returns.
+"""The embedded FerretDB's row-level local changes return exactly what upstream's code returns.
 
-tools/ferretdb/patches/sjson_fast_unmarshal.go decodes stored documents in one pass and
-declines (handing the text to upstream's decoder) whenever it is not sure. Two FerretDB
-processes from the same bin/ferretdb, one with FERRETDB_SJSON_FAST_DECODE=off (upstream's
-decoder for every row), hold the same generated corpus: every BSON type FerretDB 1.24 stores,
-nested documents and arrays, empty ones, strings with escapes, HTML characters, control
-characters, astral-plane characters and the JSON separators U+2028/U+2029, integer and double
-extremes. Every document must come back byte for byte the same from both, and equal to what was
-written; so must the documents an update rewrote and what filters select.
+Two local changes to how FerretDB reads and writes rows have a switch back to upstream's code:
+the one-pass decoder of stored documents (tools/ferretdb/patches/sjson_fast_unmarshal.go,
+FERRETDB_SJSON_FAST_DECODE=off) and the per-connection cache of compiled write statements
+(sqlite_stmt_cache.go, FERRETDB_SQLITE_STMT_CACHE=off). Two FerretDB processes from the same
+bin/ferretdb, ours and one with both switched off, hold the same generated corpus: every BSON
+type FerretDB 1.24 stores, nested documents and arrays, empty ones, strings with escapes, HTML
+characters, control characters, astral-plane characters and the JSON separators U+2028/U+2029,
+integer and double extremes. Every document must come back byte for byte the same from both,
+and equal to what was written; so must what writes report (counts, duplicate-key errors) and
+the documents they leave.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 from bson import Binary, Int64, ObjectId, Regex, Timestamp
 from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
+from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary
 
@@ -121,10 +124,14 @@ def _start(tmp: pathlib.Path, name: str, environment: dict[str, str]) -> Embedde
 def pair(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[MongoClient[RawBSONDocument], MongoClient[RawBSONDocument]]]:
-    """Raw-BSON clients of FerretDB with the one-pass decoder (first) and without (second)."""
-    tmp = tmp_path_factory.mktemp("decoder")
+    """Raw-BSON clients of FerretDB as we build it (first) and with its row changes off."""
+    tmp = tmp_path_factory.mktemp("rows")
     fast = _start(tmp, "fast", {})
-    upstream = _start(tmp, "upstream", {"FERRETDB_SJSON_FAST_DECODE": "off"})
+    upstream = _start(
+        tmp,
+        "upstream",
+        {"FERRETDB_SJSON_FAST_DECODE": "off", "FERRETDB_SQLITE_STMT_CACHE": "off"},
+    )
     clients: list[MongoClient[RawBSONDocument]] = [
         MongoClient(db.uri, document_class=RawBSONDocument) for db in (fast, upstream)
     ]
@@ -177,6 +184,39 @@ def test_filters_and_updates_agree(
     for query in ({"group": 3}, {"group": {"$in": [1, 2]}}, {"touched": {"$exists": True}}, {}):
         assert _raw(fast, query) == _raw(upstream, query), query
     assert len(_raw(fast, {"group": 5})) == 0
+
+
+def test_writes_report_the_same_counts_and_errors(
+    pair: tuple[MongoClient[RawBSONDocument], MongoClient[RawBSONDocument]],
+) -> None:
+    # The same statements run many times (the cache's case), with a unique index violated by
+    # an insert and by an update in between: every answer and every error alike.
+    def story(client: MongoClient[RawBSONDocument]) -> list[Any]:
+        coll = client[DATABASE]["writes"]
+        coll.create_index("email", unique=True)
+        told: list[Any] = []
+        for round_ in range(3):
+            for i in range(30):
+                try:
+                    coll.insert_one({"_id": f"{round_}-{i}", "email": f"u{i % 25}@x", "n": i})
+                    told.append("inserted")
+                except DuplicateKeyError as exc:
+                    told.append(("duplicate", exc.code))
+            result = coll.update_many({"n": {"$lt": 10}}, {"$inc": {"seen": 1}})
+            told.append((result.matched_count, result.modified_count))
+            try:
+                coll.update_one({"_id": f"{round_}-1"}, {"$set": {"email": "u2@x"}})
+                told.append("updated")
+            except OperationFailure as exc:  # FerretDB 1.24 reports this one as InternalError
+                told.append((type(exc).__name__, exc.code, str(exc)))
+            told.append(coll.delete_many({"n": {"$gte": 20}}).deleted_count)
+        told.append(_raw(client, {}))
+        told.append([bytes(d.raw) for d in coll.find({}).sort("_id", 1)])
+        return told
+
+    ours, theirs = story(pair[0]), story(pair[1])
+    assert ours == theirs
+    assert ("duplicate", 11000) in ours
 
 
 def _plain(value: Any) -> Any:
