@@ -198,7 +198,8 @@ def test_writes_report_the_same_counts_and_errors(
         for round_ in range(3):
             for i in range(30):
                 try:
-                    coll.insert_one({"_id": f"{round_}-{i}", "email": f"u{i % 25}@x", "n": i})
+                    doc = {"_id": f"{round_}-{i}", "email": f"u{i % 25}@x", "n": i}
+                    coll.insert_one(RawBSONDocument(bson.encode(doc)))
                     told.append("inserted")
                 except DuplicateKeyError as exc:
                     told.append(("duplicate", exc.code))
