@@ -18,7 +18,9 @@ from services.mail.models import (
     EmailStats,
     EmailStatus,
     Event,
+    EventType,
     Recipient,
+    RecipientKind,
     RecipientStatus,
     SmtpReply,
 )
@@ -26,10 +28,21 @@ from services.mail.rendering import Rendered
 from services.mail.template_manager import TemplateDraft, TemplateUse
 from services.mail.templates import Template, TemplateVersion
 
+# Model enum -> proto enum number, by the names' shared spelling; built once (an email in a page
+# of ListEmails converts a dozen of them).
+_EMAIL_STATUS = {s: mail_pb2.EmailStatus.Value(f"EMAIL_STATUS_{s.name}") for s in EmailStatus}
+_RECIPIENT_KIND = {
+    k: mail_pb2.RecipientKind.Value(f"RECIPIENT_KIND_{k.name}") for k in RecipientKind
+}
+_RECIPIENT_STATUS = {
+    s: mail_pb2.RecipientStatus.Value(f"RECIPIENT_STATUS_{s.name}") for s in RecipientStatus
+}
+_EVENT_TYPE = {t: mail_pb2.EventType.Value(f"EVENT_TYPE_{t.name}") for t in EventType}
+
 
 def status_to_proto(status: EmailStatus) -> mail_pb2.EmailStatus.ValueType:
     """Model status -> proto enum."""
-    return mail_pb2.EmailStatus.Value(f"EMAIL_STATUS_{status.name}")
+    return _EMAIL_STATUS[status]
 
 
 def status_from_proto(value: int) -> EmailStatus | None:
@@ -92,8 +105,8 @@ def _reply(reply: SmtpReply | None) -> mail_pb2.SmtpReply | None:
 def _recipient(r: Recipient) -> mail_pb2.Recipient:
     return mail_pb2.Recipient(
         address=r.address,
-        kind=mail_pb2.RecipientKind.Value(f"RECIPIENT_KIND_{r.kind.name}"),
-        status=mail_pb2.RecipientStatus.Value(f"RECIPIENT_STATUS_{r.status.name}"),
+        kind=_RECIPIENT_KIND[r.kind],
+        status=_RECIPIENT_STATUS[r.status],
         last_reply=_reply(r.last_reply),
         attempts=r.attempts,
         update_time=to_timestamp(r.updated_at),
@@ -102,7 +115,7 @@ def _recipient(r: Recipient) -> mail_pb2.Recipient:
 
 def _event(e: Event) -> mail_pb2.EmailEvent:
     return mail_pb2.EmailEvent(
-        type=mail_pb2.EventType.Value(f"EVENT_TYPE_{e.type.name}"),
+        type=_EVENT_TYPE[e.type],
         time=to_timestamp(e.time),
         recipient=e.recipient,
         reply=_reply(e.reply),
