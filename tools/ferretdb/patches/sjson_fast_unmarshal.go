@@ -449,50 +449,60 @@ func (d *fastDecoder) skipObject() bool {
 	return false
 }
 
-// schema reads a document schema: {"$k": [keys], "p": {key: elem}} in any order.
-func (d *fastDecoder) schema() (*schema, error) {
-	if err := d.expect('{'); err != nil {
-		return nil, err
+// each reads the items of a JSON array or object: open, items separated by commas, close.
+// item reads one item (for an object: its key, the colon and the value). Used for schemas,
+// which are parsed once per shape; the values' own loops (members, array) are written out.
+func (d *fastDecoder) each(open, closing byte, item func() error) error {
+	if err := d.expect(open); err != nil {
+		return err
 	}
-
-	sch := new(schema)
-	seenKeys, seenProps := false, false
 
 	for i := 0; ; i++ {
 		d.skipSpace()
 
-		if d.peek() == '}' {
+		if d.peek() == closing {
 			d.pos++
-			break
+			return nil
 		}
 
 		if i > 0 {
 			if err := d.expect(','); err != nil {
-				return nil, err
+				return err
 			}
 		}
 
+		if err := item(); err != nil {
+			return err
+		}
+	}
+}
+
+// schema reads a document schema: {"$k": [keys], "p": {key: elem}} in any order.
+func (d *fastDecoder) schema() (*schema, error) {
+	sch := new(schema)
+	seenKeys, seenProps := false, false
+
+	err := d.each('{', '}', func() error {
 		key, err := d.key()
 		if err != nil {
-			return nil, err
+			return err
 		}
 
 		switch {
 		case key == "$k" && !seenKeys:
 			seenKeys = true
-
-			if sch.Keys, err = d.stringList(); err != nil {
-				return nil, err
-			}
+			sch.Keys, err = d.stringList()
 		case key == "p" && !seenProps:
 			seenProps = true
-
-			if sch.Properties, err = d.properties(); err != nil {
-				return nil, err
-			}
+			sch.Properties, err = d.properties()
 		default:
-			return nil, errDecline
+			err = errDecline
 		}
+
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 
 	return sch, nil
@@ -506,48 +516,31 @@ func (d *fastDecoder) properties() (map[string]*elem, error) {
 		return nil, nil
 	}
 
-	if err := d.expect('{'); err != nil {
-		return nil, err
-	}
-
 	props := make(map[string]*elem)
 
-	for i := 0; ; i++ {
-		d.skipSpace()
-
-		if d.peek() == '}' {
-			d.pos++
-			break
-		}
-
-		if i > 0 {
-			if err := d.expect(','); err != nil {
-				return nil, err
-			}
-		}
-
+	err := d.each('{', '}', func() error {
 		key, err := d.key()
 		if err != nil {
-			return nil, err
+			return err
 		}
 
 		if _, dup := props[key]; dup {
-			return nil, errDecline
+			return errDecline
 		}
 
-		e, err := d.element()
-		if err != nil {
-			return nil, err
-		}
+		props[key], err = d.element()
 
-		props[key] = e
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 
 	return props, nil
 }
 
 // element reads one schema element: {"t": type, "$s": schema, "o": options, "i": [elems],
-// "s": subtype}, fields in any order.
+// "s": subtype}, fields in any order; a null leaves its field unset, as encoding/json does.
 func (d *fastDecoder) element() (*elem, error) {
 	d.skipSpace()
 
@@ -555,126 +548,83 @@ func (d *fastDecoder) element() (*elem, error) {
 		return nil, nil
 	}
 
-	if err := d.expect('{'); err != nil {
-		return nil, err
-	}
-
 	e := new(elem)
 	seen := map[string]bool{}
 
-	for i := 0; ; i++ {
-		d.skipSpace()
-
-		if d.peek() == '}' {
-			d.pos++
-			break
-		}
-
-		if i > 0 {
-			if err := d.expect(','); err != nil {
-				return nil, err
-			}
-		}
-
+	err := d.each('{', '}', func() error {
 		key, err := d.key()
 		if err != nil {
-			return nil, err
+			return err
+		}
+
+		switch key {
+		case "t", "$s", "o", "i", "s":
+		default:
+			return errDecline
 		}
 
 		if seen[key] {
-			return nil, errDecline
+			return errDecline
 		}
 
 		seen[key] = true
 
 		d.skipSpace()
 
-		// A null leaves the field as it is, as encoding/json does; the field stays unset.
 		if d.literal("null") {
-			switch key {
-			case "t", "$s", "o", "i", "s":
-				continue
-			}
-
-			return nil, errDecline
+			return nil
 		}
 
 		switch key {
 		case "t":
-			s, err := d.string()
-			if err != nil {
-				return nil, err
-			}
-
+			var s string
+			s, err = d.string()
 			e.Type = elemType(s)
 		case "$s":
-			if e.Schema, err = d.schema(); err != nil {
-				return nil, err
-			}
+			e.Schema, err = d.schema()
 		case "o":
-			s, err := d.string()
-			if err != nil {
-				return nil, err
+			var s string
+			if s, err = d.string(); err == nil {
+				e.Options = &s
 			}
-
-			e.Options = &s
 		case "i":
-			if e.Items, err = d.elementList(); err != nil {
-				return nil, err
-			}
+			e.Items, err = d.elementList()
 		case "s":
-			raw, err := d.number()
-			if err != nil {
-				return nil, err
+			var raw string
+			if raw, err = d.number(); err != nil {
+				return err
 			}
 
-			n, err := strconv.ParseUint(raw, 10, 8)
-			if err != nil {
-				return nil, errDecline
+			n, perr := strconv.ParseUint(raw, 10, 8)
+			if perr != nil {
+				return errDecline
 			}
 
 			subtype := types.BinarySubtype(n)
 			e.Subtype = &subtype
-		default:
-			return nil, errDecline
 		}
+
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 
 	return e, nil
 }
 
-// elementList reads the "i" array of an array's schema.
+// elementList reads the "i" array of an array's schema ([] gives an empty, non-nil list).
 func (d *fastDecoder) elementList() ([]*elem, error) {
-	if err := d.expect('['); err != nil {
-		return nil, err
-	}
+	list := []*elem{}
 
-	var list []*elem
-
-	for i := 0; ; i++ {
-		d.skipSpace()
-
-		if d.peek() == ']' {
-			d.pos++
-			break
-		}
-
-		if i > 0 {
-			if err := d.expect(','); err != nil {
-				return nil, err
-			}
-		}
-
+	err := d.each('[', ']', func() error {
 		e, err := d.element()
-		if err != nil {
-			return nil, err
-		}
-
 		list = append(list, e)
-	}
 
-	if list == nil {
-		list = []*elem{}
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 
 	return list, nil
@@ -688,32 +638,16 @@ func (d *fastDecoder) stringList() ([]string, error) {
 		return nil, nil
 	}
 
-	if err := d.expect('['); err != nil {
-		return nil, err
-	}
-
 	list := []string{}
 
-	for i := 0; ; i++ {
-		d.skipSpace()
-
-		if d.peek() == ']' {
-			d.pos++
-			break
-		}
-
-		if i > 0 {
-			if err := d.expect(','); err != nil {
-				return nil, err
-			}
-		}
-
+	err := d.each('[', ']', func() error {
 		s, err := d.string()
-		if err != nil {
-			return nil, err
-		}
-
 		list = append(list, s)
+
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 
 	return list, nil
