@@ -86,64 +86,51 @@ fi
 # condition is a superset of the matches and the handler still filters every document, so
 # results are unchanged; FERRETDB_SQLITE_INDEX_PUSHDOWN=off plans queries as upstream does.
 patches_dir="$tools_dir/patches"
+
+# apply_patch DIR NAME: apply patches/NAME inside DIR (a vendored module), or stop the build.
+apply_patch() {
+  if ! patch --quiet --forward --batch -p1 -d "$1" <"$patches_dir/$2"; then
+    echo "build_ferretdb: $patches_dir/$2 no longer applies; review it" >&2
+    exit 1
+  fi
+}
 cp "$patches_dir/metadata_typed_index.go" "vendor/$module/internal/backends/sqlite/metadata/typed_index.go"
 cp "$patches_dir/sqlite_pushdown.go" "vendor/$module/internal/backends/sqlite/pushdown.go"
-if ! patch --quiet --forward --batch -p1 -d "vendor/$module" <"$patches_dir/sqlite-index-pushdown.patch"; then
-  echo "build_ferretdb: $patches_dir/sqlite-index-pushdown.patch no longer applies; review it" >&2
-  exit 1
-fi
+apply_patch "vendor/$module" sqlite-index-pushdown.patch
 
 # Local change: resource tracking only in debug builds. FerretDB tracks every iterator, cursor
 # and query as a leak detector: a pprof profile entry with a captured stack and a finalizer per
 # object, in release builds too. Measured with FerretDB's own CPU profile under the mail
 # benchmark and under ListEmails pages: 10-12 % of the server's CPU (stack unwinding, profile
 # bookkeeping, finalizers). The release build we run skips it (`debugbuild.Enabled` is false).
-if ! patch --quiet --forward --batch -p1 -d "vendor/$module" <"$patches_dir/resource-tracking-debug-only.patch"; then
-  echo "build_ferretdb: $patches_dir/resource-tracking-debug-only.patch no longer applies; review it" >&2
-  exit 1
-fi
+apply_patch "vendor/$module" resource-tracking-debug-only.patch
 
 # Local change: stored documents decoded in one pass. Upstream decodes every row's sjson text
 # with encoding/json in layers (a new json.Decoder per field, nested values re-read per level);
 # that was most of the cost of reading rows. The one-pass decoder returns the same document or
 # declines, and upstream's decoder then runs (README there; FERRETDB_SJSON_FAST_DECODE=off).
 cp "$patches_dir/sjson_fast_unmarshal.go" "vendor/$module/internal/handler/sjson/fast_unmarshal.go"
-if ! patch --quiet --forward --batch -p1 -d "vendor/$module" <"$patches_dir/sjson-fast-unmarshal.patch"; then
-  echo "build_ferretdb: $patches_dir/sjson-fast-unmarshal.patch no longer applies; review it" >&2
-  exit 1
-fi
+apply_patch "vendor/$module" sjson-fast-unmarshal.patch
 
 # Local change: SQL debug log lines built only when debug logging is on (upstream formatted every
 # statement's arguments, whole documents as JSON, before dropping the line at our level).
 cp "$patches_dir/fsql_debug_log.go" "vendor/$module/internal/util/fsql/debug_log.go"
-if ! patch --quiet --forward --batch -p1 -d "vendor/$module" <"$patches_dir/sql-debug-log-lazy.patch"; then
-  echo "build_ferretdb: $patches_dir/sql-debug-log-lazy.patch no longer applies; review it" >&2
-  exit 1
-fi
+apply_patch "vendor/$module" sql-debug-log-lazy.patch
 
 # Local change: SQLite's memcmp (modernc.org/libc, a byte per loop turn) skips equal 64-byte
 # blocks with bytes.Equal; same return values (README there).
 libc_dir="vendor/modernc.org/libc"
 cp "$patches_dir/libc_memcmp.go" "$libc_dir/azora_memcmp.go"
-if ! patch --quiet --forward --batch -p1 -d "$libc_dir" <"$patches_dir/libc-memcmp-blocks.patch"; then
-  echo "build_ferretdb: $patches_dir/libc-memcmp-blocks.patch no longer applies; review it" >&2
-  exit 1
-fi
+apply_patch "$libc_dir" libc-memcmp-blocks.patch
 
 # Local change: messages we build (replies) are not decoded again to check them (requests still are).
-if ! patch --quiet --forward --batch -p1 -d "vendor/github.com/FerretDB/wire" <"$patches_dir/wire-built-messages-not-rechecked.patch"; then
-  echo "build_ferretdb: $patches_dir/wire-built-messages-not-rechecked.patch no longer applies; review it" >&2
-  exit 1
-fi
+apply_patch "vendor/github.com/FerretDB/wire" wire-built-messages-not-rechecked.patch
 
 # Local change: statements run through Exec are compiled once per connection, not every time
 # (modernc.org/sqlite prepared, ran and finalized each); README there; FERRETDB_SQLITE_STMT_CACHE=off.
 sqlite_dir="vendor/modernc.org/sqlite"
 cp "$patches_dir/sqlite_stmt_cache.go" "$sqlite_dir/azora_stmt_cache.go"
-if ! patch --quiet --forward --batch -p1 -d "$sqlite_dir" <"$patches_dir/sqlite-stmt-cache.patch"; then
-  echo "build_ferretdb: $patches_dir/sqlite-stmt-cache.patch no longer applies; review it" >&2
-  exit 1
-fi
+apply_patch "$sqlite_dir" sqlite-stmt-cache.patch
 
 mkdir -p "$bin_dir"
 GOBIN="$bin_dir" "$GO" install -mod=vendor "$module/cmd/ferretdb"

@@ -15,7 +15,6 @@ A second part checks with `explain` that the hot queries are answered from an in
 from __future__ import annotations
 
 import datetime as dt
-import pathlib
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -25,15 +24,14 @@ from bson import ObjectId
 from pymongo import MongoClient
 from pymongo.collection import Collection
 
-from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary
 from services.core.mongo import IndexSpec
 from services.domain.repository import INDEXES as DOMAIN_INDEXES
 from services.iam.api_keys import INDEXES as API_KEY_INDEXES
 from services.mail.relay_health import INDEXES as RELAY_HEALTH_INDEXES
 from services.mail.repository import INDEXES as MAIL_INDEXES
 from services.smtp.repository import INDEXES as SMTP_INDEXES
+from tests.support.ferretdb import start_ferretdb
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The indexes the services create (retired ones are dropped, not created).
 ALL_INDEXES: tuple[IndexSpec, ...] = tuple(
     spec
@@ -137,24 +135,14 @@ def corpus(seed: int, size: int, level: str) -> list[Doc]:
     return docs
 
 
-def _start(tmp: pathlib.Path, name: str, environment: dict[str, str]) -> EmbeddedFerretDB:
-    data = tmp / name
-    data.mkdir()
-    db = EmbeddedFerretDB(
-        binary=find_ferretdb_binary(REPO_ROOT), data_dir=data, environment=environment
-    )
-    db.start()
-    return db
-
-
 @pytest.fixture(scope="module")
 def pair(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[MongoClient[Doc], MongoClient[Doc]]]:
     """Clients of FerretDB with pushdown (first) and without (second), corpora loaded."""
     tmp = tmp_path_factory.mktemp("pushdown")
-    on = _start(tmp, "on", {})
-    off = _start(tmp, "off", {"FERRETDB_SQLITE_INDEX_PUSHDOWN": "off"})
+    on = start_ferretdb(tmp, "on", {})
+    off = start_ferretdb(tmp, "off", {"FERRETDB_SQLITE_INDEX_PUSHDOWN": "off"})
     clients: list[MongoClient[Doc]] = [MongoClient(db.uri) for db in (on, off)]
     try:
         for client in clients:

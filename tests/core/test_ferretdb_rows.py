@@ -15,7 +15,6 @@ the documents they leave.
 from __future__ import annotations
 
 import datetime as dt
-import pathlib
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -27,9 +26,8 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
-from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary
+from tests.support.ferretdb import start_ferretdb
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DATABASE = "decoder"
 
 STRINGS = [
@@ -110,24 +108,14 @@ def corpus(count: int) -> list[dict[str, Any]]:
     return docs
 
 
-def _start(tmp: pathlib.Path, name: str, environment: dict[str, str]) -> EmbeddedFerretDB:
-    data = tmp / name
-    data.mkdir()
-    db = EmbeddedFerretDB(
-        binary=find_ferretdb_binary(REPO_ROOT), data_dir=data, environment=environment
-    )
-    db.start()
-    return db
-
-
 @pytest.fixture(scope="module")
 def pair(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[MongoClient[RawBSONDocument], MongoClient[RawBSONDocument]]]:
     """Raw-BSON clients of FerretDB as we build it (first) and with its row changes off."""
     tmp = tmp_path_factory.mktemp("rows")
-    fast = _start(tmp, "fast", {})
-    upstream = _start(
+    fast = start_ferretdb(tmp, "fast", {})
+    upstream = start_ferretdb(
         tmp,
         "upstream",
         {"FERRETDB_SJSON_FAST_DECODE": "off", "FERRETDB_SQLITE_STMT_CACHE": "off"},
