@@ -46,7 +46,7 @@ has_version() {
 }
 
 # Bump the suffix whenever the local fix below changes, so that existing binaries get rebuilt.
-build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.2+sql-debug-log-lazy.1+libc-memcmp-blocks.1+wire-built-messages-not-rechecked.1+sjson-schema-cache.1+sqlite-stmt-cache.1+sqlite-busy-short-waits.1"
+build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.2+sql-debug-log-lazy.1+libc-memcmp-blocks.1+wire-built-messages-not-rechecked.1+sjson-schema-cache.1+sqlite-stmt-cache.1+sqlite-busy-short-waits.2"
 build_id_file="$bin_dir/ferretdb.build-id"
 
 if [[ -x "$binary" ]] && has_version && [[ "$(cat "$build_id_file" 2>/dev/null)" == "$build_id" ]]; then
@@ -132,7 +132,7 @@ sqlite_dir="vendor/modernc.org/sqlite"
 cp "$patches_dir/sqlite_stmt_cache.go" "$sqlite_dir/azora_stmt_cache.go"
 apply_patch "$sqlite_dir" sqlite-stmt-cache.patch
 
-# Local change: a connection waiting for the write lock polls every 100 us for its first 20 ms
+# Local change: a connection waiting for the write lock first waits 0.1, 0.2, 0.4 ... 12.8 ms
 # instead of sleeping 1, 2, 5, 10 ... ms (README there); same busy timeout in all.
 cp "$patches_dir/sqlite_busy_wait.go" "$sqlite_dir/lib/azora_busy_wait.go"
 apply_patch "$sqlite_dir" sqlite-busy-short-waits.patch
