@@ -106,9 +106,9 @@ async def test_find_one_and_update_returns_new_document(
 
 def test_a_write_waits_for_a_held_write_lock_and_then_lands(tmp_path: pathlib.Path) -> None:
     # The local build's busy handler waits for the write lock in short, doubling steps for
-    # 25 ms and then as SQLite does (tools/ferretdb/patches/README.md); either way a write that meets a lock held
-    # for 0.4 s (here by another SQLite connection to the same file) waits and lands, within
-    # FerretDB's busy timeout, instead of failing.
+    # 25 ms, then as SQLite does (tools/ferretdb/patches/README.md); either way a write that
+    # meets a lock held for 0.4 s (here by another SQLite connection to the same file) waits
+    # and lands, within FerretDB's busy timeout, instead of failing.
     db = EmbeddedFerretDB(binary=_binary(), data_dir=tmp_path / "data")
     db.start()
     try:
