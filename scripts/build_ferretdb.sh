@@ -46,7 +46,7 @@ has_version() {
 }
 
 # Bump the suffix whenever the local fix below changes, so that existing binaries get rebuilt.
-build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.2+sql-debug-log-lazy.1+libc-memcmp-blocks.1+wire-built-messages-not-rechecked.1+sjson-schema-cache.1+sqlite-stmt-cache.1+sqlite-busy-short-waits.2"
+build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.2+sql-debug-log-lazy.1+libc-memcmp-blocks.1+wire-built-messages-not-rechecked.1+sjson-schema-cache.1+sqlite-stmt-cache.1+sqlite-busy-short-waits.2+batched-updates.1"
 build_id_file="$bin_dir/ferretdb.build-id"
 
 if [[ -x "$binary" ]] && has_version && [[ "$(cat "$build_id_file" 2>/dev/null)" == "$build_id" ]]; then
@@ -136,6 +136,12 @@ apply_patch "$sqlite_dir" sqlite-stmt-cache.patch
 # instead of sleeping 1, 2, 5, 10 ... ms (README there); same busy timeout in all.
 cp "$patches_dir/sqlite_busy_wait.go" "$sqlite_dir/lib/azora_busy_wait.go"
 apply_patch "$sqlite_dir" sqlite-busy-short-waits.patch
+
+# Local change: an update command whose statements each name a distinct _id (string or
+# ObjectID) writes its changed documents in one transaction, not one per statement (README
+# there; FERRETDB_BATCHED_UPDATES=off).
+cp "$patches_dir/handler_batched_update.go" "vendor/$module/internal/handler/batched_update.go"
+apply_patch "vendor/$module" handler-batched-update.patch
 
 mkdir -p "$bin_dir"
 GOBIN="$bin_dir" "$GO" install -mod=vendor "$module/cmd/ferretdb"
