@@ -356,7 +356,6 @@ class MongoEmailRepository:
         self._inserts = GroupCommit(self._write_new)
         self._keys = db[KEYS]
         self._migrations = db[MIGRATIONS]
-        self._key_inserts = GroupCommit(self._write_keys)
         # The queue engine of this process (its workers', when they run here) and the stats
         # counts both share (one writer of its own documents; see tallies).
         self.delivery_queue = queue or MongoDeliveryQueue(
@@ -380,9 +379,6 @@ class MongoEmailRepository:
             email.content = None
         entry, body = queue_entry(email), content_doc(email)
         doc = email_doc(email)
-        # Lookup keys before the email: a crash in between leaves keys without an email
-        # (skipped by readers, removed when met and by age), never an email a filter misses.
-        await self._key_inserts.submit(key_docs(doc))
         try:
             stored = await self._inserts.submit((entry, body, doc))
         except Exception:
@@ -403,10 +399,9 @@ class MongoEmailRepository:
             await self.tallies.flush()
         return stored
 
-    async def _write_keys(self, batch: list[list[Document]]) -> list[bool]:
+    async def _write_keys(self, docs: Sequence[Document]) -> None:
         # A taken _id is the same key written by an earlier try: nothing to do.
-        await insert_many_unique(self._keys, [d for keys in batch for d in keys])
-        return [True] * len(batch)
+        await insert_many_unique(self._keys, [key for doc in docs for key in key_docs(doc)])
 
     def _count_doc(self, doc: Document, n: int) -> None:
         self.tallies.add(
@@ -450,8 +445,6 @@ class MongoEmailRepository:
                     email.content = None
                 files.append(file_id)
                 items.append((queue_entry(email), content_doc(email), email_doc(email)))
-            # Lookup keys before the emails, as `insert` does.
-            await self._write_keys([key_docs(doc) for _, _, doc in items])
             verdicts = await self._write_new(items)
             for ok, file_id, email in zip(verdicts, files, chunk, strict=True):
                 if not ok and file_id is not None:
@@ -480,6 +473,10 @@ class MongoEmailRepository:
             [Change(doc["_id"], doc[OUTBOX_FIELD]) for _, _, doc in batch],
             now=max(doc["created_at"] for _, _, doc in batch),
         )
+        # Lookup keys before the emails: a crash in between leaves keys without an email
+        # (skipped by readers, removed when met and by age), never an email a filter misses.
+        # In the same group as the emails (one more command per group, not a group of its own).
+        await self._write_keys([doc for _, _, doc in batch])
         await self.delivery_queue.add_entries([entry for entry, _, _ in batch if entry])
         await insert_many_unique(self._contents, [body for _, body, _ in batch if body])
         return await insert_many_unique(self._emails, [doc for _, _, doc in batch])
@@ -622,7 +619,7 @@ class MongoEmailRepository:
                     {"_id": KEYS}, {"$set": {"done": True}}, upsert=True
                 )
                 return True
-            await self._write_keys([key_docs(d) for d in docs])
+            await self._write_keys(docs)
             last = docs[-1]["_id"]
             await self._migrations.update_one({"_id": KEYS}, {"$set": {"last": last}}, upsert=True)
         return False
