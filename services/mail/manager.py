@@ -62,7 +62,6 @@ from services.mail.compose import (
     validate,
 )
 from services.mail.feedback.suppression_store import SuppressionList
-from services.mail.group_commit import GroupCommit
 from services.mail.inbound.parsed import parse_message
 from services.mail.models import (
     AttachmentInfo,
@@ -130,15 +129,6 @@ class MailPolicy:
         return self.tenant_retention.get(tenant_id, self.retention)
 
 
-@dataclass(slots=True)
-class _Lookup:
-    """One request's suppression lookup: its recipients, and those found (-> the reason)."""
-
-    tenant_id: str
-    addresses: set[str]
-    found: dict[str, str] = field(default_factory=dict)
-
-
 class MailManager:
     """The mail service's use cases."""
 
@@ -158,8 +148,6 @@ class MailManager:
     ) -> None:
         self._templates = templates
         self._suppressions = suppressions
-        # Concurrent requests' suppression lookups share queries (one per tenant per group).
-        self._lookups = GroupCommit(self._look_up)
         self._batches = batches
         self._emails = emails
         self._relay_health = relay_health
@@ -201,8 +189,7 @@ class MailManager:
             email = self._build(
                 prepared, tenant_id=tenant_id, email_id=email_id, now=now, test=test
             )
-            await self._suppress(tenant_id, [email], now=now)
-            if not await self._emails.insert(email=email):
+            if not await self._emails.insert(email=email, screen=self._screen):
                 # A concurrent duplicate (same key, same request) stored it first.
                 return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
             EMAILS_ACCEPTED.labels(domain=email.domain_name).inc()
@@ -316,7 +303,7 @@ class MailManager:
                     if r.error is not None
                 ),
             )
-        await self._suppress(tenant_id, emails, now=now)
+        await self._screen(emails)
         statuses = {e.id: e.status for e in emails}
         results = [replace(r, status=statuses[r.email_id]) if r.email_id else r for r in results]
         # Duplicates (a retried batch whose first attempt stored some) count as stored: the
@@ -328,46 +315,38 @@ class MailManager:
             await self._batches.finish(tenant_id=tenant_id, key=idempotency_key, results=results)
         return results
 
-    async def _suppress(self, tenant_id: str, emails: Sequence[Email], *, now: datetime) -> None:
-        """Apply the tenant's suppression list to new emails before they are stored.
+    async def _screen(self, emails: Sequence[Email]) -> None:
+        """Apply the suppression list to new emails right before they are stored.
 
         The one send-time check of every way in (SendEmail, batches, SMTP submission,
-        resends): one lookup for all the emails' recipients, then `outcomes.suppress_new` per
-        email (a suppressed recipient is SUPPRESSED with its entry's reason; all suppressed:
-        the email is, and no relay is ever contacted for it). A test email's ``suppressed@``
-        recipients of the test domain count as listed (`simulation.suppression`).
+        resends). A single email hands this to `EmailRepository.insert`, which calls it once
+        for the group of emails it writes together, so concurrent sends share one lookup per
+        tenant; a batch calls it for all its messages. Then `outcomes.suppress_new` per email
+        (a suppressed recipient is SUPPRESSED with its entry's reason, as of the email's
+        creation; all suppressed: the email is, and no relay is ever contacted for it). A test
+        email's ``suppressed@`` recipients of the test domain count as listed
+        (`simulation.suppression`).
         """
-        found: dict[str, str] = {}
-        if self._suppressions is not None and emails:
-            lookup = _Lookup(tenant_id, {r.address for e in emails for r in e.recipients})
-            await self._lookups.submit(lookup)
-            found = lookup.found
+        tenants: dict[str, list[Email]] = {}
         for email in emails:
-            hits = found
-            if email.test:
-                simulated = {
-                    r.address: reason
-                    for r in email.recipients
-                    if (reason := simulation.suppression(r.address)) is not None
-                }
-                hits = {**simulated, **found}
-            if hits:
-                suppress_new(email, hits, now=now)
-
-    async def _look_up(self, batch: list[_Lookup]) -> list[bool]:
-        """Answer a group of lookups: one `SuppressionList.suppressed` call per tenant."""
-        assert self._suppressions is not None  # only submitted when configured
-        tenants: dict[str, set[str]] = {}
-        for lookup in batch:
-            tenants.setdefault(lookup.tenant_id, set()).update(lookup.addresses)
-        for tenant_id, addresses in tenants.items():
-            found = await self._suppressions.suppressed(tenant_id, sorted(addresses))
-            for lookup in batch:
-                if lookup.tenant_id == tenant_id:
-                    lookup.found = {
-                        a: found[a].reason.value for a in lookup.addresses if a in found
+            tenants.setdefault(email.tenant_id, []).append(email)
+        for tenant_id, group in tenants.items():
+            found: dict[str, str] = {}
+            if self._suppressions is not None:
+                addresses = sorted({r.address for e in group for r in e.recipients})
+                entries = await self._suppressions.suppressed(tenant_id, addresses)
+                found = {address: entry.reason.value for address, entry in entries.items()}
+            for email in group:
+                hits = {r.address: found[r.address] for r in email.recipients if r.address in found}
+                if email.test:
+                    simulated = {
+                        r.address: reason
+                        for r in email.recipients
+                        if (reason := simulation.suppression(r.address)) is not None
                     }
-        return [True] * len(batch)
+                    hits = {**simulated, **hits}
+                if hits:
+                    suppress_new(email, hits, now=email.created_at)
 
     async def _idempotent(
         self,
@@ -732,8 +711,7 @@ class MailManager:
                 trace_context=trace_carrier(),
                 test=test,
             )
-            await self._suppress(tenant_id, [email], now=now)
-            if not await self._emails.insert(email=email):
+            if not await self._emails.insert(email=email, screen=self._screen):
                 # A concurrent duplicate (same key, same message) stored it first.
                 return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
             EMAILS_ACCEPTED.labels(domain=domain.name).inc()
@@ -818,8 +796,7 @@ class MailManager:
             content=content,
             trace_context=trace_carrier(),
         )
-        await self._suppress(tenant_id, [email], now=now)
-        if not await self._emails.insert(email=email):
+        if not await self._emails.insert(email=email, screen=self._screen):
             return await self._emails.get(tenant_id=tenant_id, email_id=email_id)
         EMAILS_ACCEPTED.labels(domain=domain.name).inc()
         email.content = None
@@ -1036,8 +1013,7 @@ class MailManager:
             content=content,
             test=original.test,
         )
-        await self._suppress(tenant_id, [email], now=now)
-        await self._emails.insert(email=email)
+        await self._emails.insert(email=email, screen=self._screen)
         EMAILS_ACCEPTED.labels(domain=original.domain_name).inc()
         await self._emails.add_event(
             tenant_id=tenant_id,

@@ -48,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -103,6 +103,8 @@ from services.mail.tallies import INDEXES as TALLY_INDEXES
 # A new email's writes: its queue entry (None: nothing to deliver), its ``email_contents``
 # document (None: content in GridFS) and its document.
 _NewEmail = tuple[Document | None, Document | None, Document]
+# Called with a group of new emails right before they are written (may change them).
+Screen = Callable[[Sequence[Email]], Awaitable[None]]
 _WAITING = [s.value for s in outcomes.WAITING]
 _CLAIMABLE = [s.value for s in outcomes.CLAIMABLE]
 
@@ -171,8 +173,12 @@ class IdempotencyRecord:
 class EmailRepository(Protocol):
     """Tenant-scoped storage of emails: what the API reads and changes."""
 
-    async def insert(self, *, email: Email) -> bool:
-        """Store a new email (content included). False when its id already exists."""
+    async def insert(self, *, email: Email, screen: Screen | None = None) -> bool:
+        """Store a new email (content included). False when its id already exists.
+
+        `screen`, if given, is awaited with the emails about to be written together (this one
+        among them) right before they are, and may change them (the suppression check).
+        """
         ...
 
     async def insert_many(self, *, emails: Sequence[Email]) -> list[bool]:
@@ -353,7 +359,7 @@ class MongoEmailRepository:
         self._contents = db[CONTENTS]
         self._bucket = AsyncGridFSBucket(db, bucket_name=CONTENT_BUCKET)
         self._inline_limit = inline_limit
-        self._inserts = GroupCommit(self._write_new)
+        self._inserts = GroupCommit(self._write_screened)
         self._keys = db[KEYS]
         self._migrations = db[MIGRATIONS]
         # The queue engine of this process (its workers', when they run here) and the stats
@@ -363,11 +369,12 @@ class MongoEmailRepository:
         )
         self.tallies = self.delivery_queue.tallies
 
-    async def insert(self, *, email: Email) -> bool:
+    async def insert(self, *, email: Email, screen: Screen | None = None) -> bool:
         """See `EmailRepository.insert`.
 
         Concurrent inserts are written together (`GroupCommit`): one ``insertMany`` per
-        collection for every email submitted while the previous batch was being written.
+        collection for every email submitted while the previous batch was being written, after
+        one call of each distinct `screen` with its emails of the batch.
         """
         content = email.content or b""
         file_id: ObjectId | None = None
@@ -377,10 +384,8 @@ class MongoEmailRepository:
             file_id = await self._bucket.upload_from_stream(f"{email.id}.eml", content)
             email.content_file_id = str(file_id)
             email.content = None
-        entry, body = queue_entry(email), content_doc(email)
-        doc = email_doc(email)
         try:
-            stored = await self._inserts.submit((entry, body, doc))
+            stored = await self._inserts.submit((email, screen))
         except Exception:
             # (Not on cancellation: the shielded write may still store the email.)
             if file_id is not None:
@@ -460,6 +465,20 @@ class MongoEmailRepository:
             stored.extend(verdicts)
         await self.tallies.flush()
         return stored
+
+    async def _write_screened(self, batch: list[tuple[Email, Screen | None]]) -> list[bool]:
+        # The screens first (one call each for its emails of this batch: the send path's
+        # suppression lookup, shared by the concurrent sends written together), then the
+        # documents of the emails as they now are.
+        screens: dict[Screen, list[Email]] = {}
+        for email, screen in batch:
+            if screen is not None:
+                screens.setdefault(screen, []).append(email)
+        for screen, emails in screens.items():
+            await screen(emails)
+        return await self._write_new(
+            [(queue_entry(email), content_doc(email), email_doc(email)) for email, _ in batch]
+        )
 
     async def _write_new(self, batch: list[_NewEmail]) -> list[bool]:
         # Entries and contents before emails, as for a single email: a crash in between leaves
@@ -1039,6 +1058,7 @@ __all__ = [
     "MIGRATIONS",
     "QUEUE",
     "EmailRepository",
+    "Screen",
     "IdempotencyRecord",
     "IdempotencyRepository",
     "LateChange",

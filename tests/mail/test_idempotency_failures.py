@@ -26,7 +26,7 @@ from services.mail.models import Email
 from services.mail.relay_directory import InMemoryRelayDirectory, RelaySecurity, RelaySettings
 from services.mail.relay_health import RelayHealthStore
 from services.mail.relay_lookup import DirectoryRelayLookup
-from services.mail.repository import MongoEmailRepository, MongoIdempotencyRepository
+from services.mail.repository import MongoEmailRepository, MongoIdempotencyRepository, Screen
 from services.mail.senders import SenderDomain, StaticSenderDirectory
 from tests.conftest import make_settings, unique_domain
 from tests.mail.conftest import START
@@ -41,12 +41,12 @@ class FailingInserts(MongoEmailRepository):
 
     failures = 0
 
-    async def insert(self, *, email: Email) -> bool:
+    async def insert(self, *, email: Email, screen: Screen | None = None) -> bool:
         """Fail while failures are left, then store for real."""
         if self.failures:
             self.failures -= 1
             raise _Broken("the disk is on fire")
-        return await super().insert(email=email)
+        return await super().insert(email=email, screen=screen)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ Against the real FerretDB, with a PyMongo command listener counting every comman
 collection: claiming N emails reads the emails once (not once per email), recording N outcomes
 checks their lease fences with one read, and a shutdown gives N leases back with one read and
 one write. What each step wrote is checked too, so a batch that skipped an email would fail.
+New emails sent at once are screened (the suppression check) and written as one group.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import random
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 
 import pytest
@@ -23,8 +24,8 @@ from services.core.ids import new_id
 from services.core.mongo import Document, ensure_indexes
 from services.mail.app import MAIL_INDEXES
 from services.mail.documents import CLAIMS, CONTENTS, EMAILS, QUEUE
-from services.mail.models import EmailStatus, SmtpReply
-from services.mail.outcomes import RetryPolicy, after_attempt, decide
+from services.mail.models import Email, EmailStatus, SmtpReply
+from services.mail.outcomes import RetryPolicy, after_attempt, decide, suppress_new
 from services.mail.queue import ORPHAN_AGE, queue_entry
 from services.mail.repository import MongoEmailRepository
 from tests.mail.conftest import START
@@ -155,3 +156,33 @@ async def test_a_submit_that_crashed_before_its_email_leaves_nothing_behind(
     assert await db[QUEUE].find_one({"_id": crashed.id}) is None
     assert await db[CONTENTS].find_one({"_id": crashed.id}) is None
     assert await db[CONTENTS].find_one({"_id": kept.id}) is not None
+
+
+async def test_concurrent_new_emails_are_screened_and_written_as_one_group(
+    counted: tuple[MongoEmailRepository, Commands, AsyncDatabase[Document]],
+) -> None:
+    # 20 sends at once, each with the send path's screen (the suppression check): the screen
+    # runs once per group written (the first email alone, the 19 that queued meanwhile
+    # together), not once per email, and what it changed is what is stored.
+    emails, commands, db = counted
+    domain_id = new_id()
+    new = [new_email(domain_id, n) for n in range(EMAILS_CLAIMED)]
+    screened: list[list[str]] = []
+
+    async def screen(group: Sequence[Email]) -> None:
+        screened.append([e.id for e in group])
+        for email in group:
+            if email.recipients[0].address == "r3@example.org":
+                suppress_new(email, {"r3@example.org": "hard_bounce"}, now=email.created_at)
+
+    commands.seen.clear()
+    stored = await asyncio.gather(*(emails.insert(email=e, screen=screen) for e in new))
+    assert stored == [True] * EMAILS_CLAIMED
+    assert sorted(i for group in screened for i in group) == sorted(e.id for e in new)
+    assert len(screened) <= 2
+    assert commands.seen[("insert", EMAILS)] == len(screened)
+    suppressed = await db[EMAILS].find_one({"_id": new[3].id})
+    assert suppressed is not None
+    assert suppressed["status"] == EmailStatus.SUPPRESSED.value
+    assert await db[QUEUE].find_one({"_id": new[3].id}) is None
+    assert await db[QUEUE].count_documents({}) == EMAILS_CLAIMED - 1
