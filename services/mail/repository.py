@@ -401,7 +401,7 @@ class MongoEmailRepository:
                 status=email.status.value,
                 n=1,
             )
-            await self.tallies.flush()
+            self.tallies.flush_soon()
         return stored
 
     async def _write_keys(self, docs: Sequence[Document]) -> None:
@@ -866,6 +866,8 @@ class MongoEmailRepository:
         counts: Counter[tuple[str, str]] = Counter()
         edges = [(start, end)]
         if first < last:
+            # This process's own counts first (sends do not wait for theirs to be written).
+            await self.tallies.flush()
             counts = await self.tallies.count(tenant_id=tenant_id, start=first, end=last)
             edges = [(start, first), (last, end)]
         for lo, hi in edges:

@@ -38,9 +38,10 @@ fenced by the lease (`finish_attempt` records only for the current claim), delet
 reschedules and retention win a unique claim on the transition first. Known windows where a
 count can drift, all documented in docs/operations.md:
 
-* a process killed between an email's write and the flush of its counts (the flush is awaited
-  right after the write, so the window is one database round trip); the email is right, the
-  stats miss that one change;
+* a process killed between an email's write and the flush of its counts (the flush starts
+  right after the write, so the window is one database round trip; the send path does not
+  wait for it, `flush_soon`, and a stats read flushes its own process's counts first); the
+  email is right, the stats miss that one change;
 * a flush that fails (database down) is kept in memory and retried by the next flush and by
   the periodic flush; a process that dies before the database comes back loses those counts;
 * the lease fence itself has a lease-sized window on FerretDB (see
@@ -188,12 +189,26 @@ class Tallies:
         for the next round to start after its call, which takes everything pending then: never
         longer than the round in progress plus its own, however busy the writer is.
         """
+        await asyncio.shield(self._start_round())
+
+    def flush_soon(self) -> None:
+        """Have the counts added so far written by the next round, without waiting for it.
+
+        For the send path: the email is stored, its count follows within a round trip, and
+        the request does not wait for it (a stats read of this process flushes first, see
+        `MongoEmailRepository.stats`). A process killed before that round lands misses the
+        counts, the same window as when the caller waited.
+        """
+        _ = self._start_round()
+
+    def _start_round(self) -> asyncio.Future[None]:
+        """The next round's completion (a round task is started if none runs)."""
         if self._next_round is None:
             self._next_round = asyncio.get_running_loop().create_future()
         round_done = self._next_round
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._rounds(), context=contextvars.Context())
-        await asyncio.shield(round_done)
+        return round_done
 
     async def _rounds(self) -> None:
         while self._next_round is not None:

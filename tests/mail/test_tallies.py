@@ -2,7 +2,8 @@
 
 FerretDB does not isolate ``$inc``; each `Tallies` writes only its own documents, one command at
 a time, with absolute values. These tests drive one writer's concurrent flushes, its memory
-bound (documents forgotten and read back) and two writers on the same buckets.
+bound (documents forgotten and read back) and two writers on the same buckets, and a stats
+read right after a send whose count is not written yet.
 """
 
 from __future__ import annotations
@@ -18,8 +19,13 @@ import pytest
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from services.core.ids import new_id
+from services.core.mongo import ensure_indexes
 from services.mail import tallies as tallies_module
-from services.mail.tallies import TALLIES, Tallies
+from services.mail.app import MAIL_INDEXES
+from services.mail.repository import MongoEmailRepository
+from services.mail.tallies import TALLIES, Tallies, floor_to
+from tests.mail.test_write_batch_cap import new_email
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 
@@ -163,3 +169,30 @@ async def test_a_flush_writes_only_the_documents_with_new_counts(
     assert sum(written) == len(tallies_module.GRAINS)
     got = await Tallies(db).count(tenant_id="t", start=T0, end=T0 + timedelta(days=1))
     assert got == Counter({("d", "sent"): 200, ("d", "bounced"): 1})
+
+
+async def test_a_stats_read_counts_the_sends_whose_counts_are_not_written_yet(
+    db: AsyncDatabase[dict[str, Any]],
+) -> None:
+    # A send does not wait for its count to be written (`flush_soon`); a stats read of the
+    # same process writes the pending counts first, so a send is counted as soon as it is
+    # answered. The window is whole minutes: answered from the counts alone.
+    # The count write is slowed down (a busy database), so that it is still in flight when
+    # the stats read comes.
+    await ensure_indexes(db, MAIL_INDEXES)
+    emails = MongoEmailRepository(db, inline_limit=256 * 1024)
+    write = emails.tallies._write
+
+    async def slow_write(batch: Any) -> None:
+        await asyncio.sleep(0.3)
+        await write(batch)
+
+    emails.tallies._write = slow_write  # type: ignore[method-assign]
+    email = new_email(new_id(), 0)
+    assert await emails.insert(email=email)
+    start = floor_to(email.created_at, 60)
+    counted = await emails.stats(
+        tenant_id=email.tenant_id, start=start, end=start + timedelta(minutes=1), domain_id=None
+    )
+    assert counted == [(email.domain_id, "queued", 1)]
+    assert await db[TALLIES].count_documents({}) == 3  # its minute, hour and day
