@@ -475,7 +475,7 @@ class MongoDeliveryQueue:
                 old=transition.old_status.value,
                 new=transition.status.value,
             )
-            await self.tallies.flush()
+            self.tallies.flush_soon()
         return written
 
     async def _suppress_bounced(self, feed: Sequence[Document]) -> None:
