@@ -39,8 +39,9 @@ reschedules and retention win a unique claim on the transition first. Known wind
 count can drift, all documented in docs/operations.md:
 
 * a process killed between an email's write and the flush of its counts (the flush starts
-  right after the write, so the window is one database round trip; the send path does not
-  wait for it, `flush_soon`, and a stats read flushes its own process's counts first); the
+  right after the write, so the window is one database round trip; neither the send path nor
+  the delivery loop waits for it, `flush_soon`, and a stats read flushes its own process's
+  counts first); the
   email is right, the stats miss that one change;
 * a flush that fails (database down) is kept in memory and retried by the next flush and by
   the periodic flush; a process that dies before the database comes back loses those counts;
@@ -194,8 +195,9 @@ class Tallies:
     def flush_soon(self) -> None:
         """Have the counts added so far written by the next round, without waiting for it.
 
-        For the send path: the email is stored, its count follows within a round trip, and
-        the request does not wait for it (a stats read of this process flushes first, see
+        For the send path and the delivery loops: the email (or its outcome) is stored, its
+        count follows within a round trip, and nobody waits for it (a stats read of this
+        process flushes first, see
         `MongoEmailRepository.stats`). A process killed before that round lands misses the
         counts, the same window as when the caller waited.
         """
