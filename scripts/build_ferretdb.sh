@@ -46,7 +46,7 @@ has_version() {
 }
 
 # Bump the suffix whenever the local fix below changes, so that existing binaries get rebuilt.
-build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.2+sql-debug-log-lazy.1+libc-memcmp-blocks.1+wire-built-messages-not-rechecked.1+sjson-schema-cache.1+sqlite-stmt-cache.1+sqlite-busy-short-waits.2+batched-updates.1"
+build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.2+sql-debug-log-lazy.1+libc-memcmp-blocks.1+wire-built-messages-not-rechecked.1+sjson-schema-cache.1+sqlite-stmt-cache.1+sqlite-busy-short-waits.2+batched-updates.1+group-commit.1"
 build_id_file="$bin_dir/ferretdb.build-id"
 
 if [[ -x "$binary" ]] && has_version && [[ "$(cat "$build_id_file" 2>/dev/null)" == "$build_id" ]]; then
@@ -142,6 +142,12 @@ apply_patch "$sqlite_dir" sqlite-busy-short-waits.patch
 # there; FERRETDB_BATCHED_UPDATES=off).
 cp "$patches_dir/handler_batched_update.go" "vendor/$module/internal/handler/batched_update.go"
 apply_patch "vendor/$module" handler-batched-update.patch
+
+# Local change: concurrent document writes (insert, update, delete) to one SQLite database
+# share a transaction and its commit, each in its own savepoint (README there;
+# FERRETDB_GROUP_COMMIT=off).
+cp "$patches_dir/fsql_group_commit.go" "vendor/$module/internal/util/fsql/group_commit.go"
+apply_patch "vendor/$module" sqlite-group-commit.patch
 
 mkdir -p "$bin_dir"
 GOBIN="$bin_dir" "$GO" install -mod=vendor "$module/cmd/ferretdb"

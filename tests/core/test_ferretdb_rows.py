@@ -1,13 +1,14 @@
 """The embedded FerretDB's row-level local changes return exactly what upstream's code returns.
 
-Three local changes to how FerretDB reads and writes rows have a switch back to upstream's code:
+Four local changes to how FerretDB reads and writes rows have a switch back to upstream's code:
 the one-pass decoder of stored documents (tools/ferretdb/patches/sjson_fast_unmarshal.go,
 FERRETDB_SJSON_FAST_DECODE=off), the per-connection cache of compiled write statements
-(sqlite_stmt_cache.go, FERRETDB_SQLITE_STMT_CACHE=off) and the update commands whose statements
+(sqlite_stmt_cache.go, FERRETDB_SQLITE_STMT_CACHE=off), the update commands whose statements
 on distinct ``_id`` values are written in one transaction (handler_batched_update.go,
-FERRETDB_BATCHED_UPDATES=off). Two FerretDB processes from the same
-bin/ferretdb, ours and one with all three switched off, hold the same generated corpus: every BSON
-type FerretDB 1.24 stores, nested documents and arrays, empty ones, strings with escapes, HTML
+FERRETDB_BATCHED_UPDATES=off) and concurrent writes sharing a transaction, each in its own
+savepoint (fsql_group_commit.go, FERRETDB_GROUP_COMMIT=off). Two FerretDB processes from the
+same bin/ferretdb, ours and one with all four switched off, hold the same generated corpus: every
+BSON type FerretDB 1.24 stores, nested documents and arrays, empty ones, strings with escapes, HTML
 characters, control characters, astral-plane characters and the JSON separators U+2028/U+2029,
 integer and double extremes. Every document must come back byte for byte the same from both,
 and equal to what was written; so must what writes report (counts, duplicate-key errors) and
@@ -20,6 +21,7 @@ import datetime as dt
 import random
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import bson
@@ -127,6 +129,7 @@ def pair(
             "FERRETDB_SJSON_FAST_DECODE": "off",
             "FERRETDB_SQLITE_STMT_CACHE": "off",
             "FERRETDB_BATCHED_UPDATES": "off",
+            "FERRETDB_GROUP_COMMIT": "off",
         },
     )
     clients: list[MongoClient[RawBSONDocument]] = [
@@ -301,6 +304,67 @@ def test_update_commands_of_many_statements_end_as_upstream_ends_them(
     ours, theirs = story(pair[0]), story(pair[1])
     assert ours == theirs
     assert any(isinstance(entry, tuple) and isinstance(entry[0], str) for entry in ours)
+
+
+def test_concurrent_writes_end_as_upstream_ends_them(
+    pair: tuple[MongoClient[RawBSONDocument], MongoClient[RawBSONDocument]],
+) -> None:
+    # Eight clients at once (so their writes share transactions in ours), each on documents of
+    # its own, so that the outcome does not depend on the interleaving: inserts, an unordered
+    # insert_many with _ids already taken in the middle, a unique index violated by an insert
+    # and by an update, updates, deletes. Every answer and the documents left must be the same
+    # as upstream's, where each write was a transaction of its own.
+    def client_story(client: MongoClient[RawBSONDocument], n: int) -> list[Any]:
+        coll = client[DATABASE]["concurrent"]
+        told: list[Any] = []
+        for round_ in range(15):
+            base = f"c{n}-{round_}"
+            docs = [
+                {"_id": f"{base}-{i}", "owner": n, "i": i, "email": f"{base}-{i}@x"}
+                for i in range(4)
+            ]
+            told.append(
+                coll.insert_many([RawBSONDocument(bson.encode(d)) for d in docs]).acknowledged
+            )
+            again = [{"_id": f"{base}-new"}, {"_id": f"{base}-1"}, {"_id": f"{base}-new2"}]
+            try:
+                coll.insert_many([RawBSONDocument(bson.encode(d)) for d in again], ordered=False)
+                told.append("inserted")
+            except OperationFailure as exc:
+                details = getattr(exc, "details", None) or {}
+                told.append(("bulk", details.get("nInserted"), len(details.get("writeErrors", []))))
+            try:
+                coll.insert_one(
+                    RawBSONDocument(bson.encode({"_id": f"{base}-dup", "email": f"{base}-0@x"}))
+                )
+                told.append("inserted")
+            except DuplicateKeyError as exc:
+                told.append(("duplicate", exc.code))
+            try:
+                coll.update_one({"_id": f"{base}-2"}, {"$set": {"email": f"{base}-3@x"}})
+                told.append("updated")
+            except OperationFailure as exc:
+                told.append((type(exc).__name__, exc.code))
+            result = coll.update_many({"owner": n, "i": {"$lt": 2}}, {"$inc": {"seen": 1}})
+            told.append((result.matched_count, result.modified_count))
+            told.append(
+                coll.delete_many({"_id": {"$in": [f"{base}-3", f"{base}-new"]}}).deleted_count
+            )
+        return told
+
+    def story(client: MongoClient[RawBSONDocument]) -> list[Any]:
+        client[DATABASE]["concurrent"].create_index("email", unique=True)
+        with ThreadPoolExecutor(8) as pool:
+            told = list(pool.map(lambda n: client_story(client, n), range(8)))
+        return [told, _raw_of(client, "concurrent")]
+
+    ours, theirs = story(pair[0]), story(pair[1])
+    assert ours == theirs
+    assert ("duplicate", 11000) in ours[0][0]
+
+
+def _raw_of(client: MongoClient[RawBSONDocument], collection: str) -> list[bytes]:
+    return [bytes(d.raw) for d in client[DATABASE][collection].find({}).sort("_id", 1)]
 
 
 def _plain(value: Any) -> Any:
