@@ -487,17 +487,20 @@ class MongoEmailRepository:
         # taken entry or content _id is a concurrent duplicate's (same idempotency key, same
         # request, same Message-ID); whether this email is the one stored is decided by the
         # email's own _id.
-        # Hints of the emails' first events before anything (see `event_log`), in one insert.
-        await self._recorder.announce(
-            [Change(doc["_id"], doc[OUTBOX_FIELD]) for _, _, doc in batch],
-            now=max(doc["created_at"] for _, _, doc in batch),
+        # Hints of the emails' first events (see `event_log`) and their lookup keys before the
+        # emails too: a crash in between leaves keys without an email (skipped by readers,
+        # removed when met and by age), never an email a filter misses.
+        # The four inserts at once: they depend on each other in nothing, and the embedded
+        # database commits concurrent writes together (one fsync for all four).
+        await asyncio.gather(
+            self._recorder.announce(
+                [Change(doc["_id"], doc[OUTBOX_FIELD]) for _, _, doc in batch],
+                now=max(doc["created_at"] for _, _, doc in batch),
+            ),
+            self._write_keys([doc for _, _, doc in batch]),
+            self.delivery_queue.add_entries([entry for entry, _, _ in batch if entry]),
+            insert_many_unique(self._contents, [body for _, body, _ in batch if body]),
         )
-        # Lookup keys before the emails: a crash in between leaves keys without an email
-        # (skipped by readers, removed when met and by age), never an email a filter misses.
-        # In the same group as the emails (one more command per group, not a group of its own).
-        await self._write_keys([doc for _, _, doc in batch])
-        await self.delivery_queue.add_entries([entry for entry, _, _ in batch if entry])
-        await insert_many_unique(self._contents, [body for _, body, _ in batch if body])
         return await insert_many_unique(self._emails, [doc for _, _, doc in batch])
 
     async def get(self, *, tenant_id: str, email_id: str, now: datetime | None = None) -> Email:
