@@ -180,15 +180,17 @@ class MailSettings(Settings):
     mail_poll_interval: Seconds = setting(
         1.0, "AZORA_MAIL_POLL_INTERVAL", "how often an idle worker looks for due emails"
     )
-    # 32 and 8 (were 16 and 4): claims, outcome groups and their database commands come in
-    # bigger batches (delivery 155.7 -> 178.2 per second alternated, 12 % less CPU per
-    # message, docs/benchmarks.md), and deliveries per connection stay 4 to 1, so a delivery
-    # waits for a connection no longer than before (the lease keeps the same margin).
+    # 128 and 16 (were 32 and 8, before that 16 and 4): claims, outcome groups and their
+    # database commands come in bigger batches, and more of them overlap (end to end 247 ->
+    # 270 per second, 5,000 emails 260 -> 275-286, less CPU per message; docs/benchmarks.md).
+    # The connections matter little (128 over 16 or over 32 measured alike); 8 deliveries per
+    # connection: with a slow relay (half a second a message) a delivery waits about 4 s for a
+    # connection, far inside the lease. Memory: up to this many messages held at once.
     mail_worker_concurrency: int = setting(
-        32, "AZORA_MAIL_WORKER_CONCURRENCY", "deliveries one worker runs at once", ge=1
+        128, "AZORA_MAIL_WORKER_CONCURRENCY", "deliveries one worker runs at once", ge=1
     )
     mail_relay_connections: int = setting(
-        8, "AZORA_MAIL_RELAY_CONNECTIONS", "SMTP connections one worker opens per relay", ge=1
+        16, "AZORA_MAIL_RELAY_CONNECTIONS", "SMTP connections one worker opens per relay", ge=1
     )
     mail_run_workers: bool = setting(
         True,
