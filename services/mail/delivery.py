@@ -265,11 +265,20 @@ class DeliveryWorker:
             for _ in range(free - len(batch)):
                 idle.release()
             if not batch:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=self._poll)
+                await self._idle_wait()
                 raise_if_cancelling()  # a cancellation that met the timeout became TimeoutError
         # Stopping: what was claimed but not started yet goes back at once.
         await self._release_all(handed)
+
+    async def _idle_wait(self) -> None:
+        """Nothing was due: wait for the next poll, new mail stored by this process, or stop."""
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        arrival = asyncio.ensure_future(self._queue.arrival(self._poll))
+        try:
+            await asyncio.wait({stopping, arrival}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (stopping, arrival):
+                waiter.cancel()
 
     async def _more_idle(self, idle: asyncio.Semaphore, free: int) -> int:
         """With a backlog, wait briefly for more loops to be idle; how many more there are.

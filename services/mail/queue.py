@@ -20,6 +20,8 @@ is a resend after a crash between the relay's 250 and our record of it (RFC 5321
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
 import uuid
@@ -80,6 +82,14 @@ class DeliveryQueue(Protocol):
         self, *, now: datetime, lease: timedelta, worker_id: str, limit: int
     ) -> list[Claimed]:
         """Take up to `limit` due emails, the most overdue first, each under a lease."""
+        ...
+
+    async def arrival(self, within: float) -> None:
+        """Return when this process stored new mail, or after `within` seconds.
+
+        What an idle worker waits on between polls: mail stored by this process is delivered
+        at once, mail stored by another process at the next poll.
+        """
         ...
 
     async def finish_attempt(self, *, claimed: Claimed, transition: Transition) -> bool:
@@ -187,12 +197,25 @@ class MongoDeliveryQueue:
         # Tokens of claims this process took back (their email was not stored yet): a mark
         # another loop made from reading such a claim must not hide the email for a lease.
         self._returned: dict[str, datetime] = {}  # token -> when it was taken back
+        # Set when this process stored new emails (`announce_arrival`): idle workers of this
+        # process claim at once instead of at their next poll.
+        self._arrived = asyncio.Event()
 
     # --- entries, for the API storage -----------------------------------------------------
 
     async def add_entries(self, entries: Sequence[Document]) -> None:
         """Insert new emails' entries (a taken ``_id``: a concurrent duplicate's, kept)."""
         await insert_many_unique(self._queue, list(entries))
+
+    def announce_arrival(self) -> None:
+        """New emails are stored (entries and documents): wake this process's idle workers."""
+        self._arrived.set()
+
+    async def arrival(self, within: float) -> None:
+        """See `DeliveryQueue.arrival`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._arrived.wait(), timeout=within)
+        self._arrived.clear()
 
     async def remove_entry(self, email_id: str) -> None:
         """Take an email out of the queue: no worker takes it from here on."""

@@ -501,7 +501,10 @@ class MongoEmailRepository:
             self.delivery_queue.add_entries([entry for entry, _, _ in batch if entry]),
             insert_many_unique(self._contents, [body for _, body, _ in batch if body]),
         )
-        return await insert_many_unique(self._emails, [doc for _, _, doc in batch])
+        stored = await insert_many_unique(self._emails, [doc for _, _, doc in batch])
+        if any(entry for entry, _, _ in batch):
+            self.delivery_queue.announce_arrival()
+        return stored
 
     async def get(self, *, tenant_id: str, email_id: str, now: datetime | None = None) -> Email:
         """See `EmailRepository.get`."""

@@ -178,7 +178,9 @@ class MailSettings(Settings):
         "how long a worker holds a claimed email before another worker may take it over",
     )
     mail_poll_interval: Seconds = setting(
-        1.0, "AZORA_MAIL_POLL_INTERVAL", "how often an idle worker looks for due emails"
+        1.0,
+        "AZORA_MAIL_POLL_INTERVAL",
+        "how often an idle worker looks for due emails (its own process's new mail wakes it)",
     )
     # 128 and 16 (were 32 and 8, before that 16 and 4): claims, outcome groups and their
     # database commands come in bigger batches, and more of them overlap (end to end 247 ->

@@ -581,3 +581,26 @@ async def test_an_email_still_being_stored_is_not_held_for_a_whole_lease(
     email = await local_mail.get(tenant, email_id)
     assert email.status == SENT
     assert len(relay.received) == 1
+
+
+async def test_an_idle_worker_delivers_new_mail_at_once_not_at_its_next_poll(
+    local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
+) -> None:
+    # A worker that found nothing due waits for its next poll (30 s here); mail stored by its
+    # own process wakes it, so the email is at the relay long before that poll.
+    relay = await scripted_relay(Script())
+    _, name = local_mail.add_domain(tenant, port=relay.port)
+    worker = local_mail.worker(AZORA_MAIL_POLL_INTERVAL="30")
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.sleep(0.3)  # its first claim found nothing: it is waiting for the poll
+        email_id = await send_one(local_mail, tenant, name)
+        for _ in range(250):
+            if (await local_mail.get(tenant, email_id)).status == SENT:
+                break
+            await asyncio.sleep(0.02)
+        assert (await local_mail.get(tenant, email_id)).status == SENT
+        assert len(relay.received) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
