@@ -77,13 +77,17 @@ class RelayPool:
         *,
         max_per_relay: int,
         ca_file: str = "",
-        max_idle: int = 8,
+        max_idle: int | None = None,
         policy: AddressPolicy | None = None,
         resolver: HostResolver | None = None,
     ) -> None:
         self._max = max_per_relay
         self._ca_file = ca_file
-        self._max_idle = max_idle
+        # Idle connections kept per relay; by default as many as may be open, so that a
+        # connection finishing its transaction is kept for the next one rather than closed and
+        # opened again (with fewer, a busy worker churned connections: a connect and an EHLO
+        # every few messages).
+        self._max_idle = max_per_relay if max_idle is None else max_idle
         self._policy = policy or AddressPolicy(allow_private=True)
         self._resolver = resolver or SystemHostResolver()
         self._idle: dict[tuple[object, ...], list[aiosmtplib.SMTP]] = {}

@@ -292,19 +292,31 @@ async def test_jitter_shortens_waits_within_its_fraction(
     assert len(waits) > 1
 
 
+@pytest.mark.parametrize(("emails", "loops", "connections"), [(12, 8, 2), (40, 24, 12)])
 async def test_connections_are_reused_and_bounded_per_relay(
-    local_mail: LocalMail, tenant: Tenant, scripted_relay: Start
+    local_mail: LocalMail,
+    tenant: Tenant,
+    scripted_relay: Start,
+    emails: int,
+    loops: int,
+    connections: int,
 ) -> None:
-    # Twelve emails, eight delivery loops, at most two connections to the relay: every email
-    # is delivered over those two connections, never more at once.
+    # More emails than delivery loops, more loops than connections to the relay: every email
+    # is delivered over those connections, never more at once, and none is opened twice (a
+    # connection done with its transaction is kept for the next, also with many connections).
+    # Two rounds: the second finds the first's connections idle and opens none.
     relay = await scripted_relay(Script(final_delay=0.05))
     _, name = local_mail.add_domain(tenant, port=relay.port)
-    ids = [await send_one(local_mail, tenant, name) for _ in range(12)]
-    worker = local_mail.worker(AZORA_MAIL_WORKER_CONCURRENCY="8", AZORA_MAIL_RELAY_CONNECTIONS="2")
-    assert await worker.run_once() == 12
-    assert relay.max_active <= 2
-    assert relay.connections <= 2
-    assert len(relay.received) == 12
+    worker = local_mail.worker(
+        AZORA_MAIL_WORKER_CONCURRENCY=str(loops), AZORA_MAIL_RELAY_CONNECTIONS=str(connections)
+    )
+    ids: list[str] = []
+    for _ in range(2):
+        ids += [await send_one(local_mail, tenant, name) for _ in range(emails)]
+        assert await worker.run_once() == emails
+    assert relay.max_active <= connections
+    assert relay.connections <= connections
+    assert len(relay.received) == 2 * emails
     for email_id in ids:
         assert (await local_mail.get(tenant, email_id)).status == SENT
 
