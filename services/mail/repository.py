@@ -492,7 +492,9 @@ class MongoEmailRepository:
         # removed when met and by age), never an email a filter misses.
         # The four inserts at once: they depend on each other in nothing, and the embedded
         # database commits concurrent writes together (one fsync for all four).
-        await asyncio.gather(
+        # All four end (landed or failed) before the first failure is raised: no email then,
+        # and no insert left running unobserved.
+        results = await asyncio.gather(
             self._recorder.announce(
                 [Change(doc["_id"], doc[OUTBOX_FIELD]) for _, _, doc in batch],
                 now=max(doc["created_at"] for _, _, doc in batch),
@@ -500,7 +502,11 @@ class MongoEmailRepository:
             self._write_keys([doc for _, _, doc in batch]),
             self.delivery_queue.add_entries([entry for entry, _, _ in batch if entry]),
             insert_many_unique(self._contents, [body for _, body, _ in batch if body]),
+            return_exceptions=True,
         )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         stored = await insert_many_unique(self._emails, [doc for _, _, doc in batch])
         if any(entry for entry, _, _ in batch):
             self.delivery_queue.announce_arrival()

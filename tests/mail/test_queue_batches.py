@@ -186,3 +186,22 @@ async def test_concurrent_new_emails_are_screened_and_written_as_one_group(
     assert suppressed["status"] == EmailStatus.SUPPRESSED.value
     assert await db[QUEUE].find_one({"_id": new[3].id}) is None
     assert await db[QUEUE].count_documents({}) == EMAILS_CLAIMED - 1
+
+
+async def test_a_failed_insert_of_the_group_stores_no_email(
+    counted: tuple[MongoEmailRepository, Commands, AsyncDatabase[Document]],
+) -> None:
+    # The hints, keys, queue entries and contents go in at once, the emails after them: if one
+    # of the four fails, the send fails and no email is stored (what the others left behind is
+    # what a crash leaves, cleaned up as such), and the others were not abandoned midway.
+    emails, _, db = counted
+    email = new_email(new_id(), 0)
+
+    async def broken(entries: Sequence[Document]) -> None:
+        raise RuntimeError("the queue is on fire")
+
+    emails.delivery_queue.add_entries = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="on fire"):
+        await emails.insert(email=email)
+    assert await db[EMAILS].find_one({"_id": email.id}) is None
+    assert await db[CONTENTS].find_one({"_id": email.id}) is not None
