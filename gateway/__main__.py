@@ -18,6 +18,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.server import create_runner
 from services.core.logs import configure_logging
+from services.core.runtime import run_event_loop
 from services.core.settings import Settings, SettingsError
 
 SERVICE_NAME = "gateway"
@@ -54,7 +55,7 @@ def main() -> None:
         print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(service=SERVICE_NAME, level=settings.log_level)
-    asyncio.run(serve(settings, config))
+    run_event_loop(serve(settings, config), settings)
 
 
 if __name__ == "__main__":

@@ -490,6 +490,11 @@ class Settings(SettingsModel):
     shutdown_grace: Seconds = setting(
         10.0, "AZORA_SHUTDOWN_GRACE", "seconds in-flight calls get after SIGTERM"
     )
+    event_loop: Annotated[Literal["uvloop", "asyncio"], BeforeValidator(_lower)] = setting(
+        "uvloop",
+        "AZORA_EVENT_LOOP",
+        "the process's event loop: `uvloop` (libuv, faster) or `asyncio` (the standard library's)",
+    )
     # DNS lookups (verification, record checks).
     dns_nameservers: Strings = setting(
         (), "AZORA_DNS_NAMESERVERS", "nameserver addresses (comma-separated); empty = the system's"

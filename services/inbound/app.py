@@ -25,6 +25,7 @@ import grpc
 
 from services.core.logs import configure_logging
 from services.core.metrics import start_exposition
+from services.core.runtime import run_event_loop
 from services.core.server import ServiceServer, create_server
 from services.core.settings import Settings, SettingsError
 from services.core.smtp_server import (
@@ -182,7 +183,7 @@ def main() -> None:
         await app.stop(inbound.shutdown_grace)
         log.info("stopped")
 
-    asyncio.run(serve())
+    run_event_loop(serve(), settings)
 
 
 __all__ = ["SERVICE_NAME", "InboundApp", "build_app", "main", "tls_context"]

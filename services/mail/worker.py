@@ -38,6 +38,7 @@ from services.core.runtime import (
     Database,
     StopWatch,
     prepare_database,
+    run_event_loop,
     start_process,
 )
 from services.mail.app import MAIL_INDEXES, RELAY_HEALTH_REFRESH, make_worker
@@ -171,10 +172,10 @@ def main() -> None:
     """
     settings = start_process(SERVICE_NAME, MailSettings, metrics=False)
     if settings.mail_worker_processes > 1:
-        status = asyncio.run(supervise(settings, settings.mail_worker_processes))
+        status = run_event_loop(supervise(settings, settings.mail_worker_processes), settings)
     else:
         start_exposition(settings.metrics_host, settings.metrics_port)
-        status = asyncio.run(serve(settings))
+        status = run_event_loop(serve(settings), settings)
     if status:
         raise SystemExit(status)
 

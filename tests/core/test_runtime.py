@@ -17,13 +17,16 @@ from typing import Any
 
 import grpc
 import pytest
+import uvloop
 from azora.domain.v1 import domain_pb2, domain_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
 from services.core.interceptors import ErrorMappingInterceptor
+from services.core.runtime import run_event_loop
 from services.core.server import create_server
+from services.core.settings import Settings, SettingsError
 from tests.conftest import TEST_JWT_SECRET, new_tenant
 from tests.support import ports
 from tests.support.dns_server import SilentDnsServer
@@ -319,3 +322,20 @@ async def test_unexpected_exceptions_are_internal_without_details(
         assert any("secret internal detail" in (r.exc_text or "") for r in caplog.records)
     finally:
         await server.stop(None)
+
+
+@pytest.mark.parametrize("choice", ["uvloop", "asyncio", "UVLOOP"])
+def test_a_process_runs_on_the_event_loop_its_settings_name(choice: str) -> None:
+    settings = Settings.from_env({"AZORA_EVENT_LOOP": choice}, service_name="loop-test")
+
+    async def running_loop() -> asyncio.AbstractEventLoop:
+        await asyncio.sleep(0)
+        return asyncio.get_running_loop()
+
+    loop = run_event_loop(running_loop(), settings)
+    assert isinstance(loop, uvloop.Loop) == (choice.lower() == "uvloop")
+
+
+def test_an_unknown_event_loop_is_refused_naming_the_variable() -> None:
+    with pytest.raises(SettingsError, match="AZORA_EVENT_LOOP"):
+        Settings.from_env({"AZORA_EVENT_LOOP": "trio"}, service_name="loop-test")
