@@ -382,9 +382,10 @@ def start_process(
 def run_event_loop(main: Coroutine[Any, Any, T], settings: Settings) -> T:
     """Run a process's main coroutine on the event loop its settings name (`event_loop`).
 
-    uvloop by default: the mail service's loop is its busiest part under load, and uvloop
-    made it 6-10 % cheaper per message (docs/benchmarks.md); ``AZORA_EVENT_LOOP=asyncio`` runs
-    the standard library's loop instead, same behaviour.
+    uvloop by default: the mail service's event loop is its busiest part under load, and on
+    uvloop the suite delivered 2 % more with 2-4 % less CPU per message (alternated runs,
+    docs/benchmarks.md); ``AZORA_EVENT_LOOP=asyncio`` runs the standard library's loop
+    instead, same behaviour.
     """
     if settings.event_loop == "uvloop":
         return uvloop.run(main)
