@@ -17,8 +17,8 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.server import create_runner
+from services.core.event_loop import run_event_loop
 from services.core.logs import configure_logging
-from services.core.runtime import run_event_loop
 from services.core.settings import Settings, SettingsError
 
 SERVICE_NAME = "gateway"

@@ -18,12 +18,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
-import uvloop
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
@@ -31,6 +30,7 @@ from pymongo.errors import PyMongoError
 from services.core.auth import ApiKeyResolver, Authenticator
 from services.core.cancellation import raise_if_cancelling
 from services.core.errors import AzoraError
+from services.core.event_loop import run_event_loop
 from services.core.interceptors import (
     AuthInterceptor,
     ErrorMappingInterceptor,
@@ -50,7 +50,6 @@ from services.core.tracing import configure_tracing
 log = logging.getLogger(__name__)
 
 SettingsT = TypeVar("SettingsT", bound=Settings)
-T = TypeVar("T")
 
 # Exit status of a process whose database client stopped working while the database answers
 # others (EX_TEMPFAIL: worth restarting).
@@ -377,19 +376,6 @@ def start_process(
     if metrics:
         start_exposition(settings.metrics_host, settings.metrics_port)
     return settings
-
-
-def run_event_loop(main: Coroutine[Any, Any, T], settings: Settings) -> T:
-    """Run a process's main coroutine on the event loop its settings name (`event_loop`).
-
-    uvloop by default: the mail service's event loop is its busiest part under load, and on
-    uvloop the suite delivered 2 % more with 2-4 % less CPU per message (alternated runs,
-    docs/benchmarks.md); ``AZORA_EVENT_LOOP=asyncio`` runs the standard library's loop
-    instead, same behaviour.
-    """
-    if settings.event_loop == "uvloop":
-        return uvloop.run(main)
-    return asyncio.run(main)
 
 
 def main(

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from services.core.event_loop import run_event_loop
 from services.core.logs import configure_logging
 from services.core.metrics import start_exposition
-from services.core.runtime import run_event_loop
 from services.core.server import ServiceServer, create_server
 from services.core.settings import Settings, SettingsError
 from services.core.smtp_server import (

@@ -33,12 +33,12 @@ import sys
 
 from services.core.clock import SystemClock
 from services.core.embedded_db import die_with_parent_preexec
+from services.core.event_loop import run_event_loop
 from services.core.metrics import start_exposition
 from services.core.runtime import (
     Database,
     StopWatch,
     prepare_database,
-    run_event_loop,
     start_process,
 )
 from services.mail.app import MAIL_INDEXES, RELAY_HEALTH_REFRESH, make_worker

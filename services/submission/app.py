@@ -24,9 +24,9 @@ import grpc
 
 from services.core.api_key_client import remote_api_key_resolver
 from services.core.auth import ApiKeyResolver
+from services.core.event_loop import run_event_loop
 from services.core.logs import configure_logging
 from services.core.metrics import start_exposition
-from services.core.runtime import run_event_loop
 from services.core.server import ServiceServer, create_server
 from services.core.settings import Settings, SettingsError
 from services.core.smtp_server import SmtpListeners, silence_protocol_log, stop_front_door

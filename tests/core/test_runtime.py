@@ -23,8 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
+from services.core.event_loop import run_event_loop
 from services.core.interceptors import ErrorMappingInterceptor
-from services.core.runtime import run_event_loop
 from services.core.server import create_server
 from services.core.settings import Settings, SettingsError
 from tests.conftest import TEST_JWT_SECRET, new_tenant
