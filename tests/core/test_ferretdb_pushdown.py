@@ -30,7 +30,7 @@ from services.iam.api_keys import INDEXES as API_KEY_INDEXES
 from services.mail.relay_health import INDEXES as RELAY_HEALTH_INDEXES
 from services.mail.repository import INDEXES as MAIL_INDEXES
 from services.smtp.repository import INDEXES as SMTP_INDEXES
-from tests.support.ferretdb import start_ferretdb
+from tests.support.ferretdb import ours_and_switched_off
 
 # The indexes the services create (retired ones are dropped, not created).
 ALL_INDEXES: tuple[IndexSpec, ...] = tuple(
@@ -141,10 +141,7 @@ def pair(
 ) -> Iterator[tuple[MongoClient[Doc], MongoClient[Doc]]]:
     """Clients of FerretDB with pushdown (first) and without (second), corpora loaded."""
     tmp = tmp_path_factory.mktemp("pushdown")
-    on = start_ferretdb(tmp, "on", {})
-    off = start_ferretdb(tmp, "off", {"FERRETDB_SQLITE_INDEX_PUSHDOWN": "off"})
-    clients: list[MongoClient[Doc]] = [MongoClient(db.uri) for db in (on, off)]
-    try:
+    with ours_and_switched_off(tmp, {"FERRETDB_SQLITE_INDEX_PUSHDOWN": "off"}) as clients:
         for client in clients:
             for spec in ALL_INDEXES:
                 for db_name in LEVELS:
@@ -158,12 +155,7 @@ def pair(
                         for i, doc in enumerate(docs):
                             doc["key_hash"] = f"{i:040x}"
                     client[db_name][coll].insert_many(docs)
-        yield clients[0], clients[1]
-    finally:
-        for client in clients:
-            client.close()
-        on.stop()
-        off.stop()
+        yield clients
 
 
 NOW = BASE + dt.timedelta(minutes=300)

@@ -31,7 +31,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient, UpdateOne
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
-from tests.support.ferretdb import start_ferretdb
+from tests.support.ferretdb import ours_and_switched_off
 
 DATABASE = "decoder"
 # "[collection.go:194 sqlite.(*collection).UpdateAll.func1] " in an internal error's message.
@@ -120,35 +120,25 @@ def pair(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[MongoClient[RawBSONDocument], MongoClient[RawBSONDocument]]]:
     """Raw-BSON clients of FerretDB as we build it (first) and with its row changes off."""
+    switches = {
+        "FERRETDB_SJSON_FAST_DECODE": "off",
+        "FERRETDB_SQLITE_STMT_CACHE": "off",
+        "FERRETDB_BATCHED_UPDATES": "off",
+        "FERRETDB_GROUP_COMMIT": "off",
+    }
     tmp = tmp_path_factory.mktemp("rows")
-    fast = start_ferretdb(tmp, "fast", {})
-    upstream = start_ferretdb(
-        tmp,
-        "upstream",
-        {
-            "FERRETDB_SJSON_FAST_DECODE": "off",
-            "FERRETDB_SQLITE_STMT_CACHE": "off",
-            "FERRETDB_BATCHED_UPDATES": "off",
-            "FERRETDB_GROUP_COMMIT": "off",
-        },
-    )
-    clients: list[MongoClient[RawBSONDocument]] = [
-        MongoClient(db.uri, document_class=RawBSONDocument) for db in (fast, upstream)
-    ]
-    try:
+    with ours_and_switched_off(tmp, switches, document_class=RawBSONDocument) as clients:
         docs = [RawBSONDocument(bson.encode(doc)) for doc in corpus(600)]
         for client in clients:
             client[DATABASE]["docs"].insert_many(docs)
-        yield clients[0], clients[1]
-    finally:
-        for client in clients:
-            client.close()
-        fast.stop()
-        upstream.stop()
+        yield clients
 
 
-def _raw(client: MongoClient[RawBSONDocument], query: dict[str, Any]) -> list[bytes]:
-    return [bytes(doc.raw) for doc in client[DATABASE]["docs"].find(query).sort("_id", 1)]
+def _raw(
+    client: MongoClient[RawBSONDocument], query: dict[str, Any], collection: str = "docs"
+) -> list[bytes]:
+    """The raw BSON of the documents matching `query`, in `_id` order."""
+    return [bytes(doc.raw) for doc in client[DATABASE][collection].find(query).sort("_id", 1)]
 
 
 def test_every_document_comes_back_byte_for_byte_as_upstream_decodes_it(
@@ -212,7 +202,7 @@ def test_writes_report_the_same_counts_and_errors(
                 told.append((type(exc).__name__, exc.code, str(exc)))
             told.append(coll.delete_many({"n": {"$gte": 20}}).deleted_count)
         told.append(_raw(client, {}))
-        told.append([bytes(d.raw) for d in coll.find({}).sort("_id", 1)])
+        told.append(_raw(client, {}, "writes"))
         return told
 
     ours, theirs = story(pair[0]), story(pair[1])
@@ -298,7 +288,7 @@ def test_update_commands_of_many_statements_end_as_upstream_ends_them(
                 # FerretDB 1.24 answers some failed statements without nModified, which
                 # PyMongo's bulk_write trips over (upstream behaviour, both processes alike).
                 told.append(("KeyError", str(exc)))
-            told.append([bytes(d.raw) for d in coll.find({}).sort("_id", 1)])
+            told.append(_raw(client, {}, "writes"))
         return told
 
     ours, theirs = story(pair[0]), story(pair[1])
@@ -356,15 +346,11 @@ def test_concurrent_writes_end_as_upstream_ends_them(
         client[DATABASE]["concurrent"].create_index("email", unique=True)
         with ThreadPoolExecutor(8) as pool:
             told = list(pool.map(lambda n: client_story(client, n), range(8)))
-        return [told, _raw_of(client, "concurrent")]
+        return [told, _raw(client, {}, "concurrent")]
 
     ours, theirs = story(pair[0]), story(pair[1])
     assert ours == theirs
     assert ("duplicate", 11000) in ours[0][0]
-
-
-def _raw_of(client: MongoClient[RawBSONDocument], collection: str) -> list[bytes]:
-    return [bytes(d.raw) for d in client[DATABASE][collection].find({}).sort("_id", 1)]
 
 
 def _plain(value: Any) -> Any:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+from pymongo import MongoClient
 
 from services.core.embedded_db import EmbeddedFerretDB, find_ferretdb_binary
 
@@ -18,3 +23,26 @@ def start_ferretdb(tmp: pathlib.Path, name: str, environment: dict[str, str]) ->
     )
     db.start()
     return db
+
+
+@contextlib.contextmanager
+def ours_and_switched_off(
+    tmp: pathlib.Path, switches: dict[str, str], **client_options: Any
+) -> Iterator[tuple[MongoClient[Any], MongoClient[Any]]]:
+    """Clients of two bin/ferretdb processes: as built (first) and with `switches` set.
+
+    The switches turn local changes off (back to upstream's code); both processes and clients
+    end with the block.
+    """
+    ours = start_ferretdb(tmp, "ours", {})
+    switched = start_ferretdb(tmp, "switched-off", switches)
+    clients: list[MongoClient[Any]] = [
+        MongoClient(db.uri, **client_options) for db in (ours, switched)
+    ]
+    try:
+        yield clients[0], clients[1]
+    finally:
+        for client in clients:
+            client.close()
+        ours.stop()
+        switched.stop()
