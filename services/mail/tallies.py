@@ -41,8 +41,7 @@ count can drift, all documented in docs/operations.md:
 * a process killed between an email's write and the flush of its counts (the flush starts
   right after the write, so the window is one database round trip; neither the send path nor
   the delivery loop waits for it, `flush_soon`, and a stats read flushes its own process's
-  counts first); the
-  email is right, the stats miss that one change;
+  counts first); the email is right, the stats miss that one change;
 * a flush that fails (database down) is kept in memory and retried by the next flush and by
   the periodic flush; a process that dies before the database comes back loses those counts;
 * the lease fence itself has a lease-sized window on FerretDB (see
@@ -197,9 +196,8 @@ class Tallies:
 
         For the send path and the delivery loops: the email (or its outcome) is stored, its
         count follows within a round trip, and nobody waits for it (a stats read of this
-        process flushes first, see
-        `MongoEmailRepository.stats`). A process killed before that round lands misses the
-        counts, the same window as when the caller waited.
+        process flushes first, see `MongoEmailRepository.stats`). A process killed before that
+        round lands misses the counts, the same window as when the caller waited.
         """
         _ = self._start_round()
 
