@@ -63,14 +63,9 @@ func canBatchUpdates(updates []common.Update) bool {
 			return false
 		}
 
-		switch id := id.(type) {
-		case string:
-			if _, dup := seen[id]; dup {
-				return false
-			}
-
-			seen[id] = struct{}{}
-		case types.ObjectID:
+		switch id.(type) {
+		case string, types.ObjectID:
+			// Both compare by value as map keys, and a string never equals an ObjectID.
 			if _, dup := seen[id]; dup {
 				return false
 			}
