@@ -23,7 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from services.core.ids import new_id
 from services.core.mongo import Document, ensure_indexes
 from services.mail.app import MAIL_INDEXES
-from services.mail.documents import CLAIMS, CONTENTS, EMAILS, QUEUE
+from services.mail.documents import CLAIMS, CONTENTS, EMAILS, KEYS, QUEUE
 from services.mail.models import Email, EmailStatus, SmtpReply
 from services.mail.outcomes import RetryPolicy, after_attempt, decide, suppress_new
 from services.mail.queue import ORPHAN_AGE, queue_entry
@@ -193,15 +193,24 @@ async def test_a_failed_insert_of_the_group_stores_no_email(
 ) -> None:
     # The hints, keys, queue entries and contents go in at once, the emails after them: if one
     # of the four fails, the send fails and no email is stored (what the others left behind is
-    # what a crash leaves, cleaned up as such), and the others were not abandoned midway.
+    # what a crash leaves, cleaned up as such). The failure is raised only once the others have
+    # ended: here the lookup keys' insert is slow and the queue's fails at once, and the keys
+    # have landed by the time the caller hears of the failure (nothing left running unobserved).
     emails, _, db = counted
     email = new_email(new_id(), 0)
+    write_keys = emails._write_keys
+
+    async def slow_keys(docs: Sequence[Document]) -> None:
+        await asyncio.sleep(0.3)
+        await write_keys(docs)
 
     async def broken(entries: Sequence[Document]) -> None:
         raise RuntimeError("the queue is on fire")
 
+    emails._write_keys = slow_keys  # type: ignore[method-assign]
     emails.delivery_queue.add_entries = broken  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="on fire"):
         await emails.insert(email=email)
     assert await db[EMAILS].find_one({"_id": email.id}) is None
+    assert await db[KEYS].count_documents({"email_id": email.id}) == 1  # its recipient's key
     assert await db[CONTENTS].find_one({"_id": email.id}) is not None
