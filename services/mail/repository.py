@@ -340,6 +340,18 @@ def _matches(doc: Document, filter: EmailFilter) -> bool:
     )
 
 
+async def _all_or_first_error(*writes: Awaitable[object]) -> None:
+    """Run `writes` at once; once all have ended (landed or failed), raise the first failure.
+
+    None is left running unobserved, and a caller that goes on to a dependent write after a
+    failure does not race one still in flight.
+    """
+    results = await asyncio.gather(*writes, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
 class MongoEmailRepository:
     """`EmailRepository` on MongoDB/FerretDB, large content in GridFS."""
 
@@ -467,20 +479,62 @@ class MongoEmailRepository:
         return stored
 
     async def _write_screened(self, batch: list[tuple[Email, Screen | None]]) -> list[bool]:
-        # The screens first (one call each for its emails of this batch: the send path's
-        # suppression lookup, shared by the concurrent sends written together), then the
-        # documents of the emails as they now are.
+        # The screens (one call each for its emails of this batch: the send path's suppression
+        # lookup, shared by the concurrent sends written together) read while the writes that
+        # come before the emails go out, made from the emails as they are: a screen rarely
+        # changes an email, and the group (the send path's critical path) then reaches its
+        # emails' insert one read sooner. What a screen did change is amended before the
+        # emails are written (`_amend`).
         screens: dict[Screen, list[Email]] = {}
         for email, screen in batch:
             if screen is not None:
                 screens.setdefault(screen, []).append(email)
-        for screen, emails in screens.items():
-            await screen(emails)
-        return await self._write_new(
-            [(queue_entry(email), content_doc(email), email_doc(email)) for email, _ in batch]
+        emails = [email for email, _ in batch]
+        before = [(email.status, len(email.events)) for email in emails]
+        items = [(queue_entry(email), content_doc(email), email_doc(email)) for email in emails]
+
+        async def screen_all() -> None:
+            for screen, group in screens.items():
+                await screen(group)
+
+        await _all_or_first_error(screen_all(), self._write_before_emails(items))
+        changed = [
+            i for i, email in enumerate(emails) if (email.status, len(email.events)) != before[i]
+        ]
+        if changed:
+            await self._amend(items, emails, changed)
+        return await self._insert_emails(items)
+
+    async def _amend(self, items: list[_NewEmail], emails: list[Email], changed: list[int]) -> None:
+        """Bring what went before the emails in line with what the screens changed.
+
+        A screen only adds events and may finish an email (all its recipients suppressed):
+        the added events get a hint of their own (the first hint's events are still in the
+        outbox, so it is not wrong, only short), and a finished email's queue entry goes
+        (left, the first claim that met it would remove it as stale).
+        """
+        changes: list[Change] = []
+        gone: list[str] = []
+        for i in changed:
+            entry, body, old = items[i]
+            doc = email_doc(emails[i])
+            added = doc[OUTBOX_FIELD][len(old.get(OUTBOX_FIELD, [])) :]
+            if added:
+                changes.append(Change(doc["_id"], added))
+            new_entry = queue_entry(emails[i])
+            if entry is not None and new_entry is None:
+                gone.append(doc["_id"])
+            items[i] = (new_entry, body, doc)
+        await _all_or_first_error(
+            self._recorder.announce(changes, now=max(doc["created_at"] for _, _, doc in items)),
+            *(self.delivery_queue.remove_entry(email_id) for email_id in gone),
         )
 
     async def _write_new(self, batch: list[_NewEmail]) -> list[bool]:
+        await self._write_before_emails(batch)
+        return await self._insert_emails(batch)
+
+    async def _write_before_emails(self, batch: list[_NewEmail]) -> None:
         # Entries and contents before emails, as for a single email: a crash in between leaves
         # entries and contents without email (dropped together by the claimer after
         # `ORPHAN_AGE`), never an email nobody will deliver or one without its message. A
@@ -492,9 +546,7 @@ class MongoEmailRepository:
         # removed when met and by age), never an email a filter misses.
         # The four inserts at once: they depend on each other in nothing, and the embedded
         # database commits concurrent writes together (one fsync for all four).
-        # All four end (landed or failed) before the first failure is raised: no email then,
-        # and no insert left running unobserved.
-        results = await asyncio.gather(
+        await _all_or_first_error(
             self._recorder.announce(
                 [Change(doc["_id"], doc[OUTBOX_FIELD]) for _, _, doc in batch],
                 now=max(doc["created_at"] for _, _, doc in batch),
@@ -502,11 +554,9 @@ class MongoEmailRepository:
             self._write_keys([doc for _, _, doc in batch]),
             self.delivery_queue.add_entries([entry for entry, _, _ in batch if entry]),
             insert_many_unique(self._contents, [body for _, body, _ in batch if body]),
-            return_exceptions=True,
         )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+
+    async def _insert_emails(self, batch: list[_NewEmail]) -> list[bool]:
         stored = await insert_many_unique(self._emails, [doc for _, _, doc in batch])
         if any(entry for entry, _, _ in batch):
             self.delivery_queue.announce_arrival()

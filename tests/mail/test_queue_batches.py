@@ -4,7 +4,8 @@ Against the real FerretDB, with a PyMongo command listener counting every comman
 collection: claiming N emails reads the emails once (not once per email), recording N outcomes
 checks their lease fences with one read, and a shutdown gives N leases back with one read and
 one write. What each step wrote is checked too, so a batch that skipped an email would fail.
-New emails sent at once are screened (the suppression check) and written as one group.
+New emails sent at once are screened (the suppression check) and written as one group, the
+screen reading while the writes that precede the emails go out.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from services.core.ids import new_id
 from services.core.mongo import Document, ensure_indexes
 from services.mail.app import MAIL_INDEXES
 from services.mail.documents import CLAIMS, CONTENTS, EMAILS, KEYS, QUEUE
+from services.mail.feedback.event_log import HINTS, OUTBOX_FIELD
 from services.mail.models import Email, EmailStatus, SmtpReply
 from services.mail.outcomes import RetryPolicy, after_attempt, decide, suppress_new
 from services.mail.queue import ORPHAN_AGE, queue_entry
@@ -186,6 +188,47 @@ async def test_concurrent_new_emails_are_screened_and_written_as_one_group(
     assert suppressed["status"] == EmailStatus.SUPPRESSED.value
     assert await db[QUEUE].find_one({"_id": new[3].id}) is None
     assert await db[QUEUE].count_documents({}) == EMAILS_CLAIMED - 1
+
+
+async def test_the_screen_reads_while_the_writes_before_the_emails_go_out(
+    counted: tuple[MongoEmailRepository, Commands, AsyncDatabase[Document]],
+) -> None:
+    # The screen does not wait for the lookup keys' insert, nor the keys for the screen: here
+    # the screen waits until the keys' insert has begun, which only happens if both run at
+    # once (one after the other, the screen would wait in vain). What it changed is still
+    # what is stored: its email SUPPRESSED, without a queue entry, with the added event
+    # announced by a hint of its own.
+    emails, _, db = counted
+    email = new_email(new_id(), 0)
+    keys_begun = asyncio.Event()
+    write_keys = emails._write_keys
+
+    async def keys_seen(docs: Sequence[Document]) -> None:
+        keys_begun.set()
+        await write_keys(docs)
+
+    async def screen(group: Sequence[Email]) -> None:
+        await asyncio.wait_for(keys_begun.wait(), timeout=10)
+        for e in group:
+            suppress_new(e, {e.recipients[0].address: "manual"}, now=e.created_at)
+
+    emails._write_keys = keys_seen  # type: ignore[method-assign]
+    assert await emails.insert(email=email, screen=screen)
+    stored = await db[EMAILS].find_one({"_id": email.id})
+    assert stored is not None
+    assert stored["status"] == EmailStatus.SUPPRESSED.value
+    assert await db[QUEUE].find_one({"_id": email.id}) is None
+    outbox = [event["_id"] for event in stored[OUTBOX_FIELD]]
+    announced = [
+        event_id
+        async for hint in db[HINTS].find({})
+        for change in hint["changes"]
+        if change["email_id"] == email.id
+        for event_id in change["event_ids"]
+    ]
+    # (This email had no event before the screen: its one event is the screen's.)
+    assert [event["type"] for event in stored[OUTBOX_FIELD]] == ["suppressed"]
+    assert announced == outbox
 
 
 async def test_a_failed_insert_of_the_group_stores_no_email(
