@@ -103,7 +103,7 @@ from services.mail.tallies import INDEXES as TALLY_INDEXES
 # A new email's writes: its queue entry (None: nothing to deliver), its ``email_contents``
 # document (None: content in GridFS) and its document.
 _NewEmail = tuple[Document | None, Document | None, Document]
-# Called with a group of new emails right before they are written (may change them).
+# Called with a group of new emails before their documents are written (may change them).
 Screen = Callable[[Sequence[Email]], Awaitable[None]]
 _WAITING = [s.value for s in outcomes.WAITING]
 _CLAIMABLE = [s.value for s in outcomes.CLAIMABLE]
@@ -177,7 +177,8 @@ class EmailRepository(Protocol):
         """Store a new email (content included). False when its id already exists.
 
         `screen`, if given, is awaited with the emails about to be written together (this one
-        among them) right before they are, and may change them (the suppression check).
+        among them) before their documents are, and may change them (the suppression check):
+        what is stored is the email as the screen left it.
         """
         ...
 
@@ -385,8 +386,9 @@ class MongoEmailRepository:
         """See `EmailRepository.insert`.
 
         Concurrent inserts are written together (`GroupCommit`): one ``insertMany`` per
-        collection for every email submitted while the previous batch was being written, after
-        one call of each distinct `screen` with its emails of the batch.
+        collection for every email submitted while the previous batch was being written; each
+        distinct `screen` is called once with its emails of the batch, while the writes that
+        precede the emails go out.
         """
         content = email.content or b""
         file_id: ObjectId | None = None
