@@ -872,10 +872,10 @@ def main() -> None:
     """Entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
-    parser.add_argument("--messages", type=int, default=env_int("BENCH_MESSAGES", 300))
+    parser.add_argument("--messages", type=int, default=env_int("BENCH_MESSAGES", 3000))
     parser.add_argument("--concurrency", type=int, default=env_int("BENCH_CONCURRENCY", 16))
     parser.add_argument(
-        "--postfix-messages", type=int, default=env_int("BENCH_POSTFIX_MESSAGES", 2000)
+        "--postfix-messages", type=int, default=env_int("BENCH_POSTFIX_MESSAGES", 3000)
     )
     parser.add_argument("--postfix-sessions", type=int, default=20)
     parser.add_argument("--scale-messages", type=int, default=env_int("BENCH_SCALE_MESSAGES", 200))
