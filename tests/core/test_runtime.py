@@ -7,11 +7,13 @@ calls, and no INTERNAL for surprises.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +326,16 @@ async def test_unexpected_exceptions_are_internal_without_details(
         await server.stop(None)
 
 
+@pytest.fixture
+def restored_garbage_collector() -> Iterator[None]:
+    """Give this test process its collector back as it was (`run_event_loop` settles it)."""
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+@pytest.mark.usefixtures("restored_garbage_collector")
 @pytest.mark.parametrize("choice", ["uvloop", "asyncio", "UVLOOP"])
 def test_a_process_runs_on_the_event_loop_its_settings_name(choice: str) -> None:
     settings = Settings.from_env({"AZORA_EVENT_LOOP": choice}, service_name="loop-test")
@@ -334,6 +346,22 @@ def test_a_process_runs_on_the_event_loop_its_settings_name(choice: str) -> None
 
     loop = run_event_loop(running_loop(), settings)
     assert isinstance(loop, uvloop.Loop) == (choice.lower() == "uvloop")
+
+
+@pytest.mark.usefixtures("restored_garbage_collector")
+def test_a_process_runs_with_its_start_up_frozen_and_fewer_collections() -> None:
+    # What the process holds before its loop starts is out of every later collection's walk,
+    # and young collections come every 5,000 allocations, not CPython's 700.
+    settings = Settings.from_env({}, service_name="loop-test")
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)
+
+    async def inside() -> tuple[int, tuple[int, int, int]]:
+        return gc.get_freeze_count(), gc.get_threshold()
+
+    frozen, thresholds = run_event_loop(inside(), settings)
+    assert frozen > 10_000  # the imported modules' objects, at least
+    assert thresholds == (5000, 10, 10)
 
 
 def test_an_unknown_event_loop_is_refused_naming_the_variable() -> None:
