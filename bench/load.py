@@ -16,7 +16,7 @@ import subprocess
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,8 @@ class LoadResult:
     errors: Counter[str] = field(default_factory=Counter)
     ids: list[str] = field(default_factory=list)
     error_times: list[tuple[float, str]] = field(default_factory=list)
+    # (wall-clock time, code, request number) of every failed request.
+    failed: list[tuple[float, str, int]] = field(default_factory=list)
     # (wall-clock end time, latency in seconds) of every successful request.
     samples: list[tuple[float, float]] = field(default_factory=list)
 
@@ -144,11 +146,13 @@ async def bounded(
                 code = err.code().name
                 result.errors[code] += 1
                 result.error_times.append((time.time(), code))
+                result.failed.append((time.time(), code, i))
                 continue
             except (aiohttp.ClientError, OSError, TimeoutError, HttpError) as err:
                 name = str(err) if isinstance(err, HttpError) else type(err).__name__
                 result.errors[name] += 1
                 result.error_times.append((time.time(), name))
+                result.failed.append((time.time(), name, i))
                 continue
             latency = time.perf_counter() - t0
             result.latencies_s.append(latency)
@@ -177,21 +181,30 @@ async def grpc_send(
     rpc_timeout: float = 30.0,
     until: float = 0.0,
     start: int = 0,
+    idempotent: bool = False,
+    only: Sequence[int] = (),
 ) -> LoadResult:
-    """SendEmail over gRPC from this process; ids are the returned email ids."""
+    """SendEmail over gRPC from this process; ids are the returned email ids.
+
+    With `idempotent`, request i carries the idempotency key ``<tag>-<start + i>``; with
+    `only`, just those request numbers are sent again (same messages, same keys).
+    """
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = mail_pb2_grpc.MailServiceStub(channel)
 
         async def call(i: int) -> str:
-            body = send_json(tag, start + i, rcpt=rcpt)
+            number = only[i] if only else start + i
+            body = send_json(tag, number, rcpt=rcpt)
             request = mail_pb2.SendEmailRequest(
                 from_address=body["from"], to=body["to"], subject=body["subject"],
                 text=body["text"], tags=body["tags"],
+                idempotency_key=f"{tag}-{number}" if idempotent else "",
             )  # fmt: skip
             reply = await stub.SendEmail(request, timeout=rpc_timeout)
             return str(reply.id)
 
-        return await bounded(total, concurrency, call, rate=rate, until=until)
+        count = len(only) if only else total
+        return await bounded(count, concurrency, call, rate=rate, until=until)
 
 
 # The template of the batch-with-template row: a receipt with a loop, a filter and a style

@@ -398,3 +398,27 @@ def test_data_benchmark_table_judges_each_read_against_its_targets() -> None:
     _, rows = table(empty, page, full)
     assert {r["read"]: r for r in rows}["delivered/s"]["within_10pct_empty"] is False
     assert {r["read"]: r for r in rows}["delivered/s"]["within_10pct_page"] is False
+
+
+def test_a_drill_counts_only_errors_it_did_not_retry_and_check(tmp_path: Path) -> None:
+    # The SIGTERM drill sends a CANCELLED call again with its idempotency key and checks it
+    # itself: that call is not counted as a client error; any other CANCELLED, or an error
+    # outside the window, still fails the drill.
+    from bench.drills import Drill
+
+    args = argparse.Namespace(lease=15)
+    drill = Drill("errors", args, tmp_path)
+    now = drill.started
+    load = LoadResult(requests=4, ok=1, elapsed_s=1.0, latencies_s=[0.01])
+    load.failed = [
+        (now, "UNAVAILABLE", 1),
+        (now, "CANCELLED", 2),
+        (now + 100, "UNAVAILABLE", 3),
+    ]
+    drill.check_client_errors(load, [(now - 1, now + 1)], retried=[2])
+    assert drill.failures == ["1 client errors outside what is allowed: ['UNAVAILABLE at +100.0s']"]
+    other = Drill("errors", args, tmp_path)
+    other.started = now
+    other.check_client_errors(load, [(now - 1, now + 1)])
+    assert len(other.failures) == 1
+    assert "CANCELLED at +" in other.failures[0]
