@@ -1047,7 +1047,8 @@ class MailManager:
         end = end or ceil_to(now, int(FINEST.total_seconds()))
         start = start or end - timedelta(hours=24)
         if start >= end:
-            raise InvalidArgument.single("start_time", "must be before end_time")
+            # Field paths reach clients in the JSON names (startTime); so does the other field.
+            raise InvalidArgument.single("start_time", "must be before endTime")
         rows = await self._emails.stats(
             tenant_id=tenant_id, start=start, end=end, domain_id=domain_id, test=test
         )

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import grpc
 from azora.mail.v1 import mail_pb2
 from google.protobuf import timestamp_pb2
 
@@ -25,6 +26,7 @@ from services.mail.repository import EMAILS, MongoEmailRepository
 from services.mail.tallies import TALLIES, cover
 from tests.conftest import Tenant
 from tests.mail.conftest import START, LocalMail, Script, ScriptedRelay
+from tests.support.grpc_errors import failure_of
 
 Start = Callable[[Script], "asyncio.Future[ScriptedRelay]"]
 E = mail_pb2
@@ -238,3 +240,18 @@ def test_a_window_is_cut_into_whole_days_hours_and_minutes() -> None:
     assert cover(start, start + timedelta(minutes=5)) == [
         ("m", start, start + timedelta(minutes=5))
     ]
+
+
+async def test_a_reversed_window_names_both_fields_as_clients_spell_them(
+    local_mail: LocalMail, tenant: Tenant
+) -> None:
+    # The violation's field is renamed to the request's JSON name (startTime); the description
+    # names the other field the same way, not by its proto name.
+    failure = await failure_of(
+        local_mail.stub.GetEmailStats(
+            E.GetEmailStatsRequest(start_time=ts(START), end_time=ts(START - timedelta(minutes=1))),
+            metadata=tenant.metadata,
+        )
+    )
+    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.field_violations == {"startTime": "must be before endTime"}
