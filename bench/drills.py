@@ -176,7 +176,7 @@ class Drill:
         bad = [
             (t, code)
             for t, code, i in load.failed
-            if i not in retried and (code != allowed or not any(a <= t <= b for a, b in windows))
+            if i not in retried and (code != allowed or not any(within(t, w) for w in windows))
         ]
         if bad:
             when = [f"{code} at +{t - self.started:.1f}s" for t, code in bad[:5]]

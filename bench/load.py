@@ -57,8 +57,8 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     ids: list[str] = field(default_factory=list)
-    error_times: list[tuple[float, str]] = field(default_factory=list)
-    # (wall-clock time, code, request number) of every failed request.
+    # (wall-clock time, code, request number) of every failed request (a batch: its first
+    # message's number).
     failed: list[tuple[float, str, int]] = field(default_factory=list)
     # (wall-clock end time, latency in seconds) of every successful request.
     samples: list[tuple[float, float]] = field(default_factory=list)
@@ -145,13 +145,11 @@ async def bounded(
             except grpc.aio.AioRpcError as err:
                 code = err.code().name
                 result.errors[code] += 1
-                result.error_times.append((time.time(), code))
                 result.failed.append((time.time(), code, i))
                 continue
             except (aiohttp.ClientError, OSError, TimeoutError, HttpError) as err:
                 name = str(err) if isinstance(err, HttpError) else type(err).__name__
                 result.errors[name] += 1
-                result.error_times.append((time.time(), name))
                 result.failed.append((time.time(), name, i))
                 continue
             latency = time.perf_counter() - t0
@@ -261,7 +259,7 @@ async def grpc_batch(
                     reply = await stub.SendEmailBatch(request, timeout=120)
                 except grpc.aio.AioRpcError as err:
                     result.errors[err.code().name] += len(request.messages)
-                    result.error_times.append((time.time(), err.code().name))
+                    result.failed.append((time.time(), err.code().name, first))
                     continue
                 latency = time.perf_counter() - t0
                 result.latencies_s.append(latency)
@@ -380,7 +378,7 @@ async def smtp_send(
                 _, reply = await client.sendmail(f"bench@{DOMAIN}", [rcpt], raw)
             except aiosmtplib.SMTPResponseException as err:
                 result.errors[f"SMTP {err.code}"] += 1
-                result.error_times.append((time.time(), f"SMTP {err.code}"))
+                result.failed.append((time.time(), f"SMTP {err.code}", i))
                 continue
             latency = time.perf_counter() - t0
             result.latencies_s.append(latency)
