@@ -40,6 +40,16 @@ async def send_one(mail: LocalMail, tenant: Tenant, name: str, **fields: object)
     return (await mail.send(tenant, **request)).id
 
 
+async def reach_status(
+    mail: LocalMail, tenant: Tenant, email_id: str, status: int, *, within: float = 5.0
+) -> None:
+    """Poll the email until it has `status`; fail, showing the last one, after `within` s."""
+    deadline = asyncio.get_running_loop().time() + within
+    while (current := (await mail.get(tenant, email_id)).status) != status:
+        assert asyncio.get_running_loop().time() < deadline, E.EmailStatus.Name(current)
+        await asyncio.sleep(0.02)
+
+
 def sample(name: str, **labels: str) -> float:
     """The sum of the process registry's samples of `name` carrying `labels` (0 before use)."""
     return sum(
@@ -378,11 +388,7 @@ async def test_cancelled_worker_hands_back_what_it_holds(
     email_id = await send_one(local_mail, tenant, name)
     worker = local_mail.worker()
     task = asyncio.create_task(worker.run())
-    for _ in range(200):
-        if (await local_mail.get(tenant, email_id)).status == E.EMAIL_STATUS_SENDING:
-            break
-        await asyncio.sleep(0.02)
-    assert (await local_mail.get(tenant, email_id)).status == E.EMAIL_STATUS_SENDING
+    await reach_status(local_mail, tenant, email_id, E.EMAIL_STATUS_SENDING)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     email = await local_mail.get(tenant, email_id)
@@ -534,18 +540,10 @@ async def test_service_process_runs_its_own_workers_and_releases_on_stop(
     )
     try:
         email_id = await send_one(local_mail, tenant, name)
-        for _ in range(200):
-            if (await local_mail.get(tenant, email_id)).status == SENT:
-                break
-            await asyncio.sleep(0.05)
-        assert (await local_mail.get(tenant, email_id)).status == SENT
+        await reach_status(local_mail, tenant, email_id, SENT, within=10)
         relay.script = Script(final="HANG")
         stuck = await send_one(local_mail, tenant, name)
-        for _ in range(200):
-            if (await local_mail.get(tenant, stuck)).status == E.EMAIL_STATUS_SENDING:
-                break
-            await asyncio.sleep(0.05)
-        assert (await local_mail.get(tenant, stuck)).status == E.EMAIL_STATUS_SENDING
+        await reach_status(local_mail, tenant, stuck, E.EMAIL_STATUS_SENDING, within=10)
     finally:
         await app.running.stop(None)
     assert (await local_mail.get(tenant, stuck)).status == E.EMAIL_STATUS_QUEUED
@@ -607,11 +605,8 @@ async def test_an_idle_worker_delivers_new_mail_at_once_not_at_its_next_poll(
     try:
         await asyncio.sleep(0.3)  # its first claim found nothing: it is waiting for the poll
         email_id = await send_one(local_mail, tenant, name)
-        for _ in range(250):
-            if (await local_mail.get(tenant, email_id)).status == SENT:
-                break
-            await asyncio.sleep(0.02)
-        assert (await local_mail.get(tenant, email_id)).status == SENT
+        # Within 5 s: far less than the 30 s poll it would otherwise wait for.
+        await reach_status(local_mail, tenant, email_id, SENT)
         assert len(relay.received) == 1
     finally:
         task.cancel()
