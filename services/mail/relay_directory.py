@@ -19,7 +19,6 @@ import enum
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Literal, Protocol
 
 import grpc
@@ -67,7 +66,6 @@ class RelaySettings:
     client_hostname: str = ""  # EHLO name; empty: the sender's own host name
     timeout: float = 30.0  # seconds, for connecting and for each command
     tls_skip_verify: bool = False
-    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +220,6 @@ class GrpcRelayDirectory:
             client_hostname=reply.client_hostname,
             timeout=reply.timeout.ToTimedelta().total_seconds(),
             tls_skip_verify=reply.tls_skip_verify,
-            updated_at=reply.update_time.ToDatetime() if reply.HasField("update_time") else None,
         )
         return _Entry(expires, relay)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 from azora.smtp.v1 import smtp_pb2, smtp_pb2_grpc
-from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
 from services.core.context import current_principal
 from services.core.errors import NotFound
@@ -157,10 +157,6 @@ class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
             tenant_id=tenant_id, domain_id=request.domain_id
         )
         public = mapping.config_to_proto(config)  # one place converts enums and times
-        timeout = duration_pb2.Duration()
-        timeout.FromTimedelta(config.relay.timeout)
-        updated = timestamp_pb2.Timestamp()
-        updated.FromDatetime(config.updated_at)
         return smtp_pb2.RelayCredentials(
             domain_id=config.domain_id,
             host=public.host,
@@ -169,9 +165,9 @@ class SmtpServicer(smtp_pb2_grpc.SmtpServiceServicer):
             username=public.username,
             password=password or "",
             client_hostname=public.client_hostname,
-            timeout=timeout,
+            timeout=public.timeout,
             tls_skip_verify=public.tls_skip_verify,
-            update_time=updated,
+            update_time=public.update_time,
         )
 
     async def GetSigningKey(

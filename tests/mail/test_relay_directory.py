@@ -86,7 +86,6 @@ async def test_relay_for_returns_the_relay_with_its_password(
     assert (relay.username, relay.password) == (USERNAME, PASSWORD)
     assert relay.client_hostname == "mta.azora.example"
     assert relay.timeout == 7.0
-    assert relay.updated_at is not None
     assert PASSWORD not in repr(relay)
 
 

@@ -86,7 +86,12 @@ async def test_relay_credentials_carry_the_decrypted_password(
     assert relay.security == smtp_pb2.SECURITY_MODE_STARTTLS_REQUIRED
     assert (relay.username, relay.password) == (USERNAME, PASSWORD)
     assert relay.timeout.seconds == 12
+    # The same instant the public config reports (both converted by the mapping module).
+    public = await smtp_stub.GetSmtpConfig(
+        smtp_pb2.GetSmtpConfigRequest(domain_id=domain.id), metadata=tenant.metadata
+    )
     assert relay.HasField("update_time")
+    assert relay.update_time == public.update_time
     # Naming the token's own tenant is fine; naming another finds nothing.
     same = await smtp_stub.GetRelayCredentials(
         smtp_pb2.GetRelayCredentialsRequest(domain_id=domain.id, tenant_id=tenant.id),
