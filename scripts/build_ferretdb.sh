@@ -6,7 +6,7 @@
 # here). Instead tools/ferretdb is a tiny module that requires FerretDB at an exact version, with a
 # committed go.sum; vendoring it only downloads the pinned, checksummed module zips.
 #
-# Three local changes are applied to the vendored source before building (see "Local fix" and
+# Local changes are applied to the vendored source before building (see "Local fix" and
 # "Local change" below); the binary's build id (pinned version + change revision) is kept in
 # bin/ferretdb.build-id.
 #
@@ -46,7 +46,7 @@ has_version() {
 }
 
 # Bump the suffix whenever the local fix below changes, so that existing binaries get rebuilt.
-build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.2+sql-debug-log-lazy.1+libc-memcmp-blocks.1+wire-built-messages-not-rechecked.1+sjson-schema-cache.1+sqlite-stmt-cache.1+sqlite-busy-short-waits.2+batched-updates.2+group-commit.1"
+build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.2+sql-debug-log-lazy.1+libc-memcmp-blocks.1+wire-built-messages-not-rechecked.1+sjson-schema-cache.1+sqlite-stmt-cache.1+sqlite-busy-short-waits.2+batched-updates.2+group-commit.1+fast-exclusion.1"
 build_id_file="$bin_dir/ferretdb.build-id"
 
 if [[ -x "$binary" ]] && has_version && [[ "$(cat "$build_id_file" 2>/dev/null)" == "$build_id" ]]; then
@@ -148,6 +148,12 @@ apply_patch "vendor/$module" handler-batched-update.patch
 # FERRETDB_GROUP_COMMIT=off).
 cp "$patches_dir/fsql_group_commit.go" "vendor/$module/internal/util/fsql/group_commit.go"
 apply_patch "vendor/$module" sqlite-group-commit.patch
+
+# Local change: an exclusion projection of plain top-level fields builds its result without
+# deep-copying the document twice (README there; FERRETDB_FAST_EXCLUSION=off).
+cp "$patches_dir/types_exclude_fields.go" "vendor/$module/internal/types/azora_exclude_fields.go"
+cp "$patches_dir/handler_exclusion_projection.go" "vendor/$module/internal/handler/common/exclusion_projection.go"
+apply_patch "vendor/$module" handler-exclusion-projection.patch
 
 mkdir -p "$bin_dir"
 GOBIN="$bin_dir" "$GO" install -mod=vendor "$module/cmd/ferretdb"

@@ -1,13 +1,15 @@
 """The embedded FerretDB's row-level local changes return exactly what upstream's code returns.
 
-Four local changes to how FerretDB reads and writes rows have a switch back to upstream's code:
+Five local changes to how FerretDB reads and writes rows have a switch back to upstream's code:
 the one-pass decoder of stored documents (tools/ferretdb/patches/sjson_fast_unmarshal.go,
 FERRETDB_SJSON_FAST_DECODE=off), the per-connection cache of compiled write statements
 (sqlite_stmt_cache.go, FERRETDB_SQLITE_STMT_CACHE=off), the update commands whose statements
 on distinct ``_id`` values are written in one transaction (handler_batched_update.go,
-FERRETDB_BATCHED_UPDATES=off) and concurrent writes sharing a transaction, each in its own
-savepoint (fsql_group_commit.go, FERRETDB_GROUP_COMMIT=off). Two FerretDB processes from the
-same bin/ferretdb, ours and one with all four switched off, hold the same generated corpus: every
+FERRETDB_BATCHED_UPDATES=off), concurrent writes sharing a transaction, each in its own
+savepoint (fsql_group_commit.go, FERRETDB_GROUP_COMMIT=off) and exclusion projections of
+top-level fields built without copying the documents (handler_exclusion_projection.go,
+FERRETDB_FAST_EXCLUSION=off). Two FerretDB processes from the
+same bin/ferretdb, ours and one with all five switched off, hold the same generated corpus: every
 BSON type FerretDB 1.24 stores, nested documents and arrays, empty ones, strings with escapes, HTML
 characters, control characters, astral-plane characters and the JSON separators U+2028/U+2029,
 integer and double extremes. Every document must come back byte for byte the same from both,
@@ -125,6 +127,7 @@ def pair(
         "FERRETDB_SQLITE_STMT_CACHE": "off",
         "FERRETDB_BATCHED_UPDATES": "off",
         "FERRETDB_GROUP_COMMIT": "off",
+        "FERRETDB_FAST_EXCLUSION": "off",
     }
     tmp = tmp_path_factory.mktemp("rows")
     with ours_and_switched_off(tmp, switches, document_class=RawBSONDocument) as clients:
@@ -148,6 +151,45 @@ def test_every_document_comes_back_byte_for_byte_as_upstream_decodes_it(
     from_fast, from_upstream = _raw(fast, {}), _raw(upstream, {})
     assert len(from_fast) == 600
     assert from_fast == from_upstream
+
+
+# Exclusions of top-level fields (the fast path: with and without _id, absent fields, every
+# field of some documents), then projections the fast path leaves to upstream's code (dotted
+# paths, inclusion, _id alone kept).
+PROJECTIONS: list[dict[str, Any]] = [
+    {"f1": 0},
+    {"f1": False, "f2": 0, "nested": 0},
+    {"_id": 0},
+    {"_id": 0, "f3": 0, "group": 0},
+    {"_id": 1, "f4": 0},
+    {"_id": True, "absent": 0},
+    {f"f{i}": 0 for i in range(40)} | {"nested": 0, "group": 0},
+    {"nested.x": 0, "f5": 0},
+    {"f6": 1, "group": 1},
+    {"_id": 1},
+]
+
+
+def test_projections_return_what_upstream_returns(
+    pair: tuple[MongoClient[RawBSONDocument], MongoClient[RawBSONDocument]],
+) -> None:
+    fast, upstream = pair
+    for projection in PROJECTIONS:
+        for query in ({}, {"group": 4}, {"_id": {"$in": [3, 17, 599, 1000]}}):
+            found = [
+                [
+                    bytes(doc.raw)
+                    for doc in c[DATABASE]["docs"].find(query, projection).sort("_id", 1)
+                ]
+                for c in (fast, upstream)
+            ]
+            assert found[0] == found[1], (projection, query)
+            assert found[0], (projection, query)  # the comparison saw documents
+    # Every document's other fields in order, _id first: what the services' API reads rely on.
+    first = fast[DATABASE]["docs"].find_one({"_id": 1}, {"group": 0})
+    assert first is not None
+    assert next(iter(first.keys())) == "_id"
+    assert "group" not in first
 
 
 def test_what_was_written_is_what_is_read(
