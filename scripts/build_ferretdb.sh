@@ -46,7 +46,7 @@ has_version() {
 }
 
 # Bump the suffix whenever the local fix below changes, so that existing binaries get rebuilt.
-build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.2+sql-debug-log-lazy.1+libc-memcmp-blocks.1+wire-built-messages-not-rechecked.1+sjson-schema-cache.1+sqlite-stmt-cache.1+sqlite-busy-short-waits.2+batched-updates.2+group-commit.1+fast-exclusion.1"
+build_id="$version+azora-sqlite-id-index.1+index-pushdown.3+resource-tracking-debug-only.1+sjson-fast-unmarshal.2+sql-debug-log-lazy.1+libc-memcmp-blocks.1+wire-built-messages-not-rechecked.1+sjson-schema-cache.1+sqlite-stmt-cache.1+sqlite-busy-short-waits.2+batched-updates.2+group-commit.1+fast-exclusion.1+multikey-side-tables.1"
 build_id_file="$bin_dir/ferretdb.build-id"
 
 if [[ -x "$binary" ]] && has_version && [[ "$(cat "$build_id_file" 2>/dev/null)" == "$build_id" ]]; then
@@ -154,6 +154,12 @@ apply_patch "vendor/$module" sqlite-group-commit.patch
 cp "$patches_dir/types_exclude_fields.go" "vendor/$module/internal/types/azora_exclude_fields.go"
 cp "$patches_dir/handler_exclusion_projection.go" "vendor/$module/internal/handler/common/exclusion_projection.go"
 apply_patch "vendor/$module" handler-exclusion-projection.patch
+
+# Local change: an index whose name ends in _multikey is kept as a side table with one row per
+# array element, maintained by triggers, and the planner joins it, so that an equality on an
+# array field is served by an index as on MongoDB (README there).
+cp "$patches_dir/metadata_multikey_index.go" "vendor/$module/internal/backends/sqlite/metadata/multikey_index.go"
+apply_patch "vendor/$module" sqlite-multikey.patch
 
 mkdir -p "$bin_dir"
 GOBIN="$bin_dir" "$GO" install -mod=vendor "$module/cmd/ferretdb"

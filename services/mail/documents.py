@@ -21,14 +21,12 @@ Collections (written only by the mail service):
 * ``email_queue``: one tiny entry per unfinished email (`services.mail.queue`).
 * ``email_claims``: leases and transition claims, an append-only log (`services.mail.queue`).
 * ``email_idempotency``: ``_id`` = tenant + key, insert-first (`services.mail.repository`).
-* ``email_keys``: one small document per (email, recipient address) and (email, tag) for
-  ListEmails' recipient and tag filters (`services.mail.repository`).
 * GridFS bucket ``email_content``: built messages above the inline limit.
 
 Test emails (sent with a test API key: simulated, never relayed) are stored in their tenant's
 test partition: the document's ``tenant_id`` is `partition` (the tenant, a unit separator
 character, ``test``) and
-``test`` is true. Every tenant-scoped index and query (ListEmails and its lookup keys, stats
+``test`` is true. Every tenant-scoped index and query (ListEmails, stats
 counts, queue depth) thereby keeps live and test mail apart without another index, and a
 listing or count of one never reads the other. `email_from_doc` gives the tenant back; a
 document is read by ``_id`` and checked against either partition of the caller's tenant
@@ -63,9 +61,6 @@ EMAILS = "emails"
 IDEMPOTENCY = "email_idempotency"
 CLAIMS = "email_claims"
 QUEUE = "email_queue"
-KEYS = "email_keys"
-# Progress of one-off data migrations of the mail storage, one document each.
-MIGRATIONS = "email_migrations"
 CONTENTS = "email_contents"
 CONTENT_BUCKET = "email_content"
 # Appended to a tenant id: the partition of its test emails (see the module docstring).
@@ -318,22 +313,6 @@ def email_from_doc(doc: Document) -> Email:
     )
 
 
-def key_docs(doc: Document) -> list[Document]:
-    """The ``email_keys`` documents of an email document: one per recipient and per tag."""
-    keys = {f"r:{a}" for a in doc.get("recipient_addresses", [])}
-    keys.update(f"t:{t}" for t in doc.get("tags", []))
-    return [
-        {
-            "_id": f"{doc['tenant_id']}|{key}|{doc['_id']}",
-            "tenant_id": doc["tenant_id"],
-            "key": key,
-            "email_id": doc["_id"],
-            "created_at": doc["created_at"],
-        }
-        for key in sorted(keys)
-    ]
-
-
 def transition_update(transition: Transition, feed: Sequence[Document] = ()) -> Document:
     """The update of an email's document that records `transition`: the one place it is built.
 
@@ -402,8 +381,6 @@ __all__ = [
     "CONTENT_BUCKET",
     "EMAILS",
     "IDEMPOTENCY",
-    "KEYS",
-    "MIGRATIONS",
     "NO_CONTENT",
     "API_VIEW",
     "QUEUE",
@@ -416,7 +393,6 @@ __all__ = [
     "feed_events",
     "find_by_ids",
     "insert_many_unique",
-    "key_docs",
     "partition",
     "recipient_doc",
     "transition_update",

@@ -1093,9 +1093,7 @@ class MailManager:
         # kept for the longest retention once finished (a day more for clock skew).
         oldest = policy.limits.schedule_horizon + policy.retry.max_lifetime + max(retentions)
         await self._emails.sweep_tallies(before=now - oldest - timedelta(days=1))
-        await self._emails.sweep_keys(before=now - oldest - timedelta(days=1))
-        # Emails stored by a version without lookup keys get theirs, a bounded part per run.
-        await self._emails.backfill_keys()
+        await self._emails.drop_retired()
         return removed
 
 

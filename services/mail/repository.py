@@ -15,9 +15,6 @@ goes through one transition decided by `services.mail.outcomes` and written with
   queue entries, removed after it.
 * GridFS bucket ``email_content``: built messages above the inline limit (FerretDB 1.24 serves
   GridFS: it is two ordinary collections, ``files`` and ``chunks`` of 255 KiB).
-* ``email_keys``: one small document per (email, recipient address) and (email, tag), scalar
-  fields only, for ListEmails' recipient and tag filters (array fields cannot be indexed by the
-  embedded database's pushdown). Written before the email, removed after it.
 * ``email_tallies``: stats counts kept as mail flows, one writer per document
   (`services.mail.tallies`).
 FerretDB 1.24 has no transactions: the writes of one step go in an order where a crash between
@@ -28,8 +25,10 @@ MongoDB 7; on FerretDB through the local build's pushdown of equality, range, so
 indexed scalar fields):
 
 * GetEmail and every read of one email: ``{_id}`` (primary key);
-* ListEmails by recipient or tag: ``email_keys`` ``{tenant_id, key, email_id < page}`` sorted by
-  ``email_id`` descending (``keys_lookup``), then the emails by ``_id``;
+* ListEmails by recipient or tag: ``{tenant_id, recipient_addresses | tags, _id < page}``
+  sorted by ``_id`` descending (``tenant_recipient_newest_multikey``,
+  ``tenant_tag_newest_multikey``: multikey indexes, which the embedded database keeps as side
+  tables with a row per array element, docs/data-layer.md);
 * GetEmailStats: ``email_tallies`` ``{tenant_id, g, bucket range}`` (``tally_window``), at most
   five ranges, plus the emails of the window's ragged seconds ``{tenant_id, created_at range}``
   (``tenant_created``);
@@ -50,7 +49,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from bson import ObjectId
@@ -77,8 +76,6 @@ from services.mail.documents import (
     CONTENTS,
     EMAILS,
     IDEMPOTENCY,
-    KEYS,
-    MIGRATIONS,
     NO_CONTENT,
     QUEUE,
     belongs_to,
@@ -87,7 +84,6 @@ from services.mail.documents import (
     email_from_doc,
     feed_events,
     insert_many_unique,
-    key_docs,
     partition,
     transition_update,
 )
@@ -96,7 +92,7 @@ from services.mail.feedback.suppression_store import SuppressionList
 from services.mail.group_commit import GroupCommit
 from services.mail.models import FINISHED, UNFINISHED, Email, EmailFilter, Event
 from services.mail.queue import INDEXES as QUEUE_INDEXES
-from services.mail.queue import ORPHAN_AGE, MongoDeliveryQueue, queue_entry, read_content
+from services.mail.queue import MongoDeliveryQueue, queue_entry, read_content
 from services.mail.tallies import FINEST, Tallies, ceil_to, floor_to
 from services.mail.tallies import INDEXES as TALLY_INDEXES
 
@@ -105,6 +101,8 @@ from services.mail.tallies import INDEXES as TALLY_INDEXES
 _NewEmail = tuple[Document | None, Document | None, Document]
 # Called with a group of new emails before their documents are written (may change them).
 Screen = Callable[[Sequence[Email]], Awaitable[None]]
+# Collections of earlier versions that nothing reads any more (`drop_retired`).
+RETIRED_COLLECTIONS = ("email_keys", "email_migrations")
 _WAITING = [s.value for s in outcomes.WAITING]
 _CLAIMABLE = [s.value for s in outcomes.CLAIMABLE]
 
@@ -137,13 +135,19 @@ INDEXES = (
     IndexSpec(EMAILS, [("status", ASCENDING), ("updated_at", ASCENDING)], "finished_age"),
     # Test emails' own, shorter retention: test emails by their last write.
     IndexSpec(EMAILS, [("test", ASCENDING), ("updated_at", ASCENDING)], "test_age"),
-    # ListEmails by recipient or tag: newest emails first among those with the key.
+    # ListEmails by recipient or tag: newest first among the emails holding the address or
+    # tag in the array. Multikey on MongoDB as any index on an array; on the embedded database
+    # the "_multikey" name asks for a side table with one row per element (docs/data-layer.md).
     IndexSpec(
-        KEYS,
-        [("tenant_id", ASCENDING), ("key", ASCENDING), ("email_id", DESCENDING)],
-        "keys_lookup",
+        EMAILS,
+        [("tenant_id", ASCENDING), ("recipient_addresses", ASCENDING), ("_id", DESCENDING)],
+        "tenant_recipient_newest_multikey",
     ),
-    IndexSpec(KEYS, [("created_at", ASCENDING)], "keys_age"),
+    IndexSpec(
+        EMAILS,
+        [("tenant_id", ASCENDING), ("tags", ASCENDING), ("_id", DESCENDING)],
+        "tenant_tag_newest_multikey",
+    ),
     # The queue engine's and the stats counts': this storage writes through both.
     *QUEUE_INDEXES,
     *TALLY_INDEXES,
@@ -227,12 +231,8 @@ class EmailRepository(Protocol):
         """Remove stats counts of creation buckets before `before`."""
         ...
 
-    async def sweep_keys(self, *, before: datetime) -> int:
-        """Remove ListEmails lookup keys of emails created before `before`."""
-        ...
-
-    async def backfill_keys(self, *, batches: int = 25) -> bool:
-        """Write lookup keys of emails stored before keys existed; True once all are done."""
+    async def drop_retired(self) -> None:
+        """Drop the collections an earlier version kept and none reads any more."""
         ...
 
     async def cancel(self, *, tenant_id: str, email_id: str, event: Event) -> Email | None:
@@ -328,19 +328,6 @@ def _transition_id(doc: Document, *, removal: bool) -> str:
     return f"{doc['_id']}:gone" if removal else f"{doc['_id']}:v{len(doc.get('events', []))}"
 
 
-def _matches(doc: Document, filter: EmailFilter) -> bool:
-    """Whether an email document passes every ListEmails filter (what the query would check)."""
-    created = doc["created_at"]
-    return (
-        (filter.status is None or doc["status"] == filter.status.value)
-        and (not filter.domain_id or doc["domain_id"] == filter.domain_id)
-        and (not filter.recipient or filter.recipient in doc.get("recipient_addresses", []))
-        and (not filter.tag or filter.tag in doc.get("tags", []))
-        and (filter.start is None or created >= filter.start)
-        and (filter.end is None or created < filter.end)
-    )
-
-
 async def _all_or_first_error(*writes: Awaitable[object]) -> None:
     """Run `writes` at once; once all have ended (landed or failed), raise the first failure.
 
@@ -373,8 +360,6 @@ class MongoEmailRepository:
         self._bucket = AsyncGridFSBucket(db, bucket_name=CONTENT_BUCKET)
         self._inline_limit = inline_limit
         self._inserts = GroupCommit(self._write_screened)
-        self._keys = db[KEYS]
-        self._migrations = db[MIGRATIONS]
         # The queue engine of this process (its workers', when they run here) and the stats
         # counts both share (one writer of its own documents; see tallies).
         self.delivery_queue = queue or MongoDeliveryQueue(
@@ -417,10 +402,6 @@ class MongoEmailRepository:
             )
             self.tallies.flush_soon()
         return stored
-
-    async def _write_keys(self, docs: Sequence[Document]) -> None:
-        # A taken _id is the same key written by an earlier try: nothing to do.
-        await insert_many_unique(self._keys, [key for doc in docs for key in key_docs(doc)])
 
     def _count_doc(self, doc: Document, n: int) -> None:
         self.tallies.add(
@@ -543,20 +524,21 @@ class MongoEmailRepository:
         # taken entry or content _id is a concurrent duplicate's (same idempotency key, same
         # request, same Message-ID); whether this email is the one stored is decided by the
         # email's own _id.
-        # Hints of the emails' first events (see `event_log`) and their lookup keys before the
-        # emails too: a crash in between leaves keys without an email (skipped by readers,
-        # removed when met and by age), never an email a filter misses.
-        # The four inserts at once: they depend on each other in nothing, and the embedded
-        # database commits concurrent writes together (one fsync for all four).
+        # Hints of the emails' first events (see `event_log`) before the emails too.
+        # The three inserts at once: they depend on each other in nothing, and the embedded
+        # database commits concurrent writes together (one fsync for all three).
         await _all_or_first_error(
             self._recorder.announce(
                 [Change(doc["_id"], doc[OUTBOX_FIELD]) for _, _, doc in batch],
                 now=max(doc["created_at"] for _, _, doc in batch),
             ),
-            self._write_keys([doc for _, _, doc in batch]),
             self.delivery_queue.add_entries([entry for entry, _, _ in batch if entry]),
-            insert_many_unique(self._contents, [body for _, body, _ in batch if body]),
+            self._write_contents([body for _, body, _ in batch if body]),
         )
+
+    async def _write_contents(self, bodies: list[Document]) -> None:
+        # A taken _id is a concurrent duplicate's content (same email id): nothing to do.
+        await insert_many_unique(self._contents, bodies)
 
     async def _insert_emails(self, batch: list[_NewEmail]) -> list[bool]:
         stored = await insert_many_unique(self._emails, [doc for _, _, doc in batch])
@@ -595,15 +577,10 @@ class MongoEmailRepository:
     ) -> list[Email]:
         """See `EmailRepository.page`.
 
-        A recipient or tag filter is served from ``email_keys`` (`_page_by_key`); the other
-        filters query the emails on their ``(tenant_id, ...)`` indexes. ``filter.test`` picks
-        the partition read (the keys of a test email carry its partition too).
+        Every filter queries the emails on a ``(tenant_id, ..., _id)`` index (recipient and
+        tag: an element of the array). ``filter.test`` picks the partition read.
         """
         tenant_id = partition(tenant_id, filter.test)
-        if filter.recipient or filter.tag:
-            return await self._page_by_key(
-                tenant_id=tenant_id, filter=filter, before_id=before_id, limit=limit
-            )
         query: Document = {"tenant_id": tenant_id}
         if before_id:
             query["_id"] = {"$lt": before_id}
@@ -611,6 +588,10 @@ class MongoEmailRepository:
             query["status"] = filter.status.value
         if filter.domain_id:
             query["domain_id"] = filter.domain_id
+        if filter.recipient:
+            query["recipient_addresses"] = filter.recipient
+        if filter.tag:
+            query["tags"] = filter.tag
         created: Document = {}
         if filter.start is not None:
             created["$gte"] = filter.start
@@ -621,95 +602,16 @@ class MongoEmailRepository:
         cursor = self._emails.find(query, API_VIEW).sort("_id", DESCENDING).limit(limit)
         return [email_from_doc(d) async for d in cursor]
 
-    async def _page_by_key(
-        self, *, tenant_id: str, filter: EmailFilter, before_id: str | None, limit: int
-    ) -> list[Email]:
-        """A page of the emails holding a recipient (or tag) key, newest first.
+    async def drop_retired(self) -> None:
+        """See `EmailRepository.drop_retired`.
 
-        Array fields cannot be indexed by the embedded database's pushdown, so every email has
-        one small ``email_keys`` document per recipient address and per tag (scalar fields:
-        tenant, key, email id, creation time). Keys are read newest email first through the
-        ``keys_lookup`` index, their emails fetched by ``_id``, and the rest of the filter
-        (status, domain, the other key, time) checked on the email. A key whose email does
-        not exist (a crashed submit or removal) is skipped, and removed once older than a
-        crashed submit could still be in flight. Cost: the page plus the keyed emails that
-        fail the rest of the filter.
+        ``email_keys`` (and ``email_migrations``, its backfill's position) held a document per
+        recipient and tag of every email for the recipient and tag filters, before multikey
+        indexes served them. Dropped on every retention run, not once: a process of the
+        earlier version still running during an upgrade may write keys again.
         """
-        key = f"r:{filter.recipient}" if filter.recipient else f"t:{filter.tag}"
-        out: list[Email] = []
-        # With the key as the only filter every keyed email belongs on the page (orphans
-        # aside, which the next round makes up for): read exactly the page. Each email is one
-        # more lookup, so spares are fetched only when the rest of the filter may reject some.
-        alone = (
-            filter.status is None
-            and not filter.domain_id
-            and filter.start is None
-            and filter.end is None
-            and not (filter.recipient and filter.tag)
-        )
-        batch = limit if alone else max(limit, MAX_WRITE_BATCH)
-        while len(out) < limit:
-            query: Document = {"tenant_id": tenant_id, "key": key}
-            if before_id:
-                query["email_id"] = {"$lt": before_id}
-            cursor = self._keys.find(query).sort("email_id", DESCENDING).limit(batch)
-            keys = [k async for k in cursor]
-            if not keys:
-                break
-            # One `_id $in` read (served by the primary key on both databases): 1.9 ms for
-            # 20 emails on the embedded database against 4.5 ms for 20 lookups in parallel.
-            wanted = [k["email_id"] for k in keys]
-            found = {
-                d["_id"]: d async for d in self._emails.find({"_id": {"$in": wanted}}, API_VIEW)
-            }
-            orphans = []
-            for k in keys:
-                doc = found.get(k["email_id"])
-                if doc is None or doc.get("tenant_id") != tenant_id:
-                    if k["created_at"] < datetime.now(UTC) - ORPHAN_AGE:
-                        orphans.append(DeleteOne({"_id": k["_id"]}))
-                    continue
-                if _matches(doc, filter) and len(out) < limit:
-                    out.append(email_from_doc(doc))
-            if orphans:
-                await self._keys.bulk_write(orphans, ordered=False)
-            before_id = keys[-1]["email_id"]
-            if len(keys) < batch:
-                break
-        return out
-
-    async def backfill_keys(self, *, batches: int = 25) -> bool:
-        """Write the lookup keys of emails stored before keys existed, a bounded part per run.
-
-        Walks the emails in ``_id`` order from where the last run stopped (its position is
-        kept in ``email_migrations``); writing a key twice changes nothing, so concurrent or
-        repeated runs are harmless. Emails stored since have their keys already.
-
-        Returns:
-            Whether every email has been walked.
-        """
-        state = await self._migrations.find_one({"_id": KEYS})
-        if state is not None and state.get("done"):
-            return True
-        last = state.get("last") if state is not None else None
-        fields = {"tenant_id": 1, "recipient_addresses": 1, "tags": 1, "created_at": 1}
-        for _ in range(batches):
-            query: Document = {"_id": {"$gt": last}} if last else {}
-            cursor = self._emails.find(query, fields).sort("_id", ASCENDING)
-            docs = [d async for d in cursor.limit(MAX_WRITE_BATCH)]
-            if not docs:
-                await self._migrations.update_one(
-                    {"_id": KEYS}, {"$set": {"done": True}}, upsert=True
-                )
-                return True
-            await self._write_keys(docs)
-            last = docs[-1]["_id"]
-            await self._migrations.update_one({"_id": KEYS}, {"$set": {"last": last}}, upsert=True)
-        return False
-
-    async def sweep_keys(self, *, before: datetime) -> int:
-        """Remove lookup keys of emails created before `before` (none of them is left)."""
-        return await delete_older(self._keys, "created_at", before)
+        for name in RETIRED_COLLECTIONS:
+            await self._db.drop_collection(name)
 
     async def content(self, *, email: Email) -> bytes:
         """See `EmailRepository.content`."""
@@ -840,9 +742,6 @@ class MongoEmailRepository:
         """
         await self._outbox.copy_outbox(docs)
         await self._emails.bulk_write([DeleteOne({"_id": d["_id"]}) for d in docs], ordered=False)
-        keys = [DeleteOne({"_id": k["_id"]}) for d in docs for k in key_docs(d)]
-        for part in chunked(keys):
-            await self._keys.bulk_write(list(part), ordered=False)
         # (The caller's batch is at most `MAX_WRITE_BATCH`; chunked all the same.)
         for ids in chunked([d["_id"] for d in docs]):
             await self._contents.delete_many({"_id": {"$in": list(ids)}})
@@ -1120,8 +1019,7 @@ __all__ = [
     "EMAILS",
     "IDEMPOTENCY",
     "INDEXES",
-    "KEYS",
-    "MIGRATIONS",
+    "RETIRED_COLLECTIONS",
     "QUEUE",
     "EmailRepository",
     "Screen",

@@ -24,7 +24,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from services.core.ids import new_id
 from services.core.mongo import Document, ensure_indexes
 from services.mail.app import MAIL_INDEXES
-from services.mail.documents import CLAIMS, CONTENTS, EMAILS, KEYS, QUEUE
+from services.mail.documents import CLAIMS, CONTENTS, EMAILS, QUEUE
 from services.mail.feedback.event_log import HINTS, OUTBOX_FIELD
 from services.mail.models import Email, EmailStatus, SmtpReply
 from services.mail.outcomes import RetryPolicy, after_attempt, decide, suppress_new
@@ -193,26 +193,26 @@ async def test_concurrent_new_emails_are_screened_and_written_as_one_group(
 async def test_the_screen_reads_while_the_writes_before_the_emails_go_out(
     counted: tuple[MongoEmailRepository, Commands, AsyncDatabase[Document]],
 ) -> None:
-    # The screen does not wait for the lookup keys' insert, nor the keys for the screen: here
-    # the screen waits until the keys' insert has begun, which only happens if both run at
-    # once (one after the other, the screen would wait in vain). What it changed is still
+    # The screen does not wait for the contents' insert, nor the contents for the screen: here
+    # the screen waits until the contents' insert has begun, which only happens if both run
+    # at once (one after the other, the screen would wait in vain). What it changed is still
     # what is stored: its email SUPPRESSED, without a queue entry, with the added event
     # announced by a hint of its own.
     emails, _, db = counted
     email = new_email(new_id(), 0)
-    keys_begun = asyncio.Event()
-    write_keys = emails._write_keys
+    contents_begun = asyncio.Event()
+    write_contents = emails._write_contents
 
-    async def keys_seen(docs: Sequence[Document]) -> None:
-        keys_begun.set()
-        await write_keys(docs)
+    async def contents_seen(bodies: list[Document]) -> None:
+        contents_begun.set()
+        await write_contents(bodies)
 
     async def screen(group: Sequence[Email]) -> None:
-        await asyncio.wait_for(keys_begun.wait(), timeout=10)
+        await asyncio.wait_for(contents_begun.wait(), timeout=10)
         for e in group:
             suppress_new(e, {e.recipients[0].address: "manual"}, now=e.created_at)
 
-    emails._write_keys = keys_seen  # type: ignore[method-assign]
+    emails._write_contents = contents_seen  # type: ignore[method-assign]
     assert await emails.insert(email=email, screen=screen)
     stored = await db[EMAILS].find_one({"_id": email.id})
     assert stored is not None
@@ -234,26 +234,25 @@ async def test_the_screen_reads_while_the_writes_before_the_emails_go_out(
 async def test_a_failed_insert_of_the_group_stores_no_email(
     counted: tuple[MongoEmailRepository, Commands, AsyncDatabase[Document]],
 ) -> None:
-    # The hints, keys, queue entries and contents go in at once, the emails after them: if one
-    # of the four fails, the send fails and no email is stored (what the others left behind is
+    # The hints, queue entries and contents go in at once, the emails after them: if one of
+    # the three fails, the send fails and no email is stored (what the others left behind is
     # what a crash leaves, cleaned up as such). The failure is raised only once the others have
-    # ended: here the lookup keys' insert is slow and the queue's fails at once, and the keys
-    # have landed by the time the caller hears of the failure (nothing left running unobserved).
+    # ended: here the contents' insert is slow and the queue's fails at once, and the content
+    # has landed by the time the caller hears of the failure (nothing left running unobserved).
     emails, _, db = counted
     email = new_email(new_id(), 0)
-    write_keys = emails._write_keys
+    write_contents = emails._write_contents
 
-    async def slow_keys(docs: Sequence[Document]) -> None:
+    async def slow_contents(bodies: list[Document]) -> None:
         await asyncio.sleep(0.3)
-        await write_keys(docs)
+        await write_contents(bodies)
 
     async def broken(entries: Sequence[Document]) -> None:
         raise RuntimeError("the queue is on fire")
 
-    emails._write_keys = slow_keys  # type: ignore[method-assign]
+    emails._write_contents = slow_contents  # type: ignore[method-assign]
     emails.delivery_queue.add_entries = broken  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="on fire"):
         await emails.insert(email=email)
     assert await db[EMAILS].find_one({"_id": email.id}) is None
-    assert await db[KEYS].count_documents({"email_id": email.id}) == 1  # its recipient's key
     assert await db[CONTENTS].find_one({"_id": email.id}) is not None

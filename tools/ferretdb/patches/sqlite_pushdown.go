@@ -245,6 +245,19 @@ type pushdownPlan struct {
 	sorted  bool
 	columns int // index columns used (pushed conditions and sort)
 	index   string
+	from    string // for a multikey index: the FROM clause joining its side table, else ""
+}
+
+// selectFrom returns the SELECT of a multikey plan: the documents of the joined table, with
+// the query's comment spelled as prepareSelectClause spells it.
+func (p *pushdownPlan) selectFrom(comment string) string {
+	if comment != "" {
+		comment = strings.ReplaceAll(comment, "/*", "/ *")
+		comment = strings.ReplaceAll(comment, "*/", "* /")
+		comment = `/* ` + comment + ` */`
+	}
+
+	return fmt.Sprintf(`SELECT %s e.%s`, comment, metadata.DefaultColumn) + p.from
 }
 
 func (p *pushdownPlan) add(cond string, args ...any) {
@@ -372,6 +385,79 @@ func planIndex(ctx context.Context, db *fsql.DB, table string, index metadata.In
 	return p, nil
 }
 
+// planMultikey plans a query on a multikey index's side table (metadata/multikey_index.go),
+// joined to the collection's table. A document has one side row per element of each key
+// field, so the plan must select at most one row per document: every key column but the last
+// is pinned by an equality to one value of one type (an element equal to it, whether alone or
+// in an array, matches, as in MongoDB; the side table holds equal elements once), and the
+// last is pinned the same way or, after two index lookups showed that every candidate row
+// holds one scalar type there (no array elements, nothing missing: the last column's type
+// names say "array:" for elements), carries the ranges and the sort. Otherwise it returns nil.
+func planMultikey(ctx context.Context, db *fsql.DB, table string, index metadata.IndexInfo, conds map[string]*fieldCond, sortField string, sortDesc bool) (*pushdownPlan, error) { //nolint:lll // for readability
+	side := metadata.MultikeySideTable(table + "_" + index.Name)
+	p := &pushdownPlan{
+		index: index.Name,
+		from:  fmt.Sprintf(` FROM %q AS s JOIN %q AS e ON e.rowid = s.doc`, side, table),
+	}
+
+	for i, key := range index.Key {
+		c := conds[key.Field]
+		tag, val := fmt.Sprintf("s.t%d", i), fmt.Sprintf("s.v%d", i)
+
+		if c != nil && len(c.eq) == 1 && len(c.tags) == 1 {
+			if i < len(index.Key)-1 {
+				p.add(tag+" = ?", c.tags[0])
+			} else {
+				p.add(tag+" IN (?, ?)", c.tags[0], "array:"+c.tags[0]) // metadata/multikey_index.go
+			}
+
+			p.add(val+" = ?", c.eq[0])
+			p.columns++
+
+			continue
+		}
+
+		if i < len(index.Key)-1 {
+			return nil, nil
+		}
+
+		q := fmt.Sprintf(
+			`SELECT (SELECT %[3]s FROM %[1]q AS s%[2]s ORDER BY %[3]s LIMIT 1), (SELECT %[3]s FROM %[1]q AS s%[2]s ORDER BY %[3]s DESC LIMIT 1)`,
+			side, p.whereClause(), tag,
+		)
+
+		var first, last *string
+		if err := db.QueryRowContext(ctx, q, append(slices.Clone(p.args), p.args...)...).Scan(&first, &last); err != nil {
+			return nil, lazyerrors.Error(err)
+		}
+
+		if first == nil || last == nil || *first != *last || !slices.Contains(sortableTags, *first) {
+			return nil, nil
+		}
+
+		p.add(tag+" = ?", *first)
+
+		if c != nil && slices.Contains(c.tags, *first) {
+			for _, r := range c.ranges {
+				p.add(fmt.Sprintf("%s %s ?", val, r.op), r.arg)
+			}
+		}
+
+		if key.Field == sortField {
+			p.orderBy = " ORDER BY " + val
+			if sortDesc {
+				p.orderBy += " DESC"
+			}
+
+			p.sorted = true
+		}
+
+		p.columns++
+	}
+
+	return p, nil
+}
+
 // and returns the word that joins one more condition to p's WHERE clause.
 func and(p *pushdownPlan) string {
 	if len(p.where) == 0 {
@@ -468,7 +554,7 @@ func planPushdown(ctx context.Context, db *fsql.DB, meta *metadata.Collection, f
 	arrays := map[string]bool{}
 
 	for _, index := range meta.Settings.Indexes {
-		if !index.Typed {
+		if !index.Typed && !index.Multikey {
 			continue
 		}
 
@@ -477,9 +563,21 @@ func planPushdown(ctx context.Context, db *fsql.DB, meta *metadata.Collection, f
 			continue
 		}
 
-		p, err := planIndex(ctx, db, meta.TableName, index, conds, sortField, sortDesc, arrays)
+		var p *pushdownPlan
+		var err error
+
+		if index.Multikey {
+			p, err = planMultikey(ctx, db, meta.TableName, index, conds, sortField, sortDesc)
+		} else {
+			p, err = planIndex(ctx, db, meta.TableName, index, conds, sortField, sortDesc, arrays)
+		}
+
 		if err != nil {
 			return nil, err
+		}
+
+		if p == nil {
+			continue
 		}
 
 		switch {

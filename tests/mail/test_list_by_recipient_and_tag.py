@@ -1,9 +1,9 @@
-"""ListEmails by recipient or tag, served from the ``email_keys`` lookup documents.
+"""ListEmails by recipient or tag, served by multikey indexes on the emails' arrays.
 
-The pages must be exactly what a query on the emails' arrays returns (MongoDB semantics, in
-``_id`` order), for every combination with the other filters and across pages; a key left
-without its email (a crash between the key and the email, or during a removal) is skipped and
-removed; deletes and retention take an email's keys with it.
+The pages must be exactly the emails whose array holds the address or tag (MongoDB semantics,
+newest first), for every combination with the other filters and across pages; a page is one
+read; emails stored before the indexes existed are found once they are created; the lookup
+documents earlier versions kept are dropped.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 from azora.mail.v1 import mail_pb2
 from pymongo import AsyncMongoClient, monitoring
 
+from services.core.mongo import ensure_indexes
 from services.mail.models import EmailFilter, EmailStatus
-from services.mail.repository import EMAILS, KEYS, MongoEmailRepository
+from services.mail.repository import EMAILS, INDEXES, RETIRED_COLLECTIONS, MongoEmailRepository
 from tests.conftest import Tenant
 from tests.mail.conftest import START, LocalMail
 
@@ -26,10 +27,27 @@ E = mail_pb2
 async def expected(
     mail: LocalMail, tenant: Tenant, query: dict[str, Any], limit: int = 1000
 ) -> list[str]:
-    """Ids the filter selects when asked of the emails' own fields, newest first."""
+    """Ids the filter selects, newest first, decided here from every email of the tenant.
+
+    Not a database query: the listing runs the same query, so the expectation applies the
+    filter's meaning itself (an address or tag matches when the array holds it; a time range
+    compares; anything else is equality).
+    """
     db = mail.app.running.database.db
-    cursor = db[EMAILS].find({"tenant_id": tenant.id, **query}, {"_id": 1}).sort("_id", -1)
-    return [d["_id"] async for d in cursor.limit(limit)]
+    ids = []
+    async for doc in db[EMAILS].find({"tenant_id": tenant.id}).sort("_id", -1):
+        if all(_holds(doc, field, want) for field, want in query.items()):
+            ids.append(doc["_id"])
+    return ids[:limit]
+
+
+def _holds(doc: dict[str, Any], field: str, want: Any) -> bool:
+    value = doc.get(field)
+    if field in ("recipient_addresses", "tags"):
+        return want in (value or [])
+    if isinstance(want, dict):
+        return all({"$gte": value >= bound, "$lt": value < bound}[op] for op, bound in want.items())
+    return bool(value == want)
 
 
 async def listed(mail: LocalMail, tenant: Tenant, page_size: int, **filters: Any) -> list[str]:
@@ -126,18 +144,15 @@ async def test_recipient_and_tag_filters_match_the_emails_exactly(
     assert d1 != d2
 
 
-class EmailLookups(monitoring.CommandListener):
-    """Emails the driver asks the ``emails`` collection for (`count`), and in how many reads."""
+class Reads(monitoring.CommandListener):
+    """The collections the driver reads (`find`), in order."""
 
     def __init__(self) -> None:
-        self.count = 0
-        self.reads = 0
+        self.collections: list[str] = []
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command_name == "find" and event.command["find"] == EMAILS:
-            self.reads += 1
-            by_id = event.command.get("filter", {}).get("_id")
-            self.count += len(by_id["$in"]) if isinstance(by_id, dict) and "$in" in by_id else 1
+        if event.command_name == "find":
+            self.collections.append(event.command["find"])
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -146,98 +161,74 @@ class EmailLookups(monitoring.CommandListener):
         pass
 
 
-async def test_a_key_alone_reads_only_the_page_of_emails(
+async def test_a_page_by_recipient_or_tag_is_one_read_of_the_emails(
     local_mail: LocalMail, tenant: Tenant
 ) -> None:
-    # Keyed emails are read by id, one `_id $in` read per batch of keys: with the tag or
-    # recipient as the only filter, a page of 5 (6 asked for, as ListEmails does to know
-    # whether a next page exists) reads 6 of the 30 tagged emails, not spares for filters that
-    # are not there; with a status as well spares are still read, and every page is the one the
-    # emails' own fields give.
+    # The multikey indexes serve the filters: a page is one query of the emails, with the
+    # other filters or without, and it is the page the emails' own fields give.
     _, name = local_mail.add_domain(tenant, port=9)
     for _ in range(30):
         await local_mail.send(
             tenant, from_address=f"s@{name}", to=["a@example.org"], text="t", tags=["x"]
         )
-    listener = EmailLookups()
+    reads = Reads()
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        local_mail.settings.mongodb_uri, tz_aware=True, event_listeners=[listener]
+        local_mail.settings.mongodb_uri, tz_aware=True, event_listeners=[reads]
     )
     try:
         repo = MongoEmailRepository(client[local_mail.settings.mongodb_database], inline_limit=0)
         newest = await expected(local_mail, tenant, {"tags": "x"}, limit=6)
-        for key in (EmailFilter(tag="x"), EmailFilter(recipient="a@example.org")):
+        for key in (
+            EmailFilter(tag="x"),
+            EmailFilter(recipient="a@example.org"),
+            EmailFilter(tag="x", status=EmailStatus.QUEUED),
+        ):
+            reads.collections.clear()
             page = await repo.page(tenant_id=tenant.id, filter=key, before_id=None, limit=6)
-            assert [e.id for e in page] == newest
-        assert (listener.count, listener.reads) == (12, 2)
-        listener.count = 0
-        queued = EmailFilter(tag="x", status=EmailStatus.QUEUED)
-        page = await repo.page(tenant_id=tenant.id, filter=queued, before_id=None, limit=6)
-        assert [e.id for e in page] == newest
-        assert listener.count > 6
+            assert [e.id for e in page] == newest, key
+            assert reads.collections == [EMAILS], key
     finally:
         await client.close()
 
 
-async def test_orphan_keys_are_skipped_and_removed_and_removals_take_keys(
+async def test_emails_stored_before_the_indexes_existed_are_found(
     local_mail: LocalMail, tenant: Tenant
 ) -> None:
-    # A key whose email is missing (what a crash between the key and the email leaves) never
-    # shows and is removed when met; deleting an email removes its keys.
+    # An upgrade creates the multikey indexes on a collection that already holds emails (an
+    # earlier version served these filters from lookup documents): creating the index takes
+    # the stored emails in, on the embedded database by filling its side table.
     _, name = local_mail.add_domain(tenant, port=9)
-    kept = await local_mail.send(
-        tenant, from_address=f"s@{name}", to=["a@example.org"], text="t", tags=["x"]
-    )
-    gone = await local_mail.send(
-        tenant, from_address=f"s@{name}", to=["a@example.org"], text="t", tags=["x"]
-    )
     db = local_mail.app.running.database.db
-    assert await db[KEYS].count_documents({"email_id": gone.id}) == 2
-    ghost = "f" * 24  # an id newer than any email: met first
-    await db[KEYS].insert_one(
-        {
-            "_id": f"{tenant.id}|t:x|{ghost}",
-            "tenant_id": tenant.id,
-            "key": "t:x",
-            "email_id": ghost,
-            "created_at": START - timedelta(hours=1),
-        }
-    )
-    # Cancel, then remove, one of them: its keys go with it.
-    for _ in range(2):
-        await local_mail.stub.DeleteEmail(
-            E.DeleteEmailRequest(id=gone.id), metadata=tenant.metadata
-        )
-    assert await db[KEYS].count_documents({"email_id": gone.id}) == 0
-    page = await local_mail.stub.ListEmails(E.ListEmailsRequest(tag="x"), metadata=tenant.metadata)
-    assert [e.id for e in page.emails] == [kept.id]
-    assert await db[KEYS].count_documents({"email_id": ghost}) == 0
-
-
-async def test_emails_stored_before_keys_existed_get_theirs(
-    local_mail: LocalMail, tenant: Tenant
-) -> None:
-    # An email stored by a version without lookup keys (simulated: its keys removed and the
-    # migration not run yet) is not found by a recipient filter until the backfill, a bounded
-    # part per run, has walked it; then it is.
-    from services.mail.repository import MIGRATIONS
-
-    _, name = local_mail.add_domain(tenant, port=9)
+    multikey = [spec for spec in INDEXES if spec.name.endswith("_multikey")]
+    assert len(multikey) == 2
+    for spec in multikey:
+        await db[EMAILS].drop_index(spec.name)
     olds = [
-        await local_mail.send(tenant, from_address=f"s@{name}", to=["old@example.org"], text="t")
+        await local_mail.send(
+            tenant, from_address=f"s@{name}", to=["old@example.org"], text="t", tags=["o"]
+        )
         for _ in range(45)
     ]
-    db = local_mail.app.running.database.db
-    await db[KEYS].delete_many({})
-    await db[MIGRATIONS].delete_many({})
-    first = await local_mail.stub.ListEmails(
-        E.ListEmailsRequest(recipient="old@example.org"), metadata=tenant.metadata
+    await ensure_indexes(db, INDEXES)
+    want = sorted((e.id for e in olds), reverse=True)
+    assert await listed(local_mail, tenant, 50, recipient="old@example.org") == want
+    assert await listed(local_mail, tenant, 7, tag="o") == want
+    # And mail written after the index is in it as it is written.
+    new = await local_mail.send(
+        tenant, from_address=f"s@{name}", to=["old@example.org"], text="t", tags=["o"]
     )
-    assert list(first.emails) == []
-    emails = local_mail.app.emails
-    assert await emails.backfill_keys(batches=1) is False  # 40 of 45 walked
-    assert await emails.backfill_keys(batches=1) is False  # the last 5
-    assert await emails.backfill_keys(batches=1) is True
-    listed_ids = await listed(local_mail, tenant, 50, recipient="old@example.org")
-    assert listed_ids == sorted((e.id for e in olds), reverse=True)
-    assert await emails.backfill_keys() is True  # done: nothing read any more
+    assert (await listed(local_mail, tenant, 50, tag="o"))[0] == new.id
+
+
+async def test_the_lookup_documents_of_earlier_versions_are_dropped(
+    local_mail: LocalMail, tenant: Tenant
+) -> None:
+    # email_keys and its backfill's position are dropped by the retention run (again after
+    # an earlier version still running wrote some).
+    db = local_mail.app.running.database.db
+    for _ in range(2):
+        for name in RETIRED_COLLECTIONS:
+            await db[name].insert_one({"_id": "left-by-an-earlier-version"})
+        assert set(RETIRED_COLLECTIONS) <= set(await db.list_collection_names())
+        await local_mail.app.mail.sweep_retention()
+        assert not set(RETIRED_COLLECTIONS) & set(await db.list_collection_names())
