@@ -14,7 +14,7 @@ Not a test: it prints figures (`make bench-data`). What runs, all on this machin
     created over the last 30 days plus ``--scheduled`` emails scheduled far in the future
     (they sit in the queue every poll looks at);
   each filled through the product's own storage code (`MongoEmailRepository.insert_many`, as a
-  batch send writes: lookup keys, queue entries and emails in capped chunks, then the stats
+  batch send writes: hints, queue entries, contents and emails in capped chunks, then the stats
   counts) across ``--tenants`` tenants with three domains each;
 * the mail service (gRPC, in this process, workers off while reading) and the domain service
   (for ListDomains) on each database; a loopback SMTP sink for the delivery runs (``smtp-sink``

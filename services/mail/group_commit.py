@@ -1,6 +1,6 @@
 """Group commit: many callers' writes to the database go out together, a batch per command.
 
-Used by the mail storage for new emails and lookup keys, by the queue engine for attempt
+Used by the mail storage for new emails, by the queue engine for attempt
 outcomes (which it keeps while the database is away), and by the send path to group
 concurrent requests' suppression lookups (reads, same mechanism: one query per group).
 """

@@ -1,6 +1,6 @@
 """The shared bounded sweep (`services.core.mongo.delete_older`) on a real FerretDB.
 
-Every sweeper (idempotency records, claims, rate-limit counts, stats counts, lookup keys)
+Every sweeper (idempotency records, claims, rate-limit counts, stats counts, events)
 deletes through it: oldest first, at most 40 ids per read and per delete command, a bounded
 number of batches per run, nothing at or after the cutoff.
 """

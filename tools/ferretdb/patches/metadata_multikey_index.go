@@ -48,13 +48,12 @@ func MultikeySideTable(sqlIndexName string) string {
 // multikeyTriggers are the suffixes of the side table's triggers.
 var multikeyTriggers = []string{"_ai", "_au", "_ad"}
 
-// multikeyRows returns a SELECT of the side rows of the document in row (a table alias or
-// `new`): a cross join of one json_each per key field, each LEFT JOINed so that a missing
-// field still gives its one NULL row.
-func multikeyRows(row string, keys []IndexKeyPair) string {
-	doc := row + "." + DefaultColumn
-	cols := []string{row + ".rowid"}
-	from := ""
+// multikeyRows returns a SELECT of the side rows of a document: rowid is its rowid, doc its
+// document (text or JSONB), from the FROM clause that provides both; then a cross join of one
+// json_each per key field, each LEFT JOINed so that a missing field still gives its one NULL
+// row.
+func multikeyRows(rowid, doc, from string, keys []IndexKeyPair) string {
+	cols := []string{rowid}
 
 	for i, k := range keys {
 		path := fmt.Sprintf(`'$."%s"'`, k.Field)
@@ -75,7 +74,16 @@ func multikeyRows(row string, keys []IndexKeyPair) string {
 		from += fmt.Sprintf(" LEFT JOIN json_each(%s, %s) AS %s", doc, path, elem)
 	}
 
-	return "SELECT " + strings.Join(cols, ", ") + " FROM (SELECT 1)" + from
+	return "SELECT " + strings.Join(cols, ", ") + from
+}
+
+// newRows returns the SELECT of the side rows of the document a trigger wrote (`new`). Every
+// JSON function over a text argument parses the whole document, and the rows' expressions
+// call about four per key field; so the document is converted to SQLite's binary JSON once
+// (the LIMIT keeps SQLite from substituting the expression into each use) and read from that.
+func newRows(keys []IndexKeyPair) string {
+	from := fmt.Sprintf(" FROM (SELECT jsonb(new.%s) AS b LIMIT 1) AS d", DefaultColumn)
+	return multikeyRows("new.rowid", "d.b", from, keys)
 }
 
 // MultikeyCreate returns the statements that create the side table of the index (SQL name
@@ -90,14 +98,23 @@ func MultikeyCreate(table, sqlIndexName string, keys []IndexKeyPair) []string {
 
 	all := strings.Join(cols, ", ")
 
-	changed := make([]string, len(keys))
+	// The update trigger runs only when a key field changed: one json_extract of all key
+	// fields from each side (two parses of the document, not two per field).
+	paths := make([]string, len(keys))
 	for i, k := range keys {
-		changed[i] = fmt.Sprintf(`old.%[1]s->'$."%[2]s"' IS NOT new.%[1]s->'$."%[2]s"'`, DefaultColumn, k.Field)
+		paths[i] = fmt.Sprintf(`'$."%s"'`, k.Field)
 	}
 
-	// The backfill reads the table as a (SELECT 1) LEFT JOIN chain per row; SQLite needs the
-	// table's alias in the chain's place of `new`.
-	backfill := strings.Replace(multikeyRows("e", keys), " FROM (SELECT 1)", fmt.Sprintf(" FROM %q AS e", table), 1)
+	keyFields := strings.Join(paths, ", ")
+	changed := fmt.Sprintf(
+		"json_extract(old.%[1]s, %[2]s) IS NOT json_extract(new.%[1]s, %[2]s)", DefaultColumn, keyFields,
+	)
+	if len(keys) == 1 {
+		// (json_extract of one path returns the value itself, not an array of values.)
+		changed = fmt.Sprintf("old.%[1]s->%[2]s IS NOT new.%[1]s->%[2]s", DefaultColumn, keyFields)
+	}
+
+	backfill := multikeyRows("e.rowid", "e."+DefaultColumn, fmt.Sprintf(" FROM %q AS e", table), keys)
 
 	return []string{
 		fmt.Sprintf("CREATE TABLE %q (doc INTEGER NOT NULL, %s)", side, all),
@@ -105,9 +122,9 @@ func MultikeyCreate(table, sqlIndexName string, keys []IndexKeyPair) []string {
 		fmt.Sprintf("CREATE INDEX %q ON %q (doc)", side+"_doc", side),
 		fmt.Sprintf("INSERT OR IGNORE INTO %q (doc, %s) %s", side, all, backfill),
 		fmt.Sprintf("CREATE TRIGGER %q AFTER INSERT ON %q BEGIN INSERT OR IGNORE INTO %q (doc, %s) %s; END",
-			side+multikeyTriggers[0], table, side, all, multikeyRows("new", keys)),
+			side+multikeyTriggers[0], table, side, all, newRows(keys)),
 		fmt.Sprintf("CREATE TRIGGER %q AFTER UPDATE ON %q WHEN %s BEGIN DELETE FROM %q WHERE doc = old.rowid; INSERT OR IGNORE INTO %q (doc, %s) %s; END",
-			side+multikeyTriggers[1], table, strings.Join(changed, " OR "), side, side, all, multikeyRows("new", keys)),
+			side+multikeyTriggers[1], table, changed, side, side, all, newRows(keys)),
 		fmt.Sprintf("CREATE TRIGGER %q AFTER DELETE ON %q BEGIN DELETE FROM %q WHERE doc = old.rowid; END",
 			side+multikeyTriggers[2], table, side),
 	}
