@@ -265,6 +265,23 @@ func (p *pushdownPlan) add(cond string, args ...any) {
 	p.args = append(p.args, args...)
 }
 
+// addRanges adds the range conditions on the SQL value expression val.
+func (p *pushdownPlan) addRanges(val string, ranges []rangeCond) {
+	for _, r := range ranges {
+		p.add(fmt.Sprintf("%s %s ?", val, r.op), r.arg)
+	}
+}
+
+// sortBy orders the rows by the SQL value expression val: the plan is sorted.
+func (p *pushdownPlan) sortBy(val string, desc bool) {
+	p.orderBy = " ORDER BY " + val
+	if desc {
+		p.orderBy += " DESC"
+	}
+
+	p.sorted = true
+}
+
 func (p *pushdownPlan) whereClause() string {
 	if len(p.where) == 0 {
 		return ""
@@ -347,17 +364,10 @@ func planIndex(ctx context.Context, db *fsql.DB, table string, index metadata.In
 				p.add(tag+" = ?", *first)
 
 				if c != nil && slices.Contains(c.tags, *first) {
-					for _, r := range c.ranges {
-						p.add(fmt.Sprintf("%s %s ?", val, r.op), r.arg)
-					}
+					p.addRanges(val, c.ranges)
 				}
 
-				p.orderBy = " ORDER BY " + val
-				if sortDesc {
-					p.orderBy += " DESC"
-				}
-
-				p.sorted = true
+				p.sortBy(val, sortDesc)
 				p.columns++
 
 				return p, nil
@@ -372,9 +382,7 @@ func planIndex(ctx context.Context, db *fsql.DB, table string, index metadata.In
 
 			p.add(fmt.Sprintf("%s IN (%s)", tag, placeholders(len(c.tags))), stringArgs(c.tags)...)
 
-			for _, r := range c.ranges {
-				p.add(fmt.Sprintf("%s %s ?", val, r.op), r.arg)
-			}
+			p.addRanges(val, c.ranges)
 
 			p.columns++
 		}
@@ -438,18 +446,11 @@ func planMultikey(ctx context.Context, db *fsql.DB, table string, index metadata
 		p.add(tag+" = ?", *first)
 
 		if c != nil && slices.Contains(c.tags, *first) {
-			for _, r := range c.ranges {
-				p.add(fmt.Sprintf("%s %s ?", val, r.op), r.arg)
-			}
+			p.addRanges(val, c.ranges)
 		}
 
 		if key.Field == sortField {
-			p.orderBy = " ORDER BY " + val
-			if sortDesc {
-				p.orderBy += " DESC"
-			}
-
-			p.sorted = true
+			p.sortBy(val, sortDesc)
 		}
 
 		p.columns++
