@@ -157,8 +157,19 @@ def create_client(settings: Settings, **options: Any) -> AsyncMongoClient[Docume
     )
 
 
-async def ensure_indexes(db: AsyncDatabase[Document], specs: Sequence[IndexSpec]) -> None:
-    """Create every declared index and drop the retired ones; a no-op for what is done."""
+async def ensure_indexes(
+    db: AsyncDatabase[Document],
+    specs: Sequence[IndexSpec],
+    *,
+    retired_collections: Sequence[str] = (),
+) -> None:
+    """Create every declared index and drop the retired ones; a no-op for what is done.
+
+    `retired_collections`: collections an earlier version kept and nothing reads any more,
+    dropped whole (absent ones are no-ops).
+    """
+    for name in retired_collections:
+        await db.drop_collection(name)
     for spec in specs:
         if spec.retired:
             try:

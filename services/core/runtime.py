@@ -103,8 +103,13 @@ class RunningService:
         await self.close_resources()
 
 
-async def prepare_database(db: AsyncDatabase[Document], indexes: Sequence[IndexSpec]) -> None:
-    """Wait until the database answers, then create the declared indexes.
+async def prepare_database(
+    db: AsyncDatabase[Document],
+    indexes: Sequence[IndexSpec],
+    *,
+    retired_collections: Sequence[str] = (),
+) -> None:
+    """Wait until the database answers, then create the declared indexes (`ensure_indexes`).
 
     Retries with a capped backoff so a service started before its database (compose, k8s,
     `make run`) becomes ready by itself instead of crashing.
@@ -112,7 +117,7 @@ async def prepare_database(db: AsyncDatabase[Document], indexes: Sequence[IndexS
     delay = 0.2
     while True:
         try:
-            await ensure_indexes(db, indexes)
+            await ensure_indexes(db, indexes, retired_collections=retired_collections)
             return
         except PyMongoError as exc:
             log.warning(
@@ -132,6 +137,7 @@ async def start_service(
     registrars: Sequence[Registrar],
     api_keys: ApiKeyResolver,
     indexes: Sequence[IndexSpec],
+    retired_collections: Sequence[str] = (),
 ) -> ServiceServer:
     """Start a server with the shared interceptors; it reports SERVING once indexes exist.
 
@@ -155,7 +161,9 @@ async def start_service(
     )
     server.rate_limiter = limiter
     # Every process shares the rate-limit collection (and may sweep it).
-    await prepare_database(database.db, (*indexes, *RATE_LIMIT_INDEXES))
+    await prepare_database(
+        database.db, (*indexes, *RATE_LIMIT_INDEXES), retired_collections=retired_collections
+    )
     await server.set_serving(True)
     # Rate-limit counts are exchanged with the other replicas through the database.
     server.background.append(asyncio.create_task(limiter.run(), name="rate-limits"))

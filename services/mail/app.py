@@ -36,7 +36,11 @@ from services.mail.relay_lookup import RelayLookup, smtp_service_relays
 from services.mail.relay_pool import RelayPool
 from services.mail.rendering import TemplateEngine
 from services.mail.repository import INDEXES as EMAIL_INDEXES
-from services.mail.repository import MongoEmailRepository, MongoIdempotencyRepository
+from services.mail.repository import (
+    RETIRED_COLLECTIONS,
+    MongoEmailRepository,
+    MongoIdempotencyRepository,
+)
 from services.mail.return_paths import ReturnPaths
 from services.mail.senders import GrpcSenderDirectory, SenderDirectory
 from services.mail.servicer import MailServicer
@@ -215,6 +219,7 @@ async def build_app(
         ),
         api_keys=api_keys,
         indexes=(*MAIL_INDEXES, *webhooks.WEBHOOK_INDEXES),
+        retired_collections=RETIRED_COLLECTIONS,
     )
     worker: DeliveryWorker | None = None
     if settings.mail_run_workers if run_workers is None else run_workers:

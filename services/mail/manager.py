@@ -1093,7 +1093,6 @@ class MailManager:
         # kept for the longest retention once finished (a day more for clock skew).
         oldest = policy.limits.schedule_horizon + policy.retry.max_lifetime + max(retentions)
         await self._emails.sweep_tallies(before=now - oldest - timedelta(days=1))
-        await self._emails.drop_retired()
         return removed
 
 

@@ -101,7 +101,10 @@ from services.mail.tallies import INDEXES as TALLY_INDEXES
 _NewEmail = tuple[Document | None, Document | None, Document]
 # Called with a group of new emails before their documents are written (may change them).
 Screen = Callable[[Sequence[Email]], Awaitable[None]]
-# Collections of earlier versions that nothing reads any more (`drop_retired`).
+# Collections of earlier versions that nothing reads any more, dropped at start-up
+# (`ensure_indexes`): ``email_keys`` held a document per recipient and tag of every email for
+# ListEmails' recipient and tag filters before multikey indexes served them, and
+# ``email_migrations`` its backfill's position.
 RETIRED_COLLECTIONS = ("email_keys", "email_migrations")
 _WAITING = [s.value for s in outcomes.WAITING]
 _CLAIMABLE = [s.value for s in outcomes.CLAIMABLE]
@@ -229,10 +232,6 @@ class EmailRepository(Protocol):
 
     async def sweep_tallies(self, *, before: datetime) -> int:
         """Remove stats counts of creation buckets before `before`."""
-        ...
-
-    async def drop_retired(self) -> None:
-        """Drop the collections an earlier version kept and none reads any more."""
         ...
 
     async def cancel(self, *, tenant_id: str, email_id: str, event: Event) -> Email | None:
@@ -601,17 +600,6 @@ class MongoEmailRepository:
             query["created_at"] = created
         cursor = self._emails.find(query, API_VIEW).sort("_id", DESCENDING).limit(limit)
         return [email_from_doc(d) async for d in cursor]
-
-    async def drop_retired(self) -> None:
-        """See `EmailRepository.drop_retired`.
-
-        ``email_keys`` (and ``email_migrations``, its backfill's position) held a document per
-        recipient and tag of every email for the recipient and tag filters, before multikey
-        indexes served them. Dropped on every retention run, not once: a process of the
-        earlier version still running during an upgrade may write keys again.
-        """
-        for name in RETIRED_COLLECTIONS:
-            await self._db.drop_collection(name)
 
     async def content(self, *, email: Email) -> bytes:
         """See `EmailRepository.content`."""
