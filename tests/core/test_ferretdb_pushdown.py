@@ -548,9 +548,13 @@ def test_multikey_indexes_return_what_upstream_returns(tmp_path: pathlib.Path) -
     with ours_and_switched_off(tmp_path, {"FERRETDB_SQLITE_INDEX_PUSHDOWN": "off"}) as (on, off):
         for client in (on, off):
             coll = client["multikey"]["docs"]
-            coll.insert_many(multikey_corpus(7, 200))  # before the index: the backfill
+            # Before the index (its creation fills the side table) and after (the insert
+            # trigger): g9, which the plan serves, has documents of both.
+            coll.insert_many([*multikey_corpus(7, 200), *G9[:15]])
             coll.create_index([("g", 1), ("arr", 1), ("_id", -1)], name="g_arr_multikey")
-            coll.insert_many(G9)  # after it: the insert trigger
+            # And one of a single field (its update trigger's guard compares one value).
+            coll.create_index([("arr", 1)], name="arr_multikey")
+            coll.insert_many(G9[15:])
 
         def compare(stage: str) -> None:
             for flt, sort in MULTIKEY_QUERIES:
@@ -565,6 +569,8 @@ def test_multikey_indexes_return_what_upstream_returns(tmp_path: pathlib.Path) -
                 "explain", {"find": "docs", "filter": {"g": "g9", "arr": "x"}, "sort": {"_id": -1}}
             )
             assert "g_arr_multikey_side_key" in " ".join(plan["queryPlanner"]["Plan"]), stage
+            plan = on["multikey"].command("explain", {"find": "docs", "filter": {"arr": "z"}})
+            assert "arr_multikey_side_key" in " ".join(plan["queryPlanner"]["Plan"]), stage
 
         compare("inserted")
         for client in (on, off):
