@@ -56,7 +56,7 @@ func multikeyRows(rowid, doc, from string, keys []IndexKeyPair) string {
 	cols := []string{rowid}
 
 	for i, k := range keys {
-		path := fmt.Sprintf(`'$."%s"'`, k.Field)
+		path := fieldPath(k.Field)
 		elem := fmt.Sprintf("j%d", i)
 
 		marker := ""
@@ -67,8 +67,8 @@ func multikeyRows(rowid, doc, from string, keys []IndexKeyPair) string {
 		// An array's elements have their types in the schema's items, by position; any other
 		// value (an object's members included) has the field's own type.
 		tag := fmt.Sprintf(
-			`CASE json_type(%[1]s, %[2]s) WHEN 'array' THEN %[5]sjson_extract(%[1]s, '$."$s".p."%[3]s".i[' || %[4]s.key || '].t') ELSE %[1]s->>'$."$s".p."%[3]s".t' END`,
-			doc, path, k.Field, elem, marker,
+			`CASE json_type(%[1]s, %[2]s) WHEN 'array' THEN %[5]sjson_extract(%[1]s, '$."$s".p."%[3]s".i[' || %[4]s.key || '].t') ELSE %[6]s END`,
+			doc, path, k.Field, elem, marker, typedTagOf(doc, k.Field),
 		)
 		cols = append(cols, tag, elem+".value")
 		from += fmt.Sprintf(" LEFT JOIN json_each(%s, %s) AS %s", doc, path, elem)
@@ -99,20 +99,17 @@ func MultikeyCreate(table, sqlIndexName string, keys []IndexKeyPair) []string {
 	all := strings.Join(cols, ", ")
 
 	// The update trigger runs only when a key field changed: one json_extract of all key
-	// fields from each side (two parses of the document, not two per field).
+	// fields from each side (two parses of the document, not two per field; with one field
+	// it returns the value itself, which compares as well).
 	paths := make([]string, len(keys))
 	for i, k := range keys {
-		paths[i] = fmt.Sprintf(`'$."%s"'`, k.Field)
+		paths[i] = fieldPath(k.Field)
 	}
 
 	keyFields := strings.Join(paths, ", ")
 	changed := fmt.Sprintf(
 		"json_extract(old.%[1]s, %[2]s) IS NOT json_extract(new.%[1]s, %[2]s)", DefaultColumn, keyFields,
 	)
-	if len(keys) == 1 {
-		// (json_extract of one path returns the value itself, not an array of values.)
-		changed = fmt.Sprintf("old.%[1]s->%[2]s IS NOT new.%[1]s->%[2]s", DefaultColumn, keyFields)
-	}
 
 	backfill := multikeyRows("e.rowid", "e."+DefaultColumn, fmt.Sprintf(" FROM %q AS e", table), keys)
 

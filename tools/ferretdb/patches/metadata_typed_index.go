@@ -58,10 +58,21 @@ func IsTypedIndexable(index IndexInfo) bool {
 
 // TypedTagExpr returns the SQL expression of the BSON type name of top-level field f.
 func TypedTagExpr(f string) string {
-	return fmt.Sprintf(`%s->>'$."$s".p."%s".t'`, DefaultColumn, f)
+	return typedTagOf(DefaultColumn, f)
 }
 
 // TypedValueExpr returns the SQL expression of the value of top-level field f.
 func TypedValueExpr(f string) string {
-	return fmt.Sprintf(`%s->>'$."%s"'`, DefaultColumn, f)
+	return DefaultColumn + "->>" + fieldPath(f)
+}
+
+// typedTagOf returns the SQL expression of the BSON type name of top-level field f of the
+// document expression doc (a row's column, a trigger's `new` one, a JSONB value).
+func typedTagOf(doc, f string) string {
+	return fmt.Sprintf(`%s->>'$."$s".p."%s".t'`, doc, f)
+}
+
+// fieldPath returns the JSON path literal of top-level field f.
+func fieldPath(f string) string {
+	return fmt.Sprintf(`'$."%s"'`, f)
 }
